@@ -1,0 +1,33 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`.
+# Both create ./.venv on first use. TORCH_SPEC installs torch before the project, so that
+# `pip install -e .` finds it satisfied (set TORCH_SPEC= to keep a torch you already have).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hypergrad-installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[demo,test,refs]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/digits_weight_decay.py
+
+test: $(STAMP)
+	$(PY) -m ruff check hypergrad tests benchmarks experiments
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/hyperstep.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
