@@ -1,0 +1,44 @@
+"""hypergrad: learn hyperparameters by gradient descent, inside the training loop.
+
+>>> import hypergrad as hg
+>>> sorted(n for n in hg.__all__ if n[0].isupper())[:3]
+['CG', 'HyperOptimizer', 'HyperStepInfo']
+"""
+
+from __future__ import annotations
+
+from . import hparams as hparams
+from . import optim as optim
+from ._base import HyperOptimizer as HyperOptimizer
+from ._base import HyperStepInfo as HyperStepInfo
+from ._base import NonFiniteError as NonFiniteError
+from ._base import NonFiniteWarning as NonFiniteWarning
+from ._implicit import Implicit as Implicit
+from ._implicit import implicit_hypergradient as implicit_hypergradient
+from ._solvers import CG as CG
+from ._solvers import Identity as Identity
+from ._solvers import LinearSolver as LinearSolver
+from ._solvers import Neumann as Neumann
+from ._solvers import SolveResult as SolveResult
+from ._unrolled import Unrolled as Unrolled
+from ._unrolled import unrolled_hypergradient as unrolled_hypergradient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "HyperOptimizer",
+    "HyperStepInfo",
+    "Identity",
+    "Implicit",
+    "LinearSolver",
+    "Neumann",
+    "NonFiniteError",
+    "NonFiniteWarning",
+    "SolveResult",
+    "Unrolled",
+    "hparams",
+    "implicit_hypergradient",
+    "optim",
+    "unrolled_hypergradient",
+]

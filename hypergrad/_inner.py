@@ -1,0 +1,131 @@
+r"""Differentiable, out-of-place versions of ``torch.optim`` updates.
+
+Each update takes the weights, their gradients, the optimiser state of each weight and the param
+group's settings (floats, or tensors when the settings are hyperparameters) and returns new weights
+and new state, without touching its inputs, so autograd (reverse or forward mode) can see through
+it. The arithmetic follows ``torch.optim``'s single-tensor code step for step, so that replaying
+a step reproduces what the real optimiser did (to rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._types import Tensors
+
+State = dict[str, Any]
+Update = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[State], Mapping[str, Any]],
+                  tuple[Tensors, list[State]]]
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose derivative at 0 is 0 instead of ``inf`` (so no ``0 * inf``
+    NaNs when differentiating Adam through a zero second moment). Same values as ``torch.sqrt``."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def _sgd(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State],
+         group: Mapping[str, Any]) -> tuple[Tensors, list[State]]:
+    lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+    wd, nesterov, maximize = group["weight_decay"], group["nesterov"], group.get("maximize", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        d = -g if maximize else g
+        if not _is_zero(wd):
+            d = d + wd * p
+        s = dict(st)
+        if not _is_zero(momentum):
+            buf = st.get("momentum_buffer")
+            buf = d if buf is None else buf * momentum + (1 - dampening) * d
+            s["momentum_buffer"] = buf
+            d = d + momentum * buf if nesterov else buf
+        new_p.append(p - lr * d)
+        new_s.append(s)
+    return tuple(new_p), new_s
+
+
+def _adam(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State],
+          group: Mapping[str, Any]) -> tuple[Tensors, list[State]]:
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    wd, amsgrad, maximize = group["weight_decay"], group["amsgrad"], group.get("maximize", False)
+    decoupled = group.get("decoupled_weight_decay", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        step_t = st.get("step")
+        step = (0.0 if step_t is None else float(step_t)) + 1.0
+        if not _is_zero(wd):
+            if decoupled:
+                p = p * (1 - lr * wd)
+            else:
+                g = g + wd * p
+        m = st.get("exp_avg")
+        v = st.get("exp_avg_sq")
+        m = torch.zeros_like(p) if m is None else m
+        v = torch.zeros_like(p) if v is None else v
+        m = m + (1 - beta1) * (g - m)  # lerp, as torch.optim
+        v = v * beta2 + (1 - beta2) * g * g
+        bc1 = 1 - beta1**step
+        bc2_sqrt = (1 - beta2**step) ** 0.5
+        s: State = {"step": torch.tensor(step, dtype=_step_dtype(step_t)), "exp_avg": m, "exp_avg_sq": v}
+        if amsgrad:
+            vmax = st.get("max_exp_avg_sq")
+            vmax = v if vmax is None else torch.maximum(vmax, v)
+            s["max_exp_avg_sq"] = vmax
+            denom = safe_sqrt(vmax) / bc2_sqrt + eps
+        else:
+            denom = safe_sqrt(v) / bc2_sqrt + eps
+        new_p.append(p - (lr / bc1) * m / denom)
+        new_s.append(s)
+    return tuple(new_p), new_s
+
+
+def _step_dtype(step_t: Any) -> torch.dtype:
+    return step_t.dtype if isinstance(step_t, Tensor) else torch.float32
+
+
+def _is_zero(x: Any) -> bool:
+    return not isinstance(x, Tensor) and x == 0
+
+
+_UPDATES: dict[type, Update] = {
+    torch.optim.SGD: _sgd,
+    torch.optim.Adam: _adam,
+    torch.optim.AdamW: _adam,
+}
+_UNSUPPORTED_FLAGS = ("capturable", "differentiable", "fused")
+
+
+def update_for(optimizer: torch.optim.Optimizer) -> Update:
+    """The differentiable update matching ``optimizer``; a clear error when there is none."""
+    fn = _UPDATES.get(type(optimizer))
+    if fn is None:
+        names = ", ".join(sorted(t.__name__ for t in _UPDATES))
+        raise TypeError(
+            f"Unrolled differentiates through the inner optimiser and supports torch.optim "
+            f"{names}; got {type(optimizer).__name__}"
+        )
+    for g in optimizer.param_groups:
+        for flag in _UNSUPPORTED_FLAGS:
+            if g.get(flag):
+                raise ValueError(f"Unrolled does not support {type(optimizer).__name__}({flag}=True)")
+    return fn
+
+
+def group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a param group (everything but its parameters), copied."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def snapshot_state(optimizer: torch.optim.Optimizer, weights: Sequence[Tensor]) -> list[State]:
+    """Detached copies of the optimiser state of each weight (empty dict before its first step)."""
+    out = []
+    for w in weights:
+        st = optimizer.state.get(w, {})
+        out.append({k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in st.items()})
+    return out
