@@ -21,7 +21,7 @@ from ._types import HVP, Tensors
 
 @dataclasses.dataclass(frozen=True)
 class SolveResult:
-    """What a linear solver returns.
+    r"""What a linear solver returns.
 
     Attributes:
         solution: :math:`x \approx H^{-1} v`, a tuple shaped like ``v``.

@@ -1,0 +1,361 @@
+"""Unrolled hypergradients against an independent NumPy forward-mode computation, `higher`,
+finite differences, and between forward and reverse mode."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hypergrad as hg
+import hypergrad.testing as ht
+
+DT = torch.float64
+K = 6
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1)),
+    "sgd_wd": (torch.optim.SGD, dict(lr=0.1, weight_decay=0.03)),
+    "momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1)),
+    "nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
+    "adam": (torch.optim.Adam, dict(lr=0.05, betas=(0.8, 0.9))),
+    "adam_wd_amsgrad": (torch.optim.Adam, dict(lr=0.05, weight_decay=0.02, amsgrad=True)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.05, weight_decay=0.1)),
+}
+
+
+def _numpy_forward_mode(p: ht.BilevelProblem, w0: np.ndarray, cls: type, kw: dict, k: int,
+                        rho: float = 0.1) -> np.ndarray:
+    """dL_V/d raw through k optimiser steps, carried forward as a Jacobian Z = dw/dd (NumPy)."""
+    a, b = (t.numpy() for t in p.train_batch)
+    c, cv = (t.numpy() for t in p.val_batch)
+    d = p.hparams.raw[0].detach().exp().numpy()
+    n = len(w0)
+    w, z = w0.copy(), np.zeros((n, n))
+    lr, wd = kw["lr"], kw.get("weight_decay", 0.0)
+    buf = dbuf = m = dm = v = dv = vmax = dvmax = None
+    for t in range(1, k + 1):
+        g = (a + np.diag(d)) @ w - b
+        dg = (a + np.diag(d)) @ z + np.diag(w)
+        if cls is torch.optim.SGD:
+            mu, damp = kw.get("momentum", 0.0), kw.get("dampening", 0.0)
+            g, dg = g + wd * w, dg + wd * z
+            if mu:
+                if buf is None:
+                    buf, dbuf = g.copy(), dg.copy()
+                else:
+                    buf, dbuf = mu * buf + (1 - damp) * g, mu * dbuf + (1 - damp) * dg
+                if kw.get("nesterov"):
+                    g, dg = g + mu * buf, dg + mu * dbuf
+                else:
+                    g, dg = buf, dbuf
+            w, z = w - lr * g, z - lr * dg
+        else:
+            b1, b2 = kw.get("betas", (0.9, 0.999))
+            eps = 1e-8
+            if cls is torch.optim.AdamW:
+                w, z = w * (1 - lr * wd), z * (1 - lr * wd)
+            elif wd:
+                g, dg = g + wd * w, dg + wd * z
+            if m is None:
+                m, dm, v, dv = np.zeros(n), np.zeros((n, n)), np.zeros(n), np.zeros((n, n))
+            m, dm = b1 * m + (1 - b1) * g, b1 * dm + (1 - b1) * dg
+            v, dv = b2 * v + (1 - b2) * g * g, b2 * dv + (1 - b2) * 2 * g[:, None] * dg
+            if kw.get("amsgrad"):
+                if vmax is None:
+                    vmax, dvmax = v.copy(), dv.copy()
+                else:
+                    take = v > vmax
+                    vmax = np.where(take, v, vmax)
+                    dvmax = np.where(take[:, None], dv, dvmax)
+                vv, dvv = vmax, dvmax
+            else:
+                vv, dvv = v, dv
+            bc1, bc2s = 1 - b1**t, np.sqrt(1 - b2**t)
+            denom = np.sqrt(vv) / bc2s + eps
+            ddenom = dvv / (2 * np.sqrt(vv)[:, None] * bc2s)
+            step = lr / bc1
+            w = w - step * m / denom
+            z = z - step * (dm / denom[:, None] - (m / denom**2)[:, None] * ddenom)
+    gv = c.T @ (c @ w - cv)
+    dd = z.T @ gv + rho
+    return dd * d
+
+
+def _unrolled(p: ht.BilevelProblem, cls: type, kw: dict, k: int, mode: str = "reverse",
+              hparams: nn.Module | None = None, train_loss=None) -> hg.Unrolled:
+    hp = p.hparams if hparams is None else hparams
+    return hg.Unrolled(p.model, hp, train_loss or p.train_loss, p.val_loss,
+                       inner_optimizer=cls(p.model.parameters(), **kw),
+                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=k, mode=mode)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_reverse_matches_numpy_forward_mode(name: str) -> None:
+    cls, kw = OPTIMIZERS[name]
+    p = ht.quadratic(dim=6)
+    w0 = np.random.default_rng(1).standard_normal(6)
+    with torch.no_grad():
+        p.model.w.copy_(torch.from_numpy(w0))
+    hopt = _unrolled(p, cls, kw, K)
+    for _ in range(K):
+        hopt.step(p.train_batch)
+    info = hopt.hyper_step(val_batch=p.val_batch)
+    assert info.unrolled_steps == K
+    ref = _numpy_forward_mode(p, w0, cls, kw, K)
+    got = p.hparams.raw[0].grad
+    assert got is not None
+    assert np.abs(got.numpy() - ref).max() <= 1e-10 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam_wd_amsgrad", "adamw"])
+def test_forward_mode_equals_reverse_mode(name: str) -> None:
+    cls, kw = OPTIMIZERS[name]
+    grads = {}
+    for mode in ("reverse", "forward"):
+        p = ht.quadratic(dim=5)
+        with torch.no_grad():
+            p.model.w.normal_(generator=torch.Generator().manual_seed(3))
+        hopt = _unrolled(p, cls, kw, 4, mode=mode)
+        for _ in range(4):
+            hopt.step(p.train_batch)
+        hopt.hyper_step(val_batch=p.val_batch)
+        grads[mode] = p.hparams.raw[0].grad.clone()  # type: ignore[union-attr]
+    assert torch.allclose(grads["forward"], grads["reverse"], rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov", "adam"])
+def test_matches_higher(name: str) -> None:
+    """`higher` as a second, independent reference. Its Adam places eps as sqrt(v) + eps, before
+    the bias correction (torch.optim: sqrt(v)/sqrt(1 - beta2^t) + eps), so Adam is compared at
+    eps = 0, where the two formulas agree."""
+    higher = pytest.importorskip("higher")
+    cls, kw = OPTIMIZERS[name]
+    if cls is torch.optim.Adam:
+        kw = dict(kw, eps=0.0)
+    p = ht.quadratic(dim=6)
+    with torch.no_grad():
+        p.model.w.normal_(generator=torch.Generator().manual_seed(4))
+    model0 = copy.deepcopy(p.model)
+    hopt = _unrolled(p, cls, kw, K)
+    for _ in range(K):
+        hopt.step(p.train_batch)
+    hopt.hyper_step(val_batch=p.val_batch)
+    ours = p.hparams.raw[0].grad.clone()  # type: ignore[union-attr]
+
+    p.hparams.raw[0].grad = None
+    opt = cls(model0.parameters(), **kw)
+    with higher.innerloop_ctx(model0, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        for _ in range(K):
+            diffopt.step(p.train_loss(fmodel, p.hparams, p.train_batch))
+        p.val_loss(fmodel, p.hparams, p.val_batch).backward()
+    ref = p.hparams.raw[0].grad
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def _real_trajectory_loss(model0: nn.Module, cls: type, kw: dict, lr_raw: torch.Tensor,
+                          mom_raw: torch.Tensor | None, p: ht.BilevelProblem, k: int) -> float:
+    """L_V after k real torch.optim steps with the given (raw) lr / momentum: for finite diffs."""
+    model = copy.deepcopy(model0)
+    kw = dict(kw, lr=float(lr_raw.exp()))
+    if mom_raw is not None:
+        kw["momentum"] = float(torch.sigmoid(mom_raw.detach()))
+    opt = cls(model.parameters(), **kw)
+    for _ in range(k):
+        opt.zero_grad()
+        p.train_loss(model, p.hparams, p.train_batch).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(p.val_loss(model, p.hparams, p.val_batch))
+
+
+@pytest.mark.parametrize("cls,kw,tune_momentum", [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.7), True),
+    (torch.optim.Adam, dict(lr=0.05), False),
+])
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_inner_learning_rate_and_momentum_match_finite_differences(cls, kw, tune_momentum, mode) -> None:
+    p = ht.quadratic(dim=5)
+    with torch.no_grad():
+        p.model.w.normal_(generator=torch.Generator().manual_seed(5))
+    model0 = copy.deepcopy(p.model)
+    inner = cls(p.model.parameters(), **kw)
+
+    class Settings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lr = hg.hparams.LearningRate(inner)
+            if tune_momentum:
+                self.momentum = hg.hparams.Momentum(inner)
+
+    hp = Settings()
+
+    def train_loss(m, h, b):
+        return p.train_loss(m, p.hparams, b)
+
+    def val_loss(m, h, b):
+        return p.val_loss(m, p.hparams, b)
+
+    hopt = hg.Unrolled(p.model, hp, train_loss, val_loss, inner_optimizer=inner,
+                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=K, mode=mode)
+    for _ in range(K):
+        hopt.step(p.train_batch)
+    hopt.hyper_step(val_batch=p.val_batch)
+
+    def f() -> float:
+        mom = hp.momentum.raw[0] if tune_momentum else None
+        return _real_trajectory_loss(model0, cls, kw, hp.lr.raw[0].detach(), mom, p, K)
+
+    fd = ht.central_difference(f, hp.lr.raw, eps=1e-6)
+    assert hp.lr.raw.grad is not None
+    assert torch.allclose(hp.lr.raw.grad, fd, rtol=1e-6, atol=1e-10)
+    if tune_momentum:
+        fdm = ht.central_difference(f, hp.momentum.raw, eps=1e-6)
+        assert torch.allclose(hp.momentum.raw.grad, fdm, rtol=1e-6, atol=1e-10)
+
+
+def test_adam_through_zero_second_moment_has_no_nans() -> None:
+    """A weight whose gradient is exactly zero keeps Adam's second moment at 0; the derivative of
+    sqrt there is infinite, and naive unrolling returns NaN. Ours must stay finite and exact."""
+
+    class WithDead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, dtype=DT))
+            self.dead = nn.Parameter(torch.zeros(3, dtype=DT))  # used with a zero coefficient
+
+        def forward(self, x=None):
+            return self.w
+
+    p = ht.quadratic(dim=4)
+    model = WithDead()
+
+    def train_loss(m, h, b):
+        return p.train_loss(m, h, b) + 0.0 * m.dead.sum()
+
+    class HP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.raw = nn.ParameterList([nn.Parameter(torch.full((4,), -1.0, dtype=DT))])
+
+        def penalty(self, m):
+            return 0.5 * (self.raw[0].exp() * m.w.square()).sum()
+
+    hp = HP()
+    p.hparams.raw[0].data.copy_(hp.raw[0].data)
+    p.model.w.data.normal_(generator=torch.Generator().manual_seed(6))
+    model.w.data.copy_(p.model.w.data)
+    hopt = hg.Unrolled(model, hp, train_loss, p.val_loss,
+                       inner_optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
+                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=4)
+    for _ in range(4):
+        hopt.step(p.train_batch)
+    assert torch.equal(hopt.inner_optimizer.state[model.dead]["exp_avg_sq"], torch.zeros(3, dtype=DT))
+    hopt.hyper_step(val_batch=p.val_batch)
+    got = hp.raw[0].grad
+    assert got is not None and bool(torch.isfinite(got).all())
+    ref = _numpy_forward_mode(p, p.model.w.detach().numpy(), torch.optim.Adam, dict(lr=0.05), 4)
+    assert np.abs(got.numpy() - ref).max() < 1e-10 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_replay_reproduces_the_real_trajectory(name: str) -> None:
+    cls, kw = OPTIMIZERS[name]
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(DT)
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}]
+    inner = cls(groups, **kw)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=0.01)
+
+    def loss(m, h, b):
+        return ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m)
+
+    hopt = hg.Unrolled(model, hp, loss, loss, inner_optimizer=inner,
+                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=3)
+    for _ in range(7):  # more steps than the window: the ring keeps the last 3
+        hopt.step((torch.randn(8, 4, dtype=DT), torch.randn(8, 2, dtype=DT)))
+    for replayed, real in zip(hopt.replayed_weights(), model.parameters(), strict=True):
+        assert torch.allclose(replayed, real, rtol=0, atol=1e-14)
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_mlp_with_batchnorm_matches_finite_differences(train_mode: bool) -> None:
+    model = _BNNet().to(DT).train(train_mode)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=0.05).to(DT)
+    batches = [(torch.randn(10, 3, dtype=DT), torch.randn(10, dtype=DT)) for _ in range(4)]
+    vb = (torch.randn(10, 3, dtype=DT), torch.randn(10, dtype=DT))
+
+    def mse(m, h, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    def train(m, h, b):
+        return mse(m, h, b) + h.penalty(m)
+
+    model0 = copy.deepcopy(model)
+    kw = dict(lr=0.1, momentum=0.9)
+    hopt = hg.Unrolled(model, hp, train, mse, inner_optimizer=torch.optim.SGD(model.parameters(), **kw),
+                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=4)
+    for b in batches:
+        hopt.step(b)
+    hopt.hyper_step(val_batch=vb)
+    ours = [h.grad.clone() for h in hp.parameters()]  # type: ignore[union-attr]
+
+    def f() -> float:
+        m = copy.deepcopy(model0)
+        opt = torch.optim.SGD(m.parameters(), **kw)
+        for b in batches:
+            grads = torch.autograd.grad(train(m, hp, b), list(m.parameters()))
+            for w, g in zip(m.parameters(), grads, strict=True):
+                w.grad = g
+            opt.step()
+        with torch.no_grad():
+            return float(mse(m, hp, vb))
+
+    for h, g in zip(hp.parameters(), ours, strict=True):
+        fd = ht.central_difference(f, h, eps=1e-6)
+        assert torch.allclose(g, fd, rtol=1e-6, atol=1e-9)
+    # the real model's running statistics saw each real step exactly once, like plain training
+    ref = copy.deepcopy(model0)
+    opt = torch.optim.SGD(ref.parameters(), **kw)
+    for b in batches:
+        opt.zero_grad()
+        train(ref, hp.requires_grad_(False), b).backward()
+        opt.step()
+    for (n, a), (_, r) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
+        assert torch.allclose(a, r, rtol=0, atol=1e-14), n
+
+
+def test_unsupported_inner_optimizer_is_refused() -> None:
+    p = ht.quadratic()
+    with pytest.raises(TypeError, match="RMSprop"):
+        _unrolled(p, torch.optim.RMSprop, dict(lr=0.01), 2)
+
+
+def test_unrolled_needs_a_recorded_step_and_a_val_batch() -> None:
+    p = ht.quadratic()
+    hopt = _unrolled(p, torch.optim.SGD, dict(lr=0.1), 2)
+    with pytest.raises(ValueError, match="at least one inner step"):
+        hopt.hyper_step(val_batch=p.val_batch)
+    hopt.step(p.train_batch)
+    with pytest.raises(ValueError, match="val_batch"):
+        hopt.hyper_step(train_batch=p.train_batch)
+
+
+def test_implicit_refuses_optimizer_settings() -> None:
+    p = ht.quadratic()
+    inner = torch.optim.SGD(p.model.parameters(), lr=0.1)
+    hp = hg.hparams.LearningRate(inner)
+    with pytest.raises(ValueError, match="Unrolled"):
+        hg.Implicit(p.model, hp, p.train_loss, p.val_loss, inner_optimizer=inner,
+                    outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1))
