@@ -72,6 +72,7 @@ class _Hypergradient:
     solver_iterations: int | None = None
     solver_residual: Tensor | None = None
     unrolled_steps: int | None = None
+    inner_loss: Tensor | None = None  # the training loss the method used, checked for finiteness
 
 
 def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -215,7 +216,7 @@ class HyperOptimizer(abc.ABC):
         grads = grads_or_zeros(loss, pair.weights)
         if not all_finite(loss, grads):
             self._nonfinite(f"inner step {self.inner_steps}: the training loss or its gradient is "
-                            f"not finite (loss = {float(loss)})")
+                            f"not finite (loss = {float(loss.detach())})")
             return loss.detach()
         self._record_step(batch)
         for w, g in zip(pair.weights, grads, strict=True):
@@ -246,9 +247,11 @@ class HyperOptimizer(abc.ABC):
         t0 = time.perf_counter()
         self._check_hyper_batches(train_batch, val_batch)
         res = self._hypergradient(train_batch, val_batch)
-        if not all_finite(res.outer_loss, res.grads):
-            self._nonfinite(f"hyper step {self.hyper_steps}: the outer loss or the hypergradient is "
-                            f"not finite (outer loss = {float(res.outer_loss)})")
+        checks = [res.outer_loss, res.grads] + ([] if res.inner_loss is None else [res.inner_loss])
+        if not all_finite(*checks):
+            inner = "" if res.inner_loss is None else f", training loss = {float(res.inner_loss)}"
+            self._nonfinite(f"hyper step {self.hyper_steps}: a loss or the hypergradient is not "
+                            f"finite (outer loss = {float(res.outer_loss)}{inner})")
             return self._info(res, t0, skipped=True)
         for p, g in zip(self.pair.hparam_tensors, res.grads, strict=True):
             p.grad = g.detach()

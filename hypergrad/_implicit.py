@@ -151,5 +151,12 @@ class Implicit(HyperOptimizer):
         def lv() -> Tensor:
             return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
 
-        grads, loss, sol = implicit_hypergradient(lt, lv, weights, hps, self.solver)
-        return _Hypergradient(grads, loss, sol.iterations, sol.residual)
+        train_value: list[Tensor] = []
+
+        def lt_recorded() -> Tensor:
+            value = lt()
+            train_value.append(value.detach())
+            return value
+
+        grads, loss, sol = implicit_hypergradient(lt_recorded, lv, weights, hps, self.solver)
+        return _Hypergradient(grads, loss, sol.iterations, sol.residual, inner_loss=train_value[0])

@@ -106,7 +106,7 @@ class CG(LinearSolver):
     Converges at rate :math:`(\sqrt\kappa - 1)/(\sqrt\kappa + 1)` for positive definite
     :math:`H + \delta I`. Stops when :math:`\|r\| \le \text{tol}\,\|v\|`, after ``maxiter`` HVPs,
     or at the first direction of non-positive curvature (then the iterate so far is returned and
-    the residual says how far it is). Cost: one HVP and two host synchronisations per iteration.
+    the residual says how far it is). A non-finite HVP makes the solution NaN (never a silent 0). Cost: one HVP and two host synchronisations per iteration.
 
     Args:
         maxiter: most HVPs (default: 10).
@@ -147,7 +147,12 @@ class CG(LinearSolver):
                 torch._foreach_add_(ap, p, alpha=self.damping)
             it += 1
             pap = dot(p, ap)
-            if not float(pap) > 0:  # non-positive curvature (or nan): stop with what we have
+            curvature = float(pap)
+            if not math.isfinite(curvature):  # poison the result, so guards downstream see it
+                torch._foreach_mul_(x, float("nan"))
+                rs = rs * float("nan")
+                break
+            if curvature <= 0:  # non-positive curvature: stop with the iterate so far
                 break
             a = rs / pap
             torch._foreach_add_(x, torch._foreach_mul(p, a))

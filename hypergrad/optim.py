@@ -1,0 +1,537 @@
+"""Optimisers that tune their own learning rate online by hypergradient descent.
+
+:class:`SGDHD` and :class:`AdamHD` are drop-in replacements for :class:`torch.optim.SGD` and
+:class:`torch.optim.Adam`. The parameter update is torch's own (they subclass the torch
+optimisers and call their update); what they add is one gradient-descent step on the learning
+rate of every parameter group before each parameter step (Baydin et al., 2018).
+
+Math. Write the base optimiser's step as ``θ_t = θ_{t-1} - α_t d_t``, where ``d_t`` is its update
+direction (SGD: the gradient, the momentum buffer or the Nesterov direction; Adam:
+``m̂_t / (√v̂_t + ε)``). ``d_{t-1}`` does not depend on ``α_{t-1}``, so the derivative of the
+objective ``F`` at the current point with respect to the previous learning rate is::
+
+    ∂F(θ_{t-1}) / ∂α_{t-1} = -⟨∇F(θ_{t-1}), d_{t-1}⟩ = -h_t
+
+and the learning rate follows it downhill with the hypergradient learning rate ``β``::
+
+    α_t = α_{t-1} + β h_t,        h_t = Σ_{p in group} ⟨∇_p F(θ_{t-1}), d_{t-1}^p⟩,    h_1 = 0.
+
+``F`` is the objective the base optimiser minimises: the loss ``f`` (``-f`` with
+``maximize=True``) plus ``λ/2 ‖θ‖²`` when ``weight_decay = λ > 0``, i.e. ``∇F`` is exactly the
+gradient torch's update uses. ``h_t > 0`` means the last step and the new gradient still agree, so
+the step was too short and ``α`` grows; ``h_t < 0`` means it overshot and ``α`` shrinks.
+
+Cost per step: one extra dot product per parameter, one extra parameter-sized buffer per parameter
+(``state[p]["hd_direction"]``, the stored ``d_{t-1}``), and one device-to-host read per device to
+turn the hypergradients into the Python-float learning rates.
+
+Reference: A. G. Baydin, R. Cornish, D. Martínez Rubio, M. Schmidt, F. Wood. *Online Learning Rate
+Adaptation with Hypergradient Descent.* ICLR 2018. https://arxiv.org/abs/1703.04782
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar, overload
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+__all__ = ["SGDHD", "AdamHD"]
+
+_DIRECTION = "hd_direction"
+_Loss = TypeVar("_Loss")
+
+
+def _is_valid_rate(value: object) -> bool:
+    """Whether ``value`` is a finite, non-negative real number (not a bool, not a Tensor)."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+        and float(value) >= 0.0
+    )
+
+
+def _check_hypergrad_lr(value: object) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming it."""
+    if not _is_valid_rate(value):
+        raise ValueError(f"Invalid hypergrad_lr: {value}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_lr(value: object, owner: str) -> float:
+    """Return a learning rate as a float, or raise ``ValueError`` naming it."""
+    if isinstance(value, Tensor):
+        raise ValueError(
+            f"{owner} needs a Python float learning rate (it is updated on the host at every "
+            f"step), got a Tensor: {value}"
+        )
+    if not _is_valid_rate(value):
+        raise ValueError(f"Invalid learning rate: {value}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _reject_tensor(name: str, value: object, owner: str) -> None:
+    if isinstance(value, Tensor) or (
+        isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value)
+    ):
+        raise ValueError(f"{owner} needs Python numbers for {name}, got a Tensor: {value}")
+
+
+def _real(t: Tensor) -> Tensor:
+    """A real view of ``t`` (complex numbers as pairs of reals, like torch's optimisers)."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Real inner product ``⟨a, b⟩`` as a 0-dim tensor (complex entries as pairs of reals)."""
+    a, b = _real(a).reshape(-1), _real(b).reshape(-1)
+    if a.element_size() < 4:  # half / bfloat16: accumulate in float32
+        a, b = a.float(), b.float()
+    return torch.dot(a, b)
+
+
+def _sum_per_group(dots: Sequence[Sequence[Tensor]]) -> list[float]:
+    """Sum each group's 0-dim tensors into a float, with one host read per device."""
+    totals: dict[torch.device, dict[int, Tensor]] = {}
+    for i, group_dots in enumerate(dots):
+        for dot in group_dots:
+            on_device = totals.setdefault(dot.device, {})
+            acc = dot.to(torch.float32 if dot.device.type == "mps" else torch.float64)
+            on_device[i] = on_device[i] + acc if i in on_device else acc
+    out = [0.0] * len(dots)
+    for on_device in totals.values():
+        for i, value in zip(on_device, torch.stack(list(on_device.values())).tolist(), strict=True):
+            out[i] += value
+    return out
+
+
+def _effective_grads(
+    params: list[Tensor], grads: list[Tensor], weight_decay: float, maximize: bool, own: bool
+) -> list[Tensor]:
+    """The gradients of the minimised objective, as torch's SGD and Adam form them.
+
+    ``own=True`` guarantees tensors that alias no ``.grad``, for keeping as directions: torch's
+    foreach Nesterov SGD adds the momentum buffer into the gradients in place, and
+    ``zero_grad(set_to_none=False)`` zeroes them in place.
+    """
+    if maximize:
+        out = list(torch._foreach_neg(grads))
+        if weight_decay != 0:
+            torch._foreach_add_(out, params, alpha=weight_decay)
+        return out
+    if weight_decay != 0:
+        return list(torch._foreach_add(grads, params, alpha=weight_decay))
+    if own:
+        return [g.clone() for g in grads]
+    return list(grads)
+
+
+def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` without the hook wrapper that ``Optimizer.__init__`` puts on each class's ``step``.
+
+    Our own ``step`` gets that wrapper too, so calling the wrapped parent would run the user's
+    step pre/post hooks twice.
+    """
+    return inspect.unwrap(step, stop=lambda f: not getattr(f, "hooked", False))
+
+
+class _HypergradientOptimizer(Optimizer):
+    """Shared machinery: per-group learning-rate update before the base step, directions after."""
+
+    #: The torch optimiser whose update is used.
+    _hd_base: ClassVar[type[Optimizer]]
+    #: Options of the base optimiser that are rejected when truthy.
+    _hd_unsupported: ClassVar[tuple[str, ...]]
+
+    # -- construction / state ---------------------------------------------------------------
+
+    def _hd_finish_init(self, hypergrad_lr: float) -> None:
+        self.defaults["hypergrad_lr"] = hypergrad_lr
+        for group in self.param_groups:
+            self._hd_finish_group(group)
+
+    def _hd_finish_group(self, group: dict[str, Any]) -> None:
+        group.setdefault("hypergrad_lr", self.defaults["hypergrad_lr"])
+        group.setdefault("hypergrad", 0.0)
+        group["lr"] = float(group["lr"])
+
+    def _hd_check_options(self, group: dict[str, Any]) -> None:
+        for key in self._hd_unsupported:
+            if group.get(key):
+                raise ValueError(f"{type(self).__name__} does not support {key}={group[key]!r}")
+
+    def _hd_validate_group(self, group: dict[str, Any]) -> None:
+        if "lr" in group:
+            _check_lr(group["lr"], type(self).__name__)
+        if "hypergrad_lr" in group:
+            _check_hypergrad_lr(group["hypergrad_lr"])
+        self._hd_check_options(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; it may set its own ``lr`` and ``hypergrad_lr``."""
+        self._hd_validate_group(param_group)
+        super().add_param_group(param_group)
+        if "hypergrad_lr" in self.defaults:  # False while torch's constructor adds the first groups
+            self._hd_finish_group(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Also lets a plain torch SGD / Adam state_dict be loaded: its groups lack our keys.
+        self.defaults.setdefault("hypergrad_lr", 0.0)
+        for group in self.param_groups:
+            self._hd_finish_group(group)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _hd_keeps_grads(self, group: dict[str, Any]) -> bool:
+        """Whether ``_hd_directions`` needs the effective gradients after the base step."""
+        return False
+
+    def _hd_directions(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        """The update directions ``d_t`` of the step just taken, from the optimiser state."""
+        raise NotImplementedError
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], _Loss]) -> _Loss: ...
+
+    def step(self, closure: Callable[[], _Loss] | None = None) -> _Loss | None:
+        """Update each group's learning rate by its hypergradient, then take the base step.
+
+        Args:
+            closure: Optional. Re-evaluates the model and returns the loss; it is called once,
+                with gradients enabled, before the hypergradients are computed.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        owner = type(self).__name__
+        pending: list[tuple[list[Tensor], list[Tensor]]] = []
+        dots: list[list[Tensor]] = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._hd_check_options(group)
+                params = [p for p in group["params"] if p.grad is not None]
+                grads = [p.grad for p in params]
+                if any(g.is_sparse for g in grads):
+                    raise RuntimeError(f"{owner} does not support sparse gradients")
+                if not params:
+                    pending.append(([], []))
+                    dots.append([])
+                    continue
+                eff = _effective_grads(
+                    params,
+                    grads,
+                    group["weight_decay"],
+                    group["maximize"],
+                    own=self._hd_keeps_grads(group),
+                )
+                group_dots = []
+                for p, g in zip(params, eff, strict=True):
+                    prev = self.state[p].get(_DIRECTION) if p in self.state else None
+                    if prev is not None:
+                        group_dots.append(_dot(g, prev))
+                dots.append(group_dots)
+                pending.append((params, eff))
+
+            for group, h in zip(self.param_groups, _sum_per_group(dots), strict=True):
+                group["hypergrad"] = h
+                if group["hypergrad_lr"] != 0:
+                    group["lr"] = float(group["lr"]) + group["hypergrad_lr"] * h
+
+        _unhooked(self._hd_base.step)(self)
+
+        with torch.no_grad():
+            for group, (params, eff) in zip(self.param_groups, pending, strict=True):
+                if params:
+                    directions = self._hd_directions(group, params, eff)
+                    for p, d in zip(params, directions, strict=True):
+                        self.state[p][_DIRECTION] = d
+                # A parameter left out of this step has ∂θ_t/∂α_t = 0: forget its old direction.
+                for p in group["params"]:
+                    if p.grad is None and p in self.state:
+                        self.state[p].pop(_DIRECTION, None)
+        return loss
+
+
+class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
+    r"""SGD (optionally with momentum) whose learning rate tunes itself by hypergradient descent.
+
+    A drop-in replacement for :class:`torch.optim.SGD` (Baydin et al., ICLR 2018, "SGD-HD" and
+    "SGDN-HD"). The parameter update is torch's own; before it, each parameter group's learning
+    rate ``α`` takes one gradient step on the objective.
+
+    With ``g_t = ∇F(θ_{t-1})`` the gradient torch's SGD uses (negated when ``maximize``, plus
+    ``λ θ_{t-1}`` for ``weight_decay = λ``), momentum ``μ`` and dampening ``τ``, the update is
+    ``θ_t = θ_{t-1} - α_t d_t`` with::
+
+        d_t = g_t                                          (momentum = 0)
+        b_t = μ b_{t-1} + (1 - τ) g_t,  b_1 = g_1,  d_t = b_t    (momentum > 0)
+        d_t = g_t + μ b_t                                  (nesterov)
+
+    and, before it, per parameter group::
+
+        h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = α_{t-1} + β h_t,
+
+    ``β = hypergrad_lr``; ``-h_t`` is exactly ``∂F(θ_{t-1})/∂α_{t-1}``. Plain SGD-HD is thus
+    ``α_t = α_{t-1} + β ⟨∇F(θ_{t-1}), ∇F(θ_{t-2})⟩``. ``h_t`` scales like ``‖g‖²``, so ``β``
+    must be chosen relative to the squared gradient norm.
+
+    Cost: one extra dot product per parameter per step, one extra parameter-sized buffer per
+    parameter (``state[p]["hd_direction"]`` holds ``d_t``) and one device-to-host read per step
+    (per device). The last hypergradient of each group is kept in ``group["hypergrad"]`` (a float)
+    for logging; ``group["lr"]`` is the current ``α`` (a float). With ``hypergrad_lr=0`` the
+    trajectory is bit-identical to :class:`torch.optim.SGD`. ``α`` is not clipped: a too-large
+    ``β`` can drive it negative. LR schedulers that set the learning rate outright overwrite the
+    tuned value; multiplicative ones compose with it. ``state_dict()`` holds everything needed to
+    resume exactly.
+
+    Args:
+        params: Parameters or param groups; a group may set its own ``lr`` and ``hypergrad_lr``.
+        lr: Initial learning rate ``α_0`` (a float).
+        momentum: Momentum factor ``μ``.
+        dampening: Dampening ``τ`` for momentum.
+        weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch).
+        nesterov: Use Nesterov momentum.
+        hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-3``).
+        maximize: Maximise the objective instead of minimising it (``α`` then ascends it too).
+        foreach: Passed to :class:`torch.optim.SGD`.
+        differentiable: Not supported; must be ``False``.
+        fused: Not supported; must be ``None`` or ``False``.
+
+    Raises:
+        ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``),
+            a Tensor learning rate, or an unsupported option.
+
+    Example:
+        >>> import torch
+        >>> from hypergrad.optim import SGDHD
+        >>> w = torch.zeros(3, requires_grad=True)
+        >>> target = torch.tensor([1.0, -2.0, 3.0])
+        >>> opt = SGDHD([w], lr=0.01, hypergrad_lr=0.01)
+        >>> for _ in range(30):
+        ...     opt.zero_grad()
+        ...     loss = ((w - target) ** 2).sum()
+        ...     loss.backward()
+        ...     opt.step()
+        >>> opt.param_groups[0]["lr"] > 0.01  # the too-small learning rate has grown
+        True
+        >>> loss.item() < 1e-2
+        True
+
+    Reference:
+        A. G. Baydin, R. Cornish, D. Martínez Rubio, M. Schmidt, F. Wood. Online Learning Rate
+        Adaptation with Hypergradient Descent. ICLR 2018. https://arxiv.org/abs/1703.04782
+    """
+
+    _hd_base = torch.optim.SGD
+    _hd_unsupported = ("differentiable", "fused")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        hypergrad_lr: float = 1e-3,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        self._hd_check_options({"differentiable": differentiable, "fused": fused})
+        lr = _check_lr(lr, owner)
+        hypergrad_lr = _check_hypergrad_lr(hypergrad_lr)
+        for name, value in (
+            ("momentum", momentum),
+            ("dampening", dampening),
+            ("weight_decay", weight_decay),
+        ):
+            _reject_tensor(name, value, owner)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._hd_finish_init(hypergrad_lr)
+
+    def _hd_keeps_grads(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] == 0 or bool(group["nesterov"])
+
+    def _hd_directions(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        momentum = group["momentum"]
+        if momentum == 0:
+            return grads  # owned copies of g_t (see _hd_keeps_grads)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        if group["nesterov"]:
+            torch._foreach_add_(grads, bufs, alpha=momentum)  # g_t + μ b_t, in the owned copies
+            return grads
+        return [b.clone() for b in bufs]
+
+
+class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
+    r"""Adam whose learning rate tunes itself by hypergradient descent ("Adam-HD").
+
+    A drop-in replacement for :class:`torch.optim.Adam` (Baydin et al., ICLR 2018). The parameter
+    update is torch's own; before it, each parameter group's learning rate ``α`` takes one
+    gradient step on the objective.
+
+    With ``g_t = ∇F(θ_{t-1})`` the gradient torch's Adam uses (negated when ``maximize``, plus
+    ``λ θ_{t-1}`` for ``weight_decay = λ``), the update is ``θ_t = θ_{t-1} - α_t d_t`` with::
+
+        m_t = β1 m_{t-1} + (1 - β1) g_t,        v_t = β2 v_{t-1} + (1 - β2) g_t²
+        d_t = (m_t / (1 - β1^t)) / (√v_t / √(1 - β2^t) + ε)
+
+    and, before it, per parameter group::
+
+        h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = α_{t-1} + β h_t,
+
+    ``β = hypergrad_lr``; ``-h_t`` is exactly ``∂F(θ_{t-1})/∂α_{t-1}``. Since ``d`` is roughly
+    a sign vector, ``h_t`` scales like ``‖g‖₁``, hence the much smaller default ``β = 1e-7``
+    (the paper's).
+
+    Cost: one extra dot product per parameter per step, one extra parameter-sized buffer per
+    parameter (``state[p]["hd_direction"]`` holds ``d_t``) and one device-to-host read per step
+    (per device). The last hypergradient of each group is kept in ``group["hypergrad"]`` (a float)
+    for logging; ``group["lr"]`` is the current ``α`` (a float). With ``hypergrad_lr=0`` the
+    trajectory is bit-identical to :class:`torch.optim.Adam`. ``α`` is not clipped. LR
+    schedulers that set the learning rate outright overwrite the tuned value. ``state_dict()``
+    holds everything needed to resume exactly.
+
+    Args:
+        params: Parameters or param groups; a group may set its own ``lr`` and ``hypergrad_lr``.
+        lr: Initial learning rate ``α_0`` (a float).
+        betas: ``(β1, β2)``, the moment decay rates.
+        eps: ``ε``, added to the denominator.
+        weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch's Adam).
+        amsgrad: Not supported; must be ``False``.
+        hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-7``).
+        foreach: Passed to :class:`torch.optim.Adam`.
+        maximize: Maximise the objective instead of minimising it (``α`` then ascends it too).
+        capturable: Not supported; must be ``False``.
+        differentiable: Not supported; must be ``False``.
+        fused: Not supported; must be ``None`` or ``False``.
+        decoupled_weight_decay: Not supported (AdamW); must be ``False``.
+
+    Raises:
+        ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``),
+            a Tensor learning rate, or an unsupported option.
+
+    Example:
+        >>> import torch
+        >>> from hypergrad.optim import AdamHD
+        >>> w = torch.zeros(3, requires_grad=True)
+        >>> target = torch.tensor([1.0, -2.0, 3.0])
+        >>> opt = AdamHD([w], lr=1e-3, hypergrad_lr=1e-3)
+        >>> for _ in range(100):
+        ...     opt.zero_grad()
+        ...     loss = ((w - target) ** 2).sum()
+        ...     loss.backward()
+        ...     opt.step()
+        >>> opt.param_groups[0]["lr"] > 1e-3  # the too-small learning rate has grown
+        True
+        >>> isinstance(opt.param_groups[0]["hypergrad"], float)
+        True
+
+    Reference:
+        A. G. Baydin, R. Cornish, D. Martínez Rubio, M. Schmidt, F. Wood. Online Learning Rate
+        Adaptation with Hypergradient Descent. ICLR 2018. https://arxiv.org/abs/1703.04782
+    """
+
+    _hd_base = torch.optim.Adam
+    _hd_unsupported = ("amsgrad", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        hypergrad_lr: float = 1e-7,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        owner = type(self).__name__
+        self._hd_check_options(
+            {
+                "amsgrad": amsgrad,
+                "capturable": capturable,
+                "differentiable": differentiable,
+                "fused": fused,
+                "decoupled_weight_decay": decoupled_weight_decay,
+            }
+        )
+        lr = _check_lr(lr, owner)
+        hypergrad_lr = _check_hypergrad_lr(hypergrad_lr)
+        for name, value in (("betas", betas), ("eps", eps), ("weight_decay", weight_decay)):
+            _reject_tensor(name, value, owner)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._hd_finish_init(hypergrad_lr)
+
+    def _hd_directions(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        steps = [float(s["step"]) for s in states]
+        # The same bias corrections (and float arithmetic) as torch's non-capturable Adam.
+        bias_correction1 = [1 - beta1**k for k in steps]
+        bias_correction2_sqrt = [(1 - beta2**k) ** 0.5 for k in steps]
+        denom = torch._foreach_sqrt([_real(s["exp_avg_sq"]) for s in states])
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        directions = torch._foreach_div([_real(s["exp_avg"]) for s in states], denom)
+        torch._foreach_div_(directions, bias_correction1)
+        return [
+            torch.view_as_complex(d) if p.is_complex() else d
+            for p, d in zip(params, directions, strict=True)
+        ]

@@ -1,0 +1,294 @@
+"""The HyperOptimizer contract, checked for every method in one registry.
+
+Adding a method = adding a row to METHODS; it then gets the API, .grad, state_dict, guard, error
+and memory tests below.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import hypergrad as hg
+
+DT = torch.float64
+
+
+def _implicit(solver: hg.LinearSolver) -> Callable[..., hg.HyperOptimizer]:
+    def make(model, hp, tl, vl, inner, outer, **kw):
+        return hg.Implicit(model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer,
+                           solver=solver, **kw)
+    return make
+
+
+def _unrolled(steps: int, mode: str) -> Callable[..., hg.HyperOptimizer]:
+    def make(model, hp, tl, vl, inner, outer, **kw):
+        return hg.Unrolled(model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer,
+                           steps=steps, mode=mode, **kw)
+    return make
+
+
+#: (id, factory, needs train_batch in hyper_step)
+METHODS: list[tuple[str, Callable[..., hg.HyperOptimizer], bool]] = [
+    ("implicit-neumann", _implicit(hg.Neumann(steps=3)), True),
+    ("implicit-cg", _implicit(hg.CG(maxiter=5, damping=0.1)), True),
+    ("implicit-identity", _implicit(hg.Identity()), True),
+    ("unrolled-reverse", _unrolled(3, "reverse"), False),
+    ("unrolled-forward", _unrolled(2, "forward"), False),
+]
+IDS = [m[0] for m in METHODS]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def ce(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def train_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    return ce(m, h, b) + h.penalty(m)
+
+
+def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 4, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(n)]
+
+
+def _setup(make, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = Net().to(DT)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outer = torch.optim.Adam(hp.parameters(), lr=0.05)
+    return make(model, hp, train_loss, ce, inner, outer, **kw)
+
+
+def _run(hopt: hg.HyperOptimizer, batches, start: int, stop: int, every: int = 3) -> None:
+    vb = _batches(1, seed=99)[0]
+    for i in range(start, stop):
+        hopt.step(batches[i])
+        if (i + 1) % every == 0:
+            hopt.hyper_step(train_batch=batches[i], val_batch=vb)
+
+
+def _snapshot(hopt: hg.HyperOptimizer) -> dict[str, Any]:
+    return copy.deepcopy({
+        "model": hopt.model.state_dict(), "hparams": hopt.hparams.state_dict(),
+        "inner": hopt.inner_optimizer.state_dict(), "outer": hopt.outer_optimizer.state_dict(),
+        "hgrads": [None if p.grad is None else p.grad.clone() for p in hopt.hparams.parameters()],
+    })
+
+
+def _assert_same(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_hyper_step_fills_grad_steps_outer_and_leaves_the_model_alone(name, make, needs_train) -> None:
+    hopt = _setup(make)
+    batches = _batches(4)
+    for b in batches:
+        loss = hopt.step(b)
+        assert loss.dim() == 0 and not loss.requires_grad
+    for p in hopt.hparams.parameters():  # garbage that must be replaced, not accumulated into
+        p.grad = torch.full_like(p, 1e6)
+    before = _snapshot(hopt)
+    vb = _batches(1, seed=7)[0]
+    info = hopt.hyper_step(train_batch=batches[-1], val_batch=vb)
+    assert isinstance(info, hg.HyperStepInfo) and not info.skipped and info.hyper_steps == 1
+    assert info.outer_loss > 0 and info.hypergrad_norm > 0 and info.seconds > 0
+    after = _snapshot(hopt)
+    _assert_same(before["model"], after["model"], "model")  # weights and BatchNorm buffers
+    _assert_same(before["inner"], after["inner"], "inner optimizer")
+    grads = [p.grad for p in hopt.hparams.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) and float(g.abs().max()) < 1e3
+               for g in grads)
+    moved = [not torch.equal(before["hparams"][k], v) for k, v in after["hparams"].items()]
+    assert all(moved)  # Adam moves every hyperparameter with a nonzero gradient
+    # the same hyperstep again (fresh hparams copy) gives the same hypergradient: nothing leaked
+    hopt.hparams.load_state_dict(before["hparams"])
+    hopt.hyper_step(train_batch=batches[-1], val_batch=vb)
+    for g, p in zip(grads, hopt.hparams.parameters(), strict=True):
+        assert torch.equal(g, p.grad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_state_dict_resumes_exactly(name, make, needs_train) -> None:
+    batches = _batches(12)
+    straight = _setup(make)
+    _run(straight, batches, 0, 12)
+
+    first = _setup(make)
+    _run(first, batches, 0, 7)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    resumed = _setup(make, seed=123)  # different initial weights: everything must come from the file
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    _run(resumed, batches, 7, 12)
+    a, b = _snapshot(straight), _snapshot(resumed)
+    for key in ("model", "hparams", "inner", "outer"):
+        _assert_same(a[key], b[key], key)
+    assert (resumed.inner_steps, resumed.hyper_steps) == (straight.inner_steps, straight.hyper_steps)
+
+
+def test_load_state_dict_refuses_another_method() -> None:
+    imp = _setup(METHODS[0][1])
+    unr = _setup(METHODS[3][1])
+    with pytest.raises(ValueError, match="Implicit"):
+        unr.load_state_dict(imp.state_dict())
+
+
+def _nan_batch(b):
+    x = b[0].clone()
+    x[0, 0] = float("nan")
+    return (x, b[1])
+
+
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_losses_change_nothing(name, make, needs_train, policy) -> None:
+    hopt = _setup(make, on_nonfinite=policy)
+    batches = _batches(4)
+    _run(hopt, batches, 0, 3)
+    before = _snapshot(hopt)
+    steps = (hopt.inner_steps, hopt.hyper_steps)
+    vb = _batches(1, seed=5)[0]
+    bad_calls = [lambda: hopt.step(_nan_batch(batches[3])),
+                 lambda: hopt.hyper_step(train_batch=batches[3], val_batch=_nan_batch(vb))]
+    if needs_train:
+        bad_calls.append(lambda: hopt.hyper_step(train_batch=_nan_batch(batches[3]), val_batch=vb))
+    for call in bad_calls:
+        if policy == "raise":
+            with pytest.raises(hg.NonFiniteError, match="untouched"):
+                call()
+        else:
+            with pytest.warns(hg.NonFiniteWarning, match="skipped"):
+                out = call()
+            if isinstance(out, hg.HyperStepInfo):
+                assert out.skipped
+        _assert_same(before, _snapshot(hopt), "state")
+        assert (hopt.inner_steps, hopt.hyper_steps) == steps
+
+
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_missing_and_mismatched_batches_are_named(name, make, needs_train) -> None:
+    hopt = _setup(make)
+    b = _batches(1)[0]
+    with pytest.raises(ValueError, match="batch is required"):
+        hopt.step(None)
+    hopt.step(b)
+    with pytest.raises(ValueError, match="val_batch"):
+        hopt.hyper_step(train_batch=b)
+    if needs_train:
+        with pytest.raises(ValueError, match="train_batch"):
+            hopt.hyper_step(val_batch=b)
+    with pytest.raises(ValueError, match="float32.*float64"):
+        hopt.step((b[0].float(), b[1]))
+    with pytest.raises(ValueError, match="device meta"):
+        hopt.hyper_step(train_batch=b, val_batch=(b[0].to("meta"), b[1]))
+
+
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_bad_hyperparameters_and_optimizers_are_named(name, make, needs_train) -> None:
+    model = Net().to(DT)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = torch.optim.Adam(hp.parameters(), lr=0.05)
+    hp.raw[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"raw\.0.*requires_grad"):
+        make(model, hp, train_loss, ce, inner, outer)
+    hp.raw[0].requires_grad_(True)
+    with pytest.raises(ValueError, match="outer_optimizer holds model parameter"):
+        make(model, hp, train_loss, ce, inner, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match="not in outer_optimizer"):
+        make(model, hp, train_loss, ce, inner, torch.optim.Adam([hp.raw[0]]))
+    with pytest.raises(ValueError, match="inner_optimizer holds hyperparameter"):
+        make(model, hp, train_loss, ce, torch.optim.SGD(hp.parameters(), lr=0.1), outer)
+    with pytest.raises(TypeError, match="hparams must be an nn.Module"):
+        make(model, {"wd": hp.raw[0]}, train_loss, ce, inner, outer)
+    with pytest.raises(ValueError, match="meta"):
+        make(model, copy.deepcopy(hp).to("meta"), train_loss, ce, inner, outer)
+
+
+def _net_bytes(fn: Callable[[], None]) -> int:
+    """Bytes allocated and not freed by torch's CPU allocator while ``fn`` runs (profiler).
+    Blocks allocated before the window and freed inside it are not counted, so compare windows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # the raw allocator events (key_averages() gives the same sum, but ~100x slower)
+    assert prof.profiler is not None
+    events = prof.profiler.kineto_results.events()
+    return int(sum(e.nbytes() for e in events if e.name() == "[memory]"))
+
+
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_graphs_are_released_and_memory_does_not_grow(name, make, needs_train) -> None:
+    hopt = _setup(make)
+    batches = _batches(8)
+    vb = _batches(1, seed=3)[0]
+
+    def rounds(n: int, leak: list | None = None) -> Callable[[], None]:
+        def fn() -> None:
+            for i in range(n):
+                b = batches[i % len(batches)]
+                hopt.step(b)
+                hopt.hyper_step(train_batch=b, val_batch=vb)
+                if leak is not None:  # what a method that kept its graph would look like
+                    leak.append(train_loss(hopt.model, hopt.hparams, b))
+        return fn
+
+    rounds(4)()  # warm-up: fills the Unrolled replay ring and the optimiser states
+    short, long = _net_bytes(rounds(3)), _net_bytes(rounds(6))
+    kept: list = []
+    leaky = _net_bytes(rounds(3, kept))
+    graph_bytes = (leaky - short) / 3
+    assert graph_bytes > 1000, "the profiler saw no graph memory: the test would prove nothing"
+    # 3 more rounds cost nothing more: each hyperstep releases its graphs
+    assert long - short < 0.25 * graph_bytes, (short, long, graph_bytes)
+    if isinstance(hopt, hg.Unrolled):
+        assert len(hopt._records) == hopt.steps  # the replay ring does not grow with training
+
+
+def test_eval_mode_is_respected_and_running_stats_follow_real_steps_only() -> None:
+    hopt = _setup(METHODS[0][1])
+    hopt.model.eval()
+    stats = copy.deepcopy(hopt.model.state_dict())
+    b = _batches(2)
+    hopt.step(b[0])
+    hopt.hyper_step(train_batch=b[0], val_batch=b[1])
+    assert not hopt.model.training
+    for k in ("net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"):
+        assert torch.equal(stats[k], hopt.model.state_dict()[k])
+    hopt.model.train()
+    hopt.step(b[0])
+    assert int(hopt.model.state_dict()["net.1.num_batches_tracked"]) == 1
+    hopt.hyper_step(train_batch=b[0], val_batch=b[1])
+    assert int(hopt.model.state_dict()["net.1.num_batches_tracked"]) == 1
