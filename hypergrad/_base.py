@@ -165,22 +165,24 @@ class HyperOptimizer(abc.ABC):
         inner = _params_of(self.inner_optimizer)
         if not inner:
             raise ValueError("inner_optimizer has no parameters")
-        for p in inner:
-            if id(p) in hp_ids:
-                raise ValueError(f"inner_optimizer holds hyperparameter {hp_ids[id(p)]!r}; "
-                                 "it should hold the model's weights only")
-            if id(p) not in model_ids:
-                raise ValueError("inner_optimizer holds a tensor that is not a parameter of model")
-            if not p.requires_grad:
-                name = model_ids[id(p)]
-                raise ValueError(f"model parameter {name!r} is in inner_optimizer but does not require grad")
-            if p.dtype != ref.dtype:
-                raise ValueError(f"model parameter {model_ids[id(p)]!r} is {p.dtype}, others {ref.dtype}")
-        outer_ids = {id(p) for p in _params_of(self.outer_optimizer)}
-        for p in _params_of(self.outer_optimizer):
-            if id(p) in model_ids:
+        for t in inner:
+            if id(t) in hp_ids:
                 raise ValueError(
-                    f"outer_optimizer holds model parameter {model_ids[id(p)]!r}; "
+                    f"inner_optimizer holds hyperparameter {hp_ids[id(t)]!r}; "
+                    "it should hold the model's weights only"
+                )
+            if id(t) not in model_ids:
+                raise ValueError("inner_optimizer holds a tensor that is not a parameter of model")
+            if not t.requires_grad:
+                name = model_ids[id(t)]
+                raise ValueError(f"model parameter {name!r} is in inner_optimizer but does not require grad")
+            if t.dtype != ref.dtype:
+                raise ValueError(f"model parameter {model_ids[id(t)]!r} is {t.dtype}, others {ref.dtype}")
+        outer_ids = {id(t) for t in _params_of(self.outer_optimizer)}
+        for t in _params_of(self.outer_optimizer):
+            if id(t) in model_ids:
+                raise ValueError(
+                    f"outer_optimizer holds model parameter {model_ids[id(t)]!r}; "
                     "it should hold hparams.parameters() only"
                 )
         missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
@@ -215,8 +217,10 @@ class HyperOptimizer(abc.ABC):
         loss = pair.loss(self.train_loss, batch, buffers=buffers)
         grads = grads_or_zeros(loss, pair.weights)
         if not all_finite(loss, grads):
-            self._nonfinite(f"inner step {self.inner_steps}: the training loss or its gradient is "
-                            f"not finite (loss = {float(loss.detach())})")
+            self._nonfinite(
+                f"inner step {self.inner_steps}: the training loss or its gradient is "
+                f"not finite (loss = {float(loss.detach())})"
+            )
             return loss.detach()
         self._record_step(batch)
         for w, g in zip(pair.weights, grads, strict=True):
@@ -247,11 +251,15 @@ class HyperOptimizer(abc.ABC):
         t0 = time.perf_counter()
         self._check_hyper_batches(train_batch, val_batch)
         res = self._hypergradient(train_batch, val_batch)
-        checks = [res.outer_loss, res.grads] + ([] if res.inner_loss is None else [res.inner_loss])
+        checks: list[Tensor | Sequence[Tensor]] = [res.outer_loss, res.grads]
+        if res.inner_loss is not None:
+            checks.append(res.inner_loss)
         if not all_finite(*checks):
             inner = "" if res.inner_loss is None else f", training loss = {float(res.inner_loss)}"
-            self._nonfinite(f"hyper step {self.hyper_steps}: a loss or the hypergradient is not "
-                            f"finite (outer loss = {float(res.outer_loss)}{inner})")
+            self._nonfinite(
+                f"hyper step {self.hyper_steps}: a loss or the hypergradient is not "
+                f"finite (outer loss = {float(res.outer_loss)}{inner})"
+            )
             return self._info(res, t0, skipped=True)
         for p, g in zip(self.pair.hparam_tensors, res.grads, strict=True):
             p.grad = g.detach()
@@ -334,4 +342,3 @@ class HyperOptimizer(abc.ABC):
         """Clear the gradients of the weights and the hyperparameters."""
         self.inner_optimizer.zero_grad(set_to_none=set_to_none)
         self.outer_optimizer.zero_grad(set_to_none=set_to_none)
-

@@ -131,15 +131,24 @@ def all_finite(*groups: Sequence[Tensor] | Tensor) -> bool:
 
 
 def grads_or_zeros(
-    out: Tensor, inputs: Sequence[Tensor], grad_out: Tensor | Sequence[Tensor] | None = None,
-    *, create_graph: bool = False, retain_graph: bool | None = None,
+    out: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_out: Tensor | Sequence[Tensor] | None = None,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
 ) -> Tensors:
     """``torch.autograd.grad`` with unused inputs given zero gradients instead of ``None``."""
     if not inputs:
         return ()
     gs = torch.autograd.grad(
-        out, list(inputs), grad_out, allow_unused=True, create_graph=create_graph,
-        retain_graph=retain_graph, materialize_grads=True,
+        out,
+        list(inputs),
+        grad_out,
+        allow_unused=True,
+        create_graph=create_graph,
+        retain_graph=retain_graph,
+        materialize_grads=True,
     )
     return tuple(gs)
 

@@ -63,7 +63,7 @@ def implicit_hypergradient(
     hparams = list(hparams)
     lv = val_loss()
     gv = grads_or_zeros(lv, weights + hparams)
-    v1, direct = gv[: len(weights)], gv[len(weights):]
+    v1, direct = gv[: len(weights)], gv[len(weights) :]
     lt = train_loss()
     gt = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True, materialize_grads=True)
     if not any(g.requires_grad for g in gt):
@@ -125,8 +125,15 @@ class Implicit(HyperOptimizer):
         solver: LinearSolver | None = None,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
     ) -> None:
-        super().__init__(model, hparams, train_loss, val_loss, inner_optimizer=inner_optimizer,
-                         outer_optimizer=outer_optimizer, on_nonfinite=on_nonfinite)
+        super().__init__(
+            model,
+            hparams,
+            train_loss,
+            val_loss,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
+            on_nonfinite=on_nonfinite,
+        )
         if self.settings:
             raise ValueError(
                 "Implicit cannot tune inner-optimiser settings (learning rate, momentum): they do "

@@ -18,8 +18,9 @@ from torch import Tensor
 from ._types import Tensors
 
 State = dict[str, Any]
-Update = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[State], Mapping[str, Any]],
-                  tuple[Tensors, list[State]]]
+Update = Callable[
+    [Sequence[Tensor], Sequence[Tensor], Sequence[State], Mapping[str, Any]], tuple[Tensors, list[State]]
+]
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -29,8 +30,9 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
-def _sgd(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State],
-         group: Mapping[str, Any]) -> tuple[Tensors, list[State]]:
+def _sgd(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
     lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
     wd, nesterov, maximize = group["weight_decay"], group["nesterov"], group.get("maximize", False)
     new_p, new_s = [], []
@@ -49,8 +51,9 @@ def _sgd(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sta
     return tuple(new_p), new_s
 
 
-def _adam(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State],
-          group: Mapping[str, Any]) -> tuple[Tensors, list[State]]:
+def _adam(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     wd, amsgrad, maximize = group["weight_decay"], group["amsgrad"], group.get("maximize", False)
     decoupled = group.get("decoupled_weight_decay", False)

@@ -92,7 +92,7 @@ class Neumann(LinearSolver):
         acc = [t.clone() for t in v]
         for _ in range(self.steps):
             hv = hvp(term)
-            term = torch._foreach_add(term, list(hv), alpha=-alpha)
+            term = list(torch._foreach_add(term, list(hv), alpha=-alpha))
             torch._foreach_add_(acc, term)
         torch._foreach_mul_(acc, alpha)
         residual = norm(term) / norm(v).clamp_min(torch.finfo(v[0].dtype).tiny)
@@ -106,7 +106,8 @@ class CG(LinearSolver):
     Converges at rate :math:`(\sqrt\kappa - 1)/(\sqrt\kappa + 1)` for positive definite
     :math:`H + \delta I`. Stops when :math:`\|r\| \le \text{tol}\,\|v\|`, after ``maxiter`` HVPs,
     or at the first direction of non-positive curvature (then the iterate so far is returned and
-    the residual says how far it is). A non-finite HVP makes the solution NaN (never a silent 0). Cost: one HVP and two host synchronisations per iteration.
+    the residual says how far it is). A non-finite HVP makes the solution NaN (never a silent 0).
+    Cost: one HVP and two host synchronisations per iteration.
 
     Args:
         maxiter: most HVPs (default: 10).

@@ -70,10 +70,10 @@ def unrolled_hypergradient(
     mode = Mode(mode)
     hparams = list(hparams)
     if mode is Mode.REVERSE:
-        value = outer(hparams)
-        return grads_or_zeros(value, hparams), value.detach()
+        out = outer(hparams)
+        return grads_or_zeros(out, hparams), out.detach()
     grads = [torch.zeros_like(h) for h in hparams]
-    value = None
+    value: Tensor | None = None
     base = [h.detach() for h in hparams]
     for i, h in enumerate(base):
         for j in range(h.numel()):
@@ -153,8 +153,15 @@ class Unrolled(HyperOptimizer):
         mode: Mode | str = Mode.REVERSE,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
     ) -> None:
-        super().__init__(model, hparams, train_loss, val_loss, inner_optimizer=inner_optimizer,
-                         outer_optimizer=outer_optimizer, on_nonfinite=on_nonfinite)
+        super().__init__(
+            model,
+            hparams,
+            train_loss,
+            val_loss,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
+            on_nonfinite=on_nonfinite,
+        )
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"Invalid Unrolled steps: {steps!r} (need an int >= 1)")
         self.steps = steps
@@ -167,13 +174,15 @@ class Unrolled(HyperOptimizer):
 
     def _record_step(self, batch: Batch) -> None:
         pair = self.pair
-        self._records.append(_Record(
-            batch=batch,
-            weights=clone_all(pair.weights),
-            buffers=clone_all(pair.buffers()),
-            states=snapshot_state(self.inner_optimizer, pair.weights),
-            groups=[group_settings(g) for g in self.inner_optimizer.param_groups],
-        ))
+        self._records.append(
+            _Record(
+                batch=batch,
+                weights=clone_all(pair.weights),
+                buffers=clone_all(pair.buffers()),
+                states=snapshot_state(self.inner_optimizer, pair.weights),
+                groups=[group_settings(g) for g in self.inner_optimizer.param_groups],
+            )
+        )
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if val_batch is None:
@@ -199,18 +208,20 @@ class Unrolled(HyperOptimizer):
         n_groups = len(first.groups)
         for rec in records:
             loss = pair.loss(self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp)
-            grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True,
-                                        materialize_grads=True)
+            grads = torch.autograd.grad(
+                loss, weights, create_graph=True, allow_unused=True, materialize_grads=True
+            )
             new_w: list[Tensor] = list(weights)
             for gi in range(n_groups):
                 settings: dict[str, Any] = dict(rec.groups[gi])
-                for i, s in self.settings:
-                    settings[s.name] = tuned[i][gi]
+                for i, setting in self.settings:
+                    settings[setting.name] = tuned[i][gi]
                 idx = [k for k, g in enumerate(self._group_of) if g == gi]
                 if not idx:
                     continue
-                w_g, s_g = self._update([weights[k] for k in idx], [grads[k] for k in idx],
-                                        [states[k] for k in idx], settings)
+                w_g, s_g = self._update(
+                    [weights[k] for k in idx], [grads[k] for k in idx], [states[k] for k in idx], settings
+                )
                 for k, w, s in zip(idx, w_g, s_g, strict=True):
                     new_w[k] = w
                     states[k] = s
@@ -223,8 +234,9 @@ class Unrolled(HyperOptimizer):
 
         def outer(hp: Sequence[Tensor]) -> Tensor:
             weights, _ = self._replay(hp)
-            return pair.loss(self.val_loss, val_batch, weights=weights,
-                             buffers=clone_all(real_buffers), hparams=hp)
+            return pair.loss(
+                self.val_loss, val_batch, weights=weights, buffers=clone_all(real_buffers), hparams=hp
+            )
 
         grads, loss = unrolled_hypergradient(outer, pair.hparam_tensors, self.mode)
         return _Hypergradient(grads, loss, unrolled_steps=len(self._records))

@@ -159,7 +159,8 @@ class WeightDecay(nn.Module):
             raise ValueError(f"Invalid weight decay init: {init!r} (need a finite value > 0)")
         self.per = per
         names = [
-            n for n, p in model.named_parameters()
+            n
+            for n, p in model.named_parameters()
             if p.requires_grad and (include is None or include(n))  # type: ignore[operator]
         ]
         if not names:
@@ -170,8 +171,11 @@ class WeightDecay(nn.Module):
         self._index: dict[str, int] = {}
         log0 = math.log(init)
         if per == "global":
-            self.raw.append(nn.Parameter(torch.full((), log0, dtype=params[names[0]].dtype,
-                                                    device=params[names[0]].device)))
+            self.raw.append(
+                nn.Parameter(
+                    torch.full((), log0, dtype=params[names[0]].dtype, device=params[names[0]].device)
+                )
+            )
             self._index = {n: 0 for n in names}
         elif per == "layer":
             layers: dict[str, int] = {}

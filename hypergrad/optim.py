@@ -78,9 +78,7 @@ def _check_lr(value: object, owner: str) -> float:
 
 
 def _reject_tensor(name: str, value: object, owner: str) -> None:
-    if isinstance(value, Tensor) or (
-        isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value)
-    ):
+    if isinstance(value, Tensor) or (isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value)):
         raise ValueError(f"{owner} needs Python numbers for {name}, got a Tensor: {value}")
 
 
@@ -532,6 +530,5 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         directions = torch._foreach_div([_real(s["exp_avg"]) for s in states], denom)
         torch._foreach_div_(directions, bias_correction1)
         return [
-            torch.view_as_complex(d) if p.is_complex() else d
-            for p, d in zip(params, directions, strict=True)
+            torch.view_as_complex(d) if p.is_complex() else d for p, d in zip(params, directions, strict=True)
         ]

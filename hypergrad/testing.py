@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._types import LossFn
 from .hparams import WeightDecay
 
 __all__ = ["BilevelProblem", "ridge", "quadratic", "logistic", "central_difference"]
@@ -51,17 +53,21 @@ class BilevelProblem:
 
     model: nn.Module
     hparams: nn.Module
-    train_loss: Callable[[nn.Module, nn.Module, object], Tensor]
-    val_loss: Callable[[nn.Module, nn.Module, object], Tensor]
-    train_batch: object
-    val_batch: object
+    train_loss: LossFn
+    val_loss: LossFn
+    train_batch: Any
+    val_batch: Any
     solve_inner: Callable[[], None]
     exact_hypergradient: Callable[[], tuple[Tensor, ...]]
     hessian: Callable[[], Tensor]
     outer_objective: Callable[[], float]
 
 
-def _mse(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+def _penalty(h: nn.Module, m: nn.Module) -> Tensor:
+    return cast(WeightDecay, h).penalty(m)
+
+
+def _mse(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
     x, y = b
     return 0.5 * ((m(x).squeeze(-1) - y) ** 2).mean()
 
@@ -71,8 +77,12 @@ def _weight(model: nn.Module) -> Tensor:
 
 
 def ridge(
-    n_train: int = 100, n_val: int = 60, n_features: int = 10, cond: float = 6.7,
-    decay: float = 0.05, seed: int = 0,
+    n_train: int = 100,
+    n_val: int = 60,
+    n_features: int = 10,
+    cond: float = 6.7,
+    decay: float = 0.05,
+    seed: int = 0,
 ) -> BilevelProblem:
     r"""Ridge regression, one penalty per feature.
 
@@ -120,9 +130,16 @@ def ridge(
         return float(0.5 * np.mean((xv @ w - yv) ** 2))
 
     return BilevelProblem(
-        model, hp, lambda m, h, b: _mse(m, h, b) + h.penalty(m), _mse,
-        (torch.from_numpy(x), torch.from_numpy(y)), (torch.from_numpy(xv), torch.from_numpy(yv)),
-        solve_inner, exact, lambda: torch.from_numpy(h_mat()), outer,
+        model,
+        hp,
+        lambda m, h, b: _mse(m, h, b) + _penalty(h, m),
+        _mse,
+        (torch.from_numpy(x), torch.from_numpy(y)),
+        (torch.from_numpy(xv), torch.from_numpy(yv)),
+        solve_inner,
+        exact,
+        lambda: torch.from_numpy(h_mat()),
+        outer,
     )
 
 
@@ -154,15 +171,15 @@ def quadratic(dim: int = 8, rho: float = 0.1, seed: int = 0) -> BilevelProblem:
     model = _Vector(dim)
     hp = WeightDecay(model, per="parameter", init=0.3)
 
-    def train_loss(mod: nn.Module, h: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def train_loss(mod: nn.Module, h: nn.Module, batch: Any) -> Tensor:
         a_t, b_t = batch
         w = mod()
-        return 0.5 * w @ a_t @ w - b_t @ w + h.penalty(mod)
+        return 0.5 * w @ a_t @ w - b_t @ w + _penalty(h, mod)
 
-    def val_loss(mod: nn.Module, h: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def val_loss(mod: nn.Module, h: nn.Module, batch: Any) -> Tensor:
         c_t, cv = batch
         w = mod()
-        return 0.5 * ((c_t @ w - cv) ** 2).sum() + rho * h.raw[0].exp().sum()
+        return 0.5 * ((c_t @ w - cv) ** 2).sum() + rho * cast(WeightDecay, h).raw[0].exp().sum()
 
     def decays() -> np.ndarray:
         return hp.raw[0].detach().exp().numpy()
@@ -185,9 +202,16 @@ def quadratic(dim: int = 8, rho: float = 0.1, seed: int = 0) -> BilevelProblem:
         return float(0.5 * np.sum((c_mat @ w - c_vec) ** 2) + rho * decays().sum())
 
     return BilevelProblem(
-        model, hp, train_loss, val_loss,
-        (torch.from_numpy(a), torch.from_numpy(b)), (torch.from_numpy(c_mat), torch.from_numpy(c_vec)),
-        solve_inner, exact, lambda: torch.from_numpy(a + np.diag(decays())), outer,
+        model,
+        hp,
+        train_loss,
+        val_loss,
+        (torch.from_numpy(a), torch.from_numpy(b)),
+        (torch.from_numpy(c_mat), torch.from_numpy(c_vec)),
+        solve_inner,
+        exact,
+        lambda: torch.from_numpy(a + np.diag(decays())),
+        outer,
     )
 
 
@@ -209,10 +233,12 @@ def logistic(n_train: int = 80, n_val: int = 60, n_features: int = 6, seed: int 
     yv = (torch.rand(n_val, generator=g, dtype=DT) < torch.sigmoid(xv @ w_true)).to(DT)
     model = nn.Linear(n_features, 1).to(DT)
     hp = WeightDecay(model, per="parameter", init=0.05)
-    xa, xva = torch.cat([x, torch.ones(n_train, 1, dtype=DT)], 1), torch.cat(
-        [xv, torch.ones(n_val, 1, dtype=DT)], 1)
+    xa, xva = (
+        torch.cat([x, torch.ones(n_train, 1, dtype=DT)], 1),
+        torch.cat([xv, torch.ones(n_val, 1, dtype=DT)], 1),
+    )
 
-    def nll(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+    def nll(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
         return nn.functional.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
 
     def decays() -> Tensor:
@@ -255,8 +281,16 @@ def logistic(n_train: int = 80, n_val: int = 60, n_features: int = 6, seed: int 
         return float(nn.functional.binary_cross_entropy_with_logits(z, yv))
 
     return BilevelProblem(
-        model, hp, lambda m, h, b: nll(m, h, b) + h.penalty(m), nll, (x, y), (xv, yv),
-        solve_inner, exact, lambda: hess(theta()), outer,
+        model,
+        hp,
+        lambda m, h, b: nll(m, h, b) + _penalty(h, m),
+        nll,
+        (x, y),
+        (xv, yv),
+        solve_inner,
+        exact,
+        lambda: hess(theta()),
+        outer,
     )
 
 

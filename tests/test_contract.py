@@ -22,15 +22,19 @@ DT = torch.float64
 
 def _implicit(solver: hg.LinearSolver) -> Callable[..., hg.HyperOptimizer]:
     def make(model, hp, tl, vl, inner, outer, **kw):
-        return hg.Implicit(model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer,
-                           solver=solver, **kw)
+        return hg.Implicit(
+            model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer, solver=solver, **kw
+        )
+
     return make
 
 
 def _unrolled(steps: int, mode: str) -> Callable[..., hg.HyperOptimizer]:
     def make(model, hp, tl, vl, inner, outer, **kw):
-        return hg.Unrolled(model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer,
-                           steps=steps, mode=mode, **kw)
+        return hg.Unrolled(
+            model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer, steps=steps, mode=mode, **kw
+        )
+
     return make
 
 
@@ -64,8 +68,9 @@ def train_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
 
 def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 4, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 4, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)
+    ]
 
 
 def _setup(make, seed: int = 0, **kw):
@@ -86,11 +91,15 @@ def _run(hopt: hg.HyperOptimizer, batches, start: int, stop: int, every: int = 3
 
 
 def _snapshot(hopt: hg.HyperOptimizer) -> dict[str, Any]:
-    return copy.deepcopy({
-        "model": hopt.model.state_dict(), "hparams": hopt.hparams.state_dict(),
-        "inner": hopt.inner_optimizer.state_dict(), "outer": hopt.outer_optimizer.state_dict(),
-        "hgrads": [None if p.grad is None else p.grad.clone() for p in hopt.hparams.parameters()],
-    })
+    return copy.deepcopy(
+        {
+            "model": hopt.model.state_dict(),
+            "hparams": hopt.hparams.state_dict(),
+            "inner": hopt.inner_optimizer.state_dict(),
+            "outer": hopt.outer_optimizer.state_dict(),
+            "hgrads": [None if p.grad is None else p.grad.clone() for p in hopt.hparams.parameters()],
+        }
+    )
 
 
 def _assert_same(a: Any, b: Any, path: str = "") -> None:
@@ -126,8 +135,7 @@ def test_hyper_step_fills_grad_steps_outer_and_leaves_the_model_alone(name, make
     _assert_same(before["model"], after["model"], "model")  # weights and BatchNorm buffers
     _assert_same(before["inner"], after["inner"], "inner optimizer")
     grads = [p.grad for p in hopt.hparams.parameters()]
-    assert all(g is not None and bool(torch.isfinite(g).all()) and float(g.abs().max()) < 1e3
-               for g in grads)
+    assert all(g is not None and bool(torch.isfinite(g).all()) and float(g.abs().max()) < 1e3 for g in grads)
     moved = [not torch.equal(before["hparams"][k], v) for k, v in after["hparams"].items()]
     assert all(moved)  # Adam moves every hyperparameter with a nonzero gradient
     # the same hyperstep again (fresh hparams copy) gives the same hypergradient: nothing leaked
@@ -179,8 +187,10 @@ def test_nonfinite_losses_change_nothing(name, make, needs_train, policy) -> Non
     before = _snapshot(hopt)
     steps = (hopt.inner_steps, hopt.hyper_steps)
     vb = _batches(1, seed=5)[0]
-    bad_calls = [lambda: hopt.step(_nan_batch(batches[3])),
-                 lambda: hopt.hyper_step(train_batch=batches[3], val_batch=_nan_batch(vb))]
+    bad_calls = [
+        lambda: hopt.step(_nan_batch(batches[3])),
+        lambda: hopt.hyper_step(train_batch=batches[3], val_batch=_nan_batch(vb)),
+    ]
     if needs_train:
         bad_calls.append(lambda: hopt.hyper_step(train_batch=_nan_batch(batches[3]), val_batch=vb))
     for call in bad_calls:
@@ -263,6 +273,7 @@ def test_graphs_are_released_and_memory_does_not_grow(name, make, needs_train) -
                 hopt.hyper_step(train_batch=b, val_batch=vb)
                 if leak is not None:  # what a method that kept its graph would look like
                     leak.append(train_loss(hopt.model, hopt.hparams, b))
+
         return fn
 
     rounds(4)()  # warm-up: fills the Unrolled replay ring and the optimiser states

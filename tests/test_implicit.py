@@ -18,7 +18,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _implicit(p: ht.BilevelProblem, solver: hg.LinearSolver, lr: float = 0.1) -> hg.Implicit:
     return hg.Implicit(
-        p.model, p.hparams, p.train_loss, p.val_loss,
+        p.model,
+        p.hparams,
+        p.train_loss,
+        p.val_loss,
         inner_optimizer=torch.optim.SGD(p.model.parameters(), lr=lr),
         outer_optimizer=torch.optim.SGD(p.hparams.parameters(), lr=0.0),
         solver=solver,
@@ -60,9 +63,15 @@ def test_neumann_i_terms_equals_unrolling_i_plus_1_sgd_steps_from_optimum(i: int
 
     q = ht.ridge()  # a fresh copy of the same problem
     q.solve_inner()
-    unr = hg.Unrolled(q.model, q.hparams, q.train_loss, q.val_loss,
-                      inner_optimizer=torch.optim.SGD(q.model.parameters(), lr=alpha),
-                      outer_optimizer=torch.optim.SGD(q.hparams.parameters(), lr=0.0), steps=i + 1)
+    unr = hg.Unrolled(
+        q.model,
+        q.hparams,
+        q.train_loss,
+        q.val_loss,
+        inner_optimizer=torch.optim.SGD(q.model.parameters(), lr=alpha),
+        outer_optimizer=torch.optim.SGD(q.hparams.parameters(), lr=0.0),
+        steps=i + 1,
+    )
     for _ in range(i + 1):  # at the optimum these steps leave the weights where they are
         unr.step(q.train_batch)
     unr.hyper_step(val_batch=q.val_batch)
@@ -125,8 +134,8 @@ def _dense_ift(model, hp, tb, vb, damping: float) -> list[torch.Tensor]:
 
     hess = torch.autograd.functional.hessian(lambda w: train(w, l0), w0)
     mixed = torch.autograd.functional.jacobian(
-        lambda lam: torch.autograd.functional.jacobian(lambda w: train(w, lam), w0, create_graph=True),
-        l0)  # (P, H)
+        lambda lam: torch.autograd.functional.jacobian(lambda w: train(w, lam), w0, create_graph=True), l0
+    )  # (P, H)
     gw = torch.autograd.functional.jacobian(lambda w: mse(w, vb), w0)
     eye = torch.eye(len(w0), dtype=DT)
     hg_flat = -mixed.T @ torch.linalg.solve(hess + damping * eye, gw)
@@ -138,9 +147,15 @@ def test_mlp_with_batchnorm_matches_dense_ift(train_mode: bool) -> None:
     model, hp, train, val, tb, vb = _mlp_problem()
     model.train(train_mode)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    hopt = hg.Implicit(model, hp, train, val, inner_optimizer=opt,
-                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
-                       solver=hg.CG(maxiter=500, tol=1e-13, damping=5.0))
+    hopt = hg.Implicit(
+        model,
+        hp,
+        train,
+        val,
+        inner_optimizer=opt,
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        solver=hg.CG(maxiter=500, tol=1e-13, damping=5.0),
+    )
     for _ in range(5):
         hopt.step(tb)
     before = {n: b.clone() for n, b in model.named_buffers()}

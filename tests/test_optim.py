@@ -196,9 +196,7 @@ REFERENCE_CASES: list[tuple[str, dict[str, Any]]] = [
     REFERENCE_CASES,
     ids=[f"{kind}-{i}" for i, (kind, _) in enumerate(REFERENCE_CASES)],
 )
-def test_matches_numpy_reference(
-    kind: str, kwargs: dict[str, Any], foreach: bool, maximize: bool
-) -> None:
+def test_matches_numpy_reference(kind: str, kwargs: dict[str, Any], foreach: bool, maximize: bool) -> None:
     a, b, theta0 = _quadratic()
     steps = 25
 
@@ -417,9 +415,7 @@ def test_param_without_grad_contributes_nothing_and_forgets_its_direction() -> N
 @pytest.mark.parametrize(
     "make",
     [
-        lambda ps: SGDHD(
-            ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, hypergrad_lr=0.01
-        ),
+        lambda ps: SGDHD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, hypergrad_lr=0.01),
         lambda ps: SGDHD(ps, lr=0.05, hypergrad_lr=0.05),
         lambda ps: AdamHD(ps, lr=0.01, weight_decay=0.01, hypergrad_lr=1e-3),
     ],

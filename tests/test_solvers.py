@@ -67,7 +67,8 @@ def test_neumann_equals_its_series() -> None:
     assert torch.allclose(res.solution[0], series, rtol=1e-13, atol=1e-14)
     assert res.iterations == steps
     assert float(res.residual) == pytest.approx(
-        float((torch.linalg.matrix_power(m, steps) @ v).norm() / v.norm()), rel=1e-10)
+        float((torch.linalg.matrix_power(m, steps) @ v).norm() / v.norm()), rel=1e-10
+    )
 
 
 def test_identity_is_scaled_copy() -> None:
@@ -94,7 +95,11 @@ def _ridge_errors() -> dict[str, float]:
     for name, s in solvers.items():
         g, _, _ = hg.implicit_hypergradient(
             lambda: p.train_loss(p.model, p.hparams, p.train_batch),
-            lambda: p.val_loss(p.model, p.hparams, p.val_batch), w, h, s)
+            lambda: p.val_loss(p.model, p.hparams, p.val_batch),
+            w,
+            h,
+            s,
+        )
         errs[name] = float((g[0] - exact).norm() / exact.norm())
     return errs
 
@@ -118,9 +123,15 @@ def test_convergence_shapes_match_grazzi() -> None:
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: hg.Neumann(steps=-1), lambda: hg.Neumann(alpha=0.0), lambda: hg.Neumann(alpha=math.nan),
-     lambda: hg.CG(maxiter=0), lambda: hg.CG(tol=-1.0), lambda: hg.CG(damping=-0.1),
-     lambda: hg.Identity(scale=0.0)],
+    [
+        lambda: hg.Neumann(steps=-1),
+        lambda: hg.Neumann(alpha=0.0),
+        lambda: hg.Neumann(alpha=math.nan),
+        lambda: hg.CG(maxiter=0),
+        lambda: hg.CG(tol=-1.0),
+        lambda: hg.CG(damping=-0.1),
+        lambda: hg.Identity(scale=0.0),
+    ],
 )
 def test_invalid_solver_arguments(make) -> None:
     with pytest.raises(ValueError, match="Invalid"):

@@ -27,8 +27,9 @@ OPTIMIZERS = {
 }
 
 
-def _numpy_forward_mode(p: ht.BilevelProblem, w0: np.ndarray, cls: type, kw: dict, k: int,
-                        rho: float = 0.1) -> np.ndarray:
+def _numpy_forward_mode(
+    p: ht.BilevelProblem, w0: np.ndarray, cls: type, kw: dict, k: int, rho: float = 0.1
+) -> np.ndarray:
     """dL_V/d raw through k optimiser steps, carried forward as a Jacobian Z = dw/dd (NumPy)."""
     a, b = (t.numpy() for t in p.train_batch)
     c, cv = (t.numpy() for t in p.val_batch)
@@ -85,12 +86,26 @@ def _numpy_forward_mode(p: ht.BilevelProblem, w0: np.ndarray, cls: type, kw: dic
     return dd * d
 
 
-def _unrolled(p: ht.BilevelProblem, cls: type, kw: dict, k: int, mode: str = "reverse",
-              hparams: nn.Module | None = None, train_loss=None) -> hg.Unrolled:
+def _unrolled(
+    p: ht.BilevelProblem,
+    cls: type,
+    kw: dict,
+    k: int,
+    mode: str = "reverse",
+    hparams: nn.Module | None = None,
+    train_loss=None,
+) -> hg.Unrolled:
     hp = p.hparams if hparams is None else hparams
-    return hg.Unrolled(p.model, hp, train_loss or p.train_loss, p.val_loss,
-                       inner_optimizer=cls(p.model.parameters(), **kw),
-                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=k, mode=mode)
+    return hg.Unrolled(
+        p.model,
+        hp,
+        train_loss or p.train_loss,
+        p.val_loss,
+        inner_optimizer=cls(p.model.parameters(), **kw),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        steps=k,
+        mode=mode,
+    )
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -156,8 +171,15 @@ def test_matches_higher(name: str) -> None:
     assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def _real_trajectory_loss(model0: nn.Module, cls: type, kw: dict, lr_raw: torch.Tensor,
-                          mom_raw: torch.Tensor | None, p: ht.BilevelProblem, k: int) -> float:
+def _real_trajectory_loss(
+    model0: nn.Module,
+    cls: type,
+    kw: dict,
+    lr_raw: torch.Tensor,
+    mom_raw: torch.Tensor | None,
+    p: ht.BilevelProblem,
+    k: int,
+) -> float:
     """L_V after k real torch.optim steps with the given (raw) lr / momentum: for finite diffs."""
     model = copy.deepcopy(model0)
     kw = dict(kw, lr=float(lr_raw.exp()))
@@ -172,10 +194,13 @@ def _real_trajectory_loss(model0: nn.Module, cls: type, kw: dict, lr_raw: torch.
         return float(p.val_loss(model, p.hparams, p.val_batch))
 
 
-@pytest.mark.parametrize("cls,kw,tune_momentum", [
-    (torch.optim.SGD, dict(lr=0.05, momentum=0.7), True),
-    (torch.optim.Adam, dict(lr=0.05), False),
-])
+@pytest.mark.parametrize(
+    "cls,kw,tune_momentum",
+    [
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.7), True),
+        (torch.optim.Adam, dict(lr=0.05), False),
+    ],
+)
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 def test_inner_learning_rate_and_momentum_match_finite_differences(cls, kw, tune_momentum, mode) -> None:
     p = ht.quadratic(dim=5)
@@ -199,8 +224,16 @@ def test_inner_learning_rate_and_momentum_match_finite_differences(cls, kw, tune
     def val_loss(m, h, b):
         return p.val_loss(m, p.hparams, b)
 
-    hopt = hg.Unrolled(p.model, hp, train_loss, val_loss, inner_optimizer=inner,
-                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=K, mode=mode)
+    hopt = hg.Unrolled(
+        p.model,
+        hp,
+        train_loss,
+        val_loss,
+        inner_optimizer=inner,
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        steps=K,
+        mode=mode,
+    )
     for _ in range(K):
         hopt.step(p.train_batch)
     hopt.hyper_step(val_batch=p.val_batch)
@@ -248,9 +281,15 @@ def test_adam_through_zero_second_moment_has_no_nans() -> None:
     p.hparams.raw[0].data.copy_(hp.raw[0].data)
     p.model.w.data.normal_(generator=torch.Generator().manual_seed(6))
     model.w.data.copy_(p.model.w.data)
-    hopt = hg.Unrolled(model, hp, train_loss, p.val_loss,
-                       inner_optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
-                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=4)
+    hopt = hg.Unrolled(
+        model,
+        hp,
+        train_loss,
+        p.val_loss,
+        inner_optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        steps=4,
+    )
     for _ in range(4):
         hopt.step(p.train_batch)
     assert torch.equal(hopt.inner_optimizer.state[model.dead]["exp_avg_sq"], torch.zeros(3, dtype=DT))
@@ -272,8 +311,15 @@ def test_replay_reproduces_the_real_trajectory(name: str) -> None:
     def loss(m, h, b):
         return ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m)
 
-    hopt = hg.Unrolled(model, hp, loss, loss, inner_optimizer=inner,
-                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=3)
+    hopt = hg.Unrolled(
+        model,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=inner,
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        steps=3,
+    )
     for _ in range(7):  # more steps than the window: the ring keeps the last 3
         hopt.step((torch.randn(8, 4, dtype=DT), torch.randn(8, 2, dtype=DT)))
     for replayed, real in zip(hopt.replayed_weights(), model.parameters(), strict=True):
@@ -304,8 +350,15 @@ def test_mlp_with_batchnorm_matches_finite_differences(train_mode: bool) -> None
 
     model0 = copy.deepcopy(model)
     kw = dict(lr=0.1, momentum=0.9)
-    hopt = hg.Unrolled(model, hp, train, mse, inner_optimizer=torch.optim.SGD(model.parameters(), **kw),
-                       outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), steps=4)
+    hopt = hg.Unrolled(
+        model,
+        hp,
+        train,
+        mse,
+        inner_optimizer=torch.optim.SGD(model.parameters(), **kw),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        steps=4,
+    )
     for b in batches:
         hopt.step(b)
     hopt.hyper_step(val_batch=vb)
@@ -357,5 +410,11 @@ def test_implicit_refuses_optimizer_settings() -> None:
     inner = torch.optim.SGD(p.model.parameters(), lr=0.1)
     hp = hg.hparams.LearningRate(inner)
     with pytest.raises(ValueError, match="Unrolled"):
-        hg.Implicit(p.model, hp, p.train_loss, p.val_loss, inner_optimizer=inner,
-                    outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1))
+        hg.Implicit(
+            p.model,
+            hp,
+            p.train_loss,
+            p.val_loss,
+            inner_optimizer=inner,
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        )
