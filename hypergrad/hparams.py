@@ -296,7 +296,7 @@ class OptimizerSetting(nn.Module):
 
     def write(self) -> None:
         """Copy the current values into the optimiser's ``param_groups`` (as Python floats)."""
-        for g, v in zip(self.optimizer[0].param_groups, self().tolist(), strict=True):
+        for g, v in zip(self.optimizer[0].param_groups, self().detach().tolist(), strict=True):
             g[self.name] = v
 
 
