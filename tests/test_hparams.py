@@ -147,5 +147,5 @@ def test_hyper_optimizer_writes_tuned_learning_rate_before_each_step() -> None:
     hopt.step(x)
     hopt.hyper_step(val_batch=x)
     hopt.step(x)
-    assert inner.param_groups[0]["lr"] == pytest.approx(float(lr.value[0]))
+    assert inner.param_groups[0]["lr"] == pytest.approx(float(lr.value[0].detach()))
     assert inner.param_groups[0]["lr"] != pytest.approx(0.1)
