@@ -203,11 +203,13 @@ class HyperOptimizer(abc.ABC):
     # ------------------------------------------------------------------ the inner step
 
     def step(self, batch: Batch) -> Tensor:
-        """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the loss (detached).
+        """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the value of
+        ``train_loss`` (detached; it includes any penalty the loss adds).
 
         Equivalent to ``zero_grad(); train_loss(...).backward(); inner_optimizer.step()``, except
         that a non-finite loss or gradient changes nothing (see ``on_nonfinite``). Buffers
-        (BatchNorm running statistics) are updated once, as by an ordinary forward pass.
+        (BatchNorm running statistics) are updated once, as by an ordinary forward pass. The guard
+        costs one host synchronisation per step.
         """
         check_batch(batch, "batch", self.device, self.dtype)
         for _, setting in self.settings:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -150,7 +150,7 @@ class WeightDecay(nn.Module):
         per: str = "parameter",
         init: float = 1e-4,
         *,
-        include: object = None,
+        include: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__()
         if per not in ("global", "layer", "parameter"):
@@ -161,7 +161,7 @@ class WeightDecay(nn.Module):
         names = [
             n
             for n, p in model.named_parameters()
-            if p.requires_grad and (include is None or include(n))  # type: ignore[operator]
+            if p.requires_grad and (include is None or include(n))
         ]
         if not names:
             raise ValueError("WeightDecay: the model has no parameters to penalise")
@@ -190,12 +190,14 @@ class WeightDecay(nn.Module):
         else:
             for i, n in enumerate(names):
                 p = params[n]
-                self.raw.append(nn.Parameter(torch.full_like(p, log0, requires_grad=False)))
+                self.raw.append(nn.Parameter(torch.full(p.shape, log0, dtype=p.dtype, device=p.device)))
                 self._index[n] = i
 
     def decays(self) -> dict[str, Tensor]:
-        """Decay per penalised parameter name (scalars, or shaped like the parameter)."""
-        return {n: self.raw[self._index[n]].exp() for n in self.names}
+        """Decay per penalised parameter name (scalars, or shaped like the parameter), detached:
+        for inspection and logging (the penalty reads the raw tensors itself)."""
+        with torch.no_grad():
+            return {n: self.raw[self._index[n]].exp() for n in self.names}
 
     def penalty(self, model: nn.Module) -> Tensor:
         r""":math:`\tfrac12\sum_k d_k \odot w_k^2` over the penalised parameters of ``model``.

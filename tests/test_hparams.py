@@ -51,9 +51,9 @@ def test_weight_decay_layer_and_include() -> None:
     assert hp.layers == ("0", "2")
     with torch.no_grad():
         hp.raw[1].fill_(math.log(2.0))
-    expected = 0.5 * (
-        1e-4 * float(model[0].weight.detach().square().sum()) + 2.0 * float(model[2].weight.detach().square().sum())
-    )
+    sq0 = float(model[0].weight.detach().square().sum())
+    sq2 = float(model[2].weight.detach().square().sum())
+    expected = 0.5 * (1e-4 * sq0 + 2.0 * sq2)
     assert float(hp.penalty(model).detach()) == pytest.approx(expected, rel=1e-6)
 
 
