@@ -22,7 +22,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
-from ._functional import clone_all, grads_or_zeros
+from ._functional import check_batch, clone_all, grads_or_zeros
 from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
 
@@ -169,7 +169,10 @@ class Unrolled(HyperOptimizer):
         self._update = update_for(inner_optimizer)
         # which param group each weight belongs to
         group_of = {id(p): gi for gi, g in enumerate(inner_optimizer.param_groups) for p in g["params"]}
-        self._group_of = [group_of[id(w)] for w in self.pair.weights]
+        owner = [group_of[id(w)] for w in self.pair.weights]
+        self._group_members = [
+            [k for k, g in enumerate(owner) if g == gi] for gi in range(len(inner_optimizer.param_groups))
+        ]
         self._records: collections.deque[_Record] = collections.deque(maxlen=steps)
 
     def _record_step(self, batch: Batch) -> None:
@@ -187,8 +190,6 @@ class Unrolled(HyperOptimizer):
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if val_batch is None:
             raise ValueError("Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss)")
-        from ._functional import check_batch
-
         check_batch(val_batch, "val_batch", self.device, self.dtype)
         if not self._records:
             raise ValueError(
@@ -205,20 +206,18 @@ class Unrolled(HyperOptimizer):
         states = [dict(s) for s in first.states]
         buffers = clone_all(first.buffers)
         tuned = self._hparam_values(hp)
-        n_groups = len(first.groups)
         for rec in records:
             loss = pair.loss(self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp)
             grads = torch.autograd.grad(
                 loss, weights, create_graph=True, allow_unused=True, materialize_grads=True
             )
             new_w: list[Tensor] = list(weights)
-            for gi in range(n_groups):
+            for gi, idx in enumerate(self._group_members):
+                if not idx:
+                    continue
                 settings: dict[str, Any] = dict(rec.groups[gi])
                 for i, setting in self.settings:
                     settings[setting.name] = tuned[i][gi]
-                idx = [k for k, g in enumerate(self._group_of) if g == gi]
-                if not idx:
-                    continue
                 w_g, s_g = self._update(
                     [weights[k] for k in idx], [grads[k] for k in idx], [states[k] for k in idx], settings
                 )

@@ -303,3 +303,27 @@ def test_eval_mode_is_respected_and_running_stats_follow_real_steps_only() -> No
     assert int(hopt.model.state_dict()["net.1.num_batches_tracked"]) == 1
     hopt.hyper_step(train_batch=b[0], val_batch=b[1])
     assert int(hopt.model.state_dict()["net.1.num_batches_tracked"]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_cuda_matches_cpu(name, make, needs_train) -> None:
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = Net().to(DT).to(device)
+        hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+        hopt = make(
+            model,
+            hp,
+            train_loss,
+            ce,
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            torch.optim.Adam(hp.parameters(), lr=0.05),
+        )
+        batches = [tuple(t.to(device) for t in b) for b in _batches(6)]
+        _run(hopt, batches, 0, 6)
+        results.append([p.detach().cpu() for p in hp.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
