@@ -89,8 +89,8 @@ class Implicit(HyperOptimizer):
     Args:
         model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite: see
             :class:`HyperOptimizer`.
-        solver: :class:`Neumann` (default, 5 terms, :math:`\alpha` = the inner learning rate),
-            :class:`CG` or :class:`Identity`.
+        solver: :class:`Neumann` (default: 5 terms, :math:`\alpha` = the inner learning rate at each
+            hyperstep), :class:`CG` or :class:`Identity`.
 
     Batches: ``hyper_step(train_batch=..., val_batch=...)`` needs both (the training batch gives
     the Hessian and the mixed second derivative).
@@ -142,9 +142,14 @@ class Implicit(HyperOptimizer):
         solver = Neumann() if solver is None else solver
         if not isinstance(solver, LinearSolver):
             raise TypeError(f"solver must be hg.Neumann, hg.CG or hg.Identity, got {type(solver).__name__}")
-        if isinstance(solver, Neumann) and solver.alpha is None:
-            solver = dataclasses.replace(solver, alpha=float(inner_optimizer.param_groups[0]["lr"]))
         self.solver = solver
+
+    def current_solver(self) -> LinearSolver:
+        """The solver the next hyperstep uses: a ``Neumann`` without ``alpha`` takes the inner
+        optimiser's current learning rate (first param group), so it follows LR schedules."""
+        if isinstance(self.solver, Neumann) and self.solver.alpha is None:
+            return dataclasses.replace(self.solver, alpha=float(self.inner_optimizer.param_groups[0]["lr"]))
+        return self.solver
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
@@ -165,5 +170,5 @@ class Implicit(HyperOptimizer):
             train_value.append(value.detach())
             return value
 
-        grads, loss, sol = implicit_hypergradient(lt_recorded, lv, weights, hps, self.solver)
+        grads, loss, sol = implicit_hypergradient(lt_recorded, lv, weights, hps, self.current_solver())
         return _Hypergradient(grads, loss, sol.iterations, sol.residual, inner_loss=train_value[0])

@@ -80,10 +80,17 @@ def test_neumann_i_terms_equals_unrolling_i_plus_1_sgd_steps_from_optimum(i: int
         assert _rel(a, h.grad) < 1e-10
 
 
-def test_neumann_alpha_defaults_to_inner_learning_rate() -> None:
-    p = ht.ridge()
-    hopt = _implicit(p, hg.Neumann(steps=3), lr=0.07)
-    assert isinstance(hopt.solver, hg.Neumann) and hopt.solver.alpha == 0.07
+def test_neumann_alpha_follows_the_inner_learning_rate() -> None:
+    grads = {}
+    for name, solver in (("default", hg.Neumann(steps=3)), ("explicit", hg.Neumann(steps=3, alpha=0.03))):
+        p = ht.ridge()
+        p.solve_inner()
+        hopt = _implicit(p, solver, lr=0.07)
+        assert hopt.current_solver() == hg.Neumann(steps=3, alpha=0.07 if name == "default" else 0.03)
+        hopt.inner_optimizer.param_groups[0]["lr"] = 0.03  # e.g. an LR scheduler stepped
+        hopt.hyper_step(train_batch=p.train_batch, val_batch=p.val_batch)
+        grads[name] = p.hparams.raw[0].grad
+    assert torch.equal(grads["default"], grads["explicit"])
 
 
 class _MLP(nn.Module):
