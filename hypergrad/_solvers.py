@@ -105,9 +105,10 @@ class CG(LinearSolver):
 
     Converges at rate :math:`(\sqrt\kappa - 1)/(\sqrt\kappa + 1)` for positive definite
     :math:`H + \delta I`. Stops when :math:`\|r\| \le \text{tol}\,\|v\|`, after ``maxiter`` HVPs,
-    or at the first direction of non-positive curvature (then the iterate so far is returned and
-    the residual says how far it is). A non-finite HVP makes the solution NaN (never a silent 0).
-    Cost: one HVP and two host synchronisations per iteration.
+    or at the first direction of non-positive curvature. It returns the iterate with the smallest
+    residual seen (so never one worse than :math:`x = 0`; on indefinite Hessians later iterates can
+    be), and that residual. A non-finite HVP makes the solution NaN (never a silent 0).
+    Cost: one HVP, two host synchronisations and one extra weight-sized buffer per iteration.
 
     Args:
         maxiter: most HVPs (default: 10).
@@ -136,13 +137,15 @@ class CG(LinearSolver):
 
     def solve(self, hvp: HVP, v: Sequence[Tensor]) -> SolveResult:
         x = [torch.zeros_like(t) for t in v]
+        best = [torch.zeros_like(t) for t in v]  # the iterate with the smallest residual so far
         r = [t.clone() for t in v]
         p = [t.clone() for t in v]
         rs = dot(r, r)
-        bnorm = rs.sqrt()
-        stop = float(self.tol * bnorm)
+        rs0 = best_rs = float(rs)
+        stop = self.tol**2 * rs0
         it = 0
-        while it < self.maxiter and float(rs.sqrt()) > stop:
+        poisoned = False
+        while it < self.maxiter and best_rs > stop:
             ap = list(hvp(p))
             if self.damping:
                 torch._foreach_add_(ap, p, alpha=self.damping)
@@ -150,10 +153,9 @@ class CG(LinearSolver):
             pap = dot(p, ap)
             curvature = float(pap)
             if not math.isfinite(curvature):  # poison the result, so guards downstream see it
-                torch._foreach_mul_(x, float("nan"))
-                rs = rs * float("nan")
+                poisoned = True
                 break
-            if curvature <= 0:  # non-positive curvature: stop with the iterate so far
+            if curvature <= 0:  # non-positive curvature: stop with the best iterate so far
                 break
             a = rs / pap
             torch._foreach_add_(x, torch._foreach_mul(p, a))
@@ -162,8 +164,15 @@ class CG(LinearSolver):
             torch._foreach_mul_(p, rs_new / rs)
             torch._foreach_add_(p, r)
             rs = rs_new
-        tiny = torch.finfo(v[0].dtype).tiny
-        return SolveResult(tuple(x), it, rs.sqrt() / bnorm.clamp_min(tiny))
+            rs_value = float(rs)
+            if rs_value < best_rs:
+                best_rs = rs_value
+                torch._foreach_copy_(best, x)
+        if poisoned:
+            torch._foreach_mul_(best, float("nan"))
+            best_rs = float("nan")
+        rel = math.sqrt(best_rs / rs0) if rs0 > 0 else 0.0
+        return SolveResult(tuple(best), it, torch.tensor(rel, dtype=v[0].dtype, device=v[0].device))
 
 
 @dataclasses.dataclass(frozen=True)

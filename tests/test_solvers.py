@@ -141,3 +141,19 @@ def test_invalid_solver_arguments(make) -> None:
 def test_neumann_without_alpha_explains() -> None:
     with pytest.raises(ValueError, match="alpha"):
         hg.Neumann().solve(lambda u: u, (torch.ones(1),))
+
+
+def test_cg_on_an_indefinite_system_never_returns_worse_than_zero() -> None:
+    """On an indefinite H, CG iterates can have residuals far above ||v||; the best one is kept."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=DT))
+    a = q @ torch.diag(torch.linspace(-1.0, 3.0, 30, dtype=DT)) @ q.T
+    worst, best = 0.0, 1.0
+    for seed in range(20):
+        b = torch.randn(30, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        res = hg.CG(maxiter=15, tol=0.0).solve(lambda u: (a @ u[0],), (b,))
+        true = float((a @ res.solution[0] - b).norm() / b.norm())
+        assert true == pytest.approx(float(res.residual), rel=1e-8, abs=1e-12)
+        assert true <= 1.0 + 1e-12
+        worst, best = max(worst, true), min(best, true)
+    assert worst <= 1.0 + 1e-12 and best < 0.9  # never worse than x = 0, and it does make progress
