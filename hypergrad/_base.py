@@ -253,7 +253,8 @@ class HyperOptimizer(abc.ABC):
         t0 = time.perf_counter()
         self._check_hyper_batches(train_batch, val_batch)
         res = self._hypergradient(train_batch, val_batch)
-        checks: list[Tensor | Sequence[Tensor]] = [res.outer_loss, res.grads]
+        grad_norm = norm(res.grads)  # checked for finiteness and reported: computed once
+        checks: list[Tensor | Sequence[Tensor]] = [res.outer_loss, grad_norm]
         if res.inner_loss is not None:
             checks.append(res.inner_loss)
         if not all_finite(*checks):
@@ -262,12 +263,12 @@ class HyperOptimizer(abc.ABC):
                 f"hyper step {self.hyper_steps}: a loss or the hypergradient is not "
                 f"finite (outer loss = {float(res.outer_loss)}{inner})"
             )
-            return self._info(res, t0, skipped=True)
+            return self._info(res, grad_norm, t0, skipped=True)
         for p, g in zip(self.pair.hparam_tensors, res.grads, strict=True):
             p.grad = g.detach()
         self.outer_optimizer.step()
         self.hyper_steps += 1
-        return self._info(res, t0, skipped=False)
+        return self._info(res, grad_norm, t0, skipped=False)
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         name = type(self).__name__
@@ -282,10 +283,10 @@ class HyperOptimizer(abc.ABC):
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         """The hypergradient at the current weights. Must not change any state."""
 
-    def _info(self, res: _Hypergradient, t0: float, *, skipped: bool) -> HyperStepInfo:
+    def _info(self, res: _Hypergradient, grad_norm: Tensor, t0: float, *, skipped: bool) -> HyperStepInfo:
         return HyperStepInfo(
             outer_loss=float(res.outer_loss),
-            hypergrad_norm=float(norm(res.grads)),
+            hypergrad_norm=float(grad_norm),
             solver_iterations=res.solver_iterations,
             solver_residual=None if res.solver_residual is None else float(res.solver_residual),
             unrolled_steps=res.unrolled_steps,

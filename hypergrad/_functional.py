@@ -75,6 +75,9 @@ class FunctionalPair:
         ``weights=None`` / ``hparams=None`` use the real parameters. ``buffers`` is required:
         pass copies (``clone_all(self.buffers())``) to keep the real running statistics untouched.
         """
+        if weights is None and hparams is None and not self.buffer_names:
+            out = loss_fn(self.model, self.hparams, batch)  # nothing to substitute: skip functional_call
+            return self._check_scalar(out, loss_fn)
         mapping: dict[str, Tensor] = {}
         if weights is not None:
             mapping.update(zip(("model." + n for n in self.weight_names), weights, strict=True))
@@ -82,6 +85,10 @@ class FunctionalPair:
         if hparams is not None:
             mapping.update(zip(("hparams." + n for n in self.hparam_names), hparams, strict=True))
         out = functional_call(self._bound, mapping, (loss_fn, batch), strict=False)
+        return self._check_scalar(out, loss_fn)
+
+    @staticmethod
+    def _check_scalar(out: Any, loss_fn: LossFn) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() != 0:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
