@@ -88,11 +88,11 @@ class Neumann(LinearSolver):
         if self.alpha is None:
             raise ValueError("Neumann.alpha is None: give alpha, or let Implicit fill it in")
         alpha = self.alpha
-        term = list(v)
+        term = [t.clone() for t in v]
         acc = [t.clone() for t in v]
-        for _ in range(self.steps):
+        for _ in range(self.steps):  # in place: no weight-sized allocations in the loop
             hv = hvp(term)
-            term = list(torch._foreach_add(term, list(hv), alpha=-alpha))
+            torch._foreach_add_(term, list(hv), alpha=-alpha)
             torch._foreach_add_(acc, term)
         torch._foreach_mul_(acc, alpha)
         residual = norm(term) / norm(v).clamp_min(torch.finfo(v[0].dtype).tiny)
@@ -140,8 +140,7 @@ class CG(LinearSolver):
         best = [torch.zeros_like(t) for t in v]  # the iterate with the smallest residual so far
         r = [t.clone() for t in v]
         p = [t.clone() for t in v]
-        rs = dot(r, r)
-        rs0 = best_rs = float(rs)
+        rs0 = best_rs = rs_value = float(dot(r, r))
         stop = self.tol**2 * rs0
         it = 0
         poisoned = False
@@ -157,14 +156,13 @@ class CG(LinearSolver):
                 break
             if curvature <= 0:  # non-positive curvature: stop with the best iterate so far
                 break
-            a = rs / pap
-            torch._foreach_add_(x, torch._foreach_mul(p, a))
-            torch._foreach_sub_(r, torch._foreach_mul(ap, a))
-            rs_new = dot(r, r)
-            torch._foreach_mul_(p, rs_new / rs)
+            a = rs_value / curvature  # host floats (already synchronised): in-place updates
+            torch._foreach_add_(x, p, alpha=a)
+            torch._foreach_add_(r, ap, alpha=-a)
+            rs_new = float(dot(r, r))
+            torch._foreach_mul_(p, rs_new / rs_value)
             torch._foreach_add_(p, r)
-            rs = rs_new
-            rs_value = float(rs)
+            rs_value = rs_new
             if rs_value < best_rs:
                 best_rs = rs_value
                 torch._foreach_copy_(best, x)
