@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._types import LossFn
 from .hparams import WeightDecay
 
-__all__ = ["BilevelProblem", "ridge", "quadratic", "logistic", "central_difference"]
+__all__ = ["BatchNormMLP", "BilevelProblem", "ridge", "quadratic", "logistic", "central_difference"]
 
 DT = torch.float64
 
@@ -292,6 +292,27 @@ def logistic(n_train: int = 80, n_val: int = 60, n_features: int = 6, seed: int 
         lambda: hess(theta()),
         outer,
     )
+
+
+class BatchNormMLP(nn.Module):
+    """A small nonlinear regression net with BatchNorm, for finite-difference and buffer tests.
+
+    ``Linear(in, hidden) -> BatchNorm1d -> Tanh -> Linear(hidden, 1)``; input ``(B, in)``,
+    output ``(B,)``.
+
+    >>> import torch, hypergrad.testing as ht
+    >>> ht.BatchNormMLP()(torch.randn(4, 3)).shape
+    torch.Size([4])
+    """
+
+    def __init__(self, in_features: int = 3, hidden: int = 5) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.Tanh(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)
 
 
 def central_difference(f: Callable[[], float], tensor: Tensor, eps: float = 1e-5) -> Tensor:

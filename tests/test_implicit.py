@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import hypergrad as hg
 import hypergrad.testing as ht
@@ -93,17 +92,8 @@ def test_neumann_alpha_follows_the_inner_learning_rate() -> None:
     assert torch.equal(grads["default"], grads["explicit"])
 
 
-class _MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
-
-
 def _mlp_problem():
-    model = _MLP().to(DT)
+    model = ht.BatchNormMLP().to(DT)
     hp = hg.hparams.WeightDecay(model, per="parameter", init=0.1).to(DT)
     xt, yt = torch.randn(16, 3, dtype=DT), torch.randn(16, dtype=DT)
     xv, yv = torch.randn(12, 3, dtype=DT), torch.randn(12, dtype=DT)

@@ -326,18 +326,9 @@ def test_replay_reproduces_the_real_trajectory(name: str) -> None:
         assert torch.allclose(replayed, real, rtol=0, atol=1e-14)
 
 
-class _BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
-
-    def forward(self, x):
-        return self.net(x).squeeze(-1)
-
-
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_mlp_with_batchnorm_matches_finite_differences(train_mode: bool) -> None:
-    model = _BNNet().to(DT).train(train_mode)
+    model = ht.BatchNormMLP(hidden=6).to(DT).train(train_mode)
     hp = hg.hparams.WeightDecay(model, per="layer", init=0.05).to(DT)
     batches = [(torch.randn(10, 3, dtype=DT), torch.randn(10, dtype=DT)) for _ in range(4)]
     vb = (torch.randn(10, 3, dtype=DT), torch.randn(10, dtype=DT))
