@@ -3,16 +3,25 @@ r"""Hyperparameter containers: ``nn.Module``\ s whose parameters are the raw hyp
 Each container stores unconstrained *raw* tensors (the ``nn.Parameter``\ s the outer optimiser
 moves) and maps them onto their domain, so no outer step can leave it:
 
-=============  ==================================  ========================
-constraint     value                               domain
-=============  ==================================  ========================
-``positive``   :math:`e^{r}`                       :math:`(0, \infty)`
-``unit``       :math:`\sigma(r) = 1/(1+e^{-r})`    :math:`(0, 1)`
-``real``       :math:`r`                           :math:`\mathbb{R}`
-=============  ==================================  ========================
+==================  ======================================  =====================================
+constraint          value                                   domain
+==================  ======================================  =====================================
+``positive``        :math:`e^{r}`                           :math:`(0, \infty)`
+``unit``            :math:`\sigma(r) = 1/(1+e^{-r})`        :math:`(0, 1)`
+``real``            :math:`r`                               :math:`\mathbb{R}`
+``interval``        :math:`a + (b - a)\,\sigma(r)`          :math:`(a, b)`, from ``low=a, high=b``
+``greater_than``    :math:`a + e^{r}`                       :math:`(a, \infty)`, from ``low=a``
+==================  ======================================  =====================================
+
+:class:`WeightDecay` uses ``positive`` (:math:`d = e^{r}`), or with ``max=M`` the interval
+:math:`(0, M)` (:math:`d = M\,\sigma(r)`); :class:`ExampleWeights` uses ``unit``.
 
 Use them inside the losses given to a :class:`~hypergrad.HyperOptimizer`, e.g.
 ``ce(model(x), y) + hp.penalty(model)``. Initial values outside the domain raise ``ValueError``.
+
+Logging: every container's ``value`` is its current constrained value, detached (``forward()`` is
+the differentiable one); :func:`values` collects them by name from any hparams module and
+:func:`summary` turns them into flat scalars (mean / min / max / std) for ``wandb.log``.
 """
 
 from __future__ import annotations
@@ -32,18 +41,53 @@ __all__ = [
     "OptimizerSetting",
     "LearningRate",
     "Momentum",
+    "values",
+    "summary",
 ]
 
 
 class Constraint(str, enum.Enum):
-    """How a raw tensor maps to a hyperparameter's value (see the module docstring)."""
+    """How a raw tensor maps to a hyperparameter's value (see the module docstring).
+
+    ``interval`` takes bounds ``low < high`` and ``greater_than`` takes ``low``; the others take none.
+    """
 
     POSITIVE = "positive"
     UNIT = "unit"
     REAL = "real"
+    INTERVAL = "interval"
+    GREATER_THAN = "greater_than"
 
 
-def _check_domain(value: Tensor, constraint: Constraint, what: str) -> None:
+def _check_bounds(c: Constraint, low: float | None, high: float | None, what: str) -> None:
+    """Raise ``ValueError`` unless ``low`` / ``high`` are exactly the bounds constraint ``c`` takes."""
+    for name, bound in (("low", low), ("high", high)):
+        if bound is not None and not math.isfinite(bound):
+            raise ValueError(f"{what}: {name} must be finite, got {name}={bound!r}")
+    if c is Constraint.INTERVAL:
+        if low is None or high is None:
+            raise ValueError(
+                f"{what}: the 'interval' constraint needs both low and high (an upper bound alone is "
+                f"not supported), got low={low!r}, high={high!r}"
+            )
+        if not low < high:
+            raise ValueError(f"{what}: need low < high, got low={low!r}, high={high!r}")
+    elif c is Constraint.GREATER_THAN:
+        if low is None or high is not None:
+            raise ValueError(
+                f"{what}: the 'greater_than' constraint takes low only (use 'interval' for both), "
+                f"got low={low!r}, high={high!r}"
+            )
+    elif low is not None or high is not None:
+        raise ValueError(
+            f"{what}: low/high only apply to the 'interval' and 'greater_than' constraints, not "
+            f"{c.value!r} (got low={low!r}, high={high!r})"
+        )
+
+
+def _check_domain(
+    value: Tensor, constraint: Constraint, what: str, low: float | None = None, high: float | None = None
+) -> None:
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{what} must be finite, got {value.tolist() if value.numel() < 8 else value}")
     if constraint is Constraint.POSITIVE and not bool((value > 0).all()):
@@ -53,25 +97,93 @@ def _check_domain(value: Tensor, constraint: Constraint, what: str) -> None:
             f"{what} must lie in (0, 1) (unit constraint), got range "
             f"[{float(value.min())}, {float(value.max())}]"
         )
+    if constraint is Constraint.INTERVAL:
+        assert low is not None and high is not None
+        if bool(((value > low) & (value < high)).all()):
+            return
+        raise ValueError(
+            f"{what} must lie in ({low}, {high}) (interval constraint), got range "
+            f"[{float(value.min())}, {float(value.max())}]"
+        )
+    if constraint is Constraint.GREATER_THAN:
+        assert low is not None
+        if bool((value > low).all()):
+            return
+        raise ValueError(f"{what} must be > {low} (greater_than constraint), got min {float(value.min())}")
 
 
-def to_raw(value: Tensor, constraint: Constraint | str) -> Tensor:
-    """Inverse of :func:`from_raw`: the raw tensor whose constrained value is ``value``."""
+def to_raw(
+    value: Tensor, constraint: Constraint | str, low: float | None = None, high: float | None = None
+) -> Tensor:
+    r"""Inverse of :func:`from_raw`: the raw tensor whose constrained value is ``value``.
+
+    Args:
+        value: values inside the constraint's domain, any shape.
+        constraint: see :class:`Constraint`.
+        low: lower bound, for ``"interval"`` and ``"greater_than"`` only (default: None).
+        high: upper bound, for ``"interval"`` only (default: None).
+
+    Returns:
+        A new tensor shaped like ``value``. For ``"interval"`` it is
+        :math:`\log(v - a) - \log(b - v)`, accurate near either bound.
+
+    Raises:
+        ValueError: bounds missing for, or given to, a constraint (see :class:`Constraint`).
+
+    >>> import torch
+    >>> to_raw(torch.tensor([1.5]), "interval", low=1.0, high=2.0)
+    tensor([0.])
+    """
     c = Constraint(constraint)
+    _check_bounds(c, low, high, "to_raw")
     if c is Constraint.POSITIVE:
         return value.log()
     if c is Constraint.UNIT:
         return torch.logit(value)
+    if c is Constraint.INTERVAL:
+        assert low is not None and high is not None
+        return (value - low).log() - (high - value).log()
+    if c is Constraint.GREATER_THAN:
+        assert low is not None
+        return (value - low).log()
     return value.clone()
 
 
-def from_raw(raw: Tensor, constraint: Constraint | str) -> Tensor:
-    """Map a raw tensor onto the constraint's domain (differentiable, elementwise)."""
+def from_raw(
+    raw: Tensor, constraint: Constraint | str, low: float | None = None, high: float | None = None
+) -> Tensor:
+    """Map a raw tensor onto the constraint's domain (differentiable, elementwise).
+
+    Args:
+        raw: unconstrained tensor, any shape.
+        constraint: see :class:`Constraint`.
+        low: lower bound, for ``"interval"`` and ``"greater_than"`` only (default: None).
+        high: upper bound, for ``"interval"`` only (default: None).
+
+    Returns:
+        The values, shaped like ``raw`` (for ``"real"``: ``raw`` itself).
+
+    Raises:
+        ValueError: bounds missing for, or given to, a constraint (see :class:`Constraint`).
+
+    >>> import torch
+    >>> from_raw(torch.tensor([0.0]), "interval", low=1.0, high=2.0)
+    tensor([1.5000])
+    >>> from_raw(torch.tensor([0.0]), "greater_than", low=1.0)
+    tensor([2.])
+    """
     c = Constraint(constraint)
+    _check_bounds(c, low, high, "from_raw")
     if c is Constraint.POSITIVE:
         return raw.exp()
     if c is Constraint.UNIT:
         return torch.sigmoid(raw)
+    if c is Constraint.INTERVAL:
+        assert low is not None and high is not None
+        return low + (high - low) * torch.sigmoid(raw)
+    if c is Constraint.GREATER_THAN:
+        assert low is not None
+        return low + raw.exp()
     return raw
 
 
@@ -82,66 +194,115 @@ def _as_tensor(init: float | Tensor, shape: Sequence[int] | None, dtype: torch.d
     return t.detach().clone()
 
 
+def _as_bound(bound: float | None, name: str) -> float | None:
+    if bound is None:
+        return None
+    try:
+        return float(bound)
+    except (TypeError, ValueError):
+        raise TypeError(f"Hparam {name} must be a real number or None, got {bound!r}") from None
+
+
 class Hparam(nn.Module):
     r"""A tensor of hyperparameters with a constraint.
 
     Args:
-        init: initial value(s), inside the constraint's domain.
-        constraint: ``"positive"``, ``"unit"`` or ``"real"`` (default: ``"positive"``).
+        init: initial value(s), inside the constraint's domain (strictly inside the bounds).
+        constraint: ``"positive"``, ``"unit"``, ``"real"``, ``"interval"`` or ``"greater_than"``
+            (default: ``"interval"`` when ``low`` and ``high`` are given, ``"greater_than"`` when only
+            ``low`` is, else ``"positive"``).
+        low: finite lower bound, for ``"interval"`` and ``"greater_than"`` (default: None).
+        high: finite upper bound, > ``low``, for ``"interval"`` (default: None).
         shape: broadcast ``init`` to this shape (default: ``init``'s shape).
         dtype: (default: torch's default dtype).
 
-    Shapes: ``raw`` and ``value`` have ``shape``.
+    Raises:
+        ValueError: ``init`` outside the domain, ``low >= high``, non-finite bounds, or bounds given
+            with a constraint that takes none (or missing for one that needs them).
+
+    Shapes: ``raw``, ``forward()`` and ``value`` have ``shape``.
 
     >>> import hypergrad as hg
     >>> h = hg.hparams.Hparam(0.1, "positive", shape=(3,))
     >>> [round(v, 3) for v in h().tolist()]
     [0.1, 0.1, 0.1]
+    >>> m = hg.hparams.Hparam(0.9, low=0.5, high=1.0)   # value = 0.5 + 0.5 sigmoid(raw), in (0.5, 1)
+    >>> m.constraint.value, round(float(m.value), 6)
+    ('interval', 0.9)
     """
 
     def __init__(
         self,
         init: float | Tensor,
-        constraint: Constraint | str = Constraint.POSITIVE,
+        constraint: Constraint | str | None = None,
         *,
+        low: float | None = None,
+        high: float | None = None,
         shape: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        low, high = _as_bound(low, "low"), _as_bound(high, "high")
+        if constraint is None:
+            if high is not None:
+                constraint = Constraint.INTERVAL
+            elif low is not None:
+                constraint = Constraint.GREATER_THAN
+            else:
+                constraint = Constraint.POSITIVE
         self.constraint = Constraint(constraint)
+        _check_bounds(self.constraint, low, high, "Hparam")
+        self.low: float | None = low
+        self.high: float | None = high
         value = _as_tensor(init, shape, dtype)
-        _check_domain(value, self.constraint, "Hparam init")
-        self.raw = nn.Parameter(to_raw(value, self.constraint))
+        _check_domain(value, self.constraint, "Hparam init", low, high)
+        self.raw = nn.Parameter(to_raw(value, self.constraint, low, high))
 
     def forward(self) -> Tensor:
-        """The constrained value, shaped like ``raw``."""
-        return from_raw(self.raw, self.constraint)
+        """The constrained value, shaped like ``raw`` (differentiable w.r.t. ``raw``)."""
+        return from_raw(self.raw, self.constraint, self.low, self.high)
 
     @property
     def value(self) -> Tensor:
-        return self()
+        """The constrained value, detached (for logging), shaped like ``raw``."""
+        with torch.no_grad():
+            return self()
+
+    def extra_repr(self) -> str:
+        bounds = "".join(f", {k}={v}" for k, v in (("low", self.low), ("high", self.high)) if v is not None)
+        return f"constraint={self.constraint.value!r}{bounds}, shape={tuple(self.raw.shape)}"
 
 
 class WeightDecay(nn.Module):
     r"""L2 penalties on a model's weights: one global, one per layer, or one per weight.
 
-    The penalty is :math:`\tfrac12 \sum_k d_k \odot w_k^2` with positive decays :math:`d_k = e^{r_k}`
-    (the same scale as ``torch.optim.SGD(weight_decay=d)``, which adds :math:`d\,w` to the gradient).
+    The penalty is :math:`\tfrac12 \sum_k d_k \odot w_k^2` with positive decays :math:`d_k = e^{r_k}`,
+    or, with ``max=M``, bounded decays :math:`d_k = M\,\sigma(r_k) \in (0, M)` (the same scale as
+    ``torch.optim.SGD(weight_decay=d)``, which adds :math:`d\,w` to the gradient).
 
     Args:
         model: the model whose parameters are penalised (names are taken from it).
         per: ``"global"`` (1 hyperparameter), ``"layer"`` (one per module that owns parameters) or
             ``"parameter"`` (one per weight entry: as many hyperparameters as weights)
             (default: ``"parameter"``).
-        init: initial decay, > 0 (default: 1e-4).
+        init: initial decay, > 0 (and < ``max`` when given) (default: 1e-4).
         include: which parameter names to penalise, e.g. ``lambda n: not n.endswith("bias")``
             (default: all that require grad).
+        max: upper bound M on every decay, finite and > 0; ``None`` leaves them unbounded
+            (default: None).
+
+    Shapes: ``raw[j]`` is ``()`` for ``"global"`` / ``"layer"`` and the ``j``-th penalised weight's
+    shape for ``"parameter"``; ``value`` is ``(count,)``: every decay, detached, flattened and
+    concatenated in the order of ``raw``. :meth:`decays` gives them by parameter name instead.
 
     >>> import torch, hypergrad as hg
     >>> model = torch.nn.Linear(3, 2)
     >>> hp = hg.hparams.WeightDecay(model, per="layer", init=0.1)
     >>> hp.penalty(model).shape, sum(p.numel() for p in hp.parameters())
     (torch.Size([]), 1)
+    >>> bounded = hg.hparams.WeightDecay(model, per="parameter", init=0.1, max=1.0)
+    >>> bounded.value.shape, round(float(bounded.value.max()), 6)
+    (torch.Size([8]), 0.1)
     """
 
     def __init__(
@@ -151,17 +312,21 @@ class WeightDecay(nn.Module):
         init: float = 1e-4,
         *,
         include: Callable[[str], bool] | None = None,
+        max: float | None = None,
     ) -> None:
         super().__init__()
         if per not in ("global", "layer", "parameter"):
             raise ValueError(f"Invalid per: {per!r} (choose 'global', 'layer' or 'parameter')")
+        if max is not None and not (isinstance(max, (int, float)) and math.isfinite(max) and max > 0):
+            raise ValueError(f"Invalid weight decay max: {max!r} (need a finite value > 0, or None)")
         if not (isinstance(init, (int, float)) and math.isfinite(init) and init > 0):
             raise ValueError(f"Invalid weight decay init: {init!r} (need a finite value > 0)")
+        if max is not None and not init < max:
+            raise ValueError(f"Invalid weight decay init: {init!r} (need init < max = {max!r})")
         self.per = per
+        self.max: float | None = None if max is None else float(max)
         names = [
-            n
-            for n, p in model.named_parameters()
-            if p.requires_grad and (include is None or include(n))
+            n for n, p in model.named_parameters() if p.requires_grad and (include is None or include(n))
         ]
         if not names:
             raise ValueError("WeightDecay: the model has no parameters to penalise")
@@ -169,7 +334,8 @@ class WeightDecay(nn.Module):
         self.names: tuple[str, ...] = tuple(names)
         self.raw = nn.ParameterList()
         self._index: dict[str, int] = {}
-        log0 = math.log(init)
+        # raw value of init: log(d), or logit(d / M) = log(d) - log(M - d) when bounded
+        log0 = math.log(init) if self.max is None else math.log(init) - math.log(self.max - init)
         if per == "global":
             self.raw.append(
                 nn.Parameter(
@@ -193,11 +359,23 @@ class WeightDecay(nn.Module):
                 self.raw.append(nn.Parameter(torch.full(p.shape, log0, dtype=p.dtype, device=p.device)))
                 self._index[n] = i
 
+    def _decay(self, raw: Tensor) -> Tensor:
+        """Decays from raw values: :math:`e^{r}`, or :math:`M\\sigma(r)` with ``max=M``."""
+        if self.max is None:
+            return raw.exp()
+        return from_raw(raw, Constraint.INTERVAL, 0.0, self.max)
+
     def decays(self) -> dict[str, Tensor]:
         """Decay per penalised parameter name (scalars, or shaped like the parameter), detached:
         for inspection and logging (the penalty reads the raw tensors itself)."""
         with torch.no_grad():
-            return {n: self.raw[self._index[n]].exp() for n in self.names}
+            return {n: self._decay(self.raw[self._index[n]]) for n in self.names}
+
+    @property
+    def value(self) -> Tensor:
+        """Every decay, detached, flattened and concatenated in the order of ``raw``: ``(count,)``."""
+        with torch.no_grad():
+            return torch.cat([self._decay(r).reshape(-1) for r in self.raw])
 
     def penalty(self, model: nn.Module) -> Tensor:
         r""":math:`\tfrac12\sum_k d_k \odot w_k^2` over the penalised parameters of ``model``.
@@ -208,11 +386,12 @@ class WeightDecay(nn.Module):
         missing = [n for n in self.names if n not in params]
         if missing:
             raise KeyError(f"WeightDecay.penalty: the model has no parameter(s) {missing[:3]}")
-        terms = [(self.raw[self._index[n]].exp() * params[n].square()).sum() for n in self.names]
+        terms = [(self._decay(self.raw[self._index[n]]) * params[n].square()).sum() for n in self.names]
         return 0.5 * torch.stack(terms).sum()
 
     def extra_repr(self) -> str:
-        return f"per={self.per!r}, count={sum(p.numel() for p in self.parameters())}"
+        bound = "" if self.max is None else f", max={self.max}"
+        return f"per={self.per!r}, count={sum(p.numel() for p in self.parameters())}{bound}"
 
 
 class ExampleWeights(nn.Module):
@@ -221,14 +400,31 @@ class ExampleWeights(nn.Module):
     Args:
         n: number of training examples.
         init: initial weight, in (0, 1) (default: 0.5).
+        dtype: (default: torch's default dtype).
 
-    Shapes: ``forward(index)`` takes integer indices of shape ``(B,)`` and returns ``(B,)`` weights;
-    use them as ``(w * per_example_loss).mean()``.
+    Shapes: ``raw`` and ``value`` (detached, for logging) are ``(n,)``; ``forward(index)`` takes
+    integer indices of shape ``(B,)`` and returns ``(B,)`` weights :math:`\sigma(r_i)`; use them as
+    ``(w(index) * per_example_loss).mean()``. To get the indices with each batch, wrap the dataset
+    in :class:`hypergrad.data.WithIndex`, so a ``DataLoader`` yields ``(x, y, index)``.
+
+    Which examples get a hypergradient: only those whose indices are in the training batches the
+    hypergradient is computed from (``train_batch`` of ``Implicit.hyper_step``; the last ``steps``
+    batches recorded by ``Unrolled.step``). Every other entry of ``raw.grad`` is 0 after
+    ``hyper_step`` (an outer optimiser with momentum, e.g. Adam, may still move those entries).
 
     >>> import torch, hypergrad as hg
-    >>> ew = hg.hparams.ExampleWeights(10, init=0.9)
-    >>> ew(torch.tensor([0, 3])).shape
-    torch.Size([2])
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from hypergrad.data import WithIndex
+    >>> x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    >>> loader = DataLoader(WithIndex(TensorDataset(x, y)), batch_size=4)
+    >>> model, ew = torch.nn.Linear(3, 2), hg.hparams.ExampleWeights(len(x), init=0.9)
+    >>> def train_loss(model, hparams, batch):
+    ...     x, y, index = batch
+    ...     per_example = torch.nn.functional.cross_entropy(model(x), y, reduction="none")  # (B,)
+    ...     return (hparams(index) * per_example).mean()
+    >>> train_loss(model, ew, next(iter(loader))).backward()
+    >>> (ew.raw.grad != 0).tolist()   # only the first batch's examples 0..3
+    [True, True, True, True, False, False]
     """
 
     def __init__(self, n: int, init: float = 0.5, *, dtype: torch.dtype | None = None) -> None:
@@ -240,13 +436,16 @@ class ExampleWeights(nn.Module):
         self.raw = nn.Parameter(torch.logit(value))
 
     def forward(self, index: Tensor) -> Tensor:
+        """Weights of the examples ``index`` (integer, ``(B,)``): ``(B,)``, differentiable."""
         if index.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"ExampleWeights takes integer example indices, got dtype {index.dtype}")
         return torch.sigmoid(self.raw[index])
 
     @property
     def value(self) -> Tensor:
-        return torch.sigmoid(self.raw)
+        """All ``n`` weights, detached (for logging): ``(n,)``."""
+        with torch.no_grad():
+            return torch.sigmoid(self.raw)
 
 
 class OptimizerSetting(nn.Module):
@@ -326,3 +525,83 @@ class Momentum(OptimizerSetting):
 
     def __init__(self, optimizer: torch.optim.Optimizer, init: float | None = None) -> None:
         super().__init__(optimizer, "momentum", Constraint.UNIT, init)
+
+
+_CONTAINERS = (Hparam, WeightDecay, ExampleWeights, OptimizerSetting)
+
+
+def _within(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def values(hparams: nn.Module) -> dict[str, Tensor]:
+    """Current hyperparameter values by name, detached: for logging and checkpoints you can read.
+
+    Walks ``hparams.named_modules()``: each container of this module (:class:`Hparam`,
+    :class:`WeightDecay`, :class:`ExampleWeights`, :class:`OptimizerSetting` and its subclasses),
+    wherever it is nested (``nn.ModuleDict``, ``nn.ModuleList``, a custom module), gives its
+    constrained ``value`` under its module name; every parameter not inside a container gives its raw
+    value under its parameter name. A container that is ``hparams`` itself is named ``"value"``.
+
+    Args:
+        hparams: any hyperparameter module (what a :class:`~hypergrad.HyperOptimizer` takes).
+
+    Returns:
+        ``{name: tensor}``, detached, shaped like each container's ``value`` (``WeightDecay``:
+        ``(count,)``; ``ExampleWeights``: ``(n,)``; optimiser settings: ``(n_groups,)``) or like
+        each loose parameter.
+
+    >>> import torch, hypergrad as hg
+    >>> model = torch.nn.Linear(3, 2)
+    >>> hp = torch.nn.ModuleDict({"wd": hg.hparams.WeightDecay(model, per="layer", init=0.1),
+    ...                           "scale": hg.hparams.Hparam(2.0)})
+    >>> vals = hg.hparams.values(hp)
+    >>> {k: tuple(v.shape) for k, v in vals.items()}
+    {'wd': (1,), 'scale': ()}
+    >>> round(float(vals["scale"]), 6), vals["scale"].requires_grad
+    (2.0, False)
+    """
+    out: dict[str, Tensor] = {}
+    covered: list[str] = []
+    with torch.no_grad():
+        for name, module in hparams.named_modules():
+            if any(_within(name, c) for c in covered):
+                continue
+            if isinstance(module, _CONTAINERS):
+                covered.append(name)
+                out[name or "value"] = module.value.detach()
+        for name, p in hparams.named_parameters():
+            if not any(_within(name, c) for c in covered):
+                out[name] = p.detach()
+    return out
+
+
+def summary(hparams: nn.Module) -> dict[str, float]:
+    """Flat scalar statistics of every hyperparameter, ready for ``wandb.log``.
+
+    For each entry ``name`` of :func:`values` with one element: ``{name: value}``; with more:
+    ``name.mean``, ``name.min``, ``name.max`` and ``name.std`` (``torch.std``'s unbiased estimate),
+    computed in float64. Empty tensors give no entries. One device sync per entry.
+
+    Args:
+        hparams: any hyperparameter module (see :func:`values` for how it is walked and named).
+
+    Returns:
+        ``{key: float}``.
+
+    >>> import torch, hypergrad as hg
+    >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    >>> hp = torch.nn.ModuleDict({"lr": hg.hparams.LearningRate(opt),
+    ...                           "w": hg.hparams.ExampleWeights(4, init=0.25)})
+    >>> {k: round(v, 6) for k, v in hg.hparams.summary(hp).items()}
+    {'lr': 0.1, 'w.mean': 0.25, 'w.min': 0.25, 'w.max': 0.25, 'w.std': 0.0}
+    """
+    out: dict[str, float] = {}
+    for name, v in values(hparams).items():
+        flat = v.reshape(-1).to(torch.float64)
+        if flat.numel() == 1:
+            out[name] = float(flat[0])
+        elif flat.numel() > 1:
+            stats = torch.stack([flat.mean(), flat.min(), flat.max(), flat.std()]).tolist()
+            out.update({f"{name}.{k}": s for k, s in zip(("mean", "min", "max", "std"), stats, strict=True)})
+    return out
