@@ -1,14 +1,16 @@
 r"""Linear solvers for :math:`H x = v`, given only Hessian-vector products.
 
-Every solver has the same shape: ``solver.solve(hvp, v) -> SolveResult``, where ``hvp`` maps a
-tuple of tensors shaped like the weights to :math:`H` times it, and the result carries the solution,
-the number of HVPs spent and a relative residual to log. ``Implicit`` takes any of them.
+Every solver has the same shape: ``solver.solve(hvp, v, x0=None) -> SolveResult``, where ``hvp``
+maps a tuple of tensors shaped like the weights to :math:`H` times it, ``x0`` is an optional initial
+guess, and the result carries the solution, the number of HVPs spent, a relative residual and a
+:class:`SolveStatus` to log. ``Implicit`` takes any of them.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import math
 from collections.abc import Sequence
 
@@ -19,75 +21,157 @@ from ._functional import dot, norm
 from ._types import HVP, Tensors
 
 
+class SolveStatus(str, enum.Enum):
+    """Why a linear solver stopped.
+
+    >>> import torch, hypergrad as hg
+    >>> from hypergrad._solvers import SolveStatus
+    >>> r = hg.CG(maxiter=1).solve(lambda u: (2 * u[0],), (torch.ones(2),))
+    >>> r.status is SolveStatus.CONVERGED, r.status == "converged"
+    (True, True)
+    """
+
+    CONVERGED = "converged"  #: the residual reached ``tol`` (CG)
+    MAX_ITERATIONS = "max_iterations"  #: ``maxiter`` HVPs spent before reaching ``tol`` (CG)
+    NONPOSITIVE_CURVATURE = "nonpositive_curvature"  #: CG met :math:`p^\top (H + \delta I) p \le 0`
+    NONFINITE = "nonfinite"  #: a non-finite right-hand side, HVP or curvature; the solution is NaN
+    FIXED = "fixed"  #: a fixed number of terms, nothing checked (Neumann, Identity)
+
+
 @dataclasses.dataclass(frozen=True)
 class SolveResult:
     r"""What a linear solver returns.
 
     Attributes:
         solution: :math:`x \approx H^{-1} v`, a tuple shaped like ``v``.
-        iterations: Hessian-vector products spent.
-        residual: a 0-dim tensor. CG: the relative residual :math:`\|Hx - v\| / \|v\|` (damped
-            :math:`H`). Neumann: the relative size of the last series term
+        iterations: Hessian-vector products spent (for a warm-started CG, including the one that
+            computes the initial residual).
+        residual: a 0-dim tensor. CG: the relative residual :math:`\|Hx - v\| / \|v\|` of the
+            returned :math:`x` (damped :math:`H`, as CG's recurrence tracks it); ``nan`` with status
+            ``NONFINITE``. Neumann from 0: the relative size of the last series term
             :math:`\|(I - \alpha H)^i v\| / \|v\|`, which goes to 0 exactly when the series converges
-            (the true residual is :math:`(I-\alpha H)` times it). Identity: ``nan`` (not measured).
+            (the true residual is :math:`(I-\alpha H)` times it). Warm-started Neumann: the relative
+            residual :math:`\|v - H x'\| / \|v\|` of the iterate :math:`x'` before the last
+            correction (the same quantity as from 0; ``nan`` with 0 steps). Identity: ``nan`` (not
+            measured).
+        status: why the solver stopped, a :class:`SolveStatus`.
     """
 
     solution: Tensors
     iterations: int
     residual: Tensor
+    status: SolveStatus
 
 
 class LinearSolver(abc.ABC):
-    """Base of the interchangeable inverse-Hessian approximations."""
+    """Base of the interchangeable inverse-Hessian approximations.
+
+    Solvers are stateless. A solver whose ``warm_start`` is ``True`` asks its caller
+    (``Implicit``) to pass the previous solution as ``x0``; the caller keeps it.
+    """
+
+    #: whether ``Implicit`` passes the previous hyperstep's solution as ``x0`` (off unless a
+    #: solver has this as a field).
+    warm_start: bool = False
 
     @abc.abstractmethod
-    def solve(self, hvp: HVP, v: Sequence[Tensor]) -> SolveResult:
+    def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         """Approximate :math:`H^{-1} v`.
 
         Args:
             hvp: ``hvp(u) -> H u`` on tuples shaped like ``v``.
             v: right-hand side, a tuple of tensors (shapes of the weights).
+            x0: initial guess shaped like ``v``, or ``None`` to start from 0 (default: ``None``).
+                Read only: neither kept nor modified.
         """
+
+
+def _check_x0(v: Sequence[Tensor], x0: Sequence[Tensor] | None) -> None:
+    """Shapes only (host metadata, no synchronisation)."""
+    if x0 is None:
+        return
+    if len(x0) != len(v) or any(a.shape != b.shape for a, b in zip(x0, v, strict=True)):
+        raise ValueError(
+            f"x0 must be shaped like v: got {[tuple(t.shape) for t in x0]}, "
+            f"expected {[tuple(t.shape) for t in v]}"
+        )
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (need a bool)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Neumann(LinearSolver):
-    r"""Truncated Neumann series (Lorraine et al., 2020).
+    r"""Truncated Neumann series (Lorraine et al., 2020), or Richardson iteration from ``x0``.
 
     .. math::
         H^{-1} v \approx \alpha \sum_{j=0}^{i} (I - \alpha H)^j v
 
     computed as ``p = u = v; repeat i times: u <- u - alpha * H u; p <- p + u; return alpha * p``.
-    It converges when :math:`\|I - \alpha H\| < 1` (:math:`0 < \alpha < 2/\lambda_{max}` for
-    positive definite :math:`H`), at rate :math:`1 - \alpha\lambda_{min}`. With :math:`i` terms it
-    equals differentiating :math:`i + 1` SGD steps of learning rate :math:`\alpha` unrolled at the
-    optimum. Cost: ``steps`` HVPs; memory: three weight-sized buffers.
+    This is Richardson iteration :math:`x \leftarrow x + \alpha (v - H x)` run :math:`i + 1` times
+    from :math:`x = 0`, the first one free. It converges when :math:`\|I - \alpha H\| < 1`
+    (:math:`0 < \alpha < 2/\lambda_{max}` for positive definite :math:`H`), at rate
+    :math:`1 - \alpha\lambda_{min}`. With :math:`i` terms it equals differentiating :math:`i + 1`
+    SGD steps of learning rate :math:`\alpha` unrolled at the optimum. Given ``x0``, it runs
+    :math:`i` Richardson iterations from ``x0`` (none free: ``x0 = 0`` gives one term fewer than
+    ``x0=None``). Cost: ``steps`` HVPs; memory: three weight-sized buffers; no host
+    synchronisation (status ``FIXED``).
 
     Args:
-        steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`) (default: 5).
+        steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`), or of
+            Richardson iterations from ``x0`` (default: 5).
         alpha: the scaling :math:`\alpha`; ``None`` takes the inner optimiser's learning rate of its
             first parameter group, the paper's practice (default: ``None``).
+        warm_start: ``Implicit`` passes the previous hyperstep's solution as ``x0``
+            (default: ``False``).
 
     >>> import torch, hypergrad as hg
     >>> H = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     >>> r = hg.Neumann(steps=200, alpha=0.5).solve(lambda u: (H @ u[0],), (torch.ones(2),))
-    >>> [round(float(x), 4) for x in r.solution[0]]
-    [0.5, 1.0]
+    >>> [round(float(x), 4) for x in r.solution[0]], r.status.value
+    ([0.5, 1.0], 'fixed')
+    >>> r = hg.Neumann(steps=1, alpha=0.5).solve(lambda u: (H @ u[0],), (torch.ones(2),),
+    ...     x0=(torch.tensor([0.5, 1.0]),))  # from the solution: stays there
+    >>> r.solution[0].tolist(), float(r.residual)
+    ([0.5, 1.0], 0.0)
     """
 
     steps: int = 5
     alpha: float | None = None
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 0:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"Invalid Neumann steps: {self.steps!r} (need an int >= 0)")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"Invalid Neumann alpha: {self.alpha!r} (need a finite value > 0)")
+        _check_bool("Neumann warm_start", self.warm_start)
 
-    def solve(self, hvp: HVP, v: Sequence[Tensor]) -> SolveResult:
+    def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         if self.alpha is None:
             raise ValueError("Neumann.alpha is None: give alpha, or let Implicit fill it in")
+        _check_x0(v, x0)
         alpha = self.alpha
+        v = list(v)
+        tiny = torch.finfo(v[0].dtype).tiny
+        if x0 is not None:
+            # Richardson from x0: r <- v - H x; x <- x + alpha r (r is computed before x changes,
+            # so an hvp that returns views of its input is harmless).
+            x = [t.clone() for t in x0]
+            r = [torch.empty_like(t) for t in v]
+            for _ in range(self.steps):  # in place: no weight-sized allocations in the loop
+                hx = hvp(x)
+                torch._foreach_copy_(r, v)
+                torch._foreach_sub_(r, list(hx))
+                torch._foreach_add_(x, r, alpha=alpha)
+            if self.steps:
+                residual = norm(r) / norm(v).clamp_min(tiny)
+            else:
+                residual = torch.full((), float("nan"), dtype=v[0].dtype, device=v[0].device)
+            return SolveResult(tuple(x), self.steps, residual, SolveStatus.FIXED)
+        # from 0: term_j = (I - alpha H)^j v, acc = sum_j term_j, x = alpha * acc
         term = [t.clone() for t in v]
         acc = [t.clone() for t in v]
         for _ in range(self.steps):  # in place: no weight-sized allocations in the loop
@@ -95,82 +179,123 @@ class Neumann(LinearSolver):
             torch._foreach_add_(term, list(hv), alpha=-alpha)
             torch._foreach_add_(acc, term)
         torch._foreach_mul_(acc, alpha)
-        residual = norm(term) / norm(v).clamp_min(torch.finfo(v[0].dtype).tiny)
-        return SolveResult(tuple(acc), self.steps, residual)
+        residual = norm(term) / norm(v).clamp_min(tiny)
+        return SolveResult(tuple(acc), self.steps, residual, SolveStatus.FIXED)
 
 
 @dataclasses.dataclass(frozen=True)
 class CG(LinearSolver):
     r"""Conjugate gradient on :math:`(H + \delta I) x = v` (Pedregosa, 2016).
 
-    Converges at rate :math:`(\sqrt\kappa - 1)/(\sqrt\kappa + 1)` for positive definite
-    :math:`H + \delta I`. Stops when :math:`\|r\| \le \text{tol}\,\|v\|`, after ``maxiter`` HVPs,
-    or at the first direction of non-positive curvature. It returns the iterate with the smallest
-    residual seen (so never one worse than :math:`x = 0`; on indefinite Hessians later iterates can
-    be), and that residual. A non-finite HVP makes the solution NaN (never a silent 0).
-    Cost: one HVP, two host synchronisations and one extra weight-sized buffer per iteration.
+    Textbook CG from :math:`x_0` (``x0``, or 0): :math:`r_0 = v - (H + \delta I) x_0`,
+    :math:`p_0 = r_0`, then :math:`a_k = r_k^\top r_k / p_k^\top (H+\delta I) p_k`,
+    :math:`x_{k+1} = x_k + a_k p_k`, :math:`r_{k+1} = r_k - a_k (H+\delta I) p_k`,
+    :math:`p_{k+1} = r_{k+1} + (r_{k+1}^\top r_{k+1} / r_k^\top r_k)\, p_k`. It returns the last
+    iterate :math:`x_k` and its relative residual, and says why it stopped (``status``):
+
+    * ``CONVERGED``: :math:`\|r_k\| \le \text{tol}\,\|v\|` (also measured against :math:`\|v\|`
+      when warm-started);
+    * ``MAX_ITERATIONS``: ``maxiter`` HVPs spent first;
+    * ``NONPOSITIVE_CURVATURE``: a direction with :math:`p^\top (H + \delta I) p \le 0` (the
+      system is not positive definite); it stops there and returns the iterate so far, as
+      truncated CG does. Raise ``damping`` if this happens often;
+    * ``NONFINITE``: a non-finite ``v``, HVP or curvature; the solution is NaN, never a silent 0.
+
+    The residual is not monotone in :math:`k`: on ill-conditioned systems it can rise above
+    :math:`\|v\|` for a while before falling, while the error in the :math:`H`-norm always decreases
+    (for positive definite :math:`H + \delta I`). It converges at rate
+    :math:`(\sqrt\kappa - 1)/(\sqrt\kappa + 1)`. Cost: one HVP, two host synchronisations and one
+    extra weight-sized buffer per iteration; a warm start spends one of the ``maxiter`` HVPs on
+    :math:`r_0`.
 
     Args:
-        maxiter: most HVPs (default: 10).
-        tol: relative residual to stop at (default: 1e-10).
+        maxiter: most HVPs, including the initial-residual HVP of a warm start (default: 10).
+        tol: relative residual to stop at; below the precision of the dtype (about 1e-7 in
+            float32) it is not reached and CG runs all ``maxiter`` HVPs (default: 1e-10).
         damping: :math:`\delta \ge 0` added to the diagonal; makes indefinite Hessians of neural
             networks solvable at the price of bias (default: 0.0).
+        warm_start: ``Implicit`` passes the previous hyperstep's solution as ``x0``
+            (default: ``False``).
 
     >>> import torch, hypergrad as hg
     >>> H = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    >>> r = hg.CG(maxiter=2).solve(lambda u: (H @ u[0],), (torch.ones(2),))
-    >>> [round(float(x), 4) for x in r.solution[0]], r.iterations
-    ([0.5, 1.0], 2)
+    >>> r = hg.CG(maxiter=2, tol=1e-6).solve(lambda u: (H @ u[0],), (torch.ones(2),))
+    >>> [round(float(x), 4) for x in r.solution[0]], r.iterations, r.status.value
+    ([0.5, 1.0], 2, 'converged')
+    >>> r = hg.CG(maxiter=2, tol=1e-6).solve(lambda u: (H @ u[0],), (torch.ones(2),), x0=r.solution)
+    >>> r.iterations, r.status.value  # one HVP for the residual of x0, already small enough
+    (1, 'converged')
     """
 
     maxiter: int = 10
     tol: float = 1e-10
     damping: float = 0.0
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.maxiter, int) or self.maxiter < 1:
+        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
             raise ValueError(f"Invalid CG maxiter: {self.maxiter!r} (need an int >= 1)")
         if not (self.tol >= 0 and math.isfinite(self.tol)):
             raise ValueError(f"Invalid CG tol: {self.tol!r} (need a finite value >= 0)")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise ValueError(f"Invalid CG damping: {self.damping!r} (need a finite value >= 0)")
+        _check_bool("CG warm_start", self.warm_start)
 
-    def solve(self, hvp: HVP, v: Sequence[Tensor]) -> SolveResult:
-        x = [torch.zeros_like(t) for t in v]
-        best = [torch.zeros_like(t) for t in v]  # the iterate with the smallest residual so far
-        r = [t.clone() for t in v]
-        p = [t.clone() for t in v]
-        rs0 = best_rs = rs_value = float(dot(r, r))
-        stop = self.tol**2 * rs0
+    def _apply(self, hvp: HVP, u: list[Tensor]) -> list[Tensor]:
+        """:math:`(H + \\delta I) u`, the damping added in place to the HVP's output."""
+        out = list(hvp(u))
+        if self.damping:
+            torch._foreach_add_(out, u, alpha=self.damping)
+        return out
+
+    def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
+        _check_x0(v, x0)
+        v = list(v)
+        vv = float(dot(v, v))
         it = 0
-        poisoned = False
-        while it < self.maxiter and best_rs > stop:
-            ap = list(hvp(p))
-            if self.damping:
-                torch._foreach_add_(ap, p, alpha=self.damping)
+        if x0 is None:
+            x = [torch.zeros_like(t) for t in v]
+            r = [t.clone() for t in v]
+            rs = vv
+        else:
+            x = [t.clone() for t in x0]
+            r = list(torch._foreach_sub(v, self._apply(hvp, x)))
             it += 1
-            pap = dot(p, ap)
-            curvature = float(pap)
-            if not math.isfinite(curvature):  # poison the result, so guards downstream see it
-                poisoned = True
+            rs = float(dot(r, r))
+        p = [t.clone() for t in r]
+        stop = self.tol**2 * vv
+        status = SolveStatus.NONFINITE
+        while math.isfinite(vv) and math.isfinite(rs):
+            if rs <= stop:
+                status = SolveStatus.CONVERGED
                 break
-            if curvature <= 0:  # non-positive curvature: stop with the best iterate so far
+            if it >= self.maxiter:
+                status = SolveStatus.MAX_ITERATIONS
                 break
-            a = rs_value / curvature  # host floats (already synchronised): in-place updates
+            ap = self._apply(hvp, p)
+            it += 1
+            curvature = float(dot(p, ap))
+            if not math.isfinite(curvature):
+                break  # status stays NONFINITE
+            if curvature <= 0:  # truncated CG: stop on a direction of non-positive curvature
+                status = SolveStatus.NONPOSITIVE_CURVATURE
+                break
+            a = rs / curvature  # host floats (already synchronised): in-place updates
             torch._foreach_add_(x, p, alpha=a)
             torch._foreach_add_(r, ap, alpha=-a)
             rs_new = float(dot(r, r))
-            torch._foreach_mul_(p, rs_new / rs_value)
-            torch._foreach_add_(p, r)
-            rs_value = rs_new
-            if rs_value < best_rs:
-                best_rs = rs_value
-                torch._foreach_copy_(best, x)
-        if poisoned:
-            torch._foreach_mul_(best, float("nan"))
-            best_rs = float("nan")
-        rel = math.sqrt(best_rs / rs0) if rs0 > 0 else 0.0
-        return SolveResult(tuple(best), it, torch.tensor(rel, dtype=v[0].dtype, device=v[0].device))
+            if math.isfinite(rs_new):
+                torch._foreach_mul_(p, rs_new / rs)
+                torch._foreach_add_(p, r)
+            rs = rs_new  # a non-finite one ends the loop with status NONFINITE
+        if status is SolveStatus.NONFINITE:  # poison the result, so guards downstream see it
+            torch._foreach_mul_(x, float("nan"))
+            rel = float("nan")
+        elif vv > 0:
+            rel = math.sqrt(rs / vv)
+        else:  # v = 0: relative to nothing
+            rel = 0.0 if rs == 0 else math.inf
+        return SolveResult(tuple(x), it, torch.tensor(rel, dtype=v[0].dtype, device=v[0].device), status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,13 +303,15 @@ class Identity(LinearSolver):
     r""":math:`H^{-1} \approx s I`: no HVPs at all (the "identity" / one-step approximation).
 
     Lorraine et al. (2020) found it a useful baseline; it is exact only for :math:`H = I/s`.
+    It ignores ``x0`` and always reports status ``FIXED``.
 
     Args:
         scale: the factor :math:`s` (default: 1.0).
 
     >>> import torch, hypergrad as hg
-    >>> hg.Identity().solve(lambda u: u, (torch.ones(2),)).solution[0].tolist()
-    [1.0, 1.0]
+    >>> r = hg.Identity().solve(lambda u: u, (torch.ones(2),))
+    >>> r.solution[0].tolist(), r.status.value
+    ([1.0, 1.0], 'fixed')
     """
 
     scale: float = 1.0
@@ -193,6 +320,7 @@ class Identity(LinearSolver):
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"Invalid Identity scale: {self.scale!r} (need a finite value > 0)")
 
-    def solve(self, hvp: HVP, v: Sequence[Tensor]) -> SolveResult:
+    def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         sol = tuple(torch._foreach_mul(list(v), self.scale)) if self.scale != 1.0 else tuple(v)
-        return SolveResult(sol, 0, torch.full((), float("nan"), dtype=v[0].dtype, device=v[0].device))
+        nan = torch.full((), float("nan"), dtype=v[0].dtype, device=v[0].device)
+        return SolveResult(sol, 0, nan, SolveStatus.FIXED)
