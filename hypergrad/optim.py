@@ -12,14 +12,23 @@ objective ``F`` at the current point with respect to the previous learning rate 
 
     ∂F(θ_{t-1}) / ∂α_{t-1} = -⟨∇F(θ_{t-1}), d_{t-1}⟩ = -h_t
 
-and the learning rate follows it downhill with the hypergradient learning rate ``β``::
+and the learning rate follows it downhill with the hypergradient learning rate ``β``, then is
+clamped into ``[α_min, α_max]`` (``lr_min``, ``lr_max``; by default ``[0, ∞)``)::
 
-    α_t = α_{t-1} + β h_t,        h_t = Σ_{p in group} ⟨∇_p F(θ_{t-1}), d_{t-1}^p⟩,    h_1 = 0.
+    α_t = min(max(α_{t-1} + β h_t, α_min), α_max),
+    h_t = Σ_{p in group} ⟨∇_p F(θ_{t-1}), d_{t-1}^p⟩,    h_1 = 0.
 
 ``F`` is the objective the base optimiser minimises: the loss ``f`` (``-f`` with
 ``maximize=True``) plus ``λ/2 ‖θ‖²`` when ``weight_decay = λ > 0``, i.e. ``∇F`` is exactly the
 gradient torch's update uses. ``h_t > 0`` means the last step and the new gradient still agree, so
 the step was too short and ``α`` grows; ``h_t < 0`` means it overshot and ``α`` shrinks.
+
+Why a floor. Nothing in the plain rule keeps ``α`` positive: on a noisy or oscillating objective
+a run of negative ``h_t`` (or one large one, with a large ``β``) pushes it below zero, and then
+``θ_t = θ_{t-1} - α_t d_t`` steps *along* ``d_t``: the optimiser ascends the objective it is meant
+to minimise, and often diverges. The default floor ``α_min = 0`` turns that into "do not move";
+at ``α = 0`` plain SGD on a deterministic objective sees the same gradient again, ``h = ‖g‖² > 0``,
+and ``α`` grows back.
 
 Cost per step: one extra dot product per parameter, one extra parameter-sized buffer per parameter
 (``state[p]["hd_direction"]``, the stored ``d_{t-1}``), and one device-to-host read per device to
@@ -63,6 +72,37 @@ def _check_hypergrad_lr(value: object) -> float:
     if not _is_valid_rate(value):
         raise ValueError(f"Invalid hypergrad_lr: {value}")
     return float(value)  # type: ignore[arg-type]
+
+
+def _check_lr_bounds(lr_min: object, lr_max: object) -> tuple[float, float]:
+    """Return ``(lr_min, lr_max)`` as floats, or raise ``ValueError`` naming the bad one.
+
+    ``lr_min`` must be finite and ``>= 0``; ``lr_max`` must be ``> lr_min`` (``inf`` allowed).
+    NaN, bools and Tensors are refused.
+    """
+    for name, value in (("lr_min", lr_min), ("lr_max", lr_max)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a Python number)")
+    if not _is_valid_rate(lr_min):
+        raise ValueError(f"Invalid lr_min: {lr_min} (must be finite and >= 0)")
+    lo, hi = float(lr_min), float(lr_max)  # type: ignore[arg-type]
+    if not hi > lo:  # also refuses NaN
+        raise ValueError(f"Invalid lr_max: {lr_max} (must be greater than lr_min = {lo})")
+    return lo, hi
+
+
+def _check_lr_in_bounds(lr: float, lr_min: float, lr_max: float) -> None:
+    if not lr_min <= lr <= lr_max:
+        raise ValueError(f"Invalid learning rate: {lr} (outside [lr_min, lr_max] = [{lr_min}, {lr_max}])")
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    """``value`` clamped into ``[low, high]``; a NaN stays NaN (a broken step is not hidden)."""
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
 
 
 def _check_lr(value: object, owner: str) -> float:
@@ -150,15 +190,27 @@ class _HypergradientOptimizer(Optimizer):
 
     # -- construction / state ---------------------------------------------------------------
 
-    def _hd_finish_init(self, hypergrad_lr: float) -> None:
-        self.defaults["hypergrad_lr"] = hypergrad_lr
+    def _hd_finish_init(self, hypergrad_lr: float, lr_min: float, lr_max: float) -> None:
+        self.defaults.update(hypergrad_lr=hypergrad_lr, lr_min=lr_min, lr_max=lr_max)
+        for group in self.param_groups:  # torch added them before our defaults existed
+            self._hd_check_bounds(group)
         for group in self.param_groups:
             self._hd_finish_group(group)
 
     def _hd_finish_group(self, group: dict[str, Any]) -> None:
         group.setdefault("hypergrad_lr", self.defaults["hypergrad_lr"])
         group.setdefault("hypergrad", 0.0)
+        group.setdefault("lr_min", self.defaults["lr_min"])
+        group.setdefault("lr_max", self.defaults["lr_max"])
+        group["lr_min"], group["lr_max"] = float(group["lr_min"]), float(group["lr_max"])
         group["lr"] = float(group["lr"])
+
+    def _hd_check_bounds(self, group: dict[str, Any]) -> None:
+        """Validate a (new) group's ``lr_min``, ``lr_max`` and ``lr``, falling back to the defaults."""
+        lr_min, lr_max = _check_lr_bounds(
+            group.get("lr_min", self.defaults["lr_min"]), group.get("lr_max", self.defaults["lr_max"])
+        )
+        _check_lr_in_bounds(float(group.get("lr", self.defaults["lr"])), lr_min, lr_max)
 
     def _hd_check_options(self, group: dict[str, Any]) -> None:
         for key in self._hd_unsupported:
@@ -173,16 +225,23 @@ class _HypergradientOptimizer(Optimizer):
         self._hd_check_options(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group; it may set its own ``lr`` and ``hypergrad_lr``."""
+        """Add a param group; it may set its own ``lr``, ``hypergrad_lr``, ``lr_min`` and ``lr_max``."""
         self._hd_validate_group(param_group)
+        finished = "hypergrad_lr" in self.defaults  # False while torch's constructor adds the first groups
+        if finished:
+            self._hd_check_bounds(param_group)
         super().add_param_group(param_group)
-        if "hypergrad_lr" in self.defaults:  # False while torch's constructor adds the first groups
+        if finished:
             self._hd_finish_group(self.param_groups[-1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Also lets a plain torch SGD / Adam state_dict be loaded: its groups lack our keys.
+        # Also lets a plain torch SGD / Adam state_dict, or one saved before lr_min / lr_max existed,
+        # be loaded: its groups lack (some of) our keys and get the constructor's values. A loaded
+        # lr outside [lr_min, lr_max] is not refused; the next hypergradient step clamps it.
         self.defaults.setdefault("hypergrad_lr", 0.0)
+        self.defaults.setdefault("lr_min", 0.0)
+        self.defaults.setdefault("lr_max", math.inf)
         for group in self.param_groups:
             self._hd_finish_group(group)
 
@@ -207,6 +266,9 @@ class _HypergradientOptimizer(Optimizer):
     def step(self, closure: Callable[[], _Loss] | None = None) -> _Loss | None:
         """Update each group's learning rate by its hypergradient, then take the base step.
 
+        The new rate is clamped into the group's ``[lr_min, lr_max]``. Groups with
+        ``hypergrad_lr == 0`` are not updated (nor clamped), so they step exactly like torch.
+
         Args:
             closure: Optional. Re-evaluates the model and returns the loss; it is called once,
                 with gradients enabled, before the hypergradients are computed.
@@ -225,6 +287,7 @@ class _HypergradientOptimizer(Optimizer):
         with torch.no_grad():
             for group in self.param_groups:
                 self._hd_check_options(group)
+                _check_lr_bounds(group["lr_min"], group["lr_max"])  # they may have been edited
                 params = [p for p in group["params"] if p.grad is not None]
                 grads = [p.grad for p in params]
                 if any(g.is_sparse for g in grads):
@@ -251,7 +314,8 @@ class _HypergradientOptimizer(Optimizer):
             for group, h in zip(self.param_groups, _sum_per_group(dots), strict=True):
                 group["hypergrad"] = h
                 if group["hypergrad_lr"] != 0:
-                    group["lr"] = float(group["lr"]) + group["hypergrad_lr"] * h
+                    lr = float(group["lr"]) + group["hypergrad_lr"] * h
+                    group["lr"] = _clamp(lr, float(group["lr_min"]), float(group["lr_max"]))
 
         _unhooked(self._hd_base.step)(self)
 
@@ -285,37 +349,55 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
 
     and, before it, per parameter group::
 
-        h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = α_{t-1} + β h_t,
+        h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = clamp(α_{t-1} + β h_t, α_min, α_max),
 
-    ``β = hypergrad_lr``; ``-h_t`` is exactly ``∂F(θ_{t-1})/∂α_{t-1}``. Plain SGD-HD is thus
+    ``β = hypergrad_lr``, ``[α_min, α_max] = [lr_min, lr_max]``; ``-h_t`` is exactly
+    ``∂F(θ_{t-1})/∂α_{t-1}``. Plain SGD-HD (inside the bounds) is thus
     ``α_t = α_{t-1} + β ⟨∇F(θ_{t-1}), ∇F(θ_{t-2})⟩``. ``h_t`` scales like ``‖g‖²``, so ``β``
     must be chosen relative to the squared gradient norm.
+
+    Bounds. Nothing in the hypergradient rule itself keeps ``α`` positive: with a large ``β`` on a
+    noisy or oscillating objective (successive gradients pointing against each other, ``h_t < 0``)
+    it overshoots below zero, and a negative ``α`` makes ``θ_t = θ_{t-1} - α_t d_t`` step *up* the
+    objective; the optimiser then ascends and often diverges. So after every hypergradient update
+    ``α`` is clamped into ``[lr_min, lr_max]``, by default ``[0, ∞)``. At ``α = 0`` the parameters
+    do not move; plain SGD on a deterministic objective then sees the same gradient again
+    (``h = ‖g‖² > 0``) and ``α`` recovers.
+    A finite ``lr_max`` caps a rate that would grow past stability (e.g. ``2 / L`` for an
+    ``L``-smooth objective). The bounds are per group, like ``lr``. They act only when a group has
+    ``hypergrad_lr > 0``; with ``hypergrad_lr = 0`` nothing is clamped, so a scheduler that moves
+    ``lr`` outside them is obeyed as in torch. A NaN hypergradient still gives a NaN ``α``.
 
     Cost: one extra dot product per parameter per step, one extra parameter-sized buffer per
     parameter (``state[p]["hd_direction"]`` holds ``d_t``) and one device-to-host read per step
     (per device). The last hypergradient of each group is kept in ``group["hypergrad"]`` (a float)
     for logging; ``group["lr"]`` is the current ``α`` (a float). With ``hypergrad_lr=0`` the
-    trajectory is bit-identical to :class:`torch.optim.SGD`. ``α`` is not clipped: a too-large
-    ``β`` can drive it negative. LR schedulers that set the learning rate outright overwrite the
-    tuned value; multiplicative ones compose with it. ``state_dict()`` holds everything needed to
-    resume exactly.
+    trajectory is bit-identical to :class:`torch.optim.SGD`. LR schedulers that set the learning
+    rate outright overwrite the tuned value; multiplicative ones compose with it.
+    ``state_dict()`` holds everything needed to resume exactly (``lr_min`` and ``lr_max``
+    included); an older one without them loads with the constructor's values.
 
     Args:
-        params: Parameters or param groups; a group may set its own ``lr`` and ``hypergrad_lr``.
-        lr: Initial learning rate ``α_0`` (a float).
+        params: Parameters or param groups; a group may set its own ``lr``, ``hypergrad_lr``,
+            ``lr_min`` and ``lr_max``.
+        lr: Initial learning rate ``α_0`` (a float in ``[lr_min, lr_max]``).
         momentum: Momentum factor ``μ``.
         dampening: Dampening ``τ`` for momentum.
         weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch).
         nesterov: Use Nesterov momentum.
         hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-3``).
+        lr_min: Floor ``α_min`` of the learning rate, finite and ``>= 0`` (default: ``0.0``).
+        lr_max: Ceiling ``α_max`` of the learning rate, ``> lr_min`` (default: ``math.inf``).
         maximize: Maximise the objective instead of minimising it (``α`` then ascends it too).
         foreach: Passed to :class:`torch.optim.SGD`.
         differentiable: Not supported; must be ``False``.
         fused: Not supported; must be ``None`` or ``False``.
 
     Raises:
-        ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``),
-            a Tensor learning rate, or an unsupported option.
+        ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``,
+            ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
+            rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
+            group's ``lr_min`` / ``lr_max`` were edited to invalid values.
 
     Example:
         >>> import torch
@@ -332,6 +414,18 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
         True
         >>> loss.item() < 1e-2
         True
+
+        The floor at work on ``f(w) = w²/2`` (unclamped, the second rate would be
+        ``1.5 + 4 · ⟨-0.5, 1⟩ = -0.5`` and the step would go uphill, to ``w = -0.75``):
+
+        >>> w = torch.ones((), requires_grad=True)
+        >>> opt = SGDHD([w], lr=1.5, hypergrad_lr=4.0)
+        >>> for _ in range(2):
+        ...     opt.zero_grad()
+        ...     (0.5 * w**2).backward()
+        ...     opt.step()
+        >>> opt.param_groups[0]["lr"], w.item()
+        (0.0, -0.5)
 
     Reference:
         A. G. Baydin, R. Cornish, D. Martínez Rubio, M. Schmidt, F. Wood. Online Learning Rate
@@ -351,6 +445,8 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
         nesterov: bool = False,
         *,
         hypergrad_lr: float = 1e-3,
+        lr_min: float = 0.0,
+        lr_max: float = math.inf,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -360,6 +456,8 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
         self._hd_check_options({"differentiable": differentiable, "fused": fused})
         lr = _check_lr(lr, owner)
         hypergrad_lr = _check_hypergrad_lr(hypergrad_lr)
+        lr_min, lr_max = _check_lr_bounds(lr_min, lr_max)
+        _check_lr_in_bounds(lr, lr_min, lr_max)
         for name, value in (
             ("momentum", momentum),
             ("dampening", dampening),
@@ -378,7 +476,7 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._hd_finish_init(hypergrad_lr)
+        self._hd_finish_init(hypergrad_lr, lr_min, lr_max)
 
     def _hd_keeps_grads(self, group: dict[str, Any]) -> bool:
         return group["momentum"] == 0 or bool(group["nesterov"])
@@ -411,28 +509,42 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
 
     and, before it, per parameter group::
 
-        h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = α_{t-1} + β h_t,
+        h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = clamp(α_{t-1} + β h_t, α_min, α_max),
 
-    ``β = hypergrad_lr``; ``-h_t`` is exactly ``∂F(θ_{t-1})/∂α_{t-1}``. Since ``d`` is roughly
-    a sign vector, ``h_t`` scales like ``‖g‖₁``, hence the much smaller default ``β = 1e-7``
-    (the paper's).
+    ``β = hypergrad_lr``, ``[α_min, α_max] = [lr_min, lr_max]``; ``-h_t`` is exactly
+    ``∂F(θ_{t-1})/∂α_{t-1}``. Since ``d`` is roughly a sign vector, ``h_t`` scales like ``‖g‖₁``,
+    hence the much smaller default ``β = 1e-7`` (the paper's).
+
+    Bounds. Nothing in the hypergradient rule itself keeps ``α`` positive: with a large ``β`` on a
+    noisy or oscillating objective (``h_t < 0``: the new gradient opposes the last step) it
+    overshoots below zero, and a negative ``α`` makes ``θ_t = θ_{t-1} - α_t d_t`` step *up* the
+    objective: the optimiser ascends. So after every hypergradient update ``α`` is clamped into
+    ``[lr_min, lr_max]``, by default ``[0, ∞)``; at ``α = 0`` the parameters do not move until a
+    positive hypergradient raises it again. A finite ``lr_max`` caps a rate that would grow too
+    far. The bounds are per group, like ``lr``. They act only when a group has
+    ``hypergrad_lr > 0``; with ``hypergrad_lr = 0`` nothing is clamped, so a scheduler that moves
+    ``lr`` outside them is obeyed as in torch. A NaN hypergradient still gives a NaN ``α``.
 
     Cost: one extra dot product per parameter per step, one extra parameter-sized buffer per
     parameter (``state[p]["hd_direction"]`` holds ``d_t``) and one device-to-host read per step
     (per device). The last hypergradient of each group is kept in ``group["hypergrad"]`` (a float)
     for logging; ``group["lr"]`` is the current ``α`` (a float). With ``hypergrad_lr=0`` the
-    trajectory is bit-identical to :class:`torch.optim.Adam`. ``α`` is not clipped. LR
-    schedulers that set the learning rate outright overwrite the tuned value. ``state_dict()``
-    holds everything needed to resume exactly.
+    trajectory is bit-identical to :class:`torch.optim.Adam`. LR schedulers that set the learning
+    rate outright overwrite the tuned value. ``state_dict()`` holds everything needed to resume
+    exactly (``lr_min`` and ``lr_max`` included); an older one without them loads with the
+    constructor's values.
 
     Args:
-        params: Parameters or param groups; a group may set its own ``lr`` and ``hypergrad_lr``.
-        lr: Initial learning rate ``α_0`` (a float).
+        params: Parameters or param groups; a group may set its own ``lr``, ``hypergrad_lr``,
+            ``lr_min`` and ``lr_max``.
+        lr: Initial learning rate ``α_0`` (a float in ``[lr_min, lr_max]``).
         betas: ``(β1, β2)``, the moment decay rates.
         eps: ``ε``, added to the denominator.
         weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch's Adam).
         amsgrad: Not supported; must be ``False``.
         hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-7``).
+        lr_min: Floor ``α_min`` of the learning rate, finite and ``>= 0`` (default: ``0.0``).
+        lr_max: Ceiling ``α_max`` of the learning rate, ``> lr_min`` (default: ``math.inf``).
         foreach: Passed to :class:`torch.optim.Adam`.
         maximize: Maximise the objective instead of minimising it (``α`` then ascends it too).
         capturable: Not supported; must be ``False``.
@@ -441,8 +553,10 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         decoupled_weight_decay: Not supported (AdamW); must be ``False``.
 
     Raises:
-        ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``),
-            a Tensor learning rate, or an unsupported option.
+        ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``,
+            ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
+            rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
+            group's ``lr_min`` / ``lr_max`` were edited to invalid values.
 
     Example:
         >>> import torch
@@ -478,6 +592,8 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         amsgrad: bool = False,
         *,
         hypergrad_lr: float = 1e-7,
+        lr_min: float = 0.0,
+        lr_max: float = math.inf,
         foreach: bool | None = None,
         maximize: bool = False,
         capturable: bool = False,
@@ -497,6 +613,8 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         )
         lr = _check_lr(lr, owner)
         hypergrad_lr = _check_hypergrad_lr(hypergrad_lr)
+        lr_min, lr_max = _check_lr_bounds(lr_min, lr_max)
+        _check_lr_in_bounds(lr, lr_min, lr_max)
         for name, value in (("betas", betas), ("eps", eps), ("weight_decay", weight_decay)):
             _reject_tensor(name, value, owner)
         super().__init__(
@@ -513,7 +631,7 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._hd_finish_init(hypergrad_lr)
+        self._hd_finish_init(hypergrad_lr, lr_min, lr_max)
 
     def _hd_directions(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]

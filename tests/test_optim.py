@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import math
+import pickle
 import re
 from collections.abc import Callable
 from typing import Any
@@ -132,13 +134,16 @@ def _sgd_hd_numpy(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
+    lr_min: float = 0.0,
+    lr_max: float = math.inf,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SGD-HD written out; ``lr_min=-math.inf`` gives the unclamped rule of the paper."""
     alpha, d_prev, buf = lr, None, None
     lrs, hs = [], []
     for _ in range(steps):
         g = grad(theta) + weight_decay * theta
         h = 0.0 if d_prev is None else float(g @ d_prev)
-        alpha = alpha + hypergrad_lr * h
+        alpha = min(max(alpha + hypergrad_lr * h, lr_min), lr_max)
         if momentum:
             buf = g.copy() if buf is None else momentum * buf + (1.0 - dampening) * g
             d = g + momentum * buf if nesterov else buf
@@ -160,7 +165,10 @@ def _adam_hd_numpy(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    lr_min: float = 0.0,
+    lr_max: float = math.inf,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adam-HD written out; ``lr_min=-math.inf`` gives the unclamped rule of the paper."""
     b1, b2 = betas
     alpha, d_prev = lr, None
     m, v = np.zeros_like(theta), np.zeros_like(theta)
@@ -168,7 +176,7 @@ def _adam_hd_numpy(
     for t in range(1, steps + 1):
         g = grad(theta) + weight_decay * theta
         h = 0.0 if d_prev is None else float(g @ d_prev)
-        alpha = alpha + hypergrad_lr * h
+        alpha = min(max(alpha + hypergrad_lr * h, lr_min), lr_max)
         m = b1 * m + (1.0 - b1) * g
         v = b2 * v + (1.0 - b2) * g * g
         d = (m / (1.0 - b1**t)) / (np.sqrt(v / (1.0 - b2**t)) + eps)
@@ -540,6 +548,25 @@ def test_sparse_gradients_are_rejected() -> None:
             "Invalid hypergrad_lr: -2.0",
         ),
         (lambda ps: SGDHD(ps, lr=-0.1), "Invalid learning rate: -0.1"),
+        (lambda ps: SGDHD(ps, lr_min=-1.0), "Invalid lr_min: -1.0"),
+        (lambda ps: AdamHD(ps, lr_min=float("nan")), "Invalid lr_min: nan"),
+        (lambda ps: SGDHD(ps, lr_min=float("inf")), "Invalid lr_min: inf"),
+        (lambda ps: SGDHD(ps, lr_min=True), "Invalid lr_min: True"),
+        (lambda ps: AdamHD(ps, lr_max=float("nan")), "Invalid lr_max: nan"),
+        (lambda ps: SGDHD(ps, lr_max=-1.0), "Invalid lr_max: -1.0"),
+        (lambda ps: SGDHD(ps, lr=0.1, lr_min=0.1, lr_max=0.1), "Invalid lr_max: 0.1"),  # not > lr_min
+        (
+            lambda ps: AdamHD(ps, lr_max=torch.tensor(1.0)),  # type: ignore[arg-type]
+            "Invalid lr_max: tensor(1.)",
+        ),
+        (lambda ps: SGDHD(ps, lr=0.5, lr_max=0.1), "Invalid learning rate: 0.5 (outside [lr_min, lr_max]"),
+        (lambda ps: AdamHD(ps, lr=1e-3, lr_min=0.01), "Invalid learning rate: 0.001"),
+        (lambda ps: SGDHD([{"params": ps, "lr_min": -2.0}]), "Invalid lr_min: -2.0"),
+        (
+            lambda ps: AdamHD([{"params": ps, "lr_min": 0.5, "lr_max": 0.2, "lr": 0.3}]),
+            "Invalid lr_max: 0.2",
+        ),
+        (lambda ps: SGDHD([{"params": ps, "lr_max": 1e-4}], lr=1e-3), "Invalid learning rate: 0.001"),
         (lambda ps: AdamHD([{"params": ps, "lr": -3.0}]), "Invalid learning rate: -3.0"),
         (lambda ps: SGDHD(ps, momentum=-0.5), "Invalid momentum value: -0.5"),
         (lambda ps: SGDHD(ps, weight_decay=-0.5), "Invalid weight_decay value: -0.5"),
@@ -584,3 +611,269 @@ def test_defaults_and_copy() -> None:
     clone = copy.deepcopy(adam)
     assert clone.param_groups[0]["hypergrad_lr"] == 1e-7
     assert clone.param_groups[0]["hypergrad"] == adam.param_groups[0]["hypergrad"] != 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# 6. learning-rate bounds: lr_min (default 0) and lr_max (default inf)
+
+# (kind, the bound that the unclamped rule crosses, noise on the quadratic's linear term, kwargs)
+BOUND_CASES: list[tuple[str, str, float, dict[str, Any]]] = [
+    # lr close to 2/L = 0.5: the iterates oscillate, h < 0, and a large β overshoots below 0
+    ("sgd", "floor", 0.0, {"lr": 0.4, "hypergrad_lr": 0.01}),
+    ("sgd", "floor", 0.0, {"lr": 0.1, "hypergrad_lr": 1e-3, "momentum": 0.9}),
+    ("adam", "floor", 0.5, {"lr": 0.5, "hypergrad_lr": 0.2}),
+    ("sgd", "floor", 0.0, {"lr": 0.4, "hypergrad_lr": 0.01, "lr_min": 0.05}),
+    # a too-small lr grows past the ceiling
+    ("sgd", "ceiling", 0.0, {"lr": 0.01, "hypergrad_lr": 2e-3, "lr_max": 0.1}),
+    ("sgd", "ceiling", 0.5, {"lr": 0.01, "hypergrad_lr": 1e-3, "momentum": 0.5, "lr_max": 0.1}),
+    ("adam", "ceiling", 0.0, {"lr": 1e-3, "hypergrad_lr": 1e-3, "lr_max": 0.05}),
+]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "bound", "noise", "kwargs"),
+    BOUND_CASES,
+    ids=[f"{kind}-{bound}-{i}" for i, (kind, bound, _, _) in enumerate(BOUND_CASES)],
+)
+def test_lr_stays_within_bounds_and_matches_clamped_reference(
+    kind: str, bound: str, noise: float, kwargs: dict[str, Any], foreach: bool
+) -> None:
+    a, b, theta0 = _quadratic()
+    steps = 50
+    targets = b + noise * np.random.default_rng(0).standard_normal((steps, 6))
+    reference = _sgd_hd_numpy if kind == "sgd" else _adam_hd_numpy
+
+    def run_reference(**overrides: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stream = iter(targets)
+        return reference(lambda th: a @ th - next(stream), theta0, steps, **{**kwargs, **overrides})
+
+    lr_min, lr_max = kwargs.get("lr_min", 0.0), kwargs.get("lr_max", math.inf)
+    # the paper's unclamped rule really crosses the bound here (with the default floor: goes < 0)
+    unclamped, _, _ = run_reference(lr_min=-math.inf, lr_max=math.inf)
+    if bound == "floor":
+        assert unclamped.min() < min(lr_min, 0.0)
+    else:
+        assert unclamped.max() > lr_max
+    lrs_ref, _, theta_ref = run_reference()
+
+    theta_t = torch.tensor(theta0, dtype=DTYPE)
+    params = [theta_t[:4].clone().requires_grad_(), theta_t[4:].clone().requires_grad_()]
+    a_t, targets_t = torch.tensor(a, dtype=DTYPE), torch.tensor(targets, dtype=DTYPE)
+    cls = SGDHD if kind == "sgd" else AdamHD
+    opt = cls(params, foreach=foreach, **kwargs)  # no lr_min given: the default floor 0 acts
+    lrs = []
+    for target in targets_t:
+        opt.zero_grad()
+        theta = torch.cat(params)
+        (0.5 * theta @ (a_t @ theta) - target @ theta).backward()
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+
+    assert min(lrs) >= lr_min and max(lrs) <= lr_max
+    assert (lr_min if bound == "floor" else lr_max) in lrs  # the bound was hit, exactly
+    np.testing.assert_allclose(lrs, lrs_ref, rtol=1e-10, atol=1e-13)
+    theta_final = torch.cat([p.detach() for p in params]).numpy()
+    np.testing.assert_allclose(theta_final, theta_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_floor_closed_form_stops_the_ascent_and_recovers() -> None:
+    # f(w) = w²/2 from w = 1 with α = 1.5, β = 4 (all values exact in binary floating point):
+    # step 1: h = 0, α = 1.5, w = 1 - 1.5 = -0.5
+    # step 2: h = <-0.5, 1> = -0.5, α = 1.5 - 2 = -0.5 unclamped, which would step *uphill* to
+    #         w = -0.5 - (-0.5)(-0.5) = -0.75; the floor makes it α = 0 and w stays at -0.5
+    # step 3: h = <-0.5, -0.5> = 0.25 > 0, α = 0 + 1 = 1, w = -0.5 - 1 * (-0.5) = 0, the minimum
+    w = torch.ones((), dtype=DTYPE, requires_grad=True)
+    opt = SGDHD([w], lr=1.5, hypergrad_lr=4.0)
+    trace = []
+    for _ in range(3):
+        opt.zero_grad()
+        (0.5 * w**2).backward()
+        opt.step()
+        trace.append((opt.param_groups[0]["hypergrad"], opt.param_groups[0]["lr"], w.item()))
+    assert trace == [(0.0, 1.5, -0.5), (-0.5, 0.0, -0.5), (0.25, 1.0, 0.0)]
+
+
+def test_per_group_bounds_act_on_their_own_group() -> None:
+    a, b, theta0 = _quadratic()
+    a_t, b_t = torch.tensor(a, dtype=DTYPE), torch.tensor(b, dtype=DTYPE)
+    # group 0 oscillates (its lr would go below 0); group 1 starts too small (would pass 0.1)
+    group0: dict[str, Any] = {"lr": 0.4, "hypergrad_lr": 0.05}
+    group1: dict[str, Any] = {"lr": 0.01, "hypergrad_lr": 2e-3, "lr_min": 0.005, "lr_max": 0.1}
+
+    def fresh() -> list[Tensor]:
+        theta = torch.tensor(theta0, dtype=DTYPE)
+        return [theta[:4].clone().requires_grad_(), theta[4:].clone().requires_grad_()]
+
+    (u, v), (u_split, v_split) = fresh(), fresh()
+    joint = SGDHD([{"params": [u], **group0}, {"params": [v], **group1}])
+    split = [SGDHD([u_split], **group0), SGDHD([v_split], **group1)]
+    assert [(g["lr_min"], g["lr_max"]) for g in joint.param_groups] == [(0.0, math.inf), (0.005, 0.1)]
+    lrs = []
+    for _ in range(50):
+        for params, opts in (((u, v), [joint]), ((u_split, v_split), split)):
+            for opt in opts:
+                opt.zero_grad()
+            theta = torch.cat(params)
+            (0.5 * theta @ (a_t @ theta) - b_t @ theta).backward()
+            for opt in opts:
+                opt.step()
+        assert torch.equal(u, u_split) and torch.equal(v, v_split)
+        assert [g["lr"] for g in joint.param_groups] == [o.param_groups[0]["lr"] for o in split]
+        lrs.append([g["lr"] for g in joint.param_groups])
+    lr0, lr1 = zip(*lrs, strict=True)
+    assert min(lr0) == 0.0 and max(lr0) <= 0.4  # group 0: default floor hit, no ceiling
+    assert max(lr1) == 0.1 and min(lr1) >= 0.005  # group 1: its own ceiling hit
+
+
+def test_add_param_group_takes_default_and_own_bounds() -> None:
+    a, b, c = (torch.zeros(2, requires_grad=True) for _ in range(3))
+    opt = AdamHD([a], lr=0.1, lr_min=0.01, lr_max=1.0)
+    opt.add_param_group({"params": [b]})
+    opt.add_param_group({"params": [c], "lr": 2, "lr_min": 1, "lr_max": math.inf})
+    assert [(g["lr_min"], g["lr_max"]) for g in opt.param_groups] == [
+        (0.01, 1.0),
+        (0.01, 1.0),
+        (1.0, math.inf),
+    ]
+    assert all(isinstance(g[k], float) for g in opt.param_groups for k in ("lr_min", "lr_max"))
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"lr_min": -0.5}, "Invalid lr_min: -0.5"),
+        ({"lr_max": 0.005}, "Invalid lr_max: 0.005"),  # below the inherited lr_min = 0.01
+        ({"lr_min": 0.5}, "Invalid learning rate: 0.1"),  # the inherited lr is below the floor
+        ({"lr": 5.0}, "Invalid learning rate: 5.0"),  # above the inherited ceiling
+    ]
+    for extra, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], **extra})
+    assert len(opt.param_groups) == 3  # no bad group was added
+
+
+def test_bounds_act_only_through_hypergradient_updates() -> None:
+    # hypergrad_lr = 0: the bounds are inert, a scheduler may leave them and the run is torch's
+    batches = _batches(6)
+    model_ref, model_hd = _mlp(), _mlp()
+    ref = torch.optim.SGD(model_ref.parameters(), lr=0.05, momentum=0.9)
+    hd = SGDHD(model_hd.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=0.0, lr_min=0.02, lr_max=0.1)
+    sched_ref, sched_hd = (torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.5**k) for o in (ref, hd))
+    for batch in batches:
+        _assert_bitwise(_train(model_ref, ref, [batch]), _train(model_hd, hd, [batch]))
+        sched_ref.step()
+        sched_hd.step()
+    assert hd.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 0.05 * 1.5**6 > 0.1
+    # hypergrad_lr > 0: an lr set outside the bounds is clamped at the next step
+    w = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    opt = SGDHD([w], lr=0.1, hypergrad_lr=1e-3, lr_max=0.5)
+    opt.param_groups[0]["lr"] = 3.0
+    w.grad = torch.ones(2, dtype=DTYPE)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert torch.equal(w.detach(), torch.full((2,), 0.5, dtype=DTYPE))
+
+
+def test_bounds_edited_to_invalid_values_are_refused_at_step() -> None:
+    w = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    opt = SGDHD([w], lr=0.1, hypergrad_lr=1e-3)
+    w.grad = torch.ones(2, dtype=DTYPE)
+    opt.step()
+    before = w.detach().clone()
+    for key, value, message in (
+        ("lr_min", -1.0, "Invalid lr_min: -1.0"),
+        ("lr_max", float("nan"), "Invalid lr_max: nan"),
+    ):
+        group = opt.param_groups[0]
+        saved = group[key]
+        group[key] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            opt.step()
+        group[key] = saved
+        assert torch.equal(w, before) and group["lr"] == 0.1  # nothing moved
+
+
+def test_nan_hypergradient_is_not_hidden_by_the_clamp() -> None:
+    w = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    opt = SGDHD([w], lr=0.1, hypergrad_lr=1e-3, lr_max=1.0)
+    w.grad = torch.ones(2, dtype=DTYPE)
+    opt.step()
+    w.grad = torch.full((2,), float("nan"), dtype=DTYPE)
+    opt.step()
+    assert math.isnan(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("cls", [SGDHD, AdamHD])
+def test_state_dict_round_trips_bounds(cls: type[Any]) -> None:
+    model = _mlp()
+    groups = [
+        {"params": model[0].parameters(), "lr_min": 0.001, "lr_max": 0.2},
+        {"params": model[2].parameters(), "lr_max": 0.5},
+    ]
+    opt = cls(groups, lr=0.01, hypergrad_lr=1e-3, lr_min=0.002)
+    _train(model, opt, _batches(2))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    other = _mlp()
+    loaded = cls(other[0].parameters(), lr=0.01)  # default bounds: the saved groups' must win
+    loaded.add_param_group({"params": other[2].parameters()})
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert [(g["lr_min"], g["lr_max"]) for g in loaded.param_groups] == [(0.001, 0.2), (0.002, 0.5)]
+
+
+def _strip_bounds(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict as saved before lr_min / lr_max existed."""
+    old = copy.deepcopy(state_dict)
+    for group in old["param_groups"]:
+        del group["lr_min"], group["lr_max"]
+    return old
+
+
+@pytest.mark.parametrize("cls", [SGDHD, AdamHD])
+def test_old_state_dict_without_bounds_loads_and_resumes_exactly(cls: type[Any]) -> None:
+    batches = _batches(8)
+    model = _mlp()
+    opt = cls(model.parameters(), lr=0.01, hypergrad_lr=1e-3)
+    full = _train(model, opt, batches)
+
+    model_a = _mlp()
+    opt_a = cls(model_a.parameters(), lr=0.01, hypergrad_lr=1e-3)
+    _train(model_a, opt_a, batches[:3])
+    old = _strip_bounds(opt_a.state_dict())
+    model_b = _mlp(seed=5)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b = cls(model_b.parameters(), lr=0.01, hypergrad_lr=1e-3)
+    opt_b.load_state_dict(old)
+    group = opt_b.param_groups[0]
+    assert (group["lr_min"], group["lr_max"]) == (0.0, math.inf)
+    assert group["lr"] == opt_a.param_groups[0]["lr"]
+    _assert_bitwise(full[3:], _train(model_b, opt_b, batches[3:]))
+
+    # the missing keys come from the constructor, like hypergrad_lr
+    opt_c = cls(_mlp().parameters(), lr=0.01, lr_min=0.005, lr_max=0.5)
+    opt_c.load_state_dict(old)
+    assert (opt_c.param_groups[0]["lr_min"], opt_c.param_groups[0]["lr_max"]) == (0.005, 0.5)
+
+
+def test_old_state_dict_with_a_negative_lr_is_clamped_at_the_next_step() -> None:
+    w = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    opt = SGDHD([w], lr=0.1, hypergrad_lr=1e-3)
+    w.grad = torch.ones(2, dtype=DTYPE)
+    opt.step()
+    old = _strip_bounds(opt.state_dict())
+    old["param_groups"][0]["lr"] = -0.3  # what the unbounded optimiser could save
+    opt.load_state_dict(old)  # loads; not refused
+    assert opt.param_groups[0]["lr"] == -0.3
+    before = w.detach().clone()
+    opt.step()
+    assert opt.param_groups[0]["hypergrad"] == 2.0  # <1, 1> + <1, 1>, far too small to help
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert torch.equal(w, before)  # no step uphill
+
+
+def test_old_pickled_optimizer_gets_default_bounds() -> None:
+    w = torch.zeros(2, requires_grad=True)
+    opt = AdamHD([w], lr=0.01)
+    for key in ("lr_min", "lr_max"):  # as pickled before lr_min / lr_max existed
+        del opt.defaults[key], opt.param_groups[0][key]
+    clone = pickle.loads(pickle.dumps(opt))
+    assert (clone.defaults["lr_min"], clone.defaults["lr_max"]) == (0.0, math.inf)
+    assert (clone.param_groups[0]["lr_min"], clone.param_groups[0]["lr_max"]) == (0.0, math.inf)
