@@ -2,13 +2,15 @@
 
 >>> import hypergrad as hg
 >>> sorted(n for n in hg.__all__ if n[0].isupper())[:3]
-['CG', 'HyperOptimizer', 'HyperStepInfo']
+['CG', 'DisconnectedWarning', 'HyperOptimizer']
 """
 
 from __future__ import annotations
 
+from . import data as data
 from . import hparams as hparams
 from . import optim as optim
+from ._base import DisconnectedWarning as DisconnectedWarning
 from ._base import HyperOptimizer as HyperOptimizer
 from ._base import HyperStepInfo as HyperStepInfo
 from ._base import NonFiniteError as NonFiniteError
@@ -20,6 +22,8 @@ from ._solvers import Identity as Identity
 from ._solvers import LinearSolver as LinearSolver
 from ._solvers import Neumann as Neumann
 from ._solvers import SolveResult as SolveResult
+from ._solvers import SolveStatus as SolveStatus
+from ._unrolled import ReplayWarning as ReplayWarning
 from ._unrolled import Unrolled as Unrolled
 from ._unrolled import unrolled_hypergradient as unrolled_hypergradient
 
@@ -27,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "DisconnectedWarning",
     "HyperOptimizer",
     "HyperStepInfo",
     "Identity",
@@ -35,8 +40,11 @@ __all__ = [
     "Neumann",
     "NonFiniteError",
     "NonFiniteWarning",
+    "ReplayWarning",
     "SolveResult",
+    "SolveStatus",
     "Unrolled",
+    "data",
     "hparams",
     "implicit_hypergradient",
     "optim",

@@ -1,34 +1,40 @@
 """The ``HyperOptimizer`` contract: schedule, ``.grad`` filling, guards and state, written once.
 
 A method subclasses :class:`HyperOptimizer` and supplies ``_hypergradient`` (and, if it keeps any,
-``_method_state`` / ``_load_method_state`` and ``_record_step``). Everything a user touches lives
-here.
+``_method_state`` / ``_load_method_state``, ``_record_step`` and ``_weights_changed``).
+Everything a user touches lives here.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import enum
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._functional import FunctionalPair, all_finite, check_batch, clone_all, grads_or_zeros, norm
+from ._functional import FunctionalPair, all_finite, check_batch, norm
 from ._types import Batch, LossFn, Tensors
 from .hparams import OptimizerSetting, from_raw
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or hypergradient was NaN or infinite; the step was not taken and nothing changed."""
+    """A loss or hypergradient was NaN or infinite (or diverged, see ``divergence``); the step was
+    not taken and nothing changed."""
 
 
 class NonFiniteWarning(RuntimeWarning):
     """Issued instead of :class:`NonFiniteError` when ``on_nonfinite="skip"``."""
+
+
+class DisconnectedWarning(UserWarning):
+    """A hyperparameter does not reach the losses (its hypergradient is exactly zero)."""
 
 
 class OnNonFinite(str, enum.Enum):
@@ -45,8 +51,12 @@ class HyperStepInfo:
     Attributes:
         outer_loss: the validation (outer) loss at the current weights.
         hypergrad_norm: Euclidean norm of the whole hypergradient.
-        solver_iterations: HVPs spent by the linear solver (``None`` for methods without one).
+        solver_iterations: HVPs spent by the linear solver, including any spent estimating its
+            step size (``None`` for methods without one).
         solver_residual: the solver's relative residual (see :class:`SolveResult`), or ``None``.
+        solver_status: why the solver stopped (a :class:`SolveStatus` value: ``"converged"``,
+            ``"max_iterations"``, ``"nonpositive_curvature"``, ``"nonfinite"``, ``"fixed"``), or
+            ``None``.
         unrolled_steps: inner steps differentiated through (``None`` for implicit methods).
         seconds: wall-clock time of the hyperstep.
         skipped: ``True`` when the step was refused as non-finite (``on_nonfinite="skip"``).
@@ -57,6 +67,7 @@ class HyperStepInfo:
     hypergrad_norm: float
     solver_iterations: int | None
     solver_residual: float | None
+    solver_status: str | None
     unrolled_steps: int | None
     seconds: float
     skipped: bool
@@ -71,8 +82,11 @@ class _Hypergradient:
     outer_loss: Tensor  # 0-dim, detached
     solver_iterations: int | None = None
     solver_residual: Tensor | None = None
+    solver_status: str | None = None
     unrolled_steps: int | None = None
     inner_loss: Tensor | None = None  # the training loss the method used, checked for finiteness
+    reached: tuple[bool, ...] | None = None  # per hyperparameter: did any gradient path reach it?
+    commit: Callable[[], None] | None = None  # method state to keep once the step is accepted
 
 
 def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -89,10 +103,16 @@ class HyperOptimizer(abc.ABC):
             :math:`L_T(w, \\lambda)`.
         val_loss: ``val_loss(model, hparams, batch) -> scalar``, the outer objective
             :math:`L_V(w, \\lambda)` (it may depend on ``hparams`` directly).
-        inner_optimizer: a ``torch.optim`` optimiser over the model's weights.
+        inner_optimizer: a ``torch.optim`` optimiser over the model's weights. The trained
+            weights are read from its ``param_groups`` at every call, so groups added later
+            (``add_param_group``) train, and parameters frozen later (``requires_grad_(False)``)
+            stop training and leave the hypergradient computations.
         outer_optimizer: a ``torch.optim`` optimiser over ``hparams.parameters()``.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``; either way a non-finite loss or
             (hyper)gradient leaves weights, buffers, hyperparameters and optimiser states untouched.
+        divergence: if set (a number > 1), a training loss whose magnitude exceeds ``divergence``
+            times that of the first accepted training loss is treated like a non-finite one
+            (default: ``None``, off).
 
     The losses run in whatever mode (``model.train()`` / ``model.eval()``) the user set; BatchNorm
     running statistics are updated by :meth:`step` only, once per inner step.
@@ -108,6 +128,7 @@ class HyperOptimizer(abc.ABC):
         inner_optimizer: torch.optim.Optimizer,
         outer_optimizer: torch.optim.Optimizer,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
+        divergence: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -119,8 +140,17 @@ class HyperOptimizer(abc.ABC):
         for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+            if isinstance(opt, torch.optim.LBFGS):
+                raise TypeError(
+                    f"{name} is LBFGS, whose step() needs a closure that re-evaluates the loss; "
+                    "hypergrad calls optimizer.step() without one. Use SGD, Adam, AdamW, ..."
+                )
         if not callable(train_loss) or not callable(val_loss):
             raise TypeError("train_loss and val_loss must be callables loss(model, hparams, batch)")
+        if divergence is not None and not (
+            isinstance(divergence, (int, float)) and not isinstance(divergence, bool) and divergence > 1
+        ):
+            raise ValueError(f"Invalid divergence: {divergence!r} (need a number > 1, or None)")
         self.model = model
         self.hparams = hparams
         self.train_loss = train_loss
@@ -128,9 +158,14 @@ class HyperOptimizer(abc.ABC):
         self.inner_optimizer = inner_optimizer
         self.outer_optimizer = outer_optimizer
         self.on_nonfinite = OnNonFinite(on_nonfinite)
+        self.divergence = None if divergence is None else float(divergence)
+        self._loss_scale: float | None = None  # |first accepted training loss|, for ``divergence``
         self._validate_tensors()
-        self.pair = FunctionalPair(model, hparams, _params_of(inner_optimizer))
+        self._weights_key: tuple[int, ...] = ()
+        self.pair = FunctionalPair(model, hparams, self._trained_weights())
+        self._weights_key = tuple(id(w) for w in self.pair.weights)
         self.settings: list[tuple[int, OptimizerSetting]] = self._find_settings()
+        self._warned_disconnected: set[str] = set()
         self.inner_steps = 0
         self.hyper_steps = 0
 
@@ -148,7 +183,6 @@ class HyperOptimizer(abc.ABC):
         for n, p in model_params.items():
             if p.device != ref.device:
                 raise ValueError(f"model parameter {n!r} is on {p.device}, others on {ref.device}")
-        hp_ids = {id(p): n for n, p in hp_params.items()}
         model_ids = {id(p): n for n, p in model_params.items()}
         for n, p in hp_params.items():
             if not p.is_floating_point():
@@ -162,22 +196,6 @@ class HyperOptimizer(abc.ABC):
                 )
             if id(p) in model_ids:
                 raise ValueError(f"hyperparameter {n!r} is also a parameter of the model")
-        inner = _params_of(self.inner_optimizer)
-        if not inner:
-            raise ValueError("inner_optimizer has no parameters")
-        for t in inner:
-            if id(t) in hp_ids:
-                raise ValueError(
-                    f"inner_optimizer holds hyperparameter {hp_ids[id(t)]!r}; "
-                    "it should hold the model's weights only"
-                )
-            if id(t) not in model_ids:
-                raise ValueError("inner_optimizer holds a tensor that is not a parameter of model")
-            if not t.requires_grad:
-                name = model_ids[id(t)]
-                raise ValueError(f"model parameter {name!r} is in inner_optimizer but does not require grad")
-            if t.dtype != ref.dtype:
-                raise ValueError(f"model parameter {model_ids[id(t)]!r} is {t.dtype}, others {ref.dtype}")
         outer_ids = {id(t) for t in _params_of(self.outer_optimizer)}
         for t in _params_of(self.outer_optimizer):
             if id(t) in model_ids:
@@ -188,6 +206,48 @@ class HyperOptimizer(abc.ABC):
         missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
         if missing:
             raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
+
+    def _trained_weights(self) -> list[Tensor]:
+        """The weights ``inner_optimizer`` trains now (its params that require grad), validated."""
+        inner = _params_of(self.inner_optimizer)
+        if not inner:
+            raise ValueError("inner_optimizer has no parameters")
+        trained = [t for t in inner if t.requires_grad]
+        if len(trained) == len(self._weights_key) and all(
+            id(t) == k for t, k in zip(trained, self._weights_key, strict=False)
+        ):
+            return trained  # unchanged since the last check (the common case): no more work
+        model_ids = {id(p): n for n, p in self.model.named_parameters()}
+        hp_ids = {id(p): n for n, p in self.hparams.named_parameters()}
+        for t in inner:
+            if id(t) in hp_ids:
+                raise ValueError(
+                    f"inner_optimizer holds hyperparameter {hp_ids[id(t)]!r}; "
+                    "it should hold the model's weights only"
+                )
+            if id(t) not in model_ids:
+                raise ValueError("inner_optimizer holds a tensor that is not a parameter of model")
+            if t.dtype != self.dtype:
+                raise ValueError(f"model parameter {model_ids[id(t)]!r} is {t.dtype}, others {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(
+                    f"model parameter {model_ids[id(t)]!r} is on {t.device}, others on {self.device}"
+                )
+        if not trained:
+            raise ValueError("none of inner_optimizer's parameters requires grad: nothing to train")
+        return trained
+
+    def _refresh(self) -> None:
+        """Follow the inner optimiser's param groups and ``requires_grad`` flags (cheap if unchanged)."""
+        weights = self._trained_weights()
+        key = tuple(id(w) for w in weights)
+        if key != self._weights_key:
+            self.pair.set_weights(weights)
+            self._weights_key = key
+            self._weights_changed()
+
+    def _weights_changed(self) -> None:  # noqa: B027 - optional hook
+        """Called when the set of trained weights changed (a group added, a layer frozen)."""
 
     def _find_settings(self) -> list[tuple[int, OptimizerSetting]]:
         out = []
@@ -206,36 +266,93 @@ class HyperOptimizer(abc.ABC):
         """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the value of
         ``train_loss`` (detached; it includes any penalty the loss adds).
 
-        Equivalent to ``zero_grad(); train_loss(...).backward(); inner_optimizer.step()``, except
-        that a non-finite loss or gradient changes nothing (see ``on_nonfinite``). Buffers
-        (BatchNorm running statistics) are updated once, as by an ordinary forward pass. The guard
-        costs one host synchronisation per step.
+        Equivalent to ``inner_optimizer.zero_grad(); train_loss(...).backward();
+        inner_optimizer.step()`` on the real model (weights the loss does not reach keep
+        ``.grad = None``, so ``torch.optim`` skips them; buffers are updated, or reassigned, as by
+        an ordinary forward pass; the hyperparameters' ``.grad`` is not touched), except that a
+        non-finite (or diverged) loss or gradient changes nothing (see ``on_nonfinite``). The
+        guard costs one host synchronisation per step.
         """
         check_batch(batch, "batch", self.device, self.dtype)
-        for _, setting in self.settings:
-            setting.write()
+        self._refresh()
+        self._before_step()
         pair = self.pair
-        buffers = clone_all(pair.buffers())
-        loss = pair.loss(self.train_loss, batch, buffers=buffers)
-        grads = grads_or_zeros(loss, pair.weights)
-        if not all_finite(loss, grads):
-            self._nonfinite(
-                f"inner step {self.inner_steps}: the training loss or its gradient is "
-                f"not finite (loss = {float(loss.detach())})"
-            )
+        weights = pair.weights
+        rng = self._rng_state() if self._replays_rng else None
+        snapshot = pair.snapshot_buffers()
+        old_grads = [w.grad for w in weights]
+        for w in weights:
+            w.grad = None
+        try:
+            loss = pair.loss(self.train_loss, batch)
+            if loss.requires_grad:
+                loss.backward(inputs=list(weights))
+        except BaseException:
+            pair.restore_buffers(snapshot)
+            for w, g in zip(weights, old_grads, strict=True):
+                w.grad = g
+            raise
+        grads = [w.grad for w in weights]
+        problem = self._check_loss(loss, [g for g in grads if g is not None])
+        if problem:
+            pair.restore_buffers(snapshot)
+            for w, g in zip(weights, old_grads, strict=True):
+                w.grad = g
+            self._nonfinite(f"inner step {self.inner_steps}: {problem}")
             return loss.detach()
-        self._record_step(batch)
-        for w, g in zip(pair.weights, grads, strict=True):
-            w.grad = g
-        self.inner_optimizer.step()
-        with torch.no_grad():
-            for real, new in zip(pair.buffers(), buffers, strict=True):
-                real.copy_(new)
+        self._record_step(batch, tuple(g is not None for g in grads), rng)
+        try:
+            for _, setting in self.settings:
+                setting.write()
+            self.inner_optimizer.step()
+        finally:
+            for _, setting in self.settings:
+                setting.restore()
+        self._after_step()
         self.inner_steps += 1
+        if self._loss_scale is None:
+            self._loss_scale = abs(float(loss.detach()))
         return loss.detach()
 
-    def _record_step(self, batch: Batch) -> None:  # noqa: B027 - optional hook
-        """Called before each accepted inner update (weights and optimiser state not yet moved)."""
+    def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:
+        """'' when the training loss and gradients are fine, else what is wrong."""
+        if not all_finite(loss, grads):
+            return f"the training loss or its gradient is not finite (loss = {float(loss.detach())})"
+        if self.divergence is not None and self._loss_scale is not None:
+            value = abs(float(loss.detach()))
+            if value > self.divergence * max(self._loss_scale, 1e-12):
+                return (
+                    f"the training loss {value:.4g} exceeds divergence={self.divergence:g} times the "
+                    f"first accepted one ({self._loss_scale:.4g})"
+                )
+        return ""
+
+    #: whether :meth:`_record_step` receives the RNG state before each step (for replays)
+    _replays_rng = False
+
+    def _rng_state(self) -> dict[str, Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict[str, Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def _before_step(self) -> None:  # noqa: B027 - optional hook
+        """Called at the start of every :meth:`step`, after the trained weights are refreshed."""
+
+    def _record_step(  # noqa: B027 - optional hook
+        self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None
+    ) -> None:
+        """Called before each accepted inner update (weights, optimiser state and tuned settings
+        not yet written), with which weights got a gradient and (if ``_replays_rng``) the RNG
+        state before the loss."""
+
+    def _after_step(self) -> None:  # noqa: B027 - optional hook
+        """Called after each accepted inner update."""
 
     # ------------------------------------------------------------------ the hyper step
 
@@ -251,24 +368,71 @@ class HyperOptimizer(abc.ABC):
             A :class:`HyperStepInfo`. Weights, buffers and the inner optimiser are not changed.
         """
         t0 = time.perf_counter()
-        self._check_hyper_batches(train_batch, val_batch)
-        res = self._hypergradient(train_batch, val_batch)
-        grad_norm = norm(res.grads)  # checked for finiteness and reported: computed once
-        checks: list[Tensor | Sequence[Tensor]] = [res.outer_loss, grad_norm]
-        if res.inner_loss is not None:
-            checks.append(res.inner_loss)
-        if not all_finite(*checks):
-            inner = "" if res.inner_loss is None else f", training loss = {float(res.inner_loss)}"
-            self._nonfinite(
-                f"hyper step {self.hyper_steps}: a loss or the hypergradient is not "
-                f"finite (outer loss = {float(res.outer_loss)}{inner})"
-            )
+        res, grad_norm, problem = self._compute(train_batch, val_batch)
+        if problem:
+            self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
             return self._info(res, grad_norm, t0, skipped=True)
         for p, g in zip(self.pair.hparam_tensors, res.grads, strict=True):
             p.grad = g.detach()
         self.outer_optimizer.step()
+        if res.commit is not None:
+            res.commit()
         self.hyper_steps += 1
         return self._info(res, grad_norm, t0, skipped=False)
+
+    def hypergradient(
+        self, train_batch: Batch = None, val_batch: Batch = None
+    ) -> tuple[Tensors, HyperStepInfo]:
+        """The hypergradient and its info, without writing ``.grad`` or stepping anything.
+
+        For analysis, gradient checks and custom outer updates. Nothing changes: weights,
+        hyperparameters, optimiser and method states (a solver's warm start included) stay as
+        they were. A non-finite result is handled as in :meth:`hyper_step` (``on_nonfinite``);
+        with ``"skip"`` the (non-finite) hypergradient is still returned, ``info.skipped=True``.
+
+        Returns:
+            ``(grads, info)``: ``grads`` is a tuple shaped like ``list(hparams.parameters())``.
+        """
+        t0 = time.perf_counter()
+        res, grad_norm, problem = self._compute(train_batch, val_batch)
+        if problem:
+            self._nonfinite(f"hypergradient at hyper step {self.hyper_steps}: {problem}")
+        grads = tuple(g.detach() for g in res.grads)
+        return grads, self._info(res, grad_norm, t0, skipped=bool(problem))
+
+    def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
+        self._check_hyper_batches(train_batch, val_batch)
+        self._refresh()
+        res = self._hypergradient(train_batch, val_batch)
+        if res.reached is not None:
+            self._warn_disconnected(res.reached)
+        grad_norm = norm(res.grads)  # checked for finiteness and reported: computed once
+        checks: list[Tensor | Sequence[Tensor]] = [res.outer_loss, grad_norm]
+        if res.inner_loss is not None:
+            checks.append(res.inner_loss)
+        problem = ""
+        if not all_finite(*checks):
+            inner = "" if res.inner_loss is None else f", training loss = {float(res.inner_loss)}"
+            problem = (
+                f"a loss or the hypergradient is not finite (outer loss = {float(res.outer_loss)}{inner})"
+            )
+        elif res.inner_loss is not None:
+            problem = self._check_loss(res.inner_loss, ())
+        return res, grad_norm, problem
+
+    def _warn_disconnected(self, reached: Sequence[bool]) -> None:
+        for name, ok in zip(self.pair.hparam_names, reached, strict=True):
+            if ok or name in self._warned_disconnected:
+                continue
+            self._warned_disconnected.add(name)
+            warnings.warn(
+                f"hyperparameter {name!r} does not reach the losses: no gradient path leads from it "
+                "to val_loss or to train_loss's gradient, so its hypergradient is exactly 0. Is it "
+                "cast to a Python number (float(), .item()), passed to a torch argument that takes "
+                "only floats (dropout p, label_smoothing), or left out of the loss? (warned once)",
+                DisconnectedWarning,
+                stacklevel=4,
+            )
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         name = type(self).__name__
@@ -281,7 +445,8 @@ class HyperOptimizer(abc.ABC):
 
     @abc.abstractmethod
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
-        """The hypergradient at the current weights. Must not change any state."""
+        """The hypergradient at the current weights. Must not change any state (state to keep
+        goes into ``_Hypergradient.commit``, run only when the step is accepted)."""
 
     def _info(self, res: _Hypergradient, grad_norm: Tensor, t0: float, *, skipped: bool) -> HyperStepInfo:
         return HyperStepInfo(
@@ -289,6 +454,7 @@ class HyperOptimizer(abc.ABC):
             hypergrad_norm=float(grad_norm),
             solver_iterations=res.solver_iterations,
             solver_residual=None if res.solver_residual is None else float(res.solver_residual),
+            solver_status=res.solver_status,
             unrolled_steps=res.unrolled_steps,
             seconds=time.perf_counter() - t0,
             skipped=skipped,
@@ -310,30 +476,62 @@ class HyperOptimizer(abc.ABC):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """A complete checkpoint: model, hyperparameters, both optimisers, method state, counters."""
+        """A complete checkpoint: model, hyperparameters, both optimisers, method state, counters
+        and the RNG state (CPU, and the model's CUDA device), so a resumed run repeats the
+        straight one bit for bit (dropout masks and data shuffles drawn from torch's RNG
+        included)."""
         return {
             "model": self.model.state_dict(),
             "hparams": self.hparams.state_dict(),
             "inner_optimizer": self.inner_optimizer.state_dict(),
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "method": self._method_state(),
-            "counters": {"inner_steps": self.inner_steps, "hyper_steps": self.hyper_steps},
+            "counters": {
+                "inner_steps": self.inner_steps,
+                "hyper_steps": self.hyper_steps,
+                "loss_scale": self._loss_scale,
+            },
+            "rng": self._rng_state(),
             "method_name": type(self).__name__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved, into objects built like the originals."""
+        """Restore what :meth:`state_dict` saved, into objects built like the originals.
+
+        Atomic: if any part fails to load (a model of another shape, an optimiser with other
+        groups), everything is put back as it was before the call and the error is re-raised.
+        """
         if state.get("method_name") != type(self).__name__:
             raise ValueError(
                 f"this state_dict was saved by {state.get('method_name')!r}, not {type(self).__name__!r}"
             )
+        missing = [
+            k
+            for k in ("model", "hparams", "inner_optimizer", "outer_optimizer", "method", "counters")
+            if k not in state
+        ]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}: was it saved by HyperOptimizer.state_dict()?")
+        backup = copy.deepcopy(self.state_dict())
+        try:
+            self._load_all(state)
+        except BaseException:
+            self._load_all(backup)
+            raise
+
+    def _load_all(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.hparams.load_state_dict(state["hparams"])
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self._refresh()
         self._load_method_state(state["method"])
-        self.inner_steps = int(state["counters"]["inner_steps"])
-        self.hyper_steps = int(state["counters"]["hyper_steps"])
+        counters = state["counters"]
+        self.inner_steps = int(counters["inner_steps"])
+        self.hyper_steps = int(counters["hyper_steps"])
+        self._loss_scale = counters.get("loss_scale")
+        if "rng" in state:
+            self._set_rng_state(state["rng"])
 
     def _method_state(self) -> dict[str, Any]:
         return {}

@@ -7,59 +7,132 @@ a fixed order (the order of ``model.named_parameters()`` restricted to the train
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ._types import Batch, LossFn, Tensors
 
+#: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers`` dict, key)
+Slot = tuple[dict[str, Any], str]
 
-class _Bound(nn.Module):
-    """Holds ``model`` and ``hparams`` so one ``functional_call`` can substitute both."""
 
-    def __init__(self, model: nn.Module, hparams: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.hparams = hparams
+def _param_slots(module: nn.Module) -> dict[int, list[Slot]]:
+    """Every place a parameter is stored, by the parameter's id.
 
-    def forward(self, loss_fn: LossFn, batch: Batch) -> Tensor:
-        return loss_fn(self.model, self.hparams, batch)
+    Each module object is visited once (a submodule reachable under two names has one
+    ``_parameters`` dict), and a parameter tied into two modules gets both places.
+    """
+    out: dict[int, list[Slot]] = {}
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((mod._parameters, name))
+    return out
+
+
+def _buffer_slots(module: nn.Module) -> tuple[tuple[str, ...], tuple[Slot, ...]]:
+    """Names and places of the module's buffers (each module object once; ``None`` buffers skipped)."""
+    names, slots = [], []
+    seen: set[int] = set()
+    for prefix, mod in module.named_modules():
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        for name, b in mod._buffers.items():
+            if b is not None:
+                names.append(f"{prefix}.{name}" if prefix else name)
+                slots.append((mod._buffers, name))
+    return tuple(names), tuple(slots)
 
 
 class FunctionalPair:
     """Evaluates user losses with the weights, buffers and/or hyperparameters substituted.
 
     Inside the call, ``model(x)``, ``model.parameters()`` and ``model.named_parameters()`` see the
-    substituted tensors (``torch.func.functional_call`` semantics), and so do the hyperparameter
-    containers' parameters. Buffers are always substituted by the tensors passed in, so in-place
-    updates of running statistics (BatchNorm) land there and never in the real model unless the
-    caller copies them back.
+    substituted tensors, and so do the hyperparameter containers' parameters. The substitution
+    writes straight into the owning modules' ``_parameters`` / ``_buffers`` dicts and restores
+    the original objects afterwards, whatever happens, so it is exact for models that reach one
+    submodule under two names or tie one parameter into two modules (where
+    ``torch.func.functional_call`` in torch 2.13 leaves a plain tensor behind). Buffers passed
+    in receive the in-place updates of running statistics (BatchNorm); buffers a module
+    *reassigns* (``self.mean = 0.9 * self.mean + ...``) are read back by :meth:`call`.
 
     Args:
         model: the model being trained.
         hparams: the module whose parameters are the hyperparameters.
-        weights: the model parameters that are trained (those in the inner optimiser).
+        weights: the model parameters that are trained (those in the inner optimiser requiring
+            grad); :meth:`set_weights` changes them later.
     """
 
     def __init__(self, model: nn.Module, hparams: nn.Module, weights: Sequence[Tensor]) -> None:
         self.model = model
         self.hparams = hparams
-        self._bound = _Bound(model, hparams)
-        ids = {id(w) for w in weights}
-        self.weight_names = tuple(n for n, p in model.named_parameters() if id(p) in ids)
-        by_name = dict(model.named_parameters())
-        self.weights: Tensors = tuple(by_name[n] for n in self.weight_names)
-        self.buffer_names = tuple(n for n, _ in model.named_buffers())
         self.hparam_names = tuple(n for n, _ in hparams.named_parameters())
         self.hparam_tensors: Tensors = tuple(p for _, p in hparams.named_parameters())
+        hp_slots = _param_slots(hparams)
+        self._hparam_slots = [hp_slots[id(p)] for p in self.hparam_tensors]
+        self.set_weights(weights)
+
+    def set_weights(self, weights: Sequence[Tensor]) -> None:
+        """Make ``weights`` (model parameters) the trained ones, in ``named_parameters`` order."""
+        ids = {id(w) for w in weights}
+        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in ids]
+        self.weight_names = tuple(n for n, _ in named)
+        self.weights: Tensors = tuple(p for _, p in named)
+        slots = _param_slots(self.model)
+        self._weight_slots = [slots[id(p)] for p in self.weights]
+        self.buffer_names, self._buffer_slots = _buffer_slots(self.model)
 
     def buffers(self) -> Tensors:
         """The model's buffers, in ``buffer_names`` order (the real tensors)."""
-        by_name = dict(self.model.named_buffers())
-        return tuple(by_name[n] for n in self.buffer_names)
+        return tuple(d[k] for d, k in self._buffer_slots)
+
+    def call(
+        self,
+        loss_fn: LossFn,
+        batch: Batch,
+        *,
+        weights: Sequence[Tensor] | None = None,
+        buffers: Sequence[Tensor] | None = None,
+        hparams: Sequence[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensors]:
+        """``loss_fn(model, hparams, batch)`` with the given tensors substituted.
+
+        ``None`` uses the real tensors. Pass copies of the buffers (``clone_all(self.buffers())``)
+        to keep the real running statistics untouched.
+
+        Returns:
+            ``(loss, buffers after the call)``; the second holds what the modules' buffer slots
+            held at the end of the call (the substituted tensors, or what a module reassigned).
+        """
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+
+        def put(slots: list[Slot], value: Tensor) -> None:
+            for d, k in slots:
+                saved.append((d, k, d[k]))
+                d[k] = value
+
+        try:
+            if weights is not None:
+                for slots, w in zip(self._weight_slots, weights, strict=True):
+                    put(slots, w)
+            if buffers is not None:
+                for slot, b in zip(self._buffer_slots, buffers, strict=True):
+                    put([slot], b)
+            if hparams is not None:
+                for slots, h in zip(self._hparam_slots, hparams, strict=True):
+                    put(slots, h)
+            out = loss_fn(self.model, self.hparams, batch)
+            after = self.buffers()
+        finally:
+            for d, k, v in reversed(saved):
+                d[k] = v
+        return self._check_scalar(out, loss_fn), after
 
     def loss(
         self,
@@ -67,25 +140,11 @@ class FunctionalPair:
         batch: Batch,
         *,
         weights: Sequence[Tensor] | None = None,
-        buffers: Sequence[Tensor],
+        buffers: Sequence[Tensor] | None = None,
         hparams: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        """``loss_fn(model, hparams, batch)`` with the given tensors substituted.
-
-        ``weights=None`` / ``hparams=None`` use the real parameters. ``buffers`` is required:
-        pass copies (``clone_all(self.buffers())``) to keep the real running statistics untouched.
-        """
-        if weights is None and hparams is None and not self.buffer_names:
-            out = loss_fn(self.model, self.hparams, batch)  # nothing to substitute: skip functional_call
-            return self._check_scalar(out, loss_fn)
-        mapping: dict[str, Tensor] = {}
-        if weights is not None:
-            mapping.update(zip(("model." + n for n in self.weight_names), weights, strict=True))
-        mapping.update(zip(("model." + n for n in self.buffer_names), buffers, strict=True))
-        if hparams is not None:
-            mapping.update(zip(("hparams." + n for n in self.hparam_names), hparams, strict=True))
-        out = functional_call(self._bound, mapping, (loss_fn, batch), strict=False)
-        return self._check_scalar(out, loss_fn)
+        """:meth:`call` without the buffers."""
+        return self.call(loss_fn, batch, weights=weights, buffers=buffers, hparams=hparams)[0]
 
     @staticmethod
     def _check_scalar(out: Any, loss_fn: LossFn) -> Tensor:
@@ -96,6 +155,18 @@ class FunctionalPair:
                 f" returned {shape}"
             )
         return out
+
+    def snapshot_buffers(self) -> list[tuple[dict[str, Any], str, Tensor, Tensor]]:
+        """The real buffers with copies of their values, for :meth:`restore_buffers`."""
+        return [(d, k, d[k], d[k].detach().clone()) for d, k in self._buffer_slots]
+
+    @staticmethod
+    def restore_buffers(snapshot: list[tuple[dict[str, Any], str, Tensor, Tensor]]) -> None:
+        """Put back the buffer objects and values of :meth:`snapshot_buffers` (undo a forward)."""
+        with torch.no_grad():
+            for d, k, obj, value in snapshot:
+                d[k] = obj
+                obj.copy_(value)
 
 
 # ----------------------------------------------------------------------------- tensor tuples
@@ -116,25 +187,61 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]).sum()
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def norm(a: Sequence[Tensor]) -> Tensor:
-    """The Euclidean norm of the concatenation of ``a`` (0-dim tensor)."""
+    """The Euclidean norm of the concatenation of ``a`` (0-dim tensor; accumulated in float32 for
+    half-precision tensors, so large finite values do not overflow to ``inf``)."""
     if not a:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(a))))
+    if any(t.dtype in _LOW_PRECISION for t in a):
+        parts = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in a]
+    else:
+        parts = list(torch._foreach_norm(list(a)))
+    return torch.linalg.vector_norm(torch.stack(parts))
 
 
 def all_finite(*groups: Sequence[Tensor] | Tensor) -> bool:
-    """True when every tensor given is finite. One host synchronisation."""
+    """True when every tensor given is finite. One host synchronisation.
+
+    Uses the max-norm (``inf`` or ``nan`` exactly when an entry is), which cannot overflow, so
+    float16 tensors with large finite entries pass.
+    """
     parts: list[Tensor] = []
     for g in groups:
         if isinstance(g, Tensor):
-            parts.append(g.detach().reshape(-1).sum().reshape(1))
+            parts.append(g.detach().abs().amax().reshape(1) if g.numel() else g.new_zeros(1))
         elif len(g):
-            parts.append(torch.stack(torch._foreach_norm([t.detach() for t in g])).sum().reshape(1))
+            ts = [t.detach() for t in g if t.numel()]
+            if ts:
+                parts.append(torch.stack(torch._foreach_norm(ts, ord=float("inf"))).amax().reshape(1))
     if not parts:
         return True
     dev = parts[0].device
-    return bool(torch.isfinite(torch.cat([p.to(dev, torch.float64) for p in parts]).sum()))
+    return bool(torch.isfinite(torch.cat([p.to(dev, torch.float32) for p in parts])).all())
+
+
+def grads_or_none(
+    out: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_out: Tensor | Sequence[Tensor] | None = None,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` that gives ``None`` for inputs ``out`` does not depend on."""
+    if not inputs:
+        return ()
+    gs = torch.autograd.grad(
+        out, list(inputs), grad_out, allow_unused=True, create_graph=create_graph, retain_graph=retain_graph
+    )
+    return tuple(gs)
+
+
+def materialize(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensors:
+    """Replace ``None`` gradients by zeros shaped like ``like``."""
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True))
 
 
 def grads_or_zeros(
@@ -146,25 +253,15 @@ def grads_or_zeros(
     retain_graph: bool | None = None,
 ) -> Tensors:
     """``torch.autograd.grad`` with unused inputs given zero gradients instead of ``None``."""
-    if not inputs:
-        return ()
-    gs = torch.autograd.grad(
-        out,
-        list(inputs),
-        grad_out,
-        allow_unused=True,
-        create_graph=create_graph,
-        retain_graph=retain_graph,
-        materialize_grads=True,
-    )
-    return tuple(gs)
+    gs = grads_or_none(out, inputs, grad_out, create_graph=create_graph, retain_graph=retain_graph)
+    return materialize(gs, inputs)
 
 
 # ----------------------------------------------------------------------------- batches
 
 
 def iter_tensors(batch: Any) -> Iterator[Tensor]:
-    """Every tensor inside a batch made of tensors, tuples, lists and dicts."""
+    """Every tensor inside a batch made of tensors, tuples, lists, dicts and dataclasses."""
     if isinstance(batch, Tensor):
         yield batch
     elif isinstance(batch, Mapping):
@@ -173,20 +270,52 @@ def iter_tensors(batch: Any) -> Iterator[Tensor]:
     elif isinstance(batch, (list, tuple)):
         for v in batch:
             yield from iter_tensors(v)
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            yield from iter_tensors(getattr(batch, f.name))
 
 
 def check_batch(batch: Any, what: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise a clear error for a missing batch or one on the wrong device / of the wrong dtype."""
+    """Raise a clear error for a missing batch or a floating-point tensor on the wrong device or of
+    the wrong dtype. Integer tensors are not checked: PyTorch wants some of them on the CPU
+    whatever the model's device (``PackedSequence.batch_sizes``, the lengths given to
+    ``pack_padded_sequence``), and it names a misplaced label tensor itself."""
     if batch is None:
         raise ValueError(f"{what} is required but was not given (None)")
     for t in iter_tensors(batch):
+        if not t.is_floating_point():
+            continue
         if t.device != device:
             raise ValueError(
                 f"{what} holds a tensor on device {t.device}, but the model's parameters are on "
                 f"{device}; move the batch with .to({str(device)!r})"
             )
-        if t.is_floating_point() and t.dtype != dtype:
+        if t.dtype != dtype:
             raise ValueError(
                 f"{what} holds a {t.dtype} tensor, but the model's parameters are {dtype}; "
                 f"convert the batch with .to({dtype})"
             )
+
+
+def clone_batch(batch: Any) -> Any:
+    """A copy of ``batch`` that later in-place changes to the original cannot reach: tensors are
+    detached and cloned; tuples (named ones too), lists, dicts and dataclasses are rebuilt around
+    the copies; anything else is deep-copied."""
+    if isinstance(batch, Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, Mapping):
+        out = copy.copy(batch)
+        for k, v in batch.items():
+            out[k] = clone_batch(v)  # type: ignore[index]
+        return out
+    if isinstance(batch, list):
+        return [clone_batch(v) for v in batch]
+    if isinstance(batch, tuple):
+        items = [clone_batch(v) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        new = copy.copy(batch)
+        for f in dataclasses.fields(batch):
+            object.__setattr__(new, f.name, clone_batch(getattr(batch, f.name)))
+        return new
+    return copy.deepcopy(batch)

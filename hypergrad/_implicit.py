@@ -11,15 +11,63 @@ At a stationary point of the inner problem, :math:`\nabla_w L_T(w^*(\lambda), \l
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
-from ._functional import clone_all, grads_or_zeros
+from ._functional import clone_all, dot, grads_or_none, grads_or_zeros, materialize, norm
 from ._solvers import LinearSolver, Neumann, SolveResult
-from ._types import Batch, LossFn, Tensors
+from ._types import HVP, Batch, LossFn, Tensors
+
+
+@dataclasses.dataclass
+class _ImplicitResult:
+    hypergrad: Tensors
+    val_loss: Tensor
+    solve: SolveResult
+    reached: tuple[bool, ...]
+    extra_hvps: int = 0
+    power: Any = None  # (estimate, eigenvector, at hyperstep) from a fresh power iteration
+
+
+def _implicit(
+    train_loss: Callable[[], Tensor],
+    val_loss: Callable[[], Tensor],
+    weights: Sequence[Tensor],
+    hparams: Sequence[Tensor],
+    solver: LinearSolver | Callable[[HVP], tuple[LinearSolver, int, Any]],
+    x0: Sequence[Tensor] | None = None,
+) -> _ImplicitResult:
+    weights = list(weights)
+    hparams = list(hparams)
+    lv = val_loss()
+    gv = grads_or_none(lv, weights + hparams)
+    v1 = materialize(gv[: len(weights)], weights)
+    direct_or_none = gv[len(weights) :]
+    lt = train_loss()
+    gt = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True, materialize_grads=True)
+    if not any(g.requires_grad for g in gt):
+        raise ValueError("the training gradient does not depend on the weights (is train_loss linear?)")
+
+    def hvp(u: Sequence[Tensor]) -> Tensors:
+        return grads_or_zeros(gt, weights, list(u), retain_graph=True)
+
+    extra, power = 0, None
+    if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
+        solver, extra, power = solver(hvp)
+    sol = solver.solve(hvp, v1, x0=x0)
+    mixed_or_none = grads_or_none(gt, hparams, list(sol.solution), retain_graph=False)
+    reached = tuple(
+        d is not None or m is not None for d, m in zip(direct_or_none, mixed_or_none, strict=True)
+    )
+    direct = materialize(direct_or_none, hparams)
+    mixed = materialize(mixed_or_none, hparams)
+    hypergrad = tuple(torch._foreach_sub(list(direct), list(mixed)))
+    return _ImplicitResult(hypergrad, lv.detach(), sol, reached, extra, power)
 
 
 def implicit_hypergradient(
@@ -28,6 +76,7 @@ def implicit_hypergradient(
     weights: Sequence[Tensor],
     hparams: Sequence[Tensor],
     solver: LinearSolver,
+    x0: Sequence[Tensor] | None = None,
 ) -> tuple[Tensors, Tensor, SolveResult]:
     r"""The IFT hypergradient at the current weights, over plain tensors.
 
@@ -45,7 +94,9 @@ def implicit_hypergradient(
         val_loss: closure computing :math:`L_V` from ``weights`` (and maybe ``hparams``).
         weights: tensors requiring grad, :math:`P` entries in all.
         hparams: leaf tensors requiring grad, :math:`H` entries in all.
-        solver: a :class:`LinearSolver` (``Neumann`` needs ``alpha`` set).
+        solver: a :class:`LinearSolver` (``Neumann`` needs a numeric ``alpha``).
+        x0: initial guess for :math:`H^{-1} v_1`, shaped like ``weights`` (warm start; default:
+            ``None``, i.e. 0).
 
     Returns:
         ``(hypergradient, val_loss, solve_result)``: the hypergradient is a tuple shaped like
@@ -59,23 +110,50 @@ def implicit_hypergradient(
     >>> round(float(g[0]), 6)
     2.0
     """
-    weights = list(weights)
-    hparams = list(hparams)
-    lv = val_loss()
-    gv = grads_or_zeros(lv, weights + hparams)
-    v1, direct = gv[: len(weights)], gv[len(weights) :]
-    lt = train_loss()
-    gt = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True, materialize_grads=True)
-    if not any(g.requires_grad for g in gt):
-        raise ValueError("the training gradient does not depend on the weights (is train_loss linear?)")
+    r = _implicit(train_loss, val_loss, weights, hparams, solver, x0)
+    return r.hypergrad, r.val_loss, r.solve
 
-    def hvp(u: Sequence[Tensor]) -> Tensors:
-        return grads_or_zeros(gt, weights, list(u), retain_graph=True)
 
-    sol = solver.solve(hvp, v1)
-    mixed = grads_or_zeros(gt, hparams, list(sol.solution), retain_graph=False)
-    hypergrad = tuple(torch._foreach_sub(list(direct), list(mixed)))
-    return hypergrad, lv.detach(), sol
+def power_iteration(
+    hvp: HVP, like: Sequence[Tensor], iters: int, start: Sequence[Tensor] | None = None
+) -> tuple[float, Tensors]:
+    r"""Estimate the largest-magnitude eigenvalue :math:`|\lambda|_{max}` of :math:`H` by power
+    iteration (Rayleigh quotient :math:`|v^\top H v|` of the normalised iterate).
+
+    Args:
+        hvp: ``hvp(u) -> H u``.
+        like: tensors shaped like the weights (for the random start).
+        iters: HVPs to spend (>= 1).
+        start: a start vector (e.g. the previous estimate's eigenvector); default: a fixed-seed
+            Gaussian (torch's global RNG is not touched).
+
+    Returns:
+        ``(estimate, eigenvector)``; the estimate approaches :math:`|\lambda|_{max}` from below.
+
+    >>> import torch
+    >>> H = torch.diag(torch.tensor([3.0, 1.0, 0.5]))
+    >>> lam, _ = power_iteration(lambda u: (H @ u[0],), [torch.zeros(3)], iters=50)
+    >>> round(lam, 4)
+    3.0
+    """
+    if start is None:
+        gen = torch.Generator(device=like[0].device).manual_seed(0)
+        v = [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in like]
+    else:
+        v = [t.clone() for t in start]
+    torch._foreach_div_(v, norm(v).clamp_min(torch.finfo(v[0].dtype).tiny))
+    estimate = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
+    for _ in range(iters):
+        hv = list(hvp(v))
+        estimate = dot(v, hv).abs()
+        v = hv
+        torch._foreach_div_(v, norm(v).clamp_min(torch.finfo(v[0].dtype).tiny))
+    return float(estimate), tuple(v)
+
+
+#: power iteration for Neumann's step size: HVPs for a fresh estimate, for a warm refresh, and
+#: how many hypersteps an estimate is reused for
+_POWER_ITERS, _POWER_REFRESH_ITERS, _POWER_EVERY = 20, 5, 10
 
 
 class Implicit(HyperOptimizer):
@@ -87,10 +165,25 @@ class Implicit(HyperOptimizer):
     :func:`implicit_hypergradient`). Memory O(P + H), whatever the number of inner steps.
 
     Args:
-        model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite: see
-            :class:`HyperOptimizer`.
-        solver: :class:`Neumann` (default: 5 terms, :math:`\alpha` = the inner learning rate at each
-            hyperstep), :class:`CG` or :class:`Identity`.
+        model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite,
+            divergence: see :class:`HyperOptimizer`.
+        solver: :class:`Neumann` (default: 5 terms), :class:`CG` or :class:`Identity`. A solver
+            with ``warm_start=True`` starts from the previous accepted hyperstep's solution.
+
+    Neumann's step size :math:`\alpha` (the series converges only when :math:`\|I - \alpha H\| < 1`):
+
+    * a number: used as given;
+    * ``"lr"``: the inner learning rate at each hyperstep (it follows LR schedules). That is the
+      paper's practice and the right scale for SGD on the same loss — :math:`i` terms then equal
+      differentiating :math:`i + 1` SGD steps — but not for adaptive optimisers (Adam's lr of
+      1e-3 gave a hypergradient with cosine −0.08 to the truth) or param groups with different
+      rates, for which it warns;
+    * ``"power"``: :math:`1/\hat\lambda_{max}`, with :math:`\hat\lambda_{max}` the largest
+      Hessian eigenvalue (in magnitude) estimated by power iteration on the hyperstep's own
+      training batch: 20 HVPs the first time, then 5 warm-started HVPs every 10 hypersteps,
+      counted in ``info.solver_iterations``;
+    * ``None`` (default): ``"lr"`` for ``torch.optim.SGD`` without momentum and a single
+      learning rate, ``"power"`` otherwise.
 
     Batches: ``hyper_step(train_batch=..., val_batch=...)`` needs both (the training batch gives
     the Hessian and the mixed second derivative).
@@ -109,8 +202,8 @@ class Implicit(HyperOptimizer):
     >>> batch = (torch.randn(8, 4), torch.randn(8, 1))
     >>> loss = hopt.step(batch)
     >>> info = hopt.hyper_step(train_batch=batch, val_batch=batch)
-    >>> info.solver_iterations
-    5
+    >>> info.solver_iterations, info.solver_status
+    (5, 'fixed')
     """
 
     def __init__(
@@ -124,6 +217,7 @@ class Implicit(HyperOptimizer):
         outer_optimizer: torch.optim.Optimizer,
         solver: LinearSolver | None = None,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
+        divergence: float | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -133,6 +227,7 @@ class Implicit(HyperOptimizer):
             inner_optimizer=inner_optimizer,
             outer_optimizer=outer_optimizer,
             on_nonfinite=on_nonfinite,
+            divergence=divergence,
         )
         if self.settings:
             raise ValueError(
@@ -143,19 +238,69 @@ class Implicit(HyperOptimizer):
         if not isinstance(solver, LinearSolver):
             raise TypeError(f"solver must be hg.Neumann, hg.CG or hg.Identity, got {type(solver).__name__}")
         self.solver = solver
+        self._x0: Tensors | None = None  # the last accepted solution (warm start)
+        self._power: tuple[float, Tensors, int] | None = None  # (estimate, eigenvector, at hyperstep)
+        self._warned_lr = False
+
+    def _weights_changed(self) -> None:
+        self._x0 = None
+        self._power = None
+
+    def _alpha_rule(self) -> float | str:
+        """Neumann's step size: a number, or ``"power"``."""
+        assert isinstance(self.solver, Neumann)
+        alpha = self.solver.alpha
+        if isinstance(alpha, (int, float)):
+            return float(alpha)
+        groups = [g for g in self.inner_optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+        lrs = {float(g["lr"]) for g in groups}
+        is_sgd = type(self.inner_optimizer) is torch.optim.SGD
+        if alpha is None:
+            plain = is_sgd and len(lrs) == 1 and all(float(g.get("momentum", 0.0)) == 0.0 for g in groups)
+            return lrs.pop() if plain else "power"
+        if alpha == "lr":
+            if (not is_sgd or len(lrs) > 1) and not self._warned_lr:
+                self._warned_lr = True
+                warnings.warn(
+                    f"Neumann(alpha='lr') takes the inner learning rate {float(groups[0]['lr']):g} as the "
+                    f"series' step size, but the inner optimiser is {type(self.inner_optimizer).__name__}"
+                    f"{' with several learning rates' if len(lrs) > 1 else ''}: that rate is not on the "
+                    "Hessian's scale and the series may converge to the wrong answer or diverge. Use "
+                    "alpha='power' (or None) or a number. (warned once)",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            return float(groups[0]["lr"])
+        return "power"
 
     def current_solver(self) -> LinearSolver:
-        """The solver the next hyperstep uses: a ``Neumann`` without ``alpha`` takes the inner
-        optimiser's current learning rate (first param group), so it follows LR schedules."""
-        if isinstance(self.solver, Neumann) and self.solver.alpha is None:
-            return dataclasses.replace(self.solver, alpha=float(self.inner_optimizer.param_groups[0]["lr"]))
+        """The solver the next hyperstep uses, with Neumann's step size resolved where that needs
+        no HVP (a number or the learning rate; ``"power"`` shows the last estimate, if any)."""
+        if not isinstance(self.solver, Neumann):
+            return self.solver
+        rule = self._alpha_rule()
+        if isinstance(rule, float):
+            return dataclasses.replace(self.solver, alpha=rule)
+        if self._power is not None:
+            return dataclasses.replace(self.solver, alpha=1.0 / self._power[0])
         return self.solver
+
+    def _choose_solver(self, hvp: HVP) -> tuple[LinearSolver, int, Any]:
+        """Neumann with ``alpha = 1/lambda_max`` from (warm-started) power iteration."""
+        assert isinstance(self.solver, Neumann)
+        extra, power = 0, self._power
+        if power is None or self.hyper_steps - power[2] >= _POWER_EVERY:
+            start = None if power is None else power[1]
+            iters = _POWER_ITERS if power is None else _POWER_REFRESH_ITERS
+            lam, vec = power_iteration(hvp, self.pair.weights, iters, start)
+            if not lam > 0:  # zero / non-finite Hessian: leave it to the guards downstream
+                lam = float("nan") if lam != lam else float(torch.finfo(self.dtype).tiny)
+            extra, power = iters, (lam, vec, self.hyper_steps)
+        return dataclasses.replace(self.solver, alpha=1.0 / power[0]), extra, power
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         buffers = pair.buffers()
-        weights = pair.weights
-        hps = pair.hparam_tensors
 
         def lt() -> Tensor:
             return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
@@ -170,5 +315,33 @@ class Implicit(HyperOptimizer):
             train_value.append(value.detach())
             return value
 
-        grads, loss, sol = implicit_hypergradient(lt_recorded, lv, weights, hps, self.current_solver())
-        return _Hypergradient(grads, loss, sol.iterations, sol.residual, inner_loss=train_value[0])
+        solver: LinearSolver | Callable[[HVP], tuple[LinearSolver, int, Any]] = self.current_solver()
+        if isinstance(self.solver, Neumann) and self._alpha_rule() == "power":
+            solver = self._choose_solver
+        x0 = self._x0 if self.solver.warm_start else None
+        r = _implicit(lt_recorded, lv, pair.weights, pair.hparam_tensors, solver, x0)
+
+        def commit() -> None:
+            if self.solver.warm_start:
+                self._x0 = clone_all(r.solve.solution)
+            if r.power is not None:
+                self._power = r.power
+
+        return _Hypergradient(
+            r.hypergrad,
+            r.val_loss,
+            solver_iterations=r.solve.iterations + r.extra_hvps,
+            solver_residual=r.solve.residual,
+            solver_status=r.solve.status.value,
+            inner_loss=train_value[0],
+            reached=r.reached,
+            commit=commit,
+        )
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"x0": self._x0, "power": self._power, "warned_lr": self._warned_lr}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        self._x0 = state.get("x0")
+        self._power = state.get("power")
+        self._warned_lr = bool(state.get("warned_lr", False))

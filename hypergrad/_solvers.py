@@ -122,8 +122,10 @@ class Neumann(LinearSolver):
     Args:
         steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`), or of
             Richardson iterations from ``x0`` (default: 5).
-        alpha: the scaling :math:`\alpha`; ``None`` takes the inner optimiser's learning rate of its
-            first parameter group, the paper's practice (default: ``None``).
+        alpha: the scaling :math:`\alpha`: a number, or a rule that :class:`Implicit` resolves
+            at each hyperstep: ``"lr"`` (the inner learning rate, the paper's practice, right for
+            SGD), ``"power"`` (:math:`1/\hat\lambda_{max}` by power iteration) or ``None``
+            (``"lr"`` for plain SGD with one learning rate, else ``"power"``) (default: ``None``).
         warm_start: ``Implicit`` passes the previous hyperstep's solution as ``x0``
             (default: ``False``).
 
@@ -139,21 +141,28 @@ class Neumann(LinearSolver):
     """
 
     steps: int = 5
-    alpha: float | None = None
+    alpha: float | str | None = None
     warm_start: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"Invalid Neumann steps: {self.steps!r} (need an int >= 0)")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+        if isinstance(self.alpha, str):
+            if self.alpha not in ("lr", "power"):
+                raise ValueError(
+                    f"Invalid Neumann alpha: {self.alpha!r} (a number > 0, 'lr', 'power' or None)"
+                )
+        elif self.alpha is not None and (
+            isinstance(self.alpha, bool) or not (math.isfinite(self.alpha) and self.alpha > 0)
+        ):
             raise ValueError(f"Invalid Neumann alpha: {self.alpha!r} (need a finite value > 0)")
         _check_bool("Neumann warm_start", self.warm_start)
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
-        if self.alpha is None:
-            raise ValueError("Neumann.alpha is None: give alpha, or let Implicit fill it in")
+        if self.alpha is None or isinstance(self.alpha, str):
+            raise ValueError(f"Neumann.alpha is {self.alpha!r}: give a number, or let Implicit resolve it")
         _check_x0(v, x0)
-        alpha = self.alpha
+        alpha = float(self.alpha)
         v = list(v)
         tiny = torch.finfo(v[0].dtype).tiny
         if x0 is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
-from ._functional import check_batch, clone_all, grads_or_zeros
+from ._functional import check_batch, clone_all, clone_batch, grads_or_none, grads_or_zeros, materialize
 from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
 
@@ -90,41 +91,82 @@ def unrolled_hypergradient(
     return tuple(grads), value
 
 
+class ReplayWarning(UserWarning):
+    """:class:`Unrolled` cannot replay the real steps exactly (hooks it cannot see, or weights
+    changed outside ``step()``)."""
+
+
 @dataclasses.dataclass
 class _Record:
-    """One recorded inner step: its batch and everything needed to replay it."""
+    """One recorded inner step: its batch and everything needed to replay it, all by value."""
 
     batch: Batch
     weights: Tensors
     buffers: Tensors
     states: list[State]
     groups: list[dict[str, Any]]
+    has_grad: tuple[bool, ...] = ()  # which weights the loss reached (torch.optim skips the others)
+    rng: dict[str, Tensor] | None = None  # the RNG state before the loss (dropout masks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """Param-group settings by value (a scheduler may update a tensor learning rate in place)."""
+    return {k: clone_batch(v) for k, v in group_settings(group).items()}
+
+
+def _detach_dual(t: Any, requires_grad: bool = False) -> Any:
+    """A fresh tensor with ``t``'s primal and tangent and no history (forward mode: the reverse
+    graph of one replayed step is not needed by the next)."""
+    if not isinstance(t, Tensor):
+        return t
+    primal, tangent = fwAD.unpack_dual(t)
+    primal = primal.detach()
+    if requires_grad:
+        primal = primal.clone().requires_grad_(True)
+    if tangent is None:
+        return primal
+    return fwAD.make_dual(primal, tangent.detach())
 
 
 class Unrolled(HyperOptimizer):
     r"""Hypergradients by differentiating through the last ``steps`` inner optimiser steps.
 
-    Each :meth:`step` is an ordinary ``torch.optim`` step; it also records its batch and a detached
-    copy of the weights, buffers and optimiser state *before* it (a ring of ``steps`` records).
+    Each :meth:`step` is an ordinary ``torch.optim`` step; it also records, by value, its batch,
+    the RNG state, which weights got a gradient, the param-group settings, and a detached copy of
+    the weights, buffers and optimiser state *before* it (a ring of ``steps`` records).
     :meth:`hyper_step` replays those steps with a differentiable copy of the optimiser (same
     arithmetic as ``torch.optim``: SGD with momentum/dampening/Nesterov/weight decay, Adam, AdamW,
     AMSGrad; no NaNs at zero second moments) and differentiates the validation loss at the end.
-    The replay uses the current hyperparameters for all steps; the weights are not changed.
+    The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
+    rate do not reach it, dropout draws the same masks, weights without a gradient are skipped as
+    ``torch.optim`` skips them. It cannot see optimiser hooks or gradient hooks (e.g. gradient
+    clipping in a step pre-hook): a :class:`ReplayWarning` says so. The replay uses the current
+    hyperparameters for all steps; the weights are not changed.
     Settings of the inner optimiser can be hyperparameters themselves
     (:class:`~hypergrad.hparams.LearningRate`, :class:`~hypergrad.hparams.Momentum`).
 
+    Episodes: the ring only ever holds steps taken from the current weights' history. Weights
+    changed outside :meth:`step` (re-initialised for a new episode, loaded, averaged: detected
+    through tensors' version counters, so not through ``.data``) end the episode with a
+    :class:`ReplayWarning` and an empty ring; call :meth:`start_episode` after such a change to
+    say it is intended (no warning). Changing which weights train (``add_param_group``,
+    freezing) also starts a new episode. To differentiate through a whole episode of K steps
+    from freshly initialised weights (dataset distillation, meta-learning), use ``steps >= K``.
+
     Args:
-        model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite: see
-            :class:`HyperOptimizer`.
+        model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite,
+            divergence: see :class:`HyperOptimizer`.
         steps: K, how many of the latest inner steps to differentiate through (default: 5).
         mode: ``"reverse"`` (memory O(K·P) during the hyperstep, cost ~2–3 inner steps per unrolled
-            step) or ``"forward"`` (one replay per hyperparameter entry; for a few hyperparameters)
-            (default: ``"reverse"``).
+            step) or ``"forward"`` (one replay per hyperparameter entry, each step's graph freed
+            before the next: memory O(P); for a few hyperparameters) (default: ``"reverse"``).
 
     Memory between hypersteps: K copies of the weights and optimiser state (no graphs).
     Batches: ``hyper_step(val_batch=...)``; the training batches are the recorded ones, so
-    ``train_batch`` may be passed for a uniform call but is not used. Stochastic layers (dropout)
-    draw new noise in the replay.
+    ``train_batch`` may be passed for a uniform call but is not used.
 
     >>> import torch, hypergrad as hg
     >>> model = torch.nn.Linear(4, 1)
@@ -140,6 +182,8 @@ class Unrolled(HyperOptimizer):
     3
     """
 
+    _replays_rng = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -152,7 +196,10 @@ class Unrolled(HyperOptimizer):
         steps: int = 5,
         mode: Mode | str = Mode.REVERSE,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
+        divergence: float | None = None,
     ) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"Invalid Unrolled steps: {steps!r} (need an int >= 1)")
         super().__init__(
             model,
             hparams,
@@ -161,43 +208,112 @@ class Unrolled(HyperOptimizer):
             inner_optimizer=inner_optimizer,
             outer_optimizer=outer_optimizer,
             on_nonfinite=on_nonfinite,
+            divergence=divergence,
         )
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"Invalid Unrolled steps: {steps!r} (need an int >= 1)")
         self.steps = steps
         self.mode = Mode(mode)
         self._update = update_for(inner_optimizer)
-        # which param group each weight belongs to
-        group_of = {id(p): gi for gi, g in enumerate(inner_optimizer.param_groups) for p in g["params"]}
+        self._records: collections.deque[_Record] = collections.deque(maxlen=steps)
+        self._versions: tuple[int, ...] = ()
+        self._warned_hooks: frozenset[str] = frozenset()
+        self._weights_changed()
+        self._check_hooks()
+
+    # ------------------------------------------------------------------ episodes and bookkeeping
+
+    def _weights_changed(self) -> None:
+        group_of = {id(p): gi for gi, g in enumerate(self.inner_optimizer.param_groups) for p in g["params"]}
         owner = [group_of[id(w)] for w in self.pair.weights]
         self._group_members = [
-            [k for k, g in enumerate(owner) if g == gi] for gi in range(len(inner_optimizer.param_groups))
+            [k for k, g in enumerate(owner) if g == gi]
+            for gi in range(len(self.inner_optimizer.param_groups))
         ]
-        self._records: collections.deque[_Record] = collections.deque(maxlen=steps)
+        self.start_episode()
 
-    def _record_step(self, batch: Batch) -> None:
+    def start_episode(self) -> None:
+        """Forget the recorded steps: the next hyperstep differentiates only through steps taken
+        from the weights as they are now (e.g. freshly initialised for a new episode)."""
+        self._records.clear()
+        self._versions = self._current_versions()
+
+    def _current_versions(self) -> tuple[int, ...]:
+        return tuple(w._version for w in self.pair.weights)
+
+    def _check_fresh(self) -> None:
+        """End the episode if the weights were changed outside ``step()``."""
+        if self._records and self._current_versions() != self._versions:
+            self.start_episode()
+            warnings.warn(
+                "the weights were changed outside hopt.step() since the last recorded step (a "
+                "re-initialisation, load_state_dict, weight averaging?): the recorded steps no "
+                "longer lead to them, so they were dropped and a new episode starts from the "
+                "current weights. Call hopt.start_episode() after such a change to say it is intended.",
+                ReplayWarning,
+                stacklevel=4,
+            )
+        self._versions = self._current_versions()
+
+    def _check_hooks(self) -> None:
+        from torch.optim import optimizer as optim_module
+
+        opt = self.inner_optimizer
+        found = set()
+        if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
+            found.add("optimizer step hooks on inner_optimizer")
+        if getattr(optim_module, "_global_optimizer_pre_hooks", None) or getattr(
+            optim_module, "_global_optimizer_post_hooks", None
+        ):
+            found.add("global optimizer step hooks")
+        for name, w in zip(self.pair.weight_names, self.pair.weights, strict=True):
+            if w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None):
+                found.add(f"gradient hooks on {name!r}")
+        new = found - self._warned_hooks
+        if new:
+            self._warned_hooks = self._warned_hooks | new
+            warnings.warn(
+                f"Unrolled replays the inner steps with its own differentiable optimiser and cannot "
+                f"run {', '.join(sorted(new))}: if they change the gradients or the update (gradient "
+                "clipping, ...) the hypergradient is that of the steps without them.",
+                ReplayWarning,
+                stacklevel=4,
+            )
+
+    def _before_step(self) -> None:
+        self._check_fresh()
+        self._check_hooks()
+
+    def _record_step(self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None) -> None:
         pair = self.pair
         self._records.append(
             _Record(
-                batch=batch,
+                batch=clone_batch(batch),
                 weights=clone_all(pair.weights),
                 buffers=clone_all(pair.buffers()),
                 states=snapshot_state(self.inner_optimizer, pair.weights),
-                groups=[group_settings(g) for g in self.inner_optimizer.param_groups],
+                groups=[_clone_settings(g) for g in self.inner_optimizer.param_groups],
+                has_grad=has_grad,
+                rng=rng,
             )
         )
+
+    def _after_step(self) -> None:
+        self._versions = self._current_versions()
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if val_batch is None:
             raise ValueError("Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss)")
         check_batch(val_batch, "val_batch", self.device, self.dtype)
+        self._refresh()
+        self._check_fresh()
         if not self._records:
             raise ValueError(
                 "Unrolled.hyper_step needs at least one inner step recorded by hopt.step(batch) "
-                "to differentiate through; none has been taken yet"
+                "since the episode began, to differentiate through; none has been taken"
             )
 
-    def _replay(self, hp: Sequence[Tensor]) -> tuple[Tensors, Tensors]:
+    # ------------------------------------------------------------------ the replay
+
+    def _replay(self, hp: Sequence[Tensor], forward: bool = False) -> tuple[Tensors, Tensors]:
         """Weights and buffers after replaying the recorded steps with hyperparameters ``hp``."""
         pair = self.pair
         records = list(self._records)
@@ -206,18 +322,26 @@ class Unrolled(HyperOptimizer):
         states = [dict(s) for s in first.states]
         buffers = clone_all(first.buffers)
         tuned = self._hparam_values(hp)
+        devices = [self.device] if self.device.type == "cuda" else []
         for rec in records:
-            loss = pair.loss(self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp)
-            grads = torch.autograd.grad(
-                loss, weights, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
+                if rec.rng is not None:
+                    self._set_rng_state(rec.rng)
+                loss, buffers = pair.call(
+                    self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
+                )
+            grads = materialize(grads_or_none(loss, weights, create_graph=True), weights)
             new_w: list[Tensor] = list(weights)
-            for gi, idx in enumerate(self._group_members):
+            for gi, members in enumerate(self._group_members):
+                idx = [
+                    k for k in members if not rec.has_grad or rec.has_grad[k]
+                ]  # torch.optim skips grad-less weights
                 if not idx:
                     continue
                 settings: dict[str, Any] = dict(rec.groups[gi])
-                for i, setting in self.settings:
-                    settings[setting.name] = tuned[i][gi]
+                for i, setting in self.settings:  # relative: a multiplier on the recorded value
+                    value = tuned[i][gi]
+                    settings[setting.name] = settings[setting.name] * value if setting.relative else value
                 w_g, s_g = self._update(
                     [weights[k] for k in idx], [grads[k] for k in idx], [states[k] for k in idx], settings
                 )
@@ -225,32 +349,45 @@ class Unrolled(HyperOptimizer):
                     new_w[k] = w
                     states[k] = s
             weights = tuple(new_w)
+            if forward:  # keep values and tangents, drop this step's reverse graph
+                weights = tuple(_detach_dual(w, requires_grad=True) for w in weights)
+                states = [{k: _detach_dual(v) for k, v in s.items()} for s in states]
+                buffers = tuple(_detach_dual(b) for b in buffers)
         return weights, buffers
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         real_buffers = pair.buffers()
+        forward = self.mode is Mode.FORWARD
 
         def outer(hp: Sequence[Tensor]) -> Tensor:
-            weights, _ = self._replay(hp)
+            weights, _ = self._replay(hp, forward=forward)
             return pair.loss(
                 self.val_loss, val_batch, weights=weights, buffers=clone_all(real_buffers), hparams=hp
             )
 
-        grads, loss = unrolled_hypergradient(outer, pair.hparam_tensors, self.mode)
-        return _Hypergradient(grads, loss, unrolled_steps=len(self._records))
+        if forward:
+            grads, loss = unrolled_hypergradient(outer, pair.hparam_tensors, self.mode)
+            reached = None
+        else:
+            out = outer(pair.hparam_tensors)
+            raw = grads_or_none(out, pair.hparam_tensors)
+            grads, loss = materialize(raw, pair.hparam_tensors), out.detach()
+            reached = tuple(g is not None for g in raw)
+        return _Hypergradient(grads, loss, unrolled_steps=len(self._records), reached=reached)
 
     def replayed_weights(self) -> Tensors:
         """The weights reached by replaying the recorded steps (detached): they equal the model's
-        current weights up to rounding when the losses are deterministic. A diagnostic."""
+        current weights up to rounding. A diagnostic."""
         with torch.enable_grad():
             w, _ = self._replay(self.pair.hparam_tensors)
         return tuple(t.detach() for t in w)
 
     def _method_state(self) -> dict[str, Any]:
-        return {"records": [dataclasses.asdict(r) for r in self._records]}
+        return {"records": [r.to_dict() for r in self._records]}
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         self._records.clear()
         for r in state["records"]:
             self._records.append(_Record(**r))
+        self._versions = self._current_versions()

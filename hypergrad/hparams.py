@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -455,11 +456,19 @@ class OptimizerSetting(nn.Module):
     ``optimizer.param_groups[g][name]``; :class:`~hypergrad.Unrolled` differentiates through them.
     (``Implicit`` cannot: the inner optimum does not depend on how it is reached.)
 
+    With a learning-rate scheduler (or anything else) setting ``param_groups[g][name]``, use
+    ``relative=True``: the hyperparameter is then a positive *multiplier* on whatever value the
+    group holds (the scheduled one), applied for each step and taken off again afterwards, so the
+    scheduler keeps owning the group's value. In the default absolute mode a value changed
+    behind hypergrad's back would be silently overridden, so it raises an error instead.
+
     Args:
         optimizer: the inner ``torch.optim`` optimiser.
         name: the ``param_groups`` key, e.g. ``"lr"`` or ``"momentum"``.
-        constraint: the value's domain.
-        init: initial value for every group (default: the optimiser's current values).
+        constraint: the value's domain (absolute mode; a multiplier is always positive).
+        init: initial value for every group (default: the optimiser's current values; 1.0 for a
+            multiplier).
+        relative: learn a multiplier on the group's own (e.g. scheduled) value (default: ``False``).
 
     Shapes: ``raw`` and ``value`` are ``(len(optimizer.param_groups),)``.
     """
@@ -470,48 +479,93 @@ class OptimizerSetting(nn.Module):
         name: str,
         constraint: Constraint | str,
         init: float | None = None,
+        *,
+        relative: bool = False,
     ) -> None:
         super().__init__()
         groups = optimizer.param_groups
         if name not in groups[0]:
             raise ValueError(f"{type(optimizer).__name__} has no setting {name!r} to tune")
+        if not isinstance(relative, bool):
+            raise TypeError(f"relative must be a bool, got {relative!r}")
         self.name = name
-        self.constraint = Constraint(constraint)
+        self.relative = relative
+        self.constraint = Constraint.POSITIVE if relative else Constraint(constraint)
         if init is None:
-            vals = [float(g[name]) for g in groups]
+            vals = [1.0] * len(groups) if relative else [float(g[name]) for g in groups]
         else:
             vals = [float(init)] * len(groups)
         dtype = groups[0]["params"][0].dtype
         value = torch.tensor(vals, dtype=dtype if dtype.is_floating_point else None)
-        _check_domain(value, self.constraint, f"{name} init")
+        _check_domain(value, self.constraint, f"{name} {'multiplier ' if relative else ''}init")
         self.raw = nn.Parameter(to_raw(value, self.constraint).to(groups[0]["params"][0].device))
         self.optimizer = [optimizer]  # a list, so the optimiser is not treated as a submodule
+        self._written: list[float] | None = None  # absolute mode: what write() put there last
+        self._bases: list[Any] | None = None  # relative mode: the groups' own values during a step
 
     def forward(self) -> Tensor:
-        """The values, one per parameter group: shape ``(n_groups,)``."""
+        """The values (or multipliers), one per parameter group: shape ``(n_groups,)``."""
         return from_raw(self.raw, self.constraint)
 
     @property
     def value(self) -> Tensor:
-        return self()
+        """The values (or multipliers), detached (for logging): ``(n_groups,)``."""
+        with torch.no_grad():
+            return self()
 
     def write(self) -> None:
-        """Copy the current values into the optimiser's ``param_groups`` (as Python floats)."""
-        for g, v in zip(self.optimizer[0].param_groups, self().detach().tolist(), strict=True):
+        """Put the current values into the optimiser's ``param_groups`` for the next step (as
+        Python floats); in relative mode :meth:`restore` takes the multipliers off again."""
+        groups = self.optimizer[0].param_groups
+        if len(groups) != self.raw.numel():
+            raise ValueError(
+                f"the optimiser has {len(groups)} param groups but this {type(self).__name__} was built "
+                f"for {self.raw.numel()}: build the hyperparameter after the last add_param_group"
+            )
+        vals = self().detach().tolist()
+        if self.relative:
+            self._bases = [g[self.name] for g in groups]
+            for g, b, v in zip(groups, self._bases, vals, strict=True):
+                g[self.name] = float(b) * v
+            return
+        if self._written is not None:
+            for i, (g, w) in enumerate(zip(groups, self._written, strict=True)):
+                if float(g[self.name]) != w:
+                    raise ValueError(
+                        f"param_groups[{i}][{self.name!r}] was changed from {w:g} to {float(g[self.name]):g} "
+                        f"outside hypergrad (by an LR scheduler?); {type(self).__name__} would silently "
+                        f"override it. Use {type(self).__name__}(optimizer, relative=True) to learn a "
+                        "multiplier on the scheduled value instead."
+                    )
+        for g, v in zip(groups, vals, strict=True):
             g[self.name] = v
+        self._written = vals
+
+    def restore(self) -> None:
+        """Relative mode: give the groups back their own values after a step (no-op otherwise)."""
+        if self.relative and self._bases is not None:
+            for g, b in zip(self.optimizer[0].param_groups, self._bases, strict=True):
+                g[self.name] = b
+            self._bases = None
 
 
 class LearningRate(OptimizerSetting):
-    """The inner optimiser's learning rate, one per parameter group, kept positive.
+    """The inner optimiser's learning rate, one per parameter group, kept positive; with
+    ``relative=True`` a multiplier on the (scheduled) learning rate (see :class:`OptimizerSetting`).
 
     >>> import torch, hypergrad as hg
     >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
     >>> [round(v, 6) for v in hg.hparams.LearningRate(opt).value.tolist()]
     [0.1]
+    >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    >>> hg.hparams.LearningRate(opt, relative=True).value.tolist()  # x 1.0 on the scheduled lr
+    [1.0]
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, init: float | None = None) -> None:
-        super().__init__(optimizer, "lr", Constraint.POSITIVE, init)
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, init: float | None = None, *, relative: bool = False
+    ) -> None:
+        super().__init__(optimizer, "lr", Constraint.POSITIVE, init, relative=relative)
 
 
 class Momentum(OptimizerSetting):

@@ -326,19 +326,9 @@ def _containers() -> dict[str, nn.Module]:
     }
 
 
-_OWNED_BY_LEAD = pytest.mark.xfail(
-    strict=True,
-    reason="OptimizerSetting.value is not detached yet (that class is changed separately); "
-    "remove this mark once it is",
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    [
-        n if not n.startswith(("LearningRate", "Momentum")) else pytest.param(n, marks=_OWNED_BY_LEAD)
-        for n in _containers()
-    ],
+    list(_containers()),
 )
 def test_value_is_detached_and_float_does_not_warn(name: str) -> None:
     v = _containers()[name].value  # type: ignore[union-attr]
