@@ -246,8 +246,15 @@ class HyperOptimizer(abc.ABC):
             self._weights_key = key
             self._weights_changed()
 
-    def _weights_changed(self) -> None:  # noqa: B027 - optional hook
+    def _weights_changed(self) -> None:
         """Called when the set of trained weights changed (a group added, a layer frozen)."""
+        self.start_episode()
+
+    def start_episode(self) -> None:  # noqa: B027 - methods without history keep nothing
+        """Say that the weights were just (re-)initialised or replaced outside :meth:`step` (a new
+        episode in dataset distillation or meta-learning): the method forgets what it kept from
+        the weights' history (:class:`Unrolled`'s recorded steps, :class:`Implicit`'s warm start
+        and step-size estimate)."""
 
     def _find_settings(self) -> list[tuple[int, OptimizerSetting]]:
         out = []

@@ -242,7 +242,7 @@ class Implicit(HyperOptimizer):
         self._power: tuple[float, Tensors, int] | None = None  # (estimate, eigenvector, at hyperstep)
         self._warned_lr = False
 
-    def _weights_changed(self) -> None:
+    def start_episode(self) -> None:
         self._x0 = None
         self._power = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -330,3 +331,134 @@ def test_cuda_matches_cpu(name, make, needs_train) -> None:
         results.append([p.detach().cpu() for p in hp.parameters()])
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario models: what users' scripts do that a hypergradient library must survive. Every method
+# runs every scenario; the real steps must equal plain PyTorch, the model must come out with its
+# parameters intact, hypergradients must be finite, and Unrolled's replay must reproduce the real
+# steps.
+
+
+class SharedNet(nn.Module):
+    """One block (Linear + BatchNorm) reached under two names (``body.0`` and ``body.2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.body = nn.Sequential(block, nn.Tanh(), block)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class PartlyUsedNet(nn.Module):
+    """A parameter no loss reaches and a head used on every other batch only (batch[2] odd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+        self.extra = nn.Linear(8, 3)
+        self.never = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor, use_extra: bool = False) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(h) + self.extra(h) if use_extra else self.head(h)
+
+
+class DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _scenario_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    if isinstance(m, PartlyUsedNet):
+        out = m(b[0], use_extra=bool(b[2]))
+    else:
+        out = m(b[0])
+    return nn.functional.cross_entropy(out, b[1])
+
+
+def _scenario_train(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    return _scenario_loss(m, h, b) + h.penalty(m)
+
+
+#: name -> (model factory, inner optimiser factory, extra behaviour)
+SCENARIOS = {
+    "shared-module": (SharedNet, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), ""),
+    "unused-parameters": (PartlyUsedNet, lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1), ""),
+    "mutated-batch": (Net, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "refill"),
+    "scheduler": (Net, lambda ps: torch.optim.Adam(ps, lr=torch.tensor(0.02, dtype=DT)), "schedule"),
+    "episode": (Net, lambda ps: torch.optim.SGD(ps, lr=0.1), "episode"),
+    "dropout": (DropoutNet, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), ""),
+}
+
+
+def _scenario_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    return [(x, y, i % 2) for i, (x, y) in enumerate(_batches(n, seed=11))]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+def test_scenarios_train_like_pytorch_and_replay_the_real_steps(name, make, needs_train, scenario) -> None:
+    build, opt, extra = SCENARIOS[scenario]
+    torch.manual_seed(0)
+    model = build().to(DT)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2, include=lambda n: n != "never")
+    ref_model = copy.deepcopy(model)
+    inner, ref_inner = opt(model.parameters()), opt(ref_model.parameters())
+    hopt = make(model, hp, _scenario_train, _scenario_loss, inner, torch.optim.Adam(hp.parameters(), lr=0.05))
+    params = {n: p for n, p in model.named_parameters()}
+    sched = ref_sched = None
+    if extra == "schedule":
+        sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.7)
+        ref_sched = torch.optim.lr_scheduler.StepLR(ref_inner, step_size=1, gamma=0.7)
+    data = _scenario_batches(12)
+    buffer = (data[0][0].clone(), data[0][1].clone(), 0)  # one batch buffer, refilled in place
+    vb = _batches(1, seed=5)[0] + (0,)
+    for i, b in enumerate(data):
+        if extra == "refill":
+            buffer[0].copy_(b[0])
+            buffer[1].copy_(b[1])
+            b = buffer
+        if extra == "episode" and i == 6:  # a new episode: fresh weights in both runs
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+                    p.normal_(0, 0.3)
+                    q.copy_(p)
+            hopt.start_episode()
+        # the plain PyTorch step, with the hyperparameters as they are now (same RNG state)
+        rng = torch.get_rng_state()
+        ref_inner.zero_grad()
+        ref_loss = _scenario_train(ref_model, hp.requires_grad_(False), b)
+        hp.requires_grad_(True)
+        ref_loss.backward()
+        ref_inner.step()
+        torch.set_rng_state(rng)
+        hopt.step(b)
+        if sched is not None:
+            sched.step()
+            ref_sched.step()  # type: ignore[union-attr]
+        if isinstance(hopt, hg.Unrolled) and i % 3 == 2:  # hparams unchanged over the ring: exact
+            for w, r in zip(hopt.replayed_weights(), hopt.pair.weights, strict=True):
+                torch.testing.assert_close(w, r.detach(), rtol=1e-10, atol=1e-12)
+        if i % 3 == 2:
+            info = hopt.hyper_step(train_batch=b, val_batch=vb)
+            assert math.isfinite(info.hypergrad_norm) and info.hypergrad_norm > 0
+            if isinstance(hopt, hg.Unrolled):
+                expected = min(i + 1 - (6 if extra == "episode" and i >= 6 else 0), hopt.steps)
+                assert info.unrolled_steps == expected
+    for n, p in model.named_parameters():  # still the same Parameter objects, trained like PyTorch
+        assert p is params[n] and isinstance(p, nn.Parameter), n
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13, msg=n)
+    for (n, b1), b2 in zip(model.named_buffers(), ref_model.buffers(), strict=True):
+        torch.testing.assert_close(b1, b2, rtol=1e-12, atol=1e-13, msg=n)
+    if scenario == "unused-parameters":
+        assert model.never.grad is None and torch.equal(model.never, torch.ones(3, dtype=DT))
