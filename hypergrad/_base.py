@@ -287,8 +287,9 @@ class HyperOptimizer(abc.ABC):
         weights = pair.weights
         rng = self._rng_state() if self._replays_rng else None
         snapshot = pair.snapshot_buffers()
-        old_grads = [w.grad for w in weights]
-        for w in weights:
+        everything = _params_of(self.inner_optimizer)  # frozen ones too, as zero_grad() would
+        old_grads = [w.grad for w in everything]
+        for w in everything:
             w.grad = None
         try:
             loss = pair.loss(self.train_loss, batch)
@@ -296,18 +297,21 @@ class HyperOptimizer(abc.ABC):
                 loss.backward(inputs=list(weights))
         except BaseException:
             pair.restore_buffers(snapshot)
-            for w, g in zip(weights, old_grads, strict=True):
+            for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             raise
         grads = [w.grad for w in weights]
         problem = self._check_loss(loss, [g for g in grads if g is not None])
         if problem:
             pair.restore_buffers(snapshot)
-            for w, g in zip(weights, old_grads, strict=True):
+            for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             self._nonfinite(f"inner step {self.inner_steps}: {problem}")
             return loss.detach()
-        self._record_step(batch, tuple(g is not None for g in grads), rng)
+        for _, setting in self.settings:
+            setting.check()  # before anything is recorded: a refused write must leave no trace
+        pre_forward_buffers = tuple(value for *_, value in snapshot)
+        self._record_step(batch, tuple(g is not None for g in grads), rng, pre_forward_buffers)
         try:
             for _, setting in self.settings:
                 setting.write()
@@ -352,11 +356,16 @@ class HyperOptimizer(abc.ABC):
         """Called at the start of every :meth:`step`, after the trained weights are refreshed."""
 
     def _record_step(  # noqa: B027 - optional hook
-        self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None
+        self,
+        batch: Batch,
+        has_grad: tuple[bool, ...],
+        rng: dict[str, Tensor] | None,
+        buffers: Tensors,
     ) -> None:
         """Called before each accepted inner update (weights, optimiser state and tuned settings
-        not yet written), with which weights got a gradient and (if ``_replays_rng``) the RNG
-        state before the loss."""
+        not yet written), with which weights got a gradient, (if ``_replays_rng``) the RNG state
+        before the loss, and copies of the buffers as they were before the step's forward pass
+        (the hook may keep them)."""
 
     def _after_step(self) -> None:  # noqa: B027 - optional hook
         """Called after each accepted inner update."""
@@ -537,6 +546,8 @@ class HyperOptimizer(abc.ABC):
         self.inner_steps = int(counters["inner_steps"])
         self.hyper_steps = int(counters["hyper_steps"])
         self._loss_scale = counters.get("loss_scale")
+        for _, setting in self.settings:  # the loaded groups hold what was written then
+            setting.forget_written()
         if "rng" in state:
             self._set_rng_state(state["rng"])
 

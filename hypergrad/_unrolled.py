@@ -117,20 +117,6 @@ def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
     return {k: clone_batch(v) for k, v in group_settings(group).items()}
 
 
-def _detach_dual(t: Any, requires_grad: bool = False) -> Any:
-    """A fresh tensor with ``t``'s primal and tangent and no history (forward mode: the reverse
-    graph of one replayed step is not needed by the next)."""
-    if not isinstance(t, Tensor):
-        return t
-    primal, tangent = fwAD.unpack_dual(t)
-    primal = primal.detach()
-    if requires_grad:
-        primal = primal.clone().requires_grad_(True)
-    if tangent is None:
-        return primal
-    return fwAD.make_dual(primal, tangent.detach())
-
-
 class Unrolled(HyperOptimizer):
     r"""Hypergradients by differentiating through the last ``steps`` inner optimiser steps.
 
@@ -282,13 +268,15 @@ class Unrolled(HyperOptimizer):
         self._check_fresh()
         self._check_hooks()
 
-    def _record_step(self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None) -> None:
+    def _record_step(
+        self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None, buffers: Tensors
+    ) -> None:
         pair = self.pair
         self._records.append(
             _Record(
                 batch=clone_batch(batch),
                 weights=clone_all(pair.weights),
-                buffers=clone_all(pair.buffers()),
+                buffers=buffers,  # as before this step's forward pass (already copies)
                 states=snapshot_state(self.inner_optimizer, pair.weights),
                 groups=[_clone_settings(g) for g in self.inner_optimizer.param_groups],
                 has_grad=has_grad,
@@ -313,68 +301,133 @@ class Unrolled(HyperOptimizer):
 
     # ------------------------------------------------------------------ the replay
 
-    def _replay(self, hp: Sequence[Tensor], forward: bool = False) -> tuple[Tensors, Tensors]:
-        """Weights and buffers after replaying the recorded steps with hyperparameters ``hp``."""
-        pair = self.pair
-        records = list(self._records)
-        first = records[0]
-        weights: Tensors = tuple(t.detach().clone().requires_grad_(True) for t in first.weights)
-        states = [dict(s) for s in first.states]
-        buffers = clone_all(first.buffers)
-        tuned = self._hparam_values(hp)
+    def _replay_step(
+        self, rec: _Record, weights: Tensors, states: list[State], buffers: Tensors, hp: Sequence[Tensor]
+    ) -> tuple[Tensors, list[State], Tensors]:
+        """One recorded step, differentiably: ``(weights, states, buffers)`` after it."""
         devices = [self.device] if self.device.type == "cuda" else []
-        for rec in records:
-            with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
-                if rec.rng is not None:
-                    self._set_rng_state(rec.rng)
-                loss, buffers = pair.call(
-                    self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
-                )
-            grads = materialize(grads_or_none(loss, weights, create_graph=True), weights)
-            new_w: list[Tensor] = list(weights)
-            for gi, members in enumerate(self._group_members):
-                idx = [
-                    k for k in members if not rec.has_grad or rec.has_grad[k]
-                ]  # torch.optim skips grad-less weights
-                if not idx:
-                    continue
-                settings: dict[str, Any] = dict(rec.groups[gi])
-                for i, setting in self.settings:  # relative: a multiplier on the recorded value
-                    value = tuned[i][gi]
-                    settings[setting.name] = settings[setting.name] * value if setting.relative else value
-                w_g, s_g = self._update(
-                    [weights[k] for k in idx], [grads[k] for k in idx], [states[k] for k in idx], settings
-                )
-                for k, w, s in zip(idx, w_g, s_g, strict=True):
-                    new_w[k] = w
-                    states[k] = s
-            weights = tuple(new_w)
-            if forward:  # keep values and tangents, drop this step's reverse graph
-                weights = tuple(_detach_dual(w, requires_grad=True) for w in weights)
-                states = [{k: _detach_dual(v) for k, v in s.items()} for s in states]
-                buffers = tuple(_detach_dual(b) for b in buffers)
+        with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
+            if rec.rng is not None:
+                self._set_rng_state(rec.rng)
+            loss, buffers = self.pair.call(
+                self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
+            )
+        grads = materialize(grads_or_none(loss, weights, create_graph=True), weights)
+        tuned = self._hparam_values(hp)
+        new_w: list[Tensor] = list(weights)
+        states = list(states)
+        for gi, members in enumerate(self._group_members):
+            idx = [k for k in members if not rec.has_grad or rec.has_grad[k]]  # torch.optim skips grad-less
+            if not idx:
+                continue
+            settings: dict[str, Any] = dict(rec.groups[gi])
+            for i, setting in self.settings:  # relative: a multiplier on the recorded value
+                value = tuned[i][gi]
+                settings[setting.name] = settings[setting.name] * value if setting.relative else value
+            w_g, s_g = self._update(
+                [weights[k] for k in idx], [grads[k] for k in idx], [states[k] for k in idx], settings
+            )
+            for k, w, s in zip(idx, w_g, s_g, strict=True):
+                new_w[k] = w
+                states[k] = s
+        return tuple(new_w), states, buffers
+
+    def _start(self) -> tuple[Tensors, list[State], Tensors]:
+        first = self._records[0]
+        weights = tuple(t.detach().clone().requires_grad_(True) for t in first.weights)
+        return weights, [dict(s) for s in first.states], clone_all(first.buffers)
+
+    def _replay(self, hp: Sequence[Tensor]) -> tuple[Tensors, Tensors]:
+        """Weights and buffers after replaying the recorded steps with hyperparameters ``hp``
+        (reverse mode: one graph through all of them)."""
+        weights, states, buffers = self._start()
+        for rec in self._records:
+            weights, states, buffers = self._replay_step(rec, weights, states, buffers, hp)
         return weights, buffers
+
+    def _forward_hypergradient(self, val_batch: Batch) -> tuple[Tensors, Tensor]:
+        """Forward mode: for each hyperparameter entry, carry (value, tangent) pairs through the
+        steps. Each step runs in a dual level of its own and hands on detached pairs, so neither
+        its reverse graph nor the tangents autograd keeps until a level exits outlive it: memory
+        O(P) whatever K."""
+        pair = self.pair
+        base = [h.detach() for h in pair.hparam_tensors]
+        real_buffers = pair.buffers()
+        grads = [torch.zeros_like(h) for h in base]
+        value = torch.zeros((), dtype=self.dtype, device=self.device)
+
+        def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
+            p, t = pt
+            if requires_grad:
+                p = p.clone().requires_grad_(True)
+            return p if t is None else fwAD.make_dual(p, t)
+
+        def split(x: Any) -> Any:
+            if not isinstance(x, Tensor):
+                return (x, None)
+            p, t = fwAD.unpack_dual(x)
+            return (p.detach(), None if t is None else t.detach())
+
+        for i, h in enumerate(base):
+            for j in range(h.numel()):
+                tangent = torch.zeros_like(h)
+                tangent.view(-1)[j] = 1
+                w0, s0, b0 = self._start()
+                w = [(t.detach(), None) for t in w0]
+                st = [{k: (v, None) for k, v in s.items()} for s in s0]
+                bf = [(t, None) for t in b0]
+                for rec in self._records:
+                    with fwAD.dual_level():
+                        hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
+                        out_w, out_s, out_b = self._replay_step(
+                            rec,
+                            tuple(dual(x, requires_grad=True) for x in w),
+                            [
+                                {k: dual(v) if isinstance(v[0], Tensor) else v[0] for k, v in s.items()}
+                                for s in st
+                            ],
+                            tuple(dual(x) for x in bf),
+                            hp,
+                        )
+                        w = [split(x) for x in out_w]
+                        st = [{k: split(v) for k, v in s.items()} for s in out_s]
+                        bf = [split(x) for x in out_b]
+                with fwAD.dual_level():
+                    hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
+                    out = pair.loss(
+                        self.val_loss,
+                        val_batch,
+                        weights=tuple(dual(x) for x in w),
+                        buffers=clone_all(real_buffers),
+                        hparams=hp,
+                    )
+                    primal, tan = fwAD.unpack_dual(out)
+                    if tan is not None:
+                        grads[i].view(-1)[j] = tan.detach()
+                    value = primal.detach()
+        return tuple(grads), value
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
-        real_buffers = pair.buffers()
-        forward = self.mode is Mode.FORWARD
-
-        def outer(hp: Sequence[Tensor]) -> Tensor:
-            weights, _ = self._replay(hp, forward=forward)
-            return pair.loss(
-                self.val_loss, val_batch, weights=weights, buffers=clone_all(real_buffers), hparams=hp
-            )
-
-        if forward:
-            grads, loss = unrolled_hypergradient(outer, pair.hparam_tensors, self.mode)
-            reached = None
-        else:
-            out = outer(pair.hparam_tensors)
-            raw = grads_or_none(out, pair.hparam_tensors)
-            grads, loss = materialize(raw, pair.hparam_tensors), out.detach()
-            reached = tuple(g is not None for g in raw)
-        return _Hypergradient(grads, loss, unrolled_steps=len(self._records), reached=reached)
+        if self.mode is Mode.FORWARD:
+            grads, loss = self._forward_hypergradient(val_batch)
+            return _Hypergradient(grads, loss, unrolled_steps=len(self._records))
+        weights, _ = self._replay(pair.hparam_tensors)
+        out = pair.loss(
+            self.val_loss,
+            val_batch,
+            weights=weights,
+            buffers=clone_all(pair.buffers()),
+            hparams=pair.hparam_tensors,
+        )
+        raw = grads_or_none(out, pair.hparam_tensors)
+        reached = tuple(g is not None for g in raw)
+        return _Hypergradient(
+            materialize(raw, pair.hparam_tensors),
+            out.detach(),
+            unrolled_steps=len(self._records),
+            reached=reached,
+        )
 
     def replayed_weights(self) -> Tensors:
         """The weights reached by replaying the recorded steps (detached): they equal the model's

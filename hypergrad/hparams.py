@@ -503,6 +503,9 @@ class OptimizerSetting(nn.Module):
         self._written: list[float] | None = None  # absolute mode: what write() put there last
         self._bases: list[Any] | None = None  # relative mode: the groups' own values during a step
 
+    #: what to do instead when a scheduler owns the setting (named in the error)
+    _under_scheduler = "Use relative=True to learn a multiplier on the scheduled value."
+
     def forward(self) -> Tensor:
         """The values (or multipliers), one per parameter group: shape ``(n_groups,)``."""
         return from_raw(self.raw, self.constraint)
@@ -513,33 +516,43 @@ class OptimizerSetting(nn.Module):
         with torch.no_grad():
             return self()
 
-    def write(self) -> None:
-        """Put the current values into the optimiser's ``param_groups`` for the next step (as
-        Python floats); in relative mode :meth:`restore` takes the multipliers off again."""
+    def check(self) -> None:
+        """Raise if :meth:`write` would refuse (param groups added since construction, or, in
+        absolute mode, a value changed behind hypergrad's back); changes nothing."""
         groups = self.optimizer[0].param_groups
         if len(groups) != self.raw.numel():
             raise ValueError(
                 f"the optimiser has {len(groups)} param groups but this {type(self).__name__} was built "
                 f"for {self.raw.numel()}: build the hyperparameter after the last add_param_group"
             )
+        if not self.relative and self._written is not None:
+            for i, (g, w) in enumerate(zip(groups, self._written, strict=True)):
+                if float(g[self.name]) != w:
+                    raise ValueError(
+                        f"param_groups[{i}][{self.name!r}] was changed from {w:g} to {float(g[self.name]):g} "
+                        f"outside hypergrad (by a scheduler?); {type(self).__name__} would silently "
+                        f"override it. {self._under_scheduler}"
+                    )
+
+    def write(self) -> None:
+        """Put the current values into the optimiser's ``param_groups`` for the next step (as
+        Python floats); in relative mode :meth:`restore` takes the multipliers off again."""
+        self.check()
+        groups = self.optimizer[0].param_groups
         vals = self().detach().tolist()
         if self.relative:
             self._bases = [g[self.name] for g in groups]
             for g, b, v in zip(groups, self._bases, vals, strict=True):
                 g[self.name] = float(b) * v
             return
-        if self._written is not None:
-            for i, (g, w) in enumerate(zip(groups, self._written, strict=True)):
-                if float(g[self.name]) != w:
-                    raise ValueError(
-                        f"param_groups[{i}][{self.name!r}] was changed from {w:g} to {float(g[self.name]):g} "
-                        f"outside hypergrad (by an LR scheduler?); {type(self).__name__} would silently "
-                        f"override it. Use {type(self).__name__}(optimizer, relative=True) to learn a "
-                        "multiplier on the scheduled value instead."
-                    )
         for g, v in zip(groups, vals, strict=True):
             g[self.name] = v
         self._written = vals
+
+    def forget_written(self) -> None:
+        """Accept the groups' current values as hypergrad's own (after the optimiser's state was
+        loaded from a checkpoint), so the next :meth:`write` does not take them for a scheduler's."""
+        self._written = None
 
     def restore(self) -> None:
         """Relative mode: give the groups back their own values after a step (no-op otherwise)."""
@@ -562,6 +575,10 @@ class LearningRate(OptimizerSetting):
     [1.0]
     """
 
+    _under_scheduler = (
+        "Use LearningRate(optimizer, relative=True) to learn a multiplier on the scheduled value."
+    )
+
     def __init__(
         self, optimizer: torch.optim.Optimizer, init: float | None = None, *, relative: bool = False
     ) -> None:
@@ -579,6 +596,11 @@ class Momentum(OptimizerSetting):
 
     def __init__(self, optimizer: torch.optim.Optimizer, init: float | None = None) -> None:
         super().__init__(optimizer, "momentum", Constraint.UNIT, init)
+
+    _under_scheduler = (
+        "Turn the scheduler's momentum cycling off (e.g. OneCycleLR(..., cycle_momentum=False)) "
+        "or tune the momentum without it."
+    )
 
 
 _CONTAINERS = (Hparam, WeightDecay, ExampleWeights, OptimizerSetting)

@@ -1048,11 +1048,6 @@ def test_neumann_default_alpha_is_the_lr_only_for_plain_sgd() -> None:
 # ----------------------------------------------------------------------------- known library bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: Unrolled records a step before OptimizerSetting.write() refuses it, so the "
-    "refused step is replayed (a phantom step in every later hypergradient)",
-)
 def test_step_refused_by_a_scheduled_absolute_learning_rate_is_not_replayed() -> None:
     torch.manual_seed(0)
     model = _small_mlp().to(DT)
@@ -1079,11 +1074,6 @@ def test_step_refused_by_a_scheduled_absolute_learning_rate_is_not_replayed() ->
     assert hopt.hyper_step(val_batch=b).unrolled_steps == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: load_state_dict does not reset the value an absolute LearningRate last "
-    "wrote, so the next step() after rolling back to a checkpoint raises 'changed outside hypergrad'",
-)
 def test_absolute_learning_rate_survives_rolling_back_to_a_checkpoint() -> None:
     torch.manual_seed(0)
     model = _small_mlp().to(DT)
@@ -1108,11 +1098,6 @@ def test_absolute_learning_rate_survives_rolling_back_to_a_checkpoint() -> None:
     assert inner.param_groups[0]["lr"] == float(lr.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: Unrolled records a step's buffers after that step's forward pass, so a "
-    "model whose output uses a buffer it updates is replayed from buffers one update ahead",
-)
 def test_unrolled_replays_a_model_with_reassigned_buffers_exactly() -> None:
     torch.manual_seed(0)
     model = _Centering().to(DT)
