@@ -140,8 +140,16 @@ class Problem:
         return hg.Implicit(self.model, self.hp, train_loss, val_loss, inner_optimizer=self.inner,
                            outer_optimizer=self.outer(outer_lr), solver=solver)
 
-    def unrolled(self, steps: int) -> hg.Unrolled:
-        return hg.Unrolled(self.model, self.hp, train_loss, val_loss, inner_optimizer=self.inner,
+    def unrolled(self, steps: int, own_copy: bool = False) -> hg.Unrolled:
+        """Unrolled on this problem; ``own_copy`` gives it a copy of the model and inner optimiser
+        (several Unrolled timed side by side must not move each other's weights: each one's
+        replay has to lead to its own model's weights, or it starts a new episode)."""
+        model, inner = self.model, self.inner
+        if own_copy:
+            model = copy.deepcopy(self.model)
+            inner = type(self.inner)(model.parameters(), **self.inner.defaults)
+            inner.load_state_dict(self.inner.state_dict())
+        return hg.Unrolled(model, self.hp, train_loss, val_loss, inner_optimizer=inner,
                            outer_optimizer=self.outer(), steps=steps, mode="reverse")
 
     def torch_step(self) -> None:
@@ -336,7 +344,7 @@ def bench_model(name: str, device: torch.device, cfg: argparse.Namespace) -> dic
 
     # 1. the training step: hypergrad's step (the unit), the plain torch step, Unrolled's step
     # (which also records the weights and optimiser state), interleaved
-    rec = prob.unrolled(max(UNROLLED_KS))
+    rec = prob.unrolled(max(UNROLLED_KS), own_copy=True)
     s = Samples()
     for i in range(2 + cfg.step_repeats):
         for key, fn in (("hg", lambda: base.step(tb)), ("torch", prob.torch_step),
@@ -450,7 +458,7 @@ def bench_model(name: str, device: torch.device, cfg: argparse.Namespace) -> dic
     s = Samples()
     uhopts = {}
     for k in UNROLLED_KS:
-        uh = prob.unrolled(k)
+        uh = prob.unrolled(k, own_copy=True)
         for _ in range(k):
             uh.step(tb)
         uhopts[k] = uh

@@ -27,7 +27,7 @@ from ._unrolled import ReplayWarning as ReplayWarning
 from ._unrolled import Unrolled as Unrolled
 from ._unrolled import unrolled_hypergradient as unrolled_hypergradient
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "CG",
