@@ -7,8 +7,10 @@ and memory tests below.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,17 +41,6 @@ def _unrolled(steps: int, mode: str) -> Callable[..., hg.HyperOptimizer]:
     return make
 
 
-#: (id, factory, needs train_batch in hyper_step)
-METHODS: list[tuple[str, Callable[..., hg.HyperOptimizer], bool]] = [
-    ("implicit-neumann", _implicit(hg.Neumann(steps=3)), True),
-    ("implicit-cg", _implicit(hg.CG(maxiter=5, damping=0.1)), True),
-    ("implicit-identity", _implicit(hg.Identity()), True),
-    ("unrolled-reverse", _unrolled(3, "reverse"), False),
-    ("unrolled-forward", _unrolled(2, "forward"), False),
-]
-IDS = [m[0] for m in METHODS]
-
-
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -67,6 +58,42 @@ def train_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
     return ce(m, h, b) + h.penalty(m)
 
 
+def weight_decay_problem() -> tuple[nn.Module, nn.Module, Any, Any]:
+    """The default problem: a small BatchNorm net on 4 features / 3 classes, one decay per layer."""
+    model = Net().to(DT)
+    return model, hg.hparams.WeightDecay(model, per="layer", init=1e-2), train_loss, ce
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the registry.
+
+    ``make(model, hparams, train_loss, val_loss, inner, outer, **kw)`` builds the HyperOptimizer
+    (``kw``: ``on_nonfinite`` and the like); ``problem()`` builds ``(model, hparams, train_loss,
+    val_loss)`` for batches ``(x: (16, 4) float64, y: (16,) in 0..2)``. ``scenarios``: whether
+    the scenario models below (any model, a ``WeightDecay`` penalty) apply to the method.
+    """
+
+    id: str
+    make: Callable[..., hg.HyperOptimizer]
+    needs_train: bool = True  # hyper_step needs train_batch
+    needs_val: bool = True  # hyper_step needs val_batch
+    problem: Callable[[], tuple[nn.Module, nn.Module, Any, Any]] = weight_decay_problem
+    scenarios: bool = True
+
+
+METHODS: list[Method] = [
+    Method("implicit-neumann", _implicit(hg.Neumann(steps=3))),
+    Method("implicit-cg", _implicit(hg.CG(maxiter=5, damping=0.1))),
+    Method("implicit-identity", _implicit(hg.Identity())),
+    Method("unrolled-reverse", _unrolled(3, "reverse"), needs_train=False),
+    Method("unrolled-forward", _unrolled(2, "forward"), needs_train=False),
+]
+IDS = [m.id for m in METHODS]
+BY_ID = {m.id: m for m in METHODS}
+each_method = pytest.mark.parametrize("m", METHODS, ids=IDS)
+
+
 def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [
@@ -74,13 +101,12 @@ def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _setup(make, seed: int = 0, **kw):
+def _setup(m: Method, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    model = Net().to(DT)
-    hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+    model, hp, tl, vl = m.problem()
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     outer = torch.optim.Adam(hp.parameters(), lr=0.05)
-    return make(model, hp, train_loss, ce, inner, outer, **kw)
+    return m.make(model, hp, tl, vl, inner, outer, **kw)
 
 
 def _run(hopt: hg.HyperOptimizer, batches, start: int, stop: int, every: int = 3) -> None:
@@ -118,9 +144,9 @@ def _assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a == b, path
 
 
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_hyper_step_fills_grad_steps_outer_and_leaves_the_model_alone(name, make, needs_train) -> None:
-    hopt = _setup(make)
+@each_method
+def test_hyper_step_fills_grad_steps_outer_and_leaves_the_model_alone(m) -> None:
+    hopt = _setup(m)
     batches = _batches(4)
     for b in batches:
         loss = hopt.step(b)
@@ -146,17 +172,17 @@ def test_hyper_step_fills_grad_steps_outer_and_leaves_the_model_alone(name, make
         assert torch.equal(g, p.grad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_state_dict_resumes_exactly(name, make, needs_train) -> None:
+@each_method
+def test_state_dict_resumes_exactly(m) -> None:
     batches = _batches(12)
-    straight = _setup(make)
+    straight = _setup(m)
     _run(straight, batches, 0, 12)
 
-    first = _setup(make)
+    first = _setup(m)
     _run(first, batches, 0, 7)
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
-    resumed = _setup(make, seed=123)  # different initial weights: everything must come from the file
+    resumed = _setup(m, seed=123)  # different initial weights: everything must come from the file
     buf.seek(0)
     resumed.load_state_dict(torch.load(buf, weights_only=False))
     _run(resumed, batches, 7, 12)
@@ -167,8 +193,8 @@ def test_state_dict_resumes_exactly(name, make, needs_train) -> None:
 
 
 def test_load_state_dict_refuses_another_method() -> None:
-    imp = _setup(METHODS[0][1])
-    unr = _setup(METHODS[3][1])
+    imp = _setup(BY_ID["implicit-neumann"])
+    unr = _setup(BY_ID["unrolled-reverse"])
     with pytest.raises(ValueError, match="Implicit"):
         unr.load_state_dict(imp.state_dict())
 
@@ -179,20 +205,19 @@ def _nan_batch(b):
     return (x, b[1])
 
 
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
+@each_method
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_nonfinite_losses_change_nothing(name, make, needs_train, policy) -> None:
-    hopt = _setup(make, on_nonfinite=policy)
+def test_nonfinite_losses_change_nothing(m, policy) -> None:
+    hopt = _setup(m, on_nonfinite=policy)
     batches = _batches(4)
     _run(hopt, batches, 0, 3)
     before = _snapshot(hopt)
     steps = (hopt.inner_steps, hopt.hyper_steps)
     vb = _batches(1, seed=5)[0]
-    bad_calls = [
-        lambda: hopt.step(_nan_batch(batches[3])),
-        lambda: hopt.hyper_step(train_batch=batches[3], val_batch=_nan_batch(vb)),
-    ]
-    if needs_train:
+    bad_calls = [lambda: hopt.step(_nan_batch(batches[3]))]
+    if m.needs_val:
+        bad_calls.append(lambda: hopt.hyper_step(train_batch=batches[3], val_batch=_nan_batch(vb)))
+    if m.needs_train:
         bad_calls.append(lambda: hopt.hyper_step(train_batch=_nan_batch(batches[3]), val_batch=vb))
     for call in bad_calls:
         if policy == "raise":
@@ -207,44 +232,50 @@ def test_nonfinite_losses_change_nothing(name, make, needs_train, policy) -> Non
         assert (hopt.inner_steps, hopt.hyper_steps) == steps
 
 
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_missing_and_mismatched_batches_are_named(name, make, needs_train) -> None:
-    hopt = _setup(make)
+@each_method
+def test_missing_and_mismatched_batches_are_named(m) -> None:
+    hopt = _setup(m)
     b = _batches(1)[0]
     with pytest.raises(ValueError, match="batch is required"):
         hopt.step(None)
     hopt.step(b)
-    with pytest.raises(ValueError, match="val_batch"):
-        hopt.hyper_step(train_batch=b)
-    if needs_train:
+    if m.needs_val:
+        with pytest.raises(ValueError, match="val_batch"):
+            hopt.hyper_step(train_batch=b)
+    if m.needs_train:
         with pytest.raises(ValueError, match="train_batch"):
             hopt.hyper_step(val_batch=b)
     with pytest.raises(ValueError, match="float32.*float64"):
         hopt.step((b[0].float(), b[1]))
+    meta = (b[0].to("meta"), b[1])
     with pytest.raises(ValueError, match="device meta"):
-        hopt.hyper_step(train_batch=b, val_batch=(b[0].to("meta"), b[1]))
+        if m.needs_val:
+            hopt.hyper_step(train_batch=b, val_batch=meta)
+        else:
+            hopt.hyper_step(train_batch=meta, val_batch=b)
 
 
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_bad_hyperparameters_and_optimizers_are_named(name, make, needs_train) -> None:
-    model = Net().to(DT)
-    hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+@each_method
+def test_bad_hyperparameters_and_optimizers_are_named(m) -> None:
+    model, hp, tl, vl = m.problem()
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     outer = torch.optim.Adam(hp.parameters(), lr=0.05)
-    hp.raw[0].requires_grad_(False)
-    with pytest.raises(ValueError, match=r"raw\.0.*requires_grad"):
-        make(model, hp, train_loss, ce, inner, outer)
-    hp.raw[0].requires_grad_(True)
+    name, first = next(iter(hp.named_parameters()))
+    first.requires_grad_(False)
+    with pytest.raises(ValueError, match=re.escape(name) + ".*requires_grad"):
+        m.make(model, hp, tl, vl, inner, outer)
+    first.requires_grad_(True)
     with pytest.raises(ValueError, match="outer_optimizer holds model parameter"):
-        make(model, hp, train_loss, ce, inner, torch.optim.Adam(model.parameters()))
-    with pytest.raises(ValueError, match="not in outer_optimizer"):
-        make(model, hp, train_loss, ce, inner, torch.optim.Adam([hp.raw[0]]))
+        m.make(model, hp, tl, vl, inner, torch.optim.Adam(model.parameters()))
+    if len(list(hp.parameters())) > 1:
+        with pytest.raises(ValueError, match="not in outer_optimizer"):
+            m.make(model, hp, tl, vl, inner, torch.optim.Adam([first]))
     with pytest.raises(ValueError, match="inner_optimizer holds hyperparameter"):
-        make(model, hp, train_loss, ce, torch.optim.SGD(hp.parameters(), lr=0.1), outer)
+        m.make(model, hp, tl, vl, torch.optim.SGD(hp.parameters(), lr=0.1), outer)
     with pytest.raises(TypeError, match="hparams must be an nn.Module"):
-        make(model, {"wd": hp.raw[0]}, train_loss, ce, inner, outer)
+        m.make(model, {"h": first}, tl, vl, inner, outer)
     with pytest.raises(ValueError, match="meta"):
-        make(model, copy.deepcopy(hp).to("meta"), train_loss, ce, inner, outer)
+        m.make(model, copy.deepcopy(hp).to("meta"), tl, vl, inner, outer)
 
 
 def _net_bytes(fn: Callable[[], None]) -> int:
@@ -260,9 +291,10 @@ def _net_bytes(fn: Callable[[], None]) -> int:
     return int(sum(e.nbytes() for e in events if e.name() == "[memory]"))
 
 
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_graphs_are_released_and_memory_does_not_grow(name, make, needs_train) -> None:
-    hopt = _setup(make)
+@each_method
+def test_graphs_are_released_and_memory_does_not_grow(m) -> None:
+    hopt = _setup(m)
+    tl = m.problem()[2]
     batches = _batches(8)
     vb = _batches(1, seed=3)[0]
 
@@ -273,7 +305,7 @@ def test_graphs_are_released_and_memory_does_not_grow(name, make, needs_train) -
                 hopt.step(b)
                 hopt.hyper_step(train_batch=b, val_batch=vb)
                 if leak is not None:  # what a method that kept its graph would look like
-                    leak.append(train_loss(hopt.model, hopt.hparams, b))
+                    leak.append(tl(hopt.model, hopt.hparams, b))
 
         return fn
 
@@ -293,7 +325,7 @@ def test_graphs_are_released_and_memory_does_not_grow(name, make, needs_train) -
 
 
 def test_eval_mode_is_respected_and_running_stats_follow_real_steps_only() -> None:
-    hopt = _setup(METHODS[0][1])
+    hopt = _setup(BY_ID["implicit-neumann"])
     hopt.model.eval()
     stats = copy.deepcopy(hopt.model.state_dict())
     b = _batches(2)
@@ -311,18 +343,19 @@ def test_eval_mode_is_respected_and_running_stats_follow_real_steps_only() -> No
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_cuda_matches_cpu(name, make, needs_train) -> None:
+@each_method
+def test_cuda_matches_cpu(m) -> None:
     results = []
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
-        model = Net().to(DT).to(device)
-        hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
-        hopt = make(
+        model, hp, tl, vl = m.problem()
+        model.to(device)
+        hp.to(device)
+        hopt = m.make(
             model,
             hp,
-            train_loss,
-            ce,
+            tl,
+            vl,
             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
             torch.optim.Adam(hp.parameters(), lr=0.05),
         )
@@ -405,15 +438,17 @@ def _scenario_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("name,make,needs_train", METHODS, ids=IDS)
-def test_scenarios_train_like_pytorch_and_replay_the_real_steps(name, make, needs_train, scenario) -> None:
+@pytest.mark.parametrize("m", [m for m in METHODS if m.scenarios], ids=[m.id for m in METHODS if m.scenarios])
+def test_scenarios_train_like_pytorch_and_replay_the_real_steps(m, scenario) -> None:
     build, opt, extra = SCENARIOS[scenario]
     torch.manual_seed(0)
     model = build().to(DT)
     hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2, include=lambda n: n != "never")
     ref_model = copy.deepcopy(model)
     inner, ref_inner = opt(model.parameters()), opt(ref_model.parameters())
-    hopt = make(model, hp, _scenario_train, _scenario_loss, inner, torch.optim.Adam(hp.parameters(), lr=0.05))
+    hopt = m.make(
+        model, hp, _scenario_train, _scenario_loss, inner, torch.optim.Adam(hp.parameters(), lr=0.05)
+    )
     params = {n: p for n, p in model.named_parameters()}
     sched = ref_sched = None
     if extra == "schedule":
