@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import data as data
 from . import hparams as hparams
+from . import log as log
 from . import optim as optim
 from ._base import DisconnectedWarning as DisconnectedWarning
 from ._base import HyperOptimizer as HyperOptimizer

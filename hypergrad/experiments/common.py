@@ -1,0 +1,398 @@
+"""What every experiment shares: the registry record, the run context, results files, data.
+
+An experiment is a function ``run(ctx: Context) -> Outcome`` registered with :func:`register`
+together with its paper, the paper's claim, and three settings dictionaries (default, ``--quick``
+and ``--paper`` sizes). The command line (:mod:`hypergrad.cli`) builds the :class:`Context`, runs
+the function and writes the run folder (:func:`write_run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+import hypergrad as hg
+
+__all__ = [
+    "Context",
+    "Experiment",
+    "Outcome",
+    "REGISTRY",
+    "register",
+    "parse_value",
+    "machine_info",
+    "versions",
+    "write_run",
+    "digits_split",
+    "plt",
+    "finite_metrics",
+]
+
+T = TypeVar("T")
+Batch = tuple[Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What an experiment returns.
+
+    Attributes:
+        metrics: flat ``{name: float}`` final numbers (go into results.json and wandb's summary).
+        table: rows for the printed result table (``list[dict]``, same keys in every row).
+        headline: one line comparing ours with the paper's claim (goes into the README table).
+    """
+
+    metrics: dict[str, float]
+    table: list[dict[str, Any]]
+    headline: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A registered experiment.
+
+    Attributes:
+        name: the command-line name (``hypergrad run NAME``).
+        number: the issue's experiment number (ordering in ``hypergrad list`` and the README).
+        title: one line for ``hypergrad list``.
+        paper: the reference.
+        claim: the paper's number or claim.
+        defaults: settings of the default size (≤ 5 min on 2 CPU cores); their types fix how
+            ``--set key=value`` is parsed.
+        quick: overrides for ``--quick`` (seconds).
+        paper_size: overrides for ``--paper`` (the paper-sized setting, for a GPU).
+        run: the function.
+        methods: the values ``--method`` accepts (empty: the experiment has no method switch).
+    """
+
+    name: str
+    number: int
+    title: str
+    paper: str
+    claim: str
+    defaults: dict[str, Any]
+    quick: dict[str, Any]
+    paper_size: dict[str, Any]
+    run: Callable[[Context], Outcome]
+    methods: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, Experiment] = {}
+
+
+def register(
+    name: str,
+    *,
+    number: int,
+    title: str,
+    paper: str,
+    claim: str,
+    defaults: dict[str, Any],
+    quick: dict[str, Any],
+    paper_size: dict[str, Any] | None = None,
+    methods: tuple[str, ...] = (),
+) -> Callable[[Callable[[Context], Outcome]], Callable[[Context], Outcome]]:
+    """Decorator adding an experiment function to :data:`REGISTRY`."""
+
+    def deco(fn: Callable[[Context], Outcome]) -> Callable[[Context], Outcome]:
+        for k in (*quick, *(paper_size or {})):
+            if k not in defaults:
+                raise KeyError(f"experiment {name!r}: size setting {k!r} has no default")
+        if methods and defaults.get("method") not in methods:
+            raise ValueError(f"experiment {name!r}: default method must be one of {methods}")
+        REGISTRY[name] = Experiment(
+            name,
+            number,
+            title,
+            paper,
+            claim,
+            dict(defaults),
+            dict(quick),
+            dict(paper_size or {}),
+            fn,
+            methods,
+        )
+        return fn
+
+    return deco
+
+
+def parse_value(text: str, like: Any) -> Any:
+    """Parse ``text`` as the type of ``like`` (a default): bool, int, float or str.
+
+    >>> parse_value("3", 1), parse_value("1e-3", 0.1), parse_value("false", True), parse_value("cg", "x")
+    (3, 0.001, False, 'cg')
+    """
+    if isinstance(like, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(like, int):
+        f = float(text)
+        if not f.is_integer():
+            raise ValueError(f"expected an integer, got {text!r}")
+        return int(f)
+    if isinstance(like, float):
+        return float(text)
+    return text
+
+
+def _coerce(value: Any, like: Any) -> Any:
+    """Coerce a value from wandb.config (already typed by YAML) to the default's type."""
+    if isinstance(value, str):
+        return parse_value(value, like)
+    if isinstance(like, bool):
+        return bool(value)
+    if isinstance(like, int) and isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    if isinstance(like, float) and isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+class Context:
+    """What an experiment function gets: its settings, device, seed, output folder and logger.
+
+    Attributes:
+        experiment: the :class:`Experiment`.
+        config: the settings (defaults, then size overrides, then ``--set``, then ``wandb.config``).
+        device: ``torch.device``.
+        seed: the seed (also ``config["seed"]``).
+        out: the run folder (created).
+        logger: a :class:`hypergrad.log.Logger` (wandb attached with ``--wandb``).
+        progress: show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        config: dict[str, Any],
+        *,
+        device: torch.device,
+        out: Path,
+        logger: hg.log.Logger,
+        progress: bool = True,
+    ) -> None:
+        self.experiment = experiment
+        self.config = config
+        self.device = device
+        self.seed = int(config["seed"])
+        self.out = out
+        self.logger = logger
+        self.progress = progress
+        self.plots: list[Path] = []
+        out.mkdir(parents=True, exist_ok=True)
+
+    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+        """A tqdm progress bar over ``iterable`` (silent with ``progress=False``)."""
+        return iter(
+            tqdm(iterable, desc=desc, total=total, disable=not self.progress, mininterval=0.25, leave=False)
+        )
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU ``torch.Generator`` seeded with ``seed + offset``."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def savefig(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure as ``out/name.png`` (and send it to wandb); closes it."""
+        path = self.out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt().close(fig)
+        self.plots.append(path)
+        self.logger.image(name, path)
+        return path
+
+
+def plt() -> Any:
+    """``matplotlib.pyplot`` with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> bool:
+    """All metrics are finite numbers."""
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the run ran: platform, CPU count, torch threads, GPU name."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of python, hypergrad (and its git commit), torch, numpy, scikit-learn."""
+    out: dict[str, str | None] = {
+        "python": sys.version.split()[0],
+        "hypergrad": hg.__version__,
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import sklearn
+
+        out["scikit-learn"] = sklearn.__version__
+    except ImportError:  # pragma: no cover
+        out["scikit-learn"] = None
+    return out
+
+
+def write_run(
+    ctx: Context, outcome: Outcome, *, wall_seconds: float, command: str, size: str
+) -> dict[str, Any]:
+    """Write ``results.json`` and ``trajectory.csv`` into the run folder; returns the record."""
+    exp = ctx.experiment
+    record = {
+        "experiment": exp.name,
+        "number": exp.number,
+        "title": exp.title,
+        "paper": exp.paper,
+        "claim": exp.claim,
+        "command": command,
+        "size": size,
+        "config": ctx.config,
+        "metrics": outcome.metrics,
+        "table": outcome.table,
+        "headline": outcome.headline,
+        "machine": machine_info(ctx.device),
+        "versions": versions(),
+        "wall_seconds": round(wall_seconds, 2),
+        "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "plots": [p.name for p in ctx.plots],
+    }
+    (ctx.out / "results.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+    ctx.logger.to_csv(ctx.out / "trajectory.csv")
+    return record
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of ``rows`` (floats with 4 significant digits).
+
+    >>> print(format_table([{"method": "a", "loss": 0.123456}, {"method": "bb", "loss": 2.0}]))
+    method    loss
+    a       0.1235
+    bb           2
+    """
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = []
+    for row in [keys, *cells]:
+        parts = []
+        for i, c in enumerate(row):
+            left = i == 0 or (row is not keys and not _numeric(c))
+            parts.append(c.ljust(widths[i]) if left else c.rjust(widths[i]))
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s.rstrip("%"))
+    except ValueError:
+        return False
+    return True
+
+
+class Timer:
+    """Wall-clock seconds since construction (``float(timer)``)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __float__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def digits_split(
+    seed: int, n_train: int, n_val: int, device: torch.device, n_test: int | None = None
+) -> tuple[Batch, Batch, Batch]:
+    """scikit-learn's digits (1,797 8x8 images, shipped with it), shuffled by ``seed`` and split
+    into train / val / test (the rest, or ``n_test``), standardised with training statistics.
+
+    Returns:
+        ``((x, y), (x, y), (x, y))`` with ``x`` float32 ``(n, 64)``, ``y`` int64 ``(n,)``.
+    """
+    from sklearn.datasets import load_digits
+
+    x_np, y_np = load_digits(return_X_y=True)
+    if n_train + n_val >= len(x_np):
+        raise ValueError(f"n_train + n_val = {n_train + n_val} leaves no test digits (of {len(x_np)})")
+    perm = np.random.default_rng(seed).permutation(len(x_np))
+    x = torch.tensor(x_np[perm] / 16.0, dtype=torch.float32)
+    y = torch.tensor(y_np[perm], dtype=torch.long)
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0)
+    x = ((x - mean) / (std + 0.1)).to(device)
+    y = y.to(device)
+    a, b = n_train, n_train + n_val
+    c = len(x) if n_test is None else min(len(x), b + n_test)
+    return (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:c], y[b:c])
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, batch: Batch) -> float:
+    """Classification accuracy of ``model`` on ``(x, y, ...)``."""
+    return float((model(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+
+@torch.no_grad()
+def ce_loss(model: torch.nn.Module, batch: Batch) -> float:
+    """Mean cross-entropy of ``model`` on ``(x, y, ...)``."""
+    return float(torch.nn.functional.cross_entropy(model(batch[0]), batch[1]))

@@ -1,0 +1,237 @@
+"""Logging of hyperparameter training, to memory, CSV and (optionally) Weights & Biases.
+
+One line in a training loop logs what a hyperstep did::
+
+    logger = hg.log.Logger(wandb=True, project="my-project", config={"lr": 0.1})
+    ...
+    info = hopt.hyper_step(train_batch=tb, val_batch=vb)
+    logger.hyper_step(info, hparams=hp, step=i, train_loss=float(loss))
+
+Each call records a flat row of floats: ``outer_loss``, ``hypergrad_norm``, ``solver_iterations``,
+``solver_residual``, ``solver_status`` (as a string, and as one-hot ``solver_status/<name>``
+counts on wandb), ``unrolled_steps``, ``seconds``, every extra keyword (inner losses, accuracies)
+and :func:`hypergrad.hparams.summary` of ``hparams`` under ``hparams/``. With wandb on, the row goes
+to ``wandb.log`` together with a histogram of every hyperparameter tensor with more than one entry
+(every ``histogram_every`` calls). :meth:`Logger.to_csv` writes the rows as a CSV file.
+
+wandb is imported only when asked for (``wandb=True``). Without an API key and with ``WANDB_MODE``
+unset, runs are written offline (``wandb sync`` uploads them later): never a login prompt, a
+hang or a crash for want of a key or a network. Without wandb installed, the error says
+``pip install hypergrad[wandb]``.
+
+>>> import torch, hypergrad as hg
+>>> logger = hg.log.Logger()                       # memory only; wandb=True adds wandb
+>>> hp = hg.hparams.Hparam(0.5, shape=(3,))
+>>> info = hg.HyperStepInfo(0.25, 1.0, 5, 0.1, "fixed", None, 0.01, False, 1)
+>>> row = logger.hyper_step(info, hparams=hp, step=10, train_loss=0.5)
+>>> row["outer_loss"], row["train_loss"], row["hparams/value.mean"]
+(0.25, 0.5, 0.5)
+>>> len(logger.history)
+1
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import netrc
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .hparams import summary, values
+
+__all__ = ["Logger", "wandb_mode", "import_wandb", "WANDB_INSTALL_HINT"]
+
+WANDB_INSTALL_HINT = "wandb is not installed: pip install hypergrad[wandb]  (or: pip install wandb)"
+
+
+def import_wandb() -> Any:
+    """Import and return the ``wandb`` module.
+
+    Raises:
+        ImportError: wandb is not installed; the message says ``pip install hypergrad[wandb]``.
+    """
+    try:
+        import wandb
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(WANDB_INSTALL_HINT) from e
+    return wandb
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators(
+            os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+        )
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def wandb_mode(mode: str | None = None) -> str:
+    """The wandb mode a run gets: ``mode`` if given, else ``WANDB_MODE`` if set, else ``"online"``
+    when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry, as ``wandb login``
+    writes) and ``"offline"`` otherwise.
+
+    >>> wandb_mode("disabled")
+    'disabled'
+    """
+    if mode:
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    return "online" if _has_api_key() else "offline"
+
+
+class Logger:
+    """Records hypersteps as flat rows; optionally sends them to Weights & Biases.
+
+    Args:
+        wandb: start a wandb run (lazy import; see the module docstring for the offline rule)
+            (default: ``False``).
+        project: wandb project (default: ``"hypergrad"``).
+        name: wandb run name (default: wandb's choice).
+        config: flat settings for ``wandb.init(config=...)`` (default: none).
+        dir: folder for wandb's files (default: wandb's, i.e. ``./wandb`` or ``WANDB_DIR``).
+        mode: wandb mode, overriding the rule of :func:`wandb_mode` (default: ``None``).
+        histogram_every: log hyperparameter histograms every this many :meth:`hyper_step` calls;
+            0 turns them off (default: 1).
+        prefix: prepended to the hyperparameter summary keys (default: ``"hparams/"``).
+
+    Attributes:
+        history: the rows logged so far (``list[dict[str, float | str]]``).
+        run: the wandb run, or ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        wandb: bool = False,
+        project: str = "hypergrad",
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        dir: str | os.PathLike[str] | None = None,
+        mode: str | None = None,
+        histogram_every: int = 1,
+        prefix: str = "hparams/",
+    ) -> None:
+        if histogram_every < 0:
+            raise ValueError(f"Invalid histogram_every: {histogram_every!r} (need an int >= 0)")
+        self.history: list[dict[str, Any]] = []
+        self.histogram_every = histogram_every
+        self.prefix = prefix
+        self._calls = 0
+        self.run: Any = None
+        self._wandb: Any = None
+        if wandb:
+            wb = import_wandb()
+            if dir is not None:
+                Path(dir).mkdir(parents=True, exist_ok=True)
+            self._wandb = wb
+            self.run = wb.init(
+                project=project,
+                name=name,
+                config=dict(config or {}),
+                dir=None if dir is None else str(dir),
+                mode=wandb_mode(mode),
+                reinit="finish_previous",
+            )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The wandb run's config as a dict (a sweep agent's choices land here); ``{}`` without wandb."""
+        if self.run is None:
+            return {}
+        return dict(self.run.config)
+
+    def log(self, row: Mapping[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Record any flat row of scalars (and send it to wandb); returns the stored row."""
+        stored = dict(row)
+        if step is not None:
+            stored["step"] = step
+        self.history.append(stored)
+        if self.run is not None:
+            self.run.log({k: v for k, v in stored.items() if k != "step"}, step=step)
+        return stored
+
+    def hyper_step(
+        self, info: Any, hparams: nn.Module | None = None, *, step: int | None = None, **extra: float
+    ) -> dict[str, Any]:
+        """Log one hyperstep: the fields of ``info`` (a :class:`~hypergrad.HyperStepInfo`), the
+        extra scalars given as keywords, and a summary (and histograms) of ``hparams``.
+
+        Returns:
+            The flat row as stored in :attr:`history` (``None`` fields of ``info`` left out).
+        """
+        row: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(info).items():
+            if v is None:
+                continue
+            row[k] = v if isinstance(v, str) else float(v)
+        row.update({k: float(v) for k, v in extra.items()})
+        if hparams is not None:
+            row.update({f"{self.prefix}{k}": v for k, v in summary(hparams).items()})
+        self._calls += 1
+        stored = dict(row)
+        if step is not None:
+            stored["step"] = step
+        self.history.append(stored)
+        if self.run is not None:
+            send = {k: v for k, v in row.items() if k != "solver_status"}
+            if isinstance(row.get("solver_status"), str):
+                send[f"solver_status/{row['solver_status']}"] = 1
+            if hparams is not None and self.histogram_every and self._calls % self.histogram_every == 0:
+                for k, v in values(hparams).items():
+                    if v.numel() > 1:
+                        send[f"{self.prefix}{k}.hist"] = self._wandb.Histogram(
+                            v.detach().reshape(-1).float().cpu().numpy()
+                        )
+            self.run.log(send, step=step)
+        return stored
+
+    def image(self, key: str, path: str | os.PathLike[str]) -> None:
+        """Send a saved image (a plot) to wandb; no-op without wandb."""
+        if self.run is not None:
+            self.run.log({key: self._wandb.Image(str(path))})
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        """Set the run's final metrics (wandb's run summary); no-op without wandb."""
+        if self.run is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float, str, bool)):
+                    self.run.summary[k] = v
+
+    def to_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Write :attr:`history` as a CSV file (columns: the union of the rows' keys, ``step`` first)."""
+        keys: list[str] = []
+        for row in self.history:
+            keys.extend(k for k in row if k not in keys)
+        if "step" in keys:
+            keys.remove("step")
+            keys.insert(0, "step")
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)
+        return out
+
+    def finish(self) -> None:
+        """End the wandb run (if any); the in-memory history stays."""
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
