@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._functional import FunctionalPair, all_finite, check_batch, norm
+from ._functional import FunctionalPair, Ranks, all_finite, check_batch, norm
 from ._types import Batch, LossFn, Tensors
 from .hparams import OptimizerSetting, from_raw
 
@@ -116,6 +116,13 @@ class HyperOptimizer(abc.ABC):
 
     The losses run in whatever mode (``model.train()`` / ``model.eval()``) the user set; BatchNorm
     running statistics are updated by :meth:`step` only, once per inner step.
+
+    Data parallel: wrap the model in ``torch.nn.parallel.DistributedDataParallel`` and give each
+    rank its own shard of every batch (equal shard sizes). :meth:`step` runs the wrapper (its
+    reducer averages the gradients); hypergradient computations run on ``model.module`` and
+    average what they need over the ranks themselves, so they equal one process's on the
+    concatenated batches (to rounding; BatchNorm statistics stay per rank, as in DDP) and every
+    rank ends with the same hyperparameters.
     """
 
     def __init__(
@@ -161,8 +168,9 @@ class HyperOptimizer(abc.ABC):
         self.divergence = None if divergence is None else float(divergence)
         self._loss_scale: float | None = None  # |first accepted training loss|, for ``divergence``
         self._validate_tensors()
+        self.ranks = Ranks(model)  # DistributedDataParallel: hypergradient paths use the module
         self._weights_key: tuple[int, ...] = ()
-        self.pair = FunctionalPair(model, hparams, self._trained_weights())
+        self.pair = FunctionalPair(self.ranks.module, hparams, self._trained_weights())
         self._weights_key = tuple(id(w) for w in self.pair.weights)
         self.settings: list[tuple[int, OptimizerSetting]] = self._find_settings()
         self._warned_disconnected: set[str] = set()
@@ -291,8 +299,8 @@ class HyperOptimizer(abc.ABC):
         old_grads = [w.grad for w in everything]
         for w in everything:
             w.grad = None
-        try:
-            loss = pair.loss(self.train_loss, batch)
+        try:  # on the user's model itself: a DistributedDataParallel wrapper averages the gradients
+            loss = pair._check_scalar(self.train_loss(self.model, self.hparams, batch), self.train_loss)
             if loss.requires_grad:
                 loss.backward(inputs=list(weights))
         except BaseException:

@@ -319,3 +319,70 @@ def clone_batch(batch: Any) -> Any:
             object.__setattr__(new, f.name, clone_batch(getattr(batch, f.name)))
         return new
     return copy.deepcopy(batch)
+
+
+# ----------------------------------------------------------------------------- DistributedDataParallel
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of a process group; its backward sums the incoming gradients the same way
+    (the adjoint of "every rank gets the sum" is "every rank gets the sum of the cotangents")."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        y = x.clone()
+        torch.distributed.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        g = g.clone()
+        torch.distributed.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class Ranks:
+    """The data-parallel ranks a model is replicated on (a ``DistributedDataParallel`` model's
+    process group), and averages over them. With one rank every operation is the identity.
+
+    Args:
+        model: the user's model, maybe wrapped in ``torch.nn.parallel.DistributedDataParallel``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.wrapped = isinstance(model, DistributedDataParallel)
+        self.module: nn.Module = model
+        self.group: Any = None
+        self.size = 1
+        if isinstance(model, DistributedDataParallel):
+            self.module = model.module
+            self.group = model.process_group
+            self.size = torch.distributed.get_world_size(self.group)
+
+    def mean_(self, ts: Sequence[Tensor]) -> None:
+        """Average ``ts`` over the ranks in place: one collective for all of them."""
+        if self.size == 1 or not ts:
+            return
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])
+        torch.distributed.all_reduce(flat, group=self.group)
+        flat.div_(self.size)
+        offset = 0
+        with torch.no_grad():
+            for t in ts:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def mean(self, ts: Sequence[Tensor]) -> Tensors:
+        """The average of ``ts`` over the ranks, differentiable (one collective)."""
+        if self.size == 1 or not ts:
+            return tuple(ts)
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        flat = _AllReduceSum.apply(flat, self.group) / self.size
+        out, offset = [], 0
+        for t in ts:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return tuple(out)

@@ -41,20 +41,30 @@ def _implicit(
     hparams: Sequence[Tensor],
     solver: LinearSolver | Callable[[HVP], tuple[LinearSolver, int, Any]],
     x0: Sequence[Tensor] | None = None,
+    average: Callable[[Sequence[Tensor]], None] | None = None,
 ) -> _ImplicitResult:
+    # ``average``: data parallel, averages tensors over the ranks in place. Every quantity below
+    # is an average over the data, and linear in it given the global vectors, so: once for
+    # (v1, L_V), once per HVP, once for the final hypergradient.
     weights = list(weights)
     hparams = list(hparams)
     lv = val_loss()
     gv = grads_or_none(lv, weights + hparams)
     v1 = materialize(gv[: len(weights)], weights)
     direct_or_none = gv[len(weights) :]
+    lv = lv.detach().clone()
+    if average is not None:
+        average([*v1, lv])
     lt = train_loss()
     gt = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True, materialize_grads=True)
     if not any(g.requires_grad for g in gt):
         raise ValueError("the training gradient does not depend on the weights (is train_loss linear?)")
 
     def hvp(u: Sequence[Tensor]) -> Tensors:
-        return grads_or_zeros(gt, weights, list(u), retain_graph=True)
+        out = grads_or_zeros(gt, weights, list(u), retain_graph=True)
+        if average is not None:
+            average(out)
+        return out
 
     extra, power = 0, None
     if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
@@ -67,7 +77,9 @@ def _implicit(
     direct = materialize(direct_or_none, hparams)
     mixed = materialize(mixed_or_none, hparams)
     hypergrad = tuple(torch._foreach_sub(list(direct), list(mixed)))
-    return _ImplicitResult(hypergrad, lv.detach(), sol, reached, extra, power)
+    if average is not None:
+        average(hypergrad)
+    return _ImplicitResult(hypergrad, lv, sol, reached, extra, power)
 
 
 def implicit_hypergradient(
@@ -319,7 +331,8 @@ class Implicit(HyperOptimizer):
         if isinstance(self.solver, Neumann) and self._alpha_rule() == "power":
             solver = self._choose_solver
         x0 = self._x0 if self.solver.warm_start else None
-        r = _implicit(lt_recorded, lv, pair.weights, pair.hparam_tensors, solver, x0)
+        average = self.ranks.mean_ if self.ranks.size > 1 else None
+        r = _implicit(lt_recorded, lv, pair.weights, pair.hparam_tensors, solver, x0, average)
 
         def commit() -> None:
             if self.solver.warm_start:

@@ -198,6 +198,11 @@ class Unrolled(HyperOptimizer):
         )
         self.steps = steps
         self.mode = Mode(mode)
+        if self.mode is Mode.FORWARD and self.ranks.size > 1:
+            raise ValueError(
+                "Unrolled(mode='forward') does not support DistributedDataParallel models (forward-mode "
+                "AD through the gradient all-reduce); use mode='reverse'"
+            )
         self._update = update_for(inner_optimizer)
         self._records: collections.deque[_Record] = collections.deque(maxlen=steps)
         self._versions: tuple[int, ...] = ()
@@ -313,6 +318,7 @@ class Unrolled(HyperOptimizer):
                 self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
             )
         grads = materialize(grads_or_none(loss, weights, create_graph=True), weights)
+        grads = self.ranks.mean(grads)  # data parallel: the averaged gradient the real step used
         tuned = self._hparam_values(hp)
         new_w: list[Tensor] = list(weights)
         states = list(states)
@@ -422,9 +428,15 @@ class Unrolled(HyperOptimizer):
         )
         raw = grads_or_none(out, pair.hparam_tensors)
         reached = tuple(g is not None for g in raw)
+        # data parallel: each rank differentiated its own L_V shard through the shared replay (whose
+        # gradient averages sum the cotangents back over the ranks); the mean of the parts is the
+        # derivative of the mean validation loss
+        grads = materialize(raw, pair.hparam_tensors)
+        value = out.detach().clone()
+        self.ranks.mean_([*grads, value])
         return _Hypergradient(
-            materialize(raw, pair.hparam_tensors),
-            out.detach(),
+            grads,
+            value,
             unrolled_steps=len(self._records),
             reached=reached,
         )

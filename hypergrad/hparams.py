@@ -381,8 +381,11 @@ class WeightDecay(nn.Module):
     def penalty(self, model: nn.Module) -> Tensor:
         r""":math:`\tfrac12\sum_k d_k \odot w_k^2` over the penalised parameters of ``model``.
 
-        Pass the ``model`` your loss receives, so substituted weights are the ones penalised.
+        Pass the ``model`` your loss receives, so substituted weights are the ones penalised. A
+        ``DistributedDataParallel`` / ``DataParallel`` wrapper is looked through (its ``module``).
         """
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         params = dict(model.named_parameters())
         missing = [n for n in self.names if n not in params]
         if missing:
