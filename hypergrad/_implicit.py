@@ -181,6 +181,14 @@ class Implicit(HyperOptimizer):
             divergence: see :class:`HyperOptimizer`.
         solver: :class:`Neumann` (default: 5 terms), :class:`CG` or :class:`Identity`. A solver
             with ``warm_start=True`` starts from the previous accepted hyperstep's solution.
+        hessian_subset: which trained weights (by parameter name) the implicit function theorem
+            differentiates through, e.g. ``lambda n: n.startswith("head.")`` for the last layers
+            of a very large model; ``None``: all (default: ``None``). With :math:`w = (w_S, w_F)`
+            it computes :math:`\partial_\lambda L_V - \partial^2_{\lambda w_S} L_T\,
+            H_{SS}^{-1} \partial_{w_S} L_V`, treating :math:`w_F` as constants: exact when
+            :math:`w_F` does not depend on :math:`\lambda` (frozen or pretrained features),
+            otherwise it ignores how they respond. HVPs and the solver's vectors cover
+            :math:`w_S` only, and backward passes stop below it (no graph is kept for the rest).
 
     Neumann's step size :math:`\alpha` (the series converges only when :math:`\|I - \alpha H\| < 1`):
 
@@ -228,6 +236,7 @@ class Implicit(HyperOptimizer):
         inner_optimizer: torch.optim.Optimizer,
         outer_optimizer: torch.optim.Optimizer,
         solver: LinearSolver | None = None,
+        hessian_subset: Callable[[str], bool] | None = None,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
         divergence: float | None = None,
     ) -> None:
@@ -250,6 +259,12 @@ class Implicit(HyperOptimizer):
         if not isinstance(solver, LinearSolver):
             raise TypeError(f"solver must be hg.Neumann, hg.CG or hg.Identity, got {type(solver).__name__}")
         self.solver = solver
+        if hessian_subset is not None and not callable(hessian_subset):
+            raise TypeError(
+                "hessian_subset must be a callable name -> bool, e.g. lambda n: n.startswith('fc')"
+            )
+        self.hessian_subset = hessian_subset
+        self._hessian_weights()  # fail now if the subset is empty
         self._x0: Tensors | None = None  # the last accepted solution (warm start)
         self._power: tuple[float, Tensors, int] | None = None  # (estimate, eigenvector, at hyperstep)
         self._warned_lr = False
@@ -257,6 +272,18 @@ class Implicit(HyperOptimizer):
     def start_episode(self) -> None:
         self._x0 = None
         self._power = None
+
+    def _hessian_weights(self) -> list[Tensor]:
+        """The trained weights the IFT differentiates through (``hessian_subset``)."""
+        pair = self.pair
+        if self.hessian_subset is None:
+            return list(pair.weights)
+        chosen = [w for n, w in zip(pair.weight_names, pair.weights, strict=True) if self.hessian_subset(n)]
+        if not chosen:
+            raise ValueError(
+                f"hessian_subset selects none of the trained weights {list(pair.weight_names)[:6]}..."
+            )
+        return chosen
 
     def _alpha_rule(self) -> float | str:
         """Neumann's step size: a number, or ``"power"``."""
@@ -304,7 +331,7 @@ class Implicit(HyperOptimizer):
         if power is None or self.hyper_steps - power[2] >= _POWER_EVERY:
             start = None if power is None else power[1]
             iters = _POWER_ITERS if power is None else _POWER_REFRESH_ITERS
-            lam, vec = power_iteration(hvp, self.pair.weights, iters, start)
+            lam, vec = power_iteration(hvp, self._hessian_weights(), iters, start)
             if not lam > 0:  # zero / non-finite Hessian: leave it to the guards downstream
                 lam = float("nan") if lam != lam else float(torch.finfo(self.dtype).tiny)
             extra, power = iters, (lam, vec, self.hyper_steps)
@@ -332,7 +359,8 @@ class Implicit(HyperOptimizer):
             solver = self._choose_solver
         x0 = self._x0 if self.solver.warm_start else None
         average = self.ranks.mean_ if self.ranks.size > 1 else None
-        r = _implicit(lt_recorded, lv, pair.weights, pair.hparam_tensors, solver, x0, average)
+        weights = self._hessian_weights()
+        r = _implicit(lt_recorded, lv, weights, pair.hparam_tensors, solver, x0, average)
 
         def commit() -> None:
             if self.solver.warm_start:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
 
 import hypergrad as hg
 import hypergrad.testing as ht
@@ -165,3 +168,54 @@ def test_mlp_with_batchnorm_matches_dense_ift(train_mode: bool) -> None:
     # one relative error over all hyperparameters: the bias before BatchNorm has no effect on the
     # output in train mode, so its own hypergradient is ~1e-17 and only rounding is left of it
     assert _rel(got, torch.cat(dense)) < 1e-10
+
+
+def test_hessian_subset_is_exact_when_the_other_weights_do_not_depend_on_the_hyperparameters() -> None:
+    """A trained feature layer, and a linear head with one decay per weight: with the head at its
+    optimum for the current features, the IFT on the head alone equals differentiating the head's
+    closed-form ridge solution (features held fixed), while the full IFT does not."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1, bias=False)).to(dt)
+    hp = hg.hparams.WeightDecay(model, per="parameter", init=0.1, include=lambda n: n.startswith("2."))
+    x, y = torch.randn(40, 3, dtype=dt), torch.randn(40, 1, dtype=dt)
+    xv, yv = torch.randn(30, 3, dtype=dt), torch.randn(30, 1, dtype=dt)
+
+    def mse(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        return 0.5 * ((m(b[0]) - b[1]) ** 2).mean()
+
+    def make(subset: Any) -> hg.Implicit:
+        return hg.Implicit(
+            model,
+            hp,
+            lambda m, h, b: mse(m, h, b) + h.penalty(m),
+            mse,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+            solver=hg.CG(maxiter=50, tol=1e-14),
+            hessian_subset=subset,
+        )
+
+    with torch.no_grad():
+        feats = torch.tanh(model[0](x))
+    raw = hp.raw[0]
+
+    def head_optimum(r: torch.Tensor) -> torch.Tensor:  # (1, 6): argmin of the head's ridge loss
+        a = feats.T @ feats / len(x) + torch.diag(r.exp().reshape(-1))
+        return torch.linalg.solve(a, feats.T @ y / len(x)).T
+
+    with torch.no_grad():
+        model[2].weight.copy_(head_optimum(raw))
+    r = raw.detach().clone().requires_grad_(True)
+    w = head_optimum(r)
+    val = 0.5 * ((torch.tanh(model[0](xv)).detach() @ w.T - yv) ** 2).mean()
+    (exact,) = torch.autograd.grad(val, r)
+
+    subset_grads, info = make(lambda n: n.startswith("2.")).hypergradient(
+        train_batch=(x, y), val_batch=(xv, yv)
+    )
+    torch.testing.assert_close(subset_grads[0], exact, rtol=1e-9, atol=1e-12)
+    full, _ = make(None).hypergradient(train_batch=(x, y), val_batch=(xv, yv))
+    assert not torch.allclose(full[0], exact, rtol=1e-3)  # the full IFT also moves the features
+    with pytest.raises(ValueError, match="hessian_subset selects none"):
+        make(lambda n: n.startswith("nothing"))
