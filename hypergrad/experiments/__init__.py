@@ -18,7 +18,10 @@ from .common import REGISTRY, Context, Experiment, Outcome
 __all__ = ["REGISTRY", "Context", "Experiment", "Outcome", "load_all", "MODULES"]
 
 #: the experiment modules, in the issue's order
-MODULES = ("accuracy",)
+MODULES = (
+    "accuracy",
+    "overfit_val",
+)
 
 
 def load_all() -> None:
