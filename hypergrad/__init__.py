@@ -2,7 +2,7 @@
 
 >>> import hypergrad as hg
 >>> sorted(n for n in hg.__all__ if n[0].isupper())[:3]
-['CG', 'DisconnectedWarning', 'HyperOptimizer']
+['BestResponse', 'CG', 'DisconnectedWarning']
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import data as data
 from . import hparams as hparams
 from . import log as log
+from . import nn as nn
 from . import optim as optim
 from ._base import DisconnectedWarning as DisconnectedWarning
 from ._base import HyperOptimizer as HyperOptimizer
@@ -18,6 +19,9 @@ from ._base import NonFiniteError as NonFiniteError
 from ._base import NonFiniteWarning as NonFiniteWarning
 from ._implicit import Implicit as Implicit
 from ._implicit import implicit_hypergradient as implicit_hypergradient
+from ._selftuning import BestResponse as BestResponse
+from ._selftuning import SelfTuning as SelfTuning
+from ._selftuning import selftuning_hypergradient as selftuning_hypergradient
 from ._solvers import CG as CG
 from ._solvers import Identity as Identity
 from ._solvers import LinearSolver as LinearSolver
@@ -31,6 +35,7 @@ from ._unrolled import unrolled_hypergradient as unrolled_hypergradient
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "BestResponse",
     "CG",
     "DisconnectedWarning",
     "HyperOptimizer",
@@ -42,12 +47,15 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteWarning",
     "ReplayWarning",
+    "SelfTuning",
     "SolveResult",
     "SolveStatus",
     "Unrolled",
     "data",
     "hparams",
     "implicit_hypergradient",
+    "nn",
     "optim",
+    "selftuning_hypergradient",
     "unrolled_hypergradient",
 ]

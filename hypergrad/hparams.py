@@ -684,3 +684,8 @@ def summary(hparams: nn.Module) -> dict[str, float]:
             stats = torch.stack([flat.mean(), flat.min(), flat.max(), flat.std()]).tolist()
             out.update({f"{name}.{k}": s for k, s in zip(("mean", "min", "max", "std"), stats, strict=True)})
     return out
+
+
+from ._stn_hparams import Draw, Integer, Positive, Rate, SelfTuned  # noqa: E402  (self-tuning networks)
+
+__all__ += ["SelfTuned", "Rate", "Positive", "Integer", "Draw"]

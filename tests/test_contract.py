@@ -82,12 +82,89 @@ class Method:
     scenarios: bool = True
 
 
+class StnNet(nn.Module):
+    """A self-tuning MLP: input noise and a dropout rate, both tuned (4 features, 3 classes)."""
+
+    def __init__(self, n_hparams: int) -> None:
+        super().__init__()
+        self.l1 = hg.nn.StnLinear(4, 8, n_hparams)
+        self.l2 = hg.nn.StnLinear(8, 3, n_hparams)
+
+    def forward(self, x: torch.Tensor, hp: nn.Module) -> torch.Tensor:
+        d = hp.draw(len(x))  # type: ignore[operator]
+        x = hg.nn.gaussian_noise(x, d["noise"], self.training)
+        h = hg.nn.dropout(torch.tanh(self.l1(x, d)), d["dropout"], self.training)
+        return self.l2(h, d)
+
+
+def stn_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(m(b[0], h), b[1])
+
+
+def selftuning_problem() -> tuple[nn.Module, nn.Module, Any, Any]:
+    hp = hg.hparams.SelfTuned(
+        dropout=hg.hparams.Rate(0.2, high=0.9), noise=hg.hparams.Positive(0.1), dtype=DT
+    )
+    return StnNet(hp.size).to(DT), hp, stn_loss, stn_loss
+
+
+def best_response_problem() -> tuple[nn.Module, nn.Module, Any, Any]:
+    hp = hg.hparams.SelfTuned(decay=hg.hparams.Positive(0.01, transform="exp"), learn_scale=False, dtype=DT)
+    net = hg.nn.HyperNet(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT), hp.size, rank=2)
+
+    def val(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0], hparams=h), b[1])
+
+    def train(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        w = m.weights(h)  # type: ignore[operator]
+        decay = h.draw(1)["decay"][0]  # type: ignore[operator]
+        return val(m, h, b) + decay * sum((t**2).sum() for t in w.values())
+
+    return net, hp, train, val
+
+
+def _selftuning(**opts: Any) -> Callable[..., hg.HyperOptimizer]:
+    def make(model, hp, tl, vl, inner, outer, **kw):
+        return hg.SelfTuning(model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer, **opts, **kw)
+
+    return make
+
+
+def _best_response(**opts: Any) -> Callable[..., hg.HyperOptimizer]:
+    def make(model, hp, tl, vl, inner, outer, **kw):
+        return hg.BestResponse(model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer, **opts, **kw)
+
+    return make
+
+
 METHODS: list[Method] = [
     Method("implicit-neumann", _implicit(hg.Neumann(steps=3))),
     Method("implicit-cg", _implicit(hg.CG(maxiter=5, damping=0.1))),
     Method("implicit-identity", _implicit(hg.Identity())),
     Method("unrolled-reverse", _unrolled(3, "reverse"), needs_train=False),
     Method("unrolled-forward", _unrolled(2, "forward"), needs_train=False),
+    Method("selftuning", _selftuning(), needs_train=False, problem=selftuning_problem, scenarios=False),
+    Method(
+        "selftuning-delta",
+        _selftuning(delta=True),
+        needs_train=False,
+        problem=selftuning_problem,
+        scenarios=False,
+    ),
+    Method(
+        "best-response-local",
+        _best_response(),
+        needs_train=False,
+        problem=best_response_problem,
+        scenarios=False,
+    ),
+    Method(
+        "best-response-global",
+        _best_response(sampling="global"),
+        needs_train=False,
+        problem=best_response_problem,
+        scenarios=False,
+    ),
 ]
 IDS = [m.id for m in METHODS]
 BY_ID = {m.id: m for m in METHODS}

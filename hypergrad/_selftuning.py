@@ -1,0 +1,399 @@
+r"""Best-response methods: self-tuning networks and best-response hypernetworks.
+
+Both learn an approximation :math:`\hat w_\phi(\lambda)` of the best response
+:math:`w^*(\lambda) = \arg\min_w L_T(w, \lambda)` and move :math:`\lambda` on the validation loss
+*through* it:
+
+.. math::
+    \text{inner:}\quad \min_\phi\ \mathbb{E}_{\tilde\lambda \sim p(\cdot \mid \lambda, \sigma)}
+        L_T(\hat w_\phi(\tilde\lambda), \tilde\lambda), \qquad
+    \text{outer:}\quad \min_{\lambda, \sigma}\ \mathbb{E}_{\epsilon}
+        L_V(\hat w_\phi(\lambda + \sigma\epsilon)) - \tau\, \mathbb{H}[N(0, \sigma^2)].
+
+The training loss is never differentiated w.r.t. :math:`\lambda`, so dropout rates, augmentation
+strengths and integer hyperparameters can be tuned. The hypergradient costs one validation
+forward/backward pass (no Hessian, no replay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
+from ._functional import check_batch, clone_all, grads_or_none, materialize
+from ._stn_hparams import SelfTuned, _load_state, _Mode, _state
+from ._types import Batch, LossFn, Tensors
+from .nn import HyperNet, stn_layers
+
+
+def selftuning_hypergradient(
+    val_loss: Callable[[], Tensor], hparams: SelfTuned, entropy_weight: float
+) -> tuple[Tensors, Tensor, Tensor]:
+    r"""The outer gradient of a best-response method, over a closure.
+
+    :math:`\nabla_{(\lambda, \sigma)} \big[L_V - \tau \sum_j \log\sigma_j\big]`, where ``val_loss``
+    reads the hyperparameters through ``hparams.draw`` (and so through the best response).
+
+    Args:
+        val_loss: closure computing :math:`L_V` (0-dim).
+        hparams: the :class:`~hypergrad.hparams.SelfTuned` container.
+        entropy_weight: :math:`\tau \ge 0` (ignored when ``hparams`` does not learn its scale).
+
+    Returns:
+        ``(grads, val_loss, reached)``: ``grads`` shaped like ``list(hparams.parameters())``,
+        the detached validation loss, and a bool tensor per parameter saying whether any gradient
+        reached it.
+
+    >>> import torch, hypergrad as hg
+    >>> hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.5), learn_scale=False)
+    >>> g, lv, _ = selftuning_hypergradient(lambda: (hp.draw(1).features ** 2).sum(), hp, 0.0)
+    >>> round(float(g[0]), 6)        # d/dr r^2 at r = logit(0.5) = 0
+    0.0
+    """
+    params = list(hparams.parameters())
+    lv = val_loss()
+    obj = lv - entropy_weight * hparams.entropy() if hparams.learn_scale else lv
+    gs = grads_or_none(obj, params)
+    reached = torch.tensor([g is not None for g in gs])
+    return materialize(gs, params), lv.detach(), reached
+
+
+class _BestResponseBase(HyperOptimizer):
+    """What SelfTuning and BestResponse share: draws, eval-mode validation, history, state."""
+
+    hparams: SelfTuned
+    _train_mode = _Mode.TRAIN
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hparams: nn.Module,
+        train_loss: LossFn,
+        val_loss: LossFn,
+        *,
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        entropy_weight: float,
+        warmup: int,
+        train_steps: int,
+        val_steps: int,
+        on_nonfinite: OnNonFinite | str,
+        divergence: float | None,
+    ) -> None:
+        super().__init__(
+            model,
+            hparams,
+            train_loss,
+            val_loss,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
+            on_nonfinite=on_nonfinite,
+            divergence=divergence,
+        )
+        name = type(self).__name__
+        if not isinstance(hparams, SelfTuned):
+            raise TypeError(
+                f"{name} needs hparams = hg.hparams.SelfTuned(...) (named Rate / Positive / Integer "
+                f"specs), got {type(hparams).__name__}"
+            )
+        for arg, v, low in (
+            ("warmup", warmup, 0),
+            ("train_steps", train_steps, 1),
+            ("val_steps", val_steps, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"Invalid {arg}: {v!r} (need an int >= {low})")
+        if not (isinstance(entropy_weight, (int, float)) and entropy_weight >= 0):
+            raise ValueError(f"Invalid entropy_weight: {entropy_weight!r} (need a number >= 0)")
+        self.entropy_weight = float(entropy_weight)
+        self.warmup, self.train_steps, self.val_steps = warmup, train_steps, val_steps
+
+    def step(self, batch: Batch) -> Tensor:
+        """One inner step on ``train_loss`` with freshly perturbed hyperparameters (the draws in
+        the loss are detached from :math:`\\lambda`, :math:`\\sigma`); see
+        :meth:`HyperOptimizer.step`."""
+        with self.hparams._drawing(self._train_mode):
+            return super().step(batch)
+
+    def hyper_due(self) -> bool:
+        """Whether the schedule calls for the validation phase now: after ``warmup`` inner steps,
+        after every ``train_steps`` inner steps (then take ``val_steps`` hypersteps)."""
+        n = self.inner_steps
+        return n >= max(self.warmup, 1) and (n - self.warmup) % self.train_steps == 0
+
+    def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
+        name = type(self).__name__
+        if val_batch is None:
+            raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss)")
+        check_batch(val_batch, "val_batch", self.device, self.dtype)
+        if train_batch is not None:  # not used, but a wrong one is still a bug worth naming
+            check_batch(train_batch, "train_batch", self.device, self.dtype)
+
+    def _val_closure(self, val_batch: Batch) -> Callable[[], Tensor]:
+        pair = self.pair
+        buffers = pair.buffers()
+
+        def lv() -> Tensor:
+            model = self.model
+            was = [(m, m.training) for m in model.modules()]
+            model.eval()  # no dropout or augmentation in the validation step
+            try:
+                with self.hparams._drawing(self._val_mode()):
+                    return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
+            finally:
+                for m, t in was:
+                    m.training = t
+
+        return lv
+
+    def _val_mode(self) -> _Mode:
+        return _Mode.VAL
+
+    def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        grads, lv, reached = selftuning_hypergradient(
+            self._val_closure(val_batch), self.hparams, self.entropy_weight
+        )
+        hp = self.hparams
+
+        def commit() -> None:
+            hp._record(self.inner_steps, self.hyper_steps + 1)
+
+        return _Hypergradient(grads, lv, reached=tuple(bool(r) for r in reached), commit=commit)
+
+    def _method_state(self) -> dict[str, Any]:
+        return _state(self.hparams)
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        _load_state(self.hparams, state)
+
+
+class SelfTuning(_BestResponseBase):
+    r"""Self-tuning networks (MacKay et al. 2019), and Delta-STN's centred form (Bae & Grosse 2020).
+
+    The model is built from ``hg.nn`` STN layers (:class:`~hypergrad.nn.StnLinear`,
+    :class:`~hypergrad.nn.StnConv2d`, ...), each fed the hyperparameters; their weights and
+    response maps together are :math:`\phi` and train with ``inner_optimizer``.
+
+    * :meth:`step` (the T_train phase, one call per step): one inner step on ``train_loss`` with
+      per-example perturbed hyperparameters :math:`\tilde\lambda_i = \lambda + \sigma\epsilon_i`
+      (what ``hparams.draw`` returns inside the loss; dropout and augmentation use their values).
+    * :meth:`hyper_step` (the T_val phase): one outer step on
+      :math:`L_V(\hat w_\phi(\lambda + \sigma\epsilon)) - \tau \sum_j \log\sigma_j` with the
+      model in **eval mode** (no dropout, no augmentation), so :math:`\lambda` reaches the
+      validation loss only through the layers' best response. Needs ``val_batch`` only.
+    * :meth:`hyper_due` says when the schedule wants the T_val phase (after ``warmup`` inner
+      steps, then every ``train_steps``); ``val_steps`` is how many hypersteps that phase takes.
+
+    Cost per hyperstep: one validation forward/backward. Per inner step: that of the network
+    with the STN layers (about 2x the matmul FLOPs of the ordinary layers).
+
+    Args:
+        model: a model containing at least one STN layer, each with ``n_hparams == hparams.size``.
+        hparams: a :class:`~hypergrad.hparams.SelfTuned` (learn its scale for the entropy term).
+        train_loss, val_loss: ``loss(model, hparams, batch)``; call the model as
+            ``model(x, hparams)`` (or draw once with ``hparams.draw(len(x))`` and pass the
+            draw), and read the values, e.g. ``hparams.draw(len(x))["dropout"]``.
+        inner_optimizer, outer_optimizer, on_nonfinite, divergence: see :class:`HyperOptimizer`.
+        entropy_weight: :math:`\tau` (default: 1e-3).
+        delta: Delta-STN's centred parameterisation: the layers see
+            :math:`\tilde\lambda - \lambda` (a stop-gradient :math:`\lambda`) so that
+            :math:`\hat w_\phi(\lambda) = w_0` and the response is a first-order correction
+            around the current hyperparameters (default: False).
+        warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows
+            (default: 0, 2, 1 — the paper's T_train = 2, T_val = 1).
+
+    Raises:
+        TypeError: ``hparams`` not a ``SelfTuned``.
+        ValueError: no STN layer in ``model``; a layer's ``n_hparams`` different from
+            ``hparams.size``; bad schedule or entropy weight.
+
+    >>> import torch, hypergrad as hg
+    >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.l1, self.l2 = hg.nn.StnLinear(4, 16, n), hg.nn.StnLinear(16, 3, n)
+    ...     def forward(self, x, hp):
+    ...         d = hp.draw(len(x))                   # one draw per batch, shared by all layers
+    ...         h = torch.relu(self.l1(x, d))
+    ...         return self.l2(hg.nn.dropout(h, d["dropout"], self.training), d)
+    >>> model = Net(hp.size)
+    >>> loss = lambda m, h, b: torch.nn.functional.cross_entropy(m(b[0], h), b[1])
+    >>> hopt = hg.SelfTuning(model, hp, loss, loss,
+    ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    ...     outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-3))
+    >>> b = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    >>> _ = hopt.step(b); _ = hopt.step(b)
+    >>> hopt.hyper_due()
+    True
+    >>> info = hopt.hyper_step(val_batch=b)
+    >>> sorted(hp.history()[0])
+    ['dropout', 'hyper_step', 'inner_step', 'sigma.dropout']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hparams: nn.Module,
+        train_loss: LossFn,
+        val_loss: LossFn,
+        *,
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        entropy_weight: float = 1e-3,
+        delta: bool = False,
+        warmup: int = 0,
+        train_steps: int = 2,
+        val_steps: int = 1,
+        on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
+        divergence: float | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            hparams,
+            train_loss,
+            val_loss,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
+            entropy_weight=entropy_weight,
+            warmup=warmup,
+            train_steps=train_steps,
+            val_steps=val_steps,
+            on_nonfinite=on_nonfinite,
+            divergence=divergence,
+        )
+        layers = stn_layers(model)
+        if not layers:
+            raise ValueError(
+                "SelfTuning: model has no STN layers (hg.nn.StnLinear, StnConv1d, StnConv2d, "
+                "StnLSTMCell), so the hyperparameters cannot reach the validation loss; build the "
+                "model from them (or use hg.BestResponse with hg.nn.HyperNet)"
+            )
+        size = self.hparams.size
+        bad = [f"{n or 'model'} (n_hparams={m.n_hparams})" for n, m in layers if m.n_hparams != size]
+        if bad:
+            raise ValueError(
+                f"SelfTuning: hparams.size is {size} but these STN layers were built for another "
+                f"number of hyperparameters: {', '.join(bad)}"
+            )
+        self.delta = bool(delta)
+        self.hparams._centred = self.delta
+
+
+class BestResponse(_BestResponseBase):
+    r"""Best-response hypernetworks (Lorraine & Duvenaud 2018).
+
+    ``model`` is a :class:`~hypergrad.nn.HyperNet` that generates a base model's weights from
+    the hyperparameters (linear, low-rank, or any architecture given to it); its parameters are
+    :math:`\phi`. The losses call ``model(x, hparams=hparams)`` (and may read
+    ``model.weights(hparams)`` for a penalty, and ``hparams.draw(1)[name]`` for values): one
+    :math:`\lambda` per batch.
+
+    * :meth:`step`: one inner step on ``train_loss`` at a sampled :math:`\tilde\lambda`:
+      ``sampling="local"`` draws :math:`\tilde\lambda \sim N(\lambda, \sigma^2)` around the current
+      value (the fixed scale of ``SelfTuned(..., learn_scale=False, scale=...)``);
+      ``sampling="global"`` draws from a fixed prior :math:`N(\lambda_0, s_p^2)` around the initial
+      value (``prior_scale`` :math:`s_p`), so the hypernetwork learns the response over the whole
+      region first (train it for ``warmup`` steps before the hypersteps).
+    * :meth:`hyper_step`: one outer step on :math:`L_V(w_\phi(\lambda))` (eval mode, no
+      perturbation). Needs ``val_batch`` only.
+
+    Args:
+        model: a :class:`~hypergrad.nn.HyperNet` with ``n_hparams == hparams.size``.
+        hparams: ``SelfTuned(..., learn_scale=False)``.
+        sampling: ``"local"`` (default) or ``"global"``.
+        prior_scale: :math:`s_p` for global sampling (default: 1.0).
+        warmup, train_steps, val_steps, inner_optimizer, outer_optimizer, on_nonfinite,
+            divergence: as in :class:`SelfTuning`.
+
+    >>> import torch, hypergrad as hg
+    >>> hp = hg.hparams.SelfTuned(decay=hg.hparams.Positive(0.1, transform="exp"), learn_scale=False)
+    >>> net = hg.nn.HyperNet(torch.nn.Linear(3, 1, bias=False), hp.size)
+    >>> def train(m, h, b):
+    ...     w = m.weights(h)["weight"]
+    ...     return ((m(b[0], hparams=h) - b[1]) ** 2).mean() + h.draw(1)["decay"][0] * (w ** 2).sum()
+    >>> val = lambda m, h, b: ((m(b[0], hparams=h) - b[1]) ** 2).mean()
+    >>> hopt = hg.BestResponse(net, hp, train, val,
+    ...     inner_optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+    ...     outer_optimizer=torch.optim.Adam(hp.parameters(), lr=1e-2))
+    >>> b = (torch.randn(16, 3), torch.randn(16, 1))
+    >>> _ = hopt.step(b)
+    >>> hopt.hyper_step(val_batch=b).hyper_steps
+    1
+    """
+
+    _train_mode = _Mode.SHARED_TRAIN
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hparams: nn.Module,
+        train_loss: LossFn,
+        val_loss: LossFn,
+        *,
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        sampling: str = "local",
+        prior_scale: float = 1.0,
+        warmup: int = 0,
+        train_steps: int = 1,
+        val_steps: int = 1,
+        on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
+        divergence: float | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            hparams,
+            train_loss,
+            val_loss,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
+            entropy_weight=0.0,
+            warmup=warmup,
+            train_steps=train_steps,
+            val_steps=val_steps,
+            on_nonfinite=on_nonfinite,
+            divergence=divergence,
+        )
+        if not isinstance(model, HyperNet):
+            raise ValueError(
+                f"BestResponse: model must be a hg.nn.HyperNet (a hypernetwork generating a model's "
+                f"weights), got {type(model).__name__}"
+            )
+        if model.n_hparams != self.hparams.size:
+            raise ValueError(
+                f"BestResponse: the HyperNet was built for n_hparams={model.n_hparams} but "
+                f"hparams.size is {self.hparams.size}"
+            )
+        if self.hparams.learn_scale:
+            raise ValueError(
+                "BestResponse keeps the sampling scale fixed: build the hyperparameters with "
+                "hg.hparams.SelfTuned(..., learn_scale=False, scale=...)"
+            )
+        if sampling not in ("local", "global"):
+            raise ValueError(f"Invalid sampling: {sampling!r} (need 'local' or 'global')")
+        if not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
+            raise ValueError(f"Invalid prior_scale: {prior_scale!r} (need a number > 0)")
+        self.sampling = sampling
+        if sampling == "global":
+            raw = self.hparams.raw.detach().clone()
+            self.hparams._prior = (raw, torch.full_like(raw, float(prior_scale)))
+        else:
+            self.hparams._prior = None
+
+    def _val_mode(self) -> _Mode:
+        return _Mode.MEAN
+
+    def _method_state(self) -> dict[str, Any]:
+        state = _state(self.hparams)
+        state["prior"] = self.hparams._prior
+        return state
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        _load_state(self.hparams, state)
+        if "prior" in state:
+            self.hparams._prior = state["prior"]

@@ -1,0 +1,504 @@
+r"""Hyperparameters for self-tuning networks and best-response hypernetworks.
+
+A :class:`SelfTuned` container holds every hyperparameter of a model as one unconstrained vector
+:math:`\lambda \in \mathbb{R}^H` (``raw``) with a perturbation scale :math:`\sigma \in \mathbb{R}^H_{>0}`
+(``raw_scale``). Each named entry is described by a *spec* that fixes its transform:
+
+==============  =========================================================  =======================
+spec            value from the unconstrained :math:`r`                      domain
+==============  =========================================================  =======================
+:class:`Rate`   stretched sigmoid :math:`a + (b - a)\,\sigma(r)`            :math:`(a, b)`, default
+                (its inverse is the stretched logit)                        :math:`(0, 1)`
+:class:`Positive`  :math:`\log(1 + e^{r})` (``"softplus"``) or              :math:`(0, \infty)`
+                :math:`e^{r}` (``"exp"``)
+:class:`Integer`   :math:`\lfloor l + (h + 1 - l)\,\sigma(r) \rfloor`       :math:`\{l, \dots, h\}`
+==============  =========================================================  =======================
+
+The losses do not read ``raw`` directly: they call :meth:`SelfTuned.draw` (or pass the container
+to the ``hg.nn`` layers, which draw for them). Outside a :class:`~hypergrad.SelfTuning` step a
+draw is the current value for every example; inside one it is the per-example perturbation
+:math:`\tilde\lambda_i = \lambda + \sigma \odot \epsilon_i`, :math:`\epsilon_i \sim N(0, I)`, drawn
+once per loss call and shared by every layer and augmentation that asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def stretched_sigmoid(raw: Tensor, low: float, high: float) -> Tensor:
+    r""":math:`a + (b - a)\,\sigma(r)`, onto :math:`(a, b)` (elementwise, differentiable).
+
+    >>> import torch
+    >>> stretched_sigmoid(torch.tensor([0.0]), 0.0, 0.9)
+    tensor([0.4500])
+    """
+    return low + (high - low) * torch.sigmoid(raw)
+
+
+def stretched_logit(value: Tensor, low: float, high: float) -> Tensor:
+    r"""Inverse of :func:`stretched_sigmoid`: :math:`\log(v - a) - \log(b - v)`.
+
+    >>> import torch
+    >>> stretched_logit(torch.tensor([0.45]), 0.0, 0.9)
+    tensor([0.])
+    """
+    return torch.log(value - low) - torch.log(high - value)
+
+
+def _softplus_inverse(value: Tensor) -> Tensor:
+    # log(e^v - 1) = v + log(1 - e^{-v}), accurate for large v
+    return value + torch.log(-torch.expm1(-value))
+
+
+class PositiveTransform(str, enum.Enum):
+    """How :class:`Positive` maps its unconstrained value onto :math:`(0, \\infty)`."""
+
+    SOFTPLUS = "softplus"
+    EXP = "exp"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """A named hyperparameter's transform and initial value (``size`` entries)."""
+
+    init: float
+    size: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1):
+            raise ValueError(f"{type(self).__name__}: size must be an int >= 1, got {self.size!r}")
+        if not math.isfinite(float(self.init)):
+            raise ValueError(f"{type(self).__name__}: init must be finite, got {self.init!r}")
+
+    def value(self, raw: Tensor) -> Tensor:
+        """The constrained value of unconstrained ``raw`` (elementwise)."""
+        raise NotImplementedError
+
+    def raw(self, value: Tensor) -> Tensor:
+        """The unconstrained tensor whose value is ``value`` (elementwise)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate(_Spec):
+    r"""A rate in :math:`(\text{low}, \text{high}) \subseteq (0, 1)`: dropout, a mixing probability.
+
+    Transform: :math:`v = a + (b - a)\,\sigma(r)`; its inverse, the stretched logit, gives the
+    initial raw value. The paper bounds dropout rates by 0.9 (``high=0.9``) so that a unit is never
+    dropped for good.
+
+    Args:
+        init: initial rate, strictly inside ``(low, high)``.
+        high: upper bound, ``<= 1`` (default: 1.0).
+        low: lower bound, ``>= 0`` (default: 0.0).
+        size: how many rates (e.g. one per layer) (default: 1).
+
+    Raises:
+        ValueError: bounds outside :math:`[0, 1]`, ``low >= high``, or ``init`` outside them.
+
+    >>> import torch
+    >>> r = Rate(0.1, high=0.9)
+    >>> round(float(r.value(r.raw(torch.tensor(0.1)))), 6)
+    0.1
+    """
+
+    init: float = 0.1
+    size: int = 1
+    high: float = 1.0
+    low: float = 0.0
+
+    def __init__(self, init: float, high: float = 1.0, *, low: float = 0.0, size: int = 1) -> None:
+        object.__setattr__(self, "init", float(init))
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "high", float(high))
+        object.__setattr__(self, "low", float(low))
+        self.__post_init__()
+        if not (0.0 <= self.low < self.high <= 1.0):
+            raise ValueError(f"Rate: need 0 <= low < high <= 1, got low={low!r}, high={high!r}")
+        if not (self.low < self.init < self.high):
+            raise ValueError(
+                f"Rate: init={init!r} is out of range; a rate must lie strictly inside "
+                f"({self.low:g}, {self.high:g})"
+            )
+
+    def value(self, raw: Tensor) -> Tensor:
+        return stretched_sigmoid(raw, self.low, self.high)
+
+    def raw(self, value: Tensor) -> Tensor:
+        return stretched_logit(value, self.low, self.high)
+
+
+@dataclasses.dataclass(frozen=True)
+class Positive(_Spec):
+    r"""A positive hyperparameter: a noise standard deviation, a penalty.
+
+    Args:
+        init: initial value, ``> 0``.
+        transform: ``"softplus"`` (default; :math:`v = \log(1 + e^r)`, gradients do not vanish
+            for large values) or ``"exp"`` (:math:`v = e^r`: steps are relative, for values
+            spanning decades such as a penalty).
+        size: how many (default: 1).
+
+    Raises:
+        ValueError: ``init <= 0`` or an unknown transform.
+
+    >>> import torch
+    >>> p = Positive(0.3, transform="exp")
+    >>> round(float(p.value(p.raw(torch.tensor(0.3)))), 6)
+    0.3
+    """
+
+    init: float = 1.0
+    size: int = 1
+    transform: PositiveTransform = PositiveTransform.SOFTPLUS
+
+    def __init__(
+        self, init: float, *, transform: PositiveTransform | str = "softplus", size: int = 1
+    ) -> None:
+        object.__setattr__(self, "init", float(init))
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "transform", PositiveTransform(transform))
+        self.__post_init__()
+        if not self.init > 0:
+            raise ValueError(f"Positive: init={init!r} is out of range; it must be > 0")
+
+    def value(self, raw: Tensor) -> Tensor:
+        return raw.exp() if self.transform is PositiveTransform.EXP else F.softplus(raw)
+
+    def raw(self, value: Tensor) -> Tensor:
+        return value.log() if self.transform is PositiveTransform.EXP else _softplus_inverse(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer(_Spec):
+    r"""An integer hyperparameter in :math:`\{l, \dots, h\}`: a cutout length, a shift, a width.
+
+    Transform: a stretched sigmoid onto the continuous interval :math:`(l, h + 1)`, then floor:
+    :math:`v = \lfloor l + (h + 1 - l)\,\sigma(r) \rfloor`, so every integer owns an interval of
+    equal width in :math:`\sigma(r)`. The unconstrained value (what the layers see and what
+    the outer optimiser moves) is continuous; only the value handed to the loss is floored.
+    ``init`` starts at the middle of its interval (:math:`c = \text{init} + 1/2`).
+
+    Args:
+        init: initial integer, ``low <= init <= high``.
+        low: smallest value.
+        high: largest value, ``> low``.
+        size: how many (default: 1).
+
+    Raises:
+        ValueError: non-integers, ``low >= high``, or ``init`` outside ``[low, high]``.
+
+    >>> import torch
+    >>> c = Integer(4, 0, 16)
+    >>> int(c.value(c.raw(torch.tensor(4.0))))
+    4
+    """
+
+    init: float = 0.0
+    size: int = 1
+    low: int = 0
+    high: int = 1
+
+    def __init__(self, init: int, low: int, high: int, *, size: int = 1) -> None:
+        for name, v in (("init", init), ("low", low), ("high", high)):
+            if isinstance(v, bool) or not float(v).is_integer():
+                raise ValueError(f"Integer: {name} must be an integer, got {v!r}")
+        object.__setattr__(self, "init", float(init))
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "low", int(low))
+        object.__setattr__(self, "high", int(high))
+        self.__post_init__()
+        if not self.low < self.high:
+            raise ValueError(f"Integer: need low < high, got low={low!r}, high={high!r}")
+        if not self.low <= self.init <= self.high:
+            raise ValueError(f"Integer: init={init!r} is out of range [{low}, {high}]")
+
+    def continuous(self, raw: Tensor) -> Tensor:
+        """The continuous value :math:`l + (h + 1 - l)\\,\\sigma(r)` in :math:`(l, h + 1)`."""
+        return stretched_sigmoid(raw, float(self.low), float(self.high + 1))
+
+    def value(self, raw: Tensor) -> Tensor:
+        # the clamp guards the rounding of sigma(r) to exactly 1 in floating point
+        return torch.floor(self.continuous(raw)).clamp(self.low, self.high)
+
+    def raw(self, value: Tensor) -> Tensor:
+        return stretched_logit(value + 0.5, float(self.low), float(self.high + 1))
+
+
+# ----------------------------------------------------------------------------- draws
+
+
+class _Mode(str, enum.Enum):
+    MEAN = "mean"  # the current value, for every example
+    TRAIN = "train"  # per-example perturbation, detached from lambda and sigma
+    VAL = "val"  # per-example perturbation, differentiable w.r.t. lambda and sigma
+    SHARED_TRAIN = "shared_train"  # one perturbation (or prior sample) for the whole batch, detached
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    r"""Per-example hyperparameters for one batch, as the layers and the loss see them.
+
+    Attributes:
+        features: :math:`(B, H)` what the STN layers are fed: the unconstrained
+            :math:`\tilde\lambda_i` (with ``delta=True``: :math:`\tilde\lambda_i - \lambda`, the
+            centred perturbation).
+        values: by name, the constrained values, :math:`(B,)` for a spec of size 1 else
+            :math:`(B, \text{size})`. :class:`Integer` values are ``torch.long``.
+        shared: ``True`` when every row is the same draw (best-response hypernetworks).
+    """
+
+    features: Tensor
+    values: Mapping[str, Tensor]
+    shared: bool = False
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise KeyError(f"no hyperparameter {name!r}; this draw has {sorted(self.values)}") from None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+class SelfTuned(nn.Module):
+    r"""The hyperparameters of a self-tuning network: named specs, one unconstrained vector.
+
+    Parameters (what the outer optimiser moves): ``raw`` :math:`(H,)`, the unconstrained
+    hyperparameters in the order the specs were given (a spec of ``size`` k takes k entries), and,
+    when ``learn_scale`` (default), ``raw_scale`` :math:`(H,)`, the perturbation scale
+    :math:`\sigma = s_{min} + (s_{max} - s_{min})\,\sigma(r_s)`, kept inside ``scale_range`` so that
+    it can neither collapse to 0 nor grow without bound. With ``learn_scale=False``, :math:`\sigma`
+    is the constant ``scale`` (best-response hypernetworks, Lorraine & Duvenaud 2018).
+
+    Args:
+        scale: initial perturbation scale :math:`\sigma_0` in unconstrained units (default: 0.5,
+            the paper's).
+        scale_range: ``(s_min, s_max)``, bounds of :math:`\sigma` (default: ``(0.01, 3.0)``).
+        learn_scale: learn :math:`\sigma` (default: True).
+        dtype: of the parameters (default: torch's default dtype); match the model's.
+        **specs: ``name=Rate(...) | Positive(...) | Integer(...)``.
+
+    Raises:
+        ValueError: no specs, a spec that is not a :class:`Rate` / :class:`Positive` /
+            :class:`Integer`, or a scale outside ``scale_range``.
+
+    >>> import torch, hypergrad as hg
+    >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.1, high=0.9, size=2),
+    ...                           cutout=hg.hparams.Integer(4, 0, 16))
+    >>> hp.size
+    3
+    >>> d = hp.draw(5)        # outside SelfTuning: the current values for every example
+    >>> d.features.shape, d["dropout"].shape, d["cutout"].tolist()
+    (torch.Size([5, 3]), torch.Size([5, 2]), [4, 4, 4, 4, 4])
+    >>> {k: [round(x, 3) for x in v] for k, v in hp.current().items()}
+    {'dropout': [0.1, 0.1], 'cutout': [4.0]}
+    """
+
+    def __init__(
+        self,
+        *,
+        scale: float = 0.5,
+        scale_range: tuple[float, float] = (0.01, 3.0),
+        learn_scale: bool = True,
+        dtype: torch.dtype | None = None,
+        **specs: _Spec,
+    ) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("SelfTuned needs at least one hyperparameter, e.g. dropout=Rate(0.1, high=0.9)")
+        for name, spec in specs.items():
+            if not isinstance(spec, (Rate, Positive, Integer)):
+                raise ValueError(f"SelfTuned: {name}={spec!r} is not a hg.hparams.Rate, Positive or Integer")
+        lo, hi = (float(s) for s in scale_range)
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"SelfTuned: need 0 < s_min < s_max < inf, got scale_range={scale_range!r}")
+        if not lo < float(scale) < hi:
+            raise ValueError(f"SelfTuned: scale={scale!r} is out of range ({lo:g}, {hi:g})")
+        self.specs: dict[str, _Spec] = dict(specs)
+        self.scale_range = (lo, hi)
+        self.learn_scale = bool(learn_scale)
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name, spec in self.specs.items():
+            self.slices[name] = slice(start, start + spec.size)
+            start += spec.size
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        raw = torch.cat(
+            [
+                spec.raw(torch.full((spec.size,), spec.init, dtype=torch.float64))
+                for spec in self.specs.values()
+            ]
+        )
+        self.raw = nn.Parameter(raw.to(dtype))
+        s = torch.tensor((float(scale) - lo) / (hi - lo), dtype=torch.float64)
+        raw_scale = torch.logit(s).expand(self.size).clone().to(dtype)
+        if self.learn_scale:
+            self.raw_scale: Tensor = nn.Parameter(raw_scale)
+        else:
+            self._fixed_scale = float(scale)
+        self._mode = _Mode.MEAN
+        self._centred = False
+        self._cache: dict[int, Draw] = {}
+        self._prior: tuple[Tensor, Tensor] | None = None  # (mean, std) for global sampling
+        self._history: list[dict[str, float]] = []
+
+    @property
+    def size(self) -> int:
+        """:math:`H`, the number of unconstrained hyperparameters (what STN layers take)."""
+        return sum(spec.size for spec in self.specs.values())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    def scale(self) -> Tensor:
+        r""":math:`\sigma`, shape :math:`(H,)` (differentiable w.r.t. ``raw_scale``)."""
+        if not self.learn_scale:
+            return torch.full_like(self.raw, self._fixed_scale)
+        lo, hi = self.scale_range
+        return stretched_sigmoid(self.raw_scale, lo, hi)
+
+    def entropy(self) -> Tensor:
+        r"""Entropy of the perturbation :math:`N(0, \mathrm{diag}\,\sigma^2)` up to a constant:
+        :math:`\sum_j \log \sigma_j` (0-dim, differentiable)."""
+        return self.scale().log().sum()
+
+    def values_of(self, raw: Tensor) -> dict[str, Tensor]:
+        """Constrained values of unconstrained ``raw`` :math:`(..., H)`, by name, shaped
+        :math:`(...)` for specs of size 1 and :math:`(..., k)` otherwise."""
+        out = {}
+        for name, spec in self.specs.items():
+            v = spec.value(raw[..., self.slices[name]])
+            if isinstance(spec, Integer):
+                v = v.long()
+            out[name] = v[..., 0] if spec.size == 1 else v
+        return out
+
+    def current(self) -> dict[str, list[float]]:
+        """The current values by name, as lists of floats (for logging)."""
+        with torch.no_grad():
+            return {k: v.reshape(-1).double().tolist() for k, v in self.values_of(self.raw).items()}
+
+    def draw(self, batch_size: int) -> Draw:
+        r"""Hyperparameters for a batch of ``batch_size`` examples (see :class:`Draw`).
+
+        Outside a :class:`~hypergrad.SelfTuning` step: the current values, every row equal (a
+        graph to ``raw`` is kept, so ``model(x, hp)`` is differentiable in :math:`\lambda`).
+        Inside one: a fresh per-example perturbation, the same one for every call with the same
+        ``batch_size`` during that loss evaluation.
+
+        Raises:
+            ValueError: ``batch_size`` not a positive int.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"draw: batch_size must be a positive int, got {batch_size!r}")
+        cached = self._cache.get(batch_size)
+        if cached is not None:
+            return cached
+        raw = self.raw
+        mode = self._mode
+        if mode is _Mode.MEAN:
+            lam = raw.expand(batch_size, -1)
+            shared = True
+        elif mode is _Mode.SHARED_TRAIN:
+            if self._prior is not None:
+                mean, std = self._prior
+                eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
+                lam = (mean + std * eps).expand(batch_size, -1)
+            else:
+                eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
+                lam = (raw.detach() + self.scale().detach() * eps).expand(batch_size, -1)
+            shared = True
+        else:
+            eps = torch.randn(batch_size, self.size, dtype=raw.dtype, device=raw.device)
+            if mode is _Mode.TRAIN:
+                lam = raw.detach() + self.scale().detach() * eps
+            else:
+                lam = raw + self.scale() * eps
+            shared = False
+        features = lam - raw.detach() if self._centred else lam
+        values = self.values_of(lam.detach() if mode is not _Mode.VAL else lam)
+        out = Draw(features, values, shared)
+        if mode is not _Mode.MEAN:
+            self._cache[batch_size] = out
+        return out
+
+    @contextlib.contextmanager
+    def _drawing(self, mode: _Mode) -> Iterator[None]:
+        """Within the block, :meth:`draw` perturbs as ``mode`` says (one draw per batch size)."""
+        old, old_cache = self._mode, self._cache
+        self._mode, self._cache = mode, {}
+        try:
+            yield
+        finally:
+            self._mode, self._cache = old, old_cache
+
+    def history(self) -> list[dict[str, float]]:
+        """The schedule: one row per accepted hyperstep of :class:`~hypergrad.SelfTuning` /
+        :class:`~hypergrad.BestResponse`, with ``inner_step``, ``hyper_step``, each value (``name``,
+        or ``name.i`` for specs of size > 1, after the step) and its scale ``sigma.name``."""
+        return [dict(row) for row in self._history]
+
+    def _record(self, inner_step: int, hyper_step: int) -> None:
+        row: dict[str, float] = {"inner_step": float(inner_step), "hyper_step": float(hyper_step)}
+        with torch.no_grad():
+            sigma = self.scale()
+            for name, v in self.current().items():
+                sl = self.slices[name]
+                s = sigma[sl].tolist()
+                if len(v) == 1:
+                    row[name], row[f"sigma.{name}"] = v[0], s[0]
+                else:
+                    for i, (vi, si) in enumerate(zip(v, s, strict=True)):
+                        row[f"{name}.{i}"], row[f"sigma.{name}.{i}"] = vi, si
+        self._history.append(row)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.specs.items())
+
+
+def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Tensor:
+    """The :math:`(B, H)` feature tensor of a draw, container or tensor, validated for a layer."""
+    if isinstance(features, SelfTuned):
+        features = features.draw(batch)
+    if isinstance(features, Draw):
+        features = features.features
+    if not isinstance(features, Tensor):
+        raise TypeError(
+            f"{where}: the hyperparameters must be a hg.hparams.SelfTuned, a Draw from it, or a "
+            f"tensor (B, {n_hparams}); got {type(features).__name__}"
+        )
+    if features.dim() == 1:
+        features = features.expand(batch, -1)
+    if features.dim() != 2 or features.shape[1] != n_hparams:
+        raise ValueError(
+            f"{where} was built for n_hparams={n_hparams} hyperparameters but got features of shape "
+            f"{tuple(features.shape)}; build the layer with n_hparams=hparams.size"
+        )
+    if features.shape[0] != batch:
+        raise ValueError(
+            f"{where}: {features.shape[0]} rows of hyperparameters for a batch of {batch} examples"
+        )
+    return features
+
+
+def _state(hp: SelfTuned) -> dict[str, Any]:
+    return {"history": [dict(r) for r in hp._history]}
+
+
+def _load_state(hp: SelfTuned, state: dict[str, Any]) -> None:
+    hp._history = [dict(r) for r in state.get("history", [])]

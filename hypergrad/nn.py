@@ -1,0 +1,543 @@
+r"""Layers and per-example augmentations for self-tuning networks (``hg.nn``).
+
+STN layers (MacKay et al. 2019) approximate the best response :math:`w^*(\lambda)` inside the
+network: every output unit is an ordinary unit plus a hyperparameter-modulated one,
+
+.. math::
+    y = W_e x + b_e + (V \tilde\lambda) \odot (W_h x + b_h),
+
+with :math:`V \in \mathbb{R}^{\text{out} \times H}` (initialised :math:`N(0, 0.01^2)`) and
+:math:`\tilde\lambda` the example's unconstrained hyperparameters (a row of
+:attr:`hypergrad.hparams.Draw.features`). At a fixed :math:`\lambda` the layer *is* an ordinary
+layer with :math:`W = W_e + \mathrm{diag}(V\lambda) W_h`, :math:`b = b_e + (V\lambda) \odot b_h`
+(:meth:`StnLinear.fixed`). Cost: one matmul of twice the width (both halves at once), so about 2x
+the FLOPs and 2x the weights of the ordinary layer, plus :math:`\text{out} \cdot H`.
+
+Every layer's ``forward(x, hparams)`` takes the hyperparameters as a
+:class:`~hypergrad.hparams.SelfTuned` (it draws for the batch itself), a
+:class:`~hypergrad.hparams.Draw`, or a tensor :math:`(B, H)` / :math:`(H,)`.
+
+The augmentation helpers apply a *per-example* strength and are identity when ``training`` is
+False (the validation step of :class:`~hypergrad.SelfTuning` runs in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._stn_hparams import Draw, SelfTuned, check_features
+
+__all__ = [
+    "StnLayer",
+    "StnLinear",
+    "StnConv1d",
+    "StnConv2d",
+    "StnLSTMCell",
+    "HyperNet",
+    "dropout",
+    "gaussian_noise",
+    "cutout",
+    "random_shift",
+    "stn_layers",
+]
+
+Hyper = SelfTuned | Draw | Tensor
+
+
+class StnLayer(nn.Module):
+    """Base of the STN layers: holds the response map :math:`V` (``hnet``) and ``n_hparams``."""
+
+    n_hparams: int
+    out_units: int
+
+    def _init_response(self, out_units: int, n_hparams: int, factory: dict[str, Any]) -> None:
+        if isinstance(n_hparams, bool) or not isinstance(n_hparams, int) or n_hparams < 1:
+            raise ValueError(f"{type(self).__name__}: n_hparams must be an int >= 1, got {n_hparams!r}")
+        self.n_hparams = n_hparams
+        self.out_units = out_units
+        self.hnet = nn.Parameter(torch.empty(out_units, n_hparams, **factory))
+        nn.init.normal_(self.hnet, std=0.01)
+
+    def modulation(self, hparams: Hyper, batch: int) -> Tensor:
+        r""":math:`V\tilde\lambda_i` for each example, shape :math:`(B, \text{out})`."""
+        feats = check_features(hparams, self.n_hparams, batch, type(self).__name__)
+        return feats.to(self.hnet.dtype) @ self.hnet.t()
+
+
+def stn_layers(model: nn.Module) -> list[tuple[str, StnLayer]]:
+    """The STN layers of ``model`` with their names."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, StnLayer)]
+
+
+class StnLinear(StnLayer):
+    r"""A linear layer whose units respond to the hyperparameters (see the module docstring).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        n_hparams: :math:`H`, ``hparams.size``.
+
+    Shapes: ``x`` :math:`(B, \text{in})`, hyperparameters :math:`(B, H)`; output
+    :math:`(B, \text{out})`. Parameters: ``weight`` :math:`(2\,\text{out}, \text{in})` (rows
+    ``[:out]`` are :math:`W_e`, ``[out:]`` :math:`W_h`), ``bias`` :math:`(2\,\text{out})`,
+    ``hnet`` :math:`(\text{out}, H)`.
+
+    >>> import torch, hypergrad as hg
+    >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))
+    >>> layer = hg.nn.StnLinear(4, 3, n_hparams=hp.size)
+    >>> x = torch.randn(5, 4)
+    >>> layer(x, hp).shape
+    torch.Size([5, 3])
+    >>> plain = layer.fixed(hp.raw)                  # the ordinary nn.Linear at this lambda
+    >>> torch.allclose(plain(x), layer(x, hp), atol=1e-6)
+    True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n_hparams: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        both = nn.Linear(in_features, 2 * out_features, bias=bias, **factory)
+        self.weight = both.weight
+        self.bias = both.bias
+        self._init_response(out_features, n_hparams, factory)
+
+    def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {tuple(x.shape)}")
+        both = F.linear(x, self.weight, self.bias)
+        elem, hyper = both.split(self.out_features, dim=-1)
+        return elem + self.modulation(hparams, x.shape[0]) * hyper
+
+    def fixed(self, features: Tensor) -> nn.Linear:
+        """The ordinary ``nn.Linear`` this layer equals at unconstrained hyperparameters
+        ``features`` :math:`(H,)` (a copy, detached)."""
+        with torch.no_grad():
+            s = self.hnet @ features.to(self.hnet.dtype)
+            o = self.out_features
+            out = nn.Linear(self.in_features, o, bias=self.bias is not None)
+            out.to(self.weight)
+            out.weight.copy_(self.weight[:o] + s[:, None] * self.weight[o:])
+            if self.bias is not None:
+                out.bias.copy_(self.bias[:o] + s * self.bias[o:])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, n_hparams={self.n_hparams}"
+
+
+class _StnConvNd(StnLayer):
+    _dims = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        n_hparams: int,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
+        if groups != 1:
+            raise ValueError(f"{type(self).__name__}: groups={groups} is not supported (only 1)")
+        conv = conv_cls(
+            in_channels, 2 * out_channels, kernel_size, stride, padding, dilation, 1, bias, **factory
+        )
+        self.conv = conv
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self._init_response(out_channels, n_hparams, factory)
+
+    def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
+        if x.dim() != self._dims + 2:
+            raise ValueError(
+                f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), "
+                f"got {tuple(x.shape)}"
+            )
+        both = self.conv(x)
+        elem, hyper = both.split(self.out_channels, dim=1)
+        s = self.modulation(hparams, x.shape[0])
+        return elem + s.reshape(s.shape + (1,) * self._dims) * hyper
+
+    def fixed(self, features: Tensor) -> nn.Module:
+        """The ordinary convolution this layer equals at unconstrained hyperparameters
+        ``features`` :math:`(H,)` (a copy, detached)."""
+        c = self.conv
+        conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
+        o = self.out_channels
+        out = conv_cls(
+            self.in_channels,
+            o,
+            c.kernel_size,
+            c.stride,
+            c.padding,
+            c.dilation,
+            1,
+            c.bias is not None,  # type: ignore[arg-type]
+        )
+        out.to(c.weight)
+        with torch.no_grad():
+            s = self.hnet @ features.to(self.hnet.dtype)
+            shape = (o,) + (1,) * (c.weight.dim() - 1)
+            out.weight.copy_(c.weight[:o] + s.reshape(shape) * c.weight[o:])
+            if c.bias is not None:
+                out.bias.copy_(c.bias[:o] + s * c.bias[o:])  # type: ignore[union-attr]
+        return out
+
+
+class StnConv2d(_StnConvNd):
+    r"""A 2-D convolution whose output channels respond to the hyperparameters.
+
+    Arguments as ``nn.Conv2d`` (``groups=1`` only) plus ``n_hparams`` (after ``kernel_size``).
+    Shapes: ``x`` :math:`(B, C_{in}, H, W)`, hyperparameters :math:`(B, H_\lambda)`; output
+    :math:`(B, C_{out}, H', W')`. The modulation :math:`V\tilde\lambda_i` scales each output
+    channel of the hyper half.
+
+    >>> import torch, hypergrad as hg
+    >>> layer = hg.nn.StnConv2d(3, 8, 3, n_hparams=2, padding=1)
+    >>> layer(torch.randn(4, 3, 6, 6), torch.zeros(4, 2)).shape
+    torch.Size([4, 8, 6, 6])
+    """
+
+    _dims = 2
+
+
+class StnConv1d(_StnConvNd):
+    r"""A 1-D convolution whose output channels respond to the hyperparameters (as
+    :class:`StnConv2d`, for :math:`(B, C, L)` inputs).
+
+    >>> import torch, hypergrad as hg
+    >>> hg.nn.StnConv1d(1, 4, 5, n_hparams=2, padding=2)(torch.randn(3, 1, 40), torch.zeros(3, 2)).shape
+    torch.Size([3, 4, 40])
+    """
+
+    _dims = 1
+
+
+class StnLSTMCell(StnLayer):
+    r"""The LSTM recipe: an ``nn.LSTMCell`` whose four gates come from one :class:`StnLinear`
+    over :math:`[x_t, h_{t-1}]`, so every gate unit responds to the hyperparameters.
+
+    .. math::
+        (i, f, g, o) = \mathrm{StnLinear}([x_t, h_{t-1}], \tilde\lambda), \quad
+        c_t = \sigma(f) c_{t-1} + \sigma(i) \tanh(g), \quad h_t = \sigma(o) \tanh(c_t).
+
+    Unroll it over time yourself, drawing the hyperparameters once per sequence batch and
+    applying per-example dropout to inputs / hidden states with :func:`dropout`
+    (variational dropout: draw one mask per sequence and reuse it).
+
+    Args:
+        input_size, hidden_size: as ``nn.LSTMCell``.
+        n_hparams: :math:`H`.
+
+    >>> import torch, hypergrad as hg
+    >>> hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.3, high=0.9))
+    >>> cell = hg.nn.StnLSTMCell(3, 5, n_hparams=hp.size)
+    >>> x = torch.randn(7, 2, 3)                      # (T, B, input)
+    >>> h = c = torch.zeros(2, 5)
+    >>> d = hp.draw(2)
+    >>> for t in range(7):
+    ...     h, c = cell(hg.nn.dropout(x[t], d["p"], training=False), (h, c), d)
+    >>> h.shape
+    torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        n_hparams: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.gates = StnLinear(input_size + hidden_size, 4 * hidden_size, n_hparams, bias, device, dtype)
+        self.n_hparams = n_hparams
+        self.out_units = 4 * hidden_size
+
+    def modulation(self, hparams: Hyper, batch: int) -> Tensor:
+        return self.gates.modulation(hparams, batch)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], hparams: Hyper) -> tuple[Tensor, Tensor]:
+        h, c = state
+        gates = self.gates(torch.cat([x, h], dim=-1), hparams)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+# ----------------------------------------------------------------------------- per-example helpers
+
+
+def _per_example(v: Tensor | float, x: Tensor, what: str) -> Tensor:
+    """``v`` as a :math:`(B,)` tensor on ``x``'s device and dtype."""
+    t = torch.as_tensor(v, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"{what}: need one value per example, shape ({x.shape[0]},); got {tuple(t.shape)}")
+    return t
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+
+
+def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
+    r"""Inverted dropout with a rate per example: entry :math:`x_{i\cdot}` is zeroed with
+    probability :math:`p_i` and the survivors are scaled by :math:`1/(1 - p_i)`.
+
+    Args:
+        x: :math:`(B, \dots)`.
+        rate: :math:`(B,)` (or a scalar), each in :math:`[0, 1)`.
+        training: identity when False.
+
+    Raises:
+        ValueError: a rate outside :math:`[0, 1)` or of the wrong shape.
+
+    >>> import torch, hypergrad as hg
+    >>> y = hg.nn.dropout(torch.ones(2, 10000), torch.tensor([0.0, 0.5]))
+    >>> bool((y[0] == 1).all()), round(float(y[1].mean()), 1)
+    (True, 1.0)
+    """
+    if not training:
+        return x
+    p = _per_example(rate, x, "dropout rate").detach().to(x.dtype)
+    if not bool(((p >= 0) & (p < 1)).all()):
+        raise ValueError(f"dropout: rates must lie in [0, 1); got range [{float(p.min())}, {float(p.max())}]")
+    keep = _bcast(1 - p, x)
+    mask = torch.rand_like(x) < keep
+    return x * mask / keep
+
+
+def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Tensor:
+    r"""Add :math:`N(0, s_i^2)` noise to example :math:`i` (``std`` :math:`(B,)` or a scalar,
+    :math:`\ge 0`); identity when ``training`` is False.
+
+    >>> import torch, hypergrad as hg
+    >>> y = hg.nn.gaussian_noise(torch.zeros(2, 10000), torch.tensor([0.0, 2.0]))
+    >>> float(y[0].abs().max()), round(float(y[1].std()), 1)
+    (0.0, 2.0)
+    """
+    if not training:
+        return x
+    s = _per_example(std, x, "gaussian_noise std").detach().to(x.dtype)
+    if not bool((s >= 0).all()):
+        raise ValueError(f"gaussian_noise: std must be >= 0, got min {float(s.min())}")
+    return x + _bcast(s, x) * torch.randn_like(x)
+
+
+def _window_mask(length: int, size: Tensor, device: torch.device) -> Tensor:
+    """(B, length) bool: a window of ``size_i`` positions centred uniformly at random (clipped)."""
+    centre = torch.randint(0, length, (size.shape[0],), device=device)
+    start = centre - size // 2
+    pos = torch.arange(length, device=device)
+    return (pos[None, :] >= start[:, None]) & (pos[None, :] < (start + size)[:, None])
+
+
+def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
+    r"""Cutout (DeVries & Taylor 2017) with a length per example: zero a window of ``size_i``
+    positions (1-D signals :math:`(B, L)` / :math:`(B, C, L)`) or a ``size_i`` × ``size_i``
+    square (images :math:`(B, C, H, W)`), centred uniformly at random and clipped at the borders.
+
+    Args:
+        x: :math:`(B, L)`, :math:`(B, C, L)` or :math:`(B, C, H, W)`.
+        size: :math:`(B,)` non-negative integers (or one int); 0 leaves the example unchanged.
+        training: identity when False.
+
+    >>> import torch, hypergrad as hg
+    >>> y = hg.nn.cutout(torch.ones(3, 1, 20), torch.tensor([0, 4, 20]))
+    >>> (y == 0).sum(dim=(1, 2)).tolist()[0], int((y[2] == 0).sum()) >= 10
+    (0, True)
+    """
+    if not training:
+        return x
+    s = _per_example(size, x, "cutout size").detach()
+    if s.is_floating_point():
+        if not bool((s == s.floor()).all()):
+            raise ValueError("cutout: sizes must be integers (floor them, or use hg.hparams.Integer)")
+        s = s.long()
+    if not bool((s >= 0).all()):
+        raise ValueError(f"cutout: sizes must be >= 0, got min {int(s.min())}")
+    if x.dim() in (2, 3):
+        mask = _window_mask(x.shape[-1], s, x.device)
+        mask = mask if x.dim() == 2 else mask[:, None, :]
+    elif x.dim() == 4:
+        rows = _window_mask(x.shape[-2], s, x.device)
+        cols = _window_mask(x.shape[-1], s, x.device)
+        mask = (rows[:, :, None] & cols[:, None, :])[:, None]
+    else:
+        raise ValueError(f"cutout: x must be (B, L), (B, C, L) or (B, C, H, W); got {tuple(x.shape)}")
+    return x.masked_fill(mask, 0.0)
+
+
+def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> Tensor:
+    r"""Shift each example along its last axis by an integer drawn uniformly from
+    :math:`\{-m_i, \dots, m_i\}`, filling with zeros (translation augmentation).
+
+    Args:
+        x: :math:`(B, \dots, L)`.
+        max_shift: :math:`(B,)` non-negative integers (or one int).
+        training: identity when False.
+
+    >>> import torch, hypergrad as hg
+    >>> x = torch.arange(1.0, 6.0).expand(2, 5)
+    >>> y = hg.nn.random_shift(x, torch.tensor([0, 2]))
+    >>> torch.equal(y[0], x[0]), float(y[1].sum()) <= 15
+    (True, True)
+    """
+    if not training:
+        return x
+    m = _per_example(max_shift, x, "random_shift max_shift").detach()
+    if m.is_floating_point():
+        if not bool((m == m.floor()).all()):
+            raise ValueError("random_shift: max_shift must be integers")
+        m = m.long()
+    if not bool((m >= 0).all()):
+        raise ValueError(f"random_shift: max_shift must be >= 0, got min {int(m.min())}")
+    u = torch.rand(x.shape[0], device=x.device)
+    shift = torch.floor(u * (2 * m + 1).to(u.dtype)).long() - m  # uniform on {-m, ..., m}
+    length = x.shape[-1]
+    src = torch.arange(length, device=x.device)[None, :] - shift[:, None]  # y[t] = x[t - shift]
+    valid = (src >= 0) & (src < length)
+    idx = src.clamp(0, length - 1)
+    idx = idx.reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (length,)).expand_as(x)
+    out = torch.gather(x, -1, idx)
+    return out * valid.reshape(idx.shape[:1] + (1,) * (x.dim() - 2) + (length,)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- hypernetworks
+
+
+class HyperNet(nn.Module):
+    r"""A best-response hypernetwork around a model (Lorraine & Duvenaud 2018).
+
+    Generates all of ``base``'s parameters from the hyperparameters,
+    :math:`w(\lambda) = w_0 + R(\lambda)`, and runs ``base`` with them through
+    ``torch.func.functional_call``. :math:`R` is, by default, linear:
+    :math:`R(\lambda) = A\lambda` with :math:`A \in \mathbb{R}^{P \times H}`; with ``rank=r``,
+    low-rank :math:`A = U Q` (:math:`U \in \mathbb{R}^{P \times r}`, :math:`Q \in \mathbb{R}^{r \times H}`);
+    or any ``hypernet`` module mapping :math:`(H,)` to :math:`(P,)`.
+
+    The trained weights (for the inner optimiser) are this module's parameters: :math:`w_0`
+    (``base_weights``, initialised from ``base``) and the hypernetwork's. ``base`` itself is kept
+    as a template (not a submodule; its buffers are used as they are).
+
+    Args:
+        base: the model whose weights are generated.
+        n_hparams: :math:`H`.
+        rank: low-rank response (default: None, full linear).
+        hypernet: a module :math:`(H,) \to (P,)` replacing the linear response.
+        init_std: std of the linear response's initial entries (default: 1e-2).
+
+    Call: ``hypernet_model(*args, hparams=...)`` with a shared draw
+    (:class:`~hypergrad.BestResponse` arranges that) or a :math:`(H,)` tensor;
+    :meth:`weights` gives the generated tensors by name (for penalties in the loss).
+
+    >>> import torch, hypergrad as hg
+    >>> net = hg.nn.HyperNet(torch.nn.Linear(3, 1), n_hparams=1)
+    >>> net(torch.randn(4, 3), hparams=torch.zeros(1)).shape
+    torch.Size([4, 1])
+    """
+
+    base: nn.Module
+
+    def __init__(
+        self,
+        base: nn.Module,
+        n_hparams: int,
+        *,
+        rank: int | None = None,
+        hypernet: nn.Module | None = None,
+        init_std: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if isinstance(n_hparams, bool) or not isinstance(n_hparams, int) or n_hparams < 1:
+            raise ValueError(f"HyperNet: n_hparams must be an int >= 1, got {n_hparams!r}")
+        named = [(n, p) for n, p in base.named_parameters()]
+        if not named:
+            raise ValueError("HyperNet: base has no parameters to generate")
+        self.__dict__["base"] = base  # a template, not a submodule (its parameters are not trained)
+        self.n_hparams = n_hparams
+        self.names = tuple(n for n, _ in named)
+        self.shapes = tuple(p.shape for _, p in named)
+        self.numels = tuple(p.numel() for _, p in named)
+        total = sum(self.numels)
+        ref = named[0][1]
+        self.base_weights = nn.Parameter(torch.cat([p.detach().reshape(-1) for _, p in named]).clone())
+        self.response: nn.Module | None = hypernet
+        self.u: nn.Parameter | None = None
+        self.q: nn.Parameter | None = None
+        if hypernet is None:
+            if rank is None:
+                self.q = nn.Parameter(
+                    torch.randn(total, n_hparams, dtype=ref.dtype, device=ref.device) * init_std
+                )
+            else:
+                if rank < 1:
+                    raise ValueError(f"HyperNet: rank must be >= 1, got {rank}")
+                self.u = nn.Parameter(
+                    torch.randn(total, rank, dtype=ref.dtype, device=ref.device) / math.sqrt(rank) * init_std
+                )
+                self.q = nn.Parameter(torch.randn(rank, n_hparams, dtype=ref.dtype, device=ref.device))
+
+    def flat(self, hparams: Hyper) -> Tensor:
+        r"""All generated weights as one vector :math:`(P,)`."""
+        lam = self._lambda(hparams)
+        if self.response is not None:
+            delta = self.response(lam)
+        else:
+            assert self.q is not None
+            delta = self.q @ lam
+            if self.u is not None:
+                delta = self.u @ delta
+        if delta.shape != self.base_weights.shape:
+            raise ValueError(
+                f"HyperNet: the hypernetwork returned shape {tuple(delta.shape)}, need "
+                f"{tuple(self.base_weights.shape)}"
+            )
+        return self.base_weights + delta
+
+    def weights(self, hparams: Hyper) -> dict[str, Tensor]:
+        """The generated weights by ``base``'s parameter names."""
+        parts = self.flat(hparams).split(self.numels)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def _lambda(self, hparams: Hyper) -> Tensor:
+        if isinstance(hparams, SelfTuned):
+            hparams = hparams.draw(1)
+        if isinstance(hparams, Draw):
+            if not hparams.shared:
+                raise ValueError("HyperNet needs one hyperparameter draw per batch (a shared Draw)")
+            hparams = hparams.features[0]
+        if not isinstance(hparams, Tensor) or hparams.shape != (self.n_hparams,):
+            shape = tuple(hparams.shape) if isinstance(hparams, Tensor) else type(hparams).__name__
+            raise ValueError(
+                f"HyperNet was built for n_hparams={self.n_hparams}; got hyperparameters {shape}"
+            )
+        return hparams.to(self.base_weights.dtype)
+
+    def forward(self, *args: Any, hparams: Hyper, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.base, self.weights(hparams), args, kwargs)
