@@ -21,6 +21,9 @@ __all__ = ["REGISTRY", "Context", "Experiment", "Outcome", "load_all", "MODULES"
 MODULES = (
     "accuracy",
     "overfit_val",
+    "hyperclean",
+    "logreg_cv",
+    "hd",
 )
 
 

@@ -1,0 +1,69 @@
+"""Smoke tests: every experiment at its ``--quick`` size writes finite results, a CSV and its plots,
+and moves in the direction its paper claims (a cheap check, not the claim itself)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hypergrad import cli
+from hypergrad.experiments import REGISTRY, load_all
+
+
+def run_quick(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / name
+    assert cli.main(["run", name, "--quick", "--no-progress", "--out", str(out), *extra]) == 0
+    rec = json.loads((out / "results.json").read_text())
+    metrics = rec["metrics"]
+    assert metrics and all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), (
+        metrics
+    )
+    assert rec["plots"] and all((out / p).stat().st_size > 1000 for p in rec["plots"])
+    assert (out / "trajectory.csv").stat().st_size > 0
+    assert rec["size"] == "quick" and rec["headline"]
+    return metrics
+
+
+def test_every_experiment_has_a_quick_test_here() -> None:
+    load_all()
+    text = Path(__file__).read_text()
+    missing = [n for n in REGISTRY if f'run_quick("{n}"' not in text]
+    assert not missing, f"experiments without a smoke test: {missing}"
+
+
+def test_accuracy(tmp_path: Path) -> None:
+    m = run_quick("accuracy", tmp_path)
+    assert m["ridge.neumann(5).rel_error"] < m["ridge.neumann(1).rel_error"]
+    assert m["ridge.cg(5).rel_error"] < m["ridge.cg(1).rel_error"]
+    assert m["ridge.cg(5).cosine"] > 0.99
+
+
+@pytest.mark.parametrize("method", ["neumann", "unrolled"])
+def test_overfit_val(tmp_path: Path, method: str) -> None:
+    m = run_quick("overfit_val", tmp_path, "--method", method)
+    assert m["n_hparams"] > 1000
+    assert m["val_loss"] <= m["baseline.val_loss"] * 1.01  # tuned on validation: no worse there
+
+
+def test_hyperclean(tmp_path: Path) -> None:
+    m = run_quick("hyperclean", tmp_path)
+    assert m["weight_corrupted_mean"] < m["weight_clean_mean"]
+
+
+def test_logreg_cv(tmp_path: Path) -> None:
+    m = run_quick("logreg_cv", tmp_path)
+    lam0 = REGISTRY["logreg_cv"].defaults["lam0"]
+    # the hypergradient moved lambda towards the grid's best
+    assert abs(math.log(m["hypergrad.lambda"] / m["grid.best_lambda"])) < abs(
+        math.log(lam0 / m["grid.best_lambda"])
+    )
+
+
+def test_hd(tmp_path: Path) -> None:
+    m = run_quick("hd", tmp_path)
+    assert m["sgd-hd@0.001.lr_end"] > 0.001  # too small a learning rate rises on its own
+    assert m["adam-hd@1e-05.lr_end"] > 1e-05
