@@ -67,3 +67,11 @@ def test_hd(tmp_path: Path) -> None:
     m = run_quick("hd", tmp_path)
     assert m["sgd-hd@0.001.lr_end"] > 0.001  # too small a learning rate rises on its own
     assert m["adam-hd@1e-05.lr_end"] > 1e-05
+
+
+def test_distill(tmp_path: Path) -> None:
+    m = run_quick("distill", tmp_path)
+    assert 0.0 <= m["learned.test_acc"] <= 1.0
+    rows = [line.split(",") for line in (tmp_path / "distill" / "trajectory.csv").read_text().splitlines()]
+    loss = [float(r[rows[0].index("outer_loss")]) for r in rows[1:]]
+    assert min(loss[-3:]) < loss[0]  # the learned images lower the loss on real digits

@@ -21,6 +21,7 @@ __all__ = ["REGISTRY", "Context", "Experiment", "Outcome", "load_all", "MODULES"
 MODULES = (
     "accuracy",
     "overfit_val",
+    "distill",
     "hyperclean",
     "logreg_cv",
     "hd",
