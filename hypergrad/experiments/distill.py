@@ -161,6 +161,7 @@ def run(ctx: Context) -> Outcome:
     ctx.savefig(fig, "outer_loss")
     headline = (
         f"test acc of a network trained {k} steps on 10 learned images {metrics['learned.test_acc']:.1%} vs "
-        f"10 real images {metrics['real.test_acc']:.1%} ({metrics['real_300_steps.test_acc']:.1%} after 300 steps)"
+        f"10 real images {metrics['real.test_acc']:.1%} "
+        f"({metrics['real_300_steps.test_acc']:.1%} after 300 steps)"
     )
     return Outcome(metrics, table, headline)
