@@ -97,19 +97,40 @@ class ReplayWarning(UserWarning):
 
 
 @dataclasses.dataclass
-class _Record:
-    """One recorded inner step: its batch and everything needed to replay it, all by value."""
+class _Anchor:
+    """A full snapshot before one recorded step: where a replay can start."""
 
-    batch: Batch
     weights: Tensors
     buffers: Tensors
     states: list[State]
-    groups: list[dict[str, Any]]
-    has_grad: tuple[bool, ...] = ()  # which weights the loss reached (torch.optim skips the others)
-    rng: dict[str, Tensor] | None = None  # the RNG state before the loss (dropout masks)
+    hparams: Tensors  # the hyperparameters every step from here to the next anchor used
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass
+class _Record:
+    """One recorded inner step: its batch and what replaying it needs, all by value; every few
+    steps also a full snapshot (an anchor)."""
+
+    batch: Batch
+    groups: list[dict[str, Any]]
+    has_grad: tuple[bool, ...] = ()  # which weights the loss reached (torch.optim skips the others)
+    rng: dict[str, Tensor] | None = None  # the RNG state before the loss (dropout masks)
+    anchor: _Anchor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["anchor"] = None if self.anchor is None else self.anchor.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _Record:
+        d = dict(d)
+        if d.get("anchor") is not None:
+            d["anchor"] = _Anchor(**d["anchor"])
+        return cls(**d)
 
 
 def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +171,12 @@ class Unrolled(HyperOptimizer):
             step) or ``"forward"`` (one replay per hyperparameter entry, each step's graph freed
             before the next: memory O(P); for a few hyperparameters) (default: ``"reverse"``).
 
-    Memory between hypersteps: K copies of the weights and optimiser state (no graphs).
+    Memory between hypersteps: at most 2K recorded batches, and full snapshots of the weights,
+    optimiser state and hyperparameters (no graphs) only every K steps and after every change of
+    the hyperparameters: two of them when hypersteps come every K steps, three when they come
+    less often, at most K (as many as steps) when more often. A replay starts
+    from the latest snapshot at least K steps back and first re-runs, without a graph and with
+    the hyperparameters of that time, the (fewer than K) steps up to the window it differentiates.
     Batches: ``hyper_step(val_batch=...)``; the training batches are the recorded ones, so
     ``train_batch`` may be passed for a uniform call but is not used.
 
@@ -204,8 +230,10 @@ class Unrolled(HyperOptimizer):
                 "AD through the gradient all-reduce); use mode='reverse'"
             )
         self._update = update_for(inner_optimizer)
-        self._records: collections.deque[_Record] = collections.deque(maxlen=steps)
+        self._records: collections.deque[_Record] = collections.deque()
         self._versions: tuple[int, ...] = ()
+        self._since_anchor = 0  # records since the newest anchor
+        self._hp_versions: tuple[int, ...] = ()  # hyperparameter versions at the newest anchor
         self._warned_hooks: frozenset[str] = frozenset()
         self._weights_changed()
         self._check_hooks()
@@ -225,6 +253,7 @@ class Unrolled(HyperOptimizer):
         """Forget the recorded steps: the next hyperstep differentiates only through steps taken
         from the weights as they are now (e.g. freshly initialised for a new episode)."""
         self._records.clear()
+        self._since_anchor = 0
         self._versions = self._current_versions()
 
     def _current_versions(self) -> tuple[int, ...]:
@@ -277,17 +306,31 @@ class Unrolled(HyperOptimizer):
         self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None, buffers: Tensors
     ) -> None:
         pair = self.pair
-        self._records.append(
-            _Record(
-                batch=clone_batch(batch),
+        hp_versions = tuple(h._version for h in pair.hparam_tensors)
+        anchor = None
+        if not self._records or self._since_anchor >= self.steps or hp_versions != self._hp_versions:
+            anchor = _Anchor(
                 weights=clone_all(pair.weights),
                 buffers=buffers,  # as before this step's forward pass (already copies)
                 states=snapshot_state(self.inner_optimizer, pair.weights),
+                hparams=clone_all(pair.hparam_tensors),
+            )
+            self._since_anchor, self._hp_versions = 0, hp_versions
+        self._since_anchor += 1
+        self._records.append(
+            _Record(
+                batch=clone_batch(batch),
                 groups=[_clone_settings(g) for g in self.inner_optimizer.param_groups],
                 has_grad=has_grad,
                 rng=rng,
+                anchor=anchor,
             )
         )
+        # forget what no replay can need: everything before the newest anchor at least K back
+        target = max(len(self._records) - self.steps, 0)
+        keep_from = max(i for i, r in enumerate(self._records) if r.anchor is not None and i <= target)
+        for _ in range(keep_from):
+            self._records.popleft()
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
@@ -307,7 +350,13 @@ class Unrolled(HyperOptimizer):
     # ------------------------------------------------------------------ the replay
 
     def _replay_step(
-        self, rec: _Record, weights: Tensors, states: list[State], buffers: Tensors, hp: Sequence[Tensor]
+        self,
+        rec: _Record,
+        weights: Tensors,
+        states: list[State],
+        buffers: Tensors,
+        hp: Sequence[Tensor],
+        create_graph: bool = True,
     ) -> tuple[Tensors, list[State], Tensors]:
         """One recorded step, differentiably: ``(weights, states, buffers)`` after it."""
         devices = [self.device] if self.device.type == "cuda" else []
@@ -317,7 +366,7 @@ class Unrolled(HyperOptimizer):
             loss, buffers = self.pair.call(
                 self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
             )
-        grads = materialize(grads_or_none(loss, weights, create_graph=True), weights)
+        grads = materialize(grads_or_none(loss, weights, create_graph=create_graph), weights)
         grads = self.ranks.mean(grads)  # data parallel: the averaged gradient the real step used
         tuned = self._hparam_values(hp)
         new_w: list[Tensor] = list(weights)
@@ -338,16 +387,37 @@ class Unrolled(HyperOptimizer):
                 states[k] = s
         return tuple(new_w), states, buffers
 
+    def _window(self) -> int:
+        """How many of the latest recorded steps the hyperstep differentiates through."""
+        return min(self.steps, len(self._records))
+
     def _start(self) -> tuple[Tensors, list[State], Tensors]:
-        first = self._records[0]
-        weights = tuple(t.detach().clone().requires_grad_(True) for t in first.weights)
-        return weights, [dict(s) for s in first.states], clone_all(first.buffers)
+        """Weights, optimiser states and buffers before the first differentiated step: from the
+        anchor (the first record), re-running the steps before the window without a graph, each
+        with the hyperparameters it used (the anchor's)."""
+        records = list(self._records)
+        first = len(records) - self._window()
+        anchor = records[0].anchor
+        assert anchor is not None
+        weights = tuple(t.detach().clone().requires_grad_(True) for t in anchor.weights)
+        states = [dict(s) for s in anchor.states]
+        buffers = clone_all(anchor.buffers)
+        hp = anchor.hparams
+        for rec in records[:first]:
+            if rec.anchor is not None:
+                hp = rec.anchor.hparams
+            with torch.enable_grad():
+                w, states, b = self._replay_step(rec, weights, states, buffers, hp, create_graph=False)
+            weights = tuple(t.detach().requires_grad_(True) for t in w)
+            states = [{k: v.detach() if isinstance(v, Tensor) else v for k, v in st.items()} for st in states]
+            buffers = tuple(t.detach() for t in b)
+        return weights, states, buffers
 
     def _replay(self, hp: Sequence[Tensor]) -> tuple[Tensors, Tensors]:
         """Weights and buffers after replaying the recorded steps with hyperparameters ``hp``
-        (reverse mode: one graph through all of them)."""
+        (reverse mode: one graph through the window)."""
         weights, states, buffers = self._start()
-        for rec in self._records:
+        for rec in list(self._records)[len(self._records) - self._window() :]:
             weights, states, buffers = self._replay_step(rec, weights, states, buffers, hp)
         return weights, buffers
 
@@ -382,7 +452,7 @@ class Unrolled(HyperOptimizer):
                 w = [(t.detach(), None) for t in w0]
                 st = [{k: (v, None) for k, v in s.items()} for s in s0]
                 bf = [(t, None) for t in b0]
-                for rec in self._records:
+                for rec in list(self._records)[len(self._records) - self._window() :]:
                     with fwAD.dual_level():
                         hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
                         out_w, out_s, out_b = self._replay_step(
@@ -417,7 +487,7 @@ class Unrolled(HyperOptimizer):
         pair = self.pair
         if self.mode is Mode.FORWARD:
             grads, loss = self._forward_hypergradient(val_batch)
-            return _Hypergradient(grads, loss, unrolled_steps=len(self._records))
+            return _Hypergradient(grads, loss, unrolled_steps=self._window())
         weights, _ = self._replay(pair.hparam_tensors)
         out = pair.loss(
             self.val_loss,
@@ -437,7 +507,7 @@ class Unrolled(HyperOptimizer):
         return _Hypergradient(
             grads,
             value,
-            unrolled_steps=len(self._records),
+            unrolled_steps=self._window(),
             reached=reached,
         )
 
@@ -449,10 +519,18 @@ class Unrolled(HyperOptimizer):
         return tuple(t.detach() for t in w)
 
     def _method_state(self) -> dict[str, Any]:
-        return {"records": [r.to_dict() for r in self._records]}
+        anchor_due = tuple(h._version for h in self.pair.hparam_tensors) != self._hp_versions
+        return {
+            "records": [r.to_dict() for r in self._records],
+            "since_anchor": self._since_anchor,
+            "anchor_due": anchor_due,  # the hyperparameters moved since the newest anchor
+        }
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         self._records.clear()
         for r in state["records"]:
-            self._records.append(_Record(**r))
+            self._records.append(_Record.from_dict(r))
+        self._since_anchor = state.get("since_anchor", 0)
+        due = state.get("anchor_due", True)
+        self._hp_versions = () if due else tuple(h._version for h in self.pair.hparam_tensors)
         self._versions = self._current_versions()

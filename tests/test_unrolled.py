@@ -409,3 +409,43 @@ def test_implicit_refuses_optimizer_settings() -> None:
             inner_optimizer=inner,
             outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
         )
+
+
+def _anchored_run(k: int, every: int, n: int) -> tuple[hg.Unrolled, list[list[torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+    hopt = hg.Unrolled(
+        model,
+        hp,
+        lambda m, h, b: nn.functional.cross_entropy(m(b[0]), b[1]) + h.penalty(m),
+        lambda m, h, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.1),
+        steps=k,
+    )
+    g = torch.Generator().manual_seed(0)
+    before: list[list[torch.Tensor]] = []  # the real weights before each step
+    for i in range(n):
+        b = (torch.randn(16, 4, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g))
+        before.append([p.detach().clone() for p in model.parameters()])
+        hopt.step(b)
+        if (i + 1) % every == 0:
+            hopt.hyper_step(val_batch=b)
+    return hopt, before
+
+
+@pytest.mark.parametrize("k,every", [(5, 5), (5, 7), (4, 2), (3, 1)])
+def test_replay_keeps_few_snapshots_and_starts_from_the_real_weights(k: int, every: int) -> None:
+    n = 23
+    hopt, before = _anchored_run(k, every, n)
+    anchors = sum(r.anchor is not None for r in hopt._records)
+    assert len(hopt._records) <= 2 * k
+    # the memory target: 2 snapshots, not K, when hypersteps come every K steps; one more when
+    # they come less often (a snapshot every K steps and one after each hyperstep); at most K
+    assert anchors <= (2 if every == k else 3 if every > k else k)
+    # the window's first step starts from the real weights of that time, re-run from the anchor
+    # with the hyperparameters each step used (here they changed inside the re-run part)
+    start, _, _ = hopt._start()
+    for a, b in zip(start, before[n - k], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
