@@ -75,3 +75,13 @@ def test_distill(tmp_path: Path) -> None:
     rows = [line.split(",") for line in (tmp_path / "distill" / "trajectory.csv").read_text().splitlines()]
     loss = [float(r[rows[0].index("outer_loss")]) for r in rows[1:]]
     assert min(loss[-3:]) < loss[0]  # the learned images lower the loss on real digits
+
+
+def test_baselines(tmp_path: Path) -> None:
+    m = run_quick("baselines", tmp_path)
+    for target in ("overfit_val", "hyperclean"):
+        assert m[f"{target}.hg_cost"] > 0
+        assert f"{target}.random@full.test_acc" in m and f"{target}.tpe@full.test_acc" in m
+    rec = json.loads((tmp_path / "baselines" / "results.json").read_text())
+    searched = {r["searches"] for r in rec["table"]}
+    assert {"one global weight decay", "drop fraction q (loss threshold)"} <= searched

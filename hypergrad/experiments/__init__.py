@@ -25,6 +25,7 @@ MODULES = (
     "hyperclean",
     "logreg_cv",
     "hd",
+    "baselines",
 )
 
 

@@ -386,6 +386,14 @@ def digits_split(
     return (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:c], y[b:c])
 
 
+def hyperstep_cost(info: hg.HyperStepInfo) -> int:
+    """A hyperstep's cost in inner-step units: one gradient of the validation loss, plus one per
+    HVP (implicit) or two per replayed step (unrolled: its forward and its backward)."""
+    if info.unrolled_steps is not None:
+        return 1 + 2 * info.unrolled_steps
+    return 1 + (info.solver_iterations or 0)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, batch: Batch) -> float:
     """Classification accuracy of ``model`` on ``(x, y, ...)``."""

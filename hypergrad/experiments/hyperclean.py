@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hypergrad as hg
 
-from .common import Context, Outcome, accuracy, digits_split, plt, register
+from .common import Context, Outcome, accuracy, digits_split, hyperstep_cost, plt, register
 
 METHODS = ("unrolled", "implicit")
 
@@ -104,6 +104,69 @@ def flag_scores(weights: Tensor, corrupted: Tensor, threshold: float = 0.5) -> d
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def learn_weights(
+    ctx: Context,
+    cfg: dict[str, Any],
+    x: Tensor,
+    y: Tensor,
+    val: tuple[Tensor, ...],
+    corrupted: Tensor,
+    *,
+    log: bool = True,
+) -> tuple[nn.Module, Tensor, int]:
+    """Train with per-example weights tuned online; returns (model, weights, cost in inner steps)."""
+    n = len(y)
+    model = _model(cfg["hidden"], cfg["seed"], ctx.device)
+    hp = hg.hparams.ExampleWeights(n, init=cfg["init_weight"]).to(ctx.device)
+    inner = torch.optim.SGD(model.parameters(), lr=cfg["inner_lr"], momentum=0.9)
+    outer = torch.optim.Adam(hp.parameters(), lr=cfg["hyper_lr"])
+    k = cfg["solver_steps"]
+    hopt: hg.HyperOptimizer
+    if cfg["method"] == "unrolled":
+        hopt = hg.Unrolled(
+            model, hp, weighted_ce, val_ce, inner_optimizer=inner, outer_optimizer=outer, steps=k
+        )
+    else:
+        hopt = hg.Implicit(
+            model,
+            hp,
+            weighted_ce,
+            val_ce,
+            inner_optimizer=inner,
+            outer_optimizer=outer,
+            solver=hg.Neumann(steps=k),
+        )
+    loader = DataLoader(
+        hg.data.WithIndex(TensorDataset(x.cpu(), y.cpu())),
+        batch_size=cfg["batch_size"],
+        shuffle=True,
+        generator=ctx.generator(2),
+    )
+    step = 0
+    cost = 0
+    for epoch in ctx.bar(range(1, cfg["epochs"] + 1), desc=f"hyper-cleaning ({cfg['method']})"):
+        for xb, yb, ib in loader:
+            batch = (xb.to(ctx.device), yb.to(ctx.device), ib.to(ctx.device))
+            loss = hopt.step(batch)
+            step += 1
+            if step % k == 0:
+                info = hopt.hyper_step(train_batch=batch, val_batch=val)
+                cost += hyperstep_cost(info)
+                if not log:
+                    continue
+                w = hp.value
+                ctx.logger.hyper_step(
+                    info,
+                    step=step,
+                    epoch=epoch,
+                    train_loss=float(loss),
+                    weight_clean=float(w[~corrupted].mean()),
+                    weight_corrupted=float(w[corrupted].mean()),
+                    f1=flag_scores(w, corrupted)["f1"],
+                )
+    return model, hp.value, cost + step
+
+
 @register(
     "hyperclean",
     number=4,
@@ -134,52 +197,7 @@ def run(ctx: Context) -> Outcome:
     cfg = ctx.config
     (x, y_clean), val, test = digits_split(cfg["seed"], cfg["n_train"], cfg["n_val"], ctx.device)
     y, corrupted = corrupt_labels(y_clean, cfg["corrupt"], cfg["seed"])
-    n = len(y)
-    model = _model(cfg["hidden"], cfg["seed"], ctx.device)
-    hp = hg.hparams.ExampleWeights(n, init=cfg["init_weight"]).to(ctx.device)
-    inner = torch.optim.SGD(model.parameters(), lr=cfg["inner_lr"], momentum=0.9)
-    outer = torch.optim.Adam(hp.parameters(), lr=cfg["hyper_lr"])
-    k = cfg["solver_steps"]
-    hopt: hg.HyperOptimizer
-    if cfg["method"] == "unrolled":
-        hopt = hg.Unrolled(
-            model, hp, weighted_ce, val_ce, inner_optimizer=inner, outer_optimizer=outer, steps=k
-        )
-    else:
-        hopt = hg.Implicit(
-            model,
-            hp,
-            weighted_ce,
-            val_ce,
-            inner_optimizer=inner,
-            outer_optimizer=outer,
-            solver=hg.Neumann(steps=k),
-        )
-    loader = DataLoader(
-        hg.data.WithIndex(TensorDataset(x.cpu(), y.cpu())),
-        batch_size=cfg["batch_size"],
-        shuffle=True,
-        generator=ctx.generator(2),
-    )
-    step = 0
-    for epoch in ctx.bar(range(1, cfg["epochs"] + 1), desc=f"hyper-cleaning ({cfg['method']})"):
-        for xb, yb, ib in loader:
-            batch = (xb.to(ctx.device), yb.to(ctx.device), ib.to(ctx.device))
-            loss = hopt.step(batch)
-            step += 1
-            if step % k == 0:
-                info = hopt.hyper_step(train_batch=batch, val_batch=val)
-                w = hp.value
-                ctx.logger.hyper_step(
-                    info,
-                    step=step,
-                    epoch=epoch,
-                    train_loss=float(loss),
-                    weight_clean=float(w[~corrupted].mean()),
-                    weight_corrupted=float(w[corrupted].mean()),
-                    f1=flag_scores(w, corrupted)["f1"],
-                )
-    weights = hp.value
+    model, weights, _ = learn_weights(ctx, cfg, x, y, val, corrupted)
     baseline = train_fixed(x, y, None, cfg, ctx.device, cfg["epochs"])
     tuned = train_fixed(x, y, weights, cfg, ctx.device, cfg["epochs"])
     oracle = train_fixed(x[~corrupted], y[~corrupted], None, cfg, ctx.device, cfg["epochs"])
@@ -220,6 +238,6 @@ def run(ctx: Context) -> Outcome:
     headline = (
         f"test acc baseline {metrics['baseline.test_acc']:.1%} / tuned {metrics['tuned.test_acc']:.1%} / "
         f"oracle {metrics['oracle.test_acc']:.1%}; F1 {scores['f1']:.2f} "
-        f"(digits, {n} train, {cfg['corrupt']:.0%} corrupted)"
+        f"(digits, {len(y)} train, {cfg['corrupt']:.0%} corrupted)"
     )
     return Outcome(metrics, table, headline)

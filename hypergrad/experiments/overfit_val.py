@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Outcome, accuracy, ce_loss, digits_split, plt, register
+from .common import Context, Outcome, accuracy, ce_loss, digits_split, hyperstep_cost, plt, register
 
 METHODS = ("neumann", "cg", "identity", "unrolled")
 
@@ -111,7 +111,7 @@ def train_per_weight(
             row = {"val_acc": accuracy(model, val), "train_loss": float(loss)}
             if log:
                 ctx.logger.hyper_step(info, hparams=hp, step=epoch, **row)
-            rows.append({"step": epoch, "val_loss": info.outer_loss, **row})
+            rows.append({"step": epoch, "val_loss": info.outer_loss, "cost": hyperstep_cost(info), **row})
     return model, hp, rows
 
 
