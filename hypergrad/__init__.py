@@ -19,6 +19,9 @@ from ._base import NonFiniteError as NonFiniteError
 from ._base import NonFiniteWarning as NonFiniteWarning
 from ._implicit import Implicit as Implicit
 from ._implicit import implicit_hypergradient as implicit_hypergradient
+from ._marglik import MarginalLikelihood as MarginalLikelihood
+from ._marglik import log_evidence as log_evidence
+from ._marglik import log_evidence_bound as log_evidence_bound
 from ._selftuning import BestResponse as BestResponse
 from ._selftuning import SelfTuning as SelfTuning
 from ._selftuning import selftuning_hypergradient as selftuning_hypergradient
@@ -43,6 +46,7 @@ __all__ = [
     "Identity",
     "Implicit",
     "LinearSolver",
+    "MarginalLikelihood",
     "Neumann",
     "NonFiniteError",
     "NonFiniteWarning",
@@ -54,6 +58,8 @@ __all__ = [
     "data",
     "hparams",
     "implicit_hypergradient",
+    "log_evidence",
+    "log_evidence_bound",
     "nn",
     "optim",
     "selftuning_hypergradient",

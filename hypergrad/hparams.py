@@ -689,3 +689,7 @@ def summary(hparams: nn.Module) -> dict[str, float]:
 from ._stn_hparams import Draw, Integer, Positive, Rate, SelfTuned  # noqa: E402  (self-tuning networks)
 
 __all__ += ["SelfTuned", "Rate", "Positive", "Integer", "Draw"]
+
+from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation  # noqa: E402  (marginal likelihood)
+
+__all__ += ["PriorPrecision", "ObservationNoise", "RandomTranslation"]

@@ -137,6 +137,42 @@ def _best_response(**opts: Any) -> Callable[..., hg.HyperOptimizer]:
     return make
 
 
+def marglik_problem(
+    per: str = "layer", augment: bool = False
+) -> Callable[[], tuple[nn.Module, nn.Module, Any, Any]]:
+    """An MLP without BatchNorm (its bound is undefined in train mode); MAP loss as MarginalLikelihood's."""
+
+    def problem() -> tuple[nn.Module, nn.Module, Any, Any]:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+        parts: dict[str, nn.Module] = {"prior": hg.hparams.PriorPrecision(model, per=per, init=1.0)}
+        if augment:
+            parts["shift"] = hg.hparams.RandomTranslation((4,), init=0.5, max=1.5)
+        hp = nn.ModuleDict(parts).to(DT)
+
+        def map_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+            return ce(m, h, b) + h["prior"].penalty(m) / 64  # type: ignore[index,operator]
+
+        return model, hp, map_loss, ce
+
+    return problem
+
+
+def _marglik(**opts: Any) -> Callable[..., hg.HyperOptimizer]:
+    def make(model, hp, tl, vl, inner, outer, **kw):
+        return hg.MarginalLikelihood(
+            model,
+            hp,
+            likelihood="classification",
+            data_size=64,
+            inner_optimizer=inner,
+            outer_optimizer=outer,
+            **opts,
+            **kw,
+        )
+
+    return make
+
+
 METHODS: list[Method] = [
     Method("implicit-neumann", _implicit(hg.Neumann(steps=3))),
     Method("implicit-cg", _implicit(hg.CG(maxiter=5, damping=0.1))),
@@ -163,6 +199,23 @@ METHODS: list[Method] = [
         _best_response(sampling="global"),
         needs_train=False,
         problem=best_response_problem,
+        scenarios=False,
+    ),
+    Method(
+        "marglik-ntk", _marglik(subset_size=8), needs_val=False, problem=marglik_problem(), scenarios=False
+    ),
+    Method(
+        "marglik-parametric",
+        _marglik(bound="parametric", outer_steps=2),
+        needs_val=False,
+        problem=marglik_problem("parameter"),
+        scenarios=False,
+    ),
+    Method(
+        "marglik-augmented",
+        _marglik(subset_size=8, outputs="sampled", augmentation_samples=2),
+        needs_val=False,
+        problem=marglik_problem("global", augment=True),
         scenarios=False,
     ),
 ]

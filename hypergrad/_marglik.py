@@ -1,0 +1,797 @@
+r"""Marginal-likelihood hyperparameter learning on training data alone (Immer et al. 2021; 2023).
+
+The linearised-Laplace log evidence of a network :math:`f(x;\theta)` at a MAP estimate
+:math:`\theta^*`, with prior :math:`\mathcal N(0, P_0^{-1})`, Jacobians :math:`J` (``(NC, P)``) and
+:math:`\Lambda = L L^\top` the Hessian of the negative log-likelihood w.r.t. the outputs:
+
+.. math::
+    \log q(\mathcal D \mid \lambda) = \log p(\mathcal D\mid\theta^*) - \tfrac12\theta^{*\top}P_0\theta^*
+      - \tfrac12\log\det\big(I + L^\top J P_0^{-1} J^\top L\big)          \quad\text{(NTK form)}
+
+and :math:`\log\det(I + L^\top J P_0^{-1}J^\top L) = \log\det(P_0 + J^\top\Lambda J) - \log\det P_0`
+(parametric / GGN form; Sylvester's identity). Splitting the data into blocks of :math:`M` and
+keeping only the diagonal blocks of the kernel gives a **lower bound** (Fischer's inequality:
+:math:`\log\det\begin{pmatrix}A & B\\ B^\top & D\end{pmatrix} \le \log\det A + \log\det D`), exact
+for :math:`M = N` and tighter as blocks merge. One random block of a batch of :math:`B` examples,
+rescaled by :math:`N/B`, is an unbiased estimator of that bound (Immer et al. 2023):
+
+.. math::
+    \hat q = \tfrac{N}{B}\Big(\log p(\mathcal D_b\mid\theta^*)
+        - \tfrac12\sum_{\text{blocks } k\subset b}\log\det(I + L_k^\top J_k P_0^{-1} J_k^\top L_k)\Big)
+        - \tfrac12\theta^{*\top}P_0\theta^*.
+
+Never rescale the batch GGN instead (:math:`\log\det(P_0 + \tfrac NM G_b)`): by concavity of
+:math:`\log\det` that *over*-estimates the evidence in expectation.
+
+The kernel of a block is built per layer: for ``nn.Linear`` layers with one precision per layer,
+:math:`J_{(n,c)}J_{(m,c')}^\top = (g_{nc}\cdot g_{mc'})(a_n\cdot a_m + 1)` from the layer inputs
+:math:`a` and the output gradients :math:`g` (no ``P``-sized Jacobian is formed); any other model or
+per-weight precisions use dense Jacobians from ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _Hypergradient
+from ._functional import check_batch, grads_or_none, materialize
+from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
+from ._types import Batch
+
+
+class Likelihood(str, enum.Enum):
+    """The likelihood :math:`p(y\\mid f)`."""
+
+    CLASSIFICATION = "classification"  #: softmax over the outputs, integer labels
+    REGRESSION = "regression"  #: Gaussian with noise :class:`~hypergrad.hparams.ObservationNoise`
+
+
+class Bound(str, enum.Enum):
+    """How :class:`MarginalLikelihood` estimates the evidence on a batch."""
+
+    NTK = "ntk"  #: block kernels :math:`L^\top J P_0^{-1} J^\top L` (``(MC, MC)`` per block)
+    PARAMETRIC = "parametric"  #: :math:`\log\det(P_0 + G_b) - \log\det P_0` per block (``(P, P)``)
+    EXACT = "exact"  #: the whole data set in one batch: the exact evidence (small problems)
+
+
+class Outputs(str, enum.Enum):
+    """Which output blocks of an NTK kernel are kept."""
+
+    ALL = "all"  #: the full ``(MC, MC)`` kernel of a block
+    EACH = "each"  #: one ``(M, M)`` kernel per (whitened) output: a looser bound, C times cheaper
+    SAMPLED = "sampled"  #: one output drawn at random, times C: unbiased for ``"each"``
+
+
+_KERNELS = ("auto", "layerwise", "dense")
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _check_modes(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if mod.training and isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"model.{name} is a BatchNorm layer in training mode: its output for one example "
+                "depends on the others in the batch, so the Laplace evidence (and its bound) is not "
+                "defined. Call model.eval() before hyper_step (running statistics are then used), "
+                "or use a normalisation that acts per example (LayerNorm, GroupNorm)."
+            )
+        if mod.training and isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            raise ValueError(
+                f"model.{name} is Dropout in training mode: the linearised network would be random. "
+                "Call model.eval() before hyper_step (and model.train() before step)."
+            )
+
+
+def _split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
+    if not (
+        isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(t, Tensor) for t in batch[:2])
+    ):
+        raise ValueError("MarginalLikelihood needs batches (x, y, ...) whose first two entries are tensors")
+    return batch[0], batch[1]
+
+
+def _forward(model: nn.Module, x: Tensor, augmentation: RandomTranslation | None, samples: int) -> Tensor:
+    """Outputs ``(B, C)``, averaged over ``samples`` augmentations when there is an augmentation."""
+    b = x.shape[0]
+    if augmentation is None:
+        return model(x).reshape(b, -1)
+    out = model(augmentation(x, samples))
+    return out.reshape(b, samples, -1).mean(1)
+
+
+def _log_lik(f: Tensor, y: Tensor, likelihood: Likelihood, sigma: Tensor | None) -> Tensor:
+    """:math:`\\sum_n \\log p(y_n\\mid f_n)` (0-dim)."""
+    if likelihood is Likelihood.CLASSIFICATION:
+        return -F.cross_entropy(f, y.reshape(-1).long(), reduction="sum")
+    assert sigma is not None
+    r = (y.reshape(f.shape) - f) / sigma
+    return -0.5 * r.square().sum() - f.numel() * (torch.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def _whitener(f: Tensor, likelihood: Likelihood) -> Tensor | None:
+    r"""``L`` ``(B, C, C)`` with :math:`L L^\top = \Lambda` (softmax: ``diag(sqrt p) - p sqrt(p)^T``);
+    ``None`` for regression, whose :math:`\Lambda = I/\sigma^2` is applied as a scale."""
+    if likelihood is Likelihood.REGRESSION:
+        return None
+    p = torch.softmax(f, dim=1)
+    sq = p.sqrt()
+    return torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
+
+
+def _logdet_pd(a: Tensor) -> Tensor:
+    """log det of a symmetric positive-definite matrix (NaN if the factorisation fails)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    out = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum()
+    if bool(info.any()):
+        return out * float("nan")
+    return out
+
+
+def _blocks(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _layerwise_factors(
+    model: nn.Module,
+    x: Tensor,
+    names: Sequence[str],
+    augmentation: RandomTranslation | None,
+    samples: int,
+    graph: bool,
+) -> tuple[Tensor, list[tuple[str | None, str | None, Tensor, Tensor]]] | None:
+    """The outputs and, per ``nn.Linear`` layer, its inputs and the output gradients
+    ``(C, B, S, out)`` (unwhitened); ``None`` when the model is not made of such layers."""
+    params = dict(model.named_parameters())
+    wanted = {id(params[n]): n for n in names}
+    owners: dict[int, tuple[nn.Linear, str | None, str | None]] = {}
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        nw = wanted.get(id(mod.weight))
+        nb = wanted.get(id(mod.bias)) if mod.bias is not None else None
+        if nw is None and nb is None:
+            continue
+        if nw is None or (mod.bias is not None and nb is None):
+            return None  # a layer only partly trained: dense
+        owners[id(mod)] = (mod, nw, nb)
+    covered = {n for _, nw, nb in owners.values() for n in (nw, nb) if n is not None}
+    if covered != set(names):
+        return None
+    seen: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        seen.setdefault(id(mod), []).append((inp[0], out))
+
+    handles = [m.register_forward_hook(hook) for m, _, _ in owners.values()]
+    try:
+        with torch.enable_grad():  # the output gradients need a graph, whatever the caller's mode
+            f = _forward(model, x, augmentation, samples)
+    finally:
+        for h in handles:
+            h.remove()
+    b = x.shape[0]
+    s = samples if augmentation is not None else 1
+    if any(len(seen.get(k, ())) != 1 or seen[k][0][0].dim() != 2 for k in owners):
+        return None  # a layer used twice, or on sequences: dense
+    zs = [seen[k][0][1] for k in owners]
+    c = f.shape[1]
+    gs: list[list[Tensor]] = [[] for _ in zs]
+    for j in range(c):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(f[:, j].sum(), zs, retain_graph=True, create_graph=graph)
+        for acc, gr in zip(gs, grads, strict=True):
+            acc.append(gr)
+    layers = []
+    for (_, nw, nb), key, g in zip(owners.values(), owners, gs, strict=True):
+        a = seen[key][0][0]
+        a = a if graph else a.detach()
+        layers.append((nw, nb, a.reshape(b, s, -1), torch.stack(g).reshape(c, b, s, -1)))
+    return f, layers
+
+
+def _dense_jacobians(
+    model: nn.Module,
+    x: Tensor,
+    names: Sequence[str],
+    augmentation: RandomTranslation | None,
+    samples: int,
+    graph: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The outputs ``(B, C)`` and per-parameter Jacobians ``(B, C, numel)`` of the (averaged) outputs."""
+    params = dict(model.named_parameters())
+    theta = {n: params[n].detach() for n in names}
+    xa = x if augmentation is None else augmentation(x, samples)
+    b = x.shape[0]
+    s = samples if augmentation is not None else 1
+
+    def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
+
+    jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
+    f = model(xa).reshape(b, s, -1).mean(1)
+    if not graph:
+        f = f.detach()
+    out = {n: j.reshape(b, s, f.shape[1], -1).mean(1) for n, j in jac.items()}
+    return f, out
+
+
+@dataclasses.dataclass
+class _Terms:
+    log_lik: Tensor  # sum over the batch
+    log_det: Tensor  # sum over the blocks (of log det(I + L^T K L))
+    quad: Tensor  # theta^T P0 theta
+    batch: int
+
+
+def _terms(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prior: PriorPrecision,
+    names: Sequence[str],
+    *,
+    likelihood: Likelihood,
+    sigma: Tensor | None,
+    subset_size: int | None,
+    outputs: Outputs,
+    form: Bound,
+    augmentation: RandomTranslation | None,
+    samples: int,
+    kernel: str,
+) -> _Terms:
+    _check_modes(model)
+    if likelihood is Likelihood.REGRESSION and sigma is None:
+        raise ValueError("the regression likelihood needs the observation noise (noise=...)")
+    if kernel not in _KERNELS:
+        raise ValueError(f"Invalid kernel: {kernel!r} (choose from {_KERNELS})")
+    if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
+        raise ValueError(f"Invalid subset_size: {subset_size!r} (need an int >= 1, or None)")
+    params = dict(model.named_parameters())
+    prec_all = prior.precisions()
+    missing = [n for n in names if n not in prec_all]
+    if missing:
+        raise ValueError(f"weights {missing[:3]} are trained but have no prior precision (PriorPrecision)")
+    prec = {n: prec_all[n] for n in names}
+    quad = torch.stack([(prec[n] * params[n].detach().square()).sum() for n in names]).sum()
+    graph = augmentation is not None and augmentation.raw.requires_grad and torch.is_grad_enabled()
+    b = x.shape[0]
+    scalar_prec = all(p.dim() == 0 for p in prec.values())
+    use_layers = form is Bound.NTK and kernel != "dense" and scalar_prec
+    if kernel == "layerwise" and not use_layers:
+        raise ValueError("kernel='layerwise' needs the NTK form and one precision per layer (or global)")
+    factors = _layerwise_factors(model, x, names, augmentation, samples, graph) if use_layers else None
+    if kernel == "layerwise" and factors is None:
+        raise ValueError(
+            "kernel='layerwise' needs a model whose trained weights are nn.Linear layers used once"
+        )
+    blocks = _blocks(b, subset_size)
+    c: int
+    if factors is not None:
+        f, layers = factors
+        f = f if graph else f.detach()
+        c = f.shape[1]
+        wh = _whitener(f, likelihood)
+        lay = []
+        for nw, nb, a, g in layers:
+            if wh is not None:
+                g = torch.einsum("bcd,cbso->dbso", wh, g)
+            lay.append((nw, nb, a, g))
+        dets = [_layer_block_logdet(lay, prec, blk, outputs, c, sigma) for blk in blocks]
+    else:
+        f, jac = _dense_jacobians(model, x, names, augmentation, samples, graph)
+        c = f.shape[1]
+        wh = _whitener(f, likelihood)
+        if wh is not None:
+            jac = {n: torch.einsum("bcd,bcp->bdp", wh, j) for n, j in jac.items()}
+        if form is Bound.PARAMETRIC:
+            dets = [_param_block_logdet(jac, prec, names, blk, sigma) for blk in blocks]
+        else:
+            dets = [_dense_block_logdet(jac, prec, blk, outputs, c, sigma) for blk in blocks]
+    return _Terms(_log_lik(f, y, likelihood, sigma), torch.stack(dets).sum(), quad, b)
+
+
+def _pick_outputs(outputs: Outputs, c: int) -> tuple[list[int], float]:
+    if outputs is Outputs.SAMPLED:
+        return [int(torch.randint(c, (1,)))], float(c)
+    return list(range(c)), 1.0
+
+
+def _layer_block_logdet(
+    layers: list[tuple[str | None, str | None, Tensor, Tensor]],
+    prec: dict[str, Tensor],
+    blk: slice,
+    outputs: Outputs,
+    c: int,
+    sigma: Tensor | None,
+) -> Tensor:
+    scale = 1.0 if sigma is None else sigma.pow(-2)
+    if outputs is Outputs.ALL:
+        terms = []
+        for nw, nb, a, g in layers:
+            a, g = a[blk], g[:, blk]
+            m, s = a.shape[0], a.shape[1]
+            if s == 1:
+                g2 = g[:, :, 0].permute(1, 0, 2).reshape(m * c, -1)
+                gg = (g2 @ g2.T).reshape(m, c, m, c)
+                aa = a[:, 0] @ a[:, 0].T
+                term = gg * (aa[:, None, :, None] / prec[nw])  # type: ignore[index]
+                if nb is not None:
+                    term = term + gg / prec[nb]
+            else:
+                gg = torch.einsum("dbso,ekto->bdsket", g, g)
+                aa = torch.einsum("bsi,kti->bskt", a, a)
+                term = torch.einsum("bdsket,bskt->bdke", gg, aa) / prec[nw]  # type: ignore[index]
+                if nb is not None:
+                    term = term + gg.sum((2, 5)) / prec[nb]
+            terms.append(term)
+        k = torch.stack(terms).sum(0)
+        n = k.shape[0] * c
+        k = k.reshape(n, n) * scale
+        return _logdet_pd(torch.eye(n, dtype=k.dtype, device=k.device) + k)
+    outs, mult = _pick_outputs(outputs, c)
+    dets = []
+    for d in outs:
+        parts = []
+        for nw, nb, a, g in layers:
+            a, gd = a[blk], g[d, blk]
+            gg = torch.einsum("bso,kto->bskt", gd, gd)
+            aa = torch.einsum("bsi,kti->bskt", a, a)
+            parts.append((gg * aa).sum((1, 3)) / prec[nw])  # type: ignore[index]
+            if nb is not None:
+                parts.append(gg.sum((1, 3)) / prec[nb])
+        kd = torch.stack(parts).sum(0) * scale
+        dets.append(_logdet_pd(torch.eye(kd.shape[0], dtype=kd.dtype, device=kd.device) + kd))
+    return torch.stack(dets).sum() * mult
+
+
+def _dense_block_logdet(
+    jac: dict[str, Tensor],
+    prec: dict[str, Tensor],
+    blk: slice,
+    outputs: Outputs,
+    c: int,
+    sigma: Tensor | None,
+) -> Tensor:
+    scale = 1.0 if sigma is None else sigma.pow(-2)
+
+    def gram(j: Tensor, p: Tensor) -> Tensor:  # j: (m, o, P) -> (m*o, m*o)
+        j2 = j.reshape(-1, j.shape[-1])
+        if p.dim() == 0:
+            return (j2 @ j2.T) / p
+        return (j2 / p.reshape(1, -1)) @ j2.T
+
+    outs, mult = _pick_outputs(outputs, c)
+    groups = [outs] if outputs is Outputs.ALL else [[d] for d in outs]
+    dets = []
+    for grp in groups:
+        k = sum(gram(j[blk][:, grp], prec[n]) for n, j in jac.items())
+        assert isinstance(k, Tensor)
+        k = k * scale
+        dets.append(_logdet_pd(torch.eye(k.shape[0], dtype=k.dtype, device=k.device) + k))
+    return torch.stack(dets).sum() * mult
+
+
+def _param_block_logdet(
+    jac: dict[str, Tensor], prec: dict[str, Tensor], names: Sequence[str], blk: slice, sigma: Tensor | None
+) -> Tensor:
+    js = torch.cat([jac[n][blk] for n in names], dim=2)  # (m, C, P)
+    js = js.reshape(-1, js.shape[-1])
+    if sigma is not None:
+        js = js / sigma
+    delta = torch.cat(
+        [prec[n].expand(jac[n].shape[-1]) if prec[n].dim() == 0 else prec[n].reshape(-1) for n in names]
+    )
+    a = torch.diag(delta) + js.T @ js
+    return _logdet_pd(a) - delta.log().sum()
+
+
+def _as_sigma(noise: ObservationNoise | Tensor | float | None) -> Tensor | None:
+    if noise is None:
+        return None
+    if isinstance(noise, ObservationNoise):
+        return noise()
+    return torch.as_tensor(noise)
+
+
+def _names(model: nn.Module, prior: PriorPrecision) -> list[str]:
+    params = dict(model.named_parameters())
+    return [n for n in prior.names if n in params and params[n].requires_grad]
+
+
+# --------------------------------------------------------------------------------------- public
+
+
+def log_evidence_bound(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prior: PriorPrecision,
+    *,
+    data_size: int,
+    likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
+    noise: ObservationNoise | Tensor | float | None = None,
+    subset_size: int | None = None,
+    outputs: Outputs | str = Outputs.ALL,
+    form: Bound | str = Bound.NTK,
+    augmentation: RandomTranslation | None = None,
+    samples: int = 1,
+    kernel: str = "auto",
+) -> Tensor:
+    r"""The stochastic lower bound on the linearised-Laplace log evidence from one batch.
+
+    .. math::
+        \hat q = \tfrac{N}{B}\Big(\sum_{n\in b}\log p(y_n\mid f_n)
+            - \tfrac12\sum_{k}\log\det(I + L_k^\top J_k P_0^{-1}J_k^\top L_k)\Big)
+            - \tfrac12\theta^\top P_0\theta,
+
+    the batch ``(x, y)`` of :math:`B` examples split into consecutive blocks :math:`k` of
+    ``subset_size`` :math:`M`. Its expectation over random batches is a lower bound on the
+    evidence (equal to it when :math:`B = M = N`); evaluated at the MAP weights of the current
+    hyperparameters. Differentiable w.r.t. the prior precisions, the noise and the augmentation
+    range (not w.r.t. the weights: the Jacobians are taken as constants).
+
+    Args:
+        model: the network; its outputs ``(B, C)`` are logits (classification) or means (regression).
+            Must not hold BatchNorm or Dropout in training mode (``ValueError``).
+        x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
+        prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
+        data_size: :math:`N`, the size of the whole training set.
+        likelihood: ``"classification"`` or ``"regression"``.
+        noise: :math:`\sigma` (an :class:`~hypergrad.hparams.ObservationNoise` or a tensor), regression only.
+        subset_size: :math:`M`; ``None`` keeps the batch as one block.
+        outputs: ``"all"`` (``(MC, MC)`` kernels), ``"each"`` (``C`` kernels ``(M, M)``: looser,
+            ``C`` times cheaper) or ``"sampled"`` (one random output, times ``C``).
+        form: ``"ntk"`` (kernels) or ``"parametric"`` (:math:`\log\det(P_0 + G_k) - \log\det P_0`
+            with the block GGN :math:`G_k` ``(P, P)``, not rescaled); the same number.
+        augmentation: a :class:`~hypergrad.hparams.RandomTranslation`: the model is then the
+            average of its outputs over ``samples`` augmented copies of each input.
+        samples: augmentations per example :math:`S` (default: 1).
+        kernel: ``"layerwise"`` (per ``nn.Linear`` layer, from inputs and output gradients: no
+            ``P``-sized Jacobian), ``"dense"`` (``torch.func`` Jacobians ``(B, C, P)``) or ``"auto"``
+            (layerwise when possible: an MLP of ``nn.Linear`` layers with one precision per layer).
+
+    Returns:
+        The bound, a 0-dim tensor (nats, for the whole data set).
+
+    Cost: ``C`` backward passes for the output gradients, then per block ``O((MCS)^2 d)`` for
+    the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``.
+
+    >>> import torch, hypergrad as hg
+    >>> _ = torch.manual_seed(0); model = torch.nn.Linear(3, 2).double()
+    >>> prior = hg.hparams.PriorPrecision(model, init=1.0).double()
+    >>> x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
+    >>> exact = hg.log_evidence(model, x, y, prior)
+    >>> b2 = hg.log_evidence_bound(model, x, y, prior, data_size=6, subset_size=2)
+    >>> bool(b2 <= exact), torch.allclose(hg.log_evidence_bound(model, x, y, prior, data_size=6), exact)
+    (True, True)
+    """
+    likelihood = Likelihood(likelihood)
+    form = Bound(form)
+    if form is Bound.EXACT:
+        if x.shape[0] != data_size:
+            raise ValueError(
+                f"form='exact' needs the whole data set: got {x.shape[0]} of {data_size} examples"
+            )
+        form, subset_size = Bound.NTK, None
+    if not (isinstance(data_size, int) and data_size >= 1):
+        raise ValueError(f"Invalid data_size: {data_size!r} (need an int >= 1)")
+    if not (isinstance(samples, int) and samples >= 1):
+        raise ValueError(f"Invalid samples: {samples!r} (need an int >= 1)")
+    t = _terms(
+        model,
+        x,
+        y,
+        prior,
+        _names(model, prior),
+        likelihood=likelihood,
+        sigma=_as_sigma(noise),
+        subset_size=subset_size,
+        outputs=Outputs(outputs),
+        form=form,
+        augmentation=augmentation,
+        samples=samples,
+        kernel=kernel,
+    )
+    return data_size / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad
+
+
+def log_evidence(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prior: PriorPrecision,
+    *,
+    likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
+    noise: ObservationNoise | Tensor | float | None = None,
+    form: Bound | str = Bound.NTK,
+    augmentation: RandomTranslation | None = None,
+    samples: int = 1,
+    kernel: str = "auto",
+) -> Tensor:
+    r"""The exact linearised-Laplace log evidence of the data set ``(x, y)`` (all of it).
+
+    .. math::
+        \log q = \log p(\mathcal D\mid\theta) - \tfrac12\theta^\top P_0\theta
+            - \tfrac12\log\det(I + L^\top J P_0^{-1} J^\top L),
+
+    with ``form="ntk"`` (an ``(NC, NC)`` kernel) or ``form="parametric"``
+    (:math:`\log\det(P_0 + J^\top\Lambda J) - \log\det P_0`, ``(P, P)``). At the MAP weights of a
+    linear model with a Gaussian likelihood it is the exact log evidence. Arguments as
+    :func:`log_evidence_bound` (with ``data_size = len(x)`` and one block). Small problems only:
+    memory :math:`O((NC)^2)` or :math:`O(P^2)`, time their cube.
+
+    >>> import torch, hypergrad as hg
+    >>> _ = torch.manual_seed(0); model = torch.nn.Linear(3, 1, bias=False).double()
+    >>> prior = hg.hparams.PriorPrecision(model, init=2.0).double()
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    >>> a = hg.log_evidence(model, x, y, prior, likelihood="regression", noise=0.5)
+    >>> b = hg.log_evidence(model, x, y, prior, likelihood="regression", noise=0.5, form="parametric")
+    >>> torch.allclose(a, b)
+    True
+    """
+    return log_evidence_bound(
+        model,
+        x,
+        y,
+        prior,
+        data_size=x.shape[0],
+        likelihood=likelihood,
+        noise=noise,
+        subset_size=None,
+        form=form,
+        augmentation=augmentation,
+        samples=samples,
+        kernel=kernel,
+    )
+
+
+class MarginalLikelihood(HyperOptimizer):
+    r"""Hyperparameters by maximising a lower bound on the marginal likelihood, on training data only.
+
+    :meth:`step` is a MAP step on :math:`\big(N\cdot\overline{\mathrm{NLL}}_b + \tfrac12\theta^\top
+    P_0\theta\big)/N` (the mean negative log-likelihood of the batch plus the prior divided by
+    :math:`N`); :meth:`hyper_step` takes ``outer_steps`` steps of ``outer_optimizer`` on
+    :math:`-\hat q/N`, the negative stochastic evidence bound of :func:`log_evidence_bound` on
+    ``train_batch`` (per datum), the weights held at their current value (Immer et al. 2023).
+    No validation set.
+
+    Hyperparameters (found in ``hparams`` by type, nested anywhere): exactly one
+    :class:`~hypergrad.hparams.PriorPrecision` covering every trained weight; one
+    :class:`~hypergrad.hparams.ObservationNoise` for ``likelihood="regression"`` (none for
+    classification); optionally one :class:`~hypergrad.hparams.RandomTranslation`, applied to the
+    inputs ``augmentation_samples`` times, the model's outputs averaged (in training and in the bound).
+
+    Args:
+        model: the network (outputs ``(B, C)``). BatchNorm or Dropout in training mode are refused
+            at :meth:`hyper_step` (``ValueError``): call ``model.eval()`` around it.
+        hparams: the module holding the containers above.
+        likelihood: ``"classification"`` (labels ``(B,)``) or ``"regression"``.
+        data_size: :math:`N`, the number of training examples.
+        inner_optimizer, outer_optimizer, on_nonfinite, divergence: see :class:`HyperOptimizer`.
+        bound: ``"ntk"`` (default), ``"parametric"``, or ``"exact"`` (``train_batch`` must hold the
+            whole data set).
+        subset_size: :math:`M`, the block size of the bound; ``None`` (default): the whole batch.
+        outputs: ``"all"``, ``"each"`` or ``"sampled"`` (see :func:`log_evidence_bound`).
+        outer_steps: :math:`K`, outer steps per :meth:`hyper_step` on the same batch (default: 1).
+        burn_in, every: schedule for :meth:`hyper_step_due` (default: 0 and 1).
+        augmentation_samples: :math:`S` (default: 1).
+        kernel: ``"auto"``, ``"layerwise"`` or ``"dense"`` (see :func:`log_evidence_bound`).
+
+    Batches: ``step(batch)`` and ``hyper_step(train_batch=...)`` take ``(x, y, ...)``; a
+    ``val_batch`` is ignored. ``info.outer_loss`` is :math:`-\hat q/N`.
+
+    >>> import torch, hypergrad as hg
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> hp = torch.nn.ModuleDict({"prior": hg.hparams.PriorPrecision(model, per="layer")})
+    >>> hopt = hg.MarginalLikelihood(model, hp, likelihood="classification", data_size=100,
+    ...     inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+    ...     outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.1), subset_size=10)
+    >>> batch = (torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    >>> loss = hopt.step(batch)
+    >>> info = hopt.hyper_step(train_batch=batch)
+    >>> info.hyper_steps, hp["prior"].value.shape
+    (1, torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hparams: nn.Module,
+        *,
+        likelihood: Likelihood | str,
+        data_size: int,
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        bound: Bound | str = Bound.NTK,
+        subset_size: int | None = None,
+        outputs: Outputs | str = Outputs.ALL,
+        outer_steps: int = 1,
+        burn_in: int = 0,
+        every: int = 1,
+        augmentation_samples: int = 1,
+        kernel: str = "auto",
+        on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
+        divergence: float | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            hparams,
+            self._map_loss,
+            self._map_loss,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
+            on_nonfinite=on_nonfinite,
+            divergence=divergence,
+        )
+        self.likelihood = Likelihood(likelihood)
+        self.bound = Bound(bound)
+        self.outputs = Outputs(outputs)
+        for name, v, low in (
+            ("data_size", data_size, 1),
+            ("outer_steps", outer_steps, 1),
+            ("burn_in", burn_in, 0),
+            ("every", every, 1),
+            ("augmentation_samples", augmentation_samples, 1),
+        ):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                raise ValueError(f"Invalid {name}: {v!r} (need an int >= {low})")
+        if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
+            raise ValueError(f"Invalid subset_size: {subset_size!r} (need an int >= 1, or None)")
+        if kernel not in _KERNELS:
+            raise ValueError(f"Invalid kernel: {kernel!r} (choose from {_KERNELS})")
+        self.data_size, self.subset_size, self.outer_steps = data_size, subset_size, outer_steps
+        self.burn_in, self.every, self.samples, self.kernel = burn_in, every, augmentation_samples, kernel
+        priors: list[PriorPrecision] = []
+        noises: list[ObservationNoise] = []
+        augs: list[RandomTranslation] = []
+        for mod in hparams.modules():
+            if isinstance(mod, PriorPrecision):
+                priors.append(mod)
+            elif isinstance(mod, ObservationNoise):
+                noises.append(mod)
+            elif isinstance(mod, RandomTranslation):
+                augs.append(mod)
+        owned = {id(p) for m in priors + noises + augs for p in m.parameters()}
+        other = [n for n, p in hparams.named_parameters() if id(p) not in owned]
+        if len(priors) != 1:
+            raise ValueError(f"hparams must hold exactly one hg.hparams.PriorPrecision (found {len(priors)})")
+        if other:
+            raise ValueError(
+                f"MarginalLikelihood tunes PriorPrecision, ObservationNoise and RandomTranslation "
+                f"only; hyperparameter(s) {other[:3]} are none of them"
+            )
+        if self.likelihood is Likelihood.REGRESSION and len(noises) != 1:
+            raise ValueError("likelihood='regression' needs one hg.hparams.ObservationNoise in hparams")
+        if self.likelihood is Likelihood.CLASSIFICATION and noises:
+            raise ValueError("likelihood='classification' has no observation noise: remove ObservationNoise")
+        if len(augs) > 1:
+            raise ValueError("hparams may hold at most one hg.hparams.RandomTranslation")
+        self.prior: PriorPrecision = priors[0]
+        self.noise: ObservationNoise | None = noises[0] if noises else None
+        self.augmentation: RandomTranslation | None = augs[0] if augs else None
+        uncovered = [n for n in self.pair.weight_names if n not in self.prior.names]
+        if uncovered:
+            raise ValueError(f"trained weights {uncovered[:3]} are not covered by the PriorPrecision")
+
+    # ------------------------------------------------------------------ losses
+
+    def _map_loss(self, model: nn.Module, hparams: nn.Module, batch: Batch) -> Tensor:
+        x, y = _split_batch(batch)
+        f = _forward(model, x, self.augmentation, self.samples)
+        sigma = None if self.noise is None else self.noise()
+        nll = -_log_lik(f, y, self.likelihood, sigma) / x.shape[0]
+        return nll + self.prior.penalty(model) / self.data_size
+
+    def hyper_step_due(self) -> bool:
+        """Whether the schedule asks for a hyperstep now: after ``burn_in`` inner steps, every
+        ``every`` inner steps (counted by :meth:`step`)."""
+        k = self.inner_steps - self.burn_in
+        return k >= 0 and k % self.every == 0
+
+    def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
+        if train_batch is None:
+            raise ValueError(
+                "MarginalLikelihood.hyper_step needs train_batch=... (a training batch; no validation batch)"
+            )
+        check_batch(train_batch, "train_batch", self.device, self.dtype)
+        _split_batch(train_batch)
+
+    def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        x, y = _split_batch(train_batch)
+        pair = self.pair
+        snapshot = pair.snapshot_buffers()
+        try:
+            t = _terms(
+                self.model,
+                x,
+                y,
+                self.prior,
+                pair.weight_names,
+                likelihood=self.likelihood,
+                sigma=None if self.noise is None else self.noise(),
+                subset_size=None if self.bound is Bound.EXACT else self.subset_size,
+                outputs=Outputs.ALL if self.bound is Bound.EXACT else self.outputs,
+                form=Bound.PARAMETRIC if self.bound is Bound.PARAMETRIC else Bound.NTK,
+                augmentation=self.augmentation,
+                samples=self.samples,
+                kernel=self.kernel,
+            )
+        finally:
+            pair.restore_buffers(snapshot)
+        if self.bound is Bound.EXACT and t.batch != self.data_size:
+            raise ValueError(
+                f"bound='exact' needs the whole data set: got {t.batch} of {self.data_size} examples"
+            )
+        n = self.data_size
+        bound = n / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad
+        loss = -bound / n
+        hp = pair.hparam_tensors
+        gs = grads_or_none(loss, hp)
+        inner = (-t.log_lik / t.batch + 0.5 * t.quad / n).detach()
+        return _Hypergradient(
+            materialize(gs, hp),
+            loss.detach(),
+            inner_loss=inner,
+            reached=tuple(g is not None for g in gs),
+        )
+
+    def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
+        """``outer_steps`` outer steps on the bound of ``train_batch`` (``val_batch`` is ignored).
+
+        All or nothing: if one of them is refused as non-finite, hyperparameters, their ``.grad``
+        and the outer optimiser are put back as they were. ``.grad`` is left holding the
+        hypergradient at the hyperparameters the call began with (it does not depend on the outer
+        optimiser's state); ``info`` is the last step's, with ``seconds`` for all of them;
+        ``hyper_steps`` counts calls.
+        """
+        if self.outer_steps == 1:
+            return super().hyper_step(train_batch, val_batch)
+        t0 = time.perf_counter()
+        hp = list(self.hparams.parameters())
+        backup = copy.deepcopy(
+            (self.hparams.state_dict(), self.outer_optimizer.state_dict(), [p.grad for p in hp])
+        )
+        start = self.hyper_steps
+
+        def restore() -> None:
+            self.hparams.load_state_dict(backup[0])
+            self.outer_optimizer.load_state_dict(backup[1])
+            for p, g in zip(hp, backup[2], strict=True):
+                p.grad = g
+            self.hyper_steps = start
+
+        info = None
+        first: list[Tensor | None] = []
+        try:
+            for k in range(self.outer_steps):
+                info = super().hyper_step(train_batch, val_batch)
+                if info.skipped:
+                    restore()
+                    return dataclasses.replace(info, hyper_steps=start, seconds=time.perf_counter() - t0)
+                if k == 0:
+                    first = [p.grad for p in hp]
+        except NonFiniteError:
+            restore()
+            raise
+        assert info is not None
+        for p, g in zip(hp, first, strict=True):  # the hypergradient where the hyperstep began
+            p.grad = g
+        self.hyper_steps = start + 1
+        return dataclasses.replace(info, hyper_steps=self.hyper_steps, seconds=time.perf_counter() - t0)
+
+    def _method_state(self) -> dict[str, Any]:
+        return {}
