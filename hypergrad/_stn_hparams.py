@@ -354,6 +354,7 @@ class SelfTuned(nn.Module):
         self._centred = False
         self._cache: dict[int, Draw] = {}
         self._prior: tuple[Tensor, Tensor] | None = None  # (mean, std) for global sampling
+        self._centre: Tensor | None = None  # Delta-STN's lambda_0 if held fixed (default: sg(raw))
         self._history: list[dict[str, float]] = []
 
     @property
@@ -430,7 +431,10 @@ class SelfTuned(nn.Module):
             else:
                 lam = raw + self.scale() * eps
             shared = False
-        features = lam - raw.detach() if self._centred else lam
+        if self._centred:
+            features = lam - (raw.detach() if self._centre is None else self._centre)
+        else:
+            features = lam
         values = self.values_of(lam.detach() if mode is not _Mode.VAL else lam)
         out = Draw(features, values, shared)
         if mode is not _Mode.MEAN:

@@ -80,11 +80,17 @@ class StnLinear(StnLayer):
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         n_hparams: :math:`H`, ``hparams.size``.
+        rank: if given, a low-rank hyper half :math:`W_h = U P` with :math:`P \in
+            \mathbb{R}^{r \times \text{in}}`, :math:`U \in \mathbb{R}^{\text{out} \times r}`
+            (and :math:`b_h = U b_P`): the response costs :math:`r(\text{in} + \text{out})`
+            instead of :math:`\text{in} \cdot \text{out}` FLOPs and weights per example
+            (default: None, the paper's full :math:`W_h`).
 
     Shapes: ``x`` :math:`(B, \text{in})`, hyperparameters :math:`(B, H)`; output
-    :math:`(B, \text{out})`. Parameters: ``weight`` :math:`(2\,\text{out}, \text{in})` (rows
-    ``[:out]`` are :math:`W_e`, ``[out:]`` :math:`W_h`), ``bias`` :math:`(2\,\text{out})`,
-    ``hnet`` :math:`(\text{out}, H)`.
+    :math:`(B, \text{out})`. Parameters: ``weight`` :math:`(\text{out} + k, \text{in})` (rows
+    ``[:out]`` are :math:`W_e`, ``[out:]`` :math:`W_h`, or :math:`P` when ``rank`` is given;
+    :math:`k` = out or ``rank``), ``bias`` :math:`(\text{out} + k)`, ``hnet``
+    :math:`(\text{out}, H)`, and with ``rank``, ``hyper_out`` :math:`U`.
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))
@@ -105,20 +111,33 @@ class StnLinear(StnLayer):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        both = nn.Linear(in_features, 2 * out_features, bias=bias, **factory)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"StnLinear: rank must be an int >= 1 or None, got {rank!r}")
+        self.rank = rank
+        both = nn.Linear(
+            in_features, out_features + (out_features if rank is None else rank), bias=bias, **factory
+        )
         self.weight = both.weight
         self.bias = both.bias
+        self.hyper_out: nn.Parameter | None = None
+        if rank is not None:  # W_h = U P: P is weight[out:], U is hyper_out (out x rank)
+            self.hyper_out = nn.Parameter(torch.empty(out_features, rank, **factory))
+            nn.init.kaiming_uniform_(self.hyper_out, a=math.sqrt(5))
         self._init_response(out_features, n_hparams, factory)
 
     def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
         if x.dim() != 2:
             raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {tuple(x.shape)}")
         both = F.linear(x, self.weight, self.bias)
-        elem, hyper = both.split(self.out_features, dim=-1)
+        elem, hyper = both.split([self.out_features, both.shape[-1] - self.out_features], dim=-1)
+        if self.hyper_out is not None:
+            hyper = F.linear(hyper, self.hyper_out)
         return elem + self.modulation(hparams, x.shape[0]) * hyper
 
     def fixed(self, features: Tensor) -> nn.Linear:
@@ -127,15 +146,20 @@ class StnLinear(StnLayer):
         with torch.no_grad():
             s = self.hnet @ features.to(self.hnet.dtype)
             o = self.out_features
+            w_h, b_h = self.weight[o:], None if self.bias is None else self.bias[o:]
+            if self.hyper_out is not None:
+                w_h = self.hyper_out @ w_h
+                b_h = None if b_h is None else self.hyper_out @ b_h
             out = nn.Linear(self.in_features, o, bias=self.bias is not None)
             out.to(self.weight)
-            out.weight.copy_(self.weight[:o] + s[:, None] * self.weight[o:])
-            if self.bias is not None:
-                out.bias.copy_(self.bias[:o] + s * self.bias[o:])
+            out.weight.copy_(self.weight[:o] + s[:, None] * w_h)
+            if self.bias is not None and b_h is not None:
+                out.bias.copy_(self.bias[:o] + s * b_h)
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, n_hparams={self.n_hparams}"
+        rank = "" if self.rank is None else f", rank={self.rank}"
+        return f"{self.in_features}, {self.out_features}, n_hparams={self.n_hparams}{rank}"
 
 
 class _StnConvNd(StnLayer):

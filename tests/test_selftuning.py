@@ -1,0 +1,294 @@
+"""hg.SelfTuning and hg.BestResponse: their math (finite differences, float64), schedule, errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hypergrad as hg
+from hypergrad._stn_hparams import _Mode
+
+DT = torch.float64
+
+
+class Net(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.l1 = hg.nn.StnLinear(4, 8, n)
+        self.l2 = hg.nn.StnLinear(8, 3, n)
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor, hp: hg.hparams.SelfTuned) -> torch.Tensor:
+        self.modes.append(self.training)
+        d = hp.draw(len(x))
+        x = hg.nn.gaussian_noise(x, d["noise"], self.training)
+        h = hg.nn.dropout(torch.tanh(self.l1(x, d)), d["dropout"], self.training)
+        return self.l2(h, d)
+
+
+def loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    return F.cross_entropy(m(b[0], h), b[1])
+
+
+def _hp(**kw: Any) -> hg.hparams.SelfTuned:
+    return hg.hparams.SelfTuned(
+        dropout=hg.hparams.Rate(0.3, high=0.9), noise=hg.hparams.Positive(0.2), dtype=DT, **kw
+    )
+
+
+def _batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
+
+
+def _stn(delta: bool = False, **kw: Any) -> hg.SelfTuning:
+    torch.manual_seed(0)
+    hp = _hp()
+    model = Net(hp.size).to(DT)
+    with torch.no_grad():  # a visible response, so the hypergradient is not tiny
+        for layer in (model.l1, model.l2):
+            layer.hnet.normal_(0, 0.5)
+    return hg.SelfTuning(
+        model,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
+        delta=delta,
+        **kw,
+    )
+
+
+def _objective(hopt: hg.SelfTuning, vb: Any, rng: torch.Tensor) -> torch.Tensor:
+    """L_V(w(lambda + sigma eps)) - tau * entropy, eval mode, with the noise eps of ``rng``."""
+    torch.set_rng_state(rng)
+    hopt.model.eval()
+    try:
+        with torch.no_grad(), hopt.hparams._drawing(_Mode.VAL):
+            lv = loss(hopt.model, hopt.hparams, vb)
+            return lv - hopt.entropy_weight * hopt.hparams.entropy()
+    finally:
+        hopt.model.train()
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
+def test_selftuning_hypergradient_matches_central_differences(delta: bool) -> None:
+    hopt = _stn(delta=delta, entropy_weight=0.05)
+    for i in range(3):
+        hopt.step(_batch(i))
+    vb = _batch(9, n=32)
+    rng = torch.get_rng_state()
+    grads, info = hopt.hypergradient(val_batch=vb)
+    torch.set_rng_state(rng)
+    grads2, _ = hopt.hypergradient(val_batch=vb)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))  # nothing changed
+    h = 1e-6
+    # Delta-STN centres at a stop-gradient lambda_0: differentiate with the centre held fixed
+    hopt.hparams._centre = hopt.hparams.raw.detach().clone() if delta else None
+    for p, g in zip(hopt.hparams.parameters(), grads, strict=True):
+        for j in range(p.numel()):
+            with torch.no_grad():
+                p.view(-1)[j] += h
+            up = float(_objective(hopt, vb, rng))
+            with torch.no_grad():
+                p.view(-1)[j] -= 2 * h
+            down = float(_objective(hopt, vb, rng))
+            with torch.no_grad():
+                p.view(-1)[j] += h
+            fd = (up - down) / (2 * h)
+            assert abs(fd - float(g.view(-1)[j])) < 1e-7 + 1e-6 * abs(fd), (j, fd, float(g.view(-1)[j]))
+        assert float(g.abs().max()) > 1e-4  # not a vacuous match
+    with torch.no_grad():
+        assert info.outer_loss == pytest.approx(
+            float(_objective(hopt, vb, rng) + 0.05 * hopt.hparams.entropy())
+        )
+
+
+def test_best_response_hypergradient_matches_central_differences() -> None:
+    torch.manual_seed(0)
+    hp = hg.hparams.SelfTuned(
+        a=hg.hparams.Positive(0.1, transform="exp"), b=hg.hparams.Rate(0.4), learn_scale=False, dtype=DT
+    )
+    base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    net = hg.nn.HyperNet(base, hp.size, hypernet=nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 51)))
+    net.response.to(DT)  # type: ignore[union-attr]
+
+    def val(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        return F.cross_entropy(m(b[0], hparams=h), b[1])
+
+    hopt = hg.BestResponse(
+        net,
+        hp,
+        val,
+        val,
+        inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )
+    vb = _batch(3, n=32)
+    (g,), _ = hopt.hypergradient(val_batch=vb)
+    for j in range(2):
+        vals = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                hp.raw[j] += sign * 1e-6
+            with torch.no_grad():
+                vals.append(float(val(net, hp, vb)))
+            with torch.no_grad():
+                hp.raw[j] -= sign * 1e-6
+        fd = (vals[0] - vals[1]) / 2e-6
+        assert abs(fd - float(g[j])) < 1e-8 + 1e-6 * abs(fd)
+        assert abs(fd) > 1e-5
+
+
+def test_validation_steps_run_in_eval_mode_and_training_steps_in_train_mode() -> None:
+    hopt = _stn()
+    model = hopt.model
+    assert isinstance(model, Net)
+    model.modes.clear()
+    hopt.step(_batch(0))
+    hopt.hyper_step(val_batch=_batch(1))
+    assert model.modes == [True, False] and model.training
+    model.eval()  # a user-set eval mode survives the hyperstep too
+    hopt.hyper_step(val_batch=_batch(1))
+    assert not model.training
+
+
+def test_training_step_does_not_touch_the_hyperparameters_or_their_grad() -> None:
+    hopt = _stn()
+    before = copy.deepcopy(hopt.hparams.state_dict())
+    for p in hopt.hparams.parameters():
+        p.grad = None
+    hopt.step(_batch(0))
+    assert all(p.grad is None for p in hopt.hparams.parameters())
+    assert all(torch.equal(v, hopt.hparams.state_dict()[k]) for k, v in before.items())
+
+
+def test_schedule_warmup_then_alternate() -> None:
+    hopt = _stn(warmup=3, train_steps=2, val_steps=2)
+    due = []
+    for i in range(9):
+        hopt.step(_batch(i))
+        due.append(hopt.hyper_due())
+    assert due == [False, False, True, False, True, False, True, False, True]
+    assert hopt.val_steps == 2
+
+
+def test_history_records_values_and_scales_and_resumes() -> None:
+    hopt = _stn()
+    for i in range(4):
+        hopt.step(_batch(i))
+        hopt.hyper_step(val_batch=_batch(10))
+    rows = hopt.hparams.history()
+    assert [r["hyper_step"] for r in rows] == [1, 2, 3, 4] and [r["inner_step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"inner_step", "hyper_step", "dropout", "noise", "sigma.dropout", "sigma.noise"}
+    assert rows[-1]["dropout"] == pytest.approx(hopt.hparams.current()["dropout"][0])
+    assert 0 < rows[-1]["dropout"] < 0.9 and rows[-1]["noise"] > 0
+    buf = io.BytesIO()
+    torch.save(hopt.state_dict(), buf)
+    hopt.step(_batch(20))  # the straight run goes on (the RNG is global: before the resumed one)
+    hopt.hyper_step(val_batch=_batch(21))
+    other = _stn()
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=False))  # restores the RNG state too
+    assert other.hparams.history() == rows
+    other.step(_batch(20))
+    other.hyper_step(val_batch=_batch(21))
+    assert other.hparams.history() == hopt.hparams.history()  # bit-exact continuation
+
+
+def test_delta_centres_the_features() -> None:
+    hopt = _stn(delta=True)
+    hp = hopt.hparams
+    assert torch.equal(hp.draw(5).features, torch.zeros(5, 2, dtype=DT))  # w(lambda) = w_0
+    with hp._drawing(_Mode.VAL):
+        d = hp.draw(5)
+        expected = d.features.detach() + hp.raw.detach()
+        torch.testing.assert_close(hp.values_of(expected)["dropout"], d["dropout"].detach())
+
+
+def test_best_response_global_samples_from_a_fixed_prior() -> None:
+    hp = hg.hparams.SelfTuned(a=hg.hparams.Positive(1.0, transform="exp"), learn_scale=False, dtype=DT)
+    net = hg.nn.HyperNet(nn.Linear(4, 3).to(DT), hp.size)
+    seen: list[float] = []
+
+    def tl(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        seen.append(float(h.draw(1).features[0, 0]))  # type: ignore[operator]
+        return F.cross_entropy(m(b[0], hparams=h), b[1])
+
+    hopt = hg.BestResponse(
+        net,
+        hp,
+        tl,
+        tl,
+        inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=10.0),
+        sampling="global",
+        prior_scale=2.0,
+    )
+    with torch.no_grad():
+        hp.raw.fill_(5.0)  # the prior does not follow lambda
+    for i in range(200):
+        hopt.step(_batch(i))
+    mean = sum(seen) / len(seen)
+    std = (sum((s - mean) ** 2 for s in seen) / len(seen)) ** 0.5
+    assert abs(mean) < 0.5 and abs(std - 2.0) < 0.4
+
+
+def test_bad_models_and_hyperparameters_are_named() -> None:
+    hp = _hp()
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    outer = torch.optim.Adam(hp.parameters())
+    plain = nn.Linear(4, 3).to(DT)
+    with pytest.raises(ValueError, match="model has no STN layers"):
+        hg.SelfTuning(plain, hp, loss, loss, inner_optimizer=opt(plain), outer_optimizer=outer)
+    wrong = Net(3).to(DT)
+    with pytest.raises(ValueError, match=r"hparams.size is 2 .* l1 \(n_hparams=3\), l2 \(n_hparams=3\)"):
+        hg.SelfTuning(wrong, hp, loss, loss, inner_optimizer=opt(wrong), outer_optimizer=outer)
+    ok = Net(2).to(DT)
+    wd = hg.hparams.WeightDecay(ok, init=1e-2)
+    with pytest.raises(TypeError, match=r"needs hparams = hg.hparams.SelfTuned"):
+        hg.SelfTuning(
+            ok, wd, loss, loss, inner_optimizer=opt(ok), outer_optimizer=torch.optim.Adam(wd.parameters())
+        )
+    with pytest.raises(ValueError, match="Invalid train_steps: 0"):
+        hg.SelfTuning(ok, hp, loss, loss, inner_optimizer=opt(ok), outer_optimizer=outer, train_steps=0)
+    with pytest.raises(ValueError, match="Invalid entropy_weight"):
+        hg.SelfTuning(ok, hp, loss, loss, inner_optimizer=opt(ok), outer_optimizer=outer, entropy_weight=-1)
+    with pytest.raises(ValueError, match="must be a hg.nn.HyperNet"):
+        hg.BestResponse(ok, hp, loss, loss, inner_optimizer=opt(ok), outer_optimizer=outer)
+    net = hg.nn.HyperNet(plain, 2)
+    with pytest.raises(ValueError, match=r"learn_scale=False"):
+        hg.BestResponse(net, hp, loss, loss, inner_optimizer=opt(net), outer_optimizer=outer)
+    fixed = hg.hparams.SelfTuned(a=hg.hparams.Rate(0.5), learn_scale=False, dtype=DT)
+    with pytest.raises(ValueError, match=r"n_hparams=2 but hparams.size is 1"):
+        hg.BestResponse(
+            net,
+            fixed,
+            loss,
+            loss,
+            inner_optimizer=opt(net),
+            outer_optimizer=torch.optim.Adam(fixed.parameters()),
+        )
+    hopt = _stn()
+    hopt.step(_batch(0))
+    with pytest.raises(ValueError, match="needs val_batch"):
+        hopt.hyper_step(train_batch=_batch(0))
+
+
+def test_nonfinite_validation_loss_is_refused_and_sigma_untouched() -> None:
+    hopt = _stn(on_nonfinite="skip")
+    hopt.step(_batch(0))
+    x, y = _batch(1)
+    x[0, 0] = float("inf")
+    before = copy.deepcopy(hopt.hparams.state_dict())
+    with pytest.warns(hg.NonFiniteWarning, match="skipped"):
+        info = hopt.hyper_step(val_batch=(x, y))
+    assert info.skipped and hopt.hparams.history() == []
+    assert all(torch.equal(v, hopt.hparams.state_dict()[k]) for k, v in before.items())

@@ -1,0 +1,245 @@
+"""hg.nn (STN layers, per-example augmentations) and the self-tuning hyperparameter containers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hypergrad as hg
+from hypergrad._stn_hparams import _Mode
+
+DT = torch.float64
+
+
+# ----------------------------------------------------------------------------- layer equivalence
+
+
+def _randomise(layer: nn.Module) -> None:
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_stn_linear_at_fixed_hyperparameters_is_a_linear_layer(rank: int | None) -> None:
+    layer = hg.nn.StnLinear(5, 4, n_hparams=3, rank=rank).to(DT)
+    _randomise(layer)
+    x = torch.randn(6, 5, dtype=DT)
+    lam = torch.randn(6, 3, dtype=DT)  # a different lambda per example
+    out = layer(x, lam)
+    w_h, b_h = layer.weight[4:].detach(), layer.bias[4:].detach()  # type: ignore[index]
+    if rank is not None:
+        assert layer.hyper_out is not None and w_h.shape == (rank, 5)
+        w_h, b_h = layer.hyper_out.detach() @ w_h, layer.hyper_out.detach() @ b_h
+    for i in range(6):
+        ref = nn.Linear(5, 4).to(DT)
+        s = layer.hnet.detach() @ lam[i]
+        with torch.no_grad():  # W = W_e + diag(V lam) W_h, b = b_e + (V lam) * b_h, copied by hand
+            ref.weight.copy_(layer.weight[:4] + s[:, None] * w_h)
+            ref.bias.copy_(layer.bias[:4] + s * b_h)
+        torch.testing.assert_close(out[i], ref(x[i : i + 1])[0], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(layer.fixed(lam[i])(x[i : i + 1])[0], out[i], rtol=1e-13, atol=1e-13)
+
+
+def test_stn_linear_with_a_zero_response_is_its_elementary_layer() -> None:
+    layer = hg.nn.StnLinear(5, 4, n_hparams=2).to(DT)
+    with torch.no_grad():
+        layer.hnet.zero_()
+    ref = nn.Linear(5, 4).to(DT)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight[:4])
+        ref.bias.copy_(layer.bias[:4])
+    x = torch.randn(3, 5, dtype=DT)
+    assert torch.equal(layer(x, torch.randn(3, 2, dtype=DT)), ref(x))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_stn_conv_at_fixed_hyperparameters_is_a_convolution(dims: int) -> None:
+    cls, plain = (hg.nn.StnConv2d, nn.Conv2d) if dims == 2 else (hg.nn.StnConv1d, nn.Conv1d)
+    layer = cls(3, 5, 3, n_hparams=2, stride=1, padding=1).to(DT)
+    _randomise(layer)
+    shape = (4, 3) + (7,) * dims
+    x = torch.randn(shape, dtype=DT)
+    lam = torch.randn(4, 2, dtype=DT)
+    out = layer(x, lam)
+    for i in range(4):
+        ref = plain(3, 5, 3, padding=1).to(DT)
+        s = layer.hnet.detach() @ lam[i]
+        w = layer.conv.weight.detach()
+        with torch.no_grad():
+            ref.weight.copy_(w[:5] + s.reshape((5,) + (1,) * (dims + 1)) * w[5:])
+            ref.bias.copy_(layer.conv.bias[:5] + s * layer.conv.bias[5:])  # type: ignore[index]
+        torch.testing.assert_close(out[i], ref(x[i : i + 1])[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.fixed(lam[i])(x[i : i + 1])[0], out[i], rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_cell_at_zero_response_is_an_lstm_cell() -> None:
+    cell = hg.nn.StnLSTMCell(3, 4, n_hparams=2).to(DT)
+    with torch.no_grad():
+        cell.gates.hnet.zero_()
+    ref = nn.LSTMCell(3, 4).to(DT)
+    with torch.no_grad():
+        w = cell.gates.weight[:16]
+        ref.weight_ih.copy_(w[:, :3])
+        ref.weight_hh.copy_(w[:, 3:])
+        ref.bias_ih.copy_(cell.gates.bias[:16])  # type: ignore[index]
+        ref.bias_hh.zero_()
+    x, h, c = (torch.randn(5, k, dtype=DT) for k in (3, 4, 4))
+    out = cell(x, (h, c), torch.randn(5, 2, dtype=DT))
+    for a, b in zip(out, ref(x, (h, c)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_layers_name_a_hyperparameter_count_mismatch() -> None:
+    layer = hg.nn.StnLinear(4, 3, n_hparams=3)
+    with pytest.raises(ValueError, match=r"n_hparams=3.*\(5, 2\)"):
+        layer(torch.randn(5, 4), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="4 rows of hyperparameters for a batch of 5"):
+        layer(torch.randn(5, 4), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="SelfTuned"):
+        layer(torch.randn(5, 4), [0.1, 0.2, 0.3])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_hparams must be an int >= 1"):
+        hg.nn.StnLinear(4, 3, n_hparams=0)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        hg.hparams.Rate(0.1, high=0.9),
+        hg.hparams.Rate(0.3, low=0.2, high=0.5),
+        hg.hparams.Positive(0.2),
+        hg.hparams.Positive(3.0, transform="exp"),
+    ],
+    ids=["rate", "rate-interval", "softplus", "exp"],
+)
+def test_continuous_transforms_map_into_range_and_round_trip(spec) -> None:
+    raw = torch.linspace(-15, 15, 301, dtype=DT)
+    v = spec.value(raw)
+    if isinstance(spec, hg.hparams.Rate):
+        assert bool(((v > spec.low) & (v < spec.high)).all())
+    else:
+        assert bool((v > 0).all())
+    torch.testing.assert_close(spec.raw(v), raw, rtol=1e-9, atol=1e-9)
+    init = torch.tensor(spec.init, dtype=DT)
+    assert math.isclose(float(spec.value(spec.raw(init))), spec.init, rel_tol=1e-12)
+
+
+def test_integers_floor_correctly_and_every_value_is_reachable() -> None:
+    spec = hg.hparams.Integer(4, 0, 16)
+    raw = torch.linspace(-40, 40, 20001, dtype=DT)
+    v = spec.value(raw)
+    c = spec.continuous(raw)
+    assert bool(((v >= 0) & (v <= 16)).all())
+    assert torch.equal(v, torch.floor(c).clamp(0, 16))
+    assert sorted(set(v.long().tolist())) == list(range(17))
+    for k in range(17):  # each integer's own raw value, and the edges of its interval
+        assert int(spec.value(spec.raw(torch.tensor(float(k), dtype=DT)))) == k
+        edge = torch.tensor(k / 17, dtype=DT)  # sigma(r) at the interval's left edge
+        r = torch.logit(edge + 1e-9) if k else torch.tensor(-50.0, dtype=DT)
+        assert int(spec.value(r)) == k
+    assert int(spec.value(torch.tensor(1e4, dtype=DT))) == 16  # sigma(r) == 1 exactly: clamped
+
+
+def test_out_of_range_specs_are_named() -> None:
+    with pytest.raises(ValueError, match=r"init=0\.95 is out of range.*\(0, 0\.9\)"):
+        hg.hparams.Rate(0.95, high=0.9)
+    with pytest.raises(ValueError, match=r"0 <= low < high <= 1"):
+        hg.hparams.Rate(0.5, high=1.5)
+    with pytest.raises(ValueError, match=r"init=0 is out of range"):
+        hg.hparams.Rate(0, high=0.9)
+    with pytest.raises(ValueError, match=r"init=-1 is out of range; it must be > 0"):
+        hg.hparams.Positive(-1)
+    with pytest.raises(ValueError, match=r"init=20 is out of range \[0, 16\]"):
+        hg.hparams.Integer(20, 0, 16)
+    with pytest.raises(ValueError, match="must be an integer"):
+        hg.hparams.Integer(2.5, 0, 16)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'softmax' is not a valid PositiveTransform"):
+        hg.hparams.Positive(1.0, transform="softmax")
+    with pytest.raises(ValueError, match="is not a hg.hparams.Rate"):
+        hg.hparams.SelfTuned(p=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one"):
+        hg.hparams.SelfTuned()
+    with pytest.raises(ValueError, match=r"scale=5 is out of range"):
+        hg.hparams.SelfTuned(p=hg.hparams.Rate(0.5), scale=5)
+
+
+def test_sigma_stays_in_range_whatever_the_outer_step() -> None:
+    hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.5), scale_range=(0.05, 2.0), dtype=DT)
+    for value in (-1e6, 1e6, 0.0):
+        with torch.no_grad():
+            hp.raw_scale.fill_(value)
+        s = hp.scale()
+        assert bool(((s >= 0.05) & (s <= 2.0)).all()) and bool(torch.isfinite(hp.entropy()))
+
+
+def test_draws_are_shared_within_a_step_and_fresh_across_steps() -> None:
+    hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.5), k=hg.hparams.Integer(3, 0, 8), dtype=DT)
+    assert torch.equal(hp.draw(4).features, hp.raw.detach().expand(4, -1))  # outside: the mean
+    with hp._drawing(_Mode.TRAIN):
+        a, b = hp.draw(4), hp.draw(4)
+        assert a is b and not a.features.requires_grad
+        assert a["k"].dtype == torch.long and a["p"].shape == (4,)
+    with hp._drawing(_Mode.TRAIN):
+        assert not torch.equal(hp.draw(4).features, a.features)
+    with pytest.raises(KeyError, match="no hyperparameter 'q'"):
+        a["q"]
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+
+def test_dropout_uses_each_examples_rate_and_checks_it() -> None:
+    x = torch.ones(3, 20000, dtype=DT)
+    y = hg.nn.dropout(x, torch.tensor([0.0, 0.25, 0.75]))
+    kept = (y != 0).double().mean(1)
+    assert float(kept[0]) == 1.0 and abs(float(kept[1]) - 0.75) < 0.02 and abs(float(kept[2]) - 0.25) < 0.02
+    torch.testing.assert_close(y.mean(1), torch.ones(3, dtype=DT), rtol=0.05, atol=0.05)
+    assert torch.equal(hg.nn.dropout(x, torch.tensor([0.5] * 3), training=False), x)
+    with pytest.raises(ValueError, match=r"rates must lie in \[0, 1\)"):
+        hg.nn.dropout(x, torch.tensor([0.0, 1.0, 0.2]))
+    with pytest.raises(ValueError, match=r"one value per example, shape \(3,\)"):
+        hg.nn.dropout(x, torch.tensor([0.1, 0.2]))
+
+
+def test_cutout_zeroes_at_most_size_positions_per_example() -> None:
+    x = torch.ones(200, 2, 30)
+    size = torch.arange(200) % 12
+    y = hg.nn.cutout(x, size)
+    zeros = (y[:, 0] == 0).sum(1)
+    assert bool((zeros <= size).all()) and bool((y[:, 0] == y[:, 1]).all())  # one window per example
+    inside = (zeros == size).float().mean()
+    assert float(inside) > 0.5  # windows away from the border are whole
+    img = hg.nn.cutout(torch.ones(50, 1, 9, 9), torch.full((50,), 3))
+    assert bool(((img == 0).sum((1, 2, 3)) <= 9).all()) and int((img == 0).sum()) > 0
+    with pytest.raises(ValueError, match="sizes must be integers"):
+        hg.nn.cutout(x, torch.full((200,), 2.5))
+
+
+def test_random_shift_shifts_each_example_within_its_range() -> None:
+    x = torch.arange(1.0, 21.0).expand(300, 20).clone()
+    m = torch.arange(300) % 5
+    y = hg.nn.random_shift(x, m)
+    for i in range(300):
+        ok = []
+        for k in range(-int(m[i]), int(m[i]) + 1):
+            ref = torch.zeros(20)
+            if k >= 0:
+                ref[k:] = x[i, : 20 - k]
+            else:
+                ref[:k] = x[i, -k:]
+            ok.append(torch.equal(y[i], ref))
+        assert any(ok), i
+    assert torch.equal(y[m == 0], x[m == 0])
+
+
+def test_gaussian_noise_scale_per_example() -> None:
+    y = hg.nn.gaussian_noise(torch.zeros(2, 50000, dtype=DT), torch.tensor([0.5, 0.0]))
+    assert abs(float(y[0].std()) - 0.5) < 0.01 and float(y[1].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="std must be >= 0"):
+        hg.nn.gaussian_noise(torch.zeros(2, 3), torch.tensor([-1.0, 0.0]))
