@@ -85,3 +85,17 @@ def test_baselines(tmp_path: Path) -> None:
     rec = json.loads((tmp_path / "baselines" / "results.json").read_text())
     searched = {r["searches"] for r in rec["table"]}
     assert {"one global weight decay", "drop fraction q (loss threshold)"} <= searched
+
+
+def test_augment(tmp_path: Path) -> None:
+    m = run_quick("augment", tmp_path)
+    assert m["n_hparams"] > 1000
+    rows = [line.split(",") for line in (tmp_path / "augment" / "trajectory.csv").read_text().splitlines()]
+    loss = [float(r[rows[0].index("outer_loss")]) for r in rows[1:]]
+    assert loss[-1] < loss[0]  # the classifier learns on augmented images: clean validation loss falls
+
+
+def test_lstm_lm(tmp_path: Path) -> None:
+    m = run_quick("lstm_lm", tmp_path)
+    assert m["corpus_chars"] > 40_000  # scikit-learn's bundled text, read offline
+    assert m["per_weight.val_ppl"] < m["vocab"]  # better than a uniform guess over the characters

@@ -23,8 +23,10 @@ MODULES = (
     "overfit_val",
     "distill",
     "hyperclean",
+    "augment",
     "logreg_cv",
     "hd",
+    "lstm_lm",
     "baselines",
 )
 
