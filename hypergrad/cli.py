@@ -172,30 +172,50 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
     return 0
 
 
-def report(paths: Sequence[Path]) -> str:
-    """The Markdown results table for the given ``results.json`` files (sorted by experiment number).
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")
 
-    Columns: experiment, paper, command, the paper's claim, ours (the run's headline), machine,
-    and wall time.
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of ``rows`` (the keys of the first row are the columns).
+
+    >>> print(markdown_table([{"method": "a", "loss": 0.123456}]))
+    | method | loss |
+    |---|---|
+    | a | 0.1235 |
     """
-    rows = []
-    for path in paths:
-        r = json.loads(Path(path).read_text())
-        m = r["machine"]
-        machine = m.get("gpu") or f"CPU, {m.get('cpu_count')} cores, {m.get('torch_threads')} thread(s)"
-        rows.append(
-            (
-                r.get("number", 99),
-                f"| {r.get('number', '')}. {r['title']} | {r['paper']} | `{r['command']}` | {r['claim']} | "
-                f"{r['headline']} | {machine} | {r['wall_seconds']:.0f} s |",
-            )
-        )
-    rows.sort(key=lambda t: t[0])
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(paths: Sequence[Path]) -> str:
+    """The Markdown results for the given ``results.json`` files (sorted by experiment number):
+    a summary table (experiment, paper, command, the paper's claim, ours — the run's headline —,
+    machine, wall time), then each run's own result table.
+    """
+    recs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r.get("number", 99))
     head = (
         "| experiment | paper | command | paper's claim | ours | machine | time |\n"
         "|---|---|---|---|---|---|---|"
     )
-    return "\n".join([head, *(r for _, r in rows)])
+    rows, details = [], []
+    for r in recs:
+        m = r["machine"]
+        machine = m.get("gpu") or f"CPU, {m.get('cpu_count')} cores, {m.get('torch_threads')} thread(s)"
+        title = f"{r.get('number', '')}. {r['title']}"
+        rows.append(
+            f"| {title} | {r['paper']} | `{r['command']}` | {r['claim']} | {r['headline']} | {machine} | "
+            f"{r['wall_seconds']:.0f} s |"
+        )
+        if r.get("table"):
+            details.append(f"#### {title}\n\n{markdown_table(r['table'])}")
+    return "\n\n".join(["\n".join([head, *rows]), *details])
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -53,10 +53,11 @@ def _search(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # TPE: 3 random start-up trials (its default of 10 would make it random search at these budgets)
     s = (
         optuna.samplers.RandomSampler(seed=seed)
         if sampler == "random"
-        else optuna.samplers.TPESampler(seed=seed)
+        else optuna.samplers.TPESampler(seed=seed + 1, n_startup_trials=3)
     )
     study = optuna.create_study(direction="maximize" if higher_is_better else "minimize", sampler=s)
     out: list[dict[str, float]] = []
