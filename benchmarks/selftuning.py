@@ -1,0 +1,250 @@
+"""What does self-tuning cost? Time per epoch and parameters, STN network / ordinary network.
+
+For the networks of ``experiments/stn_mnist1d.py`` (an MLP 40-256-256-10 whose hidden layers are
+``hg.nn.StnLinear``) and a 1-D CNN (two ``hg.nn.StnConv1d`` layers of 32 channels, a linear head)
+on mnist1d-shaped batches (128 x 40, 10 classes; random data: only the shapes matter), one torch
+thread, CPU time (``time.process_time``):
+
+* ``plain``: an epoch of ordinary training (the same network with ``nn.Linear`` / ``nn.Conv1d``,
+  per-example dropout, Adam) — the unit;
+* ``stn_train``: the epoch's inner steps through ``hg.SelfTuning.step`` only (the STN layers'
+  and the method's overhead per step);
+* ``stn``: the full self-tuning epoch, ``step`` on every batch plus ``hyper_step`` on a
+  validation batch after every two (T_train = 2, T_val = 1), as in the experiment;
+* ``delta``: the same with ``delta=True``;
+* parameters of the STN network / the ordinary one (the hyperparameters themselves not counted).
+
+The MLP is also run with ``StnLinear(..., rank=32)`` (a low-rank hyper half, not the paper's
+form), the option for when the paper's 2x matmul cost matters.
+
+Each epoch is 32 batches (4,096 examples); the median of ``--repeats`` epochs after one warm-up
+epoch is reported. Targets (issue 6): time <= 1.5x, parameters <= 2x.
+
+Usage::
+
+    .venv/bin/python benchmarks/selftuning.py            # ~1 minute on a 2-core CPU
+    .venv/bin/python benchmarks/selftuning.py --quick    # seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hypergrad as hg
+
+HIDDEN = 256
+
+
+class PlainMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(40, HIDDEN), nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, 10)
+
+    def forward(self, x: Tensor, rate: Tensor) -> Tensor:
+        h = hg.nn.dropout(F.relu(self.l1(x)), rate, self.training)
+        return self.head(hg.nn.dropout(F.relu(self.l2(h)), rate, self.training))
+
+
+class StnMLP(nn.Module):
+    def __init__(self, n: int, rank: int | None = None) -> None:
+        super().__init__()
+        self.l1 = hg.nn.StnLinear(40, HIDDEN, n, rank=rank)
+        self.l2 = hg.nn.StnLinear(HIDDEN, HIDDEN, n, rank=rank)
+        self.head = nn.Linear(HIDDEN, 10)
+
+    def forward(self, x: Tensor, hp: hg.hparams.SelfTuned) -> Tensor:
+        d = hp.draw(len(x))
+        h = hg.nn.dropout(F.relu(self.l1(x, d)), d["dropout"][:, 0], self.training)
+        return self.head(hg.nn.dropout(F.relu(self.l2(h, d)), d["dropout"][:, 1], self.training))
+
+
+class PlainCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(1, 32, 5, padding=2), nn.Conv1d(32, 32, 5, padding=2)
+        self.head = nn.Linear(32 * 40, 10)
+
+    def forward(self, x: Tensor, rate: Tensor) -> Tensor:
+        h = hg.nn.dropout(F.relu(self.c1(x[:, None])), rate, self.training)
+        h = hg.nn.dropout(F.relu(self.c2(h)), rate, self.training)
+        return self.head(h.flatten(1))
+
+
+class StnCNN(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.c1, self.c2 = hg.nn.StnConv1d(1, 32, 5, n, padding=2), hg.nn.StnConv1d(32, 32, 5, n, padding=2)
+        self.head = nn.Linear(32 * 40, 10)
+
+    def forward(self, x: Tensor, hp: hg.hparams.SelfTuned) -> Tensor:
+        d = hp.draw(len(x))
+        h = hg.nn.dropout(F.relu(self.c1(x[:, None], d)), d["dropout"][:, 0], self.training)
+        h = hg.nn.dropout(F.relu(self.c2(h, d)), d["dropout"][:, 1], self.training)
+        return self.head(h.flatten(1))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], nn.Module]]] = {
+    "mlp-40-256-256-10": (PlainMLP, StnMLP),
+    "mlp-40-256-256-10-rank32": (PlainMLP, lambda n: StnMLP(n, rank=32)),
+    "cnn1d-2x32": (PlainCNN, StnCNN),
+}
+
+
+def _data(n_batches: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g))
+        for _ in range(n_batches)
+    ]
+
+
+def _cpu_seconds(fn: Callable[[], None], repeats: int) -> list[float]:
+    fn()  # warm-up epoch
+    out = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        out.append(time.process_time() - t0)
+    return out
+
+
+def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
+    make_plain, make_stn = MODELS[name]
+    data, val = _data(n_batches), _data(4)
+    torch.manual_seed(0)
+    plain = make_plain()
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    rate = torch.full((128,), 0.2)
+
+    def plain_epoch() -> None:
+        plain.train()
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(plain(x, rate), y).backward()
+            opt.step()
+
+    def stn_epoch(delta: bool, hyper: bool) -> Callable[[], None]:
+        hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2))
+        model = make_stn(hp.size)
+
+        def loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
+            return F.cross_entropy(m(b[0], h), b[1])
+
+        hopt = hg.SelfTuning(
+            model,
+            hp,
+            loss,
+            loss,
+            inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-3),
+            delta=delta,
+        )
+
+        def epoch() -> None:
+            model.train()
+            for i, b in enumerate(data):
+                hopt.step(b)
+                if hyper and hopt.hyper_due():
+                    hopt.hyper_step(val_batch=val[i % len(val)])
+
+        epoch.model = model  # type: ignore[attr-defined]
+        return epoch
+
+    runs = {
+        "plain": plain_epoch,
+        "stn_train": stn_epoch(False, False),
+        "stn": stn_epoch(False, True),
+        "delta": stn_epoch(True, True),
+    }
+    samples = {k: _cpu_seconds(fn, repeats) for k, fn in runs.items()}
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_stn = sum(p.numel() for p in runs["stn"].model.parameters())  # type: ignore[attr-defined]
+    return {
+        "model": name,
+        "batches_per_epoch": n_batches,
+        "batch_size": 128,
+        "cpu_seconds_per_epoch": {k: {"median": med[k], "samples": samples[k]} for k in runs},
+        "time_ratio": {k: med[k] / med["plain"] for k in runs if k != "plain"},
+        "parameters": {"plain": n_plain, "stn": n_stn, "ratio": n_stn / n_plain},
+    }
+
+
+def machine() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hypergrad": hg.__version__,
+        "device": "cpu",
+        "clock": "time.process_time (CPU time of this process)",
+        "git_commit": commit,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="2 repeats of 4-batch epochs (smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/selftuning-cpu-2core.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    repeats, n_batches = (2, 4) if args.quick else (args.repeats, 32)
+    t0 = time.perf_counter()
+    results = [measure(name, repeats, n_batches) for name in MODELS]
+    report = {
+        "benchmark": "hypergrad self-tuning networks: time per epoch and parameters vs ordinary layers",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {"repeats": repeats, "batches_per_epoch": n_batches, "quick": args.quick},
+        "targets": {"time_ratio": 1.5, "parameter_ratio": 2.0},
+        "results": results,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    for r in results:
+        t = r["time_ratio"]
+        print(
+            f"{r['model']:20} time/epoch ÷ plain: step only {t['stn_train']:.2f}x, STN {t['stn']:.2f}x, "
+            f"Delta-STN {t['delta']:.2f}x; parameters {r['parameters']['stn']:,} / "
+            f"{r['parameters']['plain']:,} = {r['parameters']['ratio']:.2f}x"
+        )
+    if not args.quick or args.out != parser.get_default("out"):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
