@@ -136,18 +136,23 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
         raise SystemExit(f"hypergrad run: unrecognised arguments {bad} (settings are --key=value)")
     size = "quick" if args.quick else "paper" if args.paper else "default"
     config = build_config(exp, size, [*args.settings, *extra], method=args.method, seed=args.seed)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("hypergrad run: --device cuda, but torch sees no CUDA device")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.threads))
     out = args.out if args.out is not None else Path("results") / exp.name
-    logger = hglog.Logger(
-        wandb=args.wandb,
-        project=args.project,
-        name=f"{exp.name}-{config.get('method', '')}-s{config['seed']}".replace("--", "-"),
-        config={"experiment": exp.name, "size": size, **config},
-        dir=out,
-        histogram_every=10,
-    )
+    try:
+        logger = hglog.Logger(
+            wandb=args.wandb,
+            project=args.project,
+            name=f"{exp.name}-{config.get('method', '')}-s{config['seed']}".replace("--", "-"),
+            config={"experiment": exp.name, "size": size, **config},
+            dir=out,
+            histogram_every=10,
+        )
+    except ImportError as e:  # --wandb without wandb installed: say how to install it
+        raise SystemExit(f"hypergrad run --wandb: {e}") from None
     if args.wandb:
         # a sweep agent's choices arrive in wandb.config: they win over the command line
         for k, v in logger.config.items():

@@ -111,6 +111,12 @@ def test_wandb_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         hg.log.Logger(wandb=True)
 
 
+def test_cli_wandb_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match=r"pip install hypergrad\[wandb\]"):
+        cli.main(["run", "accuracy", "--quick", "--wandb", "--out", str(tmp_path)])
+
+
 def _agent_command(sweep: dict, choice: dict[str, object]) -> list[str]:
     """The command line a wandb agent runs: the sweep's ``command`` with its macros expanded."""
     args = [f"--{k}={v}" for k, v in choice.items()]

@@ -33,10 +33,11 @@ class Augmenter(nn.Module):
         super().__init__()
         self.noise_dim = noise_dim
         self.scale = scale
-        self.net = nn.Sequential(nn.Linear(dim + noise_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        first, last = nn.Linear(dim + noise_dim, hidden), nn.Linear(hidden, dim)  # init order as Sequential
         with torch.no_grad():
-            self.net[2].weight.zero_()
-            self.net[2].bias.zero_()
+            last.weight.zero_()
+            last.bias.zero_()
+        self.net = nn.Sequential(first, nn.ReLU(), last)
 
     def forward(self, x: Tensor) -> Tensor:
         eps = torch.randn(x.shape[0], self.noise_dim, device=x.device, dtype=x.dtype)
