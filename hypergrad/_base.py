@@ -453,7 +453,8 @@ class HyperOptimizer(abc.ABC):
                 f"hyperparameter {name!r} does not reach the losses: no gradient path leads from it "
                 "to val_loss or to train_loss's gradient, so its hypergradient is exactly 0. Is it "
                 "cast to a Python number (float(), .item()), passed to a torch argument that takes "
-                "only floats (dropout p, label_smoothing), or left out of the loss? (warned once)",
+                "only floats (dropout p, label_smoothing), or left out of the loss? Or does it act "
+                "only on weights a method leaves out (Implicit's hessian_subset)? (warned once)",
                 DisconnectedWarning,
                 stacklevel=4,
             )

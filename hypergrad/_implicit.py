@@ -22,6 +22,76 @@ from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
 from ._functional import clone_all, dot, grads_or_none, grads_or_zeros, materialize, norm
 from ._solvers import LinearSolver, Neumann, SolveResult
 from ._types import HVP, Batch, LossFn, Tensors
+from .hparams import WeightDecay
+
+
+class _DiagonalPenalties:
+    """The exact second derivatives of :class:`~hypergrad.hparams.WeightDecay` penalties, added
+    without autograd. While :meth:`recording`, each container's ``penalty()`` returns its value and
+    first derivative ``d * w`` only; :meth:`add_hvp` then adds ``c * d * u`` to each HVP and
+    :meth:`mixed` gives ``c * d/dlambda sum(d * w * x)``, where ``c`` is the coefficient with which the
+    training loss used the penalty (read from a probe). Same hypergradient, far fewer autograd nodes
+    in every HVP."""
+
+    def __init__(self, hparams: nn.Module, hparam_tensors: Sequence[Tensor]) -> None:
+        self.modules = [m for m in hparams.modules() if isinstance(m, WeightDecay)]
+        self.index = {id(t): i for i, t in enumerate(hparam_tensors)}
+        self.calls: list[tuple[WeightDecay, Tensor, list[Tensor], list[Tensor]]] = []
+        self.coefficients: list[float] = []
+
+    def recording(self, fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        """``fn`` with the containers' penalties in first-order mode (calls recorded)."""
+
+        def wrapped() -> Tensor:
+            for m in self.modules:
+                m._first_order_calls = []
+            try:
+                return fn()
+            finally:
+                for m in self.modules:
+                    assert m._first_order_calls is not None
+                    self.calls += [(m, *call) for call in m._first_order_calls]
+                    m._first_order_calls = None
+
+        return wrapped
+
+    @property
+    def probes(self) -> list[Tensor]:
+        return [probe for _, probe, _, _ in self.calls]
+
+    def set_coefficients(self, grads: Sequence[Tensor]) -> None:
+        self.coefficients = [float(g) for g in grads]  # one host synchronisation per hyperstep
+
+    def add_hvp(self, hv: Tensors, u: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
+        where = {id(w): k for k, w in enumerate(weights)}
+        for (_, _, ws, ds), c in zip(self.calls, self.coefficients, strict=True):
+            for w, d in zip(ws, ds, strict=True):
+                k = where.get(id(w))
+                if k is not None and c != 0.0:
+                    hv[k].addcmul_(d, u[k], value=c)
+
+    def mixed(
+        self, x: Sequence[Tensor], weights: Sequence[Tensor], hparams: Sequence[Tensor]
+    ) -> list[Tensor | None]:
+        """``c * d/d raw (sum d(raw) * w * x)`` per hyperparameter tensor (``None``: no term)."""
+        where = {id(w): k for k, w in enumerate(weights)}
+        out: list[Tensor | None] = [None] * len(hparams)
+        for (m, _, ws, _), c in zip(self.calls, self.coefficients, strict=True):
+            terms = []
+            for n, w in zip(m.names, ws, strict=True):
+                k = where.get(id(w))
+                if k is not None:
+                    terms.append((m._decay(m.raw[m._index[n]]) * (w.detach() * x[k].detach())).sum())
+            if not terms or c == 0.0:
+                continue
+            raws = list(m.raw)
+            gs = torch.autograd.grad(c * torch.stack(terms).sum(), raws, allow_unused=True)
+            for r, g in zip(raws, gs, strict=True):
+                i = self.index.get(id(r))
+                if g is not None and i is not None:
+                    prev = out[i]
+                    out[i] = g if prev is None else prev + g
+        return out
 
 
 @dataclasses.dataclass
@@ -42,6 +112,7 @@ def _implicit(
     solver: LinearSolver | Callable[[HVP], tuple[LinearSolver, int, Any]],
     x0: Sequence[Tensor] | None = None,
     average: Callable[[Sequence[Tensor]], None] | None = None,
+    penalties: _DiagonalPenalties | None = None,
 ) -> _ImplicitResult:
     # ``average``: data parallel, averages tensors over the ranks in place. Every quantity below
     # is an average over the data, and linear in it given the global vectors, so: once for
@@ -55,22 +126,46 @@ def _implicit(
     lv = lv.detach().clone()
     if average is not None:
         average([*v1, lv])
+    if penalties is not None:
+        train_loss = penalties.recording(train_loss)
     lt = train_loss()
-    gt = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True, materialize_grads=True)
-    if not any(g.requires_grad for g in gt):
+    probes = [] if penalties is None else penalties.probes
+    g_all = torch.autograd.grad(
+        lt, weights + probes, create_graph=True, allow_unused=True, materialize_grads=True
+    )
+    gt = g_all[: len(weights)]
+    if penalties is not None:
+        penalties.set_coefficients(g_all[len(weights) :])
+    if not any(g.requires_grad for g in gt) and not (penalties is not None and penalties.calls):
         raise ValueError("the training gradient does not depend on the weights (is train_loss linear?)")
 
+    live = [i for i, g in enumerate(gt) if g.requires_grad]  # (a penalty-only gradient is constant)
+    gt_live = [gt[i] for i in live]
+
     def hvp(u: Sequence[Tensor]) -> Tensors:
-        out = grads_or_zeros(gt, weights, list(u), retain_graph=True)
+        if gt_live:
+            out = grads_or_zeros(gt_live, weights, [u[i] for i in live], retain_graph=True)
+        else:
+            out = tuple(torch.zeros_like(w) for w in weights)
         if average is not None:
             average(out)
+        if penalties is not None:
+            penalties.add_hvp(out, u, weights)
         return out
 
-    extra, power = 0, None
+    extra_hvps, power = 0, None
     if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
-        solver, extra, power = solver(hvp)
+        solver, extra_hvps, power = solver(hvp)
     sol = solver.solve(hvp, v1, x0=x0)
-    mixed_or_none = grads_or_none(gt, hparams, list(sol.solution), retain_graph=False)
+    if gt_live:
+        mixed_or_none = grads_or_none(gt_live, hparams, [sol.solution[i] for i in live], retain_graph=False)
+    else:  # only the (first-order) penalties depend on the weights
+        mixed_or_none = (None,) * len(hparams)
+    if penalties is not None:
+        extra = penalties.mixed(sol.solution, weights, hparams)
+        mixed_or_none = tuple(
+            e if m is None else m if e is None else m + e for m, e in zip(mixed_or_none, extra, strict=True)
+        )
     reached = tuple(
         d is not None or m is not None for d, m in zip(direct_or_none, mixed_or_none, strict=True)
     )
@@ -79,7 +174,7 @@ def _implicit(
     hypergrad = tuple(torch._foreach_sub(list(direct), list(mixed)))
     if average is not None:
         average(hypergrad)
-    return _ImplicitResult(hypergrad, lv, sol, reached, extra, power)
+    return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
 
 
 def implicit_hypergradient(
@@ -264,6 +359,9 @@ class Implicit(HyperOptimizer):
                 "hessian_subset must be a callable name -> bool, e.g. lambda n: n.startswith('fc')"
             )
         self.hessian_subset = hessian_subset
+        #: add WeightDecay penalties' exact second derivatives without autograd (same result,
+        #: cheaper HVPs); a switch for comparisons
+        self.analytic_penalties = True
         self._hessian_weights()  # fail now if the subset is empty
         self._x0: Tensors | None = None  # the last accepted solution (warm start)
         self._power: tuple[float, Tensors, int] | None = None  # (estimate, eigenvector, at hyperstep)
@@ -360,7 +458,8 @@ class Implicit(HyperOptimizer):
         x0 = self._x0 if self.solver.warm_start else None
         average = self.ranks.mean_ if self.ranks.size > 1 else None
         weights = self._hessian_weights()
-        r = _implicit(lt_recorded, lv, weights, pair.hparam_tensors, solver, x0, average)
+        penalties = _DiagonalPenalties(self.hparams, pair.hparam_tensors) if self.analytic_penalties else None
+        r = _implicit(lt_recorded, lv, weights, pair.hparam_tensors, solver, x0, average, penalties)
 
         def commit() -> None:
             if self.solver.warm_start:
