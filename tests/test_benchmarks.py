@@ -1,0 +1,90 @@
+"""The benchmark suite runs end to end at a tiny size and writes finite numbers (not a timed test:
+nothing here is about speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(x: Any) -> list[float]:
+    if isinstance(x, bool):
+        return []
+    if isinstance(x, (int, float)):
+        return [float(x)]
+    if isinstance(x, dict):
+        return [v for y in x.values() for v in _numbers(y)]
+    if isinstance(x, list):
+        return [v for y in x for v in _numbers(y)]
+    return []
+
+
+def test_suite_tiny_writes_json_and_markdown(tmp_path: Path) -> None:
+    out, md = tmp_path / "suite.json", tmp_path / "suite.md"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "run.py"),
+        "--models",
+        "mlp",
+        "--tiny",
+        "--repeats",
+        "1",
+        "--between",
+        "1,2",
+        "--cycles",
+        "2",
+        "--warm-train",
+        "2",
+        "--out",
+        str(out),
+        "--md",
+        str(md),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    m = data["machine"]
+    assert m["device"] == "cpu" and m["torch"] and m["torch_threads"] == 1
+    assert "git_commit" in m and "cuda" in m
+    r = data["models"]["mlp"]
+    cases = r["cases"]
+    for key in (
+        "train_step",
+        "grad",
+        "hvp",
+        "implicit/neumann-1",
+        "implicit/neumann-3",
+        "implicit/neumann-5",
+        "implicit/cg-5",
+        "implicit/neumann-5-head",
+        "unrolled/k-1",
+        "unrolled/k-5",
+    ):
+        row = cases[key]
+        assert row["median_ms"] > 0 and math.isfinite(row["ratio_to_train_step"]), key
+        assert row["peak_bytes"] >= 0 and math.isfinite(row["peak_ratio_to_train_step"]), key
+    for key in ("implicit/neumann-5", "unrolled/k-5"):
+        assert math.isfinite(cases[key]["ratio_to_floor"]) and cases[key]["floor_ms"] > 0
+    # a peer either ran (with a ratio to hypergrad and an agreement) or says why not
+    for key in ("torchopt/neumann-5", "higher/k-5"):
+        row = cases[key]
+        if "error" in row:
+            assert row["error"]
+        else:
+            assert math.isfinite(row["ratio_to_hypergrad"])
+            assert r["agreement"][key]["rel_diff"] < 1e-4
+    # a hyperstep holds a graph, so its peak is above zero; the training step's is the unit
+    assert cases["implicit/neumann-5"]["peak_bytes"] > 0 and cases["train_step"]["peak_bytes"] > 0
+    b = r["between_hypersteps"]
+    assert [x["inner_steps"] for x in b["implicit_peak_vs_inner_steps"]] == [1, 2]
+    assert b["unrolled/k-5"]["cycles"][-1]["held_before_hyperstep_bytes"] > 0
+    nums = _numbers(data["models"])
+    assert nums and all(math.isfinite(v) for v in nums)
+    text = md.read_text()
+    assert "| Implicit, Neumann-5 |" in text and "Unrolled, K = 5" in text and "nan" not in text.lower()
