@@ -28,6 +28,17 @@ from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
 
 
+def _load_forward_ad() -> None:
+    """Load torch's forward-AD decompositions once, without passing on the ``torch.jit.script``
+    deprecation warning torch 2.13 emits while doing so (nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning
+        )
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(1), torch.zeros(1))
+
+
 class Mode(str, enum.Enum):
     """Differentiation mode of :class:`Unrolled`."""
 
@@ -73,6 +84,7 @@ def unrolled_hypergradient(
     if mode is Mode.REVERSE:
         out = outer(hparams)
         return grads_or_zeros(out, hparams), out.detach()
+    _load_forward_ad()
     grads = [torch.zeros_like(h) for h in hparams]
     value: Tensor | None = None
     base = [h.detach() for h in hparams]
@@ -426,6 +438,7 @@ class Unrolled(HyperOptimizer):
         steps. Each step runs in a dual level of its own and hands on detached pairs, so neither
         its reverse graph nor the tangents autograd keeps until a level exits outlive it: memory
         O(P) whatever K."""
+        _load_forward_ad()
         pair = self.pair
         base = [h.detach() for h in pair.hparam_tensors]
         real_buffers = pair.buffers()
