@@ -169,9 +169,17 @@ def _implicit(
     reached = tuple(
         d is not None or m is not None for d, m in zip(direct_or_none, mixed_or_none, strict=True)
     )
-    direct = materialize(direct_or_none, hparams)
-    mixed = materialize(mixed_or_none, hparams)
-    hypergrad = tuple(torch._foreach_sub(list(direct), list(mixed)))
+    # dL_V/dlambda = direct - mixed, in place, without materialising absent terms as zeros
+    out: list[Tensor] = []
+    for d, m, h in zip(direct_or_none, mixed_or_none, hparams, strict=True):
+        if m is None:
+            out.append(torch.zeros_like(h) if d is None else d)
+        elif d is None:
+            out.append(m.neg_() if m.is_contiguous() else -m)
+        else:  # autograd may hand back an expanded (read-only) gradient: then out of place
+            out.append(d.sub_(m) if d.is_contiguous() else d - m)
+    del mixed_or_none
+    hypergrad = tuple(out)
     if average is not None:
         average(hypergrad)
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)

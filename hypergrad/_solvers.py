@@ -186,6 +186,7 @@ class Neumann(LinearSolver):
         for _ in range(self.steps):  # in place: no weight-sized allocations in the loop
             hv = hvp(term)
             torch._foreach_add_(term, list(hv), alpha=-alpha)
+            del hv  # not alive while the next HVP is computed
             torch._foreach_add_(acc, term)
         torch._foreach_mul_(acc, alpha)
         residual = norm(term) / norm(v).clamp_min(tiny)
