@@ -14,7 +14,9 @@ Model: embedding ``emb`` → one-layer LSTM ``hidden`` → linear, trained by Ad
 
 Reported: validation and test perplexity (per character).
 
-Time: ~2-4 min on a 2-core CPU at the default size.
+Time: ~3 min of one CPU core at the default size (1,000 steps). At 1,500 steps and a grid of
+three decays (seed 0, a loaded machine: 994 s) the test perplexities were untuned 9.69, best fixed
+(1e-3) 8.13, per-weight 7.59.
 """
 
 from __future__ import annotations
@@ -92,13 +94,13 @@ def perplexity(model: nn.Module, data: Tensor, seq_len: int) -> float:
     claim="PTB val/test perplexity: no tuning 75.72/71.91, IFT with per-parameter regularisers 68.18/66.14 "
     "(recalled)",
     defaults={
-        "steps": 1500,
+        "steps": 1000,
         "seq_len": 64,
         "batch_size": 32,
         "emb": 32,
         "hidden": 128,
         "lr": 0.003,
-        "grid": "1e-05,0.0001,0.001",
+        "grid": "0.0001,0.001",
         "init_decay": 1e-4,
         "solver_steps": 3,
         "hyper_lr": 0.03,
