@@ -39,6 +39,9 @@ def test_list_names_every_experiment(capsys: pytest.CaptureFixture[str]) -> None
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(REGISTRY) >= 2
     assert all(name in "\n".join(lines) for name in REGISTRY)
+    assert cli.main(["show", "overfit_val"]) == 0
+    shown = capsys.readouterr().out
+    assert "methods: neumann, cg, identity, unrolled" in shown and "(quick: 40)" in shown
 
 
 def test_python_dash_m_and_console_script() -> None:
