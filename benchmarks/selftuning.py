@@ -17,8 +17,10 @@ thread, CPU time (``time.process_time``):
 The MLP is also run with ``StnLinear(..., rank=32)`` (a low-rank hyper half, not the paper's
 form), the option for when the paper's 2x matmul cost matters.
 
-Each epoch is 32 batches (4,096 examples); the median of ``--repeats`` epochs after one warm-up
-epoch is reported. Targets (issue 6): time <= 1.5x, parameters <= 2x.
+Each epoch is 32 batches (4,096 examples). After one warm-up epoch each, ``--repeats`` rounds run
+every configuration once, interleaved (so that other processes' load hits them alike); the
+ratios use the minimum over the rounds (the least disturbed), the JSON also has the medians and
+every sample. Targets (issue 6): time <= 1.5x, parameters <= 2x.
 
 Usage::
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import socket
 import statistics
@@ -112,14 +115,10 @@ def _data(n_batches: int) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def _cpu_seconds(fn: Callable[[], None], repeats: int) -> list[float]:
-    fn()  # warm-up epoch
-    out = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        out.append(time.process_time() - t0)
-    return out
+def _cpu_seconds(fn: Callable[[], None]) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
 
 
 def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
@@ -170,15 +169,22 @@ def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
         "stn": stn_epoch(False, True),
         "delta": stn_epoch(True, True),
     }
-    samples = {k: _cpu_seconds(fn, repeats) for k, fn in runs.items()}
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()  # warm-up epoch
+    for _ in range(repeats):  # interleaved, so that a change of load hits every configuration alike
+        for k, fn in runs.items():
+            samples[k].append(_cpu_seconds(fn))
+    med = {k: min(v) for k, v in samples.items()}
     n_plain = sum(p.numel() for p in plain.parameters())
     n_stn = sum(p.numel() for p in runs["stn"].model.parameters())  # type: ignore[attr-defined]
     return {
         "model": name,
         "batches_per_epoch": n_batches,
         "batch_size": 128,
-        "cpu_seconds_per_epoch": {k: {"median": med[k], "samples": samples[k]} for k in runs},
+        "cpu_seconds_per_epoch": {
+            k: {"min": med[k], "median": statistics.median(samples[k]), "samples": samples[k]} for k in runs
+        },
         "time_ratio": {k: med[k] / med["plain"] for k in runs if k != "plain"},
         "parameters": {"plain": n_plain, "stn": n_stn, "ratio": n_stn / n_plain},
     }
@@ -197,8 +203,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
-
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
@@ -216,18 +220,19 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="2 repeats of 4-batch epochs (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/selftuning-cpu-2core.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     repeats, n_batches = (2, 4) if args.quick else (args.repeats, 32)
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     results = [measure(name, repeats, n_batches) for name in MODELS]
     report = {
         "benchmark": "hypergrad self-tuning networks: time per epoch and parameters vs ordinary layers",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {**machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "settings": {"repeats": repeats, "batches_per_epoch": n_batches, "quick": args.quick},
         "targets": {"time_ratio": 1.5, "parameter_ratio": 2.0},
         "results": results,

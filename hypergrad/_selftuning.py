@@ -202,7 +202,10 @@ class SelfTuning(_BestResponseBase):
         delta: Delta-STN's centred parameterisation: the layers see
             :math:`\tilde\lambda - \lambda` (a stop-gradient :math:`\lambda`) so that
             :math:`\hat w_\phi(\lambda) = w_0` and the response is a first-order correction
-            around the current hyperparameters (default: False).
+            around the current hyperparameters (default: False). Only the centring is
+            implemented: Delta-STN's linearisation of the network's *output* in the perturbation
+            (a JVP) and its separate update of :math:`w_0` at the unperturbed hyperparameters
+            are not, since the loss is an opaque ``loss(model, hparams, batch)``.
         warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows
             (default: 0, 2, 1 — the paper's T_train = 2, T_val = 1).
 

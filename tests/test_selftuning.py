@@ -234,7 +234,7 @@ def test_best_response_global_samples_from_a_fixed_prior() -> None:
     )
     with torch.no_grad():
         hp.raw.fill_(5.0)  # the prior does not follow lambda
-    for i in range(200):
+    for i in range(100):
         hopt.step(_batch(i))
     mean = sum(seen) / len(seen)
     std = (sum((s - mean) ** 2 for s in seen) / len(seen)) ** 0.5
