@@ -6,7 +6,8 @@ n.startswith("head.")`` selects the last layer on every model.
 Sizes (``tiny`` for the smoke test, ``small`` for CPU runs, ``full`` for a GPU):
 
 * ``mlp``: 784-256-256-10 (269k weights) at ``small`` and ``full``, batch 128; ``tiny`` 784-32-10.
-* ``cnn``: three conv3x3 + BatchNorm + ReLU blocks and a linear head on 3x32x32 (57k weights).
+* ``cnn``: three conv3x3 + BatchNorm + ReLU blocks and a linear head on 3x32x32 (57k weights),
+  batch 128 at ``full``, 32 at ``small``.
 * ``resnet18``: the CIFAR ResNet-18 (3x3 stem, no max-pool, 4 stages of 2 basic blocks, widths
   w/2w/4w/8w): w = 64 (11.2M weights), batch 128 at ``full``; w = 16 (0.7M), batch 16 at
   ``small``.
@@ -231,7 +232,7 @@ def spec(name: str, size: str) -> Spec:
             name,
             f"CNN 3x[conv3x3+BN+ReLU] {ch} + linear, 3x32x32",
             lambda: SmallCNN(ch),
-            4 if tiny else 128,
+            4 if tiny else 128 if full else 32,
             _images((3, 32, 32)),
         )
     if name == "resnet18":
@@ -360,10 +361,15 @@ class Problem:
         self.inner.step()
 
 
-def make_problem(name: str, size: str, device: torch.device, seed: int = 0, n_train: int = 5) -> Problem:
+def make_problem(
+    name: str, size: str, device: torch.device, seed: int = 0, n_train: int = 5, batch: int | None = None
+) -> Problem:
     """The problem on ``name`` at ``size``: SGD(lr 0.05, momentum 0.9) inside, weight decay per weight
-    (init 1e-4), ``n_train`` training batches and one validation batch."""
+    (init 1e-4), ``n_train`` training batches and one validation batch (of the size's batch size, or
+    ``batch``)."""
     s = spec(name, size)
+    if batch is not None:
+        s = dataclasses.replace(s, batch=batch)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = s.build().to(device)
