@@ -33,6 +33,28 @@ How long it takes
 Usage::
 
     .venv/bin/python experiments/stn_mnist1d.py [--seed 0] [--epochs 100] [--no-shift] [--delta] [--quick]
+
+Measured (torch 2.13, 2-core CPU VM shared with other jobs, 250-300 s per command), validation /
+test loss at the best validation epoch; "retrain" is an ordinary MLP trained on the STN's
+schedule, "final" the same MLP at the schedule's last values:
+
+    ==========================  ==============  ==============  ==============  ==============
+    seed, run                   best fixed      STN             retrain         final
+    ==========================  ==============  ==============  ==============  ==============
+    0  --no-shift               1.1596 / 1.1450 1.1526 / 1.1328 1.1660 / 1.1332 1.1719 / 1.1594
+    1  --no-shift               1.2200 / 1.2515 1.1881 / 1.2247 1.1949 / 1.2138 1.2332 / 1.2366
+    2  --no-shift               1.1574 / 1.0848 1.1425 / 1.0690 1.1417 / 1.0674 1.1427 / 1.0842
+    0  --no-shift --delta       1.1596 / 1.1450 1.1540 / 1.1393 1.1493 / 1.1232 1.2048 / 1.1831
+    0  (dropout + shift)        1.1661 / 1.1553 0.9684 / 0.9317 0.9970 / 0.9929 0.9914 / 0.9740
+    ==========================  ==============  ==============  ==============  ==============
+
+The best fixed rate was 0.5 in every case. Tuning dropout alone, the STN beat the best of the 8
+fixed rates on validation and test loss for seeds 0-2 (by 0.007-0.032), and retraining on its
+schedule beat its final values held fixed (by 0.001-0.038 val, 0.017-0.026 test). The final
+rates rose from 0.1 to about 0.55 (first layer) and 0.65 (second). With the shift augmentation
+tuned as well, the STN is far ahead of the grid (which has no augmentation), but retraining on
+that schedule did *not* beat the final values held fixed (+0.006 val, +0.019 test): there the
+schedule's claim fails. No run had a non-finite loss.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ How long it takes
 Usage::
 
     .venv/bin/python experiments/stn_ridge.py [--seed 0] [--quick]
+
+Measured (defaults, torch 2.13, 2-core CPU): lambda* / learned lambda (error in decades) =
+0.2285 / 0.2179 (0.021) for seed 0, 0.0439 / 0.0430 (0.009) for seed 1, 0.1188 / 0.1205
+(0.006) for seed 2, starting from lambda = 1 each time; validation MSE within 0.02% of the
+optimum's.
 """
 
 from __future__ import annotations
