@@ -33,6 +33,7 @@ PRIMITIVES = (
     "mixed_vjp",
     "outer_step",
 )
+VARIANTS = ("train_grad_graph_no_penalty", "hvp_no_penalty", "hvp_fwd_over_rev", "outer_step_unfused")
 LABELS = {
     "train_step": "plain PyTorch train step (the unit)",
     "hg_step": "`hopt.step` (hypergrad's train step)",
@@ -42,6 +43,10 @@ LABELS = {
     "hvp": "HVP (one backward through that graph)",
     "mixed_vjp": "mixed VJP ∂(∇_w L_T · u)/∂λ",
     "outer_step": "outer step, `Adam(fused=True)` over λ",
+    "train_grad_graph_no_penalty": "alternative: ∇_w L_T with its graph, without the penalty",
+    "hvp_no_penalty": "alternative: HVP without the penalty",
+    "hvp_fwd_over_rev": "alternative: HVP by forward over reverse (`jvp` of `grad`, no graph kept)",
+    "outer_step_unfused": "alternative: outer step, default `Adam` (not fused)",
     "implicit/neumann-1": "Implicit, Neumann-1",
     "implicit/neumann-3": "Implicit, Neumann-3",
     "implicit/neumann-5": "Implicit, Neumann-5",
@@ -114,7 +119,7 @@ def render(data: dict[str, Any], name: str = "") -> str:
             "| primitive | ms | ÷ step | peak MiB | peak ÷ step's |",
             "|---|---:|---:|---:|---:|",
         ]
-        for k in PRIMITIVES:
+        for k in PRIMITIVES + VARIANTS:
             row = cases.get(k)
             if row is None or "error" in row:
                 continue

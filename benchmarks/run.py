@@ -21,6 +21,7 @@ See ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -130,6 +131,8 @@ def build_cases(prob: Problem, args: argparse.Namespace) -> tuple[list[Case], di
         ),
         Case("outer_step", "primitive", outer.step, prepare=outer_grads),
     ]
+    if args.variants:
+        cases += variant_cases(prob, scratch, outer_grads)
 
     def implicit_floor(k: int | None) -> Callable[[dict[str, float], Any], float]:
         def floor(p: dict[str, float], info: Any) -> float:
@@ -225,6 +228,58 @@ def build_cases(prob: Problem, args: argparse.Namespace) -> tuple[list[Case], di
                 )
     cases = [dataclasses.replace(c, prepare=_then_clear(c.prepare, scratch)) for c in cases]
     return cases, objs
+
+
+def variant_cases(prob: Problem, scratch: dict[str, Any], outer_grads: Callable[[], None]) -> list[Case]:
+    """The alternatives issue 9 asks to measure, as primitives beside the ones hypergrad uses:
+
+    * ``train_grad_graph_no_penalty`` / ``hvp_no_penalty``: the same calls on plain cross-entropy,
+      so the per-weight penalty's share of the training gradient with graph and of an HVP shows;
+    * ``hvp_fwd_over_rev``: one HVP as ``torch.func.jvp`` of ``torch.func.grad`` (forward over
+      reverse; recomputes the gradient each time, no graph kept between HVPs), penalty written out,
+      BatchNorm on batch statistics (``replace_all_batch_norm_modules_`` on a copy);
+    * ``outer_step_unfused``: ``torch.optim.Adam`` with its default implementation instead of
+      ``fused=True``.
+    """
+    w, tb = prob.weights, prob.train_batch
+    names = [n for n, _ in prob.model.named_parameters()]
+    fmodel = copy.deepcopy(prob.model)
+    torch.func.replace_all_batch_norm_modules_(fmodel)
+
+    def graph_no_penalty() -> None:
+        scratch["gt"] = torch.autograd.grad(models.cross_entropy(prob.model, tb), w, create_graph=True)
+        scratch["u"] = [torch.randn_like(t) for t in w]
+
+    def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(fmodel, params, (tb[0],))
+        ce = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tb[1].reshape(-1))
+        decay = [r.detach().exp() for r in prob.hparams]
+        return ce + 0.5 * sum((d * params[n].square()).sum() for n, d in zip(names, decay, strict=True))
+
+    def fwd_over_rev() -> Any:
+        primals = {n: t.detach() for n, t in zip(names, w, strict=True)}
+        tangents = dict(zip(names, scratch["u"], strict=True))
+        return torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))[1]
+
+    def direction() -> None:
+        scratch["u"] = [torch.randn_like(t) for t in w]
+
+    unfused = torch.optim.Adam(prob.hp.parameters(), lr=models.OUTER_LR)
+    return [
+        Case(
+            "train_grad_graph_no_penalty",
+            "variant",
+            lambda: torch.autograd.grad(models.cross_entropy(prob.model, tb), w, create_graph=True),
+        ),
+        Case(
+            "hvp_no_penalty",
+            "variant",
+            lambda: torch.autograd.grad(scratch["gt"], w, scratch["u"], retain_graph=True),
+            prepare=graph_no_penalty,
+        ),
+        Case("hvp_fwd_over_rev", "variant", fwd_over_rev, prepare=direction),
+        Case("outer_step_unfused", "variant", unfused.step, prepare=outer_grads),
+    ]
 
 
 def _then_clear(prepare: Callable[[], None] | None, scratch: dict[str, Any]) -> Callable[[], None]:
@@ -594,6 +649,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip torchopt and higher")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
     ap.add_argument(
+        "--no-variants",
+        dest="variants",
+        action="store_false",
+        help="skip the alternatives (no penalty, forward-over-reverse HVP, unfused outer Adam)",
+    )
+    ap.add_argument(
         "--between",
         default="1,10,30",
         help="inner steps before a hyperstep, for Implicit's peak (default: 1,10,30)",
@@ -656,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "between": args.between,
             "cycles": args.cycles,
             "peers": args.peers,
+            "variants": args.variants,
             "memory": args.memory,
         },
         "models": {},
