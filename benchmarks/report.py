@@ -93,7 +93,11 @@ def render(data: dict[str, Any], name: str = "") -> str:
         f"{data['date']}, {m.get('cpu_model')} ({m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch "
         f"thread(s)), torch {m['torch']}, CUDA {m.get('cuda')}, hypergrad {m.get('hypergrad')} at "
         f"`{(m.get('git_commit') or '?')[:10]}`{dirty}, "
-        f"peers: {peers}{' (' + errors + ')' if errors else ''}. Sizes `{s['size']}`, clock `{m['clock']}`, "
+        f"peers: {peers}{' (' + errors + ')' if errors else ''}. Sizes `{s['size']}`"
+        f"{', batch ' + str(s['batch_override']) if s.get('batch_override') else ''}"
+        f"{'' if s.get('peers', True) else ', peers skipped'}"
+        f"{'' if s.get('memory', True) else ', memory skipped'}"
+        f", clock `{m['clock']}`, "
         f"load average (1 min) {_f(load0)} → {_f(load1)}, "
         f"{data['seconds']:.0f} s. Memory: {m['memory_metric']}.",
         "",
