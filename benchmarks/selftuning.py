@@ -190,6 +190,31 @@ def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
     }
 
 
+def models_section(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-model summary in the layout every ``benchmarks/results/*.json`` shares: the
+    ordinary network's training step as the unit, and what a self-tuning hyperstep costs on top
+    of the STN's own steps (``(stn - stn_train) / hypersteps per epoch``)."""
+    out: dict[str, Any] = {}
+    for r in results:
+        sec, n = r["cpu_seconds_per_epoch"], r["batches_per_epoch"]
+        unit = 1e3 * sec["plain"]["min"] / n
+        rows = []
+        for method, key in (("selftuning", "stn"), ("selftuning-delta", "delta")):
+            per_hyper = 1e3 * (sec[key]["min"] - sec["stn_train"]["min"]) / (n // 2)
+            rows.append(
+                {
+                    "method": method,
+                    "group": "hypergrad",
+                    "median_ms": per_hyper,
+                    "ratio_to_train_step": per_hyper / unit,
+                    "stn_step_ms": 1e3 * sec["stn_train"]["min"] / n,
+                    "stn_step_ratio_to_train_step": sec["stn_train"]["min"] / sec["plain"]["min"],
+                }
+            )
+        out[r["model"]] = {"train_step": {"torch_step": {"median_ms": unit}}, "hypersteps": rows}
+    return out
+
+
 def machine() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -236,6 +261,7 @@ def main() -> None:
         "settings": {"repeats": repeats, "batches_per_epoch": n_batches, "quick": args.quick},
         "targets": {"time_ratio": 1.5, "parameter_ratio": 2.0},
         "results": results,
+        "models": models_section(results),
         "wall_seconds": time.perf_counter() - t0,
     }
     for r in results:
