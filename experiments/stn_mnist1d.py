@@ -193,7 +193,8 @@ class Tracker:
 
     def __init__(self, name: str) -> None:
         self.best: Result | None = None
-        self.name, self.curve, self.steps = name, [], 0  # type: ignore[var-annotated]
+        self.name, self.steps = name, 0
+        self.curve: list[float] = []
 
     def update(self, forward: Callable[[Tensor], Tensor], data: Data, epoch: int, steps: int) -> None:
         vl, va = evaluate(forward, data.val)
@@ -292,6 +293,11 @@ def schedule_from(history: list[dict[str, float]]) -> Callable[[int], tuple[tupl
     return at
 
 
+def constant(rates: tuple[float, float], shift: int) -> Callable[[int], tuple[tuple[float, float], int]]:
+    """A schedule that never changes."""
+    return lambda step: (rates, shift)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -323,7 +329,8 @@ def plot(hp: hg.hparams.SelfTuned, results: list[Result], steps_per_epoch: int, 
         ax[1].step(ep, [r["shift"] for r in rows], where="post", label="max shift")
     for k in [k for k in rows[0] if k.startswith("sigma.")]:
         ax[1].plot(ep, [r[k] for r in rows], label=k, lw=0.8)
-    ax[1].set(xlabel="epoch", title="STN shift (integer) and perturbation scales")
+    title = "STN shift (integer) and perturbation scales" if "shift" in rows[0] else "STN perturbation scales"
+    ax[1].set(xlabel="epoch", title=title)
     ax[1].legend()
     for r in results:
         ax[2].plot(range(1, len(r.curve) + 1), r.curve, label=r.name, lw=1.5 if "self" in r.name else 0.7)
@@ -363,7 +370,7 @@ def main() -> None:
                 data,
                 epochs,
                 args.seed,
-                lambda s, p=p: ((p, p), 0),
+                constant((p, p), 0),
             )
         )
     best = min(results, key=lambda r: r.val_loss)
@@ -391,7 +398,7 @@ def main() -> None:
         data,
         epochs,
         args.seed,
-        lambda s: (final_rates, final_shift),
+        constant(final_rates, final_shift),
     )
     table = results + [stn, retrain, fixed_final]
     seconds = time.perf_counter() - t0

@@ -114,14 +114,15 @@ def run(seed: int = 0, warmup: int = 300, steps: int = 1500, progress: bool = Fa
     def val_loss(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
         return ((m(b[0], hparams=h) - b[1]) ** 2).mean()
 
-    def train_loss(m: nn.Module, h: hg.hparams.SelfTuned, b: tuple[Tensor, Tensor]) -> Tensor:  # type: ignore[override]
-        w = m.weights(h)["weight"]  # type: ignore[operator]
+    def train_loss(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+        assert isinstance(m, hg.nn.HyperNet) and isinstance(h, hg.hparams.SelfTuned)
+        w = m.weights(h)["weight"]  # the generated weights, for the penalty
         return val_loss(m, h, b) + h.draw(1)["lam"][0] * (w**2).sum()
 
     hopt = hg.BestResponse(
         net,
         hp,
-        train_loss,  # type: ignore[arg-type]
+        train_loss,
         val_loss,
         inner_optimizer=torch.optim.Adam(net.parameters(), lr=3e-2),
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-2),
@@ -159,7 +160,8 @@ def main() -> None:
         f"{r.log_lambda / math.log(10):9.3f}{r.val_learned:10.4f}"
     )
     ok = r.error_decades <= TOLERANCE_DECADES
-    print(f"error {r.error_decades:.3f} decades (tolerance {TOLERANCE_DECADES}): {'OK' if ok else 'MISSED'}")
+    verdict = "smoke test, too short to judge" if args.quick else ("OK" if ok else "MISSED")
+    print(f"error {r.error_decades:.3f} decades (tolerance {TOLERANCE_DECADES}): {verdict}")
 
 
 if __name__ == "__main__":
