@@ -292,3 +292,47 @@ def test_nonfinite_validation_loss_is_refused_and_sigma_untouched() -> None:
         info = hopt.hyper_step(val_batch=(x, y))
     assert info.skipped and hopt.hparams.history() == []
     assert all(torch.equal(v, hopt.hparams.state_dict()[k]) for k, v in before.items())
+
+
+class ConvNet(nn.Module):
+    """The issue's example: a conv net with a tuned dropout rate and a tuned cutout length."""
+
+    def __init__(self, n_hparams: int) -> None:
+        super().__init__()
+        self.conv = hg.nn.StnConv2d(1, 4, 3, n_hparams, padding=1)
+        self.head = hg.nn.StnLinear(4 * 8 * 8, 3, n_hparams)
+
+    def forward(self, x: torch.Tensor, hp: hg.hparams.SelfTuned) -> torch.Tensor:
+        d = hp.draw(len(x))
+        x = hg.nn.cutout(x, d["cutout"], self.training)
+        h = hg.nn.dropout(torch.relu(self.conv(x, d)), d["dropout"], self.training)
+        return self.head(h.flatten(1), d)
+
+
+def test_conv_net_with_dropout_and_cutout_end_to_end() -> None:
+    hp = hg.hparams.SelfTuned(
+        dropout=hg.hparams.Rate(0.1, high=0.9), cutout=hg.hparams.Integer(4, 0, 16), dtype=DT
+    )
+    model = ConvNet(n_hparams=hp.size).to(DT)
+    hopt = hg.SelfTuning(
+        model,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-2),
+    )
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(8, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(6)
+    ]
+    for i, b in enumerate(data * 2):
+        hopt.step(b)
+        if hopt.hyper_due():
+            info = hopt.hyper_step(val_batch=data[(i + 1) % 6])
+            assert not info.skipped and info.hypergrad_norm > 0
+    rows = hp.history()
+    assert len(rows) == 6 and all(float(r["cutout"]).is_integer() and 0 <= r["cutout"] <= 16 for r in rows)
+    assert rows[0]["cutout"] == 4 and 0 < rows[-1]["dropout"] < 0.9
+    assert rows[-1]["sigma.cutout"] != rows[0]["sigma.cutout"]  # the scale is learned too
