@@ -597,6 +597,9 @@ def machine_info(device: torch.device, args: argparse.Namespace, timer: Timer, m
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        # fp32 results depend on these (cuDNN convolutions use TF32 unless told not to)
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
         "hypergrad": hg.__version__,
         "peers": dict(peers.VERSIONS),
         "peer_errors": dict(peers.ERRORS),
@@ -688,6 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA events and memory statistics on this device
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
