@@ -89,7 +89,7 @@ def laplace_kron(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int) 
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return {"available": False, "why": f"{type(e).__name__}: {e}"}
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N)
-    log_prec = torch.zeros(2, dtype=x.dtype, requires_grad=True)
+    log_prec = torch.zeros(1, dtype=x.dtype, requires_grad=True)  # one global precision
     out: dict[str, Any] = {}
 
     def fit_and_grad() -> None:

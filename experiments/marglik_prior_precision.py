@@ -11,7 +11,7 @@ What it does
       expectation over random batches = the partition bound over disjoint batches of M, which is
       what is printed), plus validation and test accuracy. The bound's best precision should lie
       within a factor ~3 of the exact evidence's.
-    * Part B, learning: one run of ``hg.MarginalLikelihood`` (one precision per layer, the bound
+    * Part B, learning: runs of ``hg.MarginalLikelihood`` (one global precision; one per layer; the bound
       on the step's batch of M = 100, burn-in 100 steps, one Adam step (lr 0.1) on the log
       precisions every 5 steps) on the training set alone, against the grid's best weight decay
       chosen on the validation set.
@@ -41,6 +41,29 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import hypergrad as hg
+
+# Output on a 2-core CPU (seed 0, torch 2.13, one thread, ~5 min on a loaded machine):
+#
+#    precision      exact       M=50      M=100      M=250  val acc test acc
+#         0.03     -317.8     -587.6     -503.3     -394.9   96.67%   94.68%
+#          0.1     -272.9     -507.5     -432.1     -338.5   96.67%   95.19%
+#          0.3     -267.7     -493.1     -419.7     -329.6   96.67%   95.39%
+#            1     -283.6     -491.3     -421.7     -338.9   97.00%   95.69%
+#            3     -341.9     -521.3     -458.8     -387.6   97.00%   94.48%
+#           10     -518.9     -641.2     -596.7     -548.6   94.33%   92.38%
+#           30     -846.4     -907.3     -885.8     -861.5   91.33%   88.87%
+#          100    -1152.2    -1153.6    -1153.4    -1152.8   20.00%   17.95%
+#   best precision: exact 0.3, M=50 1, M=100 0.3, M=250 0.3   (factors 3.3, 1, 1)
+#
+#   grid, best validation accuracy (delta=1)             95.69%
+#   marginal likelihood, global (3.53)                   93.98%
+#   marginal likelihood, layer (18.5, 0.756)             93.98%
+#
+# Selection from the bound works (M >= 100 picks the exact evidence's precision). Learning it
+# online does not yet reach the validation grid: the online fixed point (the bound's gradient at
+# fixed weights, the weights following the precision) settles at 3.5, not at the grid curve's
+# maximiser 0.3, and test accuracy is 1.7 points below the grid's best (the issue asks for 1).
+# A longer burn-in (500 steps) changed nothing (3.6, 93.98%).
 
 N_TRAIN, N_VAL = 500, 300
 HIDDEN = 128
@@ -102,9 +125,11 @@ def evidences(model: nn.Module, delta: float, d: dict, seed: int) -> dict[str, f
     return out
 
 
-def learn(d: dict, steps: int, seed: int, burn_in: int = 100) -> tuple[nn.Module, list[list[float]], float]:
+def learn(
+    d: dict, steps: int, seed: int, per: str, burn_in: int = 100
+) -> tuple[nn.Module, list[list[float]], float]:
     model = make_model(seed)
-    hp = nn.ModuleDict({"prior": hg.hparams.PriorPrecision(model, per="layer", init=1.0)}).double()
+    hp = nn.ModuleDict({"prior": hg.hparams.PriorPrecision(model, per=per, init=1.0)}).double()
     x, y = d["train"]
     hopt = hg.MarginalLikelihood(
         model,
@@ -164,14 +189,18 @@ def main() -> None:
         ratio = max(best[f"M={m}"], best["exact"]) / min(best[f"M={m}"], best["exact"])
         print(f"  M={m}: factor {ratio:g} from the exact evidence's best")
 
-    model, trace, hyper_s = learn(d, steps, args.seed, 20 if args.quick else 100)
     chosen = max(rows, key=lambda r: r["val"])
     print("\nB. test accuracy: learned precisions (training data only) vs weight decay chosen on validation")
-    print(f"{'method':<44} {'test acc':>8}")
+    print(f"{'method':<50} {'test acc':>8}")
     label = f"grid, best validation accuracy (delta={chosen['delta']:g})"
-    print(f"{label:<44} {chosen['test']:>7.2f}%")
-    learned = ", ".join(f"{v:.3g}" for v in trace[-1]) if trace else "-"
-    print(f"{'marginal likelihood, per layer (' + learned + ')':<44} {accuracy(model, d['test']):>7.2f}%")
+    print(f"{label:<50} {chosen['test']:>7.2f}%")
+    traces = {}
+    for per in ("global", "layer"):
+        model, trace, hyper_s = learn(d, steps, args.seed, per, 20 if args.quick else 100)
+        traces[per] = trace
+        learned = ", ".join(f"{v:.3g}" for v in trace[-1]) if trace else "-"
+        label = f"marginal likelihood, {per} ({learned})"
+        print(f"{label:<50} {accuracy(model, d['test']):>7.2f}%")
     print(f"mean hyperstep {hyper_s * 1e3:.1f} ms (M = 100); total {time.time() - t0:.0f} s")
 
     if not args.no_plot:
@@ -188,12 +217,12 @@ def main() -> None:
         a1.set_ylabel("log evidence / bound (nats)")
         a1.set_title("exact linearised-Laplace evidence and NTK bounds")
         a1.legend()
-        if trace:
-            for j in range(len(trace[0])):
-                a2.plot([math.log10(t[j]) for t in trace], label=f"layer {j}")
+        for per, tr in traces.items():
+            for j in range(len(tr[0]) if tr else 0):
+                a2.plot([math.log10(t[j]) for t in tr], label=per if per == "global" else f"layer {j}")
         a2.set_xlabel("hyperstep")
         a2.set_ylabel("log10 prior precision")
-        a2.set_title("learned per-layer precisions (M = 100)")
+        a2.set_title("learned precisions (M = 100)")
         a2.legend()
         fig.tight_layout()
         args.out.parent.mkdir(parents=True, exist_ok=True)
