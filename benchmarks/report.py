@@ -110,6 +110,8 @@ def render(data: dict[str, Any], name: str = "") -> str:
         "`peak`: allocator bytes above what was live before the call; `÷ step's`: over the train "
         "step's peak.",
         "",
+        summary(data),
+        "",
     ]
     for model, r in data["models"].items():
         cases = r["cases"]
@@ -193,6 +195,99 @@ def render(data: dict[str, Any], name: str = "") -> str:
                 lines.append(f"| {label} | {k} | {held} | {_f(ratio)} | {bound} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def summary(data: dict[str, Any]) -> str:
+    """A compact table of one suite result, one column per model (for READMEs)."""
+    models = data["models"]
+
+    def cell(r: dict[str, Any], *keys: str, field: str = "ratio_to_train_step", fmt: str = ".2f") -> str:
+        return " / ".join(_f(r["cases"].get(k, {}).get(field), fmt) for k in keys)
+
+    def peer(r: dict[str, Any], *keys: str) -> str:
+        return " / ".join(_f(r["cases"].get(k, {}).get("ratio_to_hypergrad")) for k in keys)
+
+    def peak(r: dict[str, Any], hg_key: str, peer_key: str | None = None) -> str:
+        c = r["cases"]
+        out = _f(c.get(hg_key, {}).get("peak_ratio_to_train_step"))
+        if peer_key:
+            out += f" ({_f(c.get(peer_key, {}).get('peak_ratio_to_train_step'))})"
+        return out
+
+    def held(r: dict[str, Any]) -> str:
+        b = r.get("between_hypersteps")
+        if not b:
+            return "–"
+        full = b["snapshot_bytes"] + b.get("hparam_bytes", 0)
+        x = b["unrolled/k-5"]
+        last = x["cycles"][-1]["held_before_hyperstep_bytes"]
+        bound = 2 * full + 2 * x["steps_between_hypersteps"] * b["batch_bytes"]
+        return f"{_mib(last)} MiB = {_f(last / full)} snapshots (bound {_mib(bound)})"
+
+    def n_indep(r: dict[str, Any]) -> str:
+        b = r.get("between_hypersteps")
+        if not b:
+            return "–"
+        rows = b["implicit_peak_vs_inner_steps"]
+        return (
+            " / ".join(_mib(x["hyperstep_peak_bytes"]) for x in rows)
+            + " MiB (N = "
+            + "/".join(str(x["inner_steps"]) for x in rows)
+            + ")"
+        )
+
+    head = "| ÷ a plain train step of the same loss | " + " | ".join(
+        f"{m}: {r['description']} ({r['weights']:,} weights, batch {r['batch']})" for m, r in models.items()
+    )
+    rows = [
+        head + " |",
+        "|---" * (len(models) + 1) + "|",
+        "| train step, ms | "
+        + " | ".join(cell(r, "train_step", field="median_ms", fmt=".3g") for r in models.values()),
+        "| one HVP | " + " | ".join(cell(r, "hvp") for r in models.values()),
+        "| Implicit Neumann-1 / 3 / 5 | "
+        + " | ".join(
+            cell(r, "implicit/neumann-1", "implicit/neumann-3", "implicit/neumann-5") for r in models.values()
+        ),
+        "| ÷ floor, Neumann-5 | "
+        + " | ".join(cell(r, "implicit/neumann-5", field="ratio_to_floor") for r in models.values()),
+        "| Implicit CG-5 | " + " | ".join(cell(r, "implicit/cg-5") for r in models.values()),
+        "| Neumann-5, last layer only | "
+        + " | ".join(cell(r, "implicit/neumann-5-head") for r in models.values()),
+        "| Unrolled K = 1 / 5 | "
+        + " | ".join(cell(r, "unrolled/k-1", "unrolled/k-5") for r in models.values()),
+        "| torchopt ÷ hypergrad: Neumann-1 / 3 / 5 / CG-5 | "
+        + " | ".join(
+            peer(r, "torchopt/neumann-1", "torchopt/neumann-3", "torchopt/neumann-5", "torchopt/cg-5")
+            for r in models.values()
+        ),
+        "| higher ÷ hypergrad: K = 1 / 5 | "
+        + " | ".join(peer(r, "higher/k-1", "higher/k-5") for r in models.values()),
+        "| peak ÷ train step's: Neumann-5 (torchopt) | "
+        + " | ".join(peak(r, "implicit/neumann-5", "torchopt/neumann-5") for r in models.values()),
+        "| peak: Unrolled K = 5 (higher) | "
+        + " | ".join(peak(r, "unrolled/k-5", "higher/k-5") for r in models.values()),
+        "| peak: Neumann-5, last layer only | "
+        + " | ".join(peak(r, "implicit/neumann-5-head") for r in models.values()),
+        "| Implicit's hyperstep peak after N inner steps | "
+        + " | ".join(n_indep(r) for r in models.values()),
+        "| held before a hyperstep, Unrolled K = 5 | " + " | ".join(held(r) for r in models.values()),
+    ]
+    if any("hvp_fwd_over_rev" in r["cases"] for r in models.values()):
+        rows += [
+            "| ∇_w L_T with graph: with / without the penalty | "
+            + " | ".join(cell(r, "train_grad_graph", "train_grad_graph_no_penalty") for r in models.values()),
+            "| HVP: with / without the penalty | "
+            + " | ".join(cell(r, "hvp", "hvp_no_penalty") for r in models.values()),
+            "| HVP by forward over reverse | "
+            + " | ".join(cell(r, "hvp_fwd_over_rev") for r in models.values()),
+            "| outer Adam, fused / default, ms | "
+            + " | ".join(
+                cell(r, "outer_step", "outer_step_unfused", field="median_ms", fmt=".3g")
+                for r in models.values()
+            ),
+        ]
+    return "\n".join(row if row.endswith("|") else row + " |" for row in rows)
 
 
 def render_files(paths: Sequence[Path]) -> str:
