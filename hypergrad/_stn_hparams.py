@@ -134,7 +134,11 @@ class Rate(_Spec):
             )
 
     def value(self, raw: Tensor) -> Tensor:
-        return stretched_sigmoid(raw, self.low, self.high)
+        # kept strictly inside (low, high) even where sigma(r) rounds to 0 or 1 (float32, |r| > 17):
+        # a dropout rate of exactly 1 would divide by 0
+        v = stretched_sigmoid(raw, self.low, self.high)
+        lo, hi = (torch.tensor(b, dtype=v.dtype, device=v.device) for b in (self.low, self.high))
+        return v.clamp(torch.nextafter(lo, hi), torch.nextafter(hi, lo))
 
     def raw(self, value: Tensor) -> Tensor:
         return stretched_logit(value, self.low, self.high)

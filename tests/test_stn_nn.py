@@ -130,6 +130,14 @@ def test_continuous_transforms_map_into_range_and_round_trip(spec) -> None:
     assert math.isclose(float(spec.value(spec.raw(init))), spec.init, rel_tol=1e-12)
 
 
+def test_rates_stay_strictly_inside_where_the_sigmoid_saturates() -> None:
+    rate = hg.hparams.Rate(0.5)  # (0, 1): a dropout rate of exactly 1 would divide by zero
+    v = rate.value(torch.tensor([-100.0, 40.0]))  # float32: sigmoid rounds to 0 and 1
+    assert 0 < float(v[0]) and float(v[1]) < 1
+    x = hg.nn.dropout(torch.ones(2, 5), v)
+    assert bool(torch.isfinite(x).all())
+
+
 def test_integers_floor_correctly_and_every_value_is_reachable() -> None:
     spec = hg.hparams.Integer(4, 0, 16)
     raw = torch.linspace(-40, 40, 20001, dtype=DT)
