@@ -636,7 +636,8 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
     """Current hyperparameter values by name, detached: for logging and checkpoints you can read.
 
     Walks ``hparams.named_modules()``: each container of this module (:class:`Hparam`,
-    :class:`WeightDecay`, :class:`ExampleWeights`, :class:`OptimizerSetting` and its subclasses),
+    :class:`WeightDecay`, :class:`ExampleWeights`, :class:`OptimizerSetting` and their subclasses;
+    a :class:`SelfTuned` gives each of its hyperparameters by name, and ``sigma``),
     wherever it is nested (``nn.ModuleDict``, ``nn.ModuleList``, a custom module), gives its
     constrained ``value`` under its module name; every parameter not inside a container gives its raw
     value under its parameter name. A container that is ``hparams`` itself is named ``"value"``.
@@ -659,6 +660,8 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
     >>> round(float(vals["scale"]), 6), vals["scale"].requires_grad
     (2.0, False)
     """
+    from ._stn_hparams import SelfTuned  # defined after this module (it builds on it)
+
     out: dict[str, Tensor] = {}
     covered: list[str] = []
     with torch.no_grad():
@@ -668,6 +671,12 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
             if isinstance(module, _CONTAINERS):
                 covered.append(name)
                 out[name or "value"] = module.value.detach()
+            elif isinstance(module, SelfTuned):  # each named hyperparameter, and its scale
+                covered.append(name)
+                prefix = f"{name}." if name else ""
+                for key, v in module.values_of(module.raw).items():
+                    out[prefix + key] = v.detach()
+                out[prefix + "sigma"] = module.scale().detach()
         for name, p in hparams.named_parameters():
             if not any(_within(name, c) for c in covered):
                 out[name] = p.detach()

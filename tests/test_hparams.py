@@ -429,3 +429,16 @@ def test_summary_of_float32_hparams_is_float64_and_warning_free() -> None:
     assert out["wd.std"] == pytest.approx(
         float(torch.tensor([0.1, 0.3], dtype=torch.float64).std()), rel=1e-6
     )
+
+
+def test_summary_names_self_tuned_hyperparameters_and_their_scale() -> None:
+    hp = torch.nn.ModuleDict(
+        {
+            "stn": hg.hparams.SelfTuned(
+                dropout=hg.hparams.Rate(0.2, high=0.9), cut=hg.hparams.Integer(4, 0, 16)
+            )
+        }
+    )
+    s = hg.hparams.summary(hp)
+    assert abs(s["stn.dropout"] - 0.2) < 1e-6 and s["stn.cut"] == 4.0
+    assert abs(s["stn.sigma.mean"] - 0.5) < 1e-6 and "stn.raw" not in s and "stn.raw_scale.mean" not in s
