@@ -125,6 +125,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "hypergrad": hg.__version__,
@@ -189,6 +190,16 @@ def main() -> None:
                 rows.append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
 
+    opt = torch.optim.Adam(model32.parameters(), lr=0.0)
+
+    def train_step() -> None:
+        opt.zero_grad()  # lr 0: the MAP weights stay as they are
+        loss = nn.functional.cross_entropy(model32(x32[:100]), y32[:100]) + hp32["prior"].penalty(model32) / N
+        loss.backward()
+        opt.step()
+
+    step_seconds, _ = cpu_time(train_step, reps * 5)
+    print(f"plain PyTorch MAP step (batch 100, float32): {step_seconds * 1e3:.2f} ms")
     kron = laplace_kron(model32, x32, y32, max(2, reps // 2))
     if kron.get("available"):
         kron["gap_to_exact"] = exact_value - kron["value"]
@@ -206,6 +217,21 @@ def main() -> None:
         "exact": {"value": exact_value, "seconds": exact_seconds, "dtype": "float64"},
         "laplace_kron": kron,
         "bound": rows,
+        # the schema every benchmarks/results/*.json shares (tests/test_repository.py)
+        "models": {
+            "digits-mlp-64-128-10": {
+                "train_step": {
+                    "torch_step": {"median_ms": step_seconds * 1e3, "batch": 100, "dtype": "float32"}
+                },
+                "hypersteps": {
+                    f"bound M={r['M']} {r['variant']} {r['dtype']}": {
+                        "median_ms": r["seconds"] * 1e3,
+                        "train_steps": r["seconds"] / step_seconds,
+                    }
+                    for r in rows
+                },
+            }
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
