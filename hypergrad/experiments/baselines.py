@@ -50,7 +50,10 @@ def _search(
 ) -> list[dict[str, float]]:
     """Run trials until ``budget`` inner steps; returns per trial the cumulative cost and the
     best-so-far record."""
-    import optuna
+    try:
+        import optuna
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the baselines need optuna: pip install hypergrad[experiments]") from e
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # TPE: 3 random start-up trials (its default of 10 would make it random search at these budgets)
