@@ -57,6 +57,7 @@ __all__ = [
     "Unrolled",
     "data",
     "hparams",
+    "log",
     "implicit_hypergradient",
     "log_evidence",
     "log_evidence_bound",

@@ -265,9 +265,9 @@ class Hparam(nn.Module):
 
     @property
     def value(self) -> Tensor:
-        """The constrained value, detached (for logging), shaped like ``raw``."""
-        with torch.no_grad():
-            return self()
+        """The constrained value, detached (for logging), shaped like ``raw``: a copy, never
+        ``raw`` itself (the ``real`` constraint's value is the raw tensor)."""
+        return self().detach().clone()
 
     def extra_repr(self) -> str:
         bounds = "".join(f", {k}={v}" for k, v in (("low", self.low), ("high", self.high)) if v is not None)

@@ -442,3 +442,11 @@ def test_summary_names_self_tuned_hyperparameters_and_their_scale() -> None:
     s = hg.hparams.summary(hp)
     assert abs(s["stn.dropout"] - 0.2) < 1e-6 and s["stn.cut"] == 4.0
     assert abs(s["stn.sigma.mean"] - 0.5) < 1e-6 and "stn.raw" not in s and "stn.raw_scale.mean" not in s
+
+
+def test_real_hparam_value_is_a_detached_copy() -> None:
+    h = hg.hparams.Hparam(0.5, "real")
+    v = h.value
+    assert not v.requires_grad and v.data_ptr() != h.raw.data_ptr()
+    v.add_(1.0)
+    assert float(h.raw.detach()) == 0.5
