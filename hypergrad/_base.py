@@ -61,6 +61,8 @@ class HyperStepInfo:
         seconds: wall-clock time of the hyperstep.
         skipped: ``True`` when the step was refused as non-finite (``on_nonfinite="skip"``).
         hyper_steps: hypersteps taken so far (including this one unless skipped).
+        train_loss: the training loss the method evaluated for this hyperstep (Implicit: on
+            ``train_batch``), or ``None`` where it evaluates none.
     """
 
     outer_loss: float
@@ -72,6 +74,7 @@ class HyperStepInfo:
     seconds: float
     skipped: bool
     hyper_steps: int
+    train_loss: float | None = None
 
 
 @dataclasses.dataclass
@@ -484,6 +487,7 @@ class HyperOptimizer(abc.ABC):
             seconds=time.perf_counter() - t0,
             skipped=skipped,
             hyper_steps=self.hyper_steps,
+            train_loss=None if res.inner_loss is None else float(res.inner_loss),
         )
 
     def _nonfinite(self, msg: str) -> None:
