@@ -28,7 +28,7 @@ def test_prior_precision_experiment_prints_both_tables() -> None:
     pytest.importorskip("sklearn")
     out = _run("marglik_prior_precision.py")
     assert "A. log evidence and its bounds" in out and "best precision:" in out
-    assert "marginal likelihood, global" in out and "marginal likelihood, layer" in out
+    assert "marginal likelihood, global, M=250" in out and "marginal likelihood, layer" in out
 
 
 @pytest.mark.slow
