@@ -660,7 +660,8 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
     >>> round(float(vals["scale"]), 6), vals["scale"].requires_grad
     (2.0, False)
     """
-    from ._stn_hparams import SelfTuned  # defined after this module (it builds on it)
+    from ._ml_hparams import RandomTranslation  # defined after this module (they build on it)
+    from ._stn_hparams import SelfTuned
 
     out: dict[str, Tensor] = {}
     covered: list[str] = []
@@ -668,7 +669,7 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
         for name, module in hparams.named_modules():
             if any(_within(name, c) for c in covered):
                 continue
-            if isinstance(module, _CONTAINERS):
+            if isinstance(module, (*_CONTAINERS, RandomTranslation)):
                 covered.append(name)
                 out[name or "value"] = module.value.detach()
             elif isinstance(module, SelfTuned):  # each named hyperparameter, and its scale

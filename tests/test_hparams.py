@@ -450,3 +450,10 @@ def test_real_hparam_value_is_a_detached_copy() -> None:
     assert not v.requires_grad and v.data_ptr() != h.raw.data_ptr()
     v.add_(1.0)
     assert float(h.raw.detach()) == 0.5
+
+
+def test_summary_gives_a_translation_range_in_pixels() -> None:
+    hp = torch.nn.ModuleDict({"shift": hg.hparams.RandomTranslation((8, 8), init=0.5, max=4.0)})
+    s = hg.hparams.summary(hp)
+    assert set(s) == {"shift.mean", "shift.min", "shift.max", "shift.std"}
+    assert abs(s["shift.mean"] - float(hp["shift"].value.mean())) < 1e-6
