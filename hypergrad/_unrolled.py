@@ -246,6 +246,7 @@ class Unrolled(HyperOptimizer):
         self._versions: tuple[int, ...] = ()
         self._since_anchor = 0  # records since the newest anchor
         self._hp_versions: tuple[int, ...] = ()  # hyperparameter versions at the newest anchor
+        self._hp_moved = False  # a hyperstep moved the hyperparameters since the newest anchor
         self._warned_hooks: frozenset[str] = frozenset()
         self._weights_changed()
         self._check_hooks()
@@ -266,6 +267,7 @@ class Unrolled(HyperOptimizer):
         from the weights as they are now (e.g. freshly initialised for a new episode)."""
         self._records.clear()
         self._since_anchor = 0
+        self._hp_moved = False
         self._versions = self._current_versions()
 
     def _current_versions(self) -> tuple[int, ...]:
@@ -318,16 +320,19 @@ class Unrolled(HyperOptimizer):
         self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None, buffers: Tensors
     ) -> None:
         pair = self.pair
+        # the hyperparameters moved since the newest anchor: a hyperstep said so (fused optimisers
+        # do not bump version counters), or something changed them in place
         hp_versions = tuple(h._version for h in pair.hparam_tensors)
+        moved = self._hp_moved or hp_versions != self._hp_versions
         anchor = None
-        if not self._records or self._since_anchor >= self.steps or hp_versions != self._hp_versions:
+        if not self._records or self._since_anchor >= self.steps or moved:
             anchor = _Anchor(
                 weights=clone_all(pair.weights),
                 buffers=buffers,  # as before this step's forward pass (already copies)
                 states=snapshot_state(self.inner_optimizer, pair.weights),
                 hparams=clone_all(pair.hparam_tensors),
             )
-            self._since_anchor, self._hp_versions = 0, hp_versions
+            self._since_anchor, self._hp_versions, self._hp_moved = 0, hp_versions, False
         self._since_anchor += 1
         self._records.append(
             _Record(
@@ -500,7 +505,7 @@ class Unrolled(HyperOptimizer):
         pair = self.pair
         if self.mode is Mode.FORWARD:
             grads, loss = self._forward_hypergradient(val_batch)
-            return _Hypergradient(grads, loss, unrolled_steps=self._window())
+            return _Hypergradient(grads, loss, unrolled_steps=self._window(), commit=self._moved)
         weights, _ = self._replay(pair.hparam_tensors)
         out = pair.loss(
             self.val_loss,
@@ -522,7 +527,12 @@ class Unrolled(HyperOptimizer):
             value,
             unrolled_steps=self._window(),
             reached=reached,
+            commit=self._moved,
         )
+
+    def _moved(self) -> None:
+        """The outer step was taken: the next recorded step starts a new snapshot."""
+        self._hp_moved = True
 
     def replayed_weights(self) -> Tensors:
         """The weights reached by replaying the recorded steps (detached): they equal the model's
@@ -532,7 +542,9 @@ class Unrolled(HyperOptimizer):
         return tuple(t.detach() for t in w)
 
     def _method_state(self) -> dict[str, Any]:
-        anchor_due = tuple(h._version for h in self.pair.hparam_tensors) != self._hp_versions
+        anchor_due = (
+            self._hp_moved or tuple(h._version for h in self.pair.hparam_tensors) != self._hp_versions
+        )
         return {
             "records": [r.to_dict() for r in self._records],
             "since_anchor": self._since_anchor,
@@ -544,6 +556,6 @@ class Unrolled(HyperOptimizer):
         for r in state["records"]:
             self._records.append(_Record.from_dict(r))
         self._since_anchor = state.get("since_anchor", 0)
-        due = state.get("anchor_due", True)
-        self._hp_versions = () if due else tuple(h._version for h in self.pair.hparam_tensors)
+        self._hp_moved = bool(state.get("anchor_due", True))
+        self._hp_versions = tuple(h._version for h in self.pair.hparam_tensors)
         self._versions = self._current_versions()

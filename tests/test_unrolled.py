@@ -411,7 +411,9 @@ def test_implicit_refuses_optimizer_settings() -> None:
         )
 
 
-def _anchored_run(k: int, every: int, n: int) -> tuple[hg.Unrolled, list[list[torch.Tensor]]]:
+def _anchored_run(
+    k: int, every: int, n: int, fused: bool = False
+) -> tuple[hg.Unrolled, list[list[torch.Tensor]]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
     hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
@@ -421,7 +423,7 @@ def _anchored_run(k: int, every: int, n: int) -> tuple[hg.Unrolled, list[list[to
         lambda m, h, b: nn.functional.cross_entropy(m(b[0]), b[1]) + h.penalty(m),
         lambda m, h, b: nn.functional.cross_entropy(m(b[0]), b[1]),
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.1, fused=fused),
         steps=k,
     )
     g = torch.Generator().manual_seed(0)
@@ -435,10 +437,11 @@ def _anchored_run(k: int, every: int, n: int) -> tuple[hg.Unrolled, list[list[to
     return hopt, before
 
 
+@pytest.mark.parametrize("fused", [False, True])  # a fused outer Adam does not bump version counters
 @pytest.mark.parametrize("k,every", [(5, 5), (5, 7), (4, 2), (3, 1)])
-def test_replay_keeps_few_snapshots_and_starts_from_the_real_weights(k: int, every: int) -> None:
+def test_replay_keeps_few_snapshots_and_starts_from_the_real_weights(k: int, every: int, fused: bool) -> None:
     n = 23
-    hopt, before = _anchored_run(k, every, n)
+    hopt, before = _anchored_run(k, every, n, fused)
     anchors = sum(r.anchor is not None for r in hopt._records)
     assert len(hopt._records) <= 2 * k
     # the memory target: 2 snapshots, not K, when hypersteps come every K steps; one more when
