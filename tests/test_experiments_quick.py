@@ -99,3 +99,31 @@ def test_lstm_lm(tmp_path: Path) -> None:
     m = run_quick("lstm_lm", tmp_path)
     assert m["corpus_chars"] > 40_000  # scikit-learn's bundled text, read offline
     assert m["per_weight.val_ppl"] < m["vocab"]  # better than a uniform guess over the characters
+
+
+def test_stn_ridge(tmp_path: Path) -> None:
+    m = run_quick("stn_ridge", tmp_path)
+    # the quick schedule is too short to judge the claim, but lambda moves from 1 toward lambda*
+    assert abs(math.log(m["lambda"] / m["lambda_star"])) < abs(math.log(1.0 / m["lambda_star"]))
+
+
+def test_stn_mnist1d(tmp_path: Path) -> None:
+    pytest.importorskip("mnist1d")
+    m = run_quick("stn_mnist1d", tmp_path)
+    assert m["stn.nonfinite"] == 0.0
+    assert 0.0 < m["stn.dropout.0"] < 0.9 and 0.0 < m["stn.dropout.1"] < 0.9
+    assert m["stn.val_loss"] < math.log(10)  # better than a uniform guess over the 10 classes
+
+
+def test_marglik_precision(tmp_path: Path) -> None:
+    m = run_quick("marglik_precision", tmp_path)
+    assert m["best.M=250.factor"] <= 10  # the bound's best precision near the exact evidence's
+    assert m["ml.global.M=100.precision.0"] > 0 and m["ml.layer.M=100.precision.1"] > 0
+    rows = (tmp_path / "marglik_precision" / "trajectory.csv").read_text().splitlines()
+    assert rows[0].startswith("step,run,") and len(rows) > 3
+
+
+def test_marglik_invariance(tmp_path: Path) -> None:
+    m = run_quick("marglik_invariance", tmp_path)
+    assert m["range.y"] > 0 and m["range.x"] > 0
+    assert 0.1 <= m["augmented.test_acc"] <= 1.0 and 0.1 <= m["plain.test_acc"] <= 1.0

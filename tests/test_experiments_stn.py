@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import runpy
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from hypergrad.experiments import stn_ridge as toy
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_best_response_recovers_the_validation_optimal_ridge_penalty(seed: int) -> None:
-    toy = _load("stn_ridge")
-    r = toy.run(seed, warmup=150, steps=500)  # a shorter schedule than the experiment's
+    r = toy.best_response(seed, warmup=150, steps=500)  # a shorter schedule than the experiment's
     assert r.error_decades <= toy.TOLERANCE_DECADES, (r.log_lambda, r.log_lambda_star)
     assert r.val_learned <= r.val_star * (1 + 1e-3)  # and its validation loss is the optimum's
     # not a vacuous claim: the optimum is far from where the penalty started (lambda = 1)
@@ -37,7 +27,6 @@ def test_best_response_recovers_the_validation_optimal_ridge_penalty(seed: int) 
 
 
 def test_ridge_optimum_is_a_minimum_of_the_closed_form() -> None:
-    toy = _load("stn_ridge")
     data = toy.make_data(0)
     star = toy.optimal_log_lambda(data)
     best = toy.ridge_val_loss(data, star)
@@ -59,13 +48,25 @@ def _run(script: str, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytes
 
 def test_ridge_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     assert "validation optimum" in _run(
-        "experiments/stn_ridge.py", "--quick", monkeypatch=monkeypatch, capsys=capsys
+        "experiments/stn_ridge.py",
+        "--quick",
+        "--out",
+        "results/quick/stn_ridge",
+        monkeypatch=monkeypatch,
+        capsys=capsys,
     )
 
 
 def test_mnist1d_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("mnist1d")
-    text = _run("experiments/stn_mnist1d.py", "--quick", monkeypatch=monkeypatch, capsys=capsys)
+    text = _run(
+        "experiments/stn_mnist1d.py",
+        "--quick",
+        "--out",
+        "results/quick/stn_mnist1d",
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     assert "self-tuning" in text and "retrained with the STN schedule" in text and "fixed dropout 0.0" in text
 
 

@@ -28,6 +28,10 @@ MODULES = (
     "hd",
     "lstm_lm",
     "baselines",
+    "stn_ridge",
+    "stn_mnist1d",
+    "marglik_precision",
+    "marglik_invariance",
 )
 
 
