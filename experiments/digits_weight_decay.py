@@ -121,8 +121,9 @@ class Result:
     test: tuple[float, float]
 
 
-def train_global(decay: float, data: tuple[Batch, Batch, Batch], epochs: int, seed: int,
-                 device: torch.device) -> nn.Module:
+def train_global(
+    decay: float, data: tuple[Batch, Batch, Batch], epochs: int, seed: int, device: torch.device
+) -> nn.Module:
     """Plain training with one global decay (SGD's weight_decay = the same ½·d·‖w‖² penalty)."""
     train, _, _ = data
     model = make_model(seed, device)
@@ -157,14 +158,18 @@ class Trajectory:
                 self.log10_decay.setdefault(name, []).append(row)
 
 
-def train_learned(data: tuple[Batch, Batch, Batch], epochs: int, seed: int, device: torch.device
-                  ) -> tuple[nn.Module, hg.hparams.WeightDecay, Trajectory]:
+def train_learned(
+    data: tuple[Batch, Batch, Batch], epochs: int, seed: int, device: torch.device
+) -> tuple[nn.Module, hg.hparams.WeightDecay, Trajectory]:
     """Training with one decay per weight, tuned by IFT + Neumann every HYPER_EVERY steps."""
     train, val, _ = data
     model = make_model(seed, device)
     hp = hg.hparams.WeightDecay(model, per="parameter", init=INIT_DECAY)
     hopt = hg.Implicit(
-        model, hp, regularised, cross_entropy,
+        model,
+        hp,
+        regularised,
+        cross_entropy,
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=INNER_LR, momentum=MOMENTUM),
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=OUTER_LR, fused=True),  # one kernel
         solver=hg.Neumann(steps=NEUMANN_STEPS),  # alpha = 1/lambda_max (power iteration)
@@ -178,8 +183,12 @@ def train_learned(data: tuple[Batch, Batch, Batch], epochs: int, seed: int, devi
             info = hopt.hyper_step(train_batch=train, val_batch=val)
             traj.infos.append(info)
             traj.record(epoch, info.outer_loss, hp)
-            bar.set_postfix(train=f"{float(loss):.4f}", val=f"{info.outer_loss:.4f}",
-                            hypersteps=info.hyper_steps, refresh=False)
+            bar.set_postfix(
+                train=f"{float(loss):.4f}",
+                val=f"{info.outer_loss:.4f}",
+                hypersteps=info.hyper_steps,
+                refresh=False,
+            )
     bar.close()
     return model, hp, traj
 
@@ -237,13 +246,15 @@ def plot(traj: Trajectory, hp: hg.hparams.WeightDecay, results: list[Result], ou
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=1000, help="full-batch steps per run")
     parser.add_argument("--seed", type=int, default=0, help="split and initialisation")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
-    parser.add_argument("--out", type=Path, default=Path("results/digits_weight_decay.png"),
-                        help="where to save the plot")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/digits_weight_decay.png"), help="where to save the plot"
+    )
     args = parser.parse_args()
     if args.epochs < HYPER_EVERY:
         parser.error(f"--epochs must be at least {HYPER_EVERY}")
@@ -257,8 +268,10 @@ def main() -> None:
     data = load_data(args.seed, device)
     _, val, test = data
     n_weights = sum(p.numel() for p in make_model(args.seed, device).parameters())
-    print(f"digits: {N_TRAIN} train / {N_VAL} val / {len(test[1])} test, MLP 64-{HIDDEN}-10 "
-          f"({n_weights:,} weights), {args.epochs} full-batch epochs, seed {args.seed}, {device}")
+    print(
+        f"digits: {N_TRAIN} train / {N_VAL} val / {len(test[1])} test, MLP 64-{HIDDEN}-10 "
+        f"({n_weights:,} weights), {args.epochs} full-batch epochs, seed {args.seed}, {device}"
+    )
 
     model = train_global(0.0, data, args.epochs, args.seed, device)
     results = [Result("no weight decay", evaluate(model, val), evaluate(model, test))]
@@ -270,24 +283,27 @@ def main() -> None:
         bar.set_postfix(decay=f"{decay:.0e}", val=f"{evaluate(grid[-1][1], val)[0]:.4f}")
     bar.close()
     best_decay, best = min(grid, key=lambda dm: evaluate(dm[1], val)[0])
-    results.append(Result(f"global decay {best_decay:.0e} (grid best)", evaluate(best, val),
-                          evaluate(best, test)))
+    results.append(
+        Result(f"global decay {best_decay:.0e} (grid best)", evaluate(best, val), evaluate(best, test))
+    )
 
     model, hp, traj = train_learned(data, args.epochs, args.seed, device)
-    results.append(Result("per-weight decay (learned)", evaluate(model, val),
-                          evaluate(model, test)))
+    results.append(Result("per-weight decay (learned)", evaluate(model, val), evaluate(model, test)))
 
     print_table(results)
     all_decays = torch.cat([d.detach().flatten() for d in hp.decays().values()]).log10()
     lo, med, hi = torch.quantile(all_decays, torch.tensor([0.1, 0.5, 0.9], device=device)).tolist()
-    print(f"\nlearned log10 decay over all {all_decays.numel():,} weights: median {med:.2f}, "
-          f"10-90% [{lo:.2f}, {hi:.2f}] (started at {math.log10(INIT_DECAY):.0f})")
+    print(
+        f"\nlearned log10 decay over all {all_decays.numel():,} weights: median {med:.2f}, "
+        f"10-90% [{lo:.2f}, {hi:.2f}] (started at {math.log10(INIT_DECAY):.0f})"
+    )
     infos = traj.infos
-    print(f"{len(infos)} hypersteps, {np.mean([i.seconds for i in infos]) * 1e3:.1f} ms each; "
-          f"Neumann relative residual at the last one {infos[-1].solver_residual:.2f} "
-          f"({infos[-1].solver_iterations} HVPs)")
-    print("validation numbers of the tuned methods are optimistic (they were tuned on it); "
-          "compare on test.")
+    print(
+        f"{len(infos)} hypersteps, {np.mean([i.seconds for i in infos]) * 1e3:.1f} ms each; "
+        f"Neumann relative residual at the last one {infos[-1].solver_residual:.2f} "
+        f"({infos[-1].solver_iterations} HVPs)"
+    )
+    print("validation numbers of the tuned methods are optimistic (they were tuned on it); compare on test.")
     if not args.no_plot:
         plot(traj, hp, results, args.out)
         print(f"plot saved to {args.out}")
