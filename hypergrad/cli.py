@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _list() -> int:
     for exp in sorted(REGISTRY.values(), key=lambda e: e.number):
-        print(f"{exp.number:>2}  {exp.name:<14} {exp.title}")
+        print(f"{exp.number:>2}  {exp.name:<18} {exp.title}")
     return 0
 
 
