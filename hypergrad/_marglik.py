@@ -140,7 +140,7 @@ class _LogDetPD(torch.autograd.Function):
         chol, info = torch.linalg.cholesky_ex(a)
         ctx.save_for_backward(chol)
         out = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum()
-        return torch.where(info == 0, out, torch.full_like(out, float("nan")))
+        return torch.where((info == 0).all(), out, torch.full_like(out, float("nan")))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -150,7 +150,8 @@ class _LogDetPD(torch.autograd.Function):
 
 
 def _logdet_pd(a: Tensor) -> Tensor:
-    """log det of a symmetric positive-definite matrix (NaN if the factorisation fails)."""
+    """The summed log det of symmetric positive-definite matrices ``(..., n, n)`` (NaN if a
+    factorisation fails)."""
     return _LogDetPD.apply(a)
 
 
@@ -203,17 +204,26 @@ def _layerwise_factors(
         return None  # a layer used twice, or on sequences: dense
     zs = [seen[k][0][1] for k in owners]
     c = f.shape[1]
-    gs: list[list[Tensor]] = [[] for _ in zs]
-    for j in range(c):
+    # the C output gradients in one vectorised backward pass: row j seeds output j of every example
+    seeds = torch.eye(c, dtype=f.dtype, device=f.device).unsqueeze(1).expand(c, *f.shape)
+    gs: Sequence[Tensor]
+    try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(f[:, j].sum(), zs, retain_graph=True, create_graph=graph)
-        for acc, gr in zip(gs, grads, strict=True):
-            acc.append(gr)
+            gs = torch.autograd.grad(
+                f, zs, seeds, retain_graph=True, create_graph=graph, is_grads_batched=True
+            )
+    except RuntimeError:  # an operation without a batching rule: one backward pass per output
+        with torch.enable_grad():
+            per = [
+                torch.autograd.grad(f[:, j].sum(), zs, retain_graph=True, create_graph=graph)
+                for j in range(c)
+            ]
+        gs = [torch.stack(col) for col in zip(*per, strict=True)]
     layers = []
     for (_, nw, nb), key, g in zip(owners.values(), owners, gs, strict=True):
         a = seen[key][0][0]
         a = a if graph else a.detach()
-        layers.append((nw, nb, a.reshape(b, s, -1), torch.stack(g).reshape(c, b, s, -1)))
+        layers.append((nw, nb, a.reshape(b, s, -1), g.reshape(c, b, s, -1)))
     return f, layers
 
 
@@ -357,19 +367,24 @@ def _layer_block_logdet(
         k.diagonal().add_(1.0)
         return _logdet_pd(k)
     outs, mult = _pick_outputs(outputs, c)
-    dets = []
-    for d in outs:
-        parts = []
-        for nw, nb, a, g in layers:
-            a, gd = a[blk], g[d, blk]
-            gg = torch.einsum("bso,kto->bskt", gd, gd)
-            aa = torch.einsum("bsi,kti->bskt", a, a)
-            parts.append((gg * aa).sum((1, 3)) / prec[nw])  # type: ignore[index]
-            if nb is not None:
-                parts.append(gg.sum((1, 3)) / prec[nb])
-        kd = torch.stack(parts).sum(0) * scale
-        dets.append(_logdet_pd(torch.eye(kd.shape[0], dtype=kd.dtype, device=kd.device) + kd))
-    return torch.stack(dets).sum() * mult
+    kd: Tensor | None = None
+    for nw, nb, a, g in layers:  # all the outputs' (M, M) kernels at once: (D, M, M)
+        a, gd = a[blk], g[outs, blk] if len(outs) < c else g[:, blk]
+        d, m, s = gd.shape[0], a.shape[0], a.shape[1]
+        g2 = gd.reshape(d, m * s, -1)
+        gg = torch.bmm(g2, g2.transpose(1, 2))  # (D, MS, MS)
+        a2 = a.reshape(m * s, -1)
+        w = (a2 @ a2.T) / prec[nw]  # type: ignore[index]
+        if nb is not None:
+            w = w + 1.0 / prec[nb]
+        term = gg * w
+        if s > 1:
+            term = term.reshape(d, m, s, m, s).sum((2, 4))
+        kd = term if kd is None else kd + term
+    assert kd is not None
+    kd = kd * scale
+    kd.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return _logdet_pd(kd) * mult
 
 
 def _dense_block_logdet(

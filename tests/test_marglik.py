@@ -366,3 +366,35 @@ def test_schedule_helper_and_training_raises_the_evidence() -> None:
             hopt.hyper_step(train_batch=(x[sl], y[sl]))
     assert due[:3] == [5, 10, 15]
     assert _f(hg.log_evidence(model, x, y, hp["prior"])) > start
+
+
+def test_output_gradients_fall_back_to_one_backward_pass_per_output(monkeypatch) -> None:
+    """The layerwise kernel takes the C output gradients in one vectorised backward pass; where
+    that pass fails (an operation without a batching rule), one pass per output gives the same
+    bound and gradient."""
+    model = _mlp()
+    prior = hg.hparams.PriorPrecision(model, per="layer", init=0.5).to(DT)
+    x, y = _classification()
+
+    def value_and_grad() -> tuple[torch.Tensor, ...]:
+        out = []
+        for outputs in ("all", "each"):
+            b = hg.log_evidence_bound(model, x, y, prior, data_size=24, subset_size=6, outputs=outputs)
+            out += [b.detach(), *torch.autograd.grad(b, list(prior.parameters()))]
+        return tuple(out)
+
+    batched = value_and_grad()
+    real_grad = torch.autograd.grad
+    calls = []
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            calls.append(1)
+            raise RuntimeError("no batching rule")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    looped = value_and_grad()
+    assert len(calls) == 2  # the fallback was taken
+    for a, b in zip(batched, looped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
