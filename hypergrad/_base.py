@@ -303,9 +303,7 @@ class HyperOptimizer(abc.ABC):
         for w in everything:
             w.grad = None
         try:  # on the user's model itself: a DistributedDataParallel wrapper averages the gradients
-            loss = pair._check_scalar(self.train_loss(self.model, self.hparams, batch), self.train_loss)
-            if loss.requires_grad:
-                loss.backward(inputs=list(weights))
+            loss = self._train_backward(batch, weights)
         except BaseException:
             pair.restore_buffers(snapshot)
             for w, g in zip(everything, old_grads, strict=True):
@@ -335,6 +333,14 @@ class HyperOptimizer(abc.ABC):
         if self._loss_scale is None:
             self._loss_scale = abs(float(loss.detach()))
         return loss.detach()
+
+    def _train_backward(self, batch: Batch, weights: Sequence[Tensor]) -> Tensor:
+        """The training loss at ``batch`` on the real model, its gradient w.r.t. ``weights``
+        accumulated into their (cleared) ``.grad``; returns the loss (with its graph)."""
+        loss = self.pair._check_scalar(self.train_loss(self.model, self.hparams, batch), self.train_loss)
+        if loss.requires_grad:
+            loss.backward(inputs=list(weights))
+        return loss
 
     def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:
         """'' when the training loss and gradients are fine, else what is wrong."""

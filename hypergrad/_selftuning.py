@@ -17,17 +17,18 @@ forward/backward pass (no Hessian, no replay).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
 from ._functional import check_batch, clone_all, grads_or_none, materialize
-from ._stn_hparams import SelfTuned, _load_state, _Mode, _state
+from ._stn_hparams import SelfTuned, _load_state, _Mode, _state, linearising
 from ._types import Batch, LossFn, Tensors
-from .nn import HyperNet, stn_layers
+from .nn import HyperNet, response_masks, stn_layers
 
 
 def selftuning_hypergradient(
@@ -60,6 +61,39 @@ def selftuning_hypergradient(
     gs = grads_or_none(obj, params)
     reached = torch.tensor([g is not None for g in gs])
     return materialize(gs, params), lv.detach(), reached
+
+
+class _Linearised:
+    r"""Stands in for the model in Delta-STN's response step: a call returns the network's output
+    linearised in the centred perturbation, :math:`f(x; w_0) + J_\Delta f(x; w_0)\,\Delta`
+    (one forward-mode pass: the STN layers see the features as a dual number with primal 0 and
+    tangent :math:`\Delta`); anything else is the model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        object.__setattr__(self, "_model", model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with fwAD.dual_level(), linearising():
+            out = self._model(*args, **kwargs)
+            return _first_order(out)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._model, name, value)
+
+
+def _first_order(out: Any) -> Any:
+    """Primal + tangent of every dual tensor in ``out`` (tuples, lists and dicts followed)."""
+    if isinstance(out, Tensor):
+        primal, tangent = fwAD.unpack_dual(out)
+        return primal if tangent is None else primal + tangent
+    if isinstance(out, (tuple, list)):
+        return type(out)(_first_order(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _first_order(v) for k, v in out.items()}
+    return out
 
 
 class _BestResponseBase(HyperOptimizer):
@@ -199,13 +233,28 @@ class SelfTuning(_BestResponseBase):
             draw), and read the values, e.g. ``hparams.draw(len(x))["dropout"]``.
         inner_optimizer, outer_optimizer, on_nonfinite, divergence: see :class:`HyperOptimizer`.
         entropy_weight: :math:`\tau` (default: 1e-3).
-        delta: Delta-STN's centred parameterisation: the layers see
-            :math:`\tilde\lambda - \lambda` (a stop-gradient :math:`\lambda`) so that
-            :math:`\hat w_\phi(\lambda) = w_0` and the response is a first-order correction
-            around the current hyperparameters (default: False). Only the centring is
-            implemented: Delta-STN's linearisation of the network's *output* in the perturbation
-            (a JVP) and its separate update of :math:`w_0` at the unperturbed hyperparameters
-            are not, since the loss is an opaque ``loss(model, hparams, batch)``.
+        delta: Delta-STN (Bae & Grosse 2020) (default: False). The layers see the centred
+            perturbation :math:`\Delta = \tilde\lambda - \lambda` (a stop-gradient
+            :math:`\lambda`), so that :math:`\hat w_\phi(\lambda) = w_0`, and each
+            :meth:`step` trains the two parts of :math:`\phi` on their own objectives, from
+            two forward/backward passes and one step of ``inner_optimizer``:
+
+            * the base weights :math:`w_0` (the layers' ordinary halves, and every weight
+              outside the STN layers) on ``train_loss`` at the current, unperturbed
+              :math:`\lambda` (:math:`\Delta = 0`; dropout etc. at :math:`\lambda`);
+            * the best response :math:`\Phi` (the response maps ``hnet`` and the layers'
+              hyper halves, :meth:`~hypergrad.nn.StnLayer.response_masks`) on ``train_loss`` at
+              per-example perturbed :math:`\tilde\lambda` with the network's output
+              *linearised* in the perturbation, :math:`f(x; w_0) + J_\Delta f(x; w_0)\,\Delta`
+              (a forward-mode JVP inside the model call; ``linearize=False`` keeps the output as
+              it is).
+
+            Both gradients are taken at the same weights and applied in one optimiser step (the
+            paper steps :math:`w_0` first); the returned loss is the base one. Cost per
+            step: about 2x an STN step (3x with the JVP). The hyperstep is the STN's, on the
+            centred features.
+        linearize: with ``delta``, linearise the output in the response step (default: True;
+            needs forward-mode AD support for the model's operations).
         warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows
             (default: 0, 2, 1 — the paper's T_train = 2, T_val = 1).
 
@@ -249,6 +298,7 @@ class SelfTuning(_BestResponseBase):
         outer_optimizer: torch.optim.Optimizer,
         entropy_weight: float = 1e-3,
         delta: bool = False,
+        linearize: bool = True,
         warmup: int = 0,
         train_steps: int = 2,
         val_steps: int = 1,
@@ -284,7 +334,48 @@ class SelfTuning(_BestResponseBase):
                 f"number of hyperparameters: {', '.join(bad)}"
             )
         self.delta = bool(delta)
+        self.linearize = bool(linearize)
         self.hparams._centred = self.delta
+        if self.delta and self.linearize:
+            from ._unrolled import _load_forward_ad
+
+            _load_forward_ad()
+
+    def _train_backward(self, batch: Batch, weights: Sequence[Tensor]) -> Tensor:
+        if not self.delta:
+            return super()._train_backward(batch, weights)
+        hp, pair = self.hparams, self.pair
+        with hp._drawing(_Mode.BASE):  # w0 at the current lambda
+            loss = super()._train_backward(batch, weights)
+        base = [w.grad for w in weights]
+        for w in weights:
+            w.grad = None
+        model: Any = _Linearised(self.model) if self.linearize else self.model
+        with hp._drawing(_Mode.LINEAR):  # the response at perturbed lambdas
+            try:
+                response = pair._check_scalar(self.train_loss(model, hp, batch), self.train_loss)
+            except RuntimeError as e:
+                if self.linearize and "forward" in str(e).lower() and "AD" in str(e):
+                    raise RuntimeError(
+                        f"SelfTuning(delta=True): an operation of the model does not support the "
+                        f"forward-mode AD that linearises its output ({e}); pass linearize=False"
+                    ) from e
+                raise
+            if response.requires_grad:
+                response.backward(inputs=list(weights))
+        masks = response_masks(self.model)
+        for w, gb in zip(weights, base, strict=True):
+            gr, mask = w.grad, masks.get(id(w))
+            if mask is None:
+                w.grad = gb
+            elif isinstance(mask, bool) or (gb is None and gr is None):
+                pass  # all of it is response: keep gr
+            else:
+                gb = torch.zeros_like(w) if gb is None else gb
+                gr = torch.zeros_like(w) if gr is None else gr
+                w.grad = torch.where(mask, gr, gb)
+        # a non-finite response loss refuses the step like a non-finite base loss (no sync here)
+        return loss.detach() + 0.0 * response.detach()
 
 
 class BestResponse(_BestResponseBase):

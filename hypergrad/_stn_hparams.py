@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -249,6 +250,8 @@ class _Mode(str, enum.Enum):
     TRAIN = "train"  # per-example perturbation, detached from lambda and sigma
     VAL = "val"  # per-example perturbation, differentiable w.r.t. lambda and sigma
     SHARED_TRAIN = "shared_train"  # one perturbation (or prior sample) for the whole batch, detached
+    BASE = "base"  # Delta-STN's general step: the current value, detached, for every example
+    LINEAR = "linear"  # as TRAIN, the layers' centred features linearised (Delta-STN's response step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,11 +265,16 @@ class Draw:
         values: by name, the constrained values, :math:`(B,)` for a spec of size 1 else
             :math:`(B, \text{size})`. :class:`Integer` values are ``torch.long``.
         shared: ``True`` when every row is the same draw (best-response hypernetworks).
+        linear: ``True`` in Delta-STN's response step: inside the model call that
+            :class:`~hypergrad.SelfTuning` linearises, the layers receive the features as a
+            forward-mode dual number with primal 0 and tangent ``features`` (the network's output
+            becomes :math:`f(x; w_0) + J_\Delta f\,\Delta`).
     """
 
     features: Tensor
     values: Mapping[str, Tensor]
     shared: bool = False
+    linear: bool = False
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -419,6 +427,9 @@ class SelfTuned(nn.Module):
         if mode is _Mode.MEAN:
             lam = raw.expand(batch_size, -1)
             shared = True
+        elif mode is _Mode.BASE:
+            lam = raw.detach().expand(batch_size, -1)
+            shared = True
         elif mode is _Mode.SHARED_TRAIN:
             if self._prior is not None:
                 mean, std = self._prior
@@ -430,7 +441,7 @@ class SelfTuned(nn.Module):
             shared = True
         else:
             eps = torch.randn(batch_size, self.size, dtype=raw.dtype, device=raw.device)
-            if mode is _Mode.TRAIN:
+            if mode in (_Mode.TRAIN, _Mode.LINEAR):
                 lam = raw.detach() + self.scale().detach() * eps
             else:
                 lam = raw + self.scale() * eps
@@ -440,7 +451,7 @@ class SelfTuned(nn.Module):
         else:
             features = lam
         values = self.values_of(lam.detach() if mode is not _Mode.VAL else lam)
-        out = Draw(features, values, shared)
+        out = Draw(features, values, shared, linear=mode is _Mode.LINEAR and self._centred)
         if mode is not _Mode.MEAN:
             self._cache[batch_size] = out
         return out
@@ -484,7 +495,10 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Ten
     if isinstance(features, SelfTuned):
         features = features.draw(batch)
     if isinstance(features, Draw):
+        linear = features.linear
         features = features.features
+        if linear and _LINEARISING[0] > 0:  # Delta-STN: the output's first order in the perturbation
+            features = fwAD.make_dual(torch.zeros_like(features), features)
     if not isinstance(features, Tensor):
         raise TypeError(
             f"{where}: the hyperparameters must be a hg.hparams.SelfTuned, a Draw from it, or a "
@@ -502,6 +516,21 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Ten
             f"{where}: {features.shape[0]} rows of hyperparameters for a batch of {batch} examples"
         )
     return features
+
+
+#: how many linearised model calls (:class:`~hypergrad.SelfTuning` with ``delta=True``) are open
+_LINEARISING = [0]
+
+
+@contextlib.contextmanager
+def linearising() -> Iterator[None]:
+    """Within the block (inside a forward-mode dual level), STN layers fed a :class:`Draw` with
+    ``linear=True`` see its features as the tangent of a zero primal."""
+    _LINEARISING[0] += 1
+    try:
+        yield
+    finally:
+        _LINEARISING[0] -= 1
 
 
 def _state(hp: SelfTuned) -> dict[str, Any]:

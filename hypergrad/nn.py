@@ -44,6 +44,7 @@ __all__ = [
     "cutout",
     "random_shift",
     "stn_layers",
+    "response_masks",
 ]
 
 Hyper = SelfTuned | Draw | Tensor
@@ -63,6 +64,13 @@ class StnLayer(nn.Module):
         self.hnet = nn.Parameter(torch.empty(out_units, n_hparams, **factory))
         nn.init.normal_(self.hnet, std=0.01)
 
+    def response_masks(self) -> dict[str, Tensor | bool]:
+        r"""Which entries of this layer's own parameters (by name, not recursing) belong to the
+        best response :math:`\Phi` (``True``, or a boolean mask broadcastable to the parameter)
+        rather than to the base weights :math:`w_0`; parameters absent are base weights. Used by
+        Delta-STN, which trains the two on different objectives."""
+        return {"hnet": True}
+
     def modulation(self, hparams: Hyper, batch: int) -> Tensor:
         r""":math:`V\tilde\lambda_i` for each example, shape :math:`(B, \text{out})`."""
         feats = check_features(hparams, self.n_hparams, batch, type(self).__name__)
@@ -72,6 +80,25 @@ class StnLayer(nn.Module):
 def stn_layers(model: nn.Module) -> list[tuple[str, StnLayer]]:
     """The STN layers of ``model`` with their names."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, StnLayer)]
+
+
+def _rows(n: int, first: int, ndim: int, device: torch.device) -> Tensor:
+    """A boolean mask ``(n, 1, ...)``: rows from ``first`` on."""
+    mask = torch.arange(n, device=device) >= first
+    return mask.reshape((n,) + (1,) * (ndim - 1))
+
+
+def response_masks(model: nn.Module) -> dict[int, Tensor | bool]:
+    """By ``id`` of each parameter of ``model``'s STN layers that holds best-response entries:
+    ``True`` (all of it) or a boolean mask (see :meth:`StnLayer.response_masks`)."""
+    out: dict[int, Tensor | bool] = {}
+    for _, layer in stn_layers(model):
+        own = dict(layer.named_parameters(recurse=True))
+        for name, mask in layer.response_masks().items():
+            p = own.get(name)
+            if p is not None:
+                out[id(p)] = mask
+    return out
 
 
 class StnLinear(StnLayer):
@@ -140,6 +167,15 @@ class StnLinear(StnLayer):
             hyper = F.linear(hyper, self.hyper_out)
         return elem + self.modulation(hparams, x.shape[0]) * hyper
 
+    def response_masks(self) -> dict[str, Tensor | bool]:
+        o, dev = self.out_features, self.weight.device
+        masks: dict[str, Tensor | bool] = {"hnet": True, "weight": _rows(self.weight.shape[0], o, 2, dev)}
+        if self.bias is not None:
+            masks["bias"] = _rows(self.bias.shape[0], o, 1, dev)
+        if self.hyper_out is not None:
+            masks["hyper_out"] = True
+        return masks
+
     def fixed(self, features: Tensor) -> nn.Linear:
         """The ordinary ``nn.Linear`` this layer equals at unconstrained hyperparameters
         ``features`` :math:`(H,)` (a copy, detached)."""
@@ -201,6 +237,16 @@ class _StnConvNd(StnLayer):
         elem, hyper = both.split(self.out_channels, dim=1)
         s = self.modulation(hparams, x.shape[0])
         return elem + s.reshape(s.shape + (1,) * self._dims) * hyper
+
+    def response_masks(self) -> dict[str, Tensor | bool]:
+        c, o = self.conv, self.out_channels
+        masks: dict[str, Tensor | bool] = {
+            "hnet": True,
+            "conv.weight": _rows(2 * o, o, c.weight.dim(), c.weight.device),
+        }
+        if c.bias is not None:
+            masks["conv.bias"] = _rows(2 * o, o, 1, c.bias.device)
+        return masks
 
     def fixed(self, features: Tensor) -> nn.Module:
         """The ordinary convolution this layer equals at unconstrained hyperparameters
@@ -299,6 +345,9 @@ class StnLSTMCell(StnLayer):
         self.gates = StnLinear(input_size + hidden_size, 4 * hidden_size, n_hparams, bias, device, dtype)
         self.n_hparams = n_hparams
         self.out_units = 4 * hidden_size
+
+    def response_masks(self) -> dict[str, Tensor | bool]:
+        return {}  # its gates, a StnLinear, hold them
 
     def modulation(self, hparams: Hyper, batch: int) -> Tensor:
         return self.gates.modulation(hparams, batch)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergrad as hg
-from hypergrad._stn_hparams import _Mode
+from hypergrad._stn_hparams import Draw, _Mode
 
 DT = torch.float64
 
@@ -336,3 +336,109 @@ def test_conv_net_with_dropout_and_cutout_end_to_end() -> None:
     assert len(rows) == 6 and all(float(r["cutout"]).is_integer() and 0 <= r["cutout"] <= 16 for r in rows)
     assert rows[0]["cutout"] == 4 and 0 < rows[-1]["dropout"] < 0.9
     assert rows[-1]["sigma.cutout"] != rows[0]["sigma.cutout"]  # the scale is learned too
+
+
+class _Fixed:
+    """Hands the model one given draw (an independent route around SelfTuned's modes)."""
+
+    def __init__(self, draw: Draw) -> None:
+        self._draw = draw
+
+    def draw(self, n: int) -> Draw:
+        assert n == len(self._draw)
+        return self._draw
+
+
+class HeadNet(Net):
+    """Net plus an ordinary head: base weights outside the STN layers."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.head = nn.Linear(3, 3).to(DT)
+
+    def forward(self, x: torch.Tensor, hp: Any) -> torch.Tensor:
+        return self.head(torch.tanh(super().forward(x, hp)))
+
+
+@pytest.mark.parametrize("linearize", [True, False], ids=["linearised", "centred"])
+def test_delta_step_trains_base_weights_and_response_on_their_own_objectives(linearize: bool) -> None:
+    """Delta-STN: w0 (the layers' first halves, the head) moves on the loss at the current
+    lambda, the response (hnet, hyper halves) on the loss of the output linearised in the
+    perturbation; checked against torch.func.jvp, with the same random draws."""
+    torch.manual_seed(0)
+    hp = _hp()
+    model = HeadNet(hp.size).to(DT)
+    with torch.no_grad():
+        for layer in (model.l1, model.l2):
+            layer.hnet.normal_(0, 0.5)
+    reference = copy.deepcopy(model)
+    hopt = hg.SelfTuning(
+        model,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
+        delta=True,
+        linearize=linearize,
+    )
+    x, y = _batch(3)
+    n, size = len(x), hp.size
+    raw, sigma = hp.raw.detach(), hp.scale().detach()
+    params = dict(reference.named_parameters())
+
+    torch.manual_seed(7)
+    base = Draw(torch.zeros(n, size, dtype=DT), hp.values_of(raw.expand(n, -1)), shared=True)
+    base_loss = loss(reference, _Fixed(base), (x, y))
+    g_base = torch.autograd.grad(base_loss, list(params.values()))
+    eps = torch.randn(n, size, dtype=DT)  # what the response step's draw takes next
+    lam = raw + sigma * eps
+    values = hp.values_of(lam)
+    rng = torch.get_rng_state()
+
+    def out(delta: torch.Tensor) -> torch.Tensor:
+        torch.set_rng_state(rng)  # the same noise and dropout masks in every call
+        return reference(x, _Fixed(Draw(delta, values)))
+
+    zero, pert = torch.zeros(n, size, dtype=DT), lam - raw
+    if linearize:
+        primal, tangent = torch.func.jvp(out, (zero,), (pert,))
+        f = primal + tangent
+        eps_fd = 1e-6  # the JVP itself against central differences
+        fd = (out(eps_fd * pert) - out(-eps_fd * pert)) / (2 * eps_fd)
+        torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
+    else:
+        f = out(pert)
+    g_resp = torch.autograd.grad(F.cross_entropy(f, y), list(params.values()))
+
+    torch.manual_seed(7)
+    returned = hopt.step((x, y))
+    masks = {n: m.response_masks() for n, m in (("l1", reference.l1), ("l2", reference.l2))}
+    for (name, p), gb, gr in zip(params.items(), g_base, g_resp, strict=True):
+        layer, _, pname = name.partition(".")
+        mask = masks.get(layer, {}).get(pname, False)
+        g = torch.where(torch.as_tensor(mask), gr, gb)
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), p.detach() - 0.1 * g)
+    torch.testing.assert_close(returned, base_loss.detach())  # the loss at the current lambda
+    # the split: the response got gradient from the perturbed loss only, w0 from the base loss only
+    assert (
+        masks["l1"]["hnet"] is True
+        and bool(masks["l1"]["weight"][8:].all())
+        and not bool(masks["l1"]["weight"][:8].any())
+    )
+
+
+def test_delta_step_refuses_a_nonfinite_response_loss() -> None:
+    hopt = _stn(delta=True)
+    before = copy.deepcopy(hopt.model.state_dict())
+
+    def bad(m: nn.Module, h: Any, b: Any) -> torch.Tensor:
+        value = loss(m, h, b)
+        return value * float("nan") if h.draw(len(b[0])).linear else value
+
+    hopt.train_loss = bad
+    with pytest.raises(hg.NonFiniteError):
+        hopt.step(_batch(1))
+    for k, v in hopt.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert hopt.inner_steps == 0
