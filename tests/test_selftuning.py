@@ -309,7 +309,8 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(1), d)
 
 
-def test_conv_net_with_dropout_and_cutout_end_to_end() -> None:
+@pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
+def test_conv_net_with_dropout_and_cutout_end_to_end(delta: bool) -> None:
     hp = hg.hparams.SelfTuned(
         dropout=hg.hparams.Rate(0.1, high=0.9), cutout=hg.hparams.Integer(4, 0, 16), dtype=DT
     )
@@ -321,6 +322,7 @@ def test_conv_net_with_dropout_and_cutout_end_to_end() -> None:
         loss,
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-2),
+        delta=delta,
     )
     g = torch.Generator().manual_seed(0)
     data = [
@@ -442,3 +444,25 @@ def test_delta_step_refuses_a_nonfinite_response_loss() -> None:
     for k, v in hopt.model.state_dict().items():
         assert torch.equal(v, before[k])
     assert hopt.inner_steps == 0
+
+
+def test_response_masks_cover_the_response_maps_and_hyper_halves() -> None:
+    lin = hg.nn.StnLinear(4, 3, n_hparams=2)
+    low = hg.nn.StnLinear(4, 3, n_hparams=2, rank=2)
+    conv = hg.nn.StnConv2d(2, 5, 3, n_hparams=2)
+    cell = hg.nn.StnLSTMCell(3, 4, n_hparams=2)
+    model = nn.ModuleList([lin, low, conv, cell])
+    masks = hg.nn.response_masks(model)
+    assert masks[id(lin.hnet)] is True and masks[id(low.hyper_out)] is True and masks[id(conv.hnet)] is True
+    for p, first in (
+        (lin.weight, 3),
+        (lin.bias, 3),
+        (low.weight, 3),
+        (conv.conv.weight, 5),
+        (conv.conv.bias, 5),
+    ):
+        m = masks[id(p)].expand_as(p)  # type: ignore[union-attr]
+        assert not m[:first].any() and m[first:].all()
+    gates = cell.gates  # the LSTM cell's response lives in its StnLinear
+    assert masks[id(gates.hnet)] is True and masks[id(gates.weight)].expand_as(gates.weight)[16:].all()
+    assert len(masks) == len(list(model.parameters())) == 13  # every STN parameter has response entries
