@@ -11,7 +11,8 @@ thread, CPU time (``time.process_time``):
   and the method's overhead per step);
 * ``stn``: the full self-tuning epoch, ``step`` on every batch plus ``hyper_step`` on a
   validation batch after every two (T_train = 2, T_val = 1), as in the experiment;
-* ``delta``: the same with ``delta=True``;
+* ``delta``: the same with ``delta=True`` (Delta-STN: two forward/backward passes per step, the
+  second through the output linearised by a forward-mode JVP);
 * parameters of the STN network / the ordinary one (the hyperparameters themselves not counted).
 
 The MLP is also run with ``StnLinear(..., rank=32)`` (a low-rank hyper half, not the paper's
