@@ -351,7 +351,9 @@ class SelfTuning(_BestResponseBase):
         for w in weights:
             w.grad = None
         model: Any = _Linearised(self.model) if self.linearize else self.model
-        with hp._drawing(_Mode.LINEAR):  # the response at perturbed lambdas
+        with hp._drawing(
+            _Mode.LINEAR if self.linearize else _Mode.TRAIN
+        ):  # the response at perturbed lambdas
             try:
                 response = pair._check_scalar(self.train_loss(model, hp, batch), self.train_loss)
             except RuntimeError as e:

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import enum
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -499,6 +500,14 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Ten
         features = features.features
         if linear and _LINEARISING[0] > 0:  # Delta-STN: the output's first order in the perturbation
             features = fwAD.make_dual(torch.zeros_like(features), features)
+        elif linear:
+            warnings.warn(
+                f"{where} was called outside a call of the model given to SelfTuning(delta=True), "
+                f"so its output is not linearised in the perturbation (Delta-STN linearises what "
+                f"model(...) returns): call the model itself in the loss, or pass linearize=False",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if not isinstance(features, Tensor):
         raise TypeError(
             f"{where}: the hyperparameters must be a hg.hparams.SelfTuned, a Draw from it, or a "

@@ -466,3 +466,17 @@ def test_response_masks_cover_the_response_maps_and_hyper_halves() -> None:
     gates = cell.gates  # the LSTM cell's response lives in its StnLinear
     assert masks[id(gates.hnet)] is True and masks[id(gates.weight)].expand_as(gates.weight)[16:].all()
     assert len(masks) == len(list(model.parameters())) == 13  # every STN parameter has response entries
+
+
+def test_delta_warns_when_a_layer_is_called_outside_the_linearised_model_call() -> None:
+    hopt = _stn(delta=True)
+
+    def by_layers(m: nn.Module, h: Any, b: Any) -> torch.Tensor:  # bypasses model(...)
+        d = h.draw(len(b[0]))
+        return F.cross_entropy(m.l2(torch.tanh(m.l1(b[0], d)), d), b[1])
+
+    hopt.train_loss = by_layers
+    with pytest.warns(RuntimeWarning, match="not linearised"):
+        hopt.step(_batch(1))
+    hopt.linearize = False  # the centred form only: nothing to warn about
+    hopt.step(_batch(2))
