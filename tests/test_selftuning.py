@@ -47,10 +47,10 @@ def _batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
-def _stn(delta: bool = False, **kw: Any) -> hg.SelfTuning:
+def _stn(delta: bool = False, net: type[nn.Module] = Net, **kw: Any) -> hg.SelfTuning:
     torch.manual_seed(0)
     hp = _hp()
-    model = Net(hp.size).to(DT)
+    model = net(hp.size).to(DT)
     with torch.no_grad():  # a visible response, so the hypergradient is not tiny
         for layer in (model.l1, model.l2):
             layer.hnet.normal_(0, 0.5)
@@ -367,23 +367,9 @@ def test_delta_step_trains_base_weights_and_response_on_their_own_objectives(lin
     """Delta-STN: w0 (the layers' first halves, the head) moves on the loss at the current
     lambda, the response (hnet, hyper halves) on the loss of the output linearised in the
     perturbation; checked against torch.func.jvp, with the same random draws."""
-    torch.manual_seed(0)
-    hp = _hp()
-    model = HeadNet(hp.size).to(DT)
-    with torch.no_grad():
-        for layer in (model.l1, model.l2):
-            layer.hnet.normal_(0, 0.5)
+    hopt = _stn(delta=True, net=HeadNet, linearize=linearize)  # SGD, lr 0.1
+    model, hp = hopt.model, hopt.hparams
     reference = copy.deepcopy(model)
-    hopt = hg.SelfTuning(
-        model,
-        hp,
-        loss,
-        loss,
-        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
-        delta=True,
-        linearize=linearize,
-    )
     x, y = _batch(3)
     n, size = len(x), hp.size
     raw, sigma = hp.raw.detach(), hp.scale().detach()
