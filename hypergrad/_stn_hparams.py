@@ -527,6 +527,19 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Ten
     return features
 
 
+def linear_perturbation(hparams: Any, batch: int, n_hparams: int, where: str) -> Tensor | None:
+    r"""The centred perturbation :math:`\Delta` ``(B, H)`` when an STN layer is being linearised
+    (Delta-STN's response step, inside the model call), else ``None``: the layer may then compute
+    its output's primal (:math:`\Delta = 0`) and tangent itself, without forward-mode AD."""
+    if _LINEARISING[0] == 0:
+        return None
+    if isinstance(hparams, SelfTuned):
+        hparams = hparams.draw(batch)
+    if not (isinstance(hparams, Draw) and hparams.linear):
+        return None
+    return check_features(hparams.features, n_hparams, batch, where)
+
+
 #: how many linearised model calls (:class:`~hypergrad.SelfTuning` with ``delta=True``) are open
 _LINEARISING = [0]
 

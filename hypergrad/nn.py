@@ -27,10 +27,11 @@ import math
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._stn_hparams import Draw, SelfTuned, check_features
+from ._stn_hparams import Draw, SelfTuned, check_features, linear_perturbation
 
 __all__ = [
     "StnLayer",
@@ -161,11 +162,20 @@ class StnLinear(StnLayer):
     def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
         if x.dim() != 2:
             raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {tuple(x.shape)}")
+        delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
+        x, x_tangent = fwAD.unpack_dual(x) if delta is not None else (x, None)
         both = F.linear(x, self.weight, self.bias)
         elem, hyper = both.split([self.out_features, both.shape[-1] - self.out_features], dim=-1)
         if self.hyper_out is not None:
             hyper = F.linear(hyper, self.hyper_out)
-        return elem + self.modulation(hparams, x.shape[0]) * hyper
+        if delta is None:
+            return elem + self.modulation(hparams, x.shape[0]) * hyper
+        # Delta-STN's linearisation at Delta = 0: primal W_e x + b_e; tangent (V Delta) * hyper
+        # + W_e x' (the hyper half's own tangent is multiplied by V 0 = 0, so it is skipped)
+        tangent = (delta.to(self.hnet.dtype) @ self.hnet.t()) * hyper
+        if x_tangent is not None:
+            tangent = tangent + F.linear(x_tangent, self.weight[: self.out_features])
+        return fwAD.make_dual(elem, tangent)
 
     def response_masks(self) -> dict[str, Tensor | bool]:
         o, dev = self.out_features, self.weight.device
@@ -233,10 +243,24 @@ class _StnConvNd(StnLayer):
                 f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), "
                 f"got {tuple(x.shape)}"
             )
+        delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
+        x, x_tangent = fwAD.unpack_dual(x) if delta is not None else (x, None)
         both = self.conv(x)
         elem, hyper = both.split(self.out_channels, dim=1)
-        s = self.modulation(hparams, x.shape[0])
-        return elem + s.reshape(s.shape + (1,) * self._dims) * hyper
+        s = (
+            self.modulation(hparams, x.shape[0])
+            if delta is None
+            else delta.to(self.hnet.dtype) @ self.hnet.t()
+        )
+        s = s.reshape(s.shape + (1,) * self._dims)
+        if delta is None:
+            return elem + s * hyper
+        tangent = s * hyper  # Delta-STN's linearisation, as in StnLinear
+        if x_tangent is not None:
+            c = self.conv
+            w = c.weight[: self.out_channels]
+            tangent = tangent + c._conv_forward(x_tangent, w, None)  # type: ignore[operator]
+        return fwAD.make_dual(elem, tangent)
 
     def response_masks(self) -> dict[str, Tensor | bool]:
         c, o = self.conv, self.out_channels

@@ -251,3 +251,47 @@ def test_gaussian_noise_scale_per_example() -> None:
     assert abs(float(y[0].std()) - 0.5) < 0.01 and float(y[1].abs().max()) == 0.0
     with pytest.raises(ValueError, match="std must be >= 0"):
         hg.nn.gaussian_noise(torch.zeros(2, 3), torch.tensor([-1.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: (hg.nn.StnLinear(5, 6, 2), hg.nn.StnLinear(6, 3, 2)), (4, 5)),
+        (lambda: (hg.nn.StnLinear(5, 6, 2, rank=2), hg.nn.StnLinear(6, 3, 2, rank=3)), (4, 5)),
+        (
+            lambda: (hg.nn.StnConv2d(2, 3, 3, 2, padding=1), hg.nn.StnConv2d(3, 2, 3, 2, stride=2)),
+            (4, 2, 6, 6),
+        ),
+        (lambda: (hg.nn.StnConv1d(2, 3, 3, 2, padding=1), hg.nn.StnConv1d(3, 2, 3, 2)), (4, 2, 9)),
+    ],
+    ids=["linear", "low-rank", "conv2d", "conv1d"],
+)
+def test_layers_linearise_their_output_like_forward_mode_ad(make, shape) -> None:
+    """Delta-STN's response step: inside the linearised model call the layers compute primal and
+    tangent themselves; both equal torch.func.jvp of the plain network in the perturbation."""
+    import torch.autograd.forward_ad as fwAD
+
+    from hypergrad._stn_hparams import Draw, linearising
+    from hypergrad._unrolled import _load_forward_ad
+
+    _load_forward_ad()  # torch 2.13 warns (jit deprecation) the first time forward AD loads
+    torch.manual_seed(0)
+    first, second = (m.to(DT) for m in make())
+    for layer in (first, second):
+        with torch.no_grad():
+            layer.hnet.normal_(0, 0.5)
+    x, delta = torch.randn(*shape, dtype=DT), torch.randn(shape[0], 2, dtype=DT)
+
+    def net(features: torch.Tensor | Draw) -> torch.Tensor:
+        return second(torch.tanh(first(x, features)), features)
+
+    primal, tangent = torch.func.jvp(net, (torch.zeros_like(delta),), (delta,))
+    with fwAD.dual_level(), linearising():
+        out = net(Draw(delta, {}, linear=True))
+        fast_primal, fast_tangent = fwAD.unpack_dual(out)
+    torch.testing.assert_close(fast_primal, primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast_tangent, tangent, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad((fast_primal + fast_tangent).square().sum(), list(first.parameters()))
+    ref = torch.autograd.grad((primal + tangent).square().sum(), list(first.parameters()))
+    for a, b in zip(grads, ref, strict=True):  # and reverse mode through both
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
