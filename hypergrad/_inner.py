@@ -39,14 +39,22 @@ def _sgd(
     for p, g, st in zip(params, grads, states, strict=True):
         d = -g if maximize else g
         if not _is_zero(wd):
-            d = d + wd * p
+            d = d + wd * p if isinstance(wd, Tensor) else d.add(p, alpha=wd)
         s = dict(st)
         if not _is_zero(momentum):
             buf = st.get("momentum_buffer")
-            buf = d if buf is None else buf * momentum + (1 - dampening) * d
+            if buf is None:
+                buf = d
+            elif isinstance(momentum, Tensor) or isinstance(dampening, Tensor):
+                buf = buf * momentum + (1 - dampening) * d
+            else:  # torch.optim's own ops: buf.mul_(momentum).add_(d, alpha=1 - dampening)
+                buf = buf.mul(momentum).add(d, alpha=1 - dampening)
             s["momentum_buffer"] = buf
-            d = d + momentum * buf if nesterov else buf
-        new_p.append(p - lr * d)
+            if nesterov:
+                d = d + momentum * buf if isinstance(momentum, Tensor) else d.add(buf, alpha=momentum)
+            else:
+                d = buf
+        new_p.append(p - lr * d if isinstance(lr, Tensor) else p.add(d, alpha=-lr))
         new_s.append(s)
     return tuple(new_p), new_s
 
