@@ -212,6 +212,13 @@ METHODS: list[Method] = [
         scenarios=False,
     ),
     Method(
+        "marglik-through-map",
+        _marglik(subset_size=8, through_map=True, solver=hg.CG(maxiter=5, damping=1e-2)),
+        needs_val=False,
+        problem=marglik_problem(),
+        scenarios=False,
+    ),
+    Method(
         "marglik-augmented",
         _marglik(subset_size=8, outputs="sampled", augmentation_samples=2),
         needs_val=False,
