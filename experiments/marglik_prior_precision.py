@@ -9,7 +9,7 @@ and writes ``results/marglik_prior_precision/`` (results.json, trajectory.csv wi
 precisions after each hyperstep, marglik_precision.png).
 
 How long it takes
-    About 4-5 minutes on a 2-core CPU for 3 seeds (``--quick``: seconds).
+    About 6 minutes on a 2-core CPU for 3 seeds (``--quick``: seconds).
 
 Usage::
 
@@ -24,20 +24,18 @@ from pathlib import Path
 
 from hypergrad import cli
 
-# Output on a 2-core CPU (torch 2.13, one thread, ~4.5 min for 3 seeds; see
+# Output on a 2-core CPU (torch 2.13, one thread, ~6 min for 3 seeds; see
 # experiments/reports/marglik_precision/ for the full table):
 #
 #   part A (seed 0): best precision by the exact evidence 0.3; by the NTK bound M=50 1,
 #   M=100 0.3, M=250 0.3 (factors 3.3, 1, 1).
-#   part B, test accuracy, mean of seeds 0-2: validation grid 96.19%; learned, global, M=100
-#   95.05% (1.14 points below; per seed 1.71, 1.30, 0.40); M=250 95.39%; per layer 94.95%;
-#   learned on training + validation images (no held-out set needed) 96.39%.
+#   part B, test accuracy, mean of seeds 0-2: validation grid 96.19%; learned with the total
+#   derivative (through_map), global, M=100 96.19% (precisions 0.60, 0.28, 0.35; equal on every
+#   seed); per layer 96.12%; M=250 96.12%; on training + validation images 97.12%.
 #
-# Selection from the bound works. Learned online, the precision settles at ~3.6, the fixed point
-# of the hypergradient taken at fixed weights (the bound's best precision for the weights that
-# precision trains), not at the maximiser of the bound over MAPs (0.3): the Jacobians and the
-# likelihood's Hessian change with the MAP, which the fixed-weights gradient does not see. Not
-# met: within 1 point of the validation grid at M = 100.
+# With --set through_map=false (the fixed-weights hypergradient) the precisions settle at ~3.6,
+# the fixed point of the partial derivative (the bound's best precision for the weights that
+# precision trains), and the global M=100 run is 1.14 points below the grid (95.05%).
 
 
 def main() -> None:
