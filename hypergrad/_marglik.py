@@ -767,6 +767,10 @@ class MarginalLikelihood(HyperOptimizer):
         _split_batch(train_batch)
 
     def _bound_terms(self, x: Tensor, y: Tensor, through_weights: bool) -> _Terms:
+        if self.bound is Bound.EXACT and x.shape[0] != self.data_size:
+            raise ValueError(
+                f"bound='exact' needs the whole data set: got {x.shape[0]} of {self.data_size} examples"
+            )
         return _terms(
             self.model,
             x,
@@ -822,27 +826,9 @@ class MarginalLikelihood(HyperOptimizer):
         pair = self.pair
         snapshot = pair.snapshot_buffers()
         try:
-            t = _terms(
-                self.model,
-                x,
-                y,
-                self.prior,
-                pair.weight_names,
-                likelihood=self.likelihood,
-                sigma=None if self.noise is None else self.noise(),
-                subset_size=None if self.bound is Bound.EXACT else self.subset_size,
-                outputs=Outputs.ALL if self.bound is Bound.EXACT else self.outputs,
-                form=Bound.PARAMETRIC if self.bound is Bound.PARAMETRIC else Bound.NTK,
-                augmentation=self.augmentation,
-                samples=self.samples,
-                kernel=self.kernel,
-            )
+            t = self._bound_terms(x, y, through_weights=False)
         finally:
             pair.restore_buffers(snapshot)
-        if self.bound is Bound.EXACT and t.batch != self.data_size:
-            raise ValueError(
-                f"bound='exact' needs the whole data set: got {t.batch} of {self.data_size} examples"
-            )
         n = self.data_size
         bound = n / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad
         loss = -bound / n
