@@ -421,8 +421,11 @@ def test_bad_hyperparameters_and_optimizers_are_named(m) -> None:
 def _net_bytes(fn: Callable[[], None]) -> int:
     """Bytes allocated and not freed by torch's CPU allocator while ``fn`` runs (profiler).
     Blocks allocated before the window and freed inside it are not counted, so compare windows."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # earlier tests' garbage freed inside the window would read as negative bytes
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # the raw allocator events (key_averages() gives the same sum, but ~100x slower)
