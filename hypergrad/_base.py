@@ -334,10 +334,12 @@ class HyperOptimizer(abc.ABC):
             self._loss_scale = abs(float(loss.detach()))
         return loss.detach()
 
-    def _train_backward(self, batch: Batch, weights: Sequence[Tensor]) -> Tensor:
-        """The training loss at ``batch`` on the real model, its gradient w.r.t. ``weights``
-        accumulated into their (cleared) ``.grad``; returns the loss (with its graph)."""
-        loss = self.pair._check_scalar(self.train_loss(self.model, self.hparams, batch), self.train_loss)
+    def _train_backward(self, batch: Batch, weights: Sequence[Tensor], model: Any = None) -> Tensor:
+        """The training loss at ``batch`` on the real model (or on ``model``, a stand-in for it),
+        its gradient w.r.t. ``weights`` accumulated into their (cleared) ``.grad``; returns the
+        loss (with its graph)."""
+        model = self.model if model is None else model
+        loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
         if loss.requires_grad:
             loss.backward(inputs=list(weights))
         return loss

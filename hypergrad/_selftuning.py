@@ -341,21 +341,20 @@ class SelfTuning(_BestResponseBase):
 
             _load_forward_ad()
 
-    def _train_backward(self, batch: Batch, weights: Sequence[Tensor]) -> Tensor:
+    def _train_backward(self, batch: Batch, weights: Sequence[Tensor], model: Any = None) -> Tensor:
         if not self.delta:
-            return super()._train_backward(batch, weights)
-        hp, pair = self.hparams, self.pair
+            return super()._train_backward(batch, weights, model)
+        hp, model = self.hparams, self.model if model is None else model
         with hp._drawing(_Mode.BASE):  # w0 at the current lambda
-            loss = super()._train_backward(batch, weights)
+            loss = super()._train_backward(batch, weights, model)
         base = [w.grad for w in weights]
         for w in weights:
             w.grad = None
-        model: Any = _Linearised(self.model) if self.linearize else self.model
-        with hp._drawing(
-            _Mode.LINEAR if self.linearize else _Mode.TRAIN
-        ):  # the response at perturbed lambdas
+        model = _Linearised(model) if self.linearize else model
+        # the response at perturbed lambdas
+        with hp._drawing(_Mode.LINEAR if self.linearize else _Mode.TRAIN):
             try:
-                response = pair._check_scalar(self.train_loss(model, hp, batch), self.train_loss)
+                response = super()._train_backward(batch, weights, model)
             except RuntimeError as e:
                 if self.linearize and "forward" in str(e).lower() and "AD" in str(e):
                     raise RuntimeError(
@@ -363,8 +362,6 @@ class SelfTuning(_BestResponseBase):
                         f"forward-mode AD that linearises its output ({e}); pass linearize=False"
                     ) from e
                 raise
-            if response.requires_grad:
-                response.backward(inputs=list(weights))
         masks = response_masks(self.model)
         for w, gb in zip(weights, base, strict=True):
             gr, mask = w.grad, masks.get(id(w))

@@ -475,3 +475,19 @@ def test_through_map_is_the_total_derivative_of_the_bound_at_the_map() -> None:
         assert float(total[i]) == pytest.approx(fd, rel=1e-7, abs=1e-10)
         assert abs(float(fixed[i]) - fd) > 0.1 * abs(fd)  # the fixed-weights partial is not it
     assert info.solver_status == "converged"
+
+
+def test_through_map_solver_must_be_a_linear_solver() -> None:
+    model = _mlp()
+    hp = nn.ModuleDict({"prior": hg.hparams.PriorPrecision(model, per="layer").to(DT)})
+    with pytest.raises(TypeError, match="solver must be an hg.LinearSolver"):
+        hg.MarginalLikelihood(
+            model,
+            hp,
+            likelihood="classification",
+            data_size=24,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.1),
+            through_map=True,
+            solver="cg",  # type: ignore[arg-type]
+        )
