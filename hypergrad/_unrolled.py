@@ -26,6 +26,7 @@ from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
 from ._functional import check_batch, clone_all, clone_batch, grads_or_none, grads_or_zeros, materialize
 from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
+from .hparams import _reusing_values
 
 
 def _load_forward_ad() -> None:
@@ -506,14 +507,15 @@ class Unrolled(HyperOptimizer):
         if self.mode is Mode.FORWARD:
             grads, loss = self._forward_hypergradient(val_batch)
             return _Hypergradient(grads, loss, unrolled_steps=self._window(), commit=self._moved)
-        weights, _ = self._replay(pair.hparam_tensors)
-        out = pair.loss(
-            self.val_loss,
-            val_batch,
-            weights=weights,
-            buffers=clone_all(pair.buffers()),
-            hparams=pair.hparam_tensors,
-        )
+        with _reusing_values():  # e.g. a per-weight decay's exp: once, not once per replayed step
+            weights, _ = self._replay(pair.hparam_tensors)
+            out = pair.loss(
+                self.val_loss,
+                val_batch,
+                weights=weights,
+                buffers=clone_all(pair.buffers()),
+                hparams=pair.hparam_tensors,
+            )
         raw = grads_or_none(out, pair.hparam_tensors)
         reached = tuple(g is not None for g in raw)
         # data parallel: each rank differentiated its own L_V shard through the shared replay (whose

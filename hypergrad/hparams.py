@@ -26,9 +26,10 @@ the differentiable one); :func:`values` collects them by name from any hparams m
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -186,6 +187,40 @@ def from_raw(
         assert low is not None
         return low + raw.exp()
     return raw
+
+
+# While a method replays several inner steps with the same hyperparameter tensors (Unrolled), the
+# constrained values (e.g. one exp per weight of a per-weight WeightDecay) would be recomputed, and
+# differentiated through, once per step. Inside ``_reusing_values()`` each is computed once per raw
+# tensor object (and version and grad mode) and the same graph node is reused:
+# the same values and derivatives, K - 1 fewer weight-sized passes each way.
+_MEMO: dict[tuple[int, int, bool, str], tuple[Tensor, Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def _reusing_values() -> Iterator[None]:
+    global _MEMO
+    outer = _MEMO
+    _MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
+def _memo(raw: Tensor, what: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(raw)``, reused within :func:`_reusing_values` for the same ``raw`` object and version
+    (a reference to ``raw`` is kept with the value, so its ``id`` cannot be recycled meanwhile)."""
+    memo = _MEMO
+    if memo is None:
+        return fn(raw)
+    key = (id(raw), raw._version, torch.is_grad_enabled(), what)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is raw:
+        return hit[1]
+    value = fn(raw)
+    memo[key] = (raw, value)
+    return value
 
 
 def _as_tensor(init: float | Tensor, shape: Sequence[int] | None, dtype: torch.dtype | None) -> Tensor:
@@ -365,8 +400,9 @@ class WeightDecay(nn.Module):
     def _decay(self, raw: Tensor) -> Tensor:
         """Decays from raw values: :math:`e^{r}`, or :math:`M\\sigma(r)` with ``max=M``."""
         if self.max is None:
-            return raw.exp()
-        return from_raw(raw, Constraint.INTERVAL, 0.0, self.max)
+            return _memo(raw, "exp", torch.exp)
+        top = self.max
+        return _memo(raw, f"interval(0, {top})", lambda r: from_raw(r, Constraint.INTERVAL, 0.0, top))
 
     def decays(self) -> dict[str, Tensor]:
         """Decay per penalised parameter name (scalars, or shaped like the parameter), detached:

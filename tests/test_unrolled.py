@@ -452,3 +452,65 @@ def test_replay_keeps_few_snapshots_and_starts_from_the_real_weights(k: int, eve
     start, _, _ = hopt._start()
     for a, b in zip(start, before[n - k], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_replay_reuses_each_decay_once_with_the_same_hypergradient(monkeypatch):
+    """Inside the replay a per-weight decay's exp is computed once per hyperstep, not once per
+    replayed step (the same graph node reused): same hypergradient as recomputing it every step,
+    and a raw tensor changed in place is recomputed, not served stale."""
+    import contextlib
+
+    import hypergrad._unrolled as unrolled_mod
+    from hypergrad import hparams as hp_mod
+
+    def run(reuse: bool) -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        hp = hg.hparams.WeightDecay(model, per="parameter", init=1e-2)
+        calls = [0]
+        exp = torch.exp
+
+        def counting_exp(x: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return exp(x)
+
+        def train(m, h, b):
+            return nn.functional.cross_entropy(m(b[0]), b[1]) + h.penalty(m)
+
+        def val(m, h, b):
+            return nn.functional.cross_entropy(m(b[0]), b[1])
+
+        hopt = hg.Unrolled(
+            model, hp, train, val,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+            steps=4,
+        )
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 4, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g))
+                   for _ in range(5)]
+        for b in batches[:4]:
+            hopt.step(b)
+        ctx = hp_mod._reusing_values if reuse else contextlib.nullcontext
+        with monkeypatch.context() as mp:
+            mp.setattr(unrolled_mod, "_reusing_values", ctx)
+            mp.setattr(torch, "exp", counting_exp)
+            hopt.hyper_step(val_batch=batches[4])
+        return [p.grad.clone() for p in hp.parameters()], calls[0]
+
+    g_reuse, n_reuse = run(True)
+    g_each, n_each = run(False)
+    n_tensors = 4  # two weights, two biases
+    assert n_reuse == n_tensors and n_each == 4 * n_tensors
+    for a, b in zip(g_reuse, g_each, strict=True):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+    raw = torch.zeros(3, dtype=DT, requires_grad=True)
+    with hp_mod._reusing_values():
+        first = hp_mod._memo(raw, "exp", torch.exp)
+        assert hp_mod._memo(raw, "exp", torch.exp) is first
+        with torch.no_grad():
+            raw.add_(1.0)
+        torch.testing.assert_close(hp_mod._memo(raw, "exp", torch.exp), torch.full((3,), np.e, dtype=DT))
+    assert hp_mod._MEMO is None
