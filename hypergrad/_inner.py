@@ -96,6 +96,69 @@ def _adam(
     return tuple(new_p), new_s
 
 
+def _rmsprop(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+    wd, momentum, centered = group["weight_decay"], group["momentum"], group["centered"]
+    maximize = group.get("maximize", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        step_t = st.get("step")
+        step = (0.0 if step_t is None else float(step_t)) + 1.0
+        if not _is_zero(wd):
+            g = g + wd * p if isinstance(wd, Tensor) else g.add(p, alpha=wd)
+        sq = st.get("square_avg")
+        sq = torch.zeros_like(p) if sq is None else sq
+        sq = sq.mul(alpha).addcmul(g, g, value=1 - alpha)  # torch.optim's ops, out of place
+        s: State = {"step": torch.tensor(step, dtype=_step_dtype(step_t)), "square_avg": sq}
+        if centered:
+            ga = st.get("grad_avg")
+            ga = torch.zeros_like(p) if ga is None else ga
+            ga = ga + (1 - alpha) * (g - ga)  # lerp
+            s["grad_avg"] = ga
+            avg = safe_sqrt(sq.addcmul(ga, ga, value=-1)) + eps
+        else:
+            avg = safe_sqrt(sq) + eps
+        if not _is_zero(momentum):
+            buf = st.get("momentum_buffer")
+            buf = torch.zeros_like(p) if buf is None else buf
+            if isinstance(momentum, Tensor):
+                buf = buf * momentum + g / avg
+            else:
+                buf = buf.mul(momentum).addcdiv(g, avg)
+            s["momentum_buffer"] = buf
+            new_p.append(p - lr * buf if isinstance(lr, Tensor) else p.add(buf, alpha=-lr))
+        else:
+            new_p.append(p - lr * (g / avg) if isinstance(lr, Tensor) else p.addcdiv(g, avg, value=-lr))
+        new_s.append(s)
+    return tuple(new_p), new_s
+
+
+def _adagrad(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, wd, lr_decay, eps = group["lr"], group["weight_decay"], group["lr_decay"], group["eps"]
+    maximize = group.get("maximize", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        step_t = st.get("step")
+        step = (0.0 if step_t is None else float(step_t)) + 1.0
+        if not _is_zero(wd):
+            g = g + wd * p if isinstance(wd, Tensor) else g.add(p, alpha=wd)
+        clr = lr / (1 + (step - 1) * lr_decay)
+        acc = st.get("sum")
+        if acc is None:  # torch.optim fills it at construction; a state loaded without it
+            acc = torch.full_like(p, group.get("initial_accumulator_value", 0.0))
+        acc = acc.addcmul(g, g, value=1)
+        std = safe_sqrt(acc) + eps
+        new_p.append(p - clr * (g / std) if isinstance(clr, Tensor) else p.addcdiv(g, std, value=-clr))
+        new_s.append({"step": torch.tensor(step, dtype=_step_dtype(step_t)), "sum": acc})
+    return tuple(new_p), new_s
+
+
 def _step_dtype(step_t: Any) -> torch.dtype:
     return step_t.dtype if isinstance(step_t, Tensor) else torch.float32
 
@@ -108,6 +171,8 @@ _UPDATES: dict[type, Update] = {
     torch.optim.SGD: _sgd,
     torch.optim.Adam: _adam,
     torch.optim.AdamW: _adam,
+    torch.optim.RMSprop: _rmsprop,
+    torch.optim.Adagrad: _adagrad,
 }
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable", "fused")
 

@@ -159,7 +159,8 @@ class Unrolled(HyperOptimizer):
     the weights, buffers and optimiser state *before* it (a ring of ``steps`` records).
     :meth:`hyper_step` replays those steps with a differentiable copy of the optimiser (same
     arithmetic as ``torch.optim``: SGD with momentum/dampening/Nesterov/weight decay, Adam, AdamW,
-    AMSGrad; no NaNs at zero second moments) and differentiates the validation loss at the end.
+    AMSGrad, RMSprop (centred, with momentum), Adagrad; no NaNs at zero second moments) and
+    differentiates the validation loss at the end.
     The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
     rate do not reach it, dropout draws the same masks, weights without a gradient are skipped as
     ``torch.optim`` skips them. It cannot see optimiser hooks or gradient hooks (e.g. gradient
