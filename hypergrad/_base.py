@@ -11,10 +11,11 @@ import abc
 import copy
 import dataclasses
 import enum
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +95,29 @@ class _Hypergradient:
 
 def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _with_autograd(fn: _F) -> _F:
+    """Run a training call with autograd on whatever the caller's grad mode (as ``torch.optim``
+    runs a step's closure): under ``torch.no_grad()`` a step would otherwise silently not train
+    and a hyperstep fail deep inside autograd. ``torch.inference_mode()`` cannot be undone for
+    the tensors made under it, so it is refused by name."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__}.{fn.__name__}() was called under torch.inference_mode(); it "
+                f"needs autograd (gradients w.r.t. the weights and hyperparameters): call it outside "
+                f"that block"
+            )
+        with torch.enable_grad():
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class HyperOptimizer(abc.ABC):
@@ -280,6 +304,7 @@ class HyperOptimizer(abc.ABC):
 
     # ------------------------------------------------------------------ the inner step
 
+    @_with_autograd
     def step(self, batch: Batch) -> Tensor:
         """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the value of
         ``train_loss`` (detached; it includes any penalty the loss adds).
@@ -289,7 +314,9 @@ class HyperOptimizer(abc.ABC):
         ``.grad = None``, so ``torch.optim`` skips them; buffers are updated, or reassigned, as by
         an ordinary forward pass; the hyperparameters' ``.grad`` is not touched), except that a
         non-finite (or diverged) loss or gradient changes nothing (see ``on_nonfinite``). The
-        guard costs one host synchronisation per step.
+        guard costs one host synchronisation per step. Autograd is on inside, whatever the
+        caller's grad mode (``torch.no_grad()`` blocks are fine, as for ``torch.optim``'s
+        closures); under ``torch.inference_mode()`` every training call raises.
         """
         check_batch(batch, "batch", self.device, self.dtype)
         self._refresh()
@@ -391,6 +418,7 @@ class HyperOptimizer(abc.ABC):
 
     # ------------------------------------------------------------------ the hyper step
 
+    @_with_autograd
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         """Compute the hypergradient, write it into each hyperparameter's ``.grad`` (replacing what
         was there) and call ``outer_optimizer.step()``.
@@ -415,6 +443,7 @@ class HyperOptimizer(abc.ABC):
         self.hyper_steps += 1
         return self._info(res, grad_norm, t0, skipped=False)
 
+    @_with_autograd
     def hypergradient(
         self, train_batch: Batch = None, val_batch: Batch = None
     ) -> tuple[Tensors, HyperStepInfo]:

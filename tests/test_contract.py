@@ -643,3 +643,57 @@ def test_scenarios_train_like_pytorch_and_replay_the_real_steps(m, scenario) -> 
         torch.testing.assert_close(b1, b2, rtol=1e-12, atol=1e-13, msg=n)
     if scenario == "unused-parameters":
         assert model.never.grad is None and torch.equal(model.never, torch.ones(3, dtype=DT))
+
+
+@each_method
+def test_state_dict_loads_with_weights_only(m) -> None:
+    """``torch.load``'s default since torch 2.6 is ``weights_only=True``: a saved run must load
+    under it and resume exactly."""
+    batches = _batches(9)
+    straight = _setup(m)
+    _run(straight, batches, 0, 9)
+    first = _setup(m)
+    _run(first, batches, 0, 4)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = _setup(m, seed=123)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    _run(resumed, batches, 4, 9)
+    a, b = _snapshot(straight), _snapshot(resumed)
+    for key in ("model", "hparams", "inner", "outer"):
+        _assert_same(a[key], b[key], key)
+
+
+@each_method
+def test_grad_mode_of_the_caller_does_not_matter(m) -> None:
+    """Under ``torch.no_grad()`` (a validation block, say) ``step`` trains and ``hyper_step`` /
+    ``hypergradient`` compute the same as outside it; ``torch.inference_mode()`` is refused by
+    name, changing nothing."""
+    batches = _batches(4)
+    vb = _batches(1, seed=7)[0]
+    outside, inside = _setup(m), _setup(m)
+    rng = torch.get_rng_state()
+    for b in batches:
+        outside.step(b)
+    info_out = outside.hyper_step(train_batch=batches[-1], val_batch=vb)
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        for b in batches:
+            inside.step(b)
+        info_in = inside.hyper_step(train_batch=batches[-1], val_batch=vb)
+        grads, _ = inside.hypergradient(train_batch=batches[-1], val_batch=vb)
+    assert info_in.hypergrad_norm == info_out.hypergrad_norm > 0
+    assert all(g.grad_fn is None for g in grads)
+    a, b = _snapshot(outside), _snapshot(inside)
+    for key in ("model", "hparams", "inner", "outer", "hgrads"):
+        _assert_same(a[key], b[key], key)
+    before = _snapshot(inside)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"inference_mode"):
+            inside.step(batches[0])
+        with pytest.raises(RuntimeError, match=r"inference_mode"):
+            inside.hyper_step(train_batch=batches[-1], val_batch=vb)
+    after = _snapshot(inside)
+    for key in ("model", "hparams", "inner", "outer", "hgrads"):
+        _assert_same(before[key], after[key], key)
