@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._types import Batch, LossFn, Tensors
+from ._wrap import compiled_inner, is_compiled
 
 #: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers`` dict, key)
 Slot = tuple[dict[str, Any], str]
@@ -364,14 +365,21 @@ class Ranks:
     def __init__(self, model: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        self.wrapped = isinstance(model, DistributedDataParallel)
-        self.module: nn.Module = model
+        self.wrapped = False
         self.group: Any = None
         self.size = 1
-        if isinstance(model, DistributedDataParallel):
-            self.module = model.module
-            self.group = model.process_group
-            self.size = torch.distributed.get_world_size(self.group)
+        module = model
+        while True:  # through DistributedDataParallel and torch.compile wrappers, in any order
+            if isinstance(module, DistributedDataParallel):
+                self.wrapped = True
+                self.group = module.process_group
+                self.size = torch.distributed.get_world_size(self.group)
+                module = module.module
+            elif is_compiled(module):  # second-order paths run eagerly (compile has no double backward)
+                module = compiled_inner(module)
+            else:
+                break
+        self.module: nn.Module = module
 
     def mean_(self, ts: Sequence[Tensor]) -> None:
         """Average ``ts`` over the ranks in place: one collective for all of them."""

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._wrap import unwrap_model
+
 __all__ = [
     "Constraint",
     "Hparam",
@@ -317,7 +319,8 @@ class WeightDecay(nn.Module):
     ``torch.optim.SGD(weight_decay=d)``, which adds :math:`d\,w` to the gradient).
 
     Args:
-        model: the model whose parameters are penalised (names are taken from it).
+        model: the model whose parameters are penalised (names are taken from it, under any
+            ``DistributedDataParallel`` / ``torch.compile`` wrapper).
         per: ``"global"`` (1 hyperparameter), ``"layer"`` (one per module that owns parameters) or
             ``"parameter"`` (one per weight entry: as many hyperparameters as weights)
             (default: ``"parameter"``).
@@ -363,6 +366,7 @@ class WeightDecay(nn.Module):
         self.max: float | None = None if max is None else float(max)
         #: set by Implicit while it evaluates the training loss (see _first_order_penalty)
         self._first_order_calls: list[tuple[Tensor, list[Tensor], list[Tensor]]] | None = None
+        model = unwrap_model(model)  # names as the bare module has them (DDP, torch.compile)
         names = [
             n for n, p in model.named_parameters() if p.requires_grad and (include is None or include(n))
         ]
@@ -420,10 +424,9 @@ class WeightDecay(nn.Module):
         r""":math:`\tfrac12\sum_k d_k \odot w_k^2` over the penalised parameters of ``model``.
 
         Pass the ``model`` your loss receives, so substituted weights are the ones penalised. A
-        ``DistributedDataParallel`` / ``DataParallel`` wrapper is looked through (its ``module``).
+        ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrapper is looked through.
         """
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
+        model = unwrap_model(model)
         params = dict(model.named_parameters())
         missing = [n for n in self.names if n not in params]
         if missing:
