@@ -43,12 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _Hypergradient
+from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient
 from ._functional import check_batch, grads_or_none, materialize
 from ._implicit import _implicit
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver
 from ._types import Batch
+from .nn import _slots, _substituted
 
 
 class Likelihood(str, enum.Enum):
@@ -113,8 +114,38 @@ def _forward(model: nn.Module, x: Tensor, augmentation: RandomTranslation | None
     return out.reshape(b, samples, -1).mean(1)
 
 
+def _check_targets(f: Tensor, y: Tensor, likelihood: Likelihood) -> None:
+    """A clear error for targets that do not fit the outputs ``f`` ``(B, C)`` (instead of a
+    silent reinterpretation: float labels truncated, a transposed target reshaped)."""
+    b, c = f.shape
+    if likelihood is Likelihood.CLASSIFICATION:
+        if c < 2:
+            raise ValueError(
+                "likelihood='classification' needs logits (B, C) with C >= 2 (a softmax over one "
+                "output is constant); for a binary problem return two logits"
+            )
+        if y.dim() == 0 or y.numel() != b or y.shape[0] != b:
+            raise ValueError(
+                f"likelihood='classification' needs integer labels (B,) = ({b},); got targets of "
+                f"shape {tuple(y.shape)} (one-hot or soft labels are not supported)"
+            )
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            if y.dtype == torch.bool or not bool((y == y.round()).all()):
+                raise ValueError(
+                    f"likelihood='classification' needs integer class labels, got {y.dtype} targets "
+                    "that are not whole numbers (regression targets? use likelihood='regression')"
+                )
+        return
+    if y.dim() == 0 or y.shape[0] != b or y.numel() != f.numel():
+        raise ValueError(
+            f"likelihood='regression': targets of shape {tuple(y.shape)} do not match the model's "
+            f"outputs, {b} examples of {c} values each (targets (B, C), or (B,) for C = 1)"
+        )
+
+
 def _log_lik(f: Tensor, y: Tensor, likelihood: Likelihood, sigma: Tensor | None) -> Tensor:
     """:math:`\\sum_n \\log p(y_n\\mid f_n)` (0-dim)."""
+    _check_targets(f, y, likelihood)
     if likelihood is Likelihood.CLASSIFICATION:
         return -F.cross_entropy(f, y.reshape(-1).long(), reduction="sum")
     assert sigma is not None
@@ -244,9 +275,11 @@ def _dense_jacobians(
     xa = x if augmentation is None else augmentation(x, samples)
     b = x.shape[0]
     s = samples if augmentation is not None else 1
+    slots = _slots(model)  # every place of each weight: exact for models reusing a submodule
 
     def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
+        with _substituted(slots, p):
+            return model(xi.unsqueeze(0)).reshape(-1)
 
     jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
     f = model(xa).reshape(b, s, -1).mean(1)
@@ -764,7 +797,12 @@ class MarginalLikelihood(HyperOptimizer):
                 "MarginalLikelihood.hyper_step needs train_batch=... (a training batch; no validation batch)"
             )
         check_batch(train_batch, "train_batch", self.device, self.dtype)
-        _split_batch(train_batch)
+        x, _ = _split_batch(train_batch)
+        if x.shape[0] > self.data_size:
+            raise ValueError(
+                f"train_batch holds {x.shape[0]} examples but data_size={self.data_size}: data_size "
+                "must be the number of training examples (the bound scales the batch by N/B)"
+            )
 
     def _bound_terms(self, x: Tensor, y: Tensor, through_weights: bool) -> _Terms:
         if self.bound is Bound.EXACT and x.shape[0] != self.data_size:
@@ -845,8 +883,8 @@ class MarginalLikelihood(HyperOptimizer):
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         """``outer_steps`` outer steps on the bound of ``train_batch`` (``val_batch`` is ignored).
 
-        All or nothing: if one of them is refused as non-finite, hyperparameters, their ``.grad``
-        and the outer optimiser are put back as they were. ``.grad`` is left holding the
+        All or nothing: if one of them is refused as non-finite (or raises), hyperparameters, their
+        ``.grad`` and the outer optimiser are put back as they were. ``.grad`` is left holding the
         hypergradient at the hyperparameters the call began with (it does not depend on the outer
         optimiser's state); ``info`` is the last step's, with ``seconds`` for all of them;
         ``hyper_steps`` counts calls.
@@ -877,7 +915,7 @@ class MarginalLikelihood(HyperOptimizer):
                     return dataclasses.replace(info, hyper_steps=start, seconds=time.perf_counter() - t0)
                 if k == 0:
                     first = [p.grad for p in hp]
-        except NonFiniteError:
+        except BaseException:  # refused as non-finite, or any error: all or nothing
             restore()
             raise
         assert info is not None

@@ -24,7 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
+from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _params_of
 from ._functional import check_batch, clone_all, grads_or_none, materialize
 from ._stn_hparams import SelfTuned, _load_state, _Mode, _state, linearising
 from ._types import Batch, LossFn, Tensors
@@ -96,6 +96,16 @@ def _first_order(out: Any) -> Any:
     return out
 
 
+def _modules_with_templates(model: nn.Module) -> list[nn.Module]:
+    """``model.modules()`` and the modules of every :class:`~hypergrad.nn.HyperNet`'s template
+    (not submodules, but switched by ``train()`` / ``eval()``)."""
+    mods = list(model.modules())
+    for m in list(mods):
+        if isinstance(m, HyperNet):
+            mods.extend(m.base.modules())
+    return mods
+
+
 class _BestResponseBase(HyperOptimizer):
     """What SelfTuning and BestResponse share: draws, eval-mode validation, history, state."""
 
@@ -145,6 +155,26 @@ class _BestResponseBase(HyperOptimizer):
             raise ValueError(f"Invalid entropy_weight: {entropy_weight!r} (need a number >= 0)")
         self.entropy_weight = float(entropy_weight)
         self.warmup, self.train_steps, self.val_steps = warmup, train_steps, val_steps
+        self._checked_key: tuple[int, ...] | None = None  # trained weights whose response was checked
+
+    def _response_params(self) -> list[tuple[str, Tensor]]:
+        """The parameters that map the hyperparameters to the weights (the response)."""
+        raise NotImplementedError
+
+    def _before_step(self) -> None:
+        key = self._weights_key
+        if key == self._checked_key:
+            return
+        trained = {id(p) for p in _params_of(self.inner_optimizer)}
+        idle = [n for n, p in self._response_params() if p.requires_grad and id(p) not in trained]
+        if idle:
+            raise ValueError(
+                f"{type(self).__name__}: inner_optimizer does not train {idle[:4]}, which map the "
+                "hyperparameters to the weights: the best response would never be learned and the "
+                "hypergradient would follow a random map. Give inner_optimizer model.parameters() "
+                "(or call requires_grad_(False) on them if they are frozen on purpose)"
+            )
+        self._checked_key = key
 
     def step(self, batch: Batch) -> Tensor:
         """One inner step on ``train_loss`` with freshly perturbed hyperparameters (the draws in
@@ -173,7 +203,7 @@ class _BestResponseBase(HyperOptimizer):
 
         def lv() -> Tensor:
             model = self.model
-            was = [(m, m.training) for m in model.modules()]
+            was = [(m, m.training) for m in _modules_with_templates(model)]
             model.eval()  # no dropout or augmentation in the validation step
             try:
                 with self.hparams._drawing(self._val_mode()):
@@ -250,7 +280,8 @@ class SelfTuning(_BestResponseBase):
               it is).
 
             Both gradients are taken at the same weights and applied in one optimiser step (the
-            paper steps :math:`w_0` first); the returned loss is the base one. Cost per
+            paper steps :math:`w_0` first); the returned loss is the base one, and running
+            statistics (BatchNorm) are updated once, by the base pass. Cost per
             step: about 2x an STN step (3x with the JVP). The hyperstep is the STN's, on the
             centred features.
         linearize: with ``delta``, linearise the output in the response step (default: True;
@@ -341,6 +372,25 @@ class SelfTuning(_BestResponseBase):
 
             _load_forward_ad()
 
+    def _response_params(self) -> list[tuple[str, Tensor]]:
+        masks = response_masks(self.ranks.module)
+        return [(n, p) for n, p in self.ranks.module.named_parameters() if masks.get(id(p)) is True]
+
+    def _method_state(self) -> dict[str, Any]:
+        state = super()._method_state()
+        state["delta"] = self.delta
+        return state
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        if "delta" in state and bool(state["delta"]) != self.delta:
+            raise ValueError(
+                f"this state_dict was saved by SelfTuning(delta={bool(state['delta'])}), loaded into "
+                f"delta={self.delta}: its layers were trained on "
+                f"{'centred' if state['delta'] else 'uncentred'} hyperparameter features, so they "
+                f"would compute another function here; build SelfTuning with delta={bool(state['delta'])}"
+            )
+        super()._load_method_state(state)
+
     def _train_backward(self, batch: Batch, weights: Sequence[Tensor], model: Any = None) -> Tensor:
         if not self.delta:
             return super()._train_backward(batch, weights, model)
@@ -351,6 +401,9 @@ class SelfTuning(_BestResponseBase):
         for w in weights:
             w.grad = None
         model = _Linearised(model) if self.linearize else model
+        # the response pass must not update the running statistics a second time (BatchNorm):
+        # the step's statistics are those of the base pass, the model at the current lambda
+        after_base = self.pair.snapshot_buffers()
         # the response at perturbed lambdas
         with hp._drawing(_Mode.LINEAR if self.linearize else _Mode.TRAIN):
             try:
@@ -362,6 +415,8 @@ class SelfTuning(_BestResponseBase):
                         f"forward-mode AD that linearises its output ({e}); pass linearize=False"
                     ) from e
                 raise
+            finally:
+                self.pair.restore_buffers(after_base)
         masks = response_masks(self.model)
         for w, gb in zip(weights, base, strict=True):
             gr, mask = w.grad, masks.get(id(w))
@@ -481,12 +536,25 @@ class BestResponse(_BestResponseBase):
     def _val_mode(self) -> _Mode:
         return _Mode.MEAN
 
+    def _response_params(self) -> list[tuple[str, Tensor]]:
+        return [(n, p) for n, p in self.ranks.module.named_parameters() if n != "base_weights"]
+
     def _method_state(self) -> dict[str, Any]:
         state = _state(self.hparams)
         state["prior"] = self.hparams._prior
+        state["sampling"] = self.sampling
         return state
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("sampling", "global" if state.get("prior") is not None else "local")
+        if "prior" in state and saved != self.sampling:
+            effect = "dropped" if saved == "local" else "imposed"
+            raise ValueError(
+                f"this state_dict was saved by BestResponse(sampling={saved!r}), loaded into "
+                f"sampling={self.sampling!r} (a global prior would be {effect}); "
+                f"build BestResponse with sampling={saved!r}"
+            )
         _load_state(self.hparams, state)
         if "prior" in state:
-            self.hparams._prior = state["prior"]
+            prior = state["prior"]
+            self.hparams._prior = None if prior is None else (prior[0].clone(), prior[1].clone())

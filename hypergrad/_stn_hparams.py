@@ -555,9 +555,36 @@ def linearising() -> Iterator[None]:
         _LINEARISING[0] -= 1
 
 
+def _describe(spec: _Spec) -> str:
+    """What fixes the meaning of a spec's raw entries (its type, size and bounds; not ``init``)."""
+    args = []
+    for f in dataclasses.fields(spec):
+        if f.name != "init":
+            v = getattr(spec, f.name)
+            args.append(f"{f.name}={(v.value if isinstance(v, enum.Enum) else v)!r}")
+    return f"{type(spec).__name__}({', '.join(args)})"
+
+
+def _config(hp: SelfTuned) -> dict[str, Any]:
+    """How ``raw`` and ``raw_scale`` are read: a state is meaningful only under the same one."""
+    return {
+        "specs": {name: _describe(spec) for name, spec in hp.specs.items()},
+        "scale_range": [float(v) for v in hp.scale_range],
+        "learn_scale": hp.learn_scale,
+    }
+
+
 def _state(hp: SelfTuned) -> dict[str, Any]:
-    return {"history": [dict(r) for r in hp._history]}
+    return {"history": [dict(r) for r in hp._history], "config": _config(hp)}
 
 
 def _load_state(hp: SelfTuned, state: dict[str, Any]) -> None:
+    saved, mine = state.get("config"), _config(hp)
+    if saved is not None and saved != mine:  # (states saved before the check have none)
+        diff = [k for k in mine if saved.get(k) != mine[k]]
+        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in diff)
+        raise ValueError(
+            f"this state_dict was saved with other hyperparameter specs, so its raw values would mean "
+            f"something else here ({detail}); build hg.hparams.SelfTuned as when it was saved"
+        )
     hp._history = [dict(r) for r in state.get("history", [])]

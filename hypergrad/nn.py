@@ -23,7 +23,9 @@ False (the validation step of :class:`~hypergrad.SelfTuning` runs in eval mode).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -389,8 +391,12 @@ class StnLSTMCell(StnLayer):
 
 
 def _per_example(v: Tensor | float, x: Tensor, what: str) -> Tensor:
-    """``v`` as a :math:`(B,)` tensor on ``x``'s device and dtype."""
+    """``v`` as a :math:`(B,)` tensor on ``x``'s device (not yet of ``x``'s dtype)."""
+    if x.dim() < 1:
+        raise ValueError(f"{what}: x must be batched, (B, ...); got a 0-dim tensor")
     t = torch.as_tensor(v, device=x.device)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{what}: need numbers, got a {t.dtype} value")
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
@@ -421,6 +427,8 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
     """
     if not training:
         return x
+    if not x.is_floating_point():
+        raise TypeError(f"dropout: x must be a floating-point tensor, got {x.dtype}")
     p = _per_example(rate, x, "dropout rate").detach().to(x.dtype)
     if not bool(((p >= 0) & (p < 1)).all()):
         raise ValueError(f"dropout: rates must lie in [0, 1); got range [{float(p.min())}, {float(p.max())}]")
@@ -440,9 +448,13 @@ def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Ten
     """
     if not training:
         return x
+    if not x.is_floating_point():
+        raise TypeError(f"gaussian_noise: x must be a floating-point tensor, got {x.dtype}")
     s = _per_example(std, x, "gaussian_noise std").detach().to(x.dtype)
-    if not bool((s >= 0).all()):
-        raise ValueError(f"gaussian_noise: std must be >= 0, got min {float(s.min())}")
+    if not bool(((s >= 0) & torch.isfinite(s)).all()):
+        raise ValueError(
+            f"gaussian_noise: std must be >= 0 and finite, got range [{float(s.min())}, {float(s.max())}]"
+        )
     return x + _bcast(s, x) * torch.randn_like(x)
 
 
@@ -473,8 +485,8 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
         return x
     s = _per_example(size, x, "cutout size").detach()
     if s.is_floating_point():
-        if not bool((s == s.floor()).all()):
-            raise ValueError("cutout: sizes must be integers (floor them, or use hg.hparams.Integer)")
+        if not bool(((s == s.floor()) & torch.isfinite(s)).all()):
+            raise ValueError("cutout: sizes must be integers (finite; floor them, or use hg.hparams.Integer)")
         s = s.long()
     if not bool((s >= 0).all()):
         raise ValueError(f"cutout: sizes must be >= 0, got min {int(s.min())}")
@@ -507,10 +519,12 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     """
     if not training:
         return x
+    if x.dim() < 2:
+        raise ValueError(f"random_shift: x must be (B, ..., L), got {tuple(x.shape)}")
     m = _per_example(max_shift, x, "random_shift max_shift").detach()
     if m.is_floating_point():
-        if not bool((m == m.floor()).all()):
-            raise ValueError("random_shift: max_shift must be integers")
+        if not bool(((m == m.floor()) & torch.isfinite(m)).all()):
+            raise ValueError("random_shift: max_shift must be integers (finite)")
         m = m.long()
     if not bool((m >= 0).all()):
         raise ValueError(f"random_shift: max_shift must be >= 0, got min {int(m.min())}")
@@ -525,6 +539,45 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     return out * valid.reshape(idx.shape[:1] + (1,) * (x.dim() - 2) + (length,)).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- substitution
+
+#: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers``, key)
+_Slot = tuple[dict[str, Any], str]
+
+
+def _slots(module: nn.Module) -> dict[str, list[_Slot]]:
+    """Every place each parameter and buffer of ``module`` is stored, by its (first) name.
+
+    A submodule reachable under two names, or a parameter tied into two modules, gets all its
+    places, so :func:`_substituted` replaces (and restores) it everywhere it acts.
+    """
+    by_id: dict[int, list[_Slot]] = {}
+    for mod in module.modules():  # each module object once
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    by_id.setdefault(id(t), []).append((store, key))
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return {n: by_id[id(t)] for n, t in named}
+
+
+@contextlib.contextmanager
+def _substituted(slots: Mapping[str, list[_Slot]], values: Mapping[str, Tensor]) -> Iterator[None]:
+    """Within the block the named tensors of a module (see :func:`_slots`) are ``values``; the
+    original objects are put back afterwards, whatever happens. Unlike
+    ``torch.func.functional_call`` (torch 2.13), exact for modules that reuse a submodule."""
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for name, value in values.items():
+            for store, key in slots[name]:
+                saved.append((store, key, store[key]))
+                store[key] = value
+        yield
+    finally:
+        for store, key, old in reversed(saved):
+            store[key] = old
+
+
 # ----------------------------------------------------------------------------- hypernetworks
 
 
@@ -532,15 +585,19 @@ class HyperNet(nn.Module):
     r"""A best-response hypernetwork around a model (Lorraine & Duvenaud 2018).
 
     Generates all of ``base``'s parameters from the hyperparameters,
-    :math:`w(\lambda) = w_0 + R(\lambda)`, and runs ``base`` with them through
-    ``torch.func.functional_call``. :math:`R` is, by default, linear:
+    :math:`w(\lambda) = w_0 + R(\lambda)`, and runs ``base`` with them substituted for the call
+    (everywhere a weight acts: a submodule reused under two names is fine, and ``base`` comes
+    out untouched). :math:`R` is, by default, linear:
     :math:`R(\lambda) = A\lambda` with :math:`A \in \mathbb{R}^{P \times H}`; with ``rank=r``,
     low-rank :math:`A = U Q` (:math:`U \in \mathbb{R}^{P \times r}`, :math:`Q \in \mathbb{R}^{r \times H}`);
     or any ``hypernet`` module mapping :math:`(H,)` to :math:`(P,)`.
 
     The trained weights (for the inner optimiser) are this module's parameters: :math:`w_0`
     (``base_weights``, initialised from ``base``) and the hypernetwork's. ``base`` itself is kept
-    as a template (not a submodule; its buffers are used as they are).
+    as a template (not a submodule: its parameters are never trained). Its buffers (BatchNorm
+    statistics) are this module's, under ``base_state`` (the same tensors at construction): they
+    are saved by ``state_dict()``, moved by ``.to()``, and kept out of the validation passes like
+    any model buffer. ``train()`` / ``eval()`` switch ``base`` too (Dropout, BatchNorm).
 
     Args:
         base: the model whose weights are generated.
@@ -577,6 +634,22 @@ class HyperNet(nn.Module):
         if not named:
             raise ValueError("HyperNet: base has no parameters to generate")
         self.__dict__["base"] = base  # a template, not a submodule (its parameters are not trained)
+        self.base_state = nn.Module()  # base's buffers, mirrored at their paths: this module's state
+        seen: set[int] = set()
+        for prefix, mod in base.named_modules():
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            for key, buf in mod._buffers.items():
+                if buf is None:
+                    continue
+                holder = self.base_state
+                for part in prefix.split(".") if prefix else ():
+                    if part not in holder._modules:
+                        holder.add_module(part, nn.Module())
+                    holder = holder._modules[part]  # type: ignore[assignment]
+                holder.register_buffer(key, buf, persistent=key not in mod._non_persistent_buffers_set)
+        self._buffer_names = tuple(n for n, _ in base.named_buffers())
         self.n_hparams = n_hparams
         self.names = tuple(n for n, _ in named)
         self.shapes = tuple(p.shape for _, p in named)
@@ -636,5 +709,13 @@ class HyperNet(nn.Module):
             )
         return hparams.to(self.base_weights.dtype)
 
+    def train(self, mode: bool = True) -> HyperNet:
+        super().train(mode)
+        self.base.train(mode)
+        return self
+
     def forward(self, *args: Any, hparams: Hyper, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.base, self.weights(hparams), args, kwargs)
+        values = self.weights(hparams)
+        values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
+        with _substituted(_slots(self.base), values):
+            return self.base(*args, **kwargs)
