@@ -96,6 +96,17 @@ def _adam(
     return tuple(new_p), new_s
 
 
+def _signed_decayed(p: Tensor, g: Tensor, st: State, maximize: bool, wd: Any) -> tuple[Tensor, float]:
+    """The common start of RMSprop's and Adagrad's step, as torch.optim writes it: the gradient
+    (negated with ``maximize``, plus L2 ``wd * p``) and the step number after this step."""
+    g = -g if maximize else g
+    step_t = st.get("step")
+    step = (0.0 if step_t is None else float(step_t)) + 1.0
+    if not _is_zero(wd):
+        g = g + wd * p if isinstance(wd, Tensor) else g.add(p, alpha=wd)
+    return g, step
+
+
 def _rmsprop(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
 ) -> tuple[Tensors, list[State]]:
@@ -104,15 +115,11 @@ def _rmsprop(
     maximize = group.get("maximize", False)
     new_p, new_s = [], []
     for p, g, st in zip(params, grads, states, strict=True):
-        g = -g if maximize else g
-        step_t = st.get("step")
-        step = (0.0 if step_t is None else float(step_t)) + 1.0
-        if not _is_zero(wd):
-            g = g + wd * p if isinstance(wd, Tensor) else g.add(p, alpha=wd)
+        g, step = _signed_decayed(p, g, st, maximize, wd)
         sq = st.get("square_avg")
         sq = torch.zeros_like(p) if sq is None else sq
         sq = sq.mul(alpha).addcmul(g, g, value=1 - alpha)  # torch.optim's ops, out of place
-        s: State = {"step": torch.tensor(step, dtype=_step_dtype(step_t)), "square_avg": sq}
+        s: State = {"step": torch.tensor(step, dtype=_step_dtype(st.get("step"))), "square_avg": sq}
         if centered:
             ga = st.get("grad_avg")
             ga = torch.zeros_like(p) if ga is None else ga
@@ -143,11 +150,7 @@ def _adagrad(
     maximize = group.get("maximize", False)
     new_p, new_s = [], []
     for p, g, st in zip(params, grads, states, strict=True):
-        g = -g if maximize else g
-        step_t = st.get("step")
-        step = (0.0 if step_t is None else float(step_t)) + 1.0
-        if not _is_zero(wd):
-            g = g + wd * p if isinstance(wd, Tensor) else g.add(p, alpha=wd)
+        g, step = _signed_decayed(p, g, st, maximize, wd)
         clr = lr / (1 + (step - 1) * lr_decay)
         acc = st.get("sum")
         if acc is None:  # torch.optim fills it at construction; a state loaded without it
@@ -155,7 +158,7 @@ def _adagrad(
         acc = acc.addcmul(g, g, value=1)
         std = safe_sqrt(acc) + eps
         new_p.append(p - clr * (g / std) if isinstance(clr, Tensor) else p.addcdiv(g, std, value=-clr))
-        new_s.append({"step": torch.tensor(step, dtype=_step_dtype(step_t)), "sum": acc})
+        new_s.append({"step": torch.tensor(step, dtype=_step_dtype(st.get("step"))), "sum": acc})
     return tuple(new_p), new_s
 
 
