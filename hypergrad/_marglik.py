@@ -105,12 +105,26 @@ def _split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-def _forward(model: nn.Module, x: Tensor, augmentation: RandomTranslation | None, samples: int) -> Tensor:
-    """Outputs ``(B, C)``, averaged over ``samples`` augmentations when there is an augmentation."""
+def _forward(
+    model: nn.Module,
+    x: Tensor,
+    augmentation: RandomTranslation | None,
+    samples: int,
+    likelihood: Likelihood | None = None,
+) -> Tensor:
+    """Outputs ``(B, C)``, averaged over ``samples`` augmentations when there is an augmentation.
+    With ``likelihood`` given, classification outputs must be logits ``(B, C)`` (regression
+    outputs of any shape are flattened per example)."""
     b = x.shape[0]
+    out = model(x) if augmentation is None else model(augmentation(x, samples))
+    if likelihood is Likelihood.CLASSIFICATION and isinstance(out, Tensor) and out.dim() != 2:
+        raise ValueError(
+            f"likelihood='classification' needs logits of shape (B, C) from the model, got "
+            f"{tuple(out.shape)}: flattening them would make one {out[0].numel()}-way class per "
+            "example (for per-position labels, reshape outputs to (B*T, C) and labels to (B*T,))"
+        )
     if augmentation is None:
-        return model(x).reshape(b, -1)
-    out = model(augmentation(x, samples))
+        return out.reshape(b, -1)
     return out.reshape(b, samples, -1).mean(1)
 
 
@@ -780,7 +794,7 @@ class MarginalLikelihood(HyperOptimizer):
 
     def _map_loss(self, model: nn.Module, hparams: nn.Module, batch: Batch) -> Tensor:
         x, y = _split_batch(batch)
-        f = _forward(model, x, self.augmentation, self.samples)
+        f = _forward(model, x, self.augmentation, self.samples, self.likelihood)
         sigma = None if self.noise is None else self.noise()
         nll = -_log_lik(f, y, self.likelihood, sigma) / x.shape[0]
         return nll + self.prior.penalty(model) / self.data_size

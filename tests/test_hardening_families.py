@@ -392,6 +392,11 @@ def test_marglik_names_targets_that_do_not_fit_the_likelihood() -> None:
     single = _marglik(_mlp(outputs=1), "regression")  # (B,) targets for one output
     single.step((x, targets[:, 0]))
     assert single.hyper_step(train_batch=(x, targets[:, 0])).hyper_steps == 1
+    # (B, T, C) logits with (B,) labels would be one T*C-way class per example: named instead
+    seq = _marglik(nn.Sequential(_mlp(outputs=6), nn.Unflatten(1, (2, 3))))
+    with pytest.raises(ValueError, match=r"logits of shape \(B, C\).*\(16, 2, 3\)"):
+        seq.step((x, y))
+    assert seq.inner_steps == 0
 
 
 def test_marglik_refuses_a_batch_larger_than_the_data_set() -> None:
