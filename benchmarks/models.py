@@ -339,9 +339,10 @@ class Problem:
             hessian_subset=subset,
         )
 
-    def unrolled(self, steps: int) -> hg.Unrolled:
+    def unrolled(self, steps: int, checkpoint: bool = False) -> hg.Unrolled:
         """Unrolled on its own copy of the model and inner optimiser (its replay must lead to its
-        own weights; several timed side by side must not move each other's)."""
+        own weights; several timed side by side must not move each other's); ``checkpoint``: one
+        replayed step's graph at a time."""
         model, inner = self.inner_copy()
         return hg.Unrolled(
             model,
@@ -352,6 +353,7 @@ class Problem:
             outer_optimizer=self.outer(),
             steps=steps,
             mode="reverse",
+            checkpoint=checkpoint,
         )
 
     def torch_step(self) -> None:

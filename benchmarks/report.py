@@ -22,6 +22,7 @@ HYPERSTEPS = (
     "implicit/neumann-5-head",
     "unrolled/k-1",
     "unrolled/k-5",
+    "unrolled/k-5-ckpt",
 )
 PRIMITIVES = (
     "train_step",
@@ -54,6 +55,7 @@ LABELS = {
     "implicit/neumann-5-head": "Implicit, Neumann-5, `hessian_subset` = last layer",
     "unrolled/k-1": "Unrolled, K = 1",
     "unrolled/k-5": "Unrolled, K = 5",
+    "unrolled/k-5-ckpt": "Unrolled, K = 5, `checkpoint=True`",
 }
 MIB = 2.0**20
 
@@ -265,8 +267,12 @@ def summary(data: dict[str, Any]) -> str:
         + " | ".join(peer(r, "higher/k-1", "higher/k-5") for r in models.values()),
         "| peak ÷ train step's: Neumann-5 (torchopt) | "
         + " | ".join(peak(r, "implicit/neumann-5", "torchopt/neumann-5") for r in models.values()),
+        "| Unrolled K = 5, `checkpoint=True` | "
+        + " | ".join(cell(r, "unrolled/k-5-ckpt") for r in models.values()),
         "| peak: Unrolled K = 5 (higher) | "
         + " | ".join(peak(r, "unrolled/k-5", "higher/k-5") for r in models.values()),
+        "| peak: Unrolled K = 5, `checkpoint=True` | "
+        + " | ".join(peak(r, "unrolled/k-5-ckpt") for r in models.values()),
         "| peak: Neumann-5, last layer only | "
         + " | ".join(peak(r, "implicit/neumann-5-head") for r in models.values()),
         "| Implicit's hyperstep peak after N inner steps | "

@@ -185,6 +185,23 @@ def build_cases(prob: Problem, args: argparse.Namespace) -> tuple[list[Case], di
             )
         )
 
+    ck = max(UNROLLED_KS)  # the checkpointed replay: K more gradients (no graph), one step's graph alive
+    uc = prob.unrolled(ck, checkpoint=True)
+    objs[f"unrolled/k-{ck}-ckpt"] = uc
+
+    def ckpt_floor(p: dict[str, float], info: Any, k: int = ck) -> float:
+        return unrolled_floor(k)(p, info) + k * p["grad"]
+
+    cases.append(
+        Case(
+            f"unrolled/k-{ck}-ckpt",
+            "hypergrad",
+            lambda: uc.hyper_step(val_batch=vb),
+            prepare=lambda: _steps(uc, prob, ck),
+            floor=ckpt_floor,
+        )
+    )
+
     if args.peers:
         for name, (_, k) in solvers.items():
             solver, steps_ = name.split("-")

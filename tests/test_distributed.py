@@ -17,7 +17,7 @@ import hypergrad as hg
 
 DT = torch.float64
 WORLD = 2
-METHODS = ("implicit-neumann", "implicit-cg", "unrolled")
+METHODS = ("implicit-neumann", "implicit-cg", "unrolled", "unrolled-checkpoint")
 
 
 def _net() -> nn.Module:
@@ -53,9 +53,16 @@ def _run(method: str, model: nn.Module, rank: int, world: int) -> dict[str, Any]
     hp = hg.hparams.WeightDecay(module, per="parameter", init=1e-2)
     inner = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
     outer = torch.optim.Adam(hp.parameters(), lr=0.05)
-    if method == "unrolled":
+    if method.startswith("unrolled"):
         hopt: hg.HyperOptimizer = hg.Unrolled(
-            model, hp, _train, _ce, inner_optimizer=inner, outer_optimizer=outer, steps=3
+            model,
+            hp,
+            _train,
+            _ce,
+            inner_optimizer=inner,
+            outer_optimizer=outer,
+            steps=3,
+            checkpoint=method.endswith("checkpoint"),
         )
     else:
         solver = hg.Neumann(steps=3) if method == "implicit-neumann" else hg.CG(maxiter=5, damping=0.1)
