@@ -56,8 +56,8 @@ class HyperStepInfo:
             step size (``None`` for methods without one).
         solver_residual: the solver's relative residual (see :class:`SolveResult`), or ``None``.
         solver_status: why the solver stopped (a :class:`SolveStatus` value: ``"converged"``,
-            ``"max_iterations"``, ``"nonpositive_curvature"``, ``"nonfinite"``, ``"fixed"``), or
-            ``None``.
+            ``"max_iterations"``, ``"nonpositive_curvature"``, ``"nonfinite"``, ``"fixed"``,
+            ``"diverging"``), or ``None``.
         unrolled_steps: inner steps differentiated through (``None`` for implicit methods).
         seconds: wall-clock time of the hyperstep.
         skipped: ``True`` when the step was refused as non-finite (``on_nonfinite="skip"``).

@@ -182,10 +182,13 @@ def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Σ_i ⟨a_i, b_i⟩ as a 0-dim tensor (no host synchronisation)."""
+    """Σ_i ⟨a_i, b_i⟩ as a real 0-dim tensor (no host synchronisation). Complex entries count as
+    pairs of reals (the real part of ``vdot``), the inner product under which autograd's HVPs of a
+    real loss are symmetric, as ``torch.optim`` treats complex parameters."""
     if not a:
         return torch.zeros(())
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]).sum()
+    parts = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+    return torch.stack([t.real if t.is_complex() else t for t in parts]).sum()
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -291,11 +294,15 @@ def check_batch(batch: Any, what: str, device: torch.device, dtype: torch.dtype)
     """Raise a clear error for a missing batch or a floating-point tensor on the wrong device or of
     the wrong dtype. Integer tensors are not checked: PyTorch wants some of them on the CPU
     whatever the model's device (``PackedSequence.batch_sizes``, the lengths given to
-    ``pack_padded_sequence``), and it names a misplaced label tensor itself."""
+    ``pack_padded_sequence``), and it names a misplaced label tensor itself. A complex model also
+    takes real tensors of its precision (complex64: float32), as complex layers usually do."""
     if batch is None:
         raise ValueError(f"{what} is required but was not given (None)")
+    real = dtype.to_real() if dtype.is_complex else None  # a complex model may take real inputs
     for t in iter_tensors(batch):
         if not t.is_floating_point():
+            continue
+        if t.dtype == real and t.device == device:
             continue
         if t.device != device:
             raise ValueError(

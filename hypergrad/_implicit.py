@@ -130,8 +130,10 @@ def _implicit(
         train_loss = penalties.recording(train_loss)
     lt = train_loss()
     probes = [] if penalties is None else penalties.probes
-    g_all = torch.autograd.grad(
-        lt, weights + probes, create_graph=True, allow_unused=True, materialize_grads=True
+    # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
+    # zeros that do, hiding which weights the training loss does not reach)
+    g_all = materialize(
+        torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True), weights + probes
     )
     gt = g_all[: len(weights)]
     if penalties is not None:
@@ -156,7 +158,7 @@ def _implicit(
     extra_hvps, power = 0, None
     if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
         solver, extra_hvps, power = solver(hvp)
-    sol = solver.solve(hvp, v1, x0=x0)
+    sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
     if gt_live:
         mixed_or_none = grads_or_none(gt_live, hparams, [sol.solution[i] for i in live], retain_graph=False)
     else:  # only the (first-order) penalties depend on the weights
@@ -183,6 +185,53 @@ def _implicit(
     if average is not None:
         average(hypergrad)
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
+
+
+def _solve_reached(
+    solver: LinearSolver,
+    hvp: HVP,
+    v1: Tensors,
+    x0: Sequence[Tensor] | None,
+    weights: Sequence[Tensor],
+    live: Sequence[int],
+    penalties: _DiagonalPenalties | None,
+    average: Callable[[Sequence[Tensor]], None] | None,
+) -> SolveResult:
+    """``solver`` on :math:`H x = v_1` restricted to the weights the training gradient depends on.
+
+    A weight whose training gradient is absent or constant (the training loss does not reach it,
+    e.g. a head used only by ``val_loss``; no penalty on it) has an exactly zero row and column in
+    :math:`H` and cannot move with the hyperparameters, while :math:`v_1` may be non-zero there:
+    the full system has no solution, and CG broke down on it (a step of size 1/rounding, then a
+    non-finite hypergradient). Its entries of the solution never reach the hypergradient (the
+    mixed term only reads the live weights'), so it is left out of the solve (entries 0)."""
+    solved = set(live)
+    if penalties is not None:
+        where = {id(w): k for k, w in enumerate(weights)}
+        solved |= {where[id(w)] for _, _, ws, _ in penalties.calls for w in ws if id(w) in where}
+    if average is not None:  # data parallel: a weight reached on any rank is reached
+        mask = torch.tensor(
+            [float(k in solved) for k in range(len(weights))], dtype=v1[0].real.dtype, device=v1[0].device
+        )
+        average([mask])
+        solved = {k for k, m in enumerate(mask.tolist()) if m > 0}
+    keep = sorted(solved)
+    if not keep or len(keep) == len(weights):
+        return solver.solve(hvp, v1, x0=x0)
+    unread = list(v1)  # hvp reads u only at live and penalised weights: the others are placeholders
+
+    def hvp_kept(u: Sequence[Tensor]) -> Tensors:
+        full = list(unread)
+        for k, t in zip(keep, u, strict=True):
+            full[k] = t
+        out = hvp(full)
+        return tuple(out[k] for k in keep)
+
+    sol = solver.solve(hvp_kept, [v1[k] for k in keep], x0=None if x0 is None else [x0[k] for k in keep])
+    x = [torch.zeros_like(w) for w in v1]
+    for k, t in zip(keep, sol.solution, strict=True):
+        x[k] = t
+    return dataclasses.replace(sol, solution=tuple(x))
 
 
 def implicit_hypergradient(

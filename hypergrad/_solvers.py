@@ -36,6 +36,10 @@ class SolveStatus(str, enum.Enum):
     NONPOSITIVE_CURVATURE = "nonpositive_curvature"  #: CG met :math:`p^\top (H + \delta I) p \le 0`
     NONFINITE = "nonfinite"  #: a non-finite right-hand side, HVP or curvature; the solution is NaN
     FIXED = "fixed"  #: a fixed number of terms, nothing checked (Neumann, Identity)
+    #: Neumann's last series term outgrew ``v`` (:math:`\|(I - \alpha H)^i v\| > \|v\|`): some
+    #: :math:`|1 - \alpha\lambda| > 1`, so the series diverges (``alpha`` too large, or :math:`H`
+    #: not positive definite) and its sum is no approximation of :math:`H^{-1} v`
+    DIVERGING = "diverging"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,11 @@ def _check_x0(v: Sequence[Tensor], x0: Sequence[Tensor] | None) -> None:
         )
 
 
+def _real_dtype(v: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of residuals (complex weights: their real precision)."""
+    return v[0].dtype.to_real()
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (need a bool)")
@@ -116,8 +125,10 @@ class Neumann(LinearSolver):
     :math:`1 - \alpha\lambda_{min}`. With :math:`i` terms it equals differentiating :math:`i + 1`
     SGD steps of learning rate :math:`\alpha` unrolled at the optimum. Given ``x0``, it runs
     :math:`i` Richardson iterations from ``x0`` (none free: ``x0 = 0`` gives one term fewer than
-    ``x0=None``). Cost: ``steps`` HVPs; memory: three weight-sized buffers; no host
-    synchronisation (status ``FIXED``).
+    ``x0=None``). Cost: ``steps`` HVPs; memory: three weight-sized buffers; one host
+    synchronisation. Status ``FIXED``, or from 0 ``DIVERGING`` when the last term is larger than
+    ``v`` (:math:`\|(I-\alpha H)^i v\| > \|v\|` proves a factor :math:`|1-\alpha\lambda| > 1`:
+    the series diverges and its sum is no approximation of :math:`H^{-1} v`).
 
     Args:
         steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`), or of
@@ -178,7 +189,7 @@ class Neumann(LinearSolver):
             if self.steps:
                 residual = norm(r) / norm(v).clamp_min(tiny)
             else:
-                residual = torch.full((), float("nan"), dtype=v[0].dtype, device=v[0].device)
+                residual = torch.full((), float("nan"), dtype=_real_dtype(v), device=v[0].device)
             return SolveResult(tuple(x), self.steps, residual, SolveStatus.FIXED)
         # from 0: term_j = (I - alpha H)^j v, acc = sum_j term_j, x = alpha * acc
         term = [t.clone() for t in v]
@@ -190,7 +201,9 @@ class Neumann(LinearSolver):
             torch._foreach_add_(acc, term)
         torch._foreach_mul_(acc, alpha)
         residual = norm(term) / norm(v).clamp_min(tiny)
-        return SolveResult(tuple(acc), self.steps, residual, SolveStatus.FIXED)
+        # a last term larger than v proves a factor |1 - alpha lambda| > 1: the series diverges
+        status = SolveStatus.DIVERGING if self.steps and bool(residual > 1) else SolveStatus.FIXED
+        return SolveResult(tuple(acc), self.steps, residual, status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +220,12 @@ class CG(LinearSolver):
       when warm-started);
     * ``MAX_ITERATIONS``: ``maxiter`` HVPs spent first;
     * ``NONPOSITIVE_CURVATURE``: a direction with :math:`p^\top (H + \delta I) p \le 0` (the
-      system is not positive definite); it stops there and returns the iterate so far, as
-      truncated CG does. Raise ``damping`` if this happens often;
+      system is not positive definite), or with a curvature lost in rounding, i.e. a Rayleigh
+      quotient :math:`p^\top (H+\delta I) p / p^\top p` below :math:`10\,\epsilon_{dtype}` times
+      the largest one met so far (:math:`H` numerically singular and ``v`` not in its range, e.g.
+      weights of ReLU units dead on the training batch: the next step would be of size
+      :math:`1/\text{rounding}`); it stops there and returns the iterate so far, as truncated CG
+      does. Raise ``damping`` if this happens often;
     * ``NONFINITE``: a non-finite ``v``, HVP or curvature; the solution is NaN, never a silent 0.
 
     The residual is not monotone in :math:`k`: on ill-conditioned systems it can rise above
@@ -275,6 +292,9 @@ class CG(LinearSolver):
         p = [t.clone() for t in r]
         stop = self.tol**2 * vv
         status = SolveStatus.NONFINITE
+        # curvature lost in rounding: a Rayleigh quotient below this times the largest one met
+        flat = 10 * torch.finfo(v[0].dtype).eps
+        top = 0.0
         while math.isfinite(vv) and math.isfinite(rs):
             if rs <= stop:
                 status = SolveStatus.CONVERGED
@@ -284,12 +304,14 @@ class CG(LinearSolver):
                 break
             ap = self._apply(hvp, p)
             it += 1
-            curvature = float(dot(p, ap))
+            curvature, pp = torch.stack([dot(p, ap), dot(p, p)]).tolist()  # one synchronisation
             if not math.isfinite(curvature):
                 break  # status stays NONFINITE
-            if curvature <= 0:  # truncated CG: stop on a direction of non-positive curvature
-                status = SolveStatus.NONPOSITIVE_CURVATURE
+            rayleigh = curvature / pp if pp > 0 else 0.0  # p != 0 here (r != 0: rs > stop >= 0)
+            if curvature <= 0 or rayleigh <= flat * top:  # truncated CG: stop on non-positive
+                status = SolveStatus.NONPOSITIVE_CURVATURE  # (or rounding-level) curvature
                 break
+            top = max(top, rayleigh)
             a = rs / curvature  # host floats (already synchronised): in-place updates
             torch._foreach_add_(x, p, alpha=a)
             torch._foreach_add_(r, ap, alpha=-a)
@@ -305,7 +327,7 @@ class CG(LinearSolver):
             rel = math.sqrt(rs / vv)
         else:  # v = 0: relative to nothing
             rel = 0.0 if rs == 0 else math.inf
-        return SolveResult(tuple(x), it, torch.tensor(rel, dtype=v[0].dtype, device=v[0].device), status)
+        return SolveResult(tuple(x), it, torch.tensor(rel, dtype=_real_dtype(v), device=v[0].device), status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,5 +354,5 @@ class Identity(LinearSolver):
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         sol = tuple(torch._foreach_mul(list(v), self.scale)) if self.scale != 1.0 else tuple(v)
-        nan = torch.full((), float("nan"), dtype=v[0].dtype, device=v[0].device)
+        nan = torch.full((), float("nan"), dtype=_real_dtype(v), device=v[0].device)
         return SolveResult(sol, 0, nan, SolveStatus.FIXED)

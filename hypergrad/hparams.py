@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -226,7 +227,10 @@ def _memo(raw: Tensor, what: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 def _as_tensor(init: float | Tensor, shape: Sequence[int] | None, dtype: torch.dtype | None) -> Tensor:
-    t = torch.as_tensor(init, dtype=dtype if dtype is not None else torch.get_default_dtype())
+    if dtype is None:  # a floating-point tensor keeps its precision (as nn.Parameter(init) would)
+        floating = isinstance(init, Tensor) and init.is_floating_point()
+        dtype = init.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
+    t = torch.as_tensor(init, dtype=dtype)
     if shape is not None:
         t = t.expand(tuple(shape)).clone()
     return t.detach().clone()
@@ -252,7 +256,7 @@ class Hparam(nn.Module):
         low: finite lower bound, for ``"interval"`` and ``"greater_than"`` (default: None).
         high: finite upper bound, > ``low``, for ``"interval"`` (default: None).
         shape: broadcast ``init`` to this shape (default: ``init``'s shape).
-        dtype: (default: torch's default dtype).
+        dtype: (default: ``init``'s when it is a floating-point tensor, else torch's default dtype).
 
     Raises:
         ValueError: ``init`` outside the domain, ``low >= high``, non-finite bounds, or bounds given
@@ -491,16 +495,37 @@ class ExampleWeights(nn.Module):
 
     def __init__(self, n: int, init: float = 0.5, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not isinstance(n, int) or n < 1:
+        try:
+            count = operator.index(n)  # an int, or a numpy integer (an array's shape entry)
+        except TypeError:
+            count = 0
+        if isinstance(n, bool) or count < 1:
             raise ValueError(f"Invalid number of examples: {n!r}")
-        value = _as_tensor(init, (n,), dtype)
+        value = _as_tensor(init, (count,), dtype)
         _check_domain(value, Constraint.UNIT, "ExampleWeights init")
         self.raw = nn.Parameter(torch.logit(value))
 
     def forward(self, index: Tensor) -> Tensor:
-        """Weights of the examples ``index`` (integer, ``(B,)``): ``(B,)``, differentiable."""
-        if index.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"ExampleWeights takes integer example indices, got dtype {index.dtype}")
+        """Weights of the examples ``index`` (integer, ``(B,)``): ``(B,)``, differentiable.
+
+        Raises:
+            TypeError: ``index`` is not an integer tensor (floats, or a boolean mask, which would
+                select a different number of weights than the batch has examples).
+            IndexError: an index outside ``[0, n)`` (a negative one would silently weight
+                another example, counted from the end). One host synchronisation.
+        """
+        if not isinstance(index, Tensor):
+            index = torch.as_tensor(index, device=self.raw.device)
+        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+            raise TypeError(
+                f"ExampleWeights takes integer example indices (hypergrad.data.WithIndex gives them), "
+                f"got dtype {index.dtype}"
+            )
+        if index.numel() and bool(index.min() < 0):
+            raise IndexError(
+                f"ExampleWeights got a negative example index ({int(index.min())}); indices must lie "
+                f"in [0, {self.raw.numel()}): the position of each example in the dataset"
+            )
         return torch.sigmoid(self.raw[index])
 
     @property

@@ -122,7 +122,7 @@ class Logger:
         histogram_every: int = 1,
         prefix: str = "hparams/",
     ) -> None:
-        if histogram_every < 0:
+        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
             raise ValueError(f"Invalid histogram_every: {histogram_every!r} (need an int >= 0)")
         self.history: list[dict[str, Any]] = []
         self.histogram_every = histogram_every
@@ -208,20 +208,34 @@ class Logger:
                 if isinstance(v, (int, float, str, bool)):
                     self.run.summary[k] = v
 
-    def to_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Write :attr:`history` as a CSV file (columns: the union of the rows' keys, ``step`` first)."""
+    def to_csv(self, path: str | os.PathLike[str], *, append: bool = False) -> Path:
+        """Write :attr:`history` as a CSV file (columns: the union of the rows' keys, ``step`` first).
+
+        Args:
+            path: the file (its folder is created).
+            append: keep the rows already in ``path`` (e.g. written before a run was resumed from
+                a checkpoint) and add :attr:`history` after them; columns are the union of both,
+                cells a row lacks stay empty (default: ``False``: overwrite).
+        """
+        out = Path(path)
+        rows: list[dict[str, Any]] = []
         keys: list[str] = []
-        for row in self.history:
+        if append and out.exists():
+            with out.open(newline="") as f:
+                reader = csv.DictReader(f)
+                keys.extend(reader.fieldnames or [])
+                rows.extend({k: v for k, v in r.items() if v != ""} for r in reader)
+        rows.extend(self.history)
+        for row in rows:
             keys.extend(k for k in row if k not in keys)
         if "step" in keys:
             keys.remove("step")
             keys.insert(0, "step")
-        out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(self.history)
+            w.writerows(rows)
         return out
 
     def finish(self) -> None:
