@@ -2,7 +2,7 @@
 
 >>> import hypergrad as hg
 >>> sorted(n for n in hg.__all__ if n[0].isupper())[:3]
-['BestResponse', 'CG', 'DisconnectedWarning']
+['BestResponse', 'CG', 'Direct']
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ._selftuning import BestResponse as BestResponse
 from ._selftuning import SelfTuning as SelfTuning
 from ._selftuning import selftuning_hypergradient as selftuning_hypergradient
 from ._solvers import CG as CG
+from ._solvers import Direct as Direct
 from ._solvers import Identity as Identity
 from ._solvers import LinearSolver as LinearSolver
 from ._solvers import Neumann as Neumann
@@ -40,6 +41,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "BestResponse",
     "CG",
+    "Direct",
     "DisconnectedWarning",
     "HyperOptimizer",
     "HyperStepInfo",

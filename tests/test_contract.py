@@ -177,6 +177,7 @@ METHODS: list[Method] = [
     Method("implicit-neumann", _implicit(hg.Neumann(steps=3))),
     Method("implicit-cg", _implicit(hg.CG(maxiter=5, damping=0.1))),
     Method("implicit-identity", _implicit(hg.Identity())),
+    Method("implicit-direct", _implicit(hg.Direct(damping=0.1))),
     Method("unrolled-reverse", _unrolled(3, "reverse"), needs_train=False),
     Method("unrolled-forward", _unrolled(2, "forward"), needs_train=False),
     Method("selftuning", _selftuning(), needs_train=False, problem=selftuning_problem, scenarios=False),

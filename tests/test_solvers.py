@@ -429,3 +429,42 @@ def test_warm_start_flag() -> None:
     assert hg.CG(warm_start=True).warm_start is True and hg.CG().warm_start is False
     assert hg.Neumann(warm_start=True).warm_start is True and hg.Neumann().warm_start is False
     assert hg.Identity().warm_start is False  # the base class default
+
+
+def test_direct_solves_spd_indefinite_and_singular_systems() -> None:
+    # positive definite: Cholesky, the exact solution, P HVPs, over several blocks
+    a = _spd(12, 1e6, log=True)
+    b = torch.randn(12, dtype=DT)
+    res = hg.Direct().solve(_split_hvp(a, [5, 7]), tuple(b.split([5, 7])))
+    exact = torch.linalg.solve(a, b)
+    assert _rel(torch.cat(res.solution), exact.numpy()) < 1e-8
+    assert res.iterations == 12 and res.status is SolveStatus.CONVERGED and float(res.residual) < 1e-9
+    # damping shifts the system
+    res = hg.Direct(damping=0.7).solve(lambda u: (a @ u[0],), (b,))
+    assert _rel(res.solution[0], torch.linalg.solve(a + 0.7 * torch.eye(12, dtype=DT), b).numpy()) < 1e-10
+    # indefinite: LU gives H^-1 v, flagged
+    c = _indefinite()
+    bc = torch.randn(30, dtype=DT)
+    res = hg.Direct().solve(lambda u: (c @ u[0],), (bc,))
+    assert res.status is SolveStatus.NONPOSITIVE_CURVATURE
+    assert _rel(res.solution[0], torch.linalg.solve(c, bc).numpy()) < 1e-9
+    # singular: the minimum-norm least-squares solution
+    s = torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=DT))
+    res = hg.Direct().solve(lambda u: (s @ u[0],), (torch.tensor([1.0, 1.0, 1.0], dtype=DT),))
+    assert res.status is SolveStatus.NONPOSITIVE_CURVATURE
+    torch.testing.assert_close(res.solution[0], torch.tensor([0.5, 1.0, 0.0], dtype=DT))
+    assert float(res.residual) == pytest.approx(1 / math.sqrt(3), rel=1e-12)
+    # non-finite HVPs: NaN, said so
+    res = hg.Direct().solve(lambda u: (u[0] * math.nan,), (torch.ones(2, dtype=DT),))
+    assert res.status is SolveStatus.NONFINITE and bool(res.solution[0].isnan().all())
+
+
+def test_direct_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="max_size=4"):
+        hg.Direct(max_size=4).solve(lambda u: u, (torch.ones(5, dtype=DT),))
+    with pytest.raises(ValueError, match="real systems"):
+        hg.Direct().solve(lambda u: u, (torch.ones(2, dtype=torch.complex128),))
+    bads = (lambda: hg.Direct(damping=-1.0), lambda: hg.Direct(max_size=0), lambda: hg.Direct(max_size=True))
+    for bad in bads:
+        with pytest.raises(ValueError, match="Invalid Direct"):
+            bad()
