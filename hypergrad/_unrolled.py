@@ -27,7 +27,7 @@ from ._checkpointed import checkpointed_hypergradient
 from ._functional import check_batch, clone_all, clone_batch, grads_or_none, grads_or_zeros, materialize
 from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
-from .hparams import _reusing_values
+from .hparams import WeightDecay, _reusing_values
 
 
 def _load_forward_ad() -> None:
@@ -261,6 +261,8 @@ class Unrolled(HyperOptimizer):
                 "AD through the gradient all-reduce); use mode='reverse'"
             )
         self._update = update_for(inner_optimizer)
+        #: WeightDecay containers whose penalties the reverse-mode replay differentiates itself
+        self._decays = [m for m in self.hparams.modules() if isinstance(m, WeightDecay)]
         self._records: collections.deque[_Record] = collections.deque()
         self._versions: tuple[int, ...] = ()
         self._since_anchor = 0  # records since the newest anchor
@@ -396,14 +398,35 @@ class Unrolled(HyperOptimizer):
     ) -> tuple[Tensors, list[State], Tensors]:
         """One recorded step, differentiably: ``(weights, states, buffers)`` after it."""
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
-            if rec.rng is not None:
-                self._set_rng_state(rec.rng)
-            loss, buffers = self.pair.call(
-                self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
-            )
-        grads = materialize(grads_or_none(loss, weights, create_graph=create_graph), weights)
-        grads = self.ranks.mean(grads)  # data parallel: the averaged gradient the real step used
+        # WeightDecay penalties give their value only; their gradient c * d * w is added below,
+        # with its graph: far cheaper to differentiate than the double backward of d * w^2
+        decays = self._decays if create_graph and self.mode is Mode.REVERSE else []
+        calls: list[tuple[Tensor, list[Tensor], list[Tensor]]] = []
+        for m in decays:
+            m._first_order_calls, m._replaying = [], True
+        try:
+            with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
+                if rec.rng is not None:
+                    self._set_rng_state(rec.rng)
+                loss, buffers = self.pair.call(
+                    self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
+                )
+        finally:
+            for m in decays:
+                calls += m._first_order_calls or []
+                m._first_order_calls, m._replaying = None, False
+        probes = [probe for probe, _, _ in calls]
+        g_all = grads_or_none(loss, list(weights) + probes, create_graph=create_graph)
+        grads = list(materialize(g_all[: len(weights)], weights))
+        where = {id(w): k for k, w in enumerate(weights)}
+        for (_, ws, ds), c in zip(calls, g_all[len(weights) :], strict=True):
+            if c is None:
+                continue  # the loss did not use this penalty
+            for w, d in zip(ws, ds, strict=True):
+                k = where.get(id(w))
+                if k is not None:
+                    grads[k] = grads[k] + c * (d * w)
+        grads = list(self.ranks.mean(grads))  # data parallel: the averaged gradient the real step used
         tuned = self._hparam_values(hp)
         new_w: list[Tensor] = list(weights)
         states = list(states)

@@ -370,6 +370,8 @@ class WeightDecay(nn.Module):
         self.max: float | None = None if max is None else float(max)
         #: set by Implicit while it evaluates the training loss (see _first_order_penalty)
         self._first_order_calls: list[tuple[Tensor, list[Tensor], list[Tensor]]] | None = None
+        #: set by Unrolled while it replays a step (see _valued_penalty)
+        self._replaying = False
         model = unwrap_model(model)  # names as the bare module has them (DDP, torch.compile)
         names = [
             n for n, p in model.named_parameters() if p.requires_grad and (include is None or include(n))
@@ -436,7 +438,9 @@ class WeightDecay(nn.Module):
         if missing:
             raise KeyError(f"WeightDecay.penalty: the model has no parameter(s) {missing[:3]}")
         if self._first_order_calls is not None:
-            return self._first_order_penalty([params[n] for n in self.names])
+            ws: list[Tensor] = [params[n] for n in self.names]
+            replaying = getattr(self, "_replaying", False)  # (modules pickled before it existed)
+            return self._valued_penalty(ws) if replaying else self._first_order_penalty(ws)
         terms = [(self._decay(self.raw[self._index[n]]) * params[n].square()).sum() for n in self.names]
         return 0.5 * torch.stack(terms).sum()
 
@@ -454,6 +458,19 @@ class WeightDecay(nn.Module):
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
         return (linear - linear.detach()) + value + (probe - 1)
+
+    def _valued_penalty(self, ws: list[Tensor]) -> Tensor:
+        """The penalty's value only, no derivative (for :class:`~hypergrad.Unrolled`'s replay, which
+        adds the gradient ``c * d * w`` itself, with its graph to ``d`` and ``w``: two products per
+        weight to differentiate instead of the double backward of a square). The decays are
+        recorded with their graph; a probe records the coefficient ``c``."""
+        ds = [self._decay(self.raw[self._index[n]]) for n in self.names]
+        with torch.no_grad():
+            value = 0.5 * torch.stack([(d * w.square()).sum() for d, w in zip(ds, ws, strict=True)]).sum()
+        probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
+        assert self._first_order_calls is not None
+        self._first_order_calls.append((probe, ws, ds))
+        return value + (probe - 1)
 
     def extra_repr(self) -> str:
         bound = "" if self.max is None else f", max={self.max}"
