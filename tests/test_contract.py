@@ -32,10 +32,11 @@ def _implicit(solver: hg.LinearSolver) -> Callable[..., hg.HyperOptimizer]:
     return make
 
 
-def _unrolled(steps: int, mode: str) -> Callable[..., hg.HyperOptimizer]:
+def _unrolled(steps: int, mode: str, **opts: Any) -> Callable[..., hg.HyperOptimizer]:
     def make(model, hp, tl, vl, inner, outer, **kw):
         return hg.Unrolled(
-            model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer, steps=steps, mode=mode, **kw
+            model, hp, tl, vl, inner_optimizer=inner, outer_optimizer=outer, steps=steps, mode=mode,
+            **opts, **kw,
         )
 
     return make
@@ -180,6 +181,7 @@ METHODS: list[Method] = [
     Method("implicit-direct", _implicit(hg.Direct(damping=0.1))),
     Method("unrolled-reverse", _unrolled(3, "reverse"), needs_train=False),
     Method("unrolled-forward", _unrolled(2, "forward"), needs_train=False),
+    Method("unrolled-checkpoint", _unrolled(3, "reverse", checkpoint=True), needs_train=False),
     Method("selftuning", _selftuning(), needs_train=False, problem=selftuning_problem, scenarios=False),
     Method(
         "selftuning-delta",
