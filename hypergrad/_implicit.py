@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
 from ._functional import clone_all, dot, grads_or_none, grads_or_zeros, materialize, norm
-from ._solvers import LinearSolver, Neumann, SolveResult
+from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus
 from ._types import HVP, Batch, LossFn, Tensors
 from .hparams import WeightDecay
 
@@ -109,7 +109,7 @@ def _implicit(
     val_loss: Callable[[], Tensor],
     weights: Sequence[Tensor],
     hparams: Sequence[Tensor],
-    solver: LinearSolver | Callable[[HVP], tuple[LinearSolver, int, Any]],
+    solver: LinearSolver | Callable[[HVP, Any], tuple[LinearSolver, int, Any]],
     x0: Sequence[Tensor] | None = None,
     average: Callable[[Sequence[Tensor]], None] | None = None,
     penalties: _DiagonalPenalties | None = None,
@@ -155,10 +155,17 @@ def _implicit(
             penalties.add_hvp(out, u, weights)
         return out
 
-    extra_hvps, power = 0, None
+    extra_hvps, power, choose = 0, None, None
     if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
-        solver, extra_hvps, power = solver(hvp)
+        choose = solver
+        solver, extra_hvps, power = choose(hvp, None)
     sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
+    if choose is not None and power is not None and _stale_step_size(solver, sol):
+        # the series grew by more than 2 per term: alpha * lambda_max > 3, the curvature has grown
+        # since the step size was estimated; re-estimate it now and solve again
+        solver, more, power = choose(hvp, power)
+        extra_hvps += more + sol.iterations
+        sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
     if gt_live:
         mixed_or_none = grads_or_none(gt_live, hparams, [sol.solution[i] for i in live], retain_graph=False)
     else:  # only the (first-order) penalties depend on the weights
@@ -185,6 +192,15 @@ def _implicit(
     if average is not None:
         average(hypergrad)
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
+
+
+def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
+    r"""Whether a Neumann series from 0 grew by more than a factor 2 per term: a sign that
+    :math:`\alpha\lambda_{max} > 3` (a stale step size), which negative curvature alone, with
+    :math:`|\lambda_{min}| \le \lambda_{max}` and a current :math:`\alpha`, does not give."""
+    if not isinstance(solver, Neumann) or sol.status is not SolveStatus.DIVERGING or solver.steps < 1:
+        return False
+    return float(sol.residual) > 2.0**solver.steps
 
 
 def _solve_reached(
@@ -353,7 +369,10 @@ class Implicit(HyperOptimizer):
     * ``"power"``: :math:`1/\hat\lambda_{max}`, with :math:`\hat\lambda_{max}` the largest
       Hessian eigenvalue (in magnitude) estimated by power iteration on the hyperstep's own
       training batch: 20 HVPs the first time, then 5 warm-started HVPs every 10 hypersteps,
-      counted in ``info.solver_iterations``;
+      and 20 warm-started ones at once (then a second solve) when the series grows by more than
+      2 per term, a sign that the curvature outgrew the estimate (progressive sharpening); all
+      counted in ``info.solver_iterations``. A series that still grows (status ``DIVERGING``)
+      meets negative curvature: use ``CG`` with ``damping`` there;
     * ``None`` (default): ``"lr"`` for ``torch.optim.SGD`` without momentum and a single
       learning rate, ``"power"`` otherwise.
 
@@ -479,13 +498,15 @@ class Implicit(HyperOptimizer):
             return dataclasses.replace(self.solver, alpha=1.0 / self._power[0])
         return self.solver
 
-    def _choose_solver(self, hvp: HVP) -> tuple[LinearSolver, int, Any]:
-        """Neumann with ``alpha = 1/lambda_max`` from (warm-started) power iteration."""
+    def _choose_solver(self, hvp: HVP, stale: Any = None) -> tuple[LinearSolver, int, Any]:
+        """Neumann with ``alpha = 1/lambda_max`` from (warm-started) power iteration; ``stale``: an
+        estimate that made the series blow up in this hyperstep, to refresh now (warm-started,
+        the full number of iterations)."""
         assert isinstance(self.solver, Neumann)
-        extra, power = 0, self._power
-        if power is None or self.hyper_steps - power[2] >= _POWER_EVERY:
+        extra, power = 0, self._power if stale is None else stale
+        if stale is not None or power is None or self.hyper_steps - power[2] >= _POWER_EVERY:
             start = None if power is None else power[1]
-            iters = _POWER_ITERS if power is None else _POWER_REFRESH_ITERS
+            iters = _POWER_ITERS if power is None or stale is not None else _POWER_REFRESH_ITERS
             lam, vec = power_iteration(hvp, self._hessian_weights(), iters, start)
             if not lam > 0:  # zero / non-finite Hessian: leave it to the guards downstream
                 lam = float("nan") if lam != lam else float(torch.finfo(self.dtype).tiny)
@@ -509,7 +530,7 @@ class Implicit(HyperOptimizer):
             train_value.append(value.detach())
             return value
 
-        solver: LinearSolver | Callable[[HVP], tuple[LinearSolver, int, Any]] = self.current_solver()
+        solver: LinearSolver | Callable[[HVP, Any], tuple[LinearSolver, int, Any]] = self.current_solver()
         if isinstance(self.solver, Neumann) and self._alpha_rule() == "power":
             solver = self._choose_solver
         x0 = self._x0 if self.solver.warm_start else None

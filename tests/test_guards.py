@@ -997,6 +997,46 @@ def test_neumann_with_adam_uses_power_iteration_and_is_accurate(make) -> None:
     assert info2.solver_iterations == 50  # the estimate is reused
 
 
+def test_neumann_refreshes_a_step_size_the_curvature_outgrew() -> None:
+    """Curvature grows during training (progressive sharpening) faster than the power-iteration
+    estimate is refreshed (every 10 hypersteps): a series blowing up by more than 2 per term
+    re-estimates lambda_max at once and solves again (the README's digits example had Neumann
+    residuals of ~2500 a few hypersteps in), giving the hypergradient a fresh estimate gives."""
+    p = ht.ridge()
+    p.solve_inner()
+    scale = [1.0]
+
+    def train(m, h, b):  # the data term's curvature times scale[0]
+        return scale[0] * _mse_of(p, m, h, b) + h.penalty(m)
+
+    def make() -> hg.Implicit:
+        return hg.Implicit(
+            p.model, p.hparams, train, p.val_loss,
+            inner_optimizer=torch.optim.Adam(p.model.parameters(), lr=1e-3),
+            outer_optimizer=torch.optim.SGD(p.hparams.parameters(), lr=0.0),
+            solver=hg.Neumann(steps=30),
+        )
+
+    hopt = make()
+    first = hopt.hyper_step(train_batch=p.train_batch, val_batch=p.val_batch)
+    assert first.solver_iterations == 20 + 30 and first.solver_status == "fixed"
+    scale[0] = 25.0  # the estimate is now 25x too small: alpha * lambda_max ~ 25
+    info = hopt.hyper_step(train_batch=p.train_batch, val_batch=p.val_batch)
+    got = p.hparams.raw[0].grad.clone()
+    assert info.solver_status == "fixed" and info.solver_residual < 1.0
+    assert info.solver_iterations == 30 + 20 + 30  # the blown-up solve, the refresh, the solve
+    fresh = make()  # a first estimate at the new curvature
+    fresh.hyper_step(train_batch=p.train_batch, val_batch=p.val_batch)
+    torch.testing.assert_close(got, p.hparams.raw[0].grad, rtol=0.05, atol=0.0)
+    again = hopt.hyper_step(train_batch=p.train_batch, val_batch=p.val_batch)
+    assert again.solver_iterations == 30  # the refreshed estimate is kept
+
+
+def _mse_of(p, m, h, b) -> torch.Tensor:
+    """The ridge problem's data term (its train loss without the penalty)."""
+    return p.train_loss(m, h, b) - h.penalty(m)
+
+
 def test_neumann_alpha_lr_with_adam_warns_once() -> None:
     p = ht.ridge()
     p.solve_inner()
