@@ -44,3 +44,22 @@ def test_benchmark_results_are_not_ignored_by_git() -> None:
         assert ignored.returncode == 1, (
             f"{f.relative_to(ROOT)} is ignored by .gitignore, so it would not land"
         )
+
+
+def test_readme_drop_in_example_runs(tmp_path: Path) -> None:
+    """The README's first Python block (the drop-in example) runs as printed, from another folder,
+    and prints finite outer losses, hypergradient norms and solver residuals."""
+    import re
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    script = tmp_path / "example.py"
+    script.write_text("import torch\ntorch.set_num_threads(1)\n" + block)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[float(v) for v in line.split()] for line in out.stdout.strip().splitlines()]
+    assert len(rows) >= 5 and all(len(r) == 3 for r in rows)
+    assert all(all(v == v and abs(v) < float("inf") for v in r) for r in rows)
