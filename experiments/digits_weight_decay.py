@@ -176,7 +176,9 @@ def train_learned(
     )
     traj = Trajectory()
     traj.record(0, evaluate(model, val)[0], hp)
-    bar = tqdm(range(1, epochs + 1), desc="per-weight decay (IFT)", unit="ep", mininterval=0.25)
+    bar = tqdm(
+        range(1, epochs + 1), desc="per-weight decay (IFT)", unit="ep", mininterval=0.25, disable=_BARS_OFF
+    )
     for epoch in bar:
         loss = hopt.step(train)
         if epoch % HYPER_EVERY == 0:
@@ -245,6 +247,10 @@ def plot(traj: Trajectory, hp: hg.hparams.WeightDecay, results: list[Result], ou
     plt.close(fig)
 
 
+#: tqdm's ``disable``: None shows the bars only when stderr is a terminal (no redraws in CI logs)
+_BARS_OFF: bool | None = None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -252,10 +258,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1000, help="full-batch steps per run")
     parser.add_argument("--seed", type=int, default=0, help="split and initialisation")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--out", type=Path, default=Path("results/digits_weight_decay.png"), help="where to save the plot"
     )
     args = parser.parse_args()
+    global _BARS_OFF
+    _BARS_OFF = True if args.no_progress else None
     if args.epochs < HYPER_EVERY:
         parser.error(f"--epochs must be at least {HYPER_EVERY}")
 
@@ -277,7 +286,7 @@ def main() -> None:
     results = [Result("no weight decay", evaluate(model, val), evaluate(model, test))]
 
     grid: list[tuple[float, nn.Module]] = []
-    bar = tqdm(GRID, desc="global decay grid", unit="run")
+    bar = tqdm(GRID, desc="global decay grid", unit="run", disable=_BARS_OFF)
     for decay in bar:
         grid.append((decay, train_global(decay, data, args.epochs, args.seed, device)))
         bar.set_postfix(decay=f"{decay:.0e}", val=f"{evaluate(grid[-1][1], val)[0]:.4f}")

@@ -36,6 +36,8 @@ from .experiments.common import (
     Experiment,
     Timer,
     _coerce,
+    check_settings,
+    describe_setting,
     format_table,
     parse_value,
     write_run,
@@ -55,8 +57,8 @@ def build_config(
     or ``"paper"``), then ``key=value`` strings, then ``method`` and ``seed``.
 
     Raises:
-        SystemExit: an unknown key, a value of the wrong type, or a method the experiment lacks
-            (the message names the valid choices).
+        SystemExit: an unknown key, a value of the wrong type or out of range, or a method the
+            experiment lacks (the message names the key and the values it accepts).
     """
     config = dict(exp.defaults)
     config.setdefault("seed", 0)
@@ -76,13 +78,53 @@ def build_config(
         try:
             config[key] = parse_value(text, config[key])
         except ValueError as e:
-            raise SystemExit(f"hypergrad: setting {key}: {e}") from None
+            raise SystemExit(
+                f"hypergrad: setting {key}: {e}; {exp.name}'s {key} is {describe_setting(exp, key)}"
+            ) from None
     if method is not None:
         config["method"] = method
     if seed is not None:
         config["seed"] = seed
     _check_method(exp, config)
+    _check_settings(exp, config)
     return config
+
+
+def _check_settings(exp: Experiment, config: dict[str, Any]) -> None:
+    try:
+        check_settings(exp, config)
+    except ValueError as e:
+        raise SystemExit(f"hypergrad: {e}") from None
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the run folder (refusing one that cannot be written) and remove the files of a
+    previous run there (results.json, trajectory.csv and the plots its results.json lists), so a
+    second run into the same folder never leaves a mix of two runs."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"hypergrad run: --out {str(out)!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".hypergrad-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(
+            f"hypergrad run: cannot write the run folder {str(out)!r}: {e.strerror or e}"
+        ) from None
+    previous = out / "results.json"
+    if not previous.exists():
+        return
+    try:
+        plots = json.loads(previous.read_text()).get("plots", [])
+    except (OSError, ValueError, AttributeError):
+        plots = []
+    stale = ["results.json", "trajectory.csv", *(p for p in plots if isinstance(p, str))]
+    for name in stale:
+        path = out / name
+        if Path(name).name == name and path.is_file():
+            path.unlink()
+    print(f"hypergrad run: replacing the previous run in {out}/", file=sys.stderr)
 
 
 def _check_method(exp: Experiment, config: dict[str, Any]) -> None:
@@ -142,6 +184,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.threads))
     out = args.out if args.out is not None else Path("results") / exp.name
+    _prepare_out(out)
     try:
         logger = hglog.Logger(
             wandb=args.wandb,
@@ -155,10 +198,21 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
         raise SystemExit(f"hypergrad run --wandb: {e}") from None
     if args.wandb:
         # a sweep agent's choices arrive in wandb.config: they win over the command line
-        for k, v in logger.config.items():
-            if k in config and k != "experiment":
-                config[k] = _coerce(v, exp.defaults.get(k, config[k]))
-        _check_method(exp, config)
+        try:
+            for k, v in logger.config.items():
+                if k in config and k != "experiment":
+                    try:
+                        config[k] = _coerce(v, exp.defaults.get(k, config[k]))
+                    except ValueError as e:
+                        raise SystemExit(
+                            f"hypergrad: wandb.config {k}: {e}; "
+                            f"{exp.name}'s {k} is {describe_setting(exp, k)}"
+                        ) from None
+            _check_method(exp, config)
+            _check_settings(exp, config)
+        except SystemExit:
+            logger.finish()
+            raise
     torch.manual_seed(int(config["seed"]))
     ctx = Context(exp, config, device=device, out=out, logger=logger, progress=not args.no_progress)
     print(f"hypergrad run {exp.name} ({size}): {exp.title}\n  settings: {config}\n  device: {device}")
@@ -227,11 +281,26 @@ def _report(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.results] or sorted(Path().glob(DEFAULT_RESULTS))
     if not paths:
         raise SystemExit(f"hypergrad report: no results files (looked for {DEFAULT_RESULTS})")
+    for path in paths:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"hypergrad report: cannot read {str(path)!r}: {e}") from None
+        required = ("title", "paper", "command", "claim", "headline", "machine", "wall_seconds")
+        missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise SystemExit(
+                f"hypergrad report: {str(path)!r} is not a `hypergrad run` results.json "
+                f"(no {', '.join(missing)})"
+            )
     table = report(paths)
     if args.stdout:
         print(table)
         return 0
-    text = args.readme.read_text()
+    try:
+        text = args.readme.read_text()
+    except OSError as e:
+        raise SystemExit(f"hypergrad report: cannot read {str(args.readme)!r}: {e.strerror or e}") from None
     if REPORT_START not in text or REPORT_END not in text:
         raise SystemExit(
             f"hypergrad report: {args.readme} lacks the marker lines\n{REPORT_START}\n{REPORT_END}"
@@ -245,7 +314,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _show(name: str) -> int:
     if name not in REGISTRY:
-        raise SystemExit(f"hypergrad: no experiment {name!r}")
+        raise SystemExit(f"hypergrad: no experiment {name!r}; experiments: {', '.join(sorted(REGISTRY))}")
     exp = REGISTRY[name]
     print(f"{exp.name}: {exp.title}\npaper: {exp.paper}\nclaim: {exp.claim}")
     if exp.methods:
@@ -253,7 +322,7 @@ def _show(name: str) -> int:
     for k, v in exp.defaults.items():
         q = f"  (quick: {exp.quick[k]})" if k in exp.quick else ""
         p = f"  (paper: {exp.paper_size[k]})" if k in exp.paper_size else ""
-        print(f"  {k} = {v!r}{q}{p}")
+        print(f"  {k} = {v!r}{q}{p}  [{describe_setting(exp, k)}]")
     return 0
 
 

@@ -35,16 +35,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import netrc
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .hparams import summary, values
 
-__all__ = ["Logger", "wandb_mode", "import_wandb", "WANDB_INSTALL_HINT"]
+__all__ = ["Logger", "scalar", "wandb_mode", "import_wandb", "WANDB_INSTALL_HINT"]
 
 WANDB_INSTALL_HINT = "wandb is not installed: pip install hypergrad[wandb]  (or: pip install wandb)"
 
@@ -88,6 +90,45 @@ def wandb_mode(mode: str | None = None) -> str:
     if env:
         return env
     return "online" if _has_api_key() else "offline"
+
+
+def scalar(key: str, value: Any) -> bool | int | float | str | None:
+    """``value`` as a plain Python scalar for a log row: ``str``, ``bool``, ``int``, ``float`` and
+    ``None`` stay (the caller leaves ``None`` out), a NumPy scalar or a one-element tensor or array
+    becomes the Python number it holds (non-finite values kept as they are).
+
+    Raises:
+        ValueError: ``value`` has several elements or is not a number (the message names ``key``).
+
+    >>> import numpy as np, torch
+    >>> scalar("a", torch.tensor([2.0])), scalar("b", np.int64(3)), scalar("c", "cg"), scalar("d", None)
+    (2.0, 3, 'cg', None)
+    """
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):  # NumPy integers
+        return int(value)
+    if isinstance(value, numbers.Real):  # NumPy floats
+        return float(value)
+    if isinstance(value, torch.Tensor) or hasattr(value, "dtype") and hasattr(value, "size"):
+        n = value.numel() if isinstance(value, torch.Tensor) else int(value.size)
+        if n != 1:
+            raise ValueError(
+                f"Logger: {key!r} has {n} elements, not one: log a scalar (e.g. its mean) per key"
+            )
+        item = value.item()
+        if isinstance(item, (bool, int, float)):
+            return item
+    raise ValueError(f"Logger: {key!r} is a {type(value).__name__}, not a number or a string")
+
+
+def _scalars(row: Mapping[str, Any], *, as_float: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        s = scalar(k, v)
+        if s is not None:
+            out[k] = float(s) if as_float and not isinstance(s, str) else s
+    return out
 
 
 class Logger:
@@ -152,8 +193,13 @@ class Logger:
         return dict(self.run.config)
 
     def log(self, row: Mapping[str, Any], step: int | None = None) -> dict[str, Any]:
-        """Record any flat row of scalars (and send it to wandb); returns the stored row."""
-        stored = dict(row)
+        """Record any flat row of scalars (and send it to wandb); returns the stored row.
+
+        Values are stored as plain Python scalars (:func:`scalar`): strings and numbers stay, NumPy
+        scalars and one-element tensors become the number they hold, ``None`` values are left out;
+        a tensor with several elements is refused with a ``ValueError`` naming its key.
+        """
+        stored: dict[str, Any] = _scalars(row)
         if step is not None:
             stored["step"] = step
         self.history.append(stored)
@@ -167,15 +213,22 @@ class Logger:
         """Log one hyperstep: the fields of ``info`` (a :class:`~hypergrad.HyperStepInfo`), the
         extra scalars given as keywords, and a summary (and histograms) of ``hparams``.
 
+        ``info`` may also be a dict (``dataclasses.asdict(info)``, or your own fields). Values are
+        converted as in :meth:`log`, numbers to ``float``; ``None`` fields and keywords are left out.
+
         Returns:
             The flat row as stored in :attr:`history` (``None`` fields of ``info`` left out).
         """
-        row: dict[str, Any] = {}
-        for k, v in dataclasses.asdict(info).items():
-            if v is None:
-                continue
-            row[k] = v if isinstance(v, str) else float(v)
-        row.update({k: float(v) for k, v in extra.items()})
+        if dataclasses.is_dataclass(info) and not isinstance(info, type):
+            fields = dataclasses.asdict(info)
+        elif isinstance(info, Mapping):
+            fields = dict(info)
+        else:
+            raise TypeError(
+                f"Logger.hyper_step: info must be a HyperStepInfo (or a dict), got {type(info).__name__}"
+            )
+        row: dict[str, Any] = _scalars(fields, as_float=True)
+        row.update(_scalars(extra, as_float=True))
         if hparams is not None:
             row.update({f"{self.prefix}{k}": v for k, v in summary(hparams).items()})
         self._calls += 1
@@ -190,9 +243,10 @@ class Logger:
             if hparams is not None and self.histogram_every and self._calls % self.histogram_every == 0:
                 for k, v in values(hparams).items():
                     if v.numel() > 1:
-                        send[f"{self.prefix}{k}.hist"] = self._wandb.Histogram(
-                            v.detach().reshape(-1).float().cpu().numpy()
-                        )
+                        flat = v.detach().reshape(-1).float().cpu()
+                        flat = flat[torch.isfinite(flat)]  # a NaN would make wandb.Histogram raise
+                        if flat.numel():
+                            send[f"{self.prefix}{k}.hist"] = self._wandb.Histogram(flat.numpy())
             self.run.log(send, step=step)
         return stored
 
@@ -202,11 +256,16 @@ class Logger:
             self.run.log({key: self._wandb.Image(str(path))})
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
-        """Set the run's final metrics (wandb's run summary); no-op without wandb."""
+        """Set the run's final metrics (wandb's run summary); no-op without wandb. Numbers, NumPy
+        scalars and one-element tensors are stored as numbers; other values are left out."""
         if self.run is not None:
             for k, v in metrics.items():
-                if isinstance(v, (int, float, str, bool)):
-                    self.run.summary[k] = v
+                try:
+                    value = scalar(k, v)
+                except ValueError:
+                    continue  # not a scalar: no summary entry
+                if value is not None:
+                    self.run.summary[k] = value
 
     def to_csv(self, path: str | os.PathLike[str], *, append: bool = False) -> Path:
         """Write :attr:`history` as a CSV file (columns: the union of the rows' keys, ``step`` first).

@@ -23,7 +23,7 @@ import torch
 import hypergrad as hg
 import hypergrad.testing as ht
 
-from .common import Context, Outcome, plt, register
+from .common import Context, Limit, Outcome, plt, register
 
 METHODS = ("identity", "neumann", "cg", "unrolled")
 
@@ -100,6 +100,7 @@ def hypergradient(p: ht.BilevelProblem, method: str, k: int, lam_max: float) -> 
     defaults={"problems": "ridge,logistic", "steps": "1,2,5,10,20,50,100", "seed": 0},
     quick={"problems": "ridge", "steps": "1,5"},
     paper_size={"steps": "1,2,5,10,20,50,100,200"},
+    limits={"problems": Limit(items=str, choices=("ridge", "logistic")), "steps": Limit(1, items=int)},
 )
 def run(ctx: Context) -> Outcome:
     """Relative error and cosine of each method against the exact hypergradient."""

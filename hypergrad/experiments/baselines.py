@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import hyperclean as hc
 from . import overfit_val as ov
-from .common import REGISTRY, Context, Outcome, accuracy, ce_loss, digits_split, plt, register
+from .common import REGISTRY, Context, Limit, Outcome, accuracy, ce_loss, digits_split, plt, register
 
 SAMPLERS = ("random", "tpe")
 
@@ -213,6 +213,7 @@ def _rows(
     "hypergradient tunes thousands in about one training run",
     defaults={"targets": "overfit_val,hyperclean", "budget_multiple": 4.0, "max_trials": 40, "seed": 0},
     quick={"budget_multiple": 2.0, "max_trials": 3},
+    limits={"targets": Limit(items=str, choices=("overfit_val", "hyperclean"))},
 )
 def run(ctx: Context) -> Outcome:
     """Both searches on both targets; table at 1x and the full budget; best-so-far plot."""

@@ -34,6 +34,9 @@ __all__ = [
     "Outcome",
     "REGISTRY",
     "register",
+    "Limit",
+    "COMMON_LIMITS",
+    "check_settings",
     "parse_value",
     "machine_info",
     "versions",
@@ -78,6 +81,8 @@ class Experiment:
         paper_size: overrides for ``--paper`` (the paper-sized setting, for a GPU).
         run: the function.
         methods: the values ``--method`` accepts (empty: the experiment has no method switch).
+        limits: the allowed values of settings, beyond :data:`COMMON_LIMITS` and the type rules
+            of :func:`check_settings` (``{name: Limit}``).
     """
 
     name: str
@@ -90,6 +95,152 @@ class Experiment:
     paper_size: dict[str, Any]
     run: Callable[[Context], Outcome]
     methods: tuple[str, ...] = ()
+    limits: dict[str, Limit] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """The allowed values of a setting: a number in ``[low, high]`` (``low_open`` / ``high_open``
+    exclude the end; ``None``: unbounded), or, with ``items``, a comma-separated list of ``int``,
+    ``float`` or ``str`` items, each in the bounds (or, for ``str``, one of ``choices``).
+
+    >>> Limit(0, 1, high_open=True).describe(0.5)
+    'a number in [0, 1)'
+    >>> Limit(1, items=int).describe("1,2")
+    'comma-separated integers >= 1'
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    items: type | None = None
+    choices: tuple[str, ...] = ()
+
+    def _bounds(self) -> str:
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.low_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if self.high_open else '<='} {hi:g}"
+        return ""
+
+    def describe(self, like: Any) -> str:
+        """What the setting accepts, in words (``like``: its default)."""
+        if self.items is not None:
+            if self.choices:
+                return f"comma-separated items from {', '.join(self.choices)}"
+            kind = {int: "integers", float: "numbers"}.get(self.items, "items")
+            return f"comma-separated {kind} {self._bounds()}".rstrip()
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        kind = "an integer" if isinstance(like, int) else "a number"
+        return f"{kind} {self._bounds()}".rstrip()
+
+    def accepts(self, value: float) -> bool:
+        """Whether the number ``value`` lies in the bounds (and is finite)."""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+
+_COUNTS = (
+    "epochs steps episodes inner_steps outer_steps warmup n_train n_val hidden emb seq_len batch_size "
+    "batch val_batch hyper_every every every_m250 eval_inits max_trials subset samples seeds solver_steps"
+).split()
+_RATES = ("lr", "inner_lr", "hyper_lr", "hyper_lr_min", "tol", "budget_multiple")
+
+#: limits of the settings that mean the same in every experiment (an experiment's own win):
+#: counts are >= 1, learning rates and tolerances > 0, the seed a 31-bit integer >= 0
+COMMON_LIMITS: dict[str, Limit] = {
+    **dict.fromkeys(_COUNTS, Limit(1)),
+    **dict.fromkeys(_RATES, Limit(0, low_open=True)),
+    "seed": Limit(0, 2**31 - 1),
+}
+
+
+def _limit(exp: Experiment, key: str) -> Limit | None:
+    if key in exp.limits:
+        return exp.limits[key]
+    lim = COMMON_LIMITS.get(key)
+    if lim is None or (lim.items is None and isinstance(exp.defaults.get(key), str)):
+        return None  # e.g. a comma-separated "steps" where the common "steps" is a count
+    return lim
+
+
+def describe_setting(exp: Experiment, key: str) -> str:
+    """What ``key`` accepts in ``exp``, in words (for error messages and ``hypergrad show``)."""
+    like = exp.defaults.get(key)
+    if key == "method" and exp.methods:
+        return f"one of {', '.join(exp.methods)}"
+    lim = _limit(exp, key)
+    if lim is not None:
+        return lim.describe(like)
+    if isinstance(like, bool):
+        return "a boolean (true/false)"
+    if isinstance(like, int):
+        return "an integer >= 0"
+    if isinstance(like, float):
+        return "a number >= 0"
+    return "a string"
+
+
+def check_settings(exp: Experiment, config: Mapping[str, Any]) -> None:
+    """Check every setting of ``config`` against its type (the default's), :data:`COMMON_LIMITS`
+    and ``exp.limits``: integers and numbers without a limit must be finite and >= 0.
+
+    Raises:
+        ValueError: naming the first bad setting, its value and what it accepts.
+    """
+    for key, value in config.items():
+        like = exp.defaults.get(key, 0 if key == "seed" else None)
+        if like is None:
+            continue
+        allowed = describe_setting(exp, key)
+        bad = ValueError(f"setting {key}={value!r} is not allowed: {exp.name}'s {key} is {allowed}")
+        lim = _limit(exp, key)
+        if key == "method" and exp.methods:
+            if value not in exp.methods:
+                raise bad
+            continue
+        if isinstance(like, bool):
+            if not isinstance(value, bool):
+                raise bad
+            continue
+        if isinstance(like, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad
+            if isinstance(like, int) and not isinstance(value, int):
+                raise bad
+            if not (lim or Limit(0)).accepts(float(value)):
+                raise bad
+            continue
+        if not isinstance(value, str):
+            raise bad
+        if lim is None:
+            continue
+        if lim.items is None:
+            if lim.choices and value not in lim.choices:
+                raise bad
+            continue
+        parts = [t.strip() for t in value.split(",") if t.strip()]
+        if not parts:
+            raise bad
+        for t in parts:
+            if lim.choices:
+                if t not in lim.choices:
+                    raise bad
+                continue
+            try:
+                item = parse_value(t, lim.items())
+            except ValueError:
+                raise bad from None
+            if lim.items in (int, float) and not lim.accepts(float(item)):
+                raise bad
 
 
 REGISTRY: dict[str, Experiment] = {}
@@ -106,6 +257,7 @@ def register(
     quick: dict[str, Any],
     paper_size: dict[str, Any] | None = None,
     methods: tuple[str, ...] = (),
+    limits: dict[str, Limit] | None = None,
 ) -> Callable[[Callable[[Context], Outcome]], Callable[[Context], Outcome]]:
     """Decorator adding an experiment function to :data:`REGISTRY`."""
 
@@ -115,6 +267,9 @@ def register(
                 raise KeyError(f"experiment {name!r}: size setting {k!r} has no default")
         if methods and defaults.get("method") not in methods:
             raise ValueError(f"experiment {name!r}: default method must be one of {methods}")
+        for k in limits or {}:
+            if k not in defaults:
+                raise KeyError(f"experiment {name!r}: limit on {k!r}, which has no default")
         REGISTRY[name] = Experiment(
             name,
             number,
@@ -126,7 +281,10 @@ def register(
             dict(paper_size or {}),
             fn,
             methods,
+            dict(limits or {}),
         )
+        for size in (defaults, {**defaults, **quick}, {**defaults, **(paper_size or {})}):
+            check_settings(REGISTRY[name], size)
         return fn
 
     return deco
@@ -146,12 +304,18 @@ def parse_value(text: str, like: Any) -> Any:
             return False
         raise ValueError(f"expected a boolean, got {text!r}")
     if isinstance(like, int):
-        f = float(text)
+        try:
+            f = float(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
         if not f.is_integer():
             raise ValueError(f"expected an integer, got {text!r}")
         return int(f)
     if isinstance(like, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
     return text
 
 
@@ -178,7 +342,7 @@ class Context:
         seed: the seed (also ``config["seed"]``).
         out: the run folder (created).
         logger: a :class:`hypergrad.log.Logger` (wandb attached with ``--wandb``).
-        progress: show tqdm bars.
+        progress: show tqdm bars (when stderr is a terminal).
     """
 
     def __init__(
@@ -202,10 +366,10 @@ class Context:
         out.mkdir(parents=True, exist_ok=True)
 
     def bar(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-        """A tqdm progress bar over ``iterable`` (silent with ``progress=False``)."""
-        return iter(
-            tqdm(iterable, desc=desc, total=total, disable=not self.progress, mininterval=0.25, leave=False)
-        )
+        """A tqdm progress bar over ``iterable`` on stderr (silent with ``progress=False``, and when
+        stderr is not a terminal: a CI log gets no carriage-return redraws)."""
+        disable = True if not self.progress else None  # None: tqdm's own test, off unless a TTY
+        return iter(tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=0.25, leave=False))
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU ``torch.Generator`` seeded with ``seed + offset``."""

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hypergrad as hg
 
-from .common import Context, Outcome, accuracy, digits_split, hyperstep_cost, plt, register
+from .common import Context, Limit, Outcome, accuracy, digits_split, hyperstep_cost, plt, register
 
 METHODS = ("unrolled", "implicit")
 
@@ -191,6 +191,11 @@ def learn_weights(
     quick={"epochs": 4, "n_train": 300, "n_val": 100, "batch_size": 50, "solver_steps": 3},
     paper_size={"epochs": 100, "hidden": 256},
     methods=METHODS,
+    limits={
+        "hidden": Limit(0),
+        "corrupt": Limit(0, 1, high_open=True),
+        "init_weight": Limit(0, 1, True, True),
+    },
 )
 def run(ctx: Context) -> Outcome:
     """Learn per-example weights on noisy digits; compare baseline / tuned / oracle."""

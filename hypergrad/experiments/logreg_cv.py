@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Outcome, plt, register
+from .common import Context, Limit, Outcome, plt, register
 
 DT = torch.float64
 
@@ -103,6 +103,7 @@ def _loss(model: nn.Module, batch: tuple[Tensor, ...]) -> float:
     },
     quick={"grid": 8, "outer_steps": 6},
     paper_size={"grid": 200, "outer_steps": 50},
+    limits={"grid": Limit(1), **dict.fromkeys(("lam_min", "lam_max", "lam0"), Limit(0, low_open=True))},
 )
 def run(ctx: Context) -> Outcome:
     """Grid search against hypergradient steps on log λ."""

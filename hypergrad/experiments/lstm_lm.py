@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Outcome, plt, register
+from .common import Context, Limit, Outcome, plt, register
 
 
 def load_corpus() -> str:
@@ -109,6 +109,7 @@ def perplexity(model: nn.Module, data: Tensor, seq_len: int) -> float:
     },
     quick={"steps": 20, "hidden": 16, "emb": 8, "grid": "0.0001", "hyper_every": 5, "seq_len": 16},
     paper_size={"steps": 20000, "hidden": 650, "emb": 650},
+    limits={"grid": Limit(0, items=float), "init_decay": Limit(0, low_open=True)},
 )
 def run(ctx: Context) -> Outcome:
     """Untuned, best fixed and per-weight decays on a character LSTM."""

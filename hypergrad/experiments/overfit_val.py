@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Outcome, accuracy, ce_loss, digits_split, hyperstep_cost, plt, register
+from .common import Context, Limit, Outcome, accuracy, ce_loss, digits_split, hyperstep_cost, plt, register
 
 METHODS = ("neumann", "cg", "identity", "unrolled")
 
@@ -137,6 +137,7 @@ def train_per_weight(
     quick={"epochs": 40, "hidden": 32},
     paper_size={"epochs": 5000, "hidden": 512},
     methods=METHODS,
+    limits={"init_decay": Limit(0, low_open=True)},
 )
 def run(ctx: Context) -> Outcome:
     """Per-weight decays tuned on 50 validation digits, against no decay."""

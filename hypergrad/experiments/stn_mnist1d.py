@@ -75,7 +75,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Outcome, plt, register
+from .common import Context, Limit, Outcome, plt, register
 
 Batch = tuple[Tensor, Tensor]
 Rates = tuple[Tensor | float, Tensor | float]
@@ -470,6 +470,7 @@ def _mean(values: list[float]) -> float:
     },
     quick={"epochs": 2, "grid": "0.0,0.1,0.2", "seeds": 1},
     paper_size={"epochs": 300, "n_train": 3000},
+    limits={"grid": Limit(0, 1, high_open=True, items=float), "shift_init": Limit(0, MAX_SHIFT)},
 )
 def run(ctx: Context) -> Outcome:
     """Per seed: the fixed-rate grid, the STN, and an ordinary MLP retrained on the STN's
