@@ -7,9 +7,10 @@ a fixed order (the order of ``model.named_parameters()`` restricted to the train
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +50,34 @@ def _buffer_slots(module: nn.Module) -> tuple[tuple[str, ...], tuple[Slot, ...]]
                 names.append(f"{prefix}.{name}" if prefix else name)
                 slots.append((mod._buffers, name))
     return tuple(names), tuple(slots)
+
+
+def tensor_slots(module: nn.Module) -> dict[str, list[Slot]]:
+    """Every place each parameter and buffer of ``module`` is stored, by its (first) name: a
+    submodule reachable under two names, or a parameter tied into two modules, gets all its
+    places, so :func:`substituting` replaces (and restores) it everywhere it acts."""
+    by_id = _param_slots(module)
+    out = {n: by_id[id(p)] for n, p in module.named_parameters()}
+    names, slots = _buffer_slots(module)
+    out.update((n, [slot]) for n, slot in zip(names, slots, strict=True))
+    return out
+
+
+@contextlib.contextmanager
+def substituting(places: Iterable[tuple[Sequence[Slot], Any]]) -> Iterator[None]:
+    """Within the block each ``(slots, value)``'s places hold ``value``; the original objects are
+    put back afterwards, whatever happens. Unlike ``torch.func.functional_call`` (torch 2.13),
+    exact for modules that reuse a submodule or tie a parameter."""
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for slots, value in places:
+            for d, k in slots:
+                saved.append((d, k, d[k]))
+                d[k] = value
+        yield
+    finally:
+        for d, k, v in reversed(saved):
+            d[k] = v
 
 
 class FunctionalPair:
@@ -111,28 +140,16 @@ class FunctionalPair:
             ``(loss, buffers after the call)``; the second holds what the modules' buffer slots
             held at the end of the call (the substituted tensors, or what a module reassigned).
         """
-        saved: list[tuple[dict[str, Any], str, Any]] = []
-
-        def put(slots: list[Slot], value: Tensor) -> None:
-            for d, k in slots:
-                saved.append((d, k, d[k]))
-                d[k] = value
-
-        try:
-            if weights is not None:
-                for slots, w in zip(self._weight_slots, weights, strict=True):
-                    put(slots, w)
-            if buffers is not None:
-                for slot, b in zip(self._buffer_slots, buffers, strict=True):
-                    put([slot], b)
-            if hparams is not None:
-                for slots, h in zip(self._hparam_slots, hparams, strict=True):
-                    put(slots, h)
+        places: list[tuple[Sequence[Slot], Any]] = []
+        if weights is not None:
+            places += zip(self._weight_slots, weights, strict=True)
+        if buffers is not None:
+            places += (([slot], b) for slot, b in zip(self._buffer_slots, buffers, strict=True))
+        if hparams is not None:
+            places += zip(self._hparam_slots, hparams, strict=True)
+        with substituting(places):
             out = loss_fn(self.model, self.hparams, batch)
             after = self.buffers()
-        finally:
-            for d, k, v in reversed(saved):
-                d[k] = v
         return self._check_scalar(out, loss_fn), after
 
     def loss(

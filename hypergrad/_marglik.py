@@ -44,12 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient
-from ._functional import check_batch, grads_or_none, materialize
+from ._functional import check_batch, grads_or_none, materialize, substituting, tensor_slots
 from ._implicit import _implicit
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver
 from ._types import Batch
-from .nn import _slots, _substituted
 
 
 class Likelihood(str, enum.Enum):
@@ -289,10 +288,10 @@ def _dense_jacobians(
     xa = x if augmentation is None else augmentation(x, samples)
     b = x.shape[0]
     s = samples if augmentation is not None else 1
-    slots = _slots(model)  # every place of each weight: exact for models reusing a submodule
+    slots = tensor_slots(model)  # every place of each weight: exact for models reusing a submodule
 
     def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        with _substituted(slots, p):
+        with substituting((slots[n], v) for n, v in p.items()):
             return model(xi.unsqueeze(0)).reshape(-1)
 
     jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)

@@ -23,9 +23,7 @@ False (the validation step of :class:`~hypergrad.SelfTuning` runs in eval mode).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._functional import substituting, tensor_slots
 from ._stn_hparams import Draw, SelfTuned, check_features, linear_perturbation
 
 __all__ = [
@@ -539,45 +538,6 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     return out * valid.reshape(idx.shape[:1] + (1,) * (x.dim() - 2) + (length,)).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- substitution
-
-#: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers``, key)
-_Slot = tuple[dict[str, Any], str]
-
-
-def _slots(module: nn.Module) -> dict[str, list[_Slot]]:
-    """Every place each parameter and buffer of ``module`` is stored, by its (first) name.
-
-    A submodule reachable under two names, or a parameter tied into two modules, gets all its
-    places, so :func:`_substituted` replaces (and restores) it everywhere it acts.
-    """
-    by_id: dict[int, list[_Slot]] = {}
-    for mod in module.modules():  # each module object once
-        for store in (mod._parameters, mod._buffers):
-            for key, t in store.items():
-                if t is not None:
-                    by_id.setdefault(id(t), []).append((store, key))
-    named = list(module.named_parameters()) + list(module.named_buffers())
-    return {n: by_id[id(t)] for n, t in named}
-
-
-@contextlib.contextmanager
-def _substituted(slots: Mapping[str, list[_Slot]], values: Mapping[str, Tensor]) -> Iterator[None]:
-    """Within the block the named tensors of a module (see :func:`_slots`) are ``values``; the
-    original objects are put back afterwards, whatever happens. Unlike
-    ``torch.func.functional_call`` (torch 2.13), exact for modules that reuse a submodule."""
-    saved: list[tuple[dict[str, Any], str, Any]] = []
-    try:
-        for name, value in values.items():
-            for store, key in slots[name]:
-                saved.append((store, key, store[key]))
-                store[key] = value
-        yield
-    finally:
-        for store, key, old in reversed(saved):
-            store[key] = old
-
-
 # ----------------------------------------------------------------------------- hypernetworks
 
 
@@ -717,5 +677,6 @@ class HyperNet(nn.Module):
     def forward(self, *args: Any, hparams: Hyper, **kwargs: Any) -> Any:
         values = self.weights(hparams)
         values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
-        with _substituted(_slots(self.base), values):
+        slots = tensor_slots(self.base)
+        with substituting((slots[n], v) for n, v in values.items()):
             return self.base(*args, **kwargs)
