@@ -12,7 +12,9 @@ import abc
 import dataclasses
 import enum
 import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -106,6 +108,26 @@ def _real_dtype(v: Sequence[Tensor]) -> torch.dtype:
     return v[0].dtype.to_real()
 
 
+def _count(owner: Any, field: str, low: int) -> None:
+    """Check an integer setting (NumPy integers, e.g. from a sweep's config, are made ``int``)."""
+    value = getattr(owner, field)
+    what = f"{type(owner).__name__} {field}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"Invalid {what}: {value!r} (need an int >= {low})")
+    object.__setattr__(owner, field, int(value))
+
+
+def _number(owner: Any, field: str, positive: bool = False) -> None:
+    """Check a finite real setting, >= 0 (or > 0); NumPy floats are made ``float``."""
+    value = getattr(owner, field)
+    what = f"{type(owner).__name__} {field}"
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"Invalid {what}: {value!r} (need a finite number {bound})")
+    object.__setattr__(owner, field, float(value))
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (need a bool)")
@@ -156,17 +178,14 @@ class Neumann(LinearSolver):
     warm_start: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"Invalid Neumann steps: {self.steps!r} (need an int >= 0)")
+        _count(self, "steps", 0)
         if isinstance(self.alpha, str):
             if self.alpha not in ("lr", "power"):
                 raise ValueError(
                     f"Invalid Neumann alpha: {self.alpha!r} (a number > 0, 'lr', 'power' or None)"
                 )
-        elif self.alpha is not None and (
-            isinstance(self.alpha, bool) or not (math.isfinite(self.alpha) and self.alpha > 0)
-        ):
-            raise ValueError(f"Invalid Neumann alpha: {self.alpha!r} (need a finite value > 0)")
+        elif self.alpha is not None:
+            _number(self, "alpha", positive=True)
         _check_bool("Neumann warm_start", self.warm_start)
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
@@ -260,12 +279,9 @@ class CG(LinearSolver):
     warm_start: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
-            raise ValueError(f"Invalid CG maxiter: {self.maxiter!r} (need an int >= 1)")
-        if not (self.tol >= 0 and math.isfinite(self.tol)):
-            raise ValueError(f"Invalid CG tol: {self.tol!r} (need a finite value >= 0)")
-        if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise ValueError(f"Invalid CG damping: {self.damping!r} (need a finite value >= 0)")
+        _count(self, "maxiter", 1)
+        _number(self, "tol")
+        _number(self, "damping")
         _check_bool("CG warm_start", self.warm_start)
 
     def _apply(self, hvp: HVP, u: list[Tensor]) -> list[Tensor]:
@@ -349,8 +365,7 @@ class Identity(LinearSolver):
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"Invalid Identity scale: {self.scale!r} (need a finite value > 0)")
+        _number(self, "scale", positive=True)
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         sol = tuple(torch._foreach_mul(list(v), self.scale)) if self.scale != 1.0 else tuple(v)
@@ -389,10 +404,8 @@ class Direct(LinearSolver):
     max_size: int = 4096
 
     def __post_init__(self) -> None:
-        if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise ValueError(f"Invalid Direct damping: {self.damping!r} (need a finite value >= 0)")
-        if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < 1:
-            raise ValueError(f"Invalid Direct max_size: {self.max_size!r} (need an int >= 1)")
+        _number(self, "damping")
+        _count(self, "max_size", 1)
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         _check_x0(v, x0)  # (a direct solve has no use for a starting point)

@@ -468,3 +468,21 @@ def test_direct_refuses_what_it_cannot_do() -> None:
     for bad in bads:
         with pytest.raises(ValueError, match="Invalid Direct"):
             bad()
+
+
+def test_solver_settings_from_sweep_configs() -> None:
+    """Settings arrive from sweep configs as NumPy scalars or strings: NumPy numbers are taken
+    (as Python ones), anything else is refused by name, never a raw TypeError."""
+    cg = hg.CG(maxiter=np.int64(7), tol=np.float32(1e-6), damping=np.float64(0.1))
+    assert (cg.maxiter, type(cg.maxiter), type(cg.tol), type(cg.damping)) == (7, int, float, float)
+    assert hg.Neumann(steps=np.int32(3), alpha=np.float64(0.5)).steps == 3
+    assert hg.Direct(max_size=np.int64(9)).max_size == 9
+    for bad in (
+        lambda: hg.CG(tol="1e-3"),
+        lambda: hg.CG(damping=None),
+        lambda: hg.Neumann(steps="5"),
+        lambda: hg.Identity(scale=True),
+        lambda: hg.Identity(scale=math.inf),
+    ):
+        with pytest.raises(ValueError, match="Invalid"):
+            bad()
