@@ -76,7 +76,19 @@ class _DiagonalPenalties:
         """``c * d/d raw (sum d(raw) * w * x)`` per hyperparameter tensor (``None``: no term)."""
         where = {id(w): k for k, w in enumerate(weights)}
         out: list[Tensor | None] = [None] * len(hparams)
-        for (m, _, ws, _), c in zip(self.calls, self.coefficients, strict=True):
+        for (m, _, ws, ds), c in zip(self.calls, self.coefficients, strict=True):
+            if c != 0.0 and type(m)._decay is WeightDecay._decay:  # d = e^r or M sigmoid(r): by hand
+                for n, w, d in zip(m.names, ws, ds, strict=True):
+                    k, raw = where.get(id(w)), m.raw[m._index[n]]
+                    i = self.index.get(id(raw))
+                    if k is None or i is None:
+                        continue
+                    slope = d if m.max is None else d * (1 - d / m.max)  # dd/dr
+                    g = (c * slope) * (w.detach() * x[k].detach())
+                    g = g.sum() if raw.dim() == 0 else g.sum_to_size(raw.shape)
+                    prev = out[i]
+                    out[i] = g if prev is None else prev + g
+                continue
             terms = []
             for n, w in zip(m.names, ws, strict=True):
                 k = where.get(id(w))
