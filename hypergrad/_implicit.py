@@ -22,7 +22,7 @@ from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
 from ._functional import clone_all, dot, grads_or_none, grads_or_zeros, materialize, norm
 from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus
 from ._types import HVP, Batch, LossFn, Tensors
-from .hparams import WeightDecay
+from .hparams import WeightDecay, _constant_coefficients
 
 
 class _DiagonalPenalties:
@@ -60,7 +60,7 @@ class _DiagonalPenalties:
         return [probe for _, probe, _, _ in self.calls]
 
     def set_coefficients(self, grads: Sequence[Tensor]) -> None:
-        self.coefficients = [float(g) for g in grads]  # one host synchronisation per hyperstep
+        self.coefficients = [float(g.detach()) for g in grads]  # one host synchronisation per hyperstep
 
     def add_hvp(self, hv: Tensors, u: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
         where = {id(w): k for k, w in enumerate(weights)}
@@ -138,15 +138,21 @@ def _implicit(
     lv = lv.detach().clone()
     if average is not None:
         average([*v1, lv])
+    plain_train_loss = train_loss
     if penalties is not None:
         train_loss = penalties.recording(train_loss)
     lt = train_loss()
     probes = [] if penalties is None else penalties.probes
     # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
     # zeros that do, hiding which weights the training loss does not reach)
-    g_all = materialize(
-        torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True), weights + probes
-    )
+    g_raw = torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True)
+    if probes and not _constant_coefficients(g_raw[len(weights) :], weights + probes):
+        # the loss is not c * penalty + (the rest) with c free of the weights (f(w) * penalty,
+        # penalty ** 2): the by-hand second derivatives would lose product-rule terms; autograd's
+        penalties, probes = None, []
+        lt = plain_train_loss()
+        g_raw = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True)
+    g_all = materialize(g_raw, weights + probes)
     gt = g_all[: len(weights)]
     if penalties is not None:
         penalties.set_coefficients(g_all[len(weights) :])
@@ -172,6 +178,12 @@ def _implicit(
         choose = solver
         solver, extra_hvps, power = choose(hvp, None)
     sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
+    if x0 is not None and isinstance(solver, Neumann) and not float(sol.residual) <= 1.0:
+        # a warm start that ends farther from the solution than x = 0 (the Richardson iteration
+        # grew: negative or outgrown curvature) would carry its growth on to every later
+        # hyperstep; solve from 0 instead, where a stale step size is detected below
+        extra_hvps += sol.iterations
+        sol = _solve_reached(solver, hvp, v1, None, weights, live, penalties, average)
     if choose is not None and power is not None and _stale_step_size(solver, sol):
         # the series grew by more than 2 per term: alpha * lambda_max > 3, the curvature has grown
         # since the step size was estimated; re-estimate it now and solve again
@@ -552,8 +564,9 @@ class Implicit(HyperOptimizer):
         r = _implicit(lt_recorded, lv, weights, pair.hparam_tensors, solver, x0, average, penalties)
 
         def commit() -> None:
-            if self.solver.warm_start:
-                self._x0 = clone_all(r.solve.solution)
+            if self.solver.warm_start:  # (a solution worse than 0 would be a worse start than none)
+                keep = float(r.solve.residual) <= 1.0
+                self._x0 = clone_all(r.solve.solution) if keep else None
             if r.power is not None:
                 self._power = r.power
 

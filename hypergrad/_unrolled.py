@@ -27,7 +27,9 @@ from ._checkpointed import checkpointed_hypergradient
 from ._functional import check_batch, clone_all, clone_batch, grads_or_none, grads_or_zeros, materialize
 from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
-from .hparams import WeightDecay, _reusing_values
+from .hparams import WeightDecay, _constant_coefficients, _reusing_values
+
+_Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
 
 
 def _load_forward_ad() -> None:
@@ -398,25 +400,39 @@ class Unrolled(HyperOptimizer):
     ) -> tuple[Tensors, list[State], Tensors]:
         """One recorded step, differentiably: ``(weights, states, buffers)`` after it."""
         devices = [self.device] if self.device.type == "cuda" else []
+
+        def train_loss(decays: list[WeightDecay]) -> tuple[Tensor, Tensors, list[_Call]]:
+            calls: list[_Call] = []
+            for m in decays:
+                m._first_order_calls, m._replaying = [], True
+            try:
+                with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
+                    if rec.rng is not None:
+                        self._set_rng_state(rec.rng)
+                    loss, bufs = self.pair.call(
+                        self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
+                    )
+            finally:
+                for m in decays:
+                    calls += m._first_order_calls or []
+                    m._first_order_calls, m._replaying = None, False
+            return loss, bufs, calls
+
         # WeightDecay penalties give their value only; their gradient c * d * w is added below,
         # with its graph: far cheaper to differentiate than the double backward of d * w^2
         decays = self._decays if create_graph and self.mode is Mode.REVERSE else []
-        calls: list[tuple[Tensor, list[Tensor], list[Tensor]]] = []
-        for m in decays:
-            m._first_order_calls, m._replaying = [], True
-        try:
-            with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
-                if rec.rng is not None:
-                    self._set_rng_state(rec.rng)
-                loss, buffers = self.pair.call(
-                    self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
-                )
-        finally:
-            for m in decays:
-                calls += m._first_order_calls or []
-                m._first_order_calls, m._replaying = None, False
+        before = clone_all(buffers) if decays else buffers  # in case the call below is redone
+        loss, new_buffers, calls = train_loss(decays)
         probes = [probe for probe, _, _ in calls]
         g_all = grads_or_none(loss, list(weights) + probes, create_graph=create_graph)
+        if calls and not _constant_coefficients(g_all[len(weights) :], list(weights) + probes):
+            # the loss is not linear in a penalty with a coefficient free of the weights (e.g.
+            # f(w) * penalty, penalty ** 2): the shortcut would lose product-rule terms of the
+            # second derivatives; differentiate the ordinary penalty instead
+            buffers = before
+            loss, new_buffers, calls = train_loss([])
+            g_all = grads_or_none(loss, list(weights), create_graph=create_graph)
+        buffers = new_buffers
         grads = list(materialize(g_all[: len(weights)], weights))
         where = {id(w): k for k, w in enumerate(weights)}
         for (_, ws, ds), c in zip(calls, g_all[len(weights) :], strict=True):

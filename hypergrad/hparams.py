@@ -226,6 +226,20 @@ def _memo(raw: Tensor, what: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return value
 
 
+def _constant_coefficients(coefficients: Sequence[Tensor | None], wrt: Sequence[Tensor]) -> bool:
+    """Whether the coefficients ``c`` with which a loss used its WeightDecay penalties (read from
+    their probes) depend on none of ``wrt`` (the weights and the probes themselves): then the
+    loss is ``c * penalty + (terms free of it)`` up to terms free of the weights, and adding
+    ``c * d * w`` to the gradient of the rest is exact to second order."""
+    live = [c for c in coefficients if c is not None and c.requires_grad]
+    if not live:
+        return True
+    found = torch.autograd.grad(
+        torch.stack([c.reshape(()) for c in live]).sum(), wrt, retain_graph=True, allow_unused=True
+    )
+    return all(g is None for g in found)
+
+
 def _as_tensor(init: float | Tensor, shape: Sequence[int] | None, dtype: torch.dtype | None) -> Tensor:
     if dtype is None:  # a floating-point tensor keeps its precision (as nn.Parameter(init) would)
         floating = isinstance(init, Tensor) and init.is_floating_point()
