@@ -333,3 +333,38 @@ def test_penalty_mixed_term_by_hand_equals_autograd(per: str, top: float | None)
     for a, b in zip(*out, strict=True):
         assert a is not None and b is not None
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_direct_with_hessian_subset_and_warm_start_equals_converged_cg(dtype: torch.dtype) -> None:
+    """hg.Direct on the last layer of an MLP (hessian_subset), with warm_start on the CG side:
+    the same hypergradient as CG run to convergence on the same damped subsystem."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=g, dtype=dtype), torch.randint(0, 3, (64,), generator=g)
+
+    def train(m, h, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1]) + h.penalty(m)
+
+    def val(m, h, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    grads = []
+    for solver in (hg.Direct(damping=0.05), hg.CG(maxiter=200, tol=1e-12, damping=0.05, warm_start=True)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+        hp = hg.hparams.WeightDecay(model, per="parameter", init=1e-2)
+        hopt = hg.Implicit(
+            model, hp, train, val,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+            solver=solver, hessian_subset=lambda n: n.startswith("2."),
+        )
+        with pytest.warns(hg.DisconnectedWarning):  # the first layer's decays: exactly 0 by design
+            info = hopt.hyper_step(train_batch=(x, y), val_batch=(x[:32], y[:32]))
+        assert info.solver_status == "converged"
+        grads.append([p.grad.clone() for p in hp.parameters()])
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-3)
+    assert float(grads[0][2].abs().max()) > 0 and float(grads[0][0].abs().max()) == 0
