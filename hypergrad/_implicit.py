@@ -178,10 +178,10 @@ def _implicit(
         choose = solver
         solver, extra_hvps, power = choose(hvp, None)
     sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
-    if x0 is not None and isinstance(solver, Neumann) and not float(sol.residual) <= 1.0:
-        # a warm start that ends farther from the solution than x = 0 (the Richardson iteration
-        # grew: negative or outgrown curvature) would carry its growth on to every later
-        # hyperstep; solve from 0 instead, where a stale step size is detected below
+    if x0 is not None and sol.status is SolveStatus.DIVERGING:
+        # a warm start that ends farther from the solution than x = 0 (negative or outgrown
+        # curvature) would carry its growth on to every later hyperstep; solve from 0 instead,
+        # where a stale step size is detected below
         extra_hvps += sol.iterations
         sol = _solve_reached(solver, hvp, v1, None, weights, live, penalties, average)
     if choose is not None and power is not None and _stale_step_size(solver, sol):

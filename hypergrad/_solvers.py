@@ -40,7 +40,8 @@ class SolveStatus(str, enum.Enum):
     FIXED = "fixed"  #: a fixed number of terms, nothing checked (Neumann, Identity)
     #: Neumann's last series term outgrew ``v`` (:math:`\|(I - \alpha H)^i v\| > \|v\|`): some
     #: :math:`|1 - \alpha\lambda| > 1`, so the series diverges (``alpha`` too large, or :math:`H`
-    #: not positive definite) and its sum is no approximation of :math:`H^{-1} v`
+    #: not positive definite) and its sum is no approximation of :math:`H^{-1} v`; warm-started,
+    #: its iterate ended farther from the solution than 0
     DIVERGING = "diverging"
 
 
@@ -148,9 +149,10 @@ class Neumann(LinearSolver):
     SGD steps of learning rate :math:`\alpha` unrolled at the optimum. Given ``x0``, it runs
     :math:`i` Richardson iterations from ``x0`` (none free: ``x0 = 0`` gives one term fewer than
     ``x0=None``). Cost: ``steps`` HVPs; memory: three weight-sized buffers; one host
-    synchronisation. Status ``FIXED``, or from 0 ``DIVERGING`` when the last term is larger than
+    synchronisation. Status ``FIXED``, or ``DIVERGING``: from 0 when the last term is larger than
     ``v`` (:math:`\|(I-\alpha H)^i v\| > \|v\|` proves a factor :math:`|1-\alpha\lambda| > 1`:
-    the series diverges and its sum is no approximation of :math:`H^{-1} v`).
+    the series diverges and its sum is no approximation of :math:`H^{-1} v`); from ``x0`` when
+    the iterate ends farther from the solution than 0 (residual above 1, or not finite).
 
     Args:
         steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`), or of
@@ -205,11 +207,14 @@ class Neumann(LinearSolver):
                 torch._foreach_copy_(r, v)
                 torch._foreach_sub_(r, list(hx))
                 torch._foreach_add_(x, r, alpha=alpha)
-            if self.steps:
-                residual = norm(r) / norm(v).clamp_min(tiny)
-            else:
+            if not self.steps:
                 residual = torch.full((), float("nan"), dtype=_real_dtype(v), device=v[0].device)
-            return SolveResult(tuple(x), self.steps, residual, SolveStatus.FIXED)
+                return SolveResult(tuple(x), 0, residual, SolveStatus.FIXED)
+            residual = norm(r) / norm(v).clamp_min(tiny)
+            # an iterate farther from the solution than 0 (residual above |v|, or not finite):
+            # the Richardson iteration grew, and a caller should not build on it
+            status = SolveStatus.FIXED if bool(residual <= 1) else SolveStatus.DIVERGING
+            return SolveResult(tuple(x), self.steps, residual, status)
         # from 0: term_j = (I - alpha H)^j v, acc = sum_j term_j, x = alpha * acc
         term = [t.clone() for t in v]
         acc = [t.clone() for t in v]

@@ -486,3 +486,14 @@ def test_solver_settings_from_sweep_configs() -> None:
     ):
         with pytest.raises(ValueError, match="Invalid"):
             bad()
+
+
+def test_warm_neumann_says_when_its_iterate_is_worse_than_zero() -> None:
+    a = _spd(6, 4.0)
+    b = torch.randn(6, dtype=DT)
+    exact = torch.linalg.solve(a, b)
+    good = hg.Neumann(steps=3, alpha=0.2).solve(lambda u: (a @ u[0],), (b,), x0=(exact + 1e-3,))
+    assert good.status is SolveStatus.FIXED and float(good.residual) < 1
+    c = _indefinite(6)
+    bad = hg.Neumann(steps=3, alpha=1.0).solve(lambda u: (c @ u[0],), (b,), x0=(10 * b,))
+    assert bad.status is SolveStatus.DIVERGING and float(bad.residual) > 1
