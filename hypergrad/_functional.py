@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._types import Batch, LossFn, Tensors
-from ._wrap import compiled_inner, is_compiled
+from ._wrap import unwrap_model, wrappers
 
 #: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers`` dict, key)
 Slot = tuple[dict[str, Any], str]
@@ -389,21 +389,12 @@ class Ranks:
     def __init__(self, model: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        self.wrapped = False
-        self.group: Any = None
-        self.size = 1
-        module = model
-        while True:  # through DistributedDataParallel and torch.compile wrappers, in any order
-            if isinstance(module, DistributedDataParallel):
-                self.wrapped = True
-                self.group = module.process_group
-                self.size = torch.distributed.get_world_size(self.group)
-                module = module.module
-            elif is_compiled(module):  # second-order paths run eagerly (compile has no double backward)
-                module = compiled_inner(module)
-            else:
-                break
-        self.module: nn.Module = module
+        # hypergradients run on the bare module (through DDP and torch.compile wrappers)
+        self.module: nn.Module = unwrap_model(model)
+        ddp = [w for w in wrappers(model) if isinstance(w, DistributedDataParallel)]
+        self.wrapped = bool(ddp)
+        self.group: Any = ddp[0].process_group if ddp else None
+        self.size = torch.distributed.get_world_size(self.group) if ddp else 1
 
     def mean_(self, ts: Sequence[Tensor]) -> None:
         """Average ``ts`` over the ranks in place: one collective for all of them."""
