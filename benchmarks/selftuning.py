@@ -13,7 +13,10 @@ thread, CPU time (``time.process_time``):
   validation batch after every two (T_train = 2, T_val = 1), as in the experiment;
 * ``delta``: the same with ``delta=True`` (Delta-STN: two forward/backward passes per step, the
   second through the output linearised by a forward-mode JVP);
-* parameters of the STN network / the ordinary one (the hyperparameters themselves not counted).
+* parameters of the STN network / the ordinary one (the hyperparameters themselves not counted);
+* ``flop_ratio``: the matmul/conv FLOPs (``torch.utils.flop_counter``) of an STN step, a hyperstep
+  and an epoch (T_train = 2) over those of a plain step / epoch: the ratio a FLOP-bound device
+  (a GPU at large batch) cannot beat, whatever the implementation.
 
 The MLP is also run with ``StnLinear(..., rank=32)`` (a low-rank hyper half, not the paper's
 form), the option for when the paper's 2x matmul cost matters.
@@ -47,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import hypergrad as hg
 
@@ -122,6 +126,54 @@ def _cpu_seconds(fn: Callable[[], None]) -> float:
     return time.process_time() - t0
 
 
+def _flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def flop_ratio(name: str) -> dict[str, float]:
+    """Matmul FLOPs of one STN step, one hyperstep and one epoch (T_train = 2, T_val = 1), each
+    over a plain train step's (or a plain epoch's), for STN and (``delta_*``) Delta-STN: what
+    the method costs, independent of the machine and of per-op overheads."""
+    make_plain, make_stn = MODELS[name]
+    (x, y), (xv, yv) = _data(2)
+    torch.manual_seed(0)
+    plain = make_plain()
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    rate = torch.full((128,), 0.2)
+
+    def plain_step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(plain(x, rate), y).backward()
+        opt.step()
+
+    def loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
+        return F.cross_entropy(m(b[0], h), b[1])
+
+    unit = _flops(plain_step)
+    out: dict[str, float] = {"plain_step_flops": unit}
+    for prefix, delta in (("", False), ("delta_", True)):
+        hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2))
+        model = make_stn(hp.size)
+        hopt = hg.SelfTuning(
+            model,
+            hp,
+            loss,
+            loss,
+            inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-3),
+            warmup=1,
+            delta=delta,
+        )
+        step = _flops(lambda: hopt.step((x, y)))  # noqa: B023 (called at once)
+        hyper = _flops(lambda: hopt.hyper_step(val_batch=(xv, yv)))  # noqa: B023
+        out[f"{prefix}stn_step"] = step / unit
+        out[f"{prefix}hyperstep"] = hyper / unit
+        out[f"{prefix}epoch"] = (2 * step + hyper) / (2 * unit)
+    return out
+
+
 def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
     make_plain, make_stn = MODELS[name]
     data, val = _data(n_batches), _data(4)
@@ -188,6 +240,7 @@ def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
         },
         "time_ratio": {k: med[k] / med["plain"] for k in runs if k != "plain"},
         "parameters": {"plain": n_plain, "stn": n_stn, "ratio": n_stn / n_plain},
+        "flop_ratio": flop_ratio(name),
     }
 
 
@@ -270,7 +323,8 @@ def main() -> None:
         print(
             f"{r['model']:20} time/epoch ÷ plain: step only {t['stn_train']:.2f}x, STN {t['stn']:.2f}x, "
             f"Delta-STN {t['delta']:.2f}x; parameters {r['parameters']['stn']:,} / "
-            f"{r['parameters']['plain']:,} = {r['parameters']['ratio']:.2f}x"
+            f"{r['parameters']['plain']:,} = {r['parameters']['ratio']:.2f}x; "
+            f"FLOPs/epoch STN {r['flop_ratio']['epoch']:.2f}x, Delta {r['flop_ratio']['delta_epoch']:.2f}x"
         )
     if not args.quick or args.out != parser.get_default("out"):
         args.out.parent.mkdir(parents=True, exist_ok=True)

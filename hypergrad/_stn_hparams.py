@@ -270,12 +270,16 @@ class Draw:
             :class:`~hypergrad.SelfTuning` linearises, the layers receive the features as a
             forward-mode dual number with primal 0 and tangent ``features`` (the network's output
             becomes :math:`f(x; w_0) + J_\Delta f\,\Delta`).
+        zero: ``True`` when ``features`` are exactly 0 and carry no graph (Delta-STN's step on
+            the base weights, at :math:`\Delta = 0`): the layers' response terms vanish, and the
+            STN layers skip their hyper half (half the layer's FLOPs, forward and backward).
     """
 
     features: Tensor
     values: Mapping[str, Tensor]
     shared: bool = False
     linear: bool = False
+    zero: bool = False
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -452,7 +456,8 @@ class SelfTuned(nn.Module):
         else:
             features = lam
         values = self.values_of(lam.detach() if mode is not _Mode.VAL else lam)
-        out = Draw(features, values, shared, linear=mode is _Mode.LINEAR and self._centred)
+        zero = mode is _Mode.BASE and self._centred and self._centre is None  # lam - lam, detached
+        out = Draw(features, values, shared, linear=mode is _Mode.LINEAR and self._centred, zero=zero)
         if mode is not _Mode.MEAN:
             self._cache[batch_size] = out
         return out

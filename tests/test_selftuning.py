@@ -466,3 +466,50 @@ def test_delta_warns_when_a_layer_is_called_outside_the_linearised_model_call() 
         hopt.step(_batch(1))
     hopt.linearize = False  # the centred form only: nothing to warn about
     hopt.step(_batch(2))
+
+
+def test_delta_base_step_skips_the_vanishing_hyper_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delta-STN's step on w0 runs at Delta = 0, where every layer's response term is 0 * (W_h x):
+    the layers compute only their ordinary half there. Same training as computing both halves
+    (conv and linear layers, float64), at fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(skip: bool) -> tuple[list[torch.Tensor], int]:
+        with monkeypatch.context() as mp:
+            if not skip:
+                mp.setattr(hg.nn.StnLayer, "_vanishes", lambda self, h, b: False)
+            torch.manual_seed(0)
+            hp = hg.hparams.SelfTuned(
+                dropout=hg.hparams.Rate(0.1, high=0.9), cutout=hg.hparams.Integer(4, 0, 16), dtype=DT
+            )
+            model = ConvNet(n_hparams=hp.size).to(DT)
+            hopt = hg.SelfTuning(
+                model,
+                hp,
+                loss,
+                loss,
+                inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-2),
+                delta=True,
+                warmup=1,
+            )
+            g = torch.Generator().manual_seed(0)
+            data = [
+                (torch.randn(8, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
+                for _ in range(4)
+            ]
+            with FlopCounterMode(display=False) as counter:
+                hopt.step(data[0])
+            flops = counter.get_total_flops()
+            for i, b in enumerate(data):
+                hopt.step(b)
+                if hopt.hyper_due():
+                    hopt.hyper_step(val_batch=data[(i + 1) % 4])
+            return [t.detach().clone() for t in (*model.parameters(), *hp.parameters())], flops
+
+    skipped, f_skip = run(True)
+    full, f_full = run(False)
+    for a, b in zip(skipped, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the conv's hyper half alone: 4 channels x 8 x 8 x 9 MACs x 8 examples, forward and backward
+    assert f_full - f_skip >= 3 * 2 * (4 * 64 * 9 * 8)
