@@ -268,11 +268,28 @@ MODELS = ("mlp", "cnn", "resnet18", "gpt")
 LR, MOMENTUM, OUTER_LR, WD_INIT = 0.05, 0.9, 1e-3, 1e-4
 
 
+#: ``torch.autocast`` dtype for every loss of the suite (the plain step's, hypergrad's and the
+#: peers'), or None for full precision; set by ``run.py --autocast``.
+AUTOCAST: torch.dtype | None = None
+
+
+def logits_loss(out: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of logits ``out`` against ``y`` (tokens: flattened), in float32."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+
+
+def forward(model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``model(x)``, under ``torch.autocast`` when :data:`AUTOCAST` is set."""
+    if AUTOCAST is None:
+        return model(x)
+    with torch.autocast(x.device.type, dtype=AUTOCAST):
+        return model(x)
+
+
 def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
     """Mean cross-entropy of ``model(x)`` against ``y`` (classes, or tokens: logits flattened)."""
     x, y = batch
-    out = model(x)
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return logits_loss(forward(model, x), y)
 
 
 def train_loss(model: nn.Module, hp: hg.hparams.WeightDecay, batch: Batch) -> Tensor:

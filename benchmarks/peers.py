@@ -21,8 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from models import Batch, Problem, cross_entropy
+from models import Batch, Problem, cross_entropy, forward, logits_loss
 from torch import Tensor
 
 # torchopt 0.7 calls functorch.vjp, which torch 2.x deprecates loudly on every call; higher uses
@@ -118,8 +117,9 @@ class TorchoptImplicit:
 
     def loss_at(self, params: Sequence[Tensor], batch: Batch) -> Tensor:
         x, y = batch
-        out = torch.func.functional_call(self.fmodel, dict(zip(self.names, params, strict=True)), (x,))
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        weights = dict(zip(self.names, params, strict=True))
+        out = forward(lambda x: torch.func.functional_call(self.fmodel, weights, (x,)), x)
+        return logits_loss(out, y)
 
     def hypergradient(self) -> tuple[Tensor, ...]:
         prob = self.prob
