@@ -323,6 +323,8 @@ def _show(name: str) -> int:
         q = f"  (quick: {exp.quick[k]})" if k in exp.quick else ""
         p = f"  (paper: {exp.paper_size[k]})" if k in exp.paper_size else ""
         print(f"  {k} = {v!r}{q}{p}  [{describe_setting(exp, k)}]")
+    for rule in exp.rules:
+        print(f"  and: {rule.says}")
     return 0
 
 

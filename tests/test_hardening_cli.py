@@ -53,6 +53,15 @@ def _one_thread() -> Any:
         ("marglik_precision", "seeds=0", ["seeds=0", ">= 1"]),  # was silently max(1, seeds)
         ("stn_mnist1d", "seeds=0,1,2", ["seeds", "expected an integer", "an integer >= 1"]),
         ("hd", "sgd_lrs=0.1,-1", ["sgd_lrs", "numbers > 0"]),
+        # settings fine alone, wrong together (each used to run: a reversed grid, a NaN loss deep
+        # in the run, a traceback after the start, 500 validation examples instead of 1,000)
+        ("logreg_cv", "lam_min=1000", ["lam_min=1000.0, lam_max=100.0", "lam_min < lam_max"]),
+        ("logreg_cv", "n_train=600", ["n_train=600, n_val=185", "<= 568", "breast_cancer"]),
+        ("hyperclean", "n_train=1700", ["n_train=1700, n_val=100", "n_train + n_val <= 1796"]),
+        ("distill", "n_train=1797", ["n_train=1797", "<= 1796"]),
+        ("stn_mnist1d", "n_train=3500", ["setting n_train=3500 is not allowed", "n_train <= 3000"]),
+        ("marglik_invariance", "subset=400", ["subset=400, n_train=300", "subset <= n_train"]),
+        ("marglik_invariance", "canvas=9", ["canvas=9", "an even canvas"]),
     ],
 )
 def test_bad_settings_are_refused_before_running(name: str, setting: str, words: list[str]) -> None:
@@ -88,6 +97,7 @@ def test_show_prints_what_each_setting_accepts(capsys: pytest.CaptureFixture[str
     assert cli.main(["show", "hyperclean"]) == 0
     out = capsys.readouterr().out
     assert "corrupt = 0.5  [a number in [0, 1)]" in out and "epochs = 60  (quick: 4)" in out
+    assert "and: n_train + n_val <= 1796 (scikit-learn's digits has 1797 examples" in out
     with pytest.raises(SystemExit, match="no experiment 'nope'; experiments: accuracy, "):
         cli.main(["show", "nope"])
 
@@ -207,6 +217,7 @@ def test_sweep_config_reaches_the_experiment(tmp_path: Path, monkeypatch: pytest
     [
         ({"solver_steps": 2.5}, ["solver_steps=2.5", "an integer >= 1"]),
         ({"hyper_lr": -1.0}, ["hyper_lr", "> 0"]),
+        ({"n_train": 1700, "n_val": 200}, ["n_train=1700, n_val=200", "n_train + n_val <= 1796"]),
     ],
 )
 def test_bad_sweep_config_is_refused(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, accuracy, ce_loss, digits_split, plt, register
+from .common import DIGITS_FIT, Context, Limit, Outcome, accuracy, ce_loss, digits_split, plt, register
 
 
 class Augmenter(nn.Module):
@@ -89,6 +89,7 @@ def _classifier(hidden: int, seed: int, device: torch.device) -> nn.Module:
     quick={"steps": 30, "hidden": 32},
     paper_size={"steps": 20000, "n_train": 500},
     limits={"aug_hidden": Limit(1)},
+    rules=(DIGITS_FIT,),
 )
 def run(ctx: Context) -> Outcome:
     """Classifier with a learned augmentation network vs without."""

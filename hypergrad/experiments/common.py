@@ -36,6 +36,9 @@ __all__ = [
     "register",
     "Limit",
     "COMMON_LIMITS",
+    "Rule",
+    "fits",
+    "DIGITS_FIT",
     "check_settings",
     "parse_value",
     "machine_info",
@@ -83,6 +86,8 @@ class Experiment:
         methods: the values ``--method`` accepts (empty: the experiment has no method switch).
         limits: the allowed values of settings, beyond :data:`COMMON_LIMITS` and the type rules
             of :func:`check_settings` (``{name: Limit}``).
+        rules: conditions on several settings together (:class:`Rule`), checked after each
+            setting's own.
     """
 
     name: str
@@ -96,6 +101,7 @@ class Experiment:
     run: Callable[[Context], Outcome]
     methods: tuple[str, ...] = ()
     limits: dict[str, Limit] = dataclasses.field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +154,36 @@ class Limit:
         return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A condition on several settings together (each setting alone may be fine): ``holds``
+    takes their values in the order of ``keys``; ``says`` is what it requires, in words.
+
+    >>> r = Rule(("lam_min", "lam_max"), lambda lo, hi: lo < hi, "lam_min < lam_max")
+    >>> r.holds(1e-5, 100.0)
+    True
+    """
+
+    keys: tuple[str, ...]
+    holds: Callable[..., bool]
+    says: str
+
+
+def fits(keys: tuple[str, ...], total: int, data: str, spare: int = 1) -> Rule:
+    """The rule that the examples the settings ``keys`` take (their sum) leave at least ``spare``
+    of the ``total`` in ``data`` (for the test set)."""
+    return Rule(
+        keys,
+        lambda *n: sum(n) + spare <= total,
+        f"{' + '.join(keys)} <= {total - spare} ({data} has {total} examples"
+        + (f", and {spare} must be left for the test set)" if spare else ")"),
+    )
+
+
+#: the digits as :func:`digits_split` splits them: n_train + n_val, at least one left to test on
+DIGITS_FIT = fits(("n_train", "n_val"), 1797, "scikit-learn's digits")
+
+
 _COUNTS = (
     "epochs steps episodes inner_steps outer_steps warmup n_train n_val hidden emb seq_len batch_size "
     "batch val_batch hyper_every every every_m250 eval_inits max_trials subset samples seeds solver_steps"
@@ -193,8 +229,11 @@ def check_settings(exp: Experiment, config: Mapping[str, Any]) -> None:
     """Check every setting of ``config`` against its type (the default's), :data:`COMMON_LIMITS`
     and ``exp.limits``: integers and numbers without a limit must be finite and >= 0.
 
+    Then ``exp.rules``, the conditions on several settings together.
+
     Raises:
-        ValueError: naming the first bad setting, its value and what it accepts.
+        ValueError: naming the first bad setting, its value and what it accepts (or the settings
+            that break a rule, and the rule).
     """
     for key, value in config.items():
         like = exp.defaults.get(key, 0 if key == "seed" else None)
@@ -241,6 +280,15 @@ def check_settings(exp: Experiment, config: Mapping[str, Any]) -> None:
                 raise bad from None
             if lim.items in (int, float) and not lim.accepts(float(item)):
                 raise bad
+    for rule in exp.rules:
+        if all(k in config for k in rule.keys) and not rule.holds(*(config[k] for k in rule.keys)):
+            got = ", ".join(f"{k}={config[k]!r}" for k in rule.keys)
+            what = (
+                f"setting {got} is not allowed"
+                if len(rule.keys) == 1
+                else f"settings {got} are not allowed together"
+            )
+            raise ValueError(f"{what}: {exp.name} needs {rule.says}")
 
 
 REGISTRY: dict[str, Experiment] = {}
@@ -258,6 +306,7 @@ def register(
     paper_size: dict[str, Any] | None = None,
     methods: tuple[str, ...] = (),
     limits: dict[str, Limit] | None = None,
+    rules: tuple[Rule, ...] = (),
 ) -> Callable[[Callable[[Context], Outcome]], Callable[[Context], Outcome]]:
     """Decorator adding an experiment function to :data:`REGISTRY`."""
 
@@ -270,6 +319,10 @@ def register(
         for k in limits or {}:
             if k not in defaults:
                 raise KeyError(f"experiment {name!r}: limit on {k!r}, which has no default")
+        for rule in rules:
+            for k in rule.keys:
+                if k not in defaults:
+                    raise KeyError(f"experiment {name!r}: rule on {k!r}, which has no default")
         REGISTRY[name] = Experiment(
             name,
             number,
@@ -282,6 +335,7 @@ def register(
             fn,
             methods,
             dict(limits or {}),
+            tuple(rules),
         )
         for size in (defaults, {**defaults, **quick}, {**defaults, **(paper_size or {})}):
             check_settings(REGISTRY[name], size)

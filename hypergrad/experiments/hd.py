@@ -20,7 +20,7 @@ from torch import nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, accuracy, ce_loss, digits_split, plt, register
+from .common import Context, Limit, Outcome, accuracy, ce_loss, digits_split, fits, plt, register
 
 
 def _optimizer(kind: str, params: Any, lr: float, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -55,6 +55,7 @@ def _optimizer(kind: str, params: Any, lr: float, cfg: dict[str, Any]) -> torch.
     },
     quick={"epochs": 1, "hidden": 16, "n_train": 300, "sgd_lrs": "0.001", "adam_lrs": "1e-05"},
     paper_size={"epochs": 50, "hidden": 1000},
+    rules=(fits(("n_train",), 1797, "scikit-learn's digits"),),
     limits={
         "sgd_lrs": Limit(0, low_open=True, items=float),
         "adam_lrs": Limit(0, low_open=True, items=float),

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, accuracy, digits_split, hyperstep_cost, plt, register
+from .common import DIGITS_FIT, Context, Limit, Outcome, accuracy, digits_split, hyperstep_cost, plt, register
 
 METHODS = ("unrolled", "implicit")
 
@@ -196,6 +196,7 @@ def learn_weights(
         "corrupt": Limit(0, 1, high_open=True),
         "init_weight": Limit(0, 1, True, True),
     },
+    rules=(DIGITS_FIT,),
 )
 def run(ctx: Context) -> Outcome:
     """Learn per-example weights on noisy digits; compare baseline / tuned / oracle."""

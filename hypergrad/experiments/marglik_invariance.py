@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, plt, register
+from .common import Context, Limit, Outcome, Rule, fits, plt, register
 from .marglik_precision import _value
 
 Split = dict[str, tuple[Tensor, Tensor]]
@@ -199,6 +199,11 @@ def train(
     quick={"n_train": 300, "steps": 120, "burn_in": 20, "every": 3, "samples": 4, "subset": 50},
     paper_size={"steps": 10000, "hidden": 512, "n_train": 1300},
     limits={"canvas": Limit(8), "init_range": Limit(0, 4.0, low_open=True)},
+    rules=(
+        fits(("n_train",), 1797, "scikit-learn's digits"),
+        Rule(("canvas",), lambda c: c % 2 == 0, "an even canvas (the 8x8 digit is centred on it)"),
+        Rule(("subset", "n_train"), lambda m, n: m <= n, "subset <= n_train (a subset of the training set)"),
+    ),
 )
 def run(ctx: Context) -> Outcome:
     """No augmentation against a learned translation range, both by the marginal likelihood."""

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, plt, register
+from .common import DIGITS_FIT, Context, Limit, Outcome, plt, register
 
 Split = dict[str, tuple[Tensor, Tensor]]
 #: the part B runs: (precision per, bound's subset size, train on the validation images too)
@@ -295,6 +295,7 @@ def _grid_rows(d: Split, cfg: dict[str, Any], seed: int, grid: list[float]) -> l
     },
     paper_size={"steps": 3000, "n_train": 1000, "n_val": 300, "hidden": 256},
     limits={"grid": Limit(0, low_open=True, items=float), "subsets": Limit(1, items=int)},
+    rules=(DIGITS_FIT,),
 )
 def run(ctx: Context) -> Outcome:
     """Part A (the evidence and its bounds over a grid) and part B (learned precisions, per seed)."""

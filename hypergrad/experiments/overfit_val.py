@@ -25,7 +25,18 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, accuracy, ce_loss, digits_split, hyperstep_cost, plt, register
+from .common import (
+    DIGITS_FIT,
+    Context,
+    Limit,
+    Outcome,
+    accuracy,
+    ce_loss,
+    digits_split,
+    hyperstep_cost,
+    plt,
+    register,
+)
 
 METHODS = ("neumann", "cg", "identity", "unrolled")
 
@@ -138,6 +149,7 @@ def train_per_weight(
     paper_size={"epochs": 5000, "hidden": 512},
     methods=METHODS,
     limits={"init_decay": Limit(0, low_open=True)},
+    rules=(DIGITS_FIT,),
 )
 def run(ctx: Context) -> Outcome:
     """Per-weight decays tuned on 50 validation digits, against no decay."""

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, plt, register
+from .common import Context, Limit, Outcome, Rule, plt, register
 
 Batch = tuple[Tensor, Tensor]
 Rates = tuple[Tensor | float, Tensor | float]
@@ -471,6 +471,13 @@ def _mean(values: list[float]) -> float:
     quick={"epochs": 2, "grid": "0.0,0.1,0.2", "seeds": 1},
     paper_size={"epochs": 300, "n_train": 3000},
     limits={"grid": Limit(0, 1, high_open=True, items=float), "shift_init": Limit(0, MAX_SHIFT)},
+    rules=(
+        Rule(
+            ("n_train",),
+            lambda n: n + 1000 <= 4000,
+            "n_train <= 3000 (mnist1d's 4,000 training examples; the 1,000 after n_train validate)",
+        ),
+    ),
 )
 def run(ctx: Context) -> Outcome:
     """Per seed: the fixed-rate grid, the STN, and an ordinary MLP retrained on the STN's
