@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ._types import Batch, LossFn, Tensors
 from ._wrap import unwrap_model, wrappers
@@ -80,6 +82,24 @@ def substituting(places: Iterable[tuple[Sequence[Slot], Any]]) -> Iterator[None]
             d[k] = v
 
 
+@contextlib.contextmanager
+def _uncached(active: bool) -> Iterator[None]:
+    """Within the block (if ``active``), ``torch.nn.utils.parametrize.cached()`` is suspended: its
+    cache, keyed by module and name, would hand a parametrised weight computed from the real
+    tensors to a call on substituted ones (a silently wrong replay)."""
+    from torch.nn.utils import parametrize
+
+    if not active or not getattr(parametrize, "_cache_enabled", 0):
+        yield
+        return
+    enabled, cache = parametrize._cache_enabled, parametrize._cache
+    parametrize._cache_enabled, parametrize._cache = 0, {}
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled, parametrize._cache = enabled, cache
+
+
 class FunctionalPair:
     """Evaluates user losses with the weights, buffers and/or hyperparameters substituted.
 
@@ -117,6 +137,10 @@ class FunctionalPair:
         slots = _param_slots(self.model)
         self._weight_slots = [slots[id(p)] for p in self.weights]
         self.buffer_names, self._buffer_slots = _buffer_slots(self.model)
+        # recurrent layers keep their own list of their weights (``_flat_weights``), refreshed at
+        # their next forward: refreshed at once after each call instead, so that it does not hold
+        # the substituted tensors, and the graph behind them, until then
+        self._rnns = [m for m in self.model.modules() if isinstance(m, nn.RNNBase)]
 
     def buffers(self) -> Tensors:
         """The model's buffers, in ``buffer_names`` order (the real tensors)."""
@@ -147,9 +171,14 @@ class FunctionalPair:
             places += (([slot], b) for slot, b in zip(self._buffer_slots, buffers, strict=True))
         if hparams is not None:
             places += zip(self._hparam_slots, hparams, strict=True)
-        with substituting(places):
-            out = loss_fn(self.model, self.hparams, batch)
-            after = self.buffers()
+        try:
+            with substituting(places), differentiable_twice(), _uncached(weights is not None):
+                out = loss_fn(self.model, self.hparams, batch)  # (methods differentiate it twice)
+                after = self.buffers()
+        finally:
+            if weights is not None:
+                for rnn in getattr(self, "_rnns", ()):  # (pairs pickled before it existed)
+                    rnn._update_flat_weights()
         return self._check_scalar(out, loss_fn), after
 
     def loss(
@@ -185,6 +214,86 @@ class FunctionalPair:
             for d, k, obj, value in snapshot:
                 d[k] = obj
                 obj.copy_(value)
+
+
+# ----------------------------------------------------------------------------- second derivatives
+
+
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Replaces, while it is active, the PyTorch operations whose kernels have a wrong, missing or
+    sparse second derivative by equivalents built from twice-differentiable operations (same
+    values up to rounding):
+
+    * ``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm`` and the older
+      ``nn.utils.weight_norm``): its fused kernel's double backward treats the norm as a constant
+      (torch 2.13, CPU and CUDA), so Hessian-vector products through a weight-normalised layer are
+      silently wrong; the composite ``v * (g / norm_except_dim(v, 2, dim))`` is exact;
+    * ``torch.embedding(..., sparse=True)`` (``nn.Embedding(sparse=True)``): the gradient is
+      computed dense (same values), since HVPs and linear solvers work on dense vectors;
+    * ``torch.cdist(p=2)``: computed through matrix products, whose backward is differentiable
+      (the direct kernel, used for at most 25 rows, has no double backward).
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch._weight_norm:
+            bound = dict(zip(("v", "g", "dim"), args, strict=False), **kwargs)
+            v, g, dim = bound["v"], bound["g"], bound.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        if func is torch.embedding:
+            if len(args) > 4:
+                args = (*args[:4], False, *args[5:])
+            elif kwargs.get("sparse"):
+                kwargs["sparse"] = False
+        elif func is torch.cdist:
+            p = args[2] if len(args) > 2 else kwargs.get("p", 2.0)
+            mode = args[3] if len(args) > 3 else kwargs.get("compute_mode")
+            if p == 2 and mode in (None, "use_mm_for_euclid_dist_if_necessary"):
+                args, kwargs = tuple(args[:2]), {"p": 2.0, "compute_mode": "use_mm_for_euclid_dist"}
+        return func(*args, **kwargs)
+
+
+_TWICE = threading.local()  # .depth: how many differentiable_twice blocks this thread has open
+
+
+@contextlib.contextmanager
+def differentiable_twice() -> Iterator[None]:
+    """Within the block, a loss's graph can be differentiated twice (HVPs, mixed derivatives):
+    scaled dot-product attention uses its math kernel (the fused CPU and CUDA kernels have no
+    double backward) and the operations :class:`_TwiceDifferentiable` names are replaced."""
+    depth = getattr(_TWICE, "depth", 0)
+    if depth:  # already inside one: a second mode would only add overhead
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _TWICE.depth = depth + 1
+    try:
+        with sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiable():
+            yield
+    finally:
+        _TWICE.depth = depth
+
+
+@contextlib.contextmanager
+def naming_missing_second_derivatives(what: str) -> Iterator[None]:
+    """Re-raise PyTorch's "derivative for X is not implemented" (an operation without a double
+    backward met by an HVP) as an error saying what needed it and what to do."""
+    try:
+        yield
+    except RuntimeError as e:  # (NotImplementedError is one)
+        msg = str(e)
+        if "derivative for" not in msg or "not implemented" not in msg:
+            raise
+        raise RuntimeError(
+            f"{what} differentiates the training loss twice (Hessian-vector products), but PyTorch has "
+            f"no second derivative for an operation it uses ({msg.splitlines()[0]}). Write that step of "
+            "the loss with twice-differentiable operations (e.g. nn.EmbeddingBag as nn.Embedding "
+            "followed by a sum or mean), or leave the weights before it out of the solve "
+            "(Implicit(hessian_subset=...))"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- tensor tuples
@@ -272,8 +381,12 @@ def grads_or_none(
 
 
 def materialize(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensors:
-    """Replace ``None`` gradients by zeros shaped like ``like``."""
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True))
+    """Replace ``None`` gradients by zeros shaped like ``like``, and sparse ones (an
+    ``nn.Embedding(sparse=True)``'s) by their dense values."""
+    return tuple(
+        torch.zeros_like(x) if g is None else g.to_dense() if g.is_sparse else g
+        for g, x in zip(grads, like, strict=True)
+    )
 
 
 def grads_or_zeros(

@@ -19,7 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
-from ._functional import clone_all, dot, grads_or_none, grads_or_zeros, materialize, norm
+from ._functional import (
+    clone_all,
+    differentiable_twice,
+    dot,
+    grads_or_none,
+    grads_or_zeros,
+    materialize,
+    naming_missing_second_derivatives,
+    norm,
+)
 from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus
 from ._types import HVP, Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients
@@ -86,6 +95,7 @@ class _DiagonalPenalties:
                     slope = d if m.max is None else d * (1 - d / m.max)  # dd/dr
                     g = (c * slope) * (w.detach() * x[k].detach())
                     g = g.sum() if raw.dim() == 0 else g.sum_to_size(raw.shape)
+                    g = g.to(raw.dtype)  # (a container in another precision than the model)
                     prev = out[i]
                     out[i] = g if prev is None else prev + g
                 continue
@@ -131,7 +141,10 @@ def _implicit(
     # (v1, L_V), once per HVP, once for the final hypergradient.
     weights = list(weights)
     hparams = list(hparams)
-    lv = val_loss()
+    # the losses run with the operations whose kernels lack a (correct) second derivative
+    # replaced (weight norm, fused attention, sparse embeddings): see differentiable_twice
+    with differentiable_twice():
+        lv = val_loss()
     gv = grads_or_none(lv, weights + hparams)
     v1 = materialize(gv[: len(weights)], weights)
     direct_or_none = gv[len(weights) :]
@@ -141,16 +154,20 @@ def _implicit(
     plain_train_loss = train_loss
     if penalties is not None:
         train_loss = penalties.recording(train_loss)
-    lt = train_loss()
+    with differentiable_twice():
+        lt = train_loss()
     probes = [] if penalties is None else penalties.probes
     # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
     # zeros that do, hiding which weights the training loss does not reach)
     g_raw = torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True)
-    if probes and not _constant_coefficients(g_raw[len(weights) :], weights + probes):
+    with naming_missing_second_derivatives("Implicit"):
+        constant = not probes or _constant_coefficients(g_raw[len(weights) :], weights + probes)
+    if not constant:
         # the loss is not c * penalty + (the rest) with c free of the weights (f(w) * penalty,
         # penalty ** 2): the by-hand second derivatives would lose product-rule terms; autograd's
         penalties, probes = None, []
-        lt = plain_train_loss()
+        with differentiable_twice():
+            lt = plain_train_loss()
         g_raw = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True)
     g_all = materialize(g_raw, weights + probes)
     gt = g_all[: len(weights)]
@@ -164,7 +181,8 @@ def _implicit(
 
     def hvp(u: Sequence[Tensor]) -> Tensors:
         if gt_live:
-            out = grads_or_zeros(gt_live, weights, [u[i] for i in live], retain_graph=True)
+            with naming_missing_second_derivatives("Implicit"):
+                out = grads_or_zeros(gt_live, weights, [u[i] for i in live], retain_graph=True)
         else:
             out = tuple(torch.zeros_like(w) for w in weights)
         if average is not None:
@@ -191,7 +209,10 @@ def _implicit(
         extra_hvps += more + sol.iterations
         sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
     if gt_live:
-        mixed_or_none = grads_or_none(gt_live, hparams, [sol.solution[i] for i in live], retain_graph=False)
+        with naming_missing_second_derivatives("Implicit"):
+            mixed_or_none = grads_or_none(
+                gt_live, hparams, [sol.solution[i] for i in live], retain_graph=False
+            )
     else:  # only the (first-order) penalties depend on the weights
         mixed_or_none = (None,) * len(hparams)
     if penalties is not None:
@@ -212,7 +233,8 @@ def _implicit(
         else:  # autograd may hand back an expanded (read-only) gradient: then out of place
             out.append(d.sub_(m) if d.is_contiguous() else d - m)
     del mixed_or_none
-    hypergrad = tuple(out)
+    # each in its hyperparameter's precision (a container kept in another one than the model)
+    hypergrad = tuple(g if g.dtype == h.dtype else g.to(h.dtype) for g, h in zip(out, hparams, strict=True))
     if average is not None:
         average(hypergrad)
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
