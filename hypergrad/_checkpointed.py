@@ -86,6 +86,7 @@ def checkpointed_hypergradient(
         w = tuple(t.detach().requires_grad_(True) for t in w2)
         st = [{k: v.detach() if isinstance(v, Tensor) else v for k, v in s.items()} for s in st2]
         bf = tuple(t.detach() for t in bf2)
+    hopt._check_reproduced(w)
     # 2. the validation loss at the final weights
     final, leaves = _fresh(w, st, bf)
     n_w = len(final[0])

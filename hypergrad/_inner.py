@@ -74,13 +74,16 @@ def _adam(
             if decoupled:
                 p = p * (1 - lr * wd)
             else:
-                g = g + wd * p
+                g = g + wd * p if isinstance(wd, Tensor) else g.add(p, alpha=wd)
         m = st.get("exp_avg")
         v = st.get("exp_avg_sq")
         m = torch.zeros_like(p) if m is None else m
         v = torch.zeros_like(p) if v is None else v
-        m = m + (1 - beta1) * (g - m)  # lerp, as torch.optim
-        v = v * beta2 + (1 - beta2) * g * g
+        m = m.lerp(g, 1 - beta1)  # torch.optim's own ops, out of place (same rounding)
+        if isinstance(beta2, Tensor):
+            v = v * beta2 + (1 - beta2) * g * g
+        else:
+            v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
         bc1 = 1 - beta1**step
         bc2_sqrt = (1 - beta2**step) ** 0.5
         s: State = {"step": torch.tensor(step, dtype=_step_dtype(step_t)), "exp_avg": m, "exp_avg_sq": v}
@@ -91,7 +94,11 @@ def _adam(
             denom = safe_sqrt(vmax) / bc2_sqrt + eps
         else:
             denom = safe_sqrt(v) / bc2_sqrt + eps
-        new_p.append(p - (lr / bc1) * m / denom)
+        step_size = lr / bc1
+        if isinstance(step_size, Tensor):
+            new_p.append(p - step_size * m / denom)
+        else:  # torch.optim's param.addcdiv_(exp_avg, denom, value=-step_size), out of place
+            new_p.append(p.addcdiv(m, denom, value=-step_size))
         new_s.append(s)
     return tuple(new_p), new_s
 
@@ -118,7 +125,10 @@ def _rmsprop(
         g, step = _signed_decayed(p, g, st, maximize, wd)
         sq = st.get("square_avg")
         sq = torch.zeros_like(p) if sq is None else sq
-        sq = sq.mul(alpha).addcmul(g, g, value=1 - alpha)  # torch.optim's ops, out of place
+        if isinstance(alpha, Tensor):  # (value= would silently take a forward-mode dual's primal)
+            sq = sq * alpha + (1 - alpha) * g * g
+        else:
+            sq = sq.mul(alpha).addcmul(g, g, value=1 - alpha)  # torch.optim's ops, out of place
         s: State = {"step": torch.tensor(step, dtype=_step_dtype(st.get("step"))), "square_avg": sq}
         if centered:
             ga = st.get("grad_avg")
@@ -177,22 +187,35 @@ _UPDATES: dict[type, Update] = {
     torch.optim.RMSprop: _rmsprop,
     torch.optim.Adagrad: _adagrad,
 }
-_UNSUPPORTED_FLAGS = ("capturable", "differentiable", "fused")
+#: flags whose steps the replay does not reproduce, and why
+_UNSUPPORTED_FLAGS = {
+    "fused": "its fused kernel rounds differently from the replayed steps",
+    "capturable": "its steps (made for CUDA graphs) round differently from the replayed steps",
+    "differentiable": (
+        "its steps round differently from the replayed steps; it is not needed, since Unrolled "
+        "differentiates through its own copy of the steps"
+    ),
+}
 
 
 def update_for(optimizer: torch.optim.Optimizer) -> Update:
-    """The differentiable update matching ``optimizer``; a clear error when there is none."""
+    """The differentiable update matching ``optimizer``; a clear error when there is none (another
+    optimiser, a subclass, whose ``step`` may do anything, or a flag the replay does not follow)."""
     fn = _UPDATES.get(type(optimizer))
     if fn is None:
         names = ", ".join(sorted(t.__name__ for t in _UPDATES))
         raise TypeError(
             f"Unrolled differentiates through the inner optimiser and supports torch.optim "
-            f"{names}; got {type(optimizer).__name__}"
+            f"{names}; got {type(optimizer).__name__} (only those classes themselves: a subclass's "
+            "step may do anything)"
         )
-    for g in optimizer.param_groups:
-        for flag in _UNSUPPORTED_FLAGS:
+    for i, g in enumerate(optimizer.param_groups):
+        for flag, why in _UNSUPPORTED_FLAGS.items():
             if g.get(flag):
-                raise ValueError(f"Unrolled does not support {type(optimizer).__name__}({flag}=True)")
+                raise ValueError(
+                    f"Unrolled does not support {type(optimizer).__name__}({flag}=True) (param group "
+                    f"{i}): {why}. Build the inner optimiser with {flag}=False"
+                )
     return fn
 
 

@@ -12,10 +12,11 @@ for a handful of hyperparameters such as a learning rate (Franceschi et al. 2017
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -135,6 +136,9 @@ class _Record:
     has_grad: tuple[bool, ...] = ()  # which weights the loss reached (torch.optim skips the others)
     rng: dict[str, Tensor] | None = None  # the RNG state before the loss (dropout masks)
     anchor: _Anchor | None = None
+    #: ``training`` of every module of the model and the hyperparameters during the step (a
+    #: hyperstep may come while the user has the model in eval mode); () replays in the current mode
+    training: tuple[bool, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -165,10 +169,19 @@ class Unrolled(HyperOptimizer):
     AMSGrad, RMSprop (centred, with momentum), Adagrad; no NaNs at zero second moments) and
     differentiates the validation loss at the end.
     The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
-    rate do not reach it, dropout draws the same masks, weights without a gradient are skipped as
-    ``torch.optim`` skips them. It cannot see optimiser hooks or gradient hooks (e.g. gradient
-    clipping in a step pre-hook): a :class:`ReplayWarning` says so. The replay uses the current
-    hyperparameters for all steps; the weights are not changed.
+    rate do not reach it, dropout draws the same masks, each step runs in the train/eval modes
+    its modules had when it was taken (whatever mode the model is in at the hyperstep, which is
+    the mode ``val_loss`` runs in), weights without a gradient are skipped as ``torch.optim``
+    skips them. It cannot see optimiser hooks or gradient hooks (e.g. gradient clipping in a step
+    pre-hook): a :class:`ReplayWarning` says so. Nor can it replay randomness drawn inside
+    ``train_loss`` from anything but torch's global RNG (a ``torch.Generator`` of your own,
+    Python's or NumPy's RNG), a loss reading state that changes between steps, or weights edited
+    through ``.data``: when the replayed steps, run with the hyperparameters they were taken
+    with, end away from the real weights (beyond rounding), the hyperstep warns
+    (:class:`ReplayWarning`). The replay uses the current hyperparameters for all steps; the
+    weights are not changed. Buffers (BatchNorm's running statistics) are constants of the
+    hypergradient: a ``val_loss`` in eval mode uses the real running statistics but not their
+    dependence on the hyperparameters through the window's steps (nor do higher and torchopt).
     Settings of the inner optimiser can be hyperparameters themselves
     (:class:`~hypergrad.hparams.LearningRate`, :class:`~hypergrad.hparams.Momentum`).
 
@@ -336,6 +349,7 @@ class Unrolled(HyperOptimizer):
             )
 
     def _before_step(self) -> None:
+        self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
         self._check_hooks()
 
@@ -364,6 +378,7 @@ class Unrolled(HyperOptimizer):
                 has_grad=has_grad,
                 rng=rng,
                 anchor=anchor,
+                training=tuple(m.training for m in self._mode_modules()),
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -374,6 +389,33 @@ class Unrolled(HyperOptimizer):
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
+
+    def _mode_modules(self) -> list[nn.Module]:
+        """The modules whose ``training`` flag a step records and its replay restores."""
+        return [*self.pair.model.modules(), *self.hparams.modules()]
+
+    @contextlib.contextmanager
+    def _modes_of(self, rec: _Record) -> Iterator[None]:
+        """Put every module in the train/eval mode it had during the recorded step (BatchNorm,
+        dropout), whatever mode the user has set for the hyperstep; put them back afterwards."""
+        if not rec.training:
+            yield
+            return
+        modules = self._mode_modules()
+        if len(modules) != len(rec.training):
+            raise RuntimeError(
+                f"the model and hyperparameters have {len(modules)} modules but had "
+                f"{len(rec.training)} when the recorded step was taken: Unrolled cannot replay a step "
+                "of another model; call hopt.start_episode() after changing the model's structure"
+            )
+        before = [m.training for m in modules]
+        try:
+            for m, flag in zip(modules, rec.training, strict=True):
+                m.training = flag
+            yield
+        finally:
+            for m, flag in zip(modules, before, strict=True):
+                m.training = flag
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if val_batch is None:
@@ -406,7 +448,7 @@ class Unrolled(HyperOptimizer):
             for m in decays:
                 m._first_order_calls, m._replaying = [], True
             try:
-                with torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
+                with self._modes_of(rec), torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
                     loss, bufs = self.pair.call(
@@ -488,6 +530,46 @@ class Unrolled(HyperOptimizer):
             buffers = tuple(t.detach() for t in b)
         return weights, states, buffers
 
+    def _check_reproduced(self, replayed: Sequence[Tensor]) -> None:
+        """Warn when the replay of the recorded steps ends away from the real weights although it
+        ran them with the hyperparameters they were taken with: it did not reproduce training
+        (randomness or state the records cannot hold), so the hypergradient is that of other
+        steps. Allows rounding (other kernels, e.g. foreach ones on a GPU): sqrt(eps) of how far
+        the steps moved the weights, plus 100 eps of their size. One host synchronisation."""
+        records = list(self._records)
+        current = self.pair.hparam_tensors
+        for rec in records:
+            if rec.anchor is not None and not all(
+                torch.equal(a, c) for a, c in zip(rec.anchor.hparams, current, strict=True)
+            ):
+                return  # steps taken with other hyperparameters: the replay differs on purpose
+        anchor = records[0].anchor
+        assert anchor is not None
+        real = [w.detach() for w in self.pair.weights]
+        triples = zip(replayed, real, anchor.weights, strict=True)
+        with torch.no_grad():
+            parts = [
+                torch.stack([(r.detach() - w).abs().amax(), (w - a).abs().amax(), w.abs().amax()]).double()
+                for r, w, a in triples
+                if w.numel()
+            ]
+            if not parts:
+                return
+            err, moved, size = torch.stack(parts).amax(0).tolist()
+        eps = torch.finfo(self.dtype).eps
+        if err > eps**0.5 * moved + 100 * eps * size:  # (a NaN is the non-finite guard's)
+            warnings.warn(
+                f"the replayed inner steps end {err:.3g} away from the real weights (the real steps "
+                f"moved them {moved:.3g}): the replay did not reproduce training, so the "
+                "hypergradient is that of other steps. Unrolled replays each step with its recorded "
+                "batch, torch's global RNG state, param-group settings and train/eval modes; it cannot "
+                "replay randomness from a torch.Generator of your own or from Python's or NumPy's "
+                "RNG inside train_loss, a loss that reads state changing between steps (a step "
+                "counter), gradient or optimizer hooks (clipping), or nondeterministic kernels.",
+                ReplayWarning,
+                stacklevel=4,
+            )
+
     def _replay(self, hp: Sequence[Tensor]) -> tuple[Tensors, Tensors]:
         """Weights and buffers after replaying the recorded steps with hyperparameters ``hp``
         (reverse mode: one graph through the window)."""
@@ -544,6 +626,8 @@ class Unrolled(HyperOptimizer):
                         w = [split(x) for x in out_w]
                         st = [{k: split(v) for k, v in s.items()} for s in out_s]
                         bf = [split(x) for x in out_b]
+                if i == 0 and j == 0:
+                    self._check_reproduced([p for p, _ in w])
                 with fwAD.dual_level():
                     hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
                     out = pair.loss(
@@ -569,6 +653,7 @@ class Unrolled(HyperOptimizer):
         else:
             with _reusing_values():  # e.g. a per-weight decay's exp: once, not once per replayed step
                 weights, _ = self._replay(pair.hparam_tensors)
+                self._check_reproduced(weights)
                 out = pair.loss(
                     self.val_loss,
                     val_batch,
