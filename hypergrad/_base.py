@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._functional import FunctionalPair, Ranks, all_finite, check_batch, norm
 from ._types import Batch, LossFn, Tensors
-from .hparams import OptimizerSetting, from_raw
+from .hparams import OptimizerSetting, _meanings, from_raw
 
 
 class NonFiniteError(FloatingPointError):
@@ -98,6 +98,9 @@ def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+#: the key under which ``HyperOptimizer.__getstate__`` carries the method's state to the copy
+_COPIED_METHOD_STATE = "_hypergrad_method_state"
 
 
 def _with_autograd(fn: _F) -> _F:
@@ -232,11 +235,19 @@ class HyperOptimizer(abc.ABC):
             if id(p) in model_ids:
                 raise ValueError(f"hyperparameter {n!r} is also a parameter of the model")
         outer_ids = {id(t) for t in _params_of(self.outer_optimizer)}
+        hp_ids = {id(p) for p in hp_params.values()}
         for t in _params_of(self.outer_optimizer):
             if id(t) in model_ids:
                 raise ValueError(
                     f"outer_optimizer holds model parameter {model_ids[id(t)]!r}; "
                     "it should hold hparams.parameters() only"
+                )
+            if id(t) not in hp_ids:  # it would get no hypergradient: stale .grad, or never moving
+                raise ValueError(
+                    f"outer_optimizer holds a tensor of shape {tuple(t.shape)} that is not a parameter of "
+                    "hparams: hyper_step writes the hypergradient into hparams' parameters only, so it "
+                    "would be stepped with a stale .grad or never move. Make it a parameter of the "
+                    "hparams module, or give it its own optimiser"
                 )
         missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
         if missing:
@@ -280,6 +291,26 @@ class HyperOptimizer(abc.ABC):
             self.pair.set_weights(weights)
             self._weights_key = key
             self._weights_changed()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state[_COPIED_METHOD_STATE] = self._method_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``copy.deepcopy`` and pickling give a copy that goes on exactly as the original would.
+
+        The copy's weights are new tensor objects (with fresh version counters), which the
+        bookkeeping that notices weights replaced outside :meth:`step` would otherwise take for
+        a change and forget the method's history (warm start, step-size estimate, recorded
+        steps). So the identities are re-taken from the copied :attr:`pair`, and the method's
+        state is loaded as :meth:`load_state_dict` does (it re-takes what it keeps of them)."""
+        state = dict(state)
+        method = state.pop(_COPIED_METHOD_STATE, None)
+        self.__dict__.update(state)
+        self._weights_key = tuple(id(w) for w in self.pair.weights)
+        if method is not None:
+            self._load_method_state(method)
 
     def _weights_changed(self) -> None:
         """Called when the set of trained weights changed (a group added, a layer frozen)."""
@@ -331,11 +362,18 @@ class HyperOptimizer(abc.ABC):
             w.grad = None
         try:  # on the user's model itself: a DistributedDataParallel wrapper averages the gradients
             loss = self._train_backward(batch, weights)
-        except BaseException:
+        except BaseException as error:
             pair.restore_buffers(snapshot)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
-            raise
+            # a loss that refuses a NaN hyperparameter (a dropout rate, say) is a non-finite step
+            bad = self._nonfinite_hparams() if isinstance(error, Exception) else ""
+            if not bad:
+                raise
+            self._nonfinite(
+                f"inner step {self.inner_steps}: {bad} (train_loss raised {type(error).__name__}: {error})"
+            )
+            return torch.full((), float("nan"), dtype=self.dtype, device=self.device)
         grads = [w.grad for w in weights]
         problem = self._check_loss(loss, [g for g in grads if g is not None])
         if problem:
@@ -372,9 +410,14 @@ class HyperOptimizer(abc.ABC):
         return loss
 
     def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:
-        """'' when the training loss and gradients are fine, else what is wrong."""
-        if not all_finite(loss, grads):
-            return f"the training loss or its gradient is not finite (loss = {float(loss.detach())})"
+        """'' when the training loss, the gradients and the hyperparameters are finite (and the
+        loss has not diverged), else what is wrong. One host synchronisation."""
+        if not all_finite(loss, grads, self.pair.hparam_tensors):
+            bad = self._nonfinite_hparams()
+            if bad and bool(torch.isfinite(loss.detach()).all()):
+                return bad
+            problem = f"the training loss or its gradient is not finite (loss = {float(loss.detach())})"
+            return f"{problem}; {bad}" if bad else problem
         if self.divergence is not None and self._loss_scale is not None:
             value = abs(float(loss.detach()))
             if value > self.divergence * max(self._loss_scale, 1e-12):
@@ -383,6 +426,16 @@ class HyperOptimizer(abc.ABC):
                     f"first accepted one ({self._loss_scale:.4g})"
                 )
         return ""
+
+    def _nonfinite_hparams(self) -> str:
+        """'' when every hyperparameter tensor is finite, else a sentence naming those that are not
+        (a checkpoint or an outer step that wrote NaN / inf)."""
+        pairs = zip(self.pair.hparam_names, self.pair.hparam_tensors, strict=True)
+        named = [(n, p) for n, p in pairs if p.device.type != "meta"]  # (no values to read there)
+        if all_finite([p for _, p in named]):
+            return ""
+        bad = [n for n, p in named if not bool(torch.isfinite(p.detach()).all())]
+        return f"hyperparameter(s) {bad} hold NaN or infinite values"
 
     #: whether :meth:`_record_step` receives the RNG state before each step (for replays)
     _replays_rng = False
@@ -429,14 +482,30 @@ class HyperOptimizer(abc.ABC):
 
         Returns:
             A :class:`HyperStepInfo`. Weights, buffers and the inner optimiser are not changed.
+
+        To clip or rescale the hypergradient before the outer step, register an ordinary
+        ``torch.optim`` step pre-hook: it runs after ``.grad`` is written and before the step,
+        and only for accepted hypersteps::
+
+            def clip(optimizer, args, kwargs):  # must return None
+                torch.nn.utils.clip_grad_norm_(hparams.parameters(), max_norm=1.0)
+
+            outer_optimizer.register_step_pre_hook(clip)
+
+        (Stepping the outer optimiser yourself on the output of :meth:`hypergradient` also
+        works, but skips the method's bookkeeping of an accepted hyperstep: the counter, a
+        solver's warm start, a :class:`~hypergrad.hparams.SelfTuned` history row.) An LR
+        scheduler on the outer optimiser is stepped by the user after ``hyper_step``, as after
+        ``optimizer.step()``.
         """
         t0 = time.perf_counter()
         res, grad_norm, problem = self._compute(train_batch, val_batch)
         if problem:
             self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
             return self._info(res, grad_norm, t0, skipped=True)
-        for p, g in zip(self.pair.hparam_tensors, res.grads, strict=True):
-            p.grad = g.detach()
+        grads = self._as_hparams(res.grads)  # all cast before any is written
+        for p, g in zip(self.pair.hparam_tensors, grads, strict=True):
+            p.grad = g
         self.outer_optimizer.step()
         if res.commit is not None:
             res.commit()
@@ -461,12 +530,21 @@ class HyperOptimizer(abc.ABC):
         res, grad_norm, problem = self._compute(train_batch, val_batch)
         if problem:
             self._nonfinite(f"hypergradient at hyper step {self.hyper_steps}: {problem}")
-        grads = tuple(g.detach() for g in res.grads)
-        return grads, self._info(res, grad_norm, t0, skipped=bool(problem))
+        return self._as_hparams(res.grads), self._info(res, grad_norm, t0, skipped=bool(problem))
+
+    def _as_hparams(self, grads: Sequence[Tensor]) -> Tensors:
+        """The hypergradient detached, each in its hyperparameter's dtype (it is computed in the
+        model's precision; a float32 hyperparameter of a float64 model takes a float32 ``.grad``)."""
+        return tuple(g.detach().to(p.dtype) for p, g in zip(self.pair.hparam_tensors, grads, strict=True))
 
     def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
         self._check_hyper_batches(train_batch, val_batch)
         self._refresh()
+        bad = self._nonfinite_hparams()  # (a method may refuse them with its own error, or loop on them)
+        if bad:
+            nan = torch.full((), float("nan"), dtype=self.dtype, device=self.device)
+            grads = tuple(torch.full_like(p, float("nan")) for p in self.pair.hparam_tensors)
+            return _Hypergradient(grads, nan), nan, bad
         res = self._hypergradient(train_batch, val_batch)
         if res.reached is not None:
             self._warn_disconnected(res.reached)
@@ -559,6 +637,7 @@ class HyperOptimizer(abc.ABC):
             },
             "rng": self._rng_state(),
             "method_name": type(self).__name__,
+            "hparams_meaning": _meanings(self.hparams),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -566,6 +645,8 @@ class HyperOptimizer(abc.ABC):
 
         Atomic: if any part fails to load (a model of another shape, an optimiser with other
         groups), everything is put back as it was before the call and the error is re-raised.
+        ``state`` is copied, not kept: loading the same in-memory checkpoint again later (a
+        rollback) restores it as it was saved.
         """
         if state.get("method_name") != type(self).__name__:
             raise ValueError(
@@ -578,6 +659,21 @@ class HyperOptimizer(abc.ABC):
         ]
         if missing:
             raise ValueError(f"state_dict is missing {missing}: was it saved by HyperOptimizer.state_dict()?")
+        saved, mine = state.get("hparams_meaning"), _meanings(self.hparams)
+        if saved is not None and saved != mine:  # (states saved before the check have none)
+            diff = [
+                f"{k or 'hparams'}: saved {saved.get(k, 'nothing')}, here {mine.get(k, 'nothing')}"
+                for k in sorted(set(saved) | set(mine))
+                if saved.get(k) != mine.get(k)
+            ]
+            raise ValueError(
+                "this state_dict was saved with other hyperparameter containers, so its raw values "
+                f"would mean something else here ({'; '.join(diff)}); build hparams as when it was saved"
+            )
+        # by value: torch.optim's load_state_dict keeps the given tensors as its state (momentum
+        # buffers, Adam's moments) and trains them in place, so a checkpoint kept in memory to
+        # roll back to would silently drift with the run, and a second rollback differ
+        state = copy.deepcopy(state)
         backup = copy.deepcopy(self.state_dict())
         try:
             self._load_all(state)

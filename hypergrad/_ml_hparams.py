@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hparams import Hparam, WeightDecay
+from .hparams import Hparam, WeightDecay, _real
 
 
 class PriorPrecision(WeightDecay):
@@ -56,7 +56,8 @@ class PriorPrecision(WeightDecay):
         *,
         include: Callable[[str], bool] | None = None,
     ) -> None:
-        if not (isinstance(init, (int, float)) and math.isfinite(init) and init > 0):
+        init = _real(init, "prior precision init")
+        if not (math.isfinite(init) and init > 0):
             raise ValueError(f"Invalid prior precision init: {init!r} (need a finite value > 0)")
         super().__init__(model, per=per, init=init, include=include)
 
@@ -89,7 +90,8 @@ class ObservationNoise(Hparam):
     """
 
     def __init__(self, init: float = 1.0, *, dtype: torch.dtype | None = None) -> None:
-        if not (isinstance(init, (int, float)) and math.isfinite(init) and init > 0):
+        init = _real(init, "observation noise init")
+        if not (math.isfinite(init) and init > 0):
             raise ValueError(f"Invalid observation noise init: {init!r} (need a finite value > 0)")
         super().__init__(float(init), "positive", dtype=dtype)
 
@@ -129,7 +131,8 @@ class RandomTranslation(nn.Module):
         self.max = float(max) if max is not None else min(shape) / 4.0
         if not (math.isfinite(self.max) and self.max > 0):
             raise ValueError(f"Invalid max: {max!r} (need a finite value > 0)")
-        if not (isinstance(init, (int, float)) and 0 < init < self.max):
+        init = _real(init, "translation range init")
+        if not 0 < init < self.max:  # (NaN fails too)
             raise ValueError(f"Invalid translation range init: {init!r} (need 0 < init < max = {self.max})")
         frac = init / self.max
         self.raw = nn.Parameter(torch.full((len(shape),), math.log(frac) - math.log1p(-frac)))

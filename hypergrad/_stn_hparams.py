@@ -354,6 +354,8 @@ class SelfTuned(nn.Module):
             self.slices[name] = slice(start, start + spec.size)
             start += spec.size
         dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"SelfTuned: dtype must be a floating-point dtype, got {dtype}")
         raw = torch.cat(
             [
                 spec.raw(torch.full((spec.size,), spec.init, dtype=torch.float64))

@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import numbers
 import operator
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -240,14 +242,46 @@ def _constant_coefficients(coefficients: Sequence[Tensor | None], wrt: Sequence[
     return all(g is None for g in found)
 
 
-def _as_tensor(init: float | Tensor, shape: Sequence[int] | None, dtype: torch.dtype | None) -> Tensor:
+def _as_tensor(
+    init: float | Tensor, shape: Sequence[int] | None, dtype: torch.dtype | None, what: str = "init"
+) -> Tensor:
     if dtype is None:  # a floating-point tensor keeps its precision (as nn.Parameter(init) would)
         floating = isinstance(init, Tensor) and init.is_floating_point()
         dtype = init.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
-    t = torch.as_tensor(init, dtype=dtype)
+    if not dtype.is_floating_point:
+        raise TypeError(f"{what}: dtype must be a floating-point dtype got {dtype}")
+    if isinstance(init, bool) or isinstance(init, Tensor) and init.dtype == torch.bool:
+        raise TypeError(f"{what} must be a number or a tensor of numbers, got a boolean: {init!r}")
+    try:
+        t = torch.as_tensor(init, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{what} must be a number or a tensor of numbers, got {init!r} ({e})") from None
     if shape is not None:
-        t = t.expand(tuple(shape)).clone()
+        try:
+            size = torch.Size(tuple(shape))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: invalid shape {shape!r} ({e})") from None
+        if any(n < 0 for n in size):
+            raise ValueError(f"{what}: invalid shape {tuple(size)} (negative size)")
+        try:
+            t = t.expand(size).clone()
+        except RuntimeError:
+            raise ValueError(
+                f"{what} of shape {tuple(t.shape)} does not broadcast to the shape {tuple(size)}"
+            ) from None
     return t.detach().clone()
+
+
+def _real(value: Any, what: str) -> float:
+    """``value`` (a Python or NumPy real number, or a one-element tensor) as a float; anything
+    else (a bool, a string, a tensor of several numbers) is a ``TypeError`` naming ``what``.
+    Whether the number lies in its domain is the caller's check."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        if not (value.is_complex() or value.dtype == torch.bool):
+            return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{what} must be a real number, got {value!r}")
 
 
 def _as_bound(bound: float | None, name: str) -> float | None:
@@ -310,7 +344,7 @@ class Hparam(nn.Module):
         _check_bounds(self.constraint, low, high, "Hparam")
         self.low: float | None = low
         self.high: float | None = high
-        value = _as_tensor(init, shape, dtype)
+        value = _as_tensor(init, shape, dtype, "Hparam init")
         _check_domain(value, self.constraint, "Hparam init", low, high)
         self.raw = nn.Parameter(to_raw(value, self.constraint, low, high))
 
@@ -374,9 +408,12 @@ class WeightDecay(nn.Module):
         super().__init__()
         if per not in ("global", "layer", "parameter"):
             raise ValueError(f"Invalid per: {per!r} (choose 'global', 'layer' or 'parameter')")
-        if max is not None and not (isinstance(max, (int, float)) and math.isfinite(max) and max > 0):
-            raise ValueError(f"Invalid weight decay max: {max!r} (need a finite value > 0, or None)")
-        if not (isinstance(init, (int, float)) and math.isfinite(init) and init > 0):
+        if max is not None:
+            max = _real(max, "weight decay max")
+            if not (math.isfinite(max) and max > 0):
+                raise ValueError(f"Invalid weight decay max: {max!r} (need a finite value > 0, or None)")
+        init = _real(init, "weight decay init")
+        if not (math.isfinite(init) and init > 0):
             raise ValueError(f"Invalid weight decay init: {init!r} (need a finite value > 0)")
         if max is not None and not init < max:
             raise ValueError(f"Invalid weight decay init: {init!r} (need init < max = {max!r})")
@@ -394,6 +431,8 @@ class WeightDecay(nn.Module):
             raise ValueError("WeightDecay: the model has no parameters to penalise")
         params = dict(model.named_parameters())
         self.names: tuple[str, ...] = tuple(names)
+        #: every parameter name the model had (penalised or not), to notice parameters added later
+        self._known: frozenset[str] | None = frozenset(params)
         self.raw = nn.ParameterList()
         self._index: dict[str, int] = {}
         # raw value of init: log(d), or logit(d / M) = log(d) - log(M - d) when bounded
@@ -451,6 +490,19 @@ class WeightDecay(nn.Module):
         missing = [n for n in self.names if n not in params]
         if missing:
             raise KeyError(f"WeightDecay.penalty: the model has no parameter(s) {missing[:3]}")
+        known = getattr(self, "_known", None)  # (modules pickled before it existed have none)
+        if known is not None and len(params) != len(self.names):
+            new = [n for n in params if n not in known]
+            if new:
+                self._known = None  # warned once
+                warnings.warn(
+                    f"{type(self).__name__}: the model has parameter(s) {new[:5]} that it did not have "
+                    f"when this {type(self).__name__} was built, and they are not penalised. Build it "
+                    f"after the model is complete (after adding the module), or build one more for "
+                    f"the new parameters. (warned once)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if self._first_order_calls is not None:
             ws: list[Tensor] = [params[n] for n in self.names]
             replaying = getattr(self, "_replaying", False)  # (modules pickled before it existed)
@@ -532,7 +584,7 @@ class ExampleWeights(nn.Module):
             count = 0
         if isinstance(n, bool) or count < 1:
             raise ValueError(f"Invalid number of examples: {n!r}")
-        value = _as_tensor(init, (count,), dtype)
+        value = _as_tensor(init, (count,), dtype, "ExampleWeights init")
         _check_domain(value, Constraint.UNIT, "ExampleWeights init")
         self.raw = nn.Parameter(torch.logit(value))
 
@@ -608,13 +660,23 @@ class OptimizerSetting(nn.Module):
         self.name = name
         self.relative = relative
         self.constraint = Constraint.POSITIVE if relative else Constraint(constraint)
-        if init is None:
-            vals = [1.0] * len(groups) if relative else [float(g[name]) for g in groups]
+        what = f"{name} {'multiplier ' if relative else ''}init"
+        if init is None and not relative:
+            for i, g in enumerate(groups):
+                try:
+                    _real(g[name], "")
+                except TypeError:
+                    raise TypeError(
+                        f"{type(optimizer).__name__}'s param_groups[{i}][{name!r}] is {g[name]!r}, not one "
+                        f"number: {type(self).__name__} tunes settings that are a single number"
+                    ) from None
+            vals = [_real(g[name], what) for g in groups]
+            what += f" (the optimiser's current {name}; pass init=... to start elsewhere)"
         else:
-            vals = [float(init)] * len(groups)
+            vals = [1.0 if init is None else _real(init, what)] * len(groups)
         dtype = groups[0]["params"][0].dtype
         value = torch.tensor(vals, dtype=dtype if dtype.is_floating_point else None)
-        _check_domain(value, self.constraint, f"{name} {'multiplier ' if relative else ''}init")
+        _check_domain(value, self.constraint, what)
         self.raw = nn.Parameter(to_raw(value, self.constraint).to(groups[0]["params"][0].device))
         self.optimizer = [optimizer]  # a list, so the optimiser is not treated as a submodule
         self._written: list[float] | None = None  # absolute mode: what write() put there last
@@ -776,6 +838,41 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
         for name, p in hparams.named_parameters():
             if not any(_within(name, c) for c in covered):
                 out[name] = p.detach()
+    return out
+
+
+def _meaning(module: nn.Module) -> str | None:
+    """What fixes how a container's raw tensors map to values (not their current values), or
+    ``None`` for a module that is not a container of this module. Two containers with the same
+    parameter names and shapes but another meaning (a ``positive`` vs a ``unit`` constraint, a
+    learning rate vs a multiplier on a scheduled one, decays on other weights) would load each
+    other's state silently and mean something else."""
+    from ._ml_hparams import RandomTranslation
+
+    kind = type(module).__name__
+    if isinstance(module, Hparam):
+        return f"{kind}(constraint={module.constraint.value!r}, low={module.low!r}, high={module.high!r})"
+    if isinstance(module, WeightDecay):
+        return f"{kind}(per={module.per!r}, max={module.max!r}, names={list(module.names)!r})"
+    if isinstance(module, OptimizerSetting):
+        return (
+            f"{kind}(name={module.name!r}, constraint={module.constraint.value!r}, "
+            f"relative={module.relative!r})"
+        )
+    if isinstance(module, ExampleWeights):
+        return kind
+    if isinstance(module, RandomTranslation):
+        return f"{kind}(shape={module.shape!r}, max={module.max!r})"
+    return None
+
+
+def _meanings(hparams: nn.Module) -> dict[str, str]:
+    """:func:`_meaning` of every container in ``hparams``, by module name (for checkpoints)."""
+    out = {}
+    for name, module in hparams.named_modules():
+        meaning = _meaning(module)
+        if meaning is not None:
+            out[name] = meaning
     return out
 
 
