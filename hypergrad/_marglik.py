@@ -340,7 +340,19 @@ def _terms(
     if missing:
         raise ValueError(f"weights {missing[:3]} are trained but have no prior precision (PriorPrecision)")
     prec = {n: prec_all[n] for n in names}
+    bad = [
+        f"{n} {tuple(prec[n].shape)} vs {tuple(params[n].shape)}"
+        for n in names
+        if prec[n].dim() > 0 and prec[n].shape != params[n].shape
+    ]
+    if bad:
+        raise ValueError(
+            f"per-weight prior precisions do not match the weights' shapes ({', '.join(bad[:3])}): "
+            "was the PriorPrecision built for another model?"
+        )
     theta = {n: params[n] if through_weights else params[n].detach() for n in names}
+    if sigma is not None and names and sigma.dtype != theta[names[0]].dtype:
+        sigma = sigma.to(theta[names[0]].dtype)  # a float32 noise must not round a float64 evidence
     quad = torch.stack([(prec[n] * theta[n].square()).sum() for n in names]).sum()
     graph = augmentation is not None and augmentation.raw.requires_grad and torch.is_grad_enabled()
     graph = graph or through_weights  # the bound then depends on the weights through the Jacobians too
@@ -480,12 +492,35 @@ def _param_block_logdet(
     return _logdet_pd(a) - delta.log().sum()
 
 
-def _as_sigma(noise: ObservationNoise | Tensor | float | None) -> Tensor | None:
+def _as_sigma(
+    noise: ObservationNoise | Tensor | float | None, likelihood: Likelihood, dtype: torch.dtype
+) -> Tensor | None:
+    """The noise of the pure functions as a 0-dim tensor of the model's ``dtype`` (a Python float
+    is not rounded to float32 first), checked: a scalar, finite and > 0, regression only."""
     if noise is None:
         return None
+    if likelihood is Likelihood.CLASSIFICATION:
+        raise ValueError(
+            "likelihood='classification' has no observation noise: noise= would rescale the "
+            "kernel of a softmax likelihood (remove it, or use likelihood='regression')"
+        )
     if isinstance(noise, ObservationNoise):
-        return noise()
-    return torch.as_tensor(noise)
+        sigma = noise()
+    elif isinstance(noise, Tensor):
+        sigma = noise
+    elif isinstance(noise, (int, float)) and not isinstance(noise, bool):
+        sigma = torch.tensor(float(noise), dtype=dtype)
+    else:
+        raise TypeError(f"noise must be an hg.hparams.ObservationNoise, a tensor or a float, got {noise!r}")
+    if sigma.numel() != 1 or sigma.is_complex() or not sigma.is_floating_point():
+        raise ValueError(
+            f"noise must be one real standard deviation (a 0-dim float tensor), got a {sigma.dtype} "
+            f"tensor of shape {tuple(sigma.shape)} (one sigma per output is not supported)"
+        )
+    sigma = sigma.reshape(())
+    if not bool(torch.isfinite(sigma) & (sigma > 0)):
+        raise ValueError(f"noise must be a finite standard deviation > 0, got {float(sigma.detach())}")
+    return sigma.to(dtype)
 
 
 def _names(model: nn.Module, prior: PriorPrecision) -> list[str]:
@@ -532,7 +567,8 @@ def log_evidence_bound(
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
         data_size: :math:`N`, the size of the whole training set.
         likelihood: ``"classification"`` or ``"regression"``.
-        noise: :math:`\sigma` (an :class:`~hypergrad.hparams.ObservationNoise` or a tensor), regression only.
+        noise: :math:`\sigma` (an :class:`~hypergrad.hparams.ObservationNoise`, a 0-dim tensor or a
+            float; finite, > 0), regression only; used in the model's dtype.
         subset_size: :math:`M`; ``None`` keeps the batch as one block.
         outputs: ``"all"`` (``(MC, MC)`` kernels), ``"each"`` (``C`` kernels ``(M, M)``: looser,
             ``C`` times cheaper) or ``"sampled"`` (one random output, times ``C``).
@@ -548,6 +584,11 @@ def log_evidence_bound(
     Returns:
         The bound, a 0-dim tensor (nats, for the whole data set).
 
+    Raises:
+        ValueError: ``noise`` with ``likelihood="classification"``, or not one finite value > 0;
+            ``data_size`` smaller than the batch; a prior that covers none of the model's
+            trainable weights, or whose per-weight precisions do not fit their shapes.
+
     Cost: ``C`` backward passes for the output gradients, then per block ``O((MCS)^2 d)`` for
     the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``.
 
@@ -562,24 +603,36 @@ def log_evidence_bound(
     """
     likelihood = Likelihood(likelihood)
     form = Bound(form)
+    if not (isinstance(data_size, int) and not isinstance(data_size, bool) and data_size >= 1):
+        raise ValueError(f"Invalid data_size: {data_size!r} (need an int >= 1)")
+    if x.dim() == 0 or x.shape[0] > data_size:
+        raise ValueError(
+            f"the batch holds {x.shape[0] if x.dim() else 'no'} examples but data_size={data_size}: "
+            "data_size must be the number of training examples (the bound scales the batch by N/B)"
+        )
     if form is Bound.EXACT:
         if x.shape[0] != data_size:
             raise ValueError(
                 f"form='exact' needs the whole data set: got {x.shape[0]} of {data_size} examples"
             )
         form, subset_size = Bound.NTK, None
-    if not (isinstance(data_size, int) and data_size >= 1):
-        raise ValueError(f"Invalid data_size: {data_size!r} (need an int >= 1)")
-    if not (isinstance(samples, int) and samples >= 1):
+    if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
         raise ValueError(f"Invalid samples: {samples!r} (need an int >= 1)")
+    names = _names(model, prior)
+    if not names:
+        raise ValueError(
+            "the PriorPrecision covers none of the model's trainable weights (built for another "
+            "model, or every covered weight frozen): there is nothing to marginalise"
+        )
+    dtype = dict(model.named_parameters())[names[0]].dtype
     t = _terms(
         model,
         x,
         y,
         prior,
-        _names(model, prior),
+        names,
         likelihood=likelihood,
-        sigma=_as_sigma(noise),
+        sigma=_as_sigma(noise, likelihood, dtype),
         subset_size=subset_size,
         outputs=Outputs(outputs),
         form=form,

@@ -237,6 +237,7 @@ class _StnConvNd(StnLayer):
         dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -246,7 +247,16 @@ class _StnConvNd(StnLayer):
         if groups != 1:
             raise ValueError(f"{type(self).__name__}: groups={groups} is not supported (only 1)")
         conv = conv_cls(
-            in_channels, 2 * out_channels, kernel_size, stride, padding, dilation, 1, bias, **factory
+            in_channels,
+            2 * out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            1,
+            bias,
+            padding_mode,  # nn.Conv validates it ("zeros", "reflect", "replicate", "circular")
+            **factory,
         )
         self.conv = conv
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -305,6 +315,7 @@ class _StnConvNd(StnLayer):
             c.dilation,
             1,
             c.bias is not None,  # type: ignore[arg-type]
+            c.padding_mode,
         )
         out.to(c.weight)
         with torch.no_grad():
@@ -319,7 +330,9 @@ class _StnConvNd(StnLayer):
 class StnConv2d(_StnConvNd):
     r"""A 2-D convolution whose output channels respond to the hyperparameters.
 
-    Arguments as ``nn.Conv2d`` (``groups=1`` only) plus ``n_hparams`` (after ``kernel_size``).
+    Arguments as ``nn.Conv2d`` (``stride``, ``padding`` including ``"same"``/``"valid"``,
+    ``dilation``, ``bias``, ``padding_mode``; ``groups=1`` only) plus ``n_hparams`` (after
+    ``kernel_size``).
     Shapes: ``x`` :math:`(B, C_{in}, H, W)`, hyperparameters :math:`(B, H_\lambda)`; output
     :math:`(B, C_{out}, H', W')`. The modulation :math:`V\tilde\lambda_i` scales each output
     channel of the hyper half.
@@ -394,8 +407,15 @@ class StnLSTMCell(StnLayer):
     def modulation(self, hparams: Hyper, batch: int) -> Tensor:
         return self.gates.modulation(hparams, batch)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], hparams: Hyper) -> tuple[Tensor, Tensor]:
-        h, c = state
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None, hparams: Hyper
+    ) -> tuple[Tensor, Tensor]:
+        r"""One time step: ``x`` :math:`(B, \text{in})`, ``state`` ``(h, c)`` each
+        :math:`(B, \text{hidden})`, or ``None`` for zeros (as ``nn.LSTMCell``)."""
+        if state is None:
+            h = c = x.new_zeros(x.shape[0], self.hidden_size)
+        else:
+            h, c = state
         gates = self.gates(torch.cat([x, h], dim=-1), hparams)
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
