@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._functional import FunctionalPair, Ranks, all_finite, check_batch, norm
+from ._functional import (
+    FunctionalPair,
+    Ranks,
+    all_finite,
+    check_batch,
+    check_max_grad_norm,
+    clip_by_total_norm,
+    norm,
+)
 from ._types import Batch, LossFn, Tensors
 from .hparams import OptimizerSetting, _meanings, from_raw
 
@@ -336,9 +344,16 @@ class HyperOptimizer(abc.ABC):
     # ------------------------------------------------------------------ the inner step
 
     @_with_autograd
-    def step(self, batch: Batch) -> Tensor:
+    def step(self, batch: Batch, *, max_grad_norm: float | None = None) -> Tensor:
         """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the value of
         ``train_loss`` (detached; it includes any penalty the loss adds).
+
+        ``max_grad_norm``: clip the gradient before the update, as
+        ``torch.nn.utils.clip_grad_norm_(weights, max_grad_norm)`` between ``backward()`` and
+        ``optimizer.step()`` would (2-norm over all trained weights together; after DDP's
+        averaging). The value is recorded with the step, so :class:`~hypergrad.Unrolled` replays
+        (and differentiates through) the clipping too; per call, so it may follow a schedule.
+        Clipping in an optimiser or gradient hook instead is invisible to the replay.
 
         Equivalent to ``inner_optimizer.zero_grad(); train_loss(...).backward();
         inner_optimizer.step()`` on the real model (weights the loss does not reach keep
@@ -350,6 +365,7 @@ class HyperOptimizer(abc.ABC):
         closures); under ``torch.inference_mode()`` every training call raises.
         """
         check_batch(batch, "batch", self.device, self.dtype)
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._refresh()
         self._before_step()
         pair = self.pair
@@ -384,8 +400,14 @@ class HyperOptimizer(abc.ABC):
             return loss.detach()
         for _, setting in self.settings:
             setting.check()  # before anything is recorded: a refused write must leave no trace
+        if max_grad_norm is not None:  # clip_grad_norm_'s scaling, with the replay's arithmetic
+            live = [w for w in weights if w.grad is not None]
+            with torch.no_grad():
+                clipped = clip_by_total_norm([w.grad for w in live], max_grad_norm)  # type: ignore[misc]
+            for w, g in zip(live, clipped, strict=True):
+                w.grad = g
         pre_forward_buffers = tuple(value for *_, value in snapshot)
-        self._record_step(batch, tuple(g is not None for g in grads), rng, pre_forward_buffers)
+        self._record_step(batch, tuple(g is not None for g in grads), rng, pre_forward_buffers, max_grad_norm)
         try:
             for _, setting in self.settings:
                 setting.write()
@@ -460,11 +482,12 @@ class HyperOptimizer(abc.ABC):
         has_grad: tuple[bool, ...],
         rng: dict[str, Tensor] | None,
         buffers: Tensors,
+        max_grad_norm: float | None = None,
     ) -> None:
         """Called before each accepted inner update (weights, optimiser state and tuned settings
         not yet written), with which weights got a gradient, (if ``_replays_rng``) the RNG state
-        before the loss, and copies of the buffers as they were before the step's forward pass
-        (the hook may keep them)."""
+        before the loss, copies of the buffers as they were before the step's forward pass
+        (the hook may keep them), and the step's gradient clipping."""
 
     def _after_step(self) -> None:  # noqa: B027 - optional hook
         """Called after each accepted inner update."""

@@ -90,9 +90,7 @@ def checkpointed_hypergradient(
     # 2. the validation loss at the final weights
     final, leaves = _fresh(w, st, bf)
     n_w = len(final[0])
-    out = pair.loss(
-        hopt.val_loss, val_batch, weights=final[0], buffers=clone_all(pair.buffers()), hparams=hp
-    )
+    out = pair.loss(hopt.val_loss, val_batch, weights=final[0], buffers=clone_all(pair.buffers()), hparams=hp)
     g = grads_or_none(out, leaves[:n_w] + hp)
     cot: list[Tensor | None] = list(g[:n_w]) + [None] * (len(leaves) - n_w)
     total: list[Tensor | None] = list(g[n_w:])

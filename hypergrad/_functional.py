@@ -332,6 +332,38 @@ def norm(a: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(parts))
 
 
+def clip_by_total_norm(grads: Sequence[Tensor], max_norm: float) -> Tensors:
+    r"""``grads`` scaled as ``torch.nn.utils.clip_grad_norm_(..., max_norm)`` scales them:
+    :math:`g \cdot \min(1, c / (\lVert g \rVert_2 + 10^{-6}))`, the norm over all of them
+    together. Out of place and differentiable (forward and reverse mode), so that a replayed
+    step clips with the same arithmetic as the real one (:meth:`HyperOptimizer.step` uses it for
+    both)."""
+    if not grads:
+        return ()
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    dt = norms[0].dtype
+    total = torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return tuple(g * coef.to(g.dtype) for g in grads)
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    """``max_grad_norm`` as a float (``None`` stays ``None``), or a ``ValueError`` naming it."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)") from None
+    if not (f > 0 and f != float("inf")):
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)")
+    return f
+
+
 def all_finite(*groups: Sequence[Tensor] | Tensor) -> bool:
     """True when every tensor given is finite. One host synchronisation (two when one is not).
 

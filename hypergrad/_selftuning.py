@@ -176,12 +176,12 @@ class _BestResponseBase(HyperOptimizer):
             )
         self._checked_key = key
 
-    def step(self, batch: Batch) -> Tensor:
+    def step(self, batch: Batch, *, max_grad_norm: float | None = None) -> Tensor:
         """One inner step on ``train_loss`` with freshly perturbed hyperparameters (the draws in
         the loss are detached from :math:`\\lambda`, :math:`\\sigma`); see
-        :meth:`HyperOptimizer.step`."""
+        :meth:`HyperOptimizer.step` (and its ``max_grad_norm``)."""
         with self.hparams._drawing(self._train_mode):
-            return super().step(batch)
+            return super().step(batch, max_grad_norm=max_grad_norm)
 
     def hyper_due(self) -> bool:
         """Whether the schedule calls for the validation phase now: after ``warmup`` inner steps,

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
 from ._checkpointed import checkpointed_hypergradient
-from ._functional import check_batch, clone_all, clone_batch, grads_or_none, grads_or_zeros, materialize
+from ._functional import (
+    check_batch,
+    clip_by_total_norm,
+    clone_all,
+    clone_batch,
+    grads_or_none,
+    grads_or_zeros,
+    materialize,
+)
 from ._inner import State, group_settings, snapshot_state, update_for
 from ._types import Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients, _reusing_values
@@ -139,6 +147,7 @@ class _Record:
     #: ``training`` of every module of the model and the hyperparameters during the step (a
     #: hyperstep may come while the user has the model in eval mode); () replays in the current mode
     training: tuple[bool, ...] = ()
+    max_grad_norm: float | None = None  # the step's gradient clipping (clip_grad_norm_'s max_norm)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -172,8 +181,9 @@ class Unrolled(HyperOptimizer):
     rate do not reach it, dropout draws the same masks, each step runs in the train/eval modes
     its modules had when it was taken (whatever mode the model is in at the hyperstep, which is
     the mode ``val_loss`` runs in), weights without a gradient are skipped as ``torch.optim``
-    skips them. It cannot see optimiser hooks or gradient hooks (e.g. gradient clipping in a step
-    pre-hook): a :class:`ReplayWarning` says so. Nor can it replay randomness drawn inside
+    skips them, and gradient clipping given to ``step(batch, max_grad_norm=...)`` is replayed
+    (and differentiated). It cannot see optimiser hooks or gradient hooks (e.g. clipping in a
+    step pre-hook): a :class:`ReplayWarning` says so. Nor can it replay randomness drawn inside
     ``train_loss`` from anything but torch's global RNG (a ``torch.Generator`` of your own,
     Python's or NumPy's RNG), a loss reading state that changes between steps, or weights edited
     through ``.data``: when the replayed steps, run with the hyperparameters they were taken
@@ -343,7 +353,8 @@ class Unrolled(HyperOptimizer):
             warnings.warn(
                 f"Unrolled replays the inner steps with its own differentiable optimiser and cannot "
                 f"run {', '.join(sorted(new))}: if they change the gradients or the update (gradient "
-                "clipping, ...) the hypergradient is that of the steps without them.",
+                "clipping, ...) the hypergradient is that of the steps without them. (For gradient "
+                "clipping, use hopt.step(batch, max_grad_norm=...), which the replay reproduces.)",
                 ReplayWarning,
                 stacklevel=4,
             )
@@ -354,7 +365,12 @@ class Unrolled(HyperOptimizer):
         self._check_hooks()
 
     def _record_step(
-        self, batch: Batch, has_grad: tuple[bool, ...], rng: dict[str, Tensor] | None, buffers: Tensors
+        self,
+        batch: Batch,
+        has_grad: tuple[bool, ...],
+        rng: dict[str, Tensor] | None,
+        buffers: Tensors,
+        max_grad_norm: float | None = None,
     ) -> None:
         pair = self.pair
         # the hyperparameters moved since the newest anchor: a hyperstep said so (fused optimisers
@@ -379,6 +395,7 @@ class Unrolled(HyperOptimizer):
                 rng=rng,
                 anchor=anchor,
                 training=tuple(m.training for m in self._mode_modules()),
+                max_grad_norm=max_grad_norm,
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -485,6 +502,12 @@ class Unrolled(HyperOptimizer):
                 if k is not None:
                     grads[k] = grads[k] + c * (d * w)
         grads = list(self.ranks.mean(grads))  # data parallel: the averaged gradient the real step used
+        if rec.max_grad_norm is not None:  # the real step's clipping, over the weights it updated
+            live = [k for k in range(len(grads)) if not rec.has_grad or rec.has_grad[k]]
+            for k, g in zip(
+                live, clip_by_total_norm([grads[k] for k in live], rec.max_grad_norm), strict=True
+            ):
+                grads[k] = g
         tuned = self._hparam_values(hp)
         new_w: list[Tensor] = list(weights)
         states = list(states)
@@ -565,7 +588,8 @@ class Unrolled(HyperOptimizer):
                 "batch, torch's global RNG state, param-group settings and train/eval modes; it cannot "
                 "replay randomness from a torch.Generator of your own or from Python's or NumPy's "
                 "RNG inside train_loss, a loss that reads state changing between steps (a step "
-                "counter), gradient or optimizer hooks (clipping), or nondeterministic kernels.",
+                "counter), gradient or optimizer hooks (clip with step(batch, max_grad_norm=...) "
+                "instead), or nondeterministic kernels.",
                 ReplayWarning,
                 stacklevel=4,
             )
