@@ -557,7 +557,10 @@ class Implicit(HyperOptimizer):
             if not lam > 0:  # zero / non-finite Hessian: leave it to the guards downstream
                 lam = float("nan") if lam != lam else float(torch.finfo(self.dtype).tiny)
             extra, power = iters, (lam, vec, self.hyper_steps)
-        return dataclasses.replace(self.solver, alpha=1.0 / power[0]), extra, power
+        # a NaN estimate (a NaN in the Hessian, so in every HVP): any valid step size; the series
+        # comes out NaN and the non-finite guard refuses the hyperstep, as for the other solvers
+        alpha = 1.0 / power[0] if power[0] == power[0] else 1.0
+        return dataclasses.replace(self.solver, alpha=alpha), extra, power
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair

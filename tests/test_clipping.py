@@ -23,7 +23,9 @@ CLIP = 0.05  # below every step's gradient norm here (~0.2-0.6): the clipping bi
 
 def _batches(n: int = K + 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(12, 5, generator=g, dtype=DT), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(12, 5, generator=g, dtype=DT), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)
+    ]
 
 
 def _ce(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hypergrad as hg
@@ -355,10 +356,14 @@ def test_direct_with_hessian_subset_and_warm_start_equals_converged_cg(dtype: to
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
         hp = hg.hparams.WeightDecay(model, per="parameter", init=1e-2)
         hopt = hg.Implicit(
-            model, hp, train, val,
+            model,
+            hp,
+            train,
+            val,
             inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
-            solver=solver, hessian_subset=lambda n: n.startswith("2."),
+            solver=solver,
+            hessian_subset=lambda n: n.startswith("2."),
         )
         with pytest.warns(hg.DisconnectedWarning):  # the first layer's decays: exactly 0 by design
             info = hopt.hyper_step(train_batch=(x, y), val_batch=(x[:32], y[:32]))
@@ -368,3 +373,33 @@ def test_direct_with_hessian_subset_and_warm_start_equals_converged_cg(dtype: to
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-3)
     assert float(grads[0][2].abs().max()) > 0 and float(grads[0][0].abs().max()) == 0
+
+
+def test_nan_curvature_goes_to_the_nonfinite_guard_not_a_solver_error() -> None:
+    """A loss with a finite value and gradient but a NaN second derivative (|w|^1.5 at w = 0):
+    the power iteration that picks Neumann's step size sees NaN; the hyperstep is refused as
+    non-finite (nothing changes), not failed with 'Invalid Neumann alpha: nan'."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+    hp = hg.hparams.WeightDecay(model, init=0.1)
+
+    def train(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        return F.mse_loss(m(b[0]), b[1]) + h.penalty(m) + (m.weight.abs() ** 1.5).sum()
+
+    def val(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        return F.mse_loss(m(b[0]), b[1])
+
+    hopt = hg.Implicit(
+        model, hp, train, val,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        solver=hg.Neumann(steps=3), on_nonfinite="skip",
+    )  # fmt: skip
+    b = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    raw = [p.detach().clone() for p in hp.parameters()]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        info = hopt.hyper_step(train_batch=b, val_batch=b)
+    assert info.skipped
+    assert all(torch.equal(p, q) for p, q in zip(hp.parameters(), raw, strict=True))
