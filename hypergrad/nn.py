@@ -31,7 +31,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._functional import substituting, tensor_slots
+from ._functional import _uncached, substituting, tensor_slots
 from ._stn_hparams import Draw, SelfTuned, check_features, linear_perturbation
 
 __all__ = [
@@ -715,5 +715,10 @@ class HyperNet(nn.Module):
         values = self.weights(hparams)
         values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
         slots = tensor_slots(self.base)
-        with substituting((slots[n], v) for n, v in values.items()):
-            return self.base(*args, **kwargs)
+        try:
+            with substituting((slots[n], v) for n, v in values.items()), _uncached(True):
+                return self.base(*args, **kwargs)
+        finally:  # recurrent layers' own weight lists would hold the generated tensors (and graph)
+            for m in self.base.modules():
+                if isinstance(m, nn.RNNBase):
+                    m._update_flat_weights()

@@ -443,3 +443,33 @@ def test_hypergradient_is_finite_at_the_upper_bound_of_a_dropout_rate() -> None:
     assert math.isfinite(float(loss))
     hopt.hyper_step(val_batch=batch)
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in hp.parameters())
+
+
+def test_hypernet_over_an_lstm_leaves_no_generated_weights_behind() -> None:
+    """A HyperNet whose base holds an nn.LSTM: the LSTM computes with the generated weights (its
+    output depends on the hyperparameters) and afterwards its own weight list points at the
+    template's tensors again, not at the generated ones (which would keep their graph alive)."""
+
+    class Base(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 4, batch_first=True)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    net = hg.nn.HyperNet(Base().double(), n_hparams=1)
+    with torch.no_grad():
+        for p in net.parameters():  # a visible response to the hyperparameter
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    lam = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    out = net(x, hparams=lam)
+    (g,) = torch.autograd.grad(out.square().sum(), lam)
+    assert float(g.abs()) > 0
+    lstm = net.base.rnn
+    own = [getattr(lstm, n) for n in lstm._flat_weights_names]
+    assert all(a is b for a, b in zip(lstm._flat_weights, own, strict=True))
+    assert not any(w.grad_fn is not None for w in lstm._flat_weights)
