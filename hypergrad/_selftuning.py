@@ -248,7 +248,10 @@ class SelfTuning(_BestResponseBase):
     * :meth:`hyper_step` (the T_val phase): one outer step on
       :math:`L_V(\hat w_\phi(\lambda + \sigma\epsilon)) - \tau \sum_j \log\sigma_j` with the
       model in **eval mode** (no dropout, no augmentation), so :math:`\lambda` reaches the
-      validation loss only through the layers' best response. Needs ``val_batch`` only.
+      validation loss only through the layers' best response. Needs ``val_batch`` only. Its
+      perturbation :math:`\epsilon` is drawn from torch's global RNG (as :meth:`hypergradient`'s
+      is): a hyperstep advances it, like a training step, so that its noise is independent of the
+      next step's.
     * :meth:`hyper_due` says when the schedule wants the T_val phase (after ``warmup`` inner
       steps, then every ``train_steps``); ``val_steps`` is how many hypersteps that phase takes.
 

@@ -386,6 +386,15 @@ class WeightDecay(nn.Module):
     shape for ``"parameter"``; ``value`` is ``(count,)``: every decay, detached, flattened and
     concatenated in the order of ``raw``. :meth:`decays` gives them by parameter name instead.
 
+    The penalised tensors are the model's parameters as ``named_parameters()`` lists them, as
+    ``torch.optim``'s ``weight_decay`` would see them: on a layer under
+    ``torch.nn.utils.parametrize`` (weight norm, orthogonal, spectral norm) those are the stored
+    tensors (``parametrizations.weight.original``, or ``original0`` / ``original1`` — the
+    magnitude g and the direction v of weight norm), not the weight the layer computes with. An
+    L2 penalty on an orthogonal map's stored tensor or on weight norm's direction means little;
+    leave them out with ``include=lambda n: "parametrizations" not in n`` (or penalise only
+    ``original0``, the magnitudes).
+
     >>> import torch, hypergrad as hg
     >>> model = torch.nn.Linear(3, 2)
     >>> hp = hg.hparams.WeightDecay(model, per="layer", init=0.1)
