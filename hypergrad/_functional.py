@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ._types import Batch, LossFn, Tensors
 from ._wrap import unwrap_model, wrappers
@@ -219,10 +218,61 @@ class FunctionalPair:
 # ----------------------------------------------------------------------------- second derivatives
 
 
-class _TwiceDifferentiable(TorchFunctionMode):
-    """Replaces, while it is active, the PyTorch operations whose kernels have a wrong, missing or
-    sparse second derivative by equivalents built from twice-differentiable operations (same
-    values up to rounding):
+def _weight_norm_exact(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+_EMBEDDING = torch.embedding
+_CDIST = torch.cdist
+
+
+def _embedding_dense(
+    weight: Tensor,
+    indices: Tensor,
+    padding_idx: int = -1,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    return _EMBEDDING(weight, indices, padding_idx, scale_grad_by_freq, False)
+
+
+def _cdist_mm(
+    x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: str = "use_mm_for_euclid_dist_if_necessary"
+) -> Tensor:
+    if p == 2 and compute_mode in (None, "use_mm_for_euclid_dist_if_necessary"):
+        compute_mode = "use_mm_for_euclid_dist"
+    return _CDIST(x1, x2, p, compute_mode)
+
+
+def _twice_targets() -> list[tuple[Any, str, Any]]:
+    """(namespace, attribute, replacement) for every entry point :func:`differentiable_twice`
+    replaces (those present in this torch)."""
+    import sys
+
+    import torch.nn.utils.weight_norm  # noqa: F401 (the module: its name is shadowed by the function)
+
+    old_weight_norm = sys.modules["torch.nn.utils.weight_norm"]
+    out: list[tuple[Any, str, Any]] = [
+        (torch, "_weight_norm", _weight_norm_exact),  # nn.utils.parametrizations.weight_norm
+        (old_weight_norm, "_weight_norm", _weight_norm_exact),  # nn.utils.weight_norm (imported name)
+        (torch, "embedding", _embedding_dense),  # F.embedding calls torch.embedding
+        (torch, "cdist", _cdist_mm),
+    ]
+    return [(ns, name, fn) for ns, name, fn in out if hasattr(ns, name)]
+
+
+_TWICE_LOCK = threading.Lock()
+_TWICE_STATE: dict[str, Any] = {"open": 0, "saved": []}
+
+
+@contextlib.contextmanager
+def differentiable_twice() -> Iterator[None]:
+    """Within the block, a loss's graph can be differentiated twice (HVPs, mixed derivatives).
+
+    PyTorch operations whose kernels have a wrong, missing or sparse second derivative are
+    replaced by equivalents built from twice-differentiable operations (same values up to
+    rounding), and scaled dot-product attention uses its math kernel (the fused CPU and CUDA
+    kernels have no double backward):
 
     * ``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm`` and the older
       ``nn.utils.weight_norm``): its fused kernel's double backward treats the norm as a constant
@@ -232,49 +282,30 @@ class _TwiceDifferentiable(TorchFunctionMode):
       computed dense (same values), since HVPs and linear solvers work on dense vectors;
     * ``torch.cdist(p=2)``: computed through matrix products, whose backward is differentiable
       (the direct kernel, used for at most 25 rows, has no double backward).
+
+    The replacements are the entry points' attributes (``torch.cdist`` etc.), swapped while any
+    block is open (in any thread: they compute the same values) and restored when the last one
+    closes; unlike a ``TorchFunctionMode``, they cost nothing per operation.
     """
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = dict(kwargs or {})
-        if func is torch._weight_norm:
-            bound = dict(zip(("v", "g", "dim"), args, strict=False), **kwargs)
-            v, g, dim = bound["v"], bound["g"], bound.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
-        if func is torch.embedding:
-            if len(args) > 4:
-                args = (*args[:4], False, *args[5:])
-            elif kwargs.get("sparse"):
-                kwargs["sparse"] = False
-        elif func is torch.cdist:
-            p = args[2] if len(args) > 2 else kwargs.get("p", 2.0)
-            mode = args[3] if len(args) > 3 else kwargs.get("compute_mode")
-            if p == 2 and mode in (None, "use_mm_for_euclid_dist_if_necessary"):
-                args, kwargs = tuple(args[:2]), {"p": 2.0, "compute_mode": "use_mm_for_euclid_dist"}
-        return func(*args, **kwargs)
-
-
-_TWICE = threading.local()  # .depth: how many differentiable_twice blocks this thread has open
-
-
-@contextlib.contextmanager
-def differentiable_twice() -> Iterator[None]:
-    """Within the block, a loss's graph can be differentiated twice (HVPs, mixed derivatives):
-    scaled dot-product attention uses its math kernel (the fused CPU and CUDA kernels have no
-    double backward) and the operations :class:`_TwiceDifferentiable` names are replaced."""
-    depth = getattr(_TWICE, "depth", 0)
-    if depth:  # already inside one: a second mode would only add overhead
-        yield
-        return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _TWICE.depth = depth + 1
+    with _TWICE_LOCK:
+        if _TWICE_STATE["open"] == 0:
+            targets = _twice_targets()
+            _TWICE_STATE["saved"] = [(ns, name, getattr(ns, name)) for ns, name, _ in targets]
+            for ns, name, fn in targets:
+                setattr(ns, name, fn)
+        _TWICE_STATE["open"] += 1
     try:
-        with sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiable():
+        with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
-        _TWICE.depth = depth
+        with _TWICE_LOCK:
+            _TWICE_STATE["open"] -= 1
+            if _TWICE_STATE["open"] == 0:
+                for ns, name, fn in _TWICE_STATE["saved"]:
+                    setattr(ns, name, fn)
+                _TWICE_STATE["saved"] = []
 
 
 @contextlib.contextmanager

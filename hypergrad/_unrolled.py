@@ -40,6 +40,9 @@ from .hparams import WeightDecay, _constant_coefficients, _reusing_values
 
 _Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
 
+#: how often (in hypersteps) the replay is compared with the real weights (_check_reproduced)
+_CHECK_EVERY = 16
+
 
 def _load_forward_ad() -> None:
     """Load torch's forward-AD decompositions once, without passing on the ``torch.jit.script``
@@ -426,6 +429,9 @@ class Unrolled(HyperOptimizer):
                 "of another model; call hopt.start_episode() after changing the model's structure"
             )
         before = [m.training for m in modules]
+        if tuple(before) == rec.training:  # (the usual case: nothing to switch)
+            yield
+            return
         try:
             for m, flag in zip(modules, rec.training, strict=True):
                 m.training = flag
@@ -558,7 +564,12 @@ class Unrolled(HyperOptimizer):
         ran them with the hyperparameters they were taken with: it did not reproduce training
         (randomness or state the records cannot hold), so the hypergradient is that of other
         steps. Allows rounding (other kernels, e.g. foreach ones on a GPU): sqrt(eps) of how far
-        the steps moved the weights, plus 100 eps of their size. One host synchronisation."""
+        the steps moved the weights, plus 100 eps of their size. Three passes over the weights
+        and one host synchronisation, so taken at the first hyperstep and every
+        ``_CHECK_EVERY``-th after it (what it catches, a replay that cannot reproduce training,
+        persists)."""
+        if self.hyper_steps % _CHECK_EVERY:
+            return
         records = list(self._records)
         current = self.pair.hparam_tensors
         for rec in records:

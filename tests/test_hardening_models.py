@@ -507,3 +507,24 @@ def test_parametrization_cache_does_not_leak_into_replays() -> None:
             grads, _ = hopt.hypergradient(train_batch=tb, val_batch=vb)
         out.append(_flat(grads))
     _close(out[1], out[0], tol=1e-12)
+
+
+def test_replaced_entry_points_are_restored_after_every_block_even_on_error() -> None:
+    """differentiable_twice swaps torch.cdist, torch.embedding and both weight-norm entry points
+    while a hypergradient path evaluates a loss; they are torch's own again afterwards, also when
+    the loss raises, and nested blocks restore only when the outermost closes."""
+    import sys
+
+    from hypergrad._functional import differentiable_twice
+
+    old_wn = sys.modules["torch.nn.utils.weight_norm"]
+    originals = (torch.cdist, torch.embedding, torch._weight_norm, old_wn._weight_norm)
+    with differentiable_twice():
+        assert torch.cdist is not originals[0] and old_wn._weight_norm is not originals[3]
+        with differentiable_twice():
+            pass
+        assert torch.cdist is not originals[0]  # the inner block did not restore early
+    assert (torch.cdist, torch.embedding, torch._weight_norm, old_wn._weight_norm) == originals
+    with pytest.raises(ZeroDivisionError), differentiable_twice():
+        raise ZeroDivisionError
+    assert (torch.cdist, torch.embedding, torch._weight_norm, old_wn._weight_norm) == originals
