@@ -709,6 +709,12 @@ class MarginalLikelihood(HyperOptimizer):
     classification); optionally one :class:`~hypergrad.hparams.RandomTranslation`, applied to the
     inputs ``augmentation_samples`` times, the model's outputs averaged (in training and in the bound).
 
+    Under ``DistributedDataParallel`` each rank passes its shard; its bound is the shard's, scaled
+    by :math:`N/B`, and the hypergradient is the mean over the ranks: the bound of the
+    concatenated batch partitioned along the shards (with ``through_map=True``, every HVP is
+    averaged as in :class:`~hypergrad.Implicit`). ``bound="exact"`` needs the whole data set on
+    each rank.
+
     Args:
         model: the network (outputs ``(B, C)``). BatchNorm or Dropout in training mode are refused
             at :meth:`hyper_step` (``ValueError``): call ``model.eval()`` around it.
@@ -876,7 +882,7 @@ class MarginalLikelihood(HyperOptimizer):
                 f"bound='exact' needs the whole data set: got {x.shape[0]} of {self.data_size} examples"
             )
         return _terms(
-            self.model,
+            self.pair.model,  # the bare module (under DDP / compile wrappers): its names are the weights'
             x,
             y,
             self.prior,
@@ -905,11 +911,12 @@ class MarginalLikelihood(HyperOptimizer):
             return -(n / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad) / n
 
         def inner() -> Tensor:
-            return self._map_loss(self.model, self.hparams, train_batch)
+            return self._map_loss(pair.model, self.hparams, train_batch)
 
         snapshot = pair.snapshot_buffers()
+        average = self.ranks.mean_ if self.ranks.size > 1 else None  # data parallel, as Implicit
         try:
-            r = _implicit(inner, outer, pair.weights, pair.hparam_tensors, self.solver)
+            r = _implicit(inner, outer, pair.weights, pair.hparam_tensors, self.solver, average=average)
         finally:
             pair.restore_buffers(snapshot)
         t = seen[0]
@@ -939,12 +946,11 @@ class MarginalLikelihood(HyperOptimizer):
         hp = pair.hparam_tensors
         gs = grads_or_none(loss, hp)
         inner = (-t.log_lik / t.batch + 0.5 * t.quad / n).detach()
-        return _Hypergradient(
-            materialize(gs, hp),
-            loss.detach(),
-            inner_loss=inner,
-            reached=tuple(g is not None for g in gs),
-        )
+        grads, value = tuple(g.contiguous() for g in materialize(gs, hp)), loss.detach()
+        if self.ranks.size > 1:  # data parallel: each rank's bound is that of its shard scaled by N/B;
+            # their mean is the bound of the concatenated batch partitioned along the shards
+            self.ranks.mean_([*grads, value, inner])
+        return _Hypergradient(grads, value, inner_loss=inner, reached=tuple(g is not None for g in gs))
 
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         """``outer_steps`` outer steps on the bound of ``train_batch`` (``val_batch`` is ignored).

@@ -221,6 +221,9 @@ class _BestResponseBase(HyperOptimizer):
         grads, lv, reached = selftuning_hypergradient(
             self._val_closure(val_batch), self.hparams, self.entropy_weight
         )
+        if self.ranks.size > 1:  # data parallel: the mean over the ranks' validation shards
+            grads = tuple(g.contiguous() for g in grads)  # (autograd may give expanded ones)
+            self.ranks.mean_([*grads, lv])
         hp = self.hparams
 
         def commit() -> None:

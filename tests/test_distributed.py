@@ -177,3 +177,106 @@ def test_a_one_rank_ddp_model_works_like_the_bare_one() -> None:
             hopt.hyper_step(val_batch=b)
         finally:
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the best-response and marginal-
+# likelihood families: each averages its hypergradient over the ranks itself (torch.autograd.grad
+# bypasses DDP's reducer); without it every rank moved its hyperparameters on its own shard
+
+
+class _Stn(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.l1, self.l2 = hg.nn.StnLinear(5, 8, n), hg.nn.StnLinear(8, 3, n)
+
+    def forward(self, x: torch.Tensor, hp: Any) -> torch.Tensor:
+        d = hp.draw(len(x))
+        h = hg.nn.dropout(torch.tanh(self.l1(x, d)), d["dropout"], self.training)
+        return self.l2(h, d)
+
+
+def _stn_loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(m(b[0], h), b[1])
+
+
+FAMILIES = ("selftuning", "marglik", "marglik-through-map")
+
+
+def _run_family(family: str, rank: int, world: int, ddp: bool) -> dict[str, Any]:
+    torch.manual_seed(0)  # the same weights, and the same perturbation streams, on every rank
+    if family == "selftuning":
+        hp: nn.Module = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9), dtype=DT)
+        module: nn.Module = _Stn(hp.size).to(DT)
+    else:
+        module = _net()
+        hp = nn.ModuleDict({"prior": hg.hparams.PriorPrecision(module, per="layer", init=1.0).to(DT)})
+    model = nn.parallel.DistributedDataParallel(module) if ddp else module
+    inner = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    outer = torch.optim.Adam(hp.parameters(), lr=0.05)
+    if family == "selftuning":
+        hopt: hg.HyperOptimizer = hg.SelfTuning(
+            model, hp, _stn_loss, _stn_loss, inner_optimizer=inner, outer_optimizer=outer, warmup=1,
+            train_steps=3,
+        )  # fmt: skip
+    else:
+        hopt = hg.MarginalLikelihood(
+            model, hp, likelihood="classification", data_size=48, subset_size=8 // WORLD,  # the shards
+            inner_optimizer=inner, outer_optimizer=outer, through_map=family.endswith("map"),
+            solver=hg.CG(maxiter=20, damping=0.1) if family.endswith("map") else None,
+        )  # fmt: skip
+    batches, val = _data()
+    grads = []
+    for i, b in enumerate(batches):
+        hopt.step(_shard(b, rank, world))
+        if i % 3 == 2:
+            info = hopt.hyper_step(train_batch=_shard(b, rank, world), val_batch=_shard(val, rank, world))
+            assert not info.skipped
+            grads.append([p.grad.clone() for p in hp.parameters()])
+    return {
+        "grads": grads,
+        "hparams": [p.detach().clone() for p in hp.parameters()],
+        "weights": [p.detach().clone() for p in module.parameters()],
+    }
+
+
+def _family_worker(rank: int, world: int, init: str, out: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save({f: _run_family(f, rank, world, ddp=True) for f in FAMILIES}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def family_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("ddp-families")
+    mp.spawn(_family_worker, args=(WORLD, f"file://{tmp / 'init'}", str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_rank_of_the_other_families_ends_identical(family_ranks, family) -> None:
+    a, b = family_ranks[0][family], family_ranks[1][family]
+    assert len(a["grads"]) == 2
+    for key in ("hparams", "weights", "grads"):
+        for x, y in zip(a[key], b[key], strict=True):
+            for s, t in zip(x if key == "grads" else [x], y if key == "grads" else [y], strict=True):
+                assert torch.equal(s, t), key
+
+
+@pytest.mark.parametrize("family", ["marglik", "marglik-through-map"])
+def test_ddp_marginal_likelihood_equals_one_process_partitioned_along_the_shards(
+    family_ranks, family
+) -> None:
+    """Each rank's bound is its shard's, scaled by N/B; their mean is the one-process bound of the
+    concatenated batch with the shards as its blocks: same hypergradients, same run."""
+    single = _run_family(family, 0, 1, ddp=False)
+    got = family_ranks[0][family]
+    for step_got, step_ref in zip(got["grads"], single["grads"], strict=True):
+        for x, y in zip(step_got, step_ref, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    for key in ("hparams", "weights"):
+        for x, y in zip(got[key], single[key], strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
