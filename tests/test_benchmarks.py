@@ -125,3 +125,32 @@ def test_suite_runs_every_loss_under_bf16_autocast(tmp_path: Path) -> None:
     agreement = data["models"]["cnn"]["agreement"]
     if "torchopt/neumann-5" in agreement:  # same autocast losses, same hypergradient
         assert agreement["torchopt/neumann-5"]["rel_diff"] < 1e-3
+
+
+def test_fits_measures_the_gpt_hyperstep_memory_and_extrapolates(tmp_path: Path) -> None:
+    """``benchmarks/fits.py`` (the ~100M GPT's memory question) at the tiny size: live bytes
+    counted, peaks above them measured, and a positive slope in the batch."""
+    out = tmp_path / "fits.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "fits.py"),
+        "--size",
+        "tiny",
+        "--batch",
+        "2,8",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["batch"] for r in rows] == [2, 8]
+    for r in rows:
+        live = r["live_bytes"]
+        assert (
+            live["weights"] == live["hparams"] == live["momentum"] > 0
+        )  # one decay per weight, SGD momentum
+        assert 0 <= live["outer_state"] - 2 * live["hparams"] < 1000  # Adam's two moments (and steps)
+        assert 0 < r["train_step_peak_above_live_gib"] < r["hyperstep_peak_above_live_gib"]
+    assert data["fit"]["slope_gib_per_sequence"] > 0
