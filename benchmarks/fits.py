@@ -12,7 +12,9 @@ batch (activations), so two batch sizes give the slope, and what the GPU's batch
 Usage::
 
     .venv/bin/python benchmarks/fits.py --device cuda --batch 8,16,32      # a GPU: minutes
-    .venv/bin/python benchmarks/fits.py --batch 1,2                         # CPU: ~8 minutes
+    .venv/bin/python benchmarks/fits.py --batch 1,2                         # CPU: ~3 minutes
+    .venv/bin/python benchmarks/fits.py --model resnet18 --batch 128 \
+        --methods unrolled-5,unrolled-5-ckpt,higher-5                      # Unrolled vs higher
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import models  # noqa: E402
+import peers  # noqa: E402
 import torch  # noqa: E402
 from timing import Memory  # noqa: E402
 
@@ -42,22 +45,79 @@ def _bytes(ts: Any) -> int:
     return int(sum(t.numel() * t.element_size() for t in ts))
 
 
-def measure(batch: int, device: torch.device, steps: int, size: str = "full") -> dict[str, Any]:
-    prob = models.make_problem("gpt", size, device, batch=batch, n_train=2)
-    hopt = prob.implicit(hg.Neumann(steps=steps, alpha=models.LR))
-    mem = Memory(device)
+def _held_by(hopt: Any) -> int:
+    """Bytes an Unrolled keeps between hypersteps: its records' snapshots and batches."""
+    total, seen = 0, set()
+    for rec in getattr(hopt, "_records", ()):
+        ts = [t for t in rec.batch if isinstance(t, torch.Tensor)]
+        if rec.anchor is not None:
+            a = rec.anchor
+            ts += [*a.weights, *a.buffers, *a.hparams]
+            ts += [t for s in a.states for t in s.values() if isinstance(t, torch.Tensor)]
+        for t in ts:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def measure(
+    batch: int, device: torch.device, method: str, size: str = "full", model: str = "gpt"
+) -> dict[str, Any]:
+    """One method's hyperstep on ``model`` at ``size``: ``neumann-K`` (Implicit), ``unrolled-K``,
+    ``unrolled-K-ckpt`` (checkpointed) or ``higher-K`` (the peer, the same hypergradient)."""
+    prob = models.make_problem(model, size, device, batch=batch, n_train=5)
+    kind, k_text, *rest = method.split("-")
+    k = int(k_text)
     tb, vb = prob.train_batch, prob.val_batch
+    hopt: Any = None
+    if kind == "neumann":
+        hopt = prob.implicit(hg.Neumann(steps=k, alpha=models.LR))
+
+        def prepare() -> None:
+            hopt.step(tb)
+
+        def hyper() -> None:
+            hopt.hyper_step(train_batch=tb, val_batch=vb)
+
+    elif kind == "unrolled":
+        hopt = prob.unrolled(k, checkpoint=bool(rest))
+
+        def prepare() -> None:
+            for i in range(k):
+                hopt.step(prob.train_batches[i % len(prob.train_batches)])
+
+        def hyper() -> None:
+            hopt.hyper_step(val_batch=vb)
+
+    elif kind == "higher":
+        peer = peers.make("higher", prob, steps=k)
+
+        def prepare() -> None:
+            prob.torch_step()
+
+        def hyper() -> None:
+            peer()
+
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    mem = Memory(device)
     t0 = time.perf_counter()
     with mem.session():
-        hopt.step(tb)  # warm: .grad, momentum, the outer Adam's state, caches
-        hopt.hyper_step(train_batch=tb, val_batch=vb)
-        step, _ = mem(lambda: hopt.step(tb))
-        hyper, _ = mem(lambda: hopt.hyper_step(train_batch=tb, val_batch=vb))
+        prepare()  # warm: .grad, momentum, the outer Adam's state, caches, Unrolled's ring
+        hyper()
+        step, _ = mem(prob.torch_step)
+        prepare()
+        win, _ = mem(hyper)
     seconds = time.perf_counter() - t0
     weights = prob.weights
     state = [t for s in prob.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    outer_opt = hopt.outer_optimizer if hopt is not None else None
     outer = [
-        t for s in hopt.outer_optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+        t
+        for s in (outer_opt.state.values() if outer_opt is not None else ())
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
     ]
     live = {
         "weights": _bytes(weights),
@@ -65,18 +125,21 @@ def measure(batch: int, device: torch.device, steps: int, size: str = "full") ->
         "momentum": _bytes(state),
         "hparams": _bytes(prob.hparams),
         "outer_state": _bytes(outer),
+        "held_by_method": _held_by(hopt),
     }
     total = sum(live.values())
     return {
+        "model": models.spec(model, size).description,
+        "method": method,
         "weights": sum(int(w.numel()) for w in weights),
         "hyperparameters": sum(int(h.numel()) for h in prob.hparams),
         "batch": batch,
-        "tokens_per_batch": batch * int(tb[0].shape[1]),
+        "tokens_per_batch": int(tb[0].numel()) if model == "gpt" else None,
         "live_bytes": live,
         "live_total_gib": total / GIB,
         "train_step_peak_above_live_gib": step.peak / GIB,
-        "hyperstep_peak_above_live_gib": hyper.peak / GIB,
-        "hyperstep_total_gib": (total + hyper.peak) / GIB,
+        "hyperstep_peak_above_live_gib": win.peak / GIB,
+        "hyperstep_total_gib": (total + win.peak) / GIB,
         "seconds": seconds,
     }
 
@@ -85,23 +148,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", default="1,2", help="comma-separated batch sizes (sequences of 256 tokens)")
-    ap.add_argument("--steps", type=int, default=5, help="Neumann terms (default: 5)")
-    ap.add_argument("--size", default="full", choices=models.SIZES, help="the GPT's size (default: full)")
+    ap.add_argument("--model", default="gpt", choices=["gpt", "resnet18"], help="(default: gpt)")
+    ap.add_argument(
+        "--methods",
+        default="neumann-5",
+        help="comma-separated: neumann-K, unrolled-K, unrolled-K-ckpt, higher-K (default: neumann-5)",
+    )
+    ap.add_argument("--size", default="full", choices=models.SIZES, help="the model's size (default: full)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    rows = [measure(int(b), device, args.steps, args.size) for b in args.batch.split(",") if b.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    rows = [measure(b, device, m, args.size, args.model) for m in methods for b in batches]
     for r in rows:
         print(
-            f"batch {r['batch']}: live {r['live_total_gib']:.2f} GiB; peak above it: train step "
-            f"{r['train_step_peak_above_live_gib']:.2f} GiB, Neumann-{args.steps} hyperstep "
-            f"{r['hyperstep_peak_above_live_gib']:.2f} GiB (total {r['hyperstep_total_gib']:.2f} GiB); "
+            f"{r['method']}, batch {r['batch']}: live {r['live_total_gib']:.3f} GiB; peak above it: train "
+            f"step {r['train_step_peak_above_live_gib']:.3f} GiB, hyperstep "
+            f"{r['hyperstep_peak_above_live_gib']:.3f} GiB (total {r['hyperstep_total_gib']:.3f} GiB); "
             f"{r['seconds']:.0f} s"
         )
     fit: dict[str, float] = {}
-    if len(rows) >= 2:  # peak = intercept + slope * batch (activations are linear in the batch)
+    if len(batches) >= 2 and len(methods) == 1:  # peak = intercept + slope * batch (activations)
         a, b = rows[0], rows[-1]
         slope = (b["hyperstep_total_gib"] - a["hyperstep_total_gib"]) / (b["batch"] - a["batch"])
         fit = {
@@ -109,17 +179,16 @@ def main() -> None:
             "intercept_gib": a["hyperstep_total_gib"] - slope * a["batch"],
             "largest_batch_in_80_gib": (80 - (a["hyperstep_total_gib"] - slope * a["batch"])) / slope,
         }
-        seq = rows[0]["tokens_per_batch"] // rows[0]["batch"]
         print(
             f"hyperstep total ≈ {fit['intercept_gib']:.2f} + {slope:.3f} GiB × batch: "
-            f"≈ {fit['largest_batch_in_80_gib']:.0f} sequences of {seq} tokens in 80 GiB"
+            f"≈ {fit['largest_batch_in_80_gib']:.0f} examples (sequences) in 80 GiB"
         )
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    out = args.out or HERE / "results" / f"fits-gpt-{args.size}-{name}.json"
+    out = args.out or HERE / "results" / f"fits-{args.model}-{args.size}-{name}.json"
     out.write_text(
         json.dumps(
             {
-                "benchmark": "memory of a Neumann hyperstep on the ~100M GPT, one weight decay per weight",
+                "benchmark": "memory of hypersteps at full size, one weight decay per weight",
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": {
                     "device": name,
@@ -128,8 +197,8 @@ def main() -> None:
                     "cuda": torch.version.cuda,
                     "memory_metric": Memory(device).metric,
                 },
-                "model": models.spec("gpt", args.size).description,
-                "neumann_steps": args.steps,
+                "model": models.spec(args.model, args.size).description,
+                "methods": methods,
                 "rows": rows,
                 "fit": fit,
             },
