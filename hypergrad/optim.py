@@ -191,6 +191,10 @@ class _HypergradientOptimizer(Optimizer):
     # -- construction / state ---------------------------------------------------------------
 
     def _hd_finish_init(self, hypergrad_lr: float, lr_min: float, lr_max: float) -> None:
+        if not any(group["params"] for group in self.param_groups):
+            # torch refuses `[]` but accepts `[{"params": []}]`: an optimiser with nothing to
+            # tune is always a mistake (e.g. a name filter that matched no parameter).
+            raise ValueError(f"{type(self).__name__} got an empty parameter list: every param group is empty")
         self.defaults.update(hypergrad_lr=hypergrad_lr, lr_min=lr_min, lr_max=lr_max)
         for group in self.param_groups:  # torch added them before our defaults existed
             self._hd_check_bounds(group)
@@ -203,6 +207,9 @@ class _HypergradientOptimizer(Optimizer):
         group.setdefault("lr_min", self.defaults["lr_min"])
         group.setdefault("lr_max", self.defaults["lr_max"])
         group["lr_min"], group["lr_max"] = float(group["lr_min"]), float(group["lr_max"])
+        # Python floats, so the rate is accumulated in double precision (a NumPy float32
+        # hypergrad_lr would otherwise turn every later lr into a float32).
+        group["hypergrad_lr"] = float(group["hypergrad_lr"])
         group["lr"] = float(group["lr"])
 
     def _hd_check_bounds(self, group: dict[str, Any]) -> None:
@@ -286,8 +293,12 @@ class _HypergradientOptimizer(Optimizer):
         dots: list[list[Tensor]] = []
         with torch.no_grad():
             for group in self.param_groups:
+                # they may have been edited since construction (by hand or by a scheduler)
                 self._hd_check_options(group)
-                _check_lr_bounds(group["lr_min"], group["lr_max"])  # they may have been edited
+                _check_lr_bounds(group["lr_min"], group["lr_max"])
+                _check_hypergrad_lr(group["hypergrad_lr"])
+                if isinstance(group["lr"], Tensor):
+                    _check_lr(group["lr"], owner)  # raises: the rate is a host float
                 params = [p for p in group["params"] if p.grad is not None]
                 grads = [p.grad for p in params]
                 if any(g.is_sparse for g in grads):
@@ -314,7 +325,7 @@ class _HypergradientOptimizer(Optimizer):
             for group, h in zip(self.param_groups, _sum_per_group(dots), strict=True):
                 group["hypergrad"] = h
                 if group["hypergrad_lr"] != 0:
-                    lr = float(group["lr"]) + group["hypergrad_lr"] * h
+                    lr = float(group["lr"]) + float(group["hypergrad_lr"]) * h
                     group["lr"] = _clamp(lr, float(group["lr_min"]), float(group["lr_max"]))
 
         _unhooked(self._hd_base.step)(self)
@@ -397,7 +408,8 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
         ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``,
             ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
             rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
-            group's ``lr_min`` / ``lr_max`` were edited to invalid values.
+            group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
+            its ``lr`` replaced by a Tensor (before anything moves).
 
     Example:
         >>> import torch
@@ -512,8 +524,9 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         h_t = Σ_p ⟨g_t^p, d_{t-1}^p⟩   (h_1 = 0),        α_t = clamp(α_{t-1} + β h_t, α_min, α_max),
 
     ``β = hypergrad_lr``, ``[α_min, α_max] = [lr_min, lr_max]``; ``-h_t`` is exactly
-    ``∂F(θ_{t-1})/∂α_{t-1}``. Since ``d`` is roughly a sign vector, ``h_t`` scales like ``‖g‖₁``,
-    hence the much smaller default ``β = 1e-7`` (the paper's).
+    ``∂F(θ_{t-1})/∂α_{t-1}``. With ``amsgrad=True`` torch's update, and so ``d_t``, divides by the
+    running maximum ``max(v_1, …, v_t)`` instead of ``v_t``. Since ``d`` is roughly a sign
+    vector, ``h_t`` scales like ``‖g‖₁``, hence the much smaller default ``β = 1e-7`` (the paper's).
 
     Bounds. Nothing in the hypergradient rule itself keeps ``α`` positive: with a large ``β`` on a
     noisy or oscillating objective (``h_t < 0``: the new gradient opposes the last step) it
@@ -541,7 +554,7 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         betas: ``(β1, β2)``, the moment decay rates.
         eps: ``ε``, added to the denominator.
         weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch's Adam).
-        amsgrad: Not supported; must be ``False``.
+        amsgrad: Use the AMSGrad variant (the running maximum of ``v_t`` in the denominator).
         hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-7``).
         lr_min: Floor ``α_min`` of the learning rate, finite and ``>= 0`` (default: ``0.0``).
         lr_max: Ceiling ``α_max`` of the learning rate, ``> lr_min`` (default: ``math.inf``).
@@ -556,7 +569,8 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``,
             ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
             rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
-            group's ``lr_min`` / ``lr_max`` were edited to invalid values.
+            group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
+            its ``lr`` replaced by a Tensor (before anything moves).
 
     Example:
         >>> import torch
@@ -580,7 +594,7 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
     """
 
     _hd_base = torch.optim.Adam
-    _hd_unsupported = ("amsgrad", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+    _hd_unsupported = ("capturable", "differentiable", "fused", "decoupled_weight_decay")
 
     def __init__(
         self,
@@ -604,7 +618,6 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         owner = type(self).__name__
         self._hd_check_options(
             {
-                "amsgrad": amsgrad,
                 "capturable": capturable,
                 "differentiable": differentiable,
                 "fused": fused,
@@ -642,7 +655,9 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         # The same bias corrections (and float arithmetic) as torch's non-capturable Adam.
         bias_correction1 = [1 - beta1**k for k in steps]
         bias_correction2_sqrt = [(1 - beta2**k) ** 0.5 for k in steps]
-        denom = torch._foreach_sqrt([_real(s["exp_avg_sq"]) for s in states])
+        # AMSGrad divides by the running maximum of v_t (updated by torch's step just taken).
+        second_moment = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
+        denom = torch._foreach_sqrt([_real(s[second_moment]) for s in states])
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, group["eps"])
         directions = torch._foreach_div([_real(s["exp_avg"]) for s in states], denom)

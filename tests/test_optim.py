@@ -576,7 +576,6 @@ def test_sparse_gradients_are_rejected() -> None:
             lambda ps: SGDHD(ps, lr=torch.tensor(0.1)),  # type: ignore[arg-type]
             "needs a Python float learning rate",
         ),
-        (lambda ps: AdamHD(ps, amsgrad=True), "AdamHD does not support amsgrad=True"),
         (lambda ps: AdamHD(ps, fused=True), "AdamHD does not support fused=True"),
         (lambda ps: AdamHD(ps, capturable=True), "AdamHD does not support capturable=True"),
         (lambda ps: AdamHD(ps, differentiable=True), "does not support differentiable=True"),
