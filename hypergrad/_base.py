@@ -107,6 +107,16 @@ def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+
+def _forget_autocast_casts(device: torch.device) -> None:
+    """Inside a ``torch.autocast`` block, drop its cached low-precision copies of the leaf
+    tensors just updated in place: it keeps them until the block exits, so the next step under
+    the same block would run on the weights as they were before (training and the Unrolled
+    replay on different weights)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        torch.clear_autocast_cache()
+
+
 #: the key under which ``HyperOptimizer.__getstate__`` carries the method's state to the copy
 _COPIED_METHOD_STATE = "_hypergrad_method_state"
 
@@ -415,6 +425,7 @@ class HyperOptimizer(abc.ABC):
         finally:
             for _, setting in self.settings:
                 setting.restore()
+        _forget_autocast_casts(self.device)
         self._after_step()
         self.inner_steps += 1
         if self._loss_scale is None:
@@ -530,6 +541,7 @@ class HyperOptimizer(abc.ABC):
         for p, g in zip(self.pair.hparam_tensors, grads, strict=True):
             p.grad = g
         self.outer_optimizer.step()
+        _forget_autocast_casts(self.device)
         if res.commit is not None:
             res.commit()
         self.hyper_steps += 1

@@ -153,6 +153,11 @@ class RandomTranslation(nn.Module):
         n = math.prod(self.shape)
         if x[0].numel() != n:
             raise ValueError(f"RandomTranslation{self.shape} got inputs of shape {tuple(x.shape)}")
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+            # in the inputs' precision: under autocast, affine_grid gave a low-precision grid whose
+            # grid_sample has no CPU backward (the bound's hypergradient crashed)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x, samples)
         img = x.reshape(b, 1, *self.shape).repeat_interleave(samples, dim=0)
         m = b * samples
         u = torch.rand(m, len(self.shape), dtype=x.dtype, device=x.device) * 2 - 1

@@ -73,7 +73,9 @@ class _Linearised:
         object.__setattr__(self, "_model", model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with fwAD.dual_level(), linearising():
+        # a torch.compile'd model runs eagerly here: its graphs drop the forward-mode tangent
+        # (the linearised output came out silently wrong, not refused)
+        with fwAD.dual_level(), linearising(), torch.compiler.set_stance("force_eager"):
             out = self._model(*args, **kwargs)
             return _first_order(out)
 
@@ -457,7 +459,11 @@ class BestResponse(_BestResponseBase):
       perturbation). Needs ``val_batch`` only.
 
     Args:
-        model: a :class:`~hypergrad.nn.HyperNet` with ``n_hparams == hparams.size``.
+        model: a :class:`~hypergrad.nn.HyperNet` with ``n_hparams == hparams.size``, maybe
+            wrapped by ``torch.compile`` (whose wrapper passes ``weights`` on) or a data-parallel
+            wrapper (which does not: :meth:`step` passes the losses the wrapper, hypersteps the
+            bare HyperNet, so a loss calling ``model.weights`` looks through it, e.g.
+            ``getattr(model, "module", model).weights(h)``).
         hparams: ``SelfTuned(..., learn_scale=False)``.
         sampling: ``"local"`` (default) or ``"global"``.
         prior_scale: :math:`s_p` for global sampling (default: 1.0).
@@ -513,14 +519,15 @@ class BestResponse(_BestResponseBase):
             on_nonfinite=on_nonfinite,
             divergence=divergence,
         )
-        if not isinstance(model, HyperNet):
+        bare = self.ranks.module  # (through DistributedDataParallel / torch.compile wrappers)
+        if not isinstance(bare, HyperNet):
             raise ValueError(
                 f"BestResponse: model must be a hg.nn.HyperNet (a hypernetwork generating a model's "
-                f"weights), got {type(model).__name__}"
+                f"weights), got {type(bare).__name__}"
             )
-        if model.n_hparams != self.hparams.size:
+        if bare.n_hparams != self.hparams.size:
             raise ValueError(
-                f"BestResponse: the HyperNet was built for n_hparams={model.n_hparams} but "
+                f"BestResponse: the HyperNet was built for n_hparams={bare.n_hparams} but "
                 f"hparams.size is {self.hparams.size}"
             )
         if self.hparams.learn_scale:

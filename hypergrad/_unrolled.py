@@ -151,6 +151,9 @@ class _Record:
     #: hyperstep may come while the user has the model in eval mode); () replays in the current mode
     training: tuple[bool, ...] = ()
     max_grad_norm: float | None = None  # the step's gradient clipping (clip_grad_norm_'s max_norm)
+    #: ``torch.autocast`` during the step on the model's device type, ``(enabled, dtype)``; None
+    #: replays in the autocast state of the hyperstep
+    autocast: tuple[bool, torch.dtype] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -163,6 +166,13 @@ class _Record:
         if d.get("anchor") is not None:
             d["anchor"] = _Anchor(**d["anchor"])
         return cls(**d)
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
+    """``(enabled, dtype)`` of ``torch.autocast`` for ``device_type`` now (None where it has none)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
@@ -183,12 +193,14 @@ class Unrolled(HyperOptimizer):
     The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
     rate do not reach it, dropout draws the same masks, each step runs in the train/eval modes
     its modules had when it was taken (whatever mode the model is in at the hyperstep, which is
-    the mode ``val_loss`` runs in), weights without a gradient are skipped as ``torch.optim``
-    skips them, and gradient clipping given to ``step(batch, max_grad_norm=...)`` is replayed
-    (and differentiated). It cannot see optimiser hooks or gradient hooks (e.g. clipping in a
-    step pre-hook): a :class:`ReplayWarning` says so. Nor can it replay randomness drawn inside
-    ``train_loss`` from anything but torch's global RNG (a ``torch.Generator`` of your own,
-    Python's or NumPy's RNG), a loss reading state that changes between steps, or weights edited
+    the mode ``val_loss`` runs in) and in its ``torch.autocast`` state (forward mode refuses
+    autocast: forward-mode AD does not follow its casts), weights without a gradient are
+    skipped as ``torch.optim`` skips them, and gradient clipping given to
+    ``step(batch, max_grad_norm=...)`` is replayed (and differentiated). It cannot see
+    optimiser hooks or gradient hooks (e.g. clipping in a step pre-hook): a
+    :class:`ReplayWarning` says so. Nor can it replay randomness drawn inside ``train_loss``
+    from anything but torch's global RNG (a ``torch.Generator`` of your own, Python's or
+    NumPy's RNG), a loss reading state that changes between steps, or weights edited
     through ``.data``: when the replayed steps, run with the hyperparameters they were taken
     with, end away from the real weights (beyond rounding), the hyperstep warns
     (:class:`ReplayWarning`). The replay uses the current hyperparameters for all steps; the
@@ -362,7 +374,18 @@ class Unrolled(HyperOptimizer):
                 stacklevel=4,
             )
 
+    def _check_autocast(self, call: str) -> None:
+        state = _autocast_state(self.device.type)
+        if self.mode is Mode.FORWARD and state is not None and state[0]:
+            raise ValueError(
+                f"Unrolled(mode='forward'): {call} was called under torch.autocast, whose casts "
+                "forward-mode AD does not follow (the replay fails inside the model, or mixes "
+                "dtypes); use mode='reverse' (it replays each step in its autocast state), or "
+                "run without autocast"
+            )
+
     def _before_step(self) -> None:
+        self._check_autocast("step()")
         self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
         self._check_hooks()
@@ -399,6 +422,7 @@ class Unrolled(HyperOptimizer):
                 anchor=anchor,
                 training=tuple(m.training for m in self._mode_modules()),
                 max_grad_norm=max_grad_norm,
+                autocast=_autocast_state(self.device.type),
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -444,6 +468,7 @@ class Unrolled(HyperOptimizer):
         if val_batch is None:
             raise ValueError("Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss)")
         check_batch(val_batch, "val_batch", self.device, self.dtype)
+        self._check_autocast("hyper_step()")
         self._refresh()
         self._check_fresh()
         if not self._records:
@@ -463,7 +488,24 @@ class Unrolled(HyperOptimizer):
         hp: Sequence[Tensor],
         create_graph: bool = True,
     ) -> tuple[Tensors, list[State], Tensors]:
-        """One recorded step, differentiably: ``(weights, states, buffers)`` after it."""
+        """One recorded step, differentiably: ``(weights, states, buffers)`` after it. It runs
+        in the ``torch.autocast`` state the real step had (its loss, its backward pass and its
+        update), whatever the hyperstep's."""
+        if rec.autocast is None or rec.autocast == _autocast_state(self.device.type):
+            return self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph)
+        enabled, dtype = rec.autocast
+        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+            return self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph)
+
+    def _replay_step_as_is(
+        self,
+        rec: _Record,
+        weights: Tensors,
+        states: list[State],
+        buffers: Tensors,
+        hp: Sequence[Tensor],
+        create_graph: bool,
+    ) -> tuple[Tensors, list[State], Tensors]:
         devices = [self.device] if self.device.type == "cuda" else []
 
         def train_loss(decays: list[WeightDecay]) -> tuple[Tensor, Tensors, list[_Call]]:
