@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,14 @@ from timing import Memory  # noqa: E402
 import hypergrad as hg  # noqa: E402
 
 GIB = 2**30
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def _bytes(ts: Any) -> int:
@@ -192,6 +203,10 @@ def main() -> None:
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": {
                     "device": name,
+                    "hostname": socket.gethostname(),
+                    "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "git_commit": _commit(),
                     "platform": platform.platform(),
                     "torch": torch.__version__,
                     "cuda": torch.version.cuda,
