@@ -326,7 +326,13 @@ def implicit_hypergradient(
 
     Returns:
         ``(hypergradient, val_loss, solve_result)``: the hypergradient is a tuple shaped like
-        ``hparams``; the loss is detached.
+        ``hparams`` (each in its tensor's dtype); the loss is detached, 0-dim; ``solve_result``
+        is the :class:`SolveResult` of the solve (``iterations`` = HVPs spent).
+
+    Raises:
+        ValueError: the training gradient does not depend on ``weights`` (``train_loss``
+            linear in them: no Hessian), or the solver refuses (a :class:`Neumann` without a
+            numeric ``alpha``; ``x0`` of other shapes).
 
     >>> import torch, hypergrad as hg
     >>> w = torch.tensor([1.0], requires_grad=True); lam = torch.tensor([0.5], requires_grad=True)
@@ -393,8 +399,9 @@ class Implicit(HyperOptimizer):
     Args:
         model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite,
             divergence: see :class:`HyperOptimizer`.
-        solver: :class:`Neumann` (default: 5 terms), :class:`CG` or :class:`Identity`. A solver
-            with ``warm_start=True`` starts from the previous accepted hyperstep's solution.
+        solver: :class:`Neumann` (default: 5 terms), :class:`CG`, :class:`Identity` or
+            :class:`Direct` (any :class:`LinearSolver`). A solver with ``warm_start=True`` starts
+            from the previous accepted hyperstep's solution, unless its residual was above 1.
         hessian_subset: which trained weights (by parameter name) the implicit function theorem
             differentiates through, e.g. ``lambda n: n.startswith("head.")`` for the last layers
             of a very large model; ``None``: all (default: ``None``). With :math:`w = (w_S, w_F)`
@@ -424,6 +431,20 @@ class Implicit(HyperOptimizer):
 
     Batches: ``hyper_step(train_batch=..., val_batch=...)`` needs both (the training batch gives
     the Hessian and the mixed second derivative).
+
+    Cost per :meth:`hyper_step`: as :func:`implicit_hypergradient` (one validation
+    forward/backward, one training forward/backward with a graph kept, the solver's HVPs and one
+    mixed VJP), plus any power-iteration HVPs; ``info.solver_iterations`` counts every HVP.
+    :class:`~hypergrad.hparams.WeightDecay` penalties enter the HVPs by their exact diagonal
+    second derivatives, without autograd (cheaper HVPs).
+
+    Raises:
+        ValueError: ``hparams`` holds settings of the inner optimiser
+            (:class:`~hypergrad.hparams.LearningRate`, ...), or ``hessian_subset`` selects no
+            trained weight; at :meth:`hyper_step`, a missing batch, or a training gradient that
+            does not depend on the weights.
+        TypeError: ``solver`` is not a :class:`LinearSolver`, or ``hessian_subset`` is not
+            callable.
 
     Hyperparameters must enter ``train_loss`` or ``val_loss`` directly; settings of the inner
     optimiser (:class:`~hypergrad.hparams.LearningRate`, ...) do not move the optimum and are
@@ -474,7 +495,10 @@ class Implicit(HyperOptimizer):
             )
         solver = Neumann() if solver is None else solver
         if not isinstance(solver, LinearSolver):
-            raise TypeError(f"solver must be hg.Neumann, hg.CG or hg.Identity, got {type(solver).__name__}")
+            raise TypeError(
+                f"solver must be a hg.LinearSolver (hg.Neumann, hg.CG, hg.Identity, hg.Direct), "
+                f"got {type(solver).__name__}"
+            )
         self.solver = solver
         if hessian_subset is not None and not callable(hessian_subset):
             raise TypeError(

@@ -668,6 +668,10 @@ def log_evidence(
     :func:`log_evidence_bound` (with ``data_size = len(x)`` and one block). Small problems only:
     memory :math:`O((NC)^2)` or :math:`O(P^2)`, time their cube.
 
+    Returns:
+        A 0-dim tensor, differentiable w.r.t. ``prior``'s (and ``noise``'s) raw tensors and the
+        weights. Raises as :func:`log_evidence_bound`.
+
     >>> import torch, hypergrad as hg
     >>> _ = torch.manual_seed(0); model = torch.nn.Linear(3, 1, bias=False).double()
     >>> prior = hg.hparams.PriorPrecision(model, init=2.0).double()

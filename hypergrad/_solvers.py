@@ -90,6 +90,18 @@ class LinearSolver(abc.ABC):
             v: right-hand side, a tuple of tensors (shapes of the weights).
             x0: initial guess shaped like ``v``, or ``None`` to start from 0 (default: ``None``).
                 Read only: neither kept nor modified.
+
+        Returns:
+            A :class:`SolveResult`: ``solution`` shaped like ``v`` (new tensors, except
+            ``Identity(scale=1.0)``, which returns ``v``'s own), the HVPs spent, a 0-dim relative
+            residual and a :class:`SolveStatus`. A solver that fails numerically says so in
+            ``status`` rather than raising.
+
+        Raises:
+            ValueError: ``x0`` not shaped like ``v`` (``Identity`` ignores ``x0``); a
+                :class:`Neumann` whose ``alpha`` is not a number (``None``, ``"lr"``,
+                ``"power"``: rules that only :class:`~hypergrad.Implicit` resolves); a
+                :class:`Direct` system larger than ``max_size``, or complex.
         """
 
 
@@ -390,7 +402,9 @@ class Direct(LinearSolver):
     ``NONPOSITIVE_CURVATURE``: the exact :math:`H^{-1}v` of an indefinite :math:`H` is rarely the
     hypergradient one wants; damping is the usual cure). The residual is the exact
     :math:`\|(H+\delta I)x - v\|/\|v\|`. Cost: :math:`P` HVPs, :math:`P^2` memory, an
-    :math:`O(P^3)` factorisation; one host synchronisation. Real weights only (complex ones as
+    :math:`O(P^3)` factorisation; two host synchronisations (the finiteness check and the
+    Cholesky status; two or three more on the LU fallback). ``x0`` is checked for its shape
+    and otherwise ignored. Real weights only (complex ones as
     real pairs: ``torch.view_as_real``).
 
     Args:

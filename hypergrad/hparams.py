@@ -382,6 +382,10 @@ class WeightDecay(nn.Module):
         max: upper bound M on every decay, finite and > 0; ``None`` leaves them unbounded
             (default: None).
 
+    Raises:
+        ValueError: an unknown ``per``, an ``init`` not > 0 (or not < ``max``), a ``max`` not
+            finite and > 0, or no parameter to penalise.
+
     Shapes: ``raw[j]`` is ``()`` for ``"global"`` / ``"layer"`` and the ``j``-th penalised weight's
     shape for ``"parameter"``; ``value`` is ``(count,)``: every decay, detached, flattened and
     concatenated in the order of ``raw``. :meth:`decays` gives them by parameter name instead.
@@ -493,6 +497,20 @@ class WeightDecay(nn.Module):
 
         Pass the ``model`` your loss receives, so substituted weights are the ones penalised. A
         ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrapper is looked through.
+
+        Args:
+            model: the model (or the view of it a loss receives) holding the penalised parameters
+                under the names they had at construction.
+
+        Returns:
+            A 0-dim tensor, differentiable w.r.t. the weights and ``raw``. Cost: one product and
+            sum per penalised tensor (inside :class:`~hypergrad.Implicit` and the
+            :class:`~hypergrad.Unrolled` replay it returns the same value with a cheaper graph,
+            the methods adding its exact derivatives themselves).
+
+        Raises:
+            KeyError: ``model`` lacks a penalised parameter name. (Parameters the model gained
+                after construction are not penalised: a ``UserWarning``, once.)
         """
         model = unwrap_model(model)
         params = dict(model.named_parameters())
@@ -603,8 +621,9 @@ class ExampleWeights(nn.Module):
         Raises:
             TypeError: ``index`` is not an integer tensor (floats, or a boolean mask, which would
                 select a different number of weights than the batch has examples).
-            IndexError: an index outside ``[0, n)`` (a negative one would silently weight
-                another example, counted from the end). One host synchronisation.
+            IndexError: a negative index (it would silently weight another example, counted
+                from the end; checked at the cost of one host synchronisation), or, on the CPU,
+                one ``>= n`` (raised by torch's indexing; on CUDA a device-side assert).
         """
         if not isinstance(index, Tensor):
             index = torch.as_tensor(index, device=self.raw.device)
@@ -649,6 +668,18 @@ class OptimizerSetting(nn.Module):
         relative: learn a multiplier on the group's own (e.g. scheduled) value (default: ``False``).
 
     Shapes: ``raw`` and ``value`` are ``(len(optimizer.param_groups),)``.
+
+    Raises:
+        ValueError: the optimiser has no setting ``name``, or ``init`` (or the current value) is
+            outside the constraint's domain.
+        TypeError: ``relative`` is not a bool, or the setting is not a single number (Adam's
+            ``betas``).
+
+    >>> import torch, hypergrad as hg
+    >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1, weight_decay=1e-3)
+    >>> wd = hg.hparams.OptimizerSetting(opt, "weight_decay", "positive")
+    >>> [round(v, 6) for v in wd.value.tolist()]
+    [0.001]
     """
 
     def __init__(

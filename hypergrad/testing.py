@@ -316,8 +316,23 @@ class BatchNormMLP(nn.Module):
 
 
 def central_difference(f: Callable[[], float], tensor: Tensor, eps: float = 1e-5) -> Tensor:
-    """Central finite differences of ``f()`` w.r.t. each entry of ``tensor`` (perturbed in place and
-    restored). Returns a tensor shaped like ``tensor``; ``2 * tensor.numel()`` calls of ``f``."""
+    r"""Central finite differences of ``f()`` w.r.t. each entry of ``tensor`` (perturbed in place and
+    restored). Returns a tensor shaped like ``tensor``; ``2 * tensor.numel()`` calls of ``f``.
+
+    :math:`\partial f/\partial t_i \approx (f(t + \epsilon e_i) - f(t - \epsilon e_i)) / 2\epsilon`,
+    error :math:`O(\epsilon^2)` plus rounding :math:`O(u/\epsilon)`: use float64.
+
+    Args:
+        f: a function of nothing that reads ``tensor`` (e.g. :attr:`BilevelProblem.outer_objective`).
+        tensor: the tensor to perturb (a hyperparameter's ``raw``); its values are written through
+            ``.data``, so autograd's version counter is not bumped.
+        eps: the step :math:`\epsilon` (default: 1e-5).
+
+    >>> import torch
+    >>> t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> [round(g, 6) for g in central_difference(lambda: float((t ** 3).sum()), t).tolist()]  # 3 t^2
+    [3.0, 12.0]
+    """
     out = torch.zeros_like(tensor)
     flat = tensor.data.view(-1)
     for i in range(flat.numel()):
