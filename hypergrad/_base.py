@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ._functional import (
     FunctionalPair,
     Ranks,
+    _buffer_slots,
     all_finite,
     check_batch,
     check_max_grad_norm,
@@ -69,7 +70,8 @@ class HyperStepInfo:
         unrolled_steps: inner steps differentiated through (``None`` for implicit methods).
         seconds: wall-clock time of the hyperstep.
         skipped: ``True`` when the step was refused as non-finite (``on_nonfinite="skip"``).
-        hyper_steps: hypersteps taken so far (including this one unless skipped).
+        hyper_steps: hypersteps taken so far (including this one unless skipped; from
+            :meth:`HyperOptimizer.hypergradient`, which takes none, the count before the call).
         train_loss: the training loss the method evaluated for this hyperstep (Implicit: on
             ``train_batch``), or ``None`` where it evaluates none.
     """
@@ -161,6 +163,15 @@ class HyperOptimizer(abc.ABC):
         divergence: if set (a number > 1), a training loss whose magnitude exceeds ``divergence``
             times that of the first accepted training loss is treated like a non-finite one
             (default: ``None``, off).
+
+    Raises:
+        TypeError: ``model`` or ``hparams`` is not an ``nn.Module``, an optimiser is not a
+            ``torch.optim.Optimizer`` (or is ``LBFGS``, whose ``step`` needs a closure), a loss is
+            not callable, or a hyperparameter is not floating point.
+        ValueError: an invalid ``divergence``; ``hparams`` or the model without parameters; a
+            hyperparameter that is not a leaf requiring grad, is on another device than the model,
+            is also a model parameter, or is missing from ``outer_optimizer``; an optimiser holding
+            the other side's tensors (or, ``outer_optimizer``, tensors outside ``hparams``).
 
     The losses run in whatever mode (``model.train()`` / ``model.eval()``) the user set; BatchNorm
     running statistics are updated by :meth:`step` only, once per inner step.
@@ -358,19 +369,41 @@ class HyperOptimizer(abc.ABC):
         """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the value of
         ``train_loss`` (detached; it includes any penalty the loss adds).
 
-        ``max_grad_norm``: clip the gradient before the update, as
-        ``torch.nn.utils.clip_grad_norm_(weights, max_grad_norm)`` between ``backward()`` and
-        ``optimizer.step()`` would (2-norm over all trained weights together; after DDP's
-        averaging). The value is recorded with the step, so :class:`~hypergrad.Unrolled` replays
-        (and differentiates through) the clipping too; per call, so it may follow a schedule.
-        Clipping in an optimiser or gradient hook instead is invisible to the replay.
+        Args:
+            batch: the training batch, passed to ``train_loss`` as is (its floating-point
+                tensors on the model's device and in its dtype; integer ones are not checked).
+            max_grad_norm: clip the gradient before the update, as
+                ``torch.nn.utils.clip_grad_norm_(weights, max_grad_norm)`` between ``backward()``
+                and ``optimizer.step()`` would (2-norm over all trained weights together; after
+                DDP's averaging); a finite number > 0, or ``None`` for no clipping (default:
+                ``None``). The value is recorded with the step, so :class:`~hypergrad.Unrolled`
+                replays (and differentiates through) the clipping too; per call, so it may follow a
+                schedule. Clipping in an optimiser or gradient hook instead is invisible to the
+                replay.
+
+        Returns:
+            The training loss, a detached 0-dim tensor (``nan`` when a loss that refused a
+            non-finite hyperparameter raised and ``on_nonfinite="skip"``).
+
+        Raises:
+            NonFiniteError: (``on_nonfinite="raise"``) the loss or a gradient is not finite, or
+                the loss diverged (``divergence``); nothing was changed.
+            ValueError: an invalid ``max_grad_norm``, a ``batch`` that is ``None`` or holds a
+                floating-point tensor on another device or of another dtype than the model, or
+                an inner optimiser whose parameters changed into something it cannot train.
+            RuntimeError: called under ``torch.inference_mode()``.
+
+        Cost: one forward and one backward pass of ``train_loss`` and one optimiser step, as in
+        plain PyTorch; :class:`~hypergrad.Unrolled` also copies the batch (and every ``steps``
+        steps or after a hyperstep, the weights and optimiser state) for its replay.
 
         Equivalent to ``inner_optimizer.zero_grad(); train_loss(...).backward();
         inner_optimizer.step()`` on the real model (weights the loss does not reach keep
         ``.grad = None``, so ``torch.optim`` skips them; buffers are updated, or reassigned, as by
         an ordinary forward pass; the hyperparameters' ``.grad`` is not touched), except that a
         non-finite (or diverged) loss or gradient changes nothing (see ``on_nonfinite``). The
-        guard costs one host synchronisation per step. Autograd is on inside, whatever the
+        guard costs one host synchronisation per step (two with ``divergence`` set, and one more
+        on the first accepted step, which reads the loss scale). Autograd is on inside, whatever the
         caller's grad mode (``torch.no_grad()`` blocks are fine, as for ``torch.optim``'s
         closures); under ``torch.inference_mode()`` every training call raises.
         """
@@ -382,6 +415,7 @@ class HyperOptimizer(abc.ABC):
         weights = pair.weights
         rng = self._rng_state() if self._replays_rng else None
         snapshot = pair.snapshot_buffers()
+        hp_snapshot = self._snapshot_hparam_buffers()
         everything = _params_of(self.inner_optimizer)  # frozen ones too, as zero_grad() would
         old_grads = [w.grad for w in everything]
         for w in everything:
@@ -390,6 +424,7 @@ class HyperOptimizer(abc.ABC):
             loss = self._train_backward(batch, weights)
         except BaseException as error:
             pair.restore_buffers(snapshot)
+            pair.restore_buffers(hp_snapshot)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             # a loss that refuses a NaN hyperparameter (a dropout rate, say) is a non-finite step
@@ -404,6 +439,7 @@ class HyperOptimizer(abc.ABC):
         problem = self._check_loss(loss, [g for g in grads if g is not None])
         if problem:
             pair.restore_buffers(snapshot)
+            pair.restore_buffers(hp_snapshot)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             self._nonfinite(f"inner step {self.inner_steps}: {problem}")
@@ -431,6 +467,12 @@ class HyperOptimizer(abc.ABC):
         if self._loss_scale is None:
             self._loss_scale = abs(float(loss.detach()))
         return loss.detach()
+
+    def _snapshot_hparam_buffers(self) -> list[tuple[dict[str, Any], str, Tensor, Tensor]]:
+        """The hyperparameter module's buffers (e.g. the BatchNorm statistics of a learned
+        augmentation network) with copies of their values, for ``FunctionalPair.restore_buffers``:
+        they move with accepted inner steps only (usually there are none: no copy)."""
+        return [(d, k, d[k], d[k].detach().clone()) for d, k in _buffer_slots(self.hparams)[1]]
 
     def _train_backward(self, batch: Batch, weights: Sequence[Tensor], model: Any = None) -> Tensor:
         """The training loss at ``batch`` on the real model (or on ``model``, a stand-in for it),
@@ -517,6 +559,19 @@ class HyperOptimizer(abc.ABC):
         Returns:
             A :class:`HyperStepInfo`. Weights, buffers and the inner optimiser are not changed.
 
+        Raises:
+            ValueError: a batch the method needs is missing (``None``) or invalid (each method
+                says which it needs), or the method cannot compute a hypergradient here (e.g.
+                :class:`~hypergrad.Unrolled` before any recorded :meth:`step`).
+            NonFiniteError: (``on_nonfinite="raise"``) a loss or the hypergradient is not finite
+                (or the hyperparameters are); nothing was changed. With ``"skip"`` a
+                :class:`NonFiniteWarning` instead, and ``info.skipped`` is ``True``.
+            RuntimeError: called under ``torch.inference_mode()``.
+
+        Cost: that of the method's hypergradient (see each method), plus the outer optimiser's
+        step and a few host synchronisations (the finiteness guard, and the floats of the info
+        record).
+
         To clip or rescale the hypergradient before the outer step, register an ordinary
         ``torch.optim`` step pre-hook: it runs after ``.grad`` is written and before the step,
         and only for accepted hypersteps::
@@ -558,8 +613,16 @@ class HyperOptimizer(abc.ABC):
         they were. A non-finite result is handled as in :meth:`hyper_step` (``on_nonfinite``);
         with ``"skip"`` the (non-finite) hypergradient is still returned, ``info.skipped=True``.
 
+        Args:
+            train_batch, val_batch: as for :meth:`hyper_step`.
+
         Returns:
-            ``(grads, info)``: ``grads`` is a tuple shaped like ``list(hparams.parameters())``.
+            ``(grads, info)``: ``grads`` is a tuple of detached tensors shaped like
+            ``list(hparams.parameters())`` (each in its hyperparameter's dtype); ``info`` is a
+            :class:`HyperStepInfo` whose ``hyper_steps`` is the count before the call.
+
+        Raises:
+            ValueError, NonFiniteError, RuntimeError: as :meth:`hyper_step`.
         """
         t0 = time.perf_counter()
         res, grad_norm, problem = self._compute(train_batch, val_batch)
@@ -580,7 +643,14 @@ class HyperOptimizer(abc.ABC):
             nan = torch.full((), float("nan"), dtype=self.dtype, device=self.device)
             grads = tuple(torch.full_like(p, float("nan")) for p in self.pair.hparam_tensors)
             return _Hypergradient(grads, nan), nan, bad
-        res = self._hypergradient(train_batch, val_batch)
+        # the hyperparameters' own buffers (a learned augmentation network's BatchNorm statistics)
+        # move with the real steps only, as the model's do: the forward passes of the hypergradient
+        # (Implicit's training loss, every replayed step of Unrolled) are undone
+        hp_buffers = self._snapshot_hparam_buffers()
+        try:
+            res = self._hypergradient(train_batch, val_batch)
+        finally:
+            FunctionalPair.restore_buffers(hp_buffers)
         if res.reached is not None:
             self._warn_disconnected(res.reached)
         grad_norm = norm(res.grads)  # checked for finiteness and reported: computed once
@@ -607,7 +677,9 @@ class HyperOptimizer(abc.ABC):
                 "to val_loss or to train_loss's gradient, so its hypergradient is exactly 0. Is it "
                 "cast to a Python number (float(), .item()), passed to a torch argument that takes "
                 "only floats (dropout p, label_smoothing), or left out of the loss? Or does it act "
-                "only on weights a method leaves out (Implicit's hessian_subset)? (warned once)",
+                "only on weights a method leaves out (Implicit's hessian_subset)? A learned "
+                "initialisation copied into the weights is no gradient path either: write the weights "
+                "as phi + delta, delta trained from 0 (README, 'Meta-learning'). (warned once)",
                 DisconnectedWarning,
                 stacklevel=4,
             )
@@ -658,7 +730,17 @@ class HyperOptimizer(abc.ABC):
         """A complete checkpoint: model, hyperparameters, both optimisers, method state, counters
         and the RNG state (CPU, and the model's CUDA device), so a resumed run repeats the
         straight one bit for bit (dropout masks and data shuffles drawn from torch's RNG
-        included)."""
+        included).
+
+        Returns:
+            A dict with keys ``"model"``, ``"hparams"``, ``"inner_optimizer"``,
+            ``"outer_optimizer"`` (each its own ``state_dict()``), ``"method"`` (e.g.
+            :class:`~hypergrad.Unrolled`'s recorded steps, :class:`~hypergrad.Implicit`'s warm
+            start), ``"counters"``, ``"rng"``, ``"method_name"`` and ``"hparams_meaning"`` (what
+            each container's raw values mean, checked on load). Its tensors are the live ones
+            (as ``nn.Module.state_dict`` gives them): ``copy.deepcopy`` it, or ``torch.save`` it,
+            to keep it while training goes on.
+        """
         return {
             "model": self.model.state_dict(),
             "hparams": self.hparams.state_dict(),
@@ -682,6 +764,16 @@ class HyperOptimizer(abc.ABC):
         groups), everything is put back as it was before the call and the error is re-raised.
         ``state`` is copied, not kept: loading the same in-memory checkpoint again later (a
         rollback) restores it as it was saved.
+
+        Args:
+            state: a dict from :meth:`state_dict` of the same method class.
+
+        Raises:
+            ValueError: ``state`` was saved by another method class, lacks one of its parts, or
+                was saved with other hyperparameter containers (raw values that would mean
+                something else here).
+            RuntimeError, KeyError, ...: whatever the model's, the containers' or the
+                optimisers' ``load_state_dict`` raises (after everything was put back).
         """
         if state.get("method_name") != type(self).__name__:
             raise ValueError(
@@ -739,6 +831,11 @@ class HyperOptimizer(abc.ABC):
         pass
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the weights and the hyperparameters."""
+        """Clear the gradients of the weights and the hyperparameters.
+
+        Args:
+            set_to_none: set ``.grad`` to ``None`` rather than to zeros, as
+                ``torch.optim.Optimizer.zero_grad`` (default: ``True``).
+        """
         self.inner_optimizer.zero_grad(set_to_none=set_to_none)
         self.outer_optimizer.zero_grad(set_to_none=set_to_none)

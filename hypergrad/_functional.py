@@ -490,7 +490,10 @@ def check_batch(batch: Any, what: str, device: torch.device, dtype: torch.dtype)
     ``pack_padded_sequence``), and it names a misplaced label tensor itself. A complex model also
     takes real tensors of its precision (complex64: float32), as complex layers usually do."""
     if batch is None:
-        raise ValueError(f"{what} is required but was not given (None)")
+        raise ValueError(
+            f"{what} is required but was not given (None); a loss that reads no data (dataset "
+            "distillation, where the hyperparameters are the data) takes an empty batch: pass ()"
+        )
     real = dtype.to_real() if dtype.is_complex else None  # a complex model may take real inputs
     for t in iter_tensors(batch):
         if not t.is_floating_point():

@@ -242,6 +242,13 @@ class Unrolled(HyperOptimizer):
     Batches: ``hyper_step(val_batch=...)``; the training batches are the recorded ones, so
     ``train_batch`` may be passed for a uniform call but is not used.
 
+    Raises:
+        ValueError: ``steps`` not an int >= 1, an unknown ``mode``, ``checkpoint=True`` with
+            ``mode="forward"``, or forward mode on a ``DistributedDataParallel`` model; at
+            :meth:`hyper_step`, no ``val_batch``, no step recorded since the episode began, or
+            (forward mode) a call under ``torch.autocast``.
+        TypeError: ``checkpoint`` not a bool.
+
     >>> import torch, hypergrad as hg
     >>> model = torch.nn.Linear(4, 1)
     >>> inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -399,10 +406,8 @@ class Unrolled(HyperOptimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         pair = self.pair
-        # the hyperparameters moved since the newest anchor: a hyperstep said so (fused optimisers
-        # do not bump version counters), or something changed them in place
         hp_versions = tuple(h._version for h in pair.hparam_tensors)
-        moved = self._hp_moved or hp_versions != self._hp_versions
+        moved = self._hparams_moved()
         anchor = None
         if not self._records or self._since_anchor >= self.steps or moved:
             anchor = _Anchor(
@@ -433,6 +438,24 @@ class Unrolled(HyperOptimizer):
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
+
+    def _hparams_moved(self) -> bool:
+        """Whether the hyperparameters changed since the newest anchor: a hyperstep said so, or
+        their version counters moved (an in-place change), or, with a fused outer optimiser
+        (whose kernels do not bump version counters), their values differ from the anchor's: an
+        outer step taken outside :meth:`hyper_step` (on :meth:`hypergradient`'s output, summed
+        over the tasks of a meta-batch) would otherwise go unseen, and the steps taken after it
+        be replayed with the old values. One host synchronisation per step, fused only."""
+        if self._hp_moved or tuple(h._version for h in self.pair.hparam_tensors) != self._hp_versions:
+            return True
+        if not any(g.get("fused") for g in self.outer_optimizer.param_groups):
+            return False
+        anchor = next((r.anchor for r in reversed(self._records) if r.anchor is not None), None)
+        if anchor is None:
+            return False
+        with torch.no_grad():
+            changed = [(a != h).any() for a, h in zip(anchor.hparams, self.pair.hparam_tensors, strict=True)]
+        return bool(torch.stack(changed).any()) if changed else False
 
     def _mode_modules(self) -> list[nn.Module]:
         """The modules whose ``training`` flag a step records and its replay restores."""
@@ -759,16 +782,31 @@ class Unrolled(HyperOptimizer):
         self._hp_moved = True
 
     def replayed_weights(self) -> Tensors:
-        """The weights reached by replaying the recorded steps (detached): they equal the model's
-        current weights up to rounding. A diagnostic."""
+        """The weights reached by replaying the recorded window of steps (detached), shaped like
+        the trained weights. A diagnostic.
+
+        The window is replayed with the *current* hyperparameters, as :meth:`hyper_step` does, so
+        the result equals the model's current weights (up to rounding) only when the
+        hyperparameters have not moved since the window's steps were taken (e.g. no hyperstep
+        within the last ``steps`` inner steps); after a hyperstep it shows where the same steps
+        would have led with the new values. Costs one replay (``steps`` training
+        forward/backward passes with their graph, and any earlier steps back to the last
+        snapshot, without).
+
+        Raises:
+            ValueError: no step has been recorded since the episode began.
+        """
+        if not self._records:
+            raise ValueError(
+                "Unrolled.replayed_weights needs at least one inner step recorded by hopt.step(batch) "
+                "since the episode began; none has been taken"
+            )
         with torch.enable_grad():
             w, _ = self._replay(self.pair.hparam_tensors)
         return tuple(t.detach() for t in w)
 
     def _method_state(self) -> dict[str, Any]:
-        anchor_due = (
-            self._hp_moved or tuple(h._version for h in self.pair.hparam_tensors) != self._hp_versions
-        )
+        anchor_due = self._hparams_moved()
         return {
             "records": [r.to_dict() for r in self._records],
             "since_anchor": self._since_anchor,
