@@ -38,6 +38,10 @@ class PriorPrecision(WeightDecay):
         include: which parameter names the prior covers (default: all that require grad). Every
             weight the inner optimiser trains must be covered.
 
+    Raises:
+        ValueError: ``init`` not finite and > 0, or what :class:`~hypergrad.hparams.WeightDecay`
+            refuses (e.g. an unknown ``per``).
+
     Shapes: as :class:`~hypergrad.hparams.WeightDecay`; :meth:`precisions` gives, per parameter
     name, a scalar or a tensor shaped like the parameter, differentiable w.r.t. ``raw``.
 
@@ -68,7 +72,8 @@ class PriorPrecision(WeightDecay):
 
     def log_det(self, sizes: dict[str, int]) -> Tensor:
         r""":math:`\log\det P_0 = \sum_k \log\delta_k` over the covered weights (``sizes``: entries
-        per parameter name, used for scalar precisions)."""
+        per parameter name, used for scalar precisions); 0-dim, differentiable w.r.t. the raw
+        tensors. Raises ``KeyError`` for a covered name missing from ``sizes``."""
         terms = []
         for n in self.names:
             r = self.raw[self._index[n]]
@@ -83,6 +88,9 @@ class ObservationNoise(Hparam):
     Args:
         init: initial :math:`\sigma`, > 0 (default: 1.0).
         dtype: (default: torch's default dtype).
+
+    Raises:
+        ValueError: ``init`` not finite and > 0.
 
     >>> import hypergrad as hg
     >>> round(float(hg.hparams.ObservationNoise(init=0.5).value), 6)
@@ -112,7 +120,13 @@ class RandomTranslation(nn.Module):
         shape: the signal's shape: ``(L,)`` for 1-D signals or ``(H, W)`` for images. Inputs are
             ``(B, *shape)`` or flattened ``(B, prod(shape))``; outputs keep the input's layout.
         init: initial range per axis in pixels, in ``(0, max)`` (default: 0.5).
-        max: the largest range in pixels (default: a quarter of each axis' length).
+        max: the largest range in pixels, the same for every axis (default: a quarter of the
+            shortest axis' length, ``min(shape) / 4``).
+
+    Raises:
+        ValueError: a ``shape`` not ``(L,)`` or ``(H, W)`` with each side >= 2, ``max`` not finite
+            and > 0, or ``init`` outside ``(0, max)``; at call time, inputs whose examples do not
+            hold ``prod(shape)`` entries.
 
     Cost: one ``grid_sample`` over the ``B * samples`` inputs.
 
@@ -148,7 +162,9 @@ class RandomTranslation(nn.Module):
             return self.range()
 
     def forward(self, x: Tensor, samples: int = 1) -> Tensor:
-        """``x`` ``(B, ...)`` -> ``(B * samples, ...)``, example-major (rows ``b*samples + s``)."""
+        """``x`` ``(B, ...)`` -> ``(B * samples, ...)``, example-major (rows ``b*samples + s``):
+        ``samples`` (default: 1) independent random translations of each example, differentiable
+        w.r.t. ``x`` and the range."""
         b = x.shape[0]
         n = math.prod(self.shape)
         if x[0].numel() != n:

@@ -37,7 +37,11 @@ def selftuning_hypergradient(
     r"""The outer gradient of a best-response method, over a closure.
 
     :math:`\nabla_{(\lambda, \sigma)} \big[L_V - \tau \sum_j \log\sigma_j\big]`, where ``val_loss``
-    reads the hyperparameters through ``hparams.draw`` (and so through the best response).
+    reads the hyperparameters through ``hparams.draw`` (and so through the best response). The
+    draws are whatever ``hparams.draw`` gives where this is called: outside a method's hyperstep,
+    the current value, unperturbed (so :math:`\sigma` gets the entropy term only);
+    :class:`~hypergrad.SelfTuning`'s hyperstep calls it with perturbed draws
+    :math:`\lambda + \sigma\epsilon` that are differentiable w.r.t. both.
 
     Args:
         val_loss: closure computing :math:`L_V` (0-dim).
@@ -45,9 +49,11 @@ def selftuning_hypergradient(
         entropy_weight: :math:`\tau \ge 0` (ignored when ``hparams`` does not learn its scale).
 
     Returns:
-        ``(grads, val_loss, reached)``: ``grads`` shaped like ``list(hparams.parameters())``,
-        the detached validation loss, and a bool tensor per parameter saying whether any gradient
-        reached it.
+        ``(grads, val_loss, reached)``: ``grads`` shaped like ``list(hparams.parameters())``
+        (zeros where nothing reached a parameter), the detached validation loss (0-dim), and a
+        bool tensor :math:`(n,)`, one entry per parameter, saying whether any gradient reached it.
+
+    Cost: one call of ``val_loss`` and one backward pass; no host synchronisation.
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.5), learn_scale=False)
@@ -300,7 +306,11 @@ class SelfTuning(_BestResponseBase):
     Raises:
         TypeError: ``hparams`` not a ``SelfTuned``.
         ValueError: no STN layer in ``model``; a layer's ``n_hparams`` different from
-            ``hparams.size``; bad schedule or entropy weight.
+            ``hparams.size``; bad schedule or entropy weight. At the first :meth:`step`: an
+            ``inner_optimizer`` that does not train the response parameters (``hnet``, the hyper
+            halves). At :meth:`hyper_step`: no ``val_batch``.
+        RuntimeError: with ``delta`` and ``linearize``, an operation of the model without
+            forward-mode AD support (pass ``linearize=False``).
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))
@@ -458,6 +468,9 @@ class BestResponse(_BestResponseBase):
     * :meth:`hyper_step`: one outer step on :math:`L_V(w_\phi(\lambda))` (eval mode, no
       perturbation). Needs ``val_batch`` only.
 
+    Cost per inner step: one forward/backward of ``base`` plus the hypernetwork's
+    (:class:`~hypergrad.nn.HyperNet`); per hyperstep: one validation forward/backward.
+
     Args:
         model: a :class:`~hypergrad.nn.HyperNet` with ``n_hparams == hparams.size``, maybe
             wrapped by ``torch.compile`` (whose wrapper passes ``weights`` on) or a data-parallel
@@ -468,7 +481,16 @@ class BestResponse(_BestResponseBase):
         sampling: ``"local"`` (default) or ``"global"``.
         prior_scale: :math:`s_p` for global sampling (default: 1.0).
         warmup, train_steps, val_steps, inner_optimizer, outer_optimizer, on_nonfinite,
-            divergence: as in :class:`SelfTuning`.
+            divergence: as in :class:`SelfTuning`, but ``train_steps`` defaults to 1 (defaults:
+            0, 1, 1).
+
+    Raises:
+        TypeError: ``hparams`` not a ``SelfTuned``.
+        ValueError: ``model`` not a :class:`~hypergrad.nn.HyperNet` (bare or wrapped), its
+            ``n_hparams`` different from ``hparams.size``; ``hparams`` that learn their scale;
+            an unknown ``sampling``, ``prior_scale <= 0``, or a bad schedule. At the first
+            :meth:`step`: an ``inner_optimizer`` that does not train the hypernetwork. At
+            :meth:`hyper_step`: no ``val_batch``.
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(decay=hg.hparams.Positive(0.1, transform="exp"), learn_scale=False)

@@ -108,7 +108,8 @@ class Rate(_Spec):
         size: how many rates (e.g. one per layer) (default: 1).
 
     Raises:
-        ValueError: bounds outside :math:`[0, 1]`, ``low >= high``, or ``init`` outside them.
+        ValueError: bounds outside :math:`[0, 1]`, ``low >= high``, ``init`` not strictly inside
+            them, or ``size`` not an int >= 1.
 
     >>> import torch
     >>> r = Rate(0.1, high=0.9)
@@ -158,7 +159,7 @@ class Positive(_Spec):
         size: how many (default: 1).
 
     Raises:
-        ValueError: ``init <= 0`` or an unknown transform.
+        ValueError: ``init <= 0`` or not finite, an unknown transform, or ``size`` not an int >= 1.
 
     >>> import torch
     >>> p = Positive(0.3, transform="exp")
@@ -273,6 +274,14 @@ class Draw:
         zero: ``True`` when ``features`` are exactly 0 and carry no graph (Delta-STN's step on
             the base weights, at :math:`\Delta = 0`): the layers' response terms vanish, and the
             STN layers skip their hyper half (half the layer's FLOPs, forward and backward).
+
+    ``draw[name]`` is ``draw.values[name]`` (a ``KeyError`` lists the names); ``len(draw)`` is
+    :math:`B`.
+
+    >>> import hypergrad as hg
+    >>> d = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.5)).draw(4)
+    >>> len(d), d.features.shape, d["p"].shape
+    (4, torch.Size([4, 1]), torch.Size([4]))
     """
 
     features: Tensor
@@ -311,7 +320,9 @@ class SelfTuned(nn.Module):
 
     Raises:
         ValueError: no specs, a spec that is not a :class:`Rate` / :class:`Positive` /
-            :class:`Integer`, or a scale outside ``scale_range``.
+            :class:`Integer`, a ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, or a
+            scale outside it.
+        TypeError: a ``dtype`` that is not floating point.
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.1, high=0.9, size=2),
@@ -383,10 +394,12 @@ class SelfTuned(nn.Module):
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The hyperparameters' names, in the order of their entries in ``raw``."""
         return tuple(self.specs)
 
     def scale(self) -> Tensor:
-        r""":math:`\sigma`, shape :math:`(H,)` (differentiable w.r.t. ``raw_scale``)."""
+        r""":math:`\sigma`, shape :math:`(H,)`, in unconstrained units (differentiable w.r.t.
+        ``raw_scale``; the constant ``scale`` when ``learn_scale=False``)."""
         if not self.learn_scale:
             return torch.full_like(self.raw, self._fixed_scale)
         lo, hi = self.scale_range
@@ -399,7 +412,8 @@ class SelfTuned(nn.Module):
 
     def values_of(self, raw: Tensor) -> dict[str, Tensor]:
         """Constrained values of unconstrained ``raw`` :math:`(..., H)`, by name, shaped
-        :math:`(...)` for specs of size 1 and :math:`(..., k)` otherwise."""
+        :math:`(...)` for specs of size 1 and :math:`(..., k)` otherwise (``torch.long`` for
+        :class:`Integer` specs; differentiable in ``raw`` for the others)."""
         out = {}
         for name, spec in self.specs.items():
             v = spec.value(raw[..., self.slices[name]])
@@ -416,13 +430,25 @@ class SelfTuned(nn.Module):
     def draw(self, batch_size: int) -> Draw:
         r"""Hyperparameters for a batch of ``batch_size`` examples (see :class:`Draw`).
 
-        Outside a :class:`~hypergrad.SelfTuning` step: the current values, every row equal (a
-        graph to ``raw`` is kept, so ``model(x, hp)`` is differentiable in :math:`\lambda`).
-        Inside one: a fresh per-example perturbation, the same one for every call with the same
-        ``batch_size`` during that loss evaluation.
+        Outside a :class:`~hypergrad.SelfTuning` / :class:`~hypergrad.BestResponse` step: the
+        current values, every row equal (a graph to ``raw`` is kept, so ``model(x, hp)`` is
+        differentiable in :math:`\lambda`; nothing is cached). Inside one, the same draw for every
+        call with the same ``batch_size`` during that loss evaluation: in
+        :meth:`SelfTuning.step <hypergrad.SelfTuning.step>` a fresh per-example perturbation
+        :math:`\tilde\lambda_i = \lambda + \sigma\odot\epsilon_i` detached from :math:`\lambda`
+        and :math:`\sigma`, in its hyperstep the same but differentiable w.r.t. both; in
+        :meth:`BestResponse.step <hypergrad.BestResponse.step>` one perturbation for the whole
+        batch (every row equal), and in its hyperstep the current values. With
+        ``SelfTuning(..., delta=True)`` the features are centred (see :class:`Draw`).
+
+        Returns:
+            A :class:`Draw`: ``features`` :math:`(B, H)`, values :math:`(B,)` or
+            :math:`(B, k)` by name.
 
         Raises:
             ValueError: ``batch_size`` not a positive int.
+
+        Cost: :math:`O(BH)` (one ``randn`` when perturbing); no host synchronisation.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"draw: batch_size must be a positive int, got {batch_size!r}")
@@ -475,9 +501,11 @@ class SelfTuned(nn.Module):
             self._mode, self._cache = old, old_cache
 
     def history(self) -> list[dict[str, float]]:
-        """The schedule: one row per accepted hyperstep of :class:`~hypergrad.SelfTuning` /
+        r"""The schedule: one row per accepted hyperstep of :class:`~hypergrad.SelfTuning` /
         :class:`~hypergrad.BestResponse`, with ``inner_step``, ``hyper_step``, each value (``name``,
-        or ``name.i`` for specs of size > 1, after the step) and its scale ``sigma.name``."""
+        or ``name.i`` for specs of size > 1, after the step) and its scale :math:`\sigma`
+        (``sigma.name`` or ``sigma.name.i``), all as floats. A copy; saved by the method's
+        ``state_dict()``."""
         return [dict(row) for row in self._history]
 
     def _record(self, inner_step: int, hyper_step: int) -> None:

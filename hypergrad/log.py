@@ -149,6 +149,16 @@ class Logger:
     Attributes:
         history: the rows logged so far (``list[dict[str, float | str]]``).
         run: the wandb run, or ``None``.
+
+    Raises:
+        ValueError: ``histogram_every`` not an int >= 0.
+        ImportError: ``wandb=True`` without wandb installed (the message says how to install it).
+
+    A context manager: ``with Logger(...) as logger:`` calls :meth:`finish` on exit.
+
+    >>> logger = Logger()
+    >>> logger.log({"val_acc": 0.9}, step=3)
+    {'val_acc': 0.9, 'step': 3}
     """
 
     def __init__(
@@ -218,6 +228,13 @@ class Logger:
 
         Returns:
             The flat row as stored in :attr:`history` (``None`` fields of ``info`` left out).
+
+        Raises:
+            TypeError: ``info`` neither a dataclass instance nor a mapping.
+            ValueError: a field or keyword that is not a scalar (its key is named).
+
+        Cost: one host read per tensor-valued field or keyword and per hyperparameter tensor
+        summarised (and, with wandb, per histogram).
         """
         if dataclasses.is_dataclass(info) and not isinstance(info, type):
             fields = dataclasses.asdict(info)
@@ -275,6 +292,9 @@ class Logger:
             append: keep the rows already in ``path`` (e.g. written before a run was resumed from
                 a checkpoint) and add :attr:`history` after them; columns are the union of both,
                 cells a row lacks stay empty (default: ``False``: overwrite).
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
         """
         out = Path(path)
         rows: list[dict[str, Any]] = []

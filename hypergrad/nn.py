@@ -53,7 +53,11 @@ Hyper = SelfTuned | Draw | Tensor
 
 
 class StnLayer(nn.Module):
-    """Base of the STN layers: holds the response map :math:`V` (``hnet``) and ``n_hparams``."""
+    r"""Base of the STN layers: holds the response map :math:`V` (``hnet``,
+    :math:`(\text{out}, H)`, initialised :math:`N(0, 0.01^2)`) and ``n_hparams`` :math:`H`.
+
+    :func:`stn_layers` and :class:`~hypergrad.SelfTuning` find a model's STN layers by this type.
+    """
 
     n_hparams: int
     out_units: int
@@ -74,7 +78,19 @@ class StnLayer(nn.Module):
         return {"hnet": True}
 
     def modulation(self, hparams: Hyper, batch: int) -> Tensor:
-        r""":math:`V\tilde\lambda_i` for each example, shape :math:`(B, \text{out})`."""
+        r""":math:`V\tilde\lambda_i` for each example, shape :math:`(B, \text{out})`.
+
+        Args:
+            hparams: a :class:`~hypergrad.hparams.SelfTuned` (drawn for ``batch`` examples), a
+                :class:`~hypergrad.hparams.Draw`, or features :math:`(B, H)` / :math:`(H,)`
+                (broadcast to every example).
+            batch: :math:`B`.
+
+        Raises:
+            ValueError: features that are not :math:`(B, H)` or :math:`(H,)` for this layer's
+                :math:`H`.
+            TypeError: ``hparams`` of another type.
+        """
         feats = check_features(hparams, self.n_hparams, batch, type(self).__name__)
         return feats.to(self.hnet.dtype) @ self.hnet.t()
 
@@ -91,7 +107,14 @@ class StnLayer(nn.Module):
 
 
 def stn_layers(model: nn.Module) -> list[tuple[str, StnLayer]]:
-    """The STN layers of ``model`` with their names."""
+    """The STN layers of ``model`` with their names, in ``named_modules()`` order (a layer reached
+    under two names is listed once).
+
+    >>> import torch, hypergrad as hg
+    >>> net = torch.nn.ModuleDict({"a": hg.nn.StnLinear(2, 2, n_hparams=1), "b": torch.nn.ReLU()})
+    >>> [n for n, _ in hg.nn.stn_layers(net)]
+    ['a']
+    """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, StnLayer)]
 
 
@@ -103,7 +126,14 @@ def _rows(n: int, first: int, ndim: int, device: torch.device) -> Tensor:
 
 def response_masks(model: nn.Module) -> dict[int, Tensor | bool]:
     """By ``id`` of each parameter of ``model``'s STN layers that holds best-response entries:
-    ``True`` (all of it) or a boolean mask (see :meth:`StnLayer.response_masks`)."""
+    ``True`` (all of it) or a boolean mask (see :meth:`StnLayer.response_masks`).
+
+    >>> import hypergrad as hg
+    >>> layer = hg.nn.StnLinear(2, 3, n_hparams=1)
+    >>> masks = hg.nn.response_masks(layer)
+    >>> masks[id(layer.hnet)], masks[id(layer.weight)][:, 0].tolist()   # rows [3:] are W_h
+    (True, [False, False, False, True, True, True])
+    """
     out: dict[int, Tensor | bool] = {}
     for _, layer in stn_layers(model):
         own = dict(layer.named_parameters(recurse=True))
@@ -125,6 +155,10 @@ class StnLinear(StnLayer):
             (and :math:`b_h = U b_P`): the response costs :math:`r(\text{in} + \text{out})`
             instead of :math:`\text{in} \cdot \text{out}` FLOPs and weights per example
             (default: None, the paper's full :math:`W_h`).
+        device, dtype: of the parameters (as ``nn.Linear``).
+
+    Raises:
+        ValueError: ``n_hparams`` or ``rank`` not an int >= 1.
 
     Shapes: ``x`` :math:`(B, \text{in})`, hyperparameters :math:`(B, H)`; output
     :math:`(B, \text{out})`. Parameters: ``weight`` :math:`(\text{out} + k, \text{in})` (rows
@@ -172,6 +206,12 @@ class StnLinear(StnLayer):
         self._init_response(out_features, n_hparams, factory)
 
     def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
+        r"""``x`` :math:`(B, \text{in})` -> :math:`(B, \text{out})`; ``hparams`` as
+        :meth:`~StnLayer.modulation` takes them.
+
+        Raises:
+            ValueError: ``x`` not 2-D, or hyperparameter features that do not fit this layer.
+        """
         if x.dim() != 2:
             raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {tuple(x.shape)}")
         delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
@@ -202,8 +242,13 @@ class StnLinear(StnLayer):
         return masks
 
     def fixed(self, features: Tensor) -> nn.Linear:
-        """The ordinary ``nn.Linear`` this layer equals at unconstrained hyperparameters
-        ``features`` :math:`(H,)` (a copy, detached)."""
+        r"""The ordinary ``nn.Linear`` this layer equals at unconstrained hyperparameters
+        ``features`` :math:`(H,)` (a copy, detached, on the layer's device and dtype).
+
+        ``features`` is what the layer is fed: ``hparams.raw`` at the current :math:`\lambda`,
+        but ``torch.zeros(H)`` for a model of ``SelfTuning(..., delta=True)``, whose layers are fed
+        the centred :math:`\tilde\lambda - \lambda`.
+        """
         with torch.no_grad():
             s = self.hnet @ features.to(self.hnet.dtype)
             o = self.out_features
@@ -263,6 +308,13 @@ class _StnConvNd(StnLayer):
         self._init_response(out_channels, n_hparams, factory)
 
     def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
+        r"""``x`` :math:`(B, C_{in}, \dots)` -> :math:`(B, C_{out}, \dots')` as the ordinary
+        convolution; ``hparams`` as :meth:`~StnLayer.modulation` takes them.
+
+        Raises:
+            ValueError: ``x`` without ``2 + dims`` dimensions, or hyperparameter features that do
+                not fit this layer.
+        """
         if x.dim() != self._dims + 2:
             raise ValueError(
                 f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), "
@@ -302,7 +354,8 @@ class _StnConvNd(StnLayer):
 
     def fixed(self, features: Tensor) -> nn.Module:
         """The ordinary convolution this layer equals at unconstrained hyperparameters
-        ``features`` :math:`(H,)` (a copy, detached)."""
+        ``features`` :math:`(H,)` (a copy, detached; with Delta-STN pass zeros, see
+        :meth:`StnLinear.fixed`)."""
         c = self.conv
         conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
         o = self.out_channels
@@ -335,7 +388,12 @@ class StnConv2d(_StnConvNd):
     ``kernel_size``).
     Shapes: ``x`` :math:`(B, C_{in}, H, W)`, hyperparameters :math:`(B, H_\lambda)`; output
     :math:`(B, C_{out}, H', W')`. The modulation :math:`V\tilde\lambda_i` scales each output
-    channel of the hyper half.
+    channel of the hyper half. Parameters: ``conv``, an ``nn.Conv2d`` with :math:`2C_{out}`
+    output channels (``[:out]`` the ordinary half, ``[out:]`` the hyper half), and ``hnet``
+    :math:`(C_{out}, H_\lambda)`.
+
+    Raises:
+        ValueError: ``groups != 1``, ``n_hparams`` not an int >= 1, or what ``nn.Conv2d`` refuses.
 
     >>> import torch, hypergrad as hg
     >>> layer = hg.nn.StnConv2d(3, 8, 3, n_hparams=2, padding=1)
@@ -371,8 +429,12 @@ class StnLSTMCell(StnLayer):
     (variational dropout: draw one mask per sequence and reuse it).
 
     Args:
-        input_size, hidden_size: as ``nn.LSTMCell``.
+        input_size, hidden_size, bias: as ``nn.LSTMCell``.
         n_hparams: :math:`H`.
+        device, dtype: of the parameters.
+
+    Parameters: ``gates``, a :class:`StnLinear` ``(input + hidden, 4 * hidden)``. Cost per time
+    step: that layer's (about 2x an ``nn.LSTMCell``'s matmul FLOPs).
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.3, high=0.9))
@@ -405,13 +467,15 @@ class StnLSTMCell(StnLayer):
         return {}  # its gates, a StnLinear, hold them
 
     def modulation(self, hparams: Hyper, batch: int) -> Tensor:
+        r"""The gates' :math:`V\tilde\lambda_i`, :math:`(B, 4\,\text{hidden})`."""
         return self.gates.modulation(hparams, batch)
 
     def forward(
         self, x: Tensor, state: tuple[Tensor, Tensor] | None, hparams: Hyper
     ) -> tuple[Tensor, Tensor]:
         r"""One time step: ``x`` :math:`(B, \text{in})`, ``state`` ``(h, c)`` each
-        :math:`(B, \text{hidden})`, or ``None`` for zeros (as ``nn.LSTMCell``)."""
+        :math:`(B, \text{hidden})`, or ``None`` for zeros (as ``nn.LSTMCell``); returns the new
+        ``(h, c)``, each :math:`(B, \text{hidden})`."""
         if state is None:
             h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
@@ -449,12 +513,20 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
     probability :math:`p_i` and the survivors are scaled by :math:`1/(1 - p_i)`.
 
     Args:
-        x: :math:`(B, \dots)`.
-        rate: :math:`(B,)` (or a scalar), each in :math:`[0, 1)`.
-        training: identity when False.
+        x: :math:`(B, \dots)`, floating point.
+        rate: :math:`(B,)` (or a scalar), each in :math:`[0, 1)`; used detached (no gradient
+            reaches it: :class:`~hypergrad.SelfTuning` never differentiates the training loss
+            w.r.t. :math:`\lambda`).
+        training: identity when False (default: True).
+
+    Returns:
+        A tensor shaped like ``x``.
 
     Raises:
         ValueError: a rate outside :math:`[0, 1)` or of the wrong shape.
+        TypeError: ``x`` not floating point, or boolean / complex rates.
+
+    Cost: a random mask the size of ``x``, and one host synchronisation (the range check).
 
     >>> import torch, hypergrad as hg
     >>> y = hg.nn.dropout(torch.ones(2, 10000), torch.tensor([0.0, 0.5]))
@@ -475,7 +547,14 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
 
 def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Tensor:
     r"""Add :math:`N(0, s_i^2)` noise to example :math:`i` (``std`` :math:`(B,)` or a scalar,
-    :math:`\ge 0`); identity when ``training`` is False.
+    :math:`\ge 0`, used detached); identity when ``training`` is False (default: True). Returns
+    a tensor shaped like ``x`` :math:`(B, \dots)`.
+
+    Raises:
+        ValueError: a negative or non-finite ``std``, or one of the wrong shape.
+        TypeError: ``x`` not floating point.
+
+    Cost: one host synchronisation (the check of ``std``).
 
     >>> import torch, hypergrad as hg
     >>> y = hg.nn.gaussian_noise(torch.zeros(2, 10000), torch.tensor([0.0, 2.0]))
@@ -509,8 +588,18 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
 
     Args:
         x: :math:`(B, L)`, :math:`(B, C, L)` or :math:`(B, C, H, W)`.
-        size: :math:`(B,)` non-negative integers (or one int); 0 leaves the example unchanged.
-        training: identity when False.
+        size: :math:`(B,)` non-negative integers (or one int; whole-valued floats are accepted);
+            0 leaves the example unchanged.
+        training: identity when False (default: True).
+
+    Returns:
+        ``x`` with the window zeroed (same shape; the same window in every channel).
+
+    Raises:
+        ValueError: negative or non-integer sizes, a ``size`` of the wrong shape, or ``x`` of
+            another rank.
+
+    Cost: one or two host synchronisations (the checks of ``size``).
 
     >>> import torch, hypergrad as hg
     >>> y = hg.nn.cutout(torch.ones(3, 1, 20), torch.tensor([0, 4, 20]))
@@ -543,9 +632,20 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     :math:`\{-m_i, \dots, m_i\}`, filling with zeros (translation augmentation).
 
     Args:
-        x: :math:`(B, \dots, L)`.
-        max_shift: :math:`(B,)` non-negative integers (or one int).
-        training: identity when False.
+        x: :math:`(B, \dots, L)`; only the last axis moves (the width of an image), by the same
+            shift in every channel.
+        max_shift: :math:`(B,)` non-negative integers (or one int; whole-valued floats are
+            accepted).
+        training: identity when False (default: True).
+
+    Returns:
+        A tensor shaped like ``x``.
+
+    Raises:
+        ValueError: ``x`` with fewer than 2 dimensions, or negative, non-integer or wrongly
+            shaped ``max_shift``.
+
+    Cost: one gather over ``x``, and one or two host synchronisations (the checks).
 
     >>> import torch, hypergrad as hg
     >>> x = torch.arange(1.0, 6.0).expand(2, 5)
@@ -606,6 +706,15 @@ class HyperNet(nn.Module):
     Call: ``hypernet_model(*args, hparams=...)`` with a shared draw
     (:class:`~hypergrad.BestResponse` arranges that) or a :math:`(H,)` tensor;
     :meth:`weights` gives the generated tensors by name (for penalties in the loss).
+
+    Cost per call: the response, :math:`P H` multiply-adds (:math:`r(P + H)` with ``rank``), then
+    one forward pass of ``base``; the full linear :math:`A` holds :math:`P H` numbers (use ``rank``
+    for large models).
+
+    Raises:
+        ValueError: ``n_hparams`` not an int >= 1, ``rank < 1``, or ``base`` without parameters;
+            at call time, hyperparameters not of shape :math:`(H,)`, a per-example (not shared)
+            :class:`~hypergrad.hparams.Draw`, or a ``hypernet`` output not of shape :math:`(P,)`.
 
     >>> import torch, hypergrad as hg
     >>> net = hg.nn.HyperNet(torch.nn.Linear(3, 1), n_hparams=1)
@@ -671,7 +780,10 @@ class HyperNet(nn.Module):
                 self.q = nn.Parameter(torch.randn(rank, n_hparams, dtype=ref.dtype, device=ref.device))
 
     def flat(self, hparams: Hyper) -> Tensor:
-        r"""All generated weights as one vector :math:`(P,)`."""
+        r"""All generated weights :math:`w_0 + R(\lambda)` as one vector :math:`(P,)` (``base``'s
+        parameters flattened, in ``named_parameters()`` order). ``hparams``: a :math:`(H,)` tensor,
+        a shared :class:`~hypergrad.hparams.Draw`, or a :class:`~hypergrad.hparams.SelfTuned`
+        (drawn for one example)."""
         lam = self._lambda(hparams)
         if self.response is not None:
             delta = self.response(lam)
@@ -688,7 +800,8 @@ class HyperNet(nn.Module):
         return self.base_weights + delta
 
     def weights(self, hparams: Hyper) -> dict[str, Tensor]:
-        """The generated weights by ``base``'s parameter names."""
+        """The generated weights by ``base``'s parameter names, each shaped like that parameter
+        (views of :meth:`flat`, differentiable w.r.t. the hypernetwork and the hyperparameters)."""
         parts = self.flat(hparams).split(self.numels)
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
@@ -712,6 +825,8 @@ class HyperNet(nn.Module):
         return self
 
     def forward(self, *args: Any, hparams: Hyper, **kwargs: Any) -> Any:
+        """``base(*args, **kwargs)`` with the generated weights (and this module's buffers)
+        substituted for the call; returns what ``base`` returns."""
         values = self.weights(hparams)
         values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
         slots = tensor_slots(self.base)

@@ -391,12 +391,12 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
     Args:
         params: Parameters or param groups; a group may set its own ``lr``, ``hypergrad_lr``,
             ``lr_min`` and ``lr_max``.
-        lr: Initial learning rate ``α_0`` (a float in ``[lr_min, lr_max]``).
-        momentum: Momentum factor ``μ``.
-        dampening: Dampening ``τ`` for momentum.
-        weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch).
-        nesterov: Use Nesterov momentum.
-        hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-3``).
+        lr: Initial learning rate ``α_0`` (a float in ``[lr_min, lr_max]``) (default: ``1e-3``).
+        momentum: Momentum factor ``μ`` (default: ``0.0``).
+        dampening: Dampening ``τ`` for momentum (default: ``0.0``).
+        weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch) (default: ``0.0``).
+        nesterov: Use Nesterov momentum (default: ``False``).
+        hypergrad_lr: Hypergradient learning rate ``β >= 0`` (default: ``1e-3``, the paper's).
         lr_min: Floor ``α_min`` of the learning rate, finite and ``>= 0`` (default: ``0.0``).
         lr_max: Ceiling ``α_max`` of the learning rate, ``> lr_min`` (default: ``math.inf``).
         maximize: Maximise the objective instead of minimising it (``α`` then ascends it too).
@@ -409,7 +409,9 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
             ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
             rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
             group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
-            its ``lr`` replaced by a Tensor (before anything moves).
+            its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
+            whose every group is empty.
+        RuntimeError: ``step`` with sparse gradients.
 
     Example:
         >>> import torch
@@ -550,12 +552,13 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
     Args:
         params: Parameters or param groups; a group may set its own ``lr``, ``hypergrad_lr``,
             ``lr_min`` and ``lr_max``.
-        lr: Initial learning rate ``α_0`` (a float in ``[lr_min, lr_max]``).
-        betas: ``(β1, β2)``, the moment decay rates.
-        eps: ``ε``, added to the denominator.
-        weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch's Adam).
-        amsgrad: Use the AMSGrad variant (the running maximum of ``v_t`` in the denominator).
-        hypergrad_lr: Hypergradient learning rate ``β >= 0`` (paper default ``1e-7``).
+        lr: Initial learning rate ``α_0`` (a float in ``[lr_min, lr_max]``) (default: ``1e-3``).
+        betas: ``(β1, β2)``, the moment decay rates (default: ``(0.9, 0.999)``).
+        eps: ``ε``, added to the denominator (default: ``1e-8``).
+        weight_decay: L2 penalty ``λ`` (added to the gradient, as in torch's Adam) (default: ``0.0``).
+        amsgrad: Use the AMSGrad variant (the running maximum of ``v_t`` in the denominator)
+            (default: ``False``).
+        hypergrad_lr: Hypergradient learning rate ``β >= 0`` (default: ``1e-7``, the paper's).
         lr_min: Floor ``α_min`` of the learning rate, finite and ``>= 0`` (default: ``0.0``).
         lr_max: Ceiling ``α_max`` of the learning rate, ``> lr_min`` (default: ``math.inf``).
         foreach: Passed to :class:`torch.optim.Adam`.
@@ -570,7 +573,9 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
             ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
             rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
             group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
-            its ``lr`` replaced by a Tensor (before anything moves).
+            its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
+            whose every group is empty.
+        RuntimeError: ``step`` with sparse gradients.
 
     Example:
         >>> import torch
