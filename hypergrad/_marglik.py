@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient
+from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _with_autograd
 from ._functional import check_batch, grads_or_none, materialize, substituting, tensor_slots
 from ._implicit import _implicit
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
@@ -566,31 +566,44 @@ def log_evidence_bound(
         x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
         data_size: :math:`N`, the size of the whole training set.
-        likelihood: ``"classification"`` or ``"regression"``.
+        likelihood: ``"classification"`` (default) or ``"regression"``.
         noise: :math:`\sigma` (an :class:`~hypergrad.hparams.ObservationNoise`, a 0-dim tensor or a
-            float; finite, > 0), regression only; used in the model's dtype.
-        subset_size: :math:`M`; ``None`` keeps the batch as one block.
-        outputs: ``"all"`` (``(MC, MC)`` kernels), ``"each"`` (``C`` kernels ``(M, M)``: looser,
-            ``C`` times cheaper) or ``"sampled"`` (one random output, times ``C``).
-        form: ``"ntk"`` (kernels) or ``"parametric"`` (:math:`\log\det(P_0 + G_k) - \log\det P_0`
-            with the block GGN :math:`G_k` ``(P, P)``, not rescaled); the same number.
+            float; finite, > 0), regression only (required there); used in the model's dtype.
+        subset_size: :math:`M`; ``None`` (default) keeps the batch as one block.
+        outputs: ``"all"`` (default; ``(MC, MC)`` kernels), ``"each"`` (``C`` kernels ``(M, M)``:
+            looser, ``C`` times cheaper) or ``"sampled"`` (one random output, times ``C``).
+            Ignored with ``form="parametric"``.
+        form: ``"ntk"`` (default; kernels), ``"parametric"`` (:math:`\log\det(P_0 + G_k) -
+            \log\det P_0` with the block GGN :math:`G_k` ``(P, P)``, not rescaled; the same number
+            as ``"ntk"`` with ``outputs="all"``) or ``"exact"`` (the whole data set as one block:
+            ``len(x) == data_size``).
         augmentation: a :class:`~hypergrad.hparams.RandomTranslation`: the model is then the
             average of its outputs over ``samples`` augmented copies of each input.
         samples: augmentations per example :math:`S` (default: 1).
         kernel: ``"layerwise"`` (per ``nn.Linear`` layer, from inputs and output gradients: no
             ``P``-sized Jacobian), ``"dense"`` (``torch.func`` Jacobians ``(B, C, P)``) or ``"auto"``
-            (layerwise when possible: an MLP of ``nn.Linear`` layers with one precision per layer).
+            (default; layerwise when possible: the NTK form, trained weights all in ``nn.Linear``
+            layers each used once on ``(B, d)`` inputs, one precision per layer or a global one).
 
     Returns:
         The bound, a 0-dim tensor (nats, for the whole data set).
 
     Raises:
-        ValueError: ``noise`` with ``likelihood="classification"``, or not one finite value > 0;
-            ``data_size`` smaller than the batch; a prior that covers none of the model's
-            trainable weights, or whose per-weight precisions do not fit their shapes.
+        ValueError: ``noise`` with ``likelihood="classification"`` (or missing with
+            ``"regression"``), or not one finite value > 0; ``data_size`` smaller than the batch
+            (or, with ``form="exact"``, different from it); a prior that covers none of the
+            model's trainable weights, or whose per-weight precisions do not fit their shapes;
+            BatchNorm or Dropout in training mode; targets that do not fit the outputs; an
+            invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
+            cannot apply).
+        TypeError: ``noise`` of another type.
 
-    Cost: ``C`` backward passes for the output gradients, then per block ``O((MCS)^2 d)`` for
-    the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``.
+    Cost (layerwise kernel): one forward pass, the ``C`` output gradients in one vectorised
+    backward pass (``C`` passes where an operation has no batching rule), then per block
+    ``O((MCS)^2 d)`` for the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``
+    (``outputs="each"``: ``C`` Choleskys ``O(M^3)``). Dense kernel: ``torch.func`` Jacobians,
+    memory ``O(BSCP)``; ``form="parametric"``: a ``(P, P)`` Cholesky per block. Differentiating
+    the bound costs about as much again.
 
     >>> import torch, hypergrad as hg
     >>> _ = torch.manual_seed(0); model = torch.nn.Linear(3, 2).double()
@@ -669,8 +682,9 @@ def log_evidence(
     memory :math:`O((NC)^2)` or :math:`O(P^2)`, time their cube.
 
     Returns:
-        A 0-dim tensor, differentiable w.r.t. ``prior``'s (and ``noise``'s) raw tensors and the
-        weights. Raises as :func:`log_evidence_bound`.
+        A 0-dim tensor, differentiable w.r.t. ``prior``'s (and ``noise``'s, and the augmentation's)
+        raw tensors; not w.r.t. the weights, which (with the Jacobians) are taken as constants,
+        as in :func:`log_evidence_bound`. Raises as :func:`log_evidence_bound`.
 
     >>> import torch, hypergrad as hg
     >>> _ = torch.manual_seed(0); model = torch.nn.Linear(3, 1, bias=False).double()
@@ -750,6 +764,21 @@ class MarginalLikelihood(HyperOptimizer):
     Batches: ``step(batch)`` and ``hyper_step(train_batch=...)`` take ``(x, y, ...)``; a
     ``val_batch`` is ignored. ``info.outer_loss`` is :math:`-\hat q/N`.
 
+    Cost per :meth:`hyper_step`: ``outer_steps`` times that of :func:`log_evidence_bound` on
+    ``train_batch`` and its backward pass (plus the HVPs of ``through_map``); :meth:`step` is an
+    ordinary training step (on ``augmentation_samples`` copies of each input).
+
+    Raises:
+        ValueError: ``hparams`` without exactly one PriorPrecision, with hyperparameters of any
+            other kind, without an ObservationNoise for regression (or with one for
+            classification), or with more than one RandomTranslation; trained weights the prior
+            does not cover; an invalid ``data_size``, ``outer_steps``, ``burn_in``, ``every``,
+            ``augmentation_samples``, ``subset_size``, ``kernel``, ``likelihood``, ``bound`` or
+            ``outputs``. At :meth:`hyper_step`: no ``train_batch``, one larger than
+            ``data_size`` (or not the whole data set with ``bound="exact"``), and what
+            :func:`log_evidence_bound` refuses.
+        TypeError: a ``solver`` that is not a :class:`~hypergrad.LinearSolver`.
+
     >>> import torch, hypergrad as hg
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -820,6 +849,7 @@ class MarginalLikelihood(HyperOptimizer):
             )
         self.through_map = bool(through_map)
         self.solver: LinearSolver = CG(maxiter=20, tol=1e-6, damping=1e-3) if solver is None else solver
+        self._hyper_at: int | None = None  # inner_steps at the last accepted hyper_step
         priors: list[PriorPrecision] = []
         noises: list[ObservationNoise] = []
         augs: list[RandomTranslation] = []
@@ -865,7 +895,9 @@ class MarginalLikelihood(HyperOptimizer):
         """Whether the schedule asks for a hyperstep now: after ``burn_in`` inner steps, every
         ``every`` inner steps (counted by :meth:`step`)."""
         k = self.inner_steps - self.burn_in
-        return k >= 0 and k % self.every == 0
+        # once per count: a step refused as non-finite does not count, so it must not bring a second
+        # hyperstep at the same weights
+        return k >= 0 and k % self.every == 0 and self._hyper_at != self.inner_steps
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if train_batch is None:
@@ -935,6 +967,16 @@ class MarginalLikelihood(HyperOptimizer):
         )
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        try:
+            return self._hypergradient_or_raise(train_batch)
+        except torch.linalg.LinAlgError:
+            # a kernel no longer positive definite in floating point (an overflowing or vanishing
+            # precision or noise): the bound is not finite there; the guard refuses the step
+            nan = torch.full((), float("nan"), dtype=self.dtype, device=self.device)
+            hp = self.pair.hparam_tensors
+            return _Hypergradient(tuple(torch.full_like(h, float("nan")) for h in hp), nan, inner_loss=nan)
+
+    def _hypergradient_or_raise(self, train_batch: Batch) -> _Hypergradient:
         if self.through_map:
             return self._through_map(train_batch)
         x, y = _split_batch(train_batch)
@@ -956,6 +998,7 @@ class MarginalLikelihood(HyperOptimizer):
             self.ranks.mean_([*grads, value, inner])
         return _Hypergradient(grads, value, inner_loss=inner, reached=tuple(g is not None for g in gs))
 
+    @_with_autograd  # inference mode refused before the backup (it made Adam's moments inference tensors)
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         """``outer_steps`` outer steps on the bound of ``train_batch`` (``val_batch`` is ignored).
 
@@ -966,7 +1009,10 @@ class MarginalLikelihood(HyperOptimizer):
         ``hyper_steps`` counts calls.
         """
         if self.outer_steps == 1:
-            return super().hyper_step(train_batch, val_batch)
+            one = super().hyper_step(train_batch, val_batch)
+            if not one.skipped:
+                self._hyper_at = self.inner_steps
+            return one
         t0 = time.perf_counter()
         hp = list(self.hparams.parameters())
         backup = copy.deepcopy(
@@ -998,7 +1044,12 @@ class MarginalLikelihood(HyperOptimizer):
         for p, g in zip(hp, first, strict=True):  # the hypergradient where the hyperstep began
             p.grad = g
         self.hyper_steps = start + 1
+        self._hyper_at = self.inner_steps
         return dataclasses.replace(info, hyper_steps=self.hyper_steps, seconds=time.perf_counter() - t0)
 
     def _method_state(self) -> dict[str, Any]:
-        return {}
+        return {"hyper_at": self._hyper_at}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        at = state.get("hyper_at")
+        self._hyper_at = None if at is None else int(at)
