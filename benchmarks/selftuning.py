@@ -132,42 +132,53 @@ def _flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def _loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
+    return F.cross_entropy(m(b[0], h), b[1])
+
+
+def _plain(name: str) -> tuple[nn.Module, Callable[[tuple[Tensor, Tensor]], None]]:
+    """The ordinary network (seed 0) and one Adam step of it on a batch (per-example dropout 0.2)."""
+    torch.manual_seed(0)
+    plain = MODELS[name][0]()
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    rate = torch.full((128,), 0.2)
+
+    def step(b: tuple[Tensor, Tensor]) -> None:
+        opt.zero_grad()
+        F.cross_entropy(plain(b[0], rate), b[1]).backward()
+        opt.step()
+
+    return plain, step
+
+
+def _selftuning(name: str, delta: bool, warmup: int = 0) -> hg.SelfTuning:
+    """The STN network with two tuned dropout rates, as in the experiment (Adam inside and out)."""
+    hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2))
+    model = MODELS[name][1](hp.size)
+    return hg.SelfTuning(
+        model,
+        hp,
+        _loss,
+        _loss,
+        inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-3),
+        warmup=warmup,
+        delta=delta,
+    )
+
+
 def flop_ratio(name: str) -> dict[str, float]:
     """Matmul FLOPs of one STN step, one hyperstep and one epoch (T_train = 2, T_val = 1), each
     over a plain train step's (or a plain epoch's), for STN and (``delta_*``) Delta-STN: what
     the method costs, independent of the machine and of per-op overheads."""
-    make_plain, make_stn = MODELS[name]
-    (x, y), (xv, yv) = _data(2)
-    torch.manual_seed(0)
-    plain = make_plain()
-    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    rate = torch.full((128,), 0.2)
-
-    def plain_step() -> None:
-        opt.zero_grad()
-        F.cross_entropy(plain(x, rate), y).backward()
-        opt.step()
-
-    def loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
-        return F.cross_entropy(m(b[0], h), b[1])
-
-    unit = _flops(plain_step)
+    batch, val = _data(2)
+    _, plain_step = _plain(name)
+    unit = _flops(lambda: plain_step(batch))
     out: dict[str, float] = {"plain_step_flops": unit}
     for prefix, delta in (("", False), ("delta_", True)):
-        hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2))
-        model = make_stn(hp.size)
-        hopt = hg.SelfTuning(
-            model,
-            hp,
-            loss,
-            loss,
-            inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-            outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-3),
-            warmup=1,
-            delta=delta,
-        )
-        step = _flops(lambda: hopt.step((x, y)))  # noqa: B023 (called at once)
-        hyper = _flops(lambda: hopt.hyper_step(val_batch=(xv, yv)))  # noqa: B023
+        hopt = _selftuning(name, delta, warmup=1)
+        step = _flops(lambda: hopt.step(batch))  # noqa: B023 (called at once)
+        hyper = _flops(lambda: hopt.hyper_step(val_batch=val))  # noqa: B023
         out[f"{prefix}stn_step"] = step / unit
         out[f"{prefix}hyperstep"] = hyper / unit
         out[f"{prefix}epoch"] = (2 * step + hyper) / (2 * unit)
@@ -175,36 +186,17 @@ def flop_ratio(name: str) -> dict[str, float]:
 
 
 def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
-    make_plain, make_stn = MODELS[name]
     data, val = _data(n_batches), _data(4)
-    torch.manual_seed(0)
-    plain = make_plain()
-    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    rate = torch.full((128,), 0.2)
+    plain, plain_step = _plain(name)
 
     def plain_epoch() -> None:
         plain.train()
-        for x, y in data:
-            opt.zero_grad()
-            F.cross_entropy(plain(x, rate), y).backward()
-            opt.step()
+        for b in data:
+            plain_step(b)
 
     def stn_epoch(delta: bool, hyper: bool) -> Callable[[], None]:
-        hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2))
-        model = make_stn(hp.size)
-
-        def loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
-            return F.cross_entropy(m(b[0], h), b[1])
-
-        hopt = hg.SelfTuning(
-            model,
-            hp,
-            loss,
-            loss,
-            inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-            outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-3),
-            delta=delta,
-        )
+        hopt = _selftuning(name, delta)
+        model = hopt.model
 
         def epoch() -> None:
             model.train()
