@@ -109,6 +109,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             results["forward_error"] = ""
         except ValueError as e:
             results["forward_error"] = str(e)
+        results["families"] = {f: _run_family(f, rank, world, ddp=True) for f in FAMILIES}
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -239,26 +240,9 @@ def _run_family(family: str, rank: int, world: int, ddp: bool) -> dict[str, Any]
     }
 
 
-def _family_worker(rank: int, world: int, init: str, out: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.save({f: _run_family(f, rank, world, ddp=True) for f in FAMILIES}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def family_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("ddp-families")
-    mp.spawn(_family_worker, args=(WORLD, f"file://{tmp / 'init'}", str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_rank_of_the_other_families_ends_identical(family_ranks, family) -> None:
-    a, b = family_ranks[0][family], family_ranks[1][family]
+def test_every_rank_of_the_other_families_ends_identical(ranks, family) -> None:
+    a, b = ranks[0]["families"][family], ranks[1]["families"][family]
     assert len(a["grads"]) == 2
     for key in ("hparams", "weights", "grads"):
         for x, y in zip(a[key], b[key], strict=True):
@@ -267,13 +251,11 @@ def test_every_rank_of_the_other_families_ends_identical(family_ranks, family) -
 
 
 @pytest.mark.parametrize("family", ["marglik", "marglik-through-map"])
-def test_ddp_marginal_likelihood_equals_one_process_partitioned_along_the_shards(
-    family_ranks, family
-) -> None:
+def test_ddp_marginal_likelihood_equals_one_process_partitioned_along_the_shards(ranks, family) -> None:
     """Each rank's bound is its shard's, scaled by N/B; their mean is the one-process bound of the
     concatenated batch with the shards as its blocks: same hypergradients, same run."""
     single = _run_family(family, 0, 1, ddp=False)
-    got = family_ranks[0][family]
+    got = ranks[0]["families"][family]
     for step_got, step_ref in zip(got["grads"], single["grads"], strict=True):
         for x, y in zip(step_got, step_ref, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
