@@ -309,13 +309,13 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(1), d)
 
 
-@pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
-def test_conv_net_with_dropout_and_cutout_end_to_end(delta: bool) -> None:
+def _conv_stn(delta: bool, **kw: Any) -> hg.SelfTuning:
+    """ConvNet with a tuned dropout rate and cutout length, SGD with momentum inside."""
     hp = hg.hparams.SelfTuned(
         dropout=hg.hparams.Rate(0.1, high=0.9), cutout=hg.hparams.Integer(4, 0, 16), dtype=DT
     )
     model = ConvNet(n_hparams=hp.size).to(DT)
-    hopt = hg.SelfTuning(
+    return hg.SelfTuning(
         model,
         hp,
         loss,
@@ -323,12 +323,23 @@ def test_conv_net_with_dropout_and_cutout_end_to_end(delta: bool) -> None:
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-2),
         delta=delta,
+        **kw,
     )
+
+
+def _images(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    data = [
+    return [
         (torch.randn(8, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
-        for _ in range(6)
+        for _ in range(n)
     ]
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
+def test_conv_net_with_dropout_and_cutout_end_to_end(delta: bool) -> None:
+    hopt = _conv_stn(delta)
+    hp = hopt.hparams
+    data = _images(6)
     for i, b in enumerate(data * 2):
         hopt.step(b)
         if hopt.hyper_due():
@@ -479,25 +490,9 @@ def test_delta_base_step_skips_the_vanishing_hyper_half(monkeypatch: pytest.Monk
             if not skip:
                 mp.setattr(hg.nn.StnLayer, "_vanishes", lambda self, h, b: False)
             torch.manual_seed(0)
-            hp = hg.hparams.SelfTuned(
-                dropout=hg.hparams.Rate(0.1, high=0.9), cutout=hg.hparams.Integer(4, 0, 16), dtype=DT
-            )
-            model = ConvNet(n_hparams=hp.size).to(DT)
-            hopt = hg.SelfTuning(
-                model,
-                hp,
-                loss,
-                loss,
-                inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                outer_optimizer=torch.optim.Adam(hp.parameters(), lr=3e-2),
-                delta=True,
-                warmup=1,
-            )
-            g = torch.Generator().manual_seed(0)
-            data = [
-                (torch.randn(8, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
-                for _ in range(4)
-            ]
+            hopt = _conv_stn(True, warmup=1)
+            model, hp = hopt.model, hopt.hparams
+            data = _images(4)
             with FlopCounterMode(display=False) as counter:
                 hopt.step(data[0])
             flops = counter.get_total_flops()
