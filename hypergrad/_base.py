@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import enum
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,12 +27,11 @@ from ._functional import (
     _buffer_slots,
     all_finite,
     check_batch,
-    check_max_grad_norm,
     clip_by_total_norm,
     norm,
 )
 from ._types import Batch, LossFn, Tensors
-from .hparams import OptimizerSetting, _meanings, from_raw
+from .hparams import OptimizerSetting, _meanings, _real, from_raw
 
 
 class NonFiniteError(FloatingPointError):
@@ -117,6 +117,19 @@ def _forget_autocast_casts(device: torch.device) -> None:
     replay on different weights)."""
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         torch.clear_autocast_cache()
+
+
+def _check_max_grad_norm(value: Any) -> float | None:
+    """``step``'s ``max_grad_norm`` as a float (``None`` stays ``None``), or a ``ValueError``."""
+    if value is None:
+        return None
+    try:
+        f = _real(value, "max_grad_norm")
+    except TypeError:
+        f = float("nan")
+    if not (f > 0 and math.isfinite(f)):
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)")
+    return f
 
 
 #: the key under which ``HyperOptimizer.__getstate__`` carries the method's state to the copy
@@ -408,7 +421,7 @@ class HyperOptimizer(abc.ABC):
         closures); under ``torch.inference_mode()`` every training call raises.
         """
         check_batch(batch, "batch", self.device, self.dtype)
-        max_grad_norm = check_max_grad_norm(max_grad_norm)
+        max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self._refresh()
         self._before_step()
         pair = self.pair

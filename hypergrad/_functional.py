@@ -378,23 +378,6 @@ def clip_by_total_norm(grads: Sequence[Tensor], max_norm: float) -> Tensors:
     return tuple(g * coef.to(g.dtype) for g in grads)
 
 
-def check_max_grad_norm(value: Any) -> float | None:
-    """``max_grad_norm`` as a float (``None`` stays ``None``), or a ``ValueError`` naming it."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)") from None
-    if not (f > 0 and f != float("inf")):
-        raise ValueError(f"Invalid max_grad_norm: {value!r} (need a finite number > 0, or None)")
-    return f
-
-
 def all_finite(*groups: Sequence[Tensor] | Tensor) -> bool:
     """True when every tensor given is finite. One host synchronisation (two when one is not).
 
