@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hypergrad-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/hyperstep.py
+
+# The peers as wheels for the GPU machine's Python 3.12 (nothing can be downloaded there):
+# name .whl in the device call's carry; benchmarks/gpu.sh installs them.
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d .whl torchopt==0.7.3 higher==0.2.1 optree graphviz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,8 +2,10 @@
 
 For the networks of ``experiments/stn_mnist1d.py`` (an MLP 40-256-256-10 whose hidden layers are
 ``hg.nn.StnLinear``) and a 1-D CNN (two ``hg.nn.StnConv1d`` layers of 32 channels, a linear head)
-on mnist1d-shaped batches (128 x 40, 10 classes; random data: only the shapes matter), one torch
-thread, CPU time (``time.process_time``):
+on mnist1d-shaped batches (128 x 40, 10 classes; random data: only the shapes matter). On CPU
+one torch thread, CPU time (``time.process_time``); with ``--device cuda``, CUDA events around
+each epoch (``benchmarks/timing.py``), where these small networks are launch-bound and the
+ratios say how many kernels and host round trips self-tuning adds rather than how many FLOPs:
 
 * ``plain``: an epoch of ordinary training (the same network with ``nn.Linear`` / ``nn.Conv1d``,
   per-example dropout, Adam) — the unit;
@@ -30,6 +32,7 @@ Usage::
 
     .venv/bin/python benchmarks/selftuning.py            # ~1 minute on a 2-core CPU
     .venv/bin/python benchmarks/selftuning.py --quick    # seconds (smoke test)
+    python3 benchmarks/selftuning.py --device cuda        # a GPU: writes selftuning-<gpu>.json
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import platform
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +57,9 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import hypergrad as hg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Timer  # noqa: E402
 
 HIDDEN = 256
 
@@ -112,18 +119,16 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], nn.Module]]] = 
 }
 
 
+#: where the networks and batches live (``--device``)
+DEVICE = torch.device("cpu")
+
+
 def _data(n_batches: int) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
-        (torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g))
+        (torch.randn(128, 40, generator=g).to(DEVICE), torch.randint(0, 10, (128,), generator=g).to(DEVICE))
         for _ in range(n_batches)
     ]
-
-
-def _cpu_seconds(fn: Callable[[], None]) -> float:
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
 
 
 def _flops(fn: Callable[[], Any]) -> int:
@@ -139,9 +144,9 @@ def _loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
 def _plain(name: str) -> tuple[nn.Module, Callable[[tuple[Tensor, Tensor]], None]]:
     """The ordinary network (seed 0) and one Adam step of it on a batch (per-example dropout 0.2)."""
     torch.manual_seed(0)
-    plain = MODELS[name][0]()
+    plain = MODELS[name][0]().to(DEVICE)
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    rate = torch.full((128,), 0.2)
+    rate = torch.full((128,), 0.2, device=DEVICE)
 
     def step(b: tuple[Tensor, Tensor]) -> None:
         opt.zero_grad()
@@ -153,8 +158,8 @@ def _plain(name: str) -> tuple[nn.Module, Callable[[tuple[Tensor, Tensor]], None
 
 def _selftuning(name: str, delta: bool, warmup: int = 0) -> hg.SelfTuning:
     """The STN network with two tuned dropout rates, as in the experiment (Adam inside and out)."""
-    hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2))
-    model = MODELS[name][1](hp.size)
+    hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9, size=2)).to(DEVICE)
+    model = MODELS[name][1](hp.size).to(DEVICE)
     return hg.SelfTuning(
         model,
         hp,
@@ -215,11 +220,12 @@ def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
         "delta": stn_epoch(True, True),
     }
     samples: dict[str, list[float]] = {k: [] for k in runs}
+    timer = Timer(DEVICE, clock="cpu")
     for fn in runs.values():
         fn()  # warm-up epoch
     for _ in range(repeats):  # interleaved, so that a change of load hits every configuration alike
         for k, fn in runs.items():
-            samples[k].append(_cpu_seconds(fn))
+            samples[k].append(timer(fn)[0].seconds)
     med = {k: min(v) for k, v in samples.items()}
     n_plain = sum(p.numel() for p in plain.parameters())
     n_stn = sum(p.numel() for p in runs["stn"].model.parameters())  # type: ignore[attr-defined]
@@ -227,7 +233,7 @@ def measure(name: str, repeats: int, n_batches: int) -> dict[str, Any]:
         "model": name,
         "batches_per_epoch": n_batches,
         "batch_size": 128,
-        "cpu_seconds_per_epoch": {
+        "seconds_per_epoch": {
             k: {"min": med[k], "median": statistics.median(samples[k]), "samples": samples[k]} for k in runs
         },
         "time_ratio": {k: med[k] / med["plain"] for k in runs if k != "plain"},
@@ -242,7 +248,7 @@ def models_section(results: list[dict[str, Any]]) -> dict[str, Any]:
     of the STN's own steps (``(stn - stn_train) / hypersteps per epoch``)."""
     out: dict[str, Any] = {}
     for r in results:
-        sec, n = r["cpu_seconds_per_epoch"], r["batches_per_epoch"]
+        sec, n = r["seconds_per_epoch"], r["batches_per_epoch"]
         unit = 1e3 * sec["plain"]["min"] / n
         rows = []
         for method, key in (("selftuning", "stn"), ("selftuning-delta", "delta")):
@@ -283,8 +289,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "hypergrad": hg.__version__,
-        "device": "cpu",
-        "clock": "time.process_time (CPU time of this process)",
+        "device": str(DEVICE),
+        "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "clock": "CUDA events" if DEVICE.type == "cuda" else "time.process_time (CPU time of this process)",
         "git_commit": commit,
     }
 
@@ -293,9 +301,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="2 repeats of 4-batch epochs (smoke test)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/selftuning-cpu-2core.json"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="(default: results/selftuning-cpu-2core.json or -<gpu>.json)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available")
+        DEVICE = torch.device("cuda", torch.cuda.current_device())
+        tag = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(DEVICE).lower())
+        default_out = Path(f"benchmarks/results/selftuning-{tag.strip('-')}.json")
+    else:
+        torch.set_num_threads(1)
+        default_out = Path("benchmarks/results/selftuning-cpu-2core.json")
+    out = args.out or default_out
     repeats, n_batches = (2, 4) if args.quick else (args.repeats, 32)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
@@ -318,10 +340,10 @@ def main() -> None:
             f"{r['parameters']['plain']:,} = {r['parameters']['ratio']:.2f}x; "
             f"FLOPs/epoch STN {r['flop_ratio']['epoch']:.2f}x, Delta {r['flop_ratio']['delta_epoch']:.2f}x"
         )
-    if not args.quick or args.out != parser.get_default("out"):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    if not args.quick or args.out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
