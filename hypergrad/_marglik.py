@@ -572,7 +572,7 @@ def log_evidence_bound(
         subset_size: :math:`M`; ``None`` (default) keeps the batch as one block.
         outputs: ``"all"`` (default; ``(MC, MC)`` kernels), ``"each"`` (``C`` kernels ``(M, M)``:
             looser, ``C`` times cheaper) or ``"sampled"`` (one random output, times ``C``).
-            Ignored with ``form="parametric"``.
+            ``form="parametric"`` is the ``"all"`` bound: another choice is a ``ValueError``.
         form: ``"ntk"`` (default; kernels), ``"parametric"`` (:math:`\log\det(P_0 + G_k) -
             \log\det P_0` with the block GGN :math:`G_k` ``(P, P)``, not rescaled; the same number
             as ``"ntk"`` with ``outputs="all"``) or ``"exact"`` (the whole data set as one block:
@@ -595,7 +595,7 @@ def log_evidence_bound(
             model's trainable weights, or whose per-weight precisions do not fit their shapes;
             BatchNorm or Dropout in training mode; targets that do not fit the outputs; an
             invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
-            cannot apply).
+            cannot apply); ``outputs`` other than ``"all"`` with ``form="parametric"``.
         TypeError: ``noise`` of another type.
 
     Cost (layerwise kernel): one forward pass, the ``C`` output gradients in one vectorised
@@ -631,6 +631,7 @@ def log_evidence_bound(
         form, subset_size = Bound.NTK, None
     if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
         raise ValueError(f"Invalid samples: {samples!r} (need an int >= 1)")
+    _check_parametric_outputs(form, Outputs(outputs), "form")
     names = _names(model, prior)
     if not names:
         raise ValueError(
@@ -654,6 +655,17 @@ def log_evidence_bound(
         kernel=kernel,
     )
     return data_size / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad
+
+
+def _check_parametric_outputs(form: Bound, outputs: Outputs, arg: str) -> None:
+    """The parametric form is the ``outputs="all"`` bound: refuse another choice rather than
+    returning a number other than the one asked for."""
+    if form is Bound.PARAMETRIC and outputs is not Outputs.ALL:
+        raise ValueError(
+            f"outputs={outputs.value!r} has no parametric form: {arg}='parametric' computes the "
+            f"outputs='all' bound (log det(P0 + G_b) over every output); use {arg}='ntk' for "
+            f"outputs={outputs.value!r}, or outputs='all'"
+        )
 
 
 def log_evidence(
@@ -774,9 +786,9 @@ class MarginalLikelihood(HyperOptimizer):
             classification), or with more than one RandomTranslation; trained weights the prior
             does not cover; an invalid ``data_size``, ``outer_steps``, ``burn_in``, ``every``,
             ``augmentation_samples``, ``subset_size``, ``kernel``, ``likelihood``, ``bound`` or
-            ``outputs``. At :meth:`hyper_step`: no ``train_batch``, one larger than
-            ``data_size`` (or not the whole data set with ``bound="exact"``), and what
-            :func:`log_evidence_bound` refuses.
+            ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"``). At
+            :meth:`hyper_step`: no ``train_batch``, one larger than ``data_size`` (or not the
+            whole data set with ``bound="exact"``), and what :func:`log_evidence_bound` refuses.
         TypeError: a ``solver`` that is not a :class:`~hypergrad.LinearSolver`.
 
     >>> import torch, hypergrad as hg
@@ -828,6 +840,7 @@ class MarginalLikelihood(HyperOptimizer):
         self.likelihood = Likelihood(likelihood)
         self.bound = Bound(bound)
         self.outputs = Outputs(outputs)
+        _check_parametric_outputs(self.bound, self.outputs, "bound")
         for name, v, low in (
             ("data_size", data_size, 1),
             ("outer_steps", outer_steps, 1),

@@ -155,6 +155,11 @@ def test_ntk_and_parametric_forms_and_both_kernels_agree(likelihood, per) -> Non
     each_dense = hg.log_evidence_bound(model, x, y, prior, outputs="each", kernel="dense", **kw)
     torch.testing.assert_close(each, each_dense, rtol=1e-12, atol=1e-10)
     assert _f(each) <= _f(ntk) + 1e-9
+    # the parametric form is the "all" bound: asking it for "each" used to return "all" silently
+    assert _f(each) < _f(ntk) - 1e-6  # (the two differ here, so that would have been wrong)
+    for outputs in ("each", "sampled"):
+        with pytest.raises(ValueError, match=f"outputs='{outputs}' has no parametric form"):
+            hg.log_evidence_bound(model, x, y, prior, form="parametric", outputs=outputs, **kw)
 
 
 def test_sampled_output_is_unbiased_for_each_output() -> None:
@@ -318,6 +323,7 @@ def test_unsupported_models_and_bad_settings_get_clear_errors() -> None:
         {"outer_steps": 0},
         {"kernel": "kron"},
         {"bound": "naive"},
+        {"bound": "parametric", "outputs": "each"},
     ):
         with pytest.raises(ValueError):
             _hopt(m, ok, **bad)
