@@ -29,7 +29,7 @@ from ._functional import (
     naming_missing_second_derivatives,
     norm,
 )
-from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus
+from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus, _writable
 from ._types import HVP, Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients
 
@@ -135,7 +135,11 @@ def _implicit(
     x0: Sequence[Tensor] | None = None,
     average: Callable[[Sequence[Tensor]], None] | None = None,
     penalties: _DiagonalPenalties | None = None,
+    decay: Sequence[float] | None = None,
 ) -> _ImplicitResult:
+    # ``decay``: per weight, the L2 coefficient the inner optimiser adds to its gradient
+    # (coupled weight_decay): the weights converge to a stationary point of
+    # L_T + sum decay/2 |w|^2, whose Hessian is H + diag(decay).
     # ``average``: data parallel, averages tensors over the ranks in place. Every quantity below
     # is an average over the data, and linear in it given the global vectors, so: once for
     # (v1, L_V), once per HVP, once for the final hypergradient.
@@ -145,6 +149,7 @@ def _implicit(
     # replaced (weight norm, fused attention, sparse embeddings): see differentiable_twice
     with differentiable_twice():
         lv = val_loss()
+    _check_loss_value(lv, "val_loss")
     gv = grads_or_none(lv, weights + hparams)
     v1 = materialize(gv[: len(weights)], weights)
     direct_or_none = gv[len(weights) :]
@@ -156,6 +161,7 @@ def _implicit(
         train_loss = penalties.recording(train_loss)
     with differentiable_twice():
         lt = train_loss()
+    _check_loss_value(lt, "train_loss")
     probes = [] if penalties is None else penalties.probes
     # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
     # zeros that do, hiding which weights the training loss does not reach)
@@ -174,9 +180,14 @@ def _implicit(
     if penalties is not None:
         penalties.set_coefficients(g_all[len(weights) :])
     if not any(g.requires_grad for g in gt) and not (penalties is not None and penalties.calls):
-        raise ValueError("the training gradient does not depend on the weights (is train_loss linear?)")
+        raise ValueError(
+            "the training gradient does not depend on the weights: train_loss is linear in them or "
+            "does not reach them at all (with Implicit(hessian_subset=...): the subset selects only "
+            "weights that train_loss does not use)"
+        )
 
     live = [i for i, g in enumerate(gt) if g.requires_grad]  # (a penalty-only gradient is constant)
+    decayed = [] if decay is None else [k for k, d in enumerate(decay) if d != 0.0]
     gt_live = [gt[i] for i in live]
 
     def hvp(u: Sequence[Tensor]) -> Tensors:
@@ -185,29 +196,35 @@ def _implicit(
                 out = grads_or_zeros(gt_live, weights, [u[i] for i in live], retain_graph=True)
         else:
             out = tuple(torch.zeros_like(w) for w in weights)
+        # autograd hands back an expanded (read-only) HVP for a weight used through its sum or
+        # mean, and may pass u itself through; the averaging and the penalties' and decay's
+        # terms below, and the solvers, update the HVP in place
+        out = tuple(_writable(out, u))
         if average is not None:
             average(out)
         if penalties is not None:
             penalties.add_hvp(out, u, weights)
+        for k in decayed:
+            out[k].add_(u[k], alpha=decay[k])  # type: ignore[index]
         return out
 
     extra_hvps, power, choose = 0, None, None
     if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
         choose = solver
         solver, extra_hvps, power = choose(hvp, None)
-    sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
+    sol = _solve_reached(solver, hvp, v1, x0, weights, [*live, *decayed], penalties, average)
     if x0 is not None and sol.status is SolveStatus.DIVERGING:
         # a warm start that ends farther from the solution than x = 0 (negative or outgrown
         # curvature) would carry its growth on to every later hyperstep; solve from 0 instead,
         # where a stale step size is detected below
         extra_hvps += sol.iterations
-        sol = _solve_reached(solver, hvp, v1, None, weights, live, penalties, average)
+        sol = _solve_reached(solver, hvp, v1, None, weights, [*live, *decayed], penalties, average)
     if choose is not None and power is not None and _stale_step_size(solver, sol):
         # the series grew by more than 2 per term: alpha * lambda_max > 3, the curvature has grown
         # since the step size was estimated; re-estimate it now and solve again
         solver, more, power = choose(hvp, power)
         extra_hvps += more + sol.iterations
-        sol = _solve_reached(solver, hvp, v1, x0, weights, live, penalties, average)
+        sol = _solve_reached(solver, hvp, v1, x0, weights, [*live, *decayed], penalties, average)
     if gt_live:
         with naming_missing_second_derivatives("Implicit"):
             mixed_or_none = grads_or_none(
@@ -240,6 +257,13 @@ def _implicit(
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
 
 
+def _check_loss_value(loss: object, name: str) -> None:
+    """A loss must be a tensor with one element (host metadata only, no synchronisation)."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{name} must return a scalar tensor, got {got}")
+
+
 def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
     r"""Whether a Neumann series from 0 grew by more than a factor 2 per term: a sign that
     :math:`\alpha\lambda_{max} > 3` (a stale step size), which negative curvature alone, with
@@ -262,7 +286,8 @@ def _solve_reached(
     """``solver`` on :math:`H x = v_1` restricted to the weights the training gradient depends on.
 
     A weight whose training gradient is absent or constant (the training loss does not reach it,
-    e.g. a head used only by ``val_loss``; no penalty on it) has an exactly zero row and column in
+    e.g. a head used only by ``val_loss``; no penalty or optimiser weight decay on it) has an
+    exactly zero row and column in
     :math:`H` and cannot move with the hyperparameters, while :math:`v_1` may be non-zero there:
     the full system has no solution, and CG broke down on it (a step of size 1/rounding, then a
     non-finite hypergradient). Its entries of the solution never reach the hypergradient (the
@@ -280,7 +305,7 @@ def _solve_reached(
     keep = sorted(solved)
     if not keep or len(keep) == len(weights):
         return solver.solve(hvp, v1, x0=x0)
-    unread = list(v1)  # hvp reads u only at live and penalised weights: the others are placeholders
+    unread = list(v1)  # hvp reads u only at live, penalised, decayed weights: the rest placeholders
 
     def hvp_kept(u: Sequence[Tensor]) -> Tensors:
         full = list(unread)
@@ -330,9 +355,11 @@ def implicit_hypergradient(
         is the :class:`SolveResult` of the solve (``iterations`` = HVPs spent).
 
     Raises:
-        ValueError: the training gradient does not depend on ``weights`` (``train_loss``
-            linear in them: no Hessian), or the solver refuses (a :class:`Neumann` without a
-            numeric ``alpha``; ``x0`` of other shapes).
+        ValueError: no ``weights``, a weight or hyperparameter that does not require grad, a
+            loss that is not a scalar tensor, the training gradient does not depend on
+            ``weights`` (``train_loss`` linear in them: no Hessian), or the solver refuses (a
+            :class:`Neumann` without a numeric ``alpha``; ``x0`` of other shapes).
+        TypeError: ``solver`` is not a :class:`LinearSolver`.
 
     >>> import torch, hypergrad as hg
     >>> w = torch.tensor([1.0], requires_grad=True); lam = torch.tensor([0.5], requires_grad=True)
@@ -342,6 +369,21 @@ def implicit_hypergradient(
     >>> round(float(g[0]), 6)
     2.0
     """
+    if not isinstance(solver, LinearSolver):
+        raise TypeError(
+            f"solver must be a hg.LinearSolver (hg.Neumann, hg.CG, ...), got {type(solver).__name__}"
+        )
+    weights, hparams = list(weights), list(hparams)
+    if not weights:
+        raise ValueError("implicit_hypergradient needs at least one weight tensor")
+    for what, ts in (("weights", weights), ("hparams", hparams)):
+        for i, t in enumerate(ts):
+            if not isinstance(t, Tensor) or not t.requires_grad:
+                raise ValueError(
+                    f"{what}[{i}] must be a tensor with requires_grad=True (the losses are "
+                    f"differentiated with respect to it), got "
+                    f"{type(t).__name__ if not isinstance(t, Tensor) else 'one with requires_grad=False'}"
+                )
     r = _implicit(train_loss, val_loss, weights, hparams, solver, x0)
     return r.hypergrad, r.val_loss, r.solve
 
@@ -376,12 +418,25 @@ def power_iteration(
     torch._foreach_div_(v, norm(v).clamp_min(torch.finfo(v[0].dtype).tiny))
     estimate = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
     for _ in range(iters):
-        hv = list(hvp(v))
+        hv = _writable(hvp(v))  # (normalised in place below)
         estimate = dot(v, hv).abs()
         v = hv
         torch._foreach_div_(v, norm(v).clamp_min(torch.finfo(v[0].dtype).tiny))
     return float(estimate), tuple(v)
 
+
+#: inner optimisers whose ``weight_decay`` is an L2 term added to the gradient (coupled), unless
+#: a group says ``decoupled_weight_decay`` (AdamW, and Adam / NAdam / RAdam with that flag)
+_COUPLED_DECAY = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.ASGD,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
 
 #: power iteration for Neumann's step size: HVPs for a fresh estimate, for a warm refresh, and
 #: how many hypersteps an estimate is reused for
@@ -404,8 +459,10 @@ class Implicit(HyperOptimizer):
             from the previous accepted hyperstep's solution, unless its residual was above 1.
         hessian_subset: which trained weights (by parameter name) the implicit function theorem
             differentiates through, e.g. ``lambda n: n.startswith("head.")`` for the last layers
-            of a very large model; ``None``: all (default: ``None``). With :math:`w = (w_S, w_F)`
-            it computes :math:`\partial_\lambda L_V - \partial^2_{\lambda w_S} L_T\,
+            of a very large model; ``None``: all (default: ``None``). A weight shared by several
+            modules (tied) is selected when the callable accepts any of its names (not only the
+            first, under which ``named_parameters`` lists it). With :math:`w = (w_S, w_F)` it
+            computes :math:`\partial_\lambda L_V - \partial^2_{\lambda w_S} L_T\,
             H_{SS}^{-1} \partial_{w_S} L_V`, treating :math:`w_F` as constants: exact when
             :math:`w_F` does not depend on :math:`\lambda` (frozen or pretrained features),
             otherwise it ignores how they respond. HVPs and the solver's vectors cover
@@ -431,6 +488,15 @@ class Implicit(HyperOptimizer):
 
     Batches: ``hyper_step(train_batch=..., val_batch=...)`` needs both (the training batch gives
     the Hessian and the mixed second derivative).
+
+    The inner optimiser's own L2 term (``weight_decay`` of ``SGD``, ``Adam``, ``RMSprop``,
+    ``Adagrad``, ``Adamax``, ``ASGD``, ``NAdam``, ``RAdam`` and of :mod:`hypergrad.optim`'s,
+    coupled, i.e. not ``AdamW`` nor ``decoupled_weight_decay=True``) is part of the problem
+    the weights solve: they settle where :math:`\nabla L_T + \delta w = 0`, so the HVPs are
+    of :math:`H + \delta I` (with an SGD weight decay of 0.5 on a ridge problem, leaving it out
+    gave a hypergradient 35% off). Decoupled decay (AdamW) has no such objective: the IFT then
+    uses :math:`H` alone, an approximation; for an exact hypergradient put the decay into
+    ``train_loss`` as a fixed penalty instead. Other optimisers' ``weight_decay`` is not read.
 
     Cost per :meth:`hyper_step`: as :func:`implicit_hypergradient` (one validation
     forward/backward, one training forward/backward with a graph kept, the solver's HVPs and one
@@ -522,7 +588,17 @@ class Implicit(HyperOptimizer):
         pair = self.pair
         if self.hessian_subset is None:
             return list(pair.weights)
-        chosen = [w for n, w in zip(pair.weight_names, pair.weights, strict=True) if self.hessian_subset(n)]
+        # a weight tied into several modules is selected by any of its names (named_parameters
+        # lists it under the first one only: a head tied to the embedding is "2.weight" too)
+        names: dict[int, list[str]] = {}
+        for n, p in pair.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        subset = self.hessian_subset
+        chosen = [
+            w
+            for n, w in zip(pair.weight_names, pair.weights, strict=True)
+            if any(subset(a) for a in names.get(id(w), [n]))
+        ]
         if not chosen:
             raise ValueError(
                 f"hessian_subset selects none of the trained weights {list(pair.weight_names)[:6]}..."
@@ -610,7 +686,17 @@ class Implicit(HyperOptimizer):
         average = self.ranks.mean_ if self.ranks.size > 1 else None
         weights = self._hessian_weights()
         penalties = _DiagonalPenalties(self.hparams, pair.hparam_tensors) if self.analytic_penalties else None
-        r = _implicit(lt_recorded, lv, weights, pair.hparam_tensors, solver, x0, average, penalties)
+        r = _implicit(
+            lt_recorded,
+            lv,
+            weights,
+            pair.hparam_tensors,
+            solver,
+            x0,
+            average,
+            penalties,
+            self._coupled_decay(weights),
+        )
 
         def commit() -> None:
             if self.solver.warm_start:  # (a solution worse than 0 would be a worse start than none)
@@ -629,6 +715,26 @@ class Implicit(HyperOptimizer):
             reached=r.reached,
             commit=commit,
         )
+
+    def _coupled_decay(self, weights: Sequence[Tensor]) -> list[float] | None:
+        r"""Per weight, the L2 coefficient the inner optimiser adds to the gradient it follows
+        (``weight_decay`` of torch's SGD, Adam, RMSprop, Adagrad, Adamax, ASGD, NAdam, RAdam
+        and hypergrad.optim's, unless decoupled; negated under ``maximize``): the weights then
+        settle where :math:`\nabla L_T + \delta w = 0`, and the Hessian is :math:`H + \delta I`.
+        ``None`` when there is none (decoupled decay, AdamW's, has no such objective)."""
+        if not isinstance(self.inner_optimizer, _COUPLED_DECAY):
+            return None
+        by_id: dict[int, float] = {}
+        for group in self.inner_optimizer.param_groups:
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            if wd == 0.0 or group.get("decoupled_weight_decay", False):
+                continue
+            sign = -1.0 if group.get("maximize", False) else 1.0
+            for p in group["params"]:
+                by_id[id(p)] = sign * wd
+        if not by_id:
+            return None
+        return [by_id.get(id(w), 0.0) for w in weights]
 
     def _method_state(self) -> dict[str, Any]:
         return {"x0": self._x0, "power": self._power, "warned_lr": self._warned_lr}

@@ -54,8 +54,10 @@ class SolveResult:
         iterations: Hessian-vector products spent (for a warm-started CG, including the one that
             computes the initial residual).
         residual: a 0-dim tensor. CG: the relative residual :math:`\|Hx - v\| / \|v\|` of the
-            returned :math:`x` (damped :math:`H`, as CG's recurrence tracks it); ``nan`` with status
-            ``NONFINITE``. Neumann from 0: the relative size of the last series term
+            returned :math:`x` (damped :math:`H`, as CG's recurrence tracks it, without an extra
+            HVP; once the true residual reaches the dtype's precision the recurrence's keeps
+            falling: in float32 it reported 6e-11 where :math:`\|Hx - v\|/\|v\|` was 1e-7);
+            ``nan`` with status ``NONFINITE``. Neumann from 0: the relative size of the last series term
             :math:`\|(I - \alpha H)^i v\| / \|v\|`, which goes to 0 exactly when the series converges
             (the true residual is :math:`(I-\alpha H)` times it). Warm-started Neumann: the relative
             residual :math:`\|v - H x'\| / \|v\|` of the iterate :math:`x'` before the last
@@ -116,6 +118,25 @@ def _check_x0(v: Sequence[Tensor], x0: Sequence[Tensor] | None) -> None:
         )
 
 
+def _writable(ts: Sequence[Tensor], inputs: Sequence[Tensor] = ()) -> list[Tensor]:
+    """``ts`` (an HVP's output) with each tensor that may share memory between its elements (an
+    expanded one, as autograd returns for the gradient of a parameter used through ``.sum()`` or
+    ``.mean()``), or with the HVP's own input ``inputs`` (``lambda u: u``), replaced by a
+    contiguous copy, so that in-place updates of it are valid and leave the input alone."""
+    shared = {t.untyped_storage().data_ptr() for t in inputs}
+    out = []
+    for t in ts:
+        expanded = not t.is_contiguous() and any(
+            st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True)
+        )  # (a channels_last gradient is not contiguous either, but safe to write)
+        if expanded:
+            t = t.contiguous()  # (a copy)
+        elif shared and t.untyped_storage().data_ptr() in shared:
+            t = t.clone()
+        out.append(t)
+    return out
+
+
 def _real_dtype(v: Sequence[Tensor]) -> torch.dtype:
     """The dtype of residuals (complex weights: their real precision)."""
     return v[0].dtype.to_real()
@@ -164,7 +185,8 @@ class Neumann(LinearSolver):
     synchronisation. Status ``FIXED``, or ``DIVERGING``: from 0 when the last term is larger than
     ``v`` (:math:`\|(I-\alpha H)^i v\| > \|v\|` proves a factor :math:`|1-\alpha\lambda| > 1`:
     the series diverges and its sum is no approximation of :math:`H^{-1} v`); from ``x0`` when
-    the iterate ends farther from the solution than 0 (residual above 1, or not finite).
+    the iterate ends farther from the solution than 0 (residual above 1, or not finite); with
+    :math:`v = 0` it returns the solution 0 (residual 0), which the iterate only approaches.
 
     Args:
         steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`), or of
@@ -222,10 +244,15 @@ class Neumann(LinearSolver):
             if not self.steps:
                 residual = torch.full((), float("nan"), dtype=_real_dtype(v), device=v[0].device)
                 return SolveResult(tuple(x), 0, residual, SolveStatus.FIXED)
-            residual = norm(r) / norm(v).clamp_min(tiny)
+            vn = norm(v)
+            residual = norm(r) / vn.clamp_min(tiny)
+            res, size = torch.stack([residual, vn.to(residual.dtype)]).tolist()  # one synchronisation
+            if size == 0:  # v = 0: the solution is 0, which the iterate from x0 only approaches
+                zero = torch.zeros((), dtype=residual.dtype, device=residual.device)
+                return SolveResult(tuple(torch.zeros_like(t) for t in v), self.steps, zero, SolveStatus.FIXED)
             # an iterate farther from the solution than 0 (residual above |v|, or not finite):
             # the Richardson iteration grew, and a caller should not build on it
-            status = SolveStatus.FIXED if bool(residual <= 1) else SolveStatus.DIVERGING
+            status = SolveStatus.FIXED if res <= 1 else SolveStatus.DIVERGING
             return SolveResult(tuple(x), self.steps, residual, status)
         # from 0: term_j = (I - alpha H)^j v, acc = sum_j term_j, x = alpha * acc
         term = [t.clone() for t in v]
@@ -253,7 +280,7 @@ class CG(LinearSolver):
     iterate :math:`x_k` and its relative residual, and says why it stopped (``status``):
 
     * ``CONVERGED``: :math:`\|r_k\| \le \text{tol}\,\|v\|` (also measured against :math:`\|v\|`
-      when warm-started);
+      when warm-started; :math:`v = 0` gives :math:`x = 0` at once, whatever ``x0``);
     * ``MAX_ITERATIONS``: ``maxiter`` HVPs spent first;
     * ``NONPOSITIVE_CURVATURE``: a direction with :math:`p^\top (H + \delta I) p \le 0` (the
       system is not positive definite), or with a curvature lost in rounding, i.e. a Rayleigh
@@ -273,8 +300,10 @@ class CG(LinearSolver):
 
     Args:
         maxiter: most HVPs, including the initial-residual HVP of a warm start (default: 10).
-        tol: relative residual to stop at; below the precision of the dtype (about 1e-7 in
-            float32) it is not reached and CG runs all ``maxiter`` HVPs (default: 1e-10).
+        tol: relative residual to stop at, as CG's recurrence tracks it (see
+            :class:`SolveResult`): below the precision of the dtype (about 1e-7 in float32) the
+            recurrence may still reach it, status ``CONVERGED``, while the true residual stays
+            at that precision (default: 1e-10).
         damping: :math:`\delta \ge 0` added to the diagonal; makes indefinite Hessians of neural
             networks solvable at the price of bias (default: 0.0).
         warm_start: ``Implicit`` passes the previous hyperstep's solution as ``x0``
@@ -304,7 +333,8 @@ class CG(LinearSolver):
     def _apply(self, hvp: HVP, u: list[Tensor]) -> list[Tensor]:
         """:math:`(H + \\delta I) u`, the damping added in place to the HVP's output."""
         out = list(hvp(u))
-        if self.damping:
+        if self.damping:  # (in place: not on an expanded HVP, as for w used as w.sum(), nor on u)
+            out = _writable(out, u)
             torch._foreach_add_(out, u, alpha=self.damping)
         return out
 
@@ -313,6 +343,8 @@ class CG(LinearSolver):
         v = list(v)
         vv = float(dot(v, v))
         it = 0
+        if x0 is not None and vv == 0:  # v = 0: x = 0 solves it exactly (and a residual relative
+            x0 = None  # to |v| = 0 would be infinite from any other start)
         if x0 is None:
             x = [torch.zeros_like(t) for t in v]
             r = [t.clone() for t in v]
