@@ -36,7 +36,9 @@ _Inputs = tuple[Tensors, list[State], Tensors]
 
 
 def _differentiable(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.is_floating_point()
+    """A tensor cotangents flow through: real or complex (a complex weight's momentum or moments
+    carry its history as much as a real one's)."""
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
 
 
 def _fresh(weights: Tensors, states: list[State], buffers: Tensors) -> tuple[_Inputs, list[Tensor]]:
@@ -91,7 +93,9 @@ def checkpointed_hypergradient(
     final, leaves = _fresh(w, st, bf)
     n_w = len(final[0])
     out = pair.loss(hopt.val_loss, val_batch, weights=final[0], buffers=clone_all(pair.buffers()), hparams=hp)
-    g = grads_or_none(out, leaves[:n_w] + hp)
+    want = leaves[:n_w] + hp
+    # (a validation loss that reaches nothing, detached by mistake: no gradient, said by the caller)
+    g = grads_or_none(out, want) if out.requires_grad else (None,) * len(want)
     cot: list[Tensor | None] = list(g[:n_w]) + [None] * (len(leaves) - n_w)
     total: list[Tensor | None] = list(g[n_w:])
     nxt = final

@@ -119,6 +119,15 @@ def unrolled_hypergradient(
     return tuple(grads), value
 
 
+def _grads(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> tuple[Tensor | None, ...]:
+    """The gradient of a replayed step's training loss (``None`` where it does not reach); a loss
+    that reaches nothing autograd follows (a constant for an empty batch; in forward mode, one of
+    the hyperparameters alone) has none: the real step took no gradient either."""
+    if not loss.requires_grad:
+        return (None,) * len(inputs)
+    return grads_or_none(loss, inputs, create_graph=create_graph)
+
+
 class ReplayWarning(UserWarning):
     """:class:`Unrolled` cannot replay the real steps exactly (hooks it cannot see, or weights
     changed outside ``step()``)."""
@@ -554,14 +563,14 @@ class Unrolled(HyperOptimizer):
         before = clone_all(buffers) if decays else buffers  # in case the call below is redone
         loss, new_buffers, calls = train_loss(decays)
         probes = [probe for probe, _, _ in calls]
-        g_all = grads_or_none(loss, list(weights) + probes, create_graph=create_graph)
+        g_all = _grads(loss, list(weights) + probes, create_graph)
         if calls and not _constant_coefficients(g_all[len(weights) :], list(weights) + probes):
             # the loss is not linear in a penalty with a coefficient free of the weights (e.g.
             # f(w) * penalty, penalty ** 2): the shortcut would lose product-rule terms of the
             # second derivatives; differentiate the ordinary penalty instead
             buffers = before
             loss, new_buffers, calls = train_loss([])
-            g_all = grads_or_none(loss, list(weights), create_graph=create_graph)
+            g_all = _grads(loss, list(weights), create_graph)
         buffers = new_buffers
         grads = list(materialize(g_all[: len(weights)], weights))
         where = {id(w): k for k, w in enumerate(weights)}
@@ -678,16 +687,19 @@ class Unrolled(HyperOptimizer):
             weights, states, buffers = self._replay_step(rec, weights, states, buffers, hp)
         return weights, buffers
 
-    def _forward_hypergradient(self, val_batch: Batch) -> tuple[Tensors, Tensor]:
+    def _forward_hypergradient(self, val_batch: Batch) -> tuple[Tensors, Tensor, tuple[bool, ...]]:
         """Forward mode: for each hyperparameter entry, carry (value, tangent) pairs through the
         steps. Each step runs in a dual level of its own and hands on detached pairs, so neither
         its reverse graph nor the tangents autograd keeps until a level exits outlive it: memory
-        O(P) whatever K."""
+        O(P) whatever K. Also says, per hyperparameter tensor, whether a path leads from it to
+        the losses (what reverse mode's gradient that is not ``None`` says)."""
         _load_forward_ad()
         pair = self.pair
         base = [h.detach() for h in pair.hparam_tensors]
         real_buffers = pair.buffers()
         grads = [torch.zeros_like(h) for h in base]
+        to_val = [False] * len(base)  # a tangent of the tensor reached L_V
+        to_weights = [False] * len(base)  # ... or the replayed weights
         value = torch.zeros((), dtype=self.dtype, device=self.device)
 
         def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
@@ -728,6 +740,8 @@ class Unrolled(HyperOptimizer):
                         bf = [split(x) for x in out_b]
                 if i == 0 and j == 0:
                     self._check_reproduced([p for p, _ in w])
+                if any(t is not None for _, t in w):  # it reached train_loss's gradient
+                    to_weights[i] = True
                 with fwAD.dual_level():
                     hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
                     out = pair.loss(
@@ -740,14 +754,20 @@ class Unrolled(HyperOptimizer):
                     primal, tan = fwAD.unpack_dual(out)
                     if tan is not None:
                         grads[i].view(-1)[j] = tan.detach()
+                        to_val[i] = True
                     value = primal.detach()
-        return tuple(grads), value
+        # reached: a path to L_V, or to the weights of an L_V that some path reaches (as reverse
+        # mode's graph, where a weight the window leaves without effect on L_V still connects)
+        reached = tuple(v or (w and any(to_val)) for v, w in zip(to_val, to_weights, strict=True))
+        return tuple(grads), value, reached
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         if self.mode is Mode.FORWARD:
-            grads, loss = self._forward_hypergradient(val_batch)
-            return _Hypergradient(grads, loss, unrolled_steps=self._window(), commit=self._moved)
+            grads, loss, reached = self._forward_hypergradient(val_batch)
+            return _Hypergradient(
+                grads, loss, unrolled_steps=self._window(), reached=reached, commit=self._moved
+            )
         if self.checkpoint:  # one replayed step's graph alive at a time
             raw, value = checkpointed_hypergradient(self, val_batch, pair.hparam_tensors)
         else:
@@ -761,7 +781,7 @@ class Unrolled(HyperOptimizer):
                     buffers=clone_all(pair.buffers()),
                     hparams=pair.hparam_tensors,
                 )
-            raw = list(grads_or_none(out, pair.hparam_tensors))
+            raw = list(_grads(out, pair.hparam_tensors, create_graph=False))
             value = out.detach().clone()
         reached = tuple(g is not None for g in raw)
         # data parallel: each rank differentiated its own L_V shard through the shared replay (whose
