@@ -17,11 +17,13 @@ forward/backward pass (no Hessian, no replay).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _params_of
@@ -93,15 +95,44 @@ class _Linearised:
 
 
 def _first_order(out: Any) -> Any:
-    """Primal + tangent of every dual tensor in ``out`` (tuples, lists and dicts followed)."""
+    """Primal + tangent of every dual tensor in ``out``, followed through what ``torch.utils._pytree``
+    knows (tuples, named tuples, lists, dicts of any kind, registered output classes) and through
+    dataclasses, each rebuilt as its own type. A dual tensor left inside anything else would lose
+    its tangent when the dual level closes (the response would silently get no gradient): that
+    is refused."""
     if isinstance(out, Tensor):
         primal, tangent = fwAD.unpack_dual(out)
         return primal if tangent is None else primal + tangent
-    if isinstance(out, (tuple, list)):
-        return type(out)(_first_order(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _first_order(v) for k, v in out.items()}
+    leaves, spec = pytree.tree_flatten(out)
+    if not spec.is_leaf():
+        return pytree.tree_unflatten([_first_order(v) for v in leaves], spec)
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        fields = {f.name: _first_order(getattr(out, f.name)) for f in dataclasses.fields(out) if f.init}
+        return dataclasses.replace(out, **fields)
+    if isinstance(out, (dict, tuple, list)):  # subclasses pytree does not know
+        items: Any = (
+            {k: _first_order(v) for k, v in out.items()}
+            if isinstance(out, dict)
+            else [_first_order(v) for v in out]
+        )
+        try:
+            return type(out)(items)
+        except Exception:
+            return items if isinstance(out, (dict, list)) else tuple(items)
+    if not isinstance(out, nn.Module) and _holds_tensors(out):
+        raise TypeError(
+            f"SelfTuning(delta=True): the model returned a {type(out).__name__!r} object, whose tensors the "
+            "linearisation cannot reach (their forward-mode tangents, the response's first order, "
+            "would be dropped); return tensors in tuples, lists, dicts or dataclasses, or pass "
+            "linearize=False"
+        )
     return out
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """Whether a plain object keeps tensors in its attributes (one level deep)."""
+    attrs = getattr(obj, "__dict__", None)
+    return isinstance(attrs, dict) and any(isinstance(v, Tensor) for v in attrs.values())
 
 
 def _modules_with_templates(model: nn.Module) -> list[nn.Module]:
@@ -291,7 +322,9 @@ class SelfTuning(_BestResponseBase):
               per-example perturbed :math:`\tilde\lambda` with the network's output
               *linearised* in the perturbation, :math:`f(x; w_0) + J_\Delta f(x; w_0)\,\Delta`
               (a forward-mode JVP inside the model call; ``linearize=False`` keeps the output as
-              it is).
+              it is). The model may return tensors in tuples, named tuples, lists, dicts and
+              dataclasses (each comes back as its own type); another object holding tensors is
+              refused with a ``TypeError``, since their tangents would be lost.
 
             Both gradients are taken at the same weights and applied in one optimiser step (the
             paper steps :math:`w_0` first); the returned loss is the base one, and running
@@ -311,6 +344,8 @@ class SelfTuning(_BestResponseBase):
             halves). At :meth:`hyper_step`: no ``val_batch``.
         RuntimeError: with ``delta`` and ``linearize``, an operation of the model without
             forward-mode AD support (pass ``linearize=False``).
+        TypeError: with ``delta`` and ``linearize``, a model output whose tensors cannot be
+            reached (see ``delta``).
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))

@@ -320,7 +320,8 @@ class SelfTuned(nn.Module):
 
     Raises:
         ValueError: no specs, a spec that is not a :class:`Rate` / :class:`Positive` /
-            :class:`Integer`, a ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, or a
+            :class:`Integer`, a reserved name (``inner_step``, ``hyper_step``, ``sigma``), a
+            ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, or a
             scale outside it.
         TypeError: a ``dtype`` that is not floating point.
 
@@ -351,6 +352,11 @@ class SelfTuned(nn.Module):
         for name, spec in specs.items():
             if not isinstance(spec, (Rate, Positive, Integer)):
                 raise ValueError(f"SelfTuned: {name}={spec!r} is not a hg.hparams.Rate, Positive or Integer")
+            if name in ("inner_step", "hyper_step", "sigma"):  # history()'s and values()'s own keys
+                raise ValueError(
+                    f"SelfTuned: {name!r} is a reserved name (history() rows and hg.hparams.values "
+                    f"use it); call the hyperparameter something else"
+                )
         lo, hi = (float(s) for s in scale_range)
         if not (0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"SelfTuned: need 0 < s_min < s_max < inf, got scale_range={scale_range!r}")
@@ -383,6 +389,7 @@ class SelfTuned(nn.Module):
         self._mode = _Mode.MEAN
         self._centred = False
         self._cache: dict[int, Draw] = {}
+        self._shared_lam: Tensor | None = None  # (1, H): the one lambda of a shared-draw evaluation
         self._prior: tuple[Tensor, Tensor] | None = None  # (mean, std) for global sampling
         self._centre: Tensor | None = None  # Delta-STN's lambda_0 if held fixed (default: sg(raw))
         self._history: list[dict[str, float]] = []
@@ -438,7 +445,9 @@ class SelfTuned(nn.Module):
         :math:`\tilde\lambda_i = \lambda + \sigma\odot\epsilon_i` detached from :math:`\lambda`
         and :math:`\sigma`, in its hyperstep the same but differentiable w.r.t. both; in
         :meth:`BestResponse.step <hypergrad.BestResponse.step>` one perturbation for the whole
-        batch (every row equal), and in its hyperstep the current values. With
+        loss evaluation (every row equal, and the same whatever ``batch_size``: the hypernetwork
+        draws for one example, a penalty may draw for ``len(x)``), and in its hyperstep the
+        current values. With
         ``SelfTuning(..., delta=True)`` the features are centred (see :class:`Draw`).
 
         Returns:
@@ -464,13 +473,18 @@ class SelfTuned(nn.Module):
             lam = raw.detach().expand(batch_size, -1)
             shared = True
         elif mode is _Mode.SHARED_TRAIN:
-            if self._prior is not None:
+            # one lambda for the whole loss evaluation, whatever batch size each call asks for:
+            # the hypernetwork draws for one example, a penalty may draw for len(x)
+            if self._shared_lam is not None:
+                lam = self._shared_lam.expand(batch_size, -1)
+            elif self._prior is not None:
                 mean, std = self._prior
                 eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
                 lam = (mean + std * eps).expand(batch_size, -1)
             else:
                 eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
                 lam = (raw.detach() + self.scale().detach() * eps).expand(batch_size, -1)
+            self._shared_lam = lam[:1]
             shared = True
         else:
             eps = torch.randn(batch_size, self.size, dtype=raw.dtype, device=raw.device)
@@ -493,12 +507,12 @@ class SelfTuned(nn.Module):
     @contextlib.contextmanager
     def _drawing(self, mode: _Mode) -> Iterator[None]:
         """Within the block, :meth:`draw` perturbs as ``mode`` says (one draw per batch size)."""
-        old, old_cache = self._mode, self._cache
-        self._mode, self._cache = mode, {}
+        old, old_cache, old_shared = self._mode, self._cache, getattr(self, "_shared_lam", None)
+        self._mode, self._cache, self._shared_lam = mode, {}, None
         try:
             yield
         finally:
-            self._mode, self._cache = old, old_cache
+            self._mode, self._cache, self._shared_lam = old, old_cache, old_shared
 
     def history(self) -> list[dict[str, float]]:
         r"""The schedule: one row per accepted hyperstep of :class:`~hypergrad.SelfTuning` /
@@ -601,12 +615,17 @@ def _describe(spec: _Spec) -> str:
 
 
 def _config(hp: SelfTuned) -> dict[str, Any]:
-    """How ``raw`` and ``raw_scale`` are read: a state is meaningful only under the same one."""
-    return {
+    """How ``raw`` and ``raw_scale`` are read: a state is meaningful only under the same one.
+    A fixed scale (``learn_scale=False``) is configuration, not state: it is in no tensor, so a
+    checkpoint loaded under another one would go on sampling at another scale."""
+    out: dict[str, Any] = {
         "specs": {name: _describe(spec) for name, spec in hp.specs.items()},
         "scale_range": [float(v) for v in hp.scale_range],
         "learn_scale": hp.learn_scale,
     }
+    if not hp.learn_scale:
+        out["scale"] = float(hp._fixed_scale)
+    return out
 
 
 def _state(hp: SelfTuned) -> dict[str, Any]:
@@ -615,6 +634,8 @@ def _state(hp: SelfTuned) -> dict[str, Any]:
 
 def _load_state(hp: SelfTuned, state: dict[str, Any]) -> None:
     saved, mine = state.get("config"), _config(hp)
+    if saved is not None and "scale" not in saved:  # (saved before the fixed scale was recorded)
+        mine.pop("scale", None)
     if saved is not None and saved != mine:  # (states saved before the check have none)
         diff = [k for k in mine if saved.get(k) != mine[k]]
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in diff)

@@ -247,7 +247,8 @@ class StnLinear(StnLayer):
 
         ``features`` is what the layer is fed: ``hparams.raw`` at the current :math:`\lambda`,
         but ``torch.zeros(H)`` for a model of ``SelfTuning(..., delta=True)``, whose layers are fed
-        the centred :math:`\tilde\lambda - \lambda`.
+        the centred :math:`\tilde\lambda - \lambda`. Draws no random numbers (calling it mid-run
+        leaves the run's dropout masks as they would have been).
         """
         with torch.no_grad():
             s = self.hnet @ features.to(self.hnet.dtype)
@@ -256,8 +257,11 @@ class StnLinear(StnLayer):
             if self.hyper_out is not None:
                 w_h = self.hyper_out @ w_h
                 b_h = None if b_h is None else self.hyper_out @ b_h
-            out = nn.Linear(self.in_features, o, bias=self.bias is not None)
-            out.to(self.weight)
+            # built on the meta device, then given memory: no initialisation, so torch's random
+            # stream is left alone (exporting a layer mid-run must not change the run's dropout)
+            out = nn.Linear(
+                self.in_features, o, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
+            ).to_empty(device=self.weight.device)
             out.weight.copy_(self.weight[:o] + s[:, None] * w_h)
             if self.bias is not None and b_h is not None:
                 out.bias.copy_(self.bias[:o] + s * b_h)
@@ -355,7 +359,7 @@ class _StnConvNd(StnLayer):
     def fixed(self, features: Tensor) -> nn.Module:
         """The ordinary convolution this layer equals at unconstrained hyperparameters
         ``features`` :math:`(H,)` (a copy, detached; with Delta-STN pass zeros, see
-        :meth:`StnLinear.fixed`)."""
+        :meth:`StnLinear.fixed`; draws no random numbers)."""
         c = self.conv
         conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
         o = self.out_channels
@@ -369,8 +373,9 @@ class _StnConvNd(StnLayer):
             1,
             c.bias is not None,  # type: ignore[arg-type]
             c.padding_mode,
-        )
-        out.to(c.weight)
+            device="meta",  # no initialisation: torch's random stream is left alone
+            dtype=c.weight.dtype,
+        ).to_empty(device=c.weight.device)
         with torch.no_grad():
             s = self.hnet @ features.to(self.hnet.dtype)
             shape = (o,) + (1,) * (c.weight.dim() - 1)
