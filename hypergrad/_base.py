@@ -174,8 +174,9 @@ class HyperOptimizer(abc.ABC):
         on_nonfinite: ``"raise"`` (default) or ``"skip"``; either way a non-finite loss or
             (hyper)gradient leaves weights, buffers, hyperparameters and optimiser states untouched.
         divergence: if set (a number > 1), a training loss whose magnitude exceeds ``divergence``
-            times that of the first accepted training loss is treated like a non-finite one
-            (default: ``None``, off).
+            times that of the first accepted nonzero training loss is treated like a non-finite
+            one; until a nonzero loss has been accepted (a hinge loss already satisfied, a loss
+            weight warmed up from 0) nothing counts as diverged (default: ``None``, off).
 
     Raises:
         TypeError: ``model`` or ``hparams`` is not an ``nn.Module``, an optimiser is not a
@@ -238,7 +239,7 @@ class HyperOptimizer(abc.ABC):
         self.outer_optimizer = outer_optimizer
         self.on_nonfinite = OnNonFinite(on_nonfinite)
         self.divergence = None if divergence is None else float(divergence)
-        self._loss_scale: float | None = None  # |first accepted training loss|, for ``divergence``
+        self._loss_scale: float | None = None  # |first accepted nonzero training loss|, for ``divergence``
         self._validate_tensors()
         self.ranks = Ranks(model)  # DistributedDataParallel: hypergradient paths use the module
         self._weights_key: tuple[int, ...] = ()
@@ -294,6 +295,19 @@ class HyperOptimizer(abc.ABC):
         missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
         if missing:
             raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
+
+    def _check_not_moved(self) -> None:
+        """Raise if the model was converted (``.to(torch.float64)``, ``.cuda()``) after this object
+        was built: its dtype and device, the optimisers' and the method's state all refer to the
+        model as it was, and the batch checks would ask for batches of the old dtype."""
+        ref = next(iter(self.model.parameters()))
+        if ref.dtype != self.dtype or ref.device != self.device:
+            name = type(self).__name__
+            raise ValueError(
+                f"the model's parameters are now {ref.dtype} on {ref.device}, but were {self.dtype} on "
+                f"{self.device} when this {name} was built. Convert or move the model (and hparams) "
+                f"first, then build the optimisers and the {name} (as torch.optim asks)"
+            )
 
     def _trained_weights(self) -> list[Tensor]:
         """The weights ``inner_optimizer`` trains now (its params that require grad), validated."""
@@ -416,10 +430,12 @@ class HyperOptimizer(abc.ABC):
         an ordinary forward pass; the hyperparameters' ``.grad`` is not touched), except that a
         non-finite (or diverged) loss or gradient changes nothing (see ``on_nonfinite``). The
         guard costs one host synchronisation per step (two with ``divergence`` set, and one more
-        on the first accepted step, which reads the loss scale). Autograd is on inside, whatever the
+        on the first accepted step, which reads the loss scale: with ``divergence`` set, on each
+        until a nonzero loss is accepted). Autograd is on inside, whatever the
         caller's grad mode (``torch.no_grad()`` blocks are fine, as for ``torch.optim``'s
         closures); under ``torch.inference_mode()`` every training call raises.
         """
+        self._check_not_moved()
         check_batch(batch, "batch", self.device, self.dtype)
         max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self._refresh()
@@ -477,7 +493,8 @@ class HyperOptimizer(abc.ABC):
         _forget_autocast_casts(self.device)
         self._after_step()
         self.inner_steps += 1
-        if self._loss_scale is None:
+        if self._loss_scale is None or (self._loss_scale == 0 and self.divergence is not None):
+            # (a zero loss is no scale: nothing would be "within divergence times" it)
             self._loss_scale = abs(float(loss.detach()))
         return loss.detach()
 
@@ -506,12 +523,12 @@ class HyperOptimizer(abc.ABC):
                 return bad
             problem = f"the training loss or its gradient is not finite (loss = {float(loss.detach())})"
             return f"{problem}; {bad}" if bad else problem
-        if self.divergence is not None and self._loss_scale is not None:
+        if self.divergence is not None and self._loss_scale:  # (None or 0: no scale yet)
             value = abs(float(loss.detach()))
-            if value > self.divergence * max(self._loss_scale, 1e-12):
+            if value > self.divergence * self._loss_scale:
                 return (
                     f"the training loss {value:.4g} exceeds divergence={self.divergence:g} times the "
-                    f"first accepted one ({self._loss_scale:.4g})"
+                    f"first accepted nonzero one ({self._loss_scale:.4g})"
                 )
         return ""
 
@@ -572,6 +589,12 @@ class HyperOptimizer(abc.ABC):
         Returns:
             A :class:`HyperStepInfo`. Weights, buffers and the inner optimiser are not changed.
 
+        A hyperparameter frozen after construction (``requires_grad_(False)``, e.g. to hold a
+        learning rate fixed for a while) is held constant: the others' hypergradient treats it
+        as a constant, its ``.grad`` is set to ``None`` (so ``outer_optimizer`` skips it, as
+        ``torch.optim`` skips a weight without a gradient), and it moves again once it requires
+        grad again. :meth:`hypergradient` gives it zeros.
+
         Raises:
             ValueError: a batch the method needs is missing (``None``) or invalid (each method
                 says which it needs), or the method cannot compute a hypergradient here (e.g.
@@ -607,7 +630,7 @@ class HyperOptimizer(abc.ABC):
             return self._info(res, grad_norm, t0, skipped=True)
         grads = self._as_hparams(res.grads)  # all cast before any is written
         for p, g in zip(self.pair.hparam_tensors, grads, strict=True):
-            p.grad = g
+            p.grad = g if p.requires_grad else None  # (frozen: torch.optim skips it)
         self.outer_optimizer.step()
         _forget_autocast_casts(self.device)
         if res.commit is not None:
@@ -631,8 +654,9 @@ class HyperOptimizer(abc.ABC):
 
         Returns:
             ``(grads, info)``: ``grads`` is a tuple of detached tensors shaped like
-            ``list(hparams.parameters())`` (each in its hyperparameter's dtype); ``info`` is a
-            :class:`HyperStepInfo` whose ``hyper_steps`` is the count before the call.
+            ``list(hparams.parameters())`` (each in its hyperparameter's dtype; zeros for one
+            frozen with ``requires_grad_(False)``); ``info`` is a :class:`HyperStepInfo` whose
+            ``hyper_steps`` is the count before the call.
 
         Raises:
             ValueError, NonFiniteError, RuntimeError: as :meth:`hyper_step`.
@@ -649,6 +673,7 @@ class HyperOptimizer(abc.ABC):
         return tuple(g.detach().to(p.dtype) for p, g in zip(self.pair.hparam_tensors, grads, strict=True))
 
     def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
+        self._check_not_moved()
         self._check_hyper_batches(train_batch, val_batch)
         self._refresh()
         bad = self._nonfinite_hparams()  # (a method may refuse them with its own error, or loop on them)
@@ -660,10 +685,23 @@ class HyperOptimizer(abc.ABC):
         # move with the real steps only, as the model's do: the forward passes of the hypergradient
         # (Implicit's training loss, every replayed step of Unrolled) are undone
         hp_buffers = self._snapshot_hparam_buffers()
+        # hyperparameters frozen since construction (``requires_grad_(False)``) are held constant,
+        # as torch.optim holds a weight without a gradient: the methods differentiate w.r.t. every
+        # hyperparameter tensor, so they require grad for the call and get a zero hypergradient
+        frozen = [p for p in self.pair.hparam_tensors if not p.requires_grad]
         try:
+            for p in frozen:
+                p.requires_grad_(True)
             res = self._hypergradient(train_batch, val_batch)
         finally:
+            for p in frozen:
+                p.requires_grad_(False)
             FunctionalPair.restore_buffers(hp_buffers)
+        if frozen:
+            held = [not p.requires_grad for p in self.pair.hparam_tensors]
+            res.grads = tuple(torch.zeros_like(g) if h else g for g, h in zip(res.grads, held, strict=True))
+            if res.reached is not None:
+                res.reached = tuple(ok or h for ok, h in zip(res.reached, held, strict=True))
         if res.reached is not None:
             self._warn_disconnected(res.reached)
         grad_norm = norm(res.grads)  # checked for finiteness and reported: computed once
@@ -690,7 +728,8 @@ class HyperOptimizer(abc.ABC):
                 "to val_loss or to train_loss's gradient, so its hypergradient is exactly 0. Is it "
                 "cast to a Python number (float(), .item()), passed to a torch argument that takes "
                 "only floats (dropout p, label_smoothing), or left out of the loss? Or does it act "
-                "only on weights a method leaves out (Implicit's hessian_subset)? A learned "
+                "only on weights that are not trained now (frozen with requires_grad_(False), or not in "
+                "inner_optimizer) or that a method leaves out (Implicit's hessian_subset)? A learned "
                 "initialisation copied into the weights is no gradient path either: write the weights "
                 "as phi + delta, delta trained from 0 (README, 'Meta-learning'). (warned once)",
                 DisconnectedWarning,
@@ -749,10 +788,11 @@ class HyperOptimizer(abc.ABC):
             A dict with keys ``"model"``, ``"hparams"``, ``"inner_optimizer"``,
             ``"outer_optimizer"`` (each its own ``state_dict()``), ``"method"`` (e.g.
             :class:`~hypergrad.Unrolled`'s recorded steps, :class:`~hypergrad.Implicit`'s warm
-            start), ``"counters"``, ``"rng"``, ``"method_name"`` and ``"hparams_meaning"`` (what
-            each container's raw values mean, checked on load). Its tensors are the live ones
-            (as ``nn.Module.state_dict`` gives them): ``copy.deepcopy`` it, or ``torch.save`` it,
-            to keep it while training goes on.
+            start), ``"counters"``, ``"rng"``, ``"method_name"``, ``"hparams_meaning"`` (what
+            each container's raw values mean, checked on load) and ``"optimizer_params"`` (the
+            names of the optimisers' parameters in their order, checked on load). Its tensors
+            are the live ones (as ``nn.Module.state_dict`` gives them): ``copy.deepcopy`` it, or
+            ``torch.save`` it, to keep it while training goes on.
         """
         return {
             "model": self.model.state_dict(),
@@ -768,6 +808,22 @@ class HyperOptimizer(abc.ABC):
             "rng": self._rng_state(),
             "method_name": type(self).__name__,
             "hparams_meaning": _meanings(self.hparams),
+            "optimizer_params": self._optimizer_param_names(),
+        }
+
+    def _optimizer_param_names(self) -> dict[str, list[list[str | None]]]:
+        """The name of every tensor the two optimisers hold, in their order (``None`` for one
+        outside the model and ``hparams``): ``torch.optim`` loads its state (momentum buffers,
+        moments, per-group settings) by position, so a run that lists the parameters in
+        another order would give each the state of another, silently when the shapes agree."""
+        names = {id(p): n for n, p in self.ranks.module.named_parameters()}
+        hp_names = {id(p): n for n, p in self.hparams.named_parameters()}
+        return {
+            key: [[known.get(id(p)) for p in g["params"]] for g in opt.param_groups]
+            for key, opt, known in (
+                ("inner_optimizer", self.inner_optimizer, names),
+                ("outer_optimizer", self.outer_optimizer, hp_names),
+            )
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -782,9 +838,10 @@ class HyperOptimizer(abc.ABC):
             state: a dict from :meth:`state_dict` of the same method class.
 
         Raises:
-            ValueError: ``state`` was saved by another method class, lacks one of its parts, or
+            ValueError: ``state`` was saved by another method class, lacks one of its parts,
                 was saved with other hyperparameter containers (raw values that would mean
-                something else here).
+                something else here), or with an optimiser holding the same parameters in another
+                order (its state would go to other parameters).
             RuntimeError, KeyError, ...: whatever the model's, the containers' or the
                 optimisers' ``load_state_dict`` raises (after everything was put back).
         """
@@ -809,6 +866,24 @@ class HyperOptimizer(abc.ABC):
             raise ValueError(
                 "this state_dict was saved with other hyperparameter containers, so its raw values "
                 f"would mean something else here ({'; '.join(diff)}); build hparams as when it was saved"
+            )
+        saved_order, my_order = state.get("optimizer_params"), self._optimizer_param_names()
+        for key in ("inner_optimizer", "outer_optimizer"):
+            was = None if saved_order is None else saved_order.get(key)
+            now = my_order[key]
+            if was is None or [len(g) for g in was] != [len(g) for g in now] or was == now:
+                continue  # (states saved before the check; other group sizes: torch.optim names it)
+            g, i = next(
+                (g, i)
+                for g, (a, b) in enumerate(zip(was, now, strict=True))
+                for i in range(len(a))
+                if a[i] != b[i]
+            )
+            raise ValueError(
+                f"this state_dict's {key} held the parameters in another order (param_groups[{g}], "
+                f"position {i}: saved {was[g][i]!r}, here {now[g][i]!r}); torch.optim loads its state "
+                f"and group settings by position, so each parameter would get another's. Build {key} "
+                f"with the parameters in the order the saved run used"
             )
         # by value: torch.optim's load_state_dict keeps the given tensors as its state (momentum
         # buffers, Adam's moments) and trains them in place, so a checkpoint kept in memory to

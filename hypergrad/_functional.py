@@ -244,12 +244,20 @@ def _cdist_mm(
     return _CDIST(x1, x2, p, compute_mode)
 
 
+def _checkpoint_keeping_activations(fn: Any, *args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stand-in for ``torch.utils.checkpoint``'s non-reentrant machinery: the checkpointed function
+    runs once and autograd keeps its activations, as without checkpointing (``checkpoint`` runs
+    ``fn`` itself between the generator's two steps)."""
+    yield
+
+
 def _twice_targets() -> list[tuple[Any, str, Any]]:
     """(namespace, attribute, replacement) for every entry point :func:`differentiable_twice`
     replaces (those present in this torch)."""
     import sys
 
     import torch.nn.utils.weight_norm  # noqa: F401 (the module: its name is shadowed by the function)
+    import torch.utils.checkpoint
 
     old_weight_norm = sys.modules["torch.nn.utils.weight_norm"]
     out: list[tuple[Any, str, Any]] = [
@@ -257,6 +265,8 @@ def _twice_targets() -> list[tuple[Any, str, Any]]:
         (old_weight_norm, "_weight_norm", _weight_norm_exact),  # nn.utils.weight_norm (imported name)
         (torch, "embedding", _embedding_dense),  # F.embedding calls torch.embedding
         (torch, "cdist", _cdist_mm),
+        # checkpoint(use_reentrant=False) looks this name up at every call
+        (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _checkpoint_keeping_activations),
     ]
     return [(ns, name, fn) for ns, name, fn in out if hasattr(ns, name)]
 
@@ -281,7 +291,13 @@ def differentiable_twice() -> Iterator[None]:
     * ``torch.embedding(..., sparse=True)`` (``nn.Embedding(sparse=True)``): the gradient is
       computed dense (same values), since HVPs and linear solvers work on dense vectors;
     * ``torch.cdist(p=2)``: computed through matrix products, whose backward is differentiable
-      (the direct kernel, used for at most 25 rows, has no double backward).
+      (the direct kernel, used for at most 25 rows, has no double backward);
+    * ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the checkpointed function
+      keeps its activations instead of being recomputed in the backward pass. The recomputation
+      runs after the loss call has returned, so it would read the model's real tensors rather than
+      the substituted ones (a replayed step of :class:`~hypergrad.Unrolled` then differentiates
+      the current weights instead of the replayed ones). Memory inside these blocks is therefore
+      that of the model without checkpointing; :meth:`HyperOptimizer.step` still checkpoints.
 
     The replacements are the entry points' attributes (``torch.cdist`` etc.), swapped while any
     block is open (in any thread: they compute the same values) and restored when the last one

@@ -378,7 +378,8 @@ class WeightDecay(nn.Module):
             (default: ``"parameter"``).
         init: initial decay, > 0 (and < ``max`` when given) (default: 1e-4).
         include: which parameter names to penalise, e.g. ``lambda n: not n.endswith("bias")``
-            (default: all that require grad).
+            (default: all; of those, only the ones that require grad at construction: one frozen
+            then is not penalised, and :meth:`penalty` warns once if it trains later).
         max: upper bound M on every decay, finite and > 0; ``None`` leaves them unbounded
             (default: None).
 
@@ -446,6 +447,10 @@ class WeightDecay(nn.Module):
         self.names: tuple[str, ...] = tuple(names)
         #: every parameter name the model had (penalised or not), to notice parameters added later
         self._known: frozenset[str] | None = frozenset(params)
+        #: parameters left out only for being frozen, to notice them training later (warned once)
+        self._frozen_at_build: tuple[str, ...] = tuple(
+            n for n, p in model.named_parameters() if not p.requires_grad and (include is None or include(n))
+        )
         self.raw = nn.ParameterList()
         self._index: dict[str, int] = {}
         # raw value of init: log(d), or logit(d / M) = log(d) - log(M - d) when bounded
@@ -510,7 +515,8 @@ class WeightDecay(nn.Module):
 
         Raises:
             KeyError: ``model`` lacks a penalised parameter name. (Parameters the model gained
-                after construction are not penalised: a ``UserWarning``, once.)
+                after construction, or that were frozen then and train now, are not penalised: a
+                ``UserWarning``, once.)
         """
         model = unwrap_model(model)
         params = dict(model.named_parameters())
@@ -527,6 +533,19 @@ class WeightDecay(nn.Module):
                     f"when this {type(self).__name__} was built, and they are not penalised. Build it "
                     f"after the model is complete (after adding the module), or build one more for "
                     f"the new parameters. (warned once)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        frozen = getattr(self, "_frozen_at_build", ())  # (modules pickled before it existed)
+        if frozen:
+            thawed = [n for n in frozen if n in params and params[n].requires_grad]
+            if thawed:
+                self._frozen_at_build = ()  # warned once
+                warnings.warn(
+                    f"{type(self).__name__}: parameter(s) {thawed[:5]} were frozen (requires_grad=False) "
+                    f"when this {type(self).__name__} was built, so they are not penalised, but they "
+                    f"train now. To penalise them, build it while they require grad (or build one more "
+                    f"for them); to leave them out on purpose, say so with include=... (warned once)",
                     UserWarning,
                     stacklevel=2,
                 )
