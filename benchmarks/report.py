@@ -110,7 +110,8 @@ def render(data: dict[str, Any], name: str = "") -> str:
         "(Implicit: val_grad + train_grad_graph + n·hvp + mixed_vjp + outer_step with n the solver's "
         "HVPs; Unrolled K: val_grad + K·train_grad_graph + (K−1)·hvp + mixed_vjp + outer_step). "
         "`peak`: allocator bytes above what was live before the call; `÷ step's`: over the train "
-        "step's peak.",
+        "step's peak. `FLOPs ÷ step`: matmul and convolution FLOPs (`torch.utils.flop_counter`) over "
+        "the train step's: the ratio a FLOP-bound device cannot beat.",
         "",
         summary(data),
         "",
@@ -137,9 +138,9 @@ def render(data: dict[str, Any], name: str = "") -> str:
             )
         lines += [
             "",
-            "| hyperstep | ms | ÷ step | floor ÷ step | ÷ floor | peak ÷ step's | peer | peer ÷ step "
-            "| peer ÷ hypergrad | peer peak ÷ step's | rel. diff. |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+            "| hyperstep | ms | ÷ step | FLOPs ÷ step | floor ÷ step | ÷ floor | peak ÷ step's | peer "
+            "| peer ÷ step | peer ÷ hypergrad | peer peak ÷ step's | rel. diff. |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
         agree = r.get("agreement", {})
         for k in HYPERSTEPS:
@@ -164,6 +165,7 @@ def render(data: dict[str, Any], name: str = "") -> str:
                 )
             lines.append(
                 f"| {label} | {_f(row['median_ms'], '.3g')} | {_f(row['ratio_to_train_step'])} | "
+                f"{_f(row.get('flops_ratio_to_train_step'))} | "
                 f"{_f(row.get('floor_ratio_to_train_step'))} | {_f(row.get('ratio_to_floor'))} | "
                 f"{_f(row.get('peak_ratio_to_train_step'))} {pcols}"
             )
@@ -250,6 +252,11 @@ def summary(data: dict[str, Any]) -> str:
         "| Implicit Neumann-1 / 3 / 5 | "
         + " | ".join(
             cell(r, "implicit/neumann-1", "implicit/neumann-3", "implicit/neumann-5") for r in models.values()
+        ),
+        "| FLOPs ÷ step's: Neumann-5 / Unrolled K = 5 | "
+        + " | ".join(
+            cell(r, "implicit/neumann-5", "unrolled/k-5", field="flops_ratio_to_train_step")
+            for r in models.values()
         ),
         "| ÷ floor, Neumann-5 | "
         + " | ".join(cell(r, "implicit/neumann-5", field="ratio_to_floor") for r in models.values()),

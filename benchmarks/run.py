@@ -307,6 +307,26 @@ def variant_cases(prob: Problem, scratch: dict[str, Any], outer_grads: Callable[
     ]
 
 
+def count_flops(cases: Sequence[Case]) -> dict[str, int | None]:
+    """Each case's matmul / convolution FLOPs (``torch.utils.flop_counter``), counted once
+    (prepared as when timed, untimed): the ratio to the train step's is what a FLOP-bound device
+    cannot beat, whatever the implementation, so the measured ``÷ step`` reads against it.
+    ``None`` where the counter fails (a peer's custom op)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out: dict[str, int | None] = {}
+    for c in cases:
+        assert c.prepare is not None
+        c.prepare()
+        try:
+            with FlopCounterMode(display=False) as counter:
+                c.run()
+            out[c.key] = int(counter.get_total_flops())
+        except Exception:  # noqa: BLE001 - a count is a bonus, never a reason to fail the suite
+            out[c.key] = None
+    return out
+
+
 def _then_clear(prepare: Callable[[], None] | None, scratch: dict[str, Any]) -> Callable[[], None]:
     """Frees the previous case's graph before this case is prepared."""
 
@@ -431,6 +451,8 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
     timer.sync()
     log(f"   set-up and warm-up: {time.perf_counter() - t0:.1f}s")
 
+    flops = count_flops(live)
+
     secs: dict[str, list[float]] = {c.key: [] for c in live}
     wall: dict[str, list[float]] = {c.key: [] for c in live}
     ratio: dict[str, list[float]] = {c.key: [] for c in live}
@@ -515,6 +537,9 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
             row["ratio_to_floor"] = median(over_floor[c.key])
         if iters[c.key]:
             row["solver_iterations"] = iters[c.key]
+        if flops.get(c.key) is not None and flops.get("train_step"):
+            row["flops"] = flops[c.key]
+            row["flops_ratio_to_train_step"] = flops[c.key] / flops["train_step"]
         if c.key in peaks:
             row["peak_bytes"], row["net_bytes"] = peaks[c.key].peak, peaks[c.key].net
             if train_peak:
@@ -528,6 +553,7 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
                 else ""
             )
             + (f"  ÷hg {row['ratio_to_hypergrad']:5.2f}" if "ratio_to_hypergrad" in row else "")
+            + (f"  FLOPs {row['flops_ratio_to_train_step']:5.2f}" if "flops" in row else "")
             + (f"  peak {row['peak_bytes'] / 2**20:8.2f} MiB" if "peak_bytes" in row else "")
         )
     out["cases"] = rows
