@@ -646,8 +646,11 @@ class HyperOptimizer(abc.ABC):
 
         For analysis, gradient checks and custom outer updates. Nothing changes: weights,
         hyperparameters, optimiser and method states (a solver's warm start included) stay as
-        they were. A non-finite result is handled as in :meth:`hyper_step` (``on_nonfinite``);
-        with ``"skip"`` the (non-finite) hypergradient is still returned, ``info.skipped=True``.
+        they were (torch's global random generator aside: :class:`~hypergrad.SelfTuning` and
+        :class:`~hypergrad.BestResponse` draw their perturbations from it, so two calls differ
+        unless its state is reset between them). A non-finite result is handled as in
+        :meth:`hyper_step` (``on_nonfinite``); with ``"skip"`` the (non-finite) hypergradient is
+        still returned, ``info.skipped=True``.
 
         Args:
             train_batch, val_batch: as for :meth:`hyper_step`.

@@ -433,9 +433,18 @@ def grads_or_none(
     create_graph: bool = False,
     retain_graph: bool | None = None,
 ) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad`` that gives ``None`` for inputs ``out`` does not depend on."""
+    """``torch.autograd.grad`` that gives ``None`` for inputs ``out`` does not depend on (all of
+    them when no output requires grad: a detached loss, or one computed under ``no_grad``)."""
     if not inputs:
         return ()
+    outs = [out] if isinstance(out, Tensor) else list(out)
+    if not any(o.requires_grad for o in outs):
+        return (None,) * len(inputs)
+    if not all(o.requires_grad for o in outs):  # drop the constant outputs (and their cotangents)
+        keep = [i for i, o in enumerate(outs) if o.requires_grad]
+        cot = None if grad_out is None else [grad_out] if isinstance(grad_out, Tensor) else list(grad_out)
+        out = [outs[i] for i in keep]
+        grad_out = None if cot is None else [cot[i] for i in keep]
     gs = torch.autograd.grad(
         out, list(inputs), grad_out, allow_unused=True, create_graph=create_graph, retain_graph=retain_graph
     )

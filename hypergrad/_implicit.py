@@ -237,8 +237,9 @@ def _implicit(
         mixed_or_none = tuple(
             e if m is None else m if e is None else m + e for m, e in zip(mixed_or_none, extra, strict=True)
         )
-    reached = tuple(
-        d is not None or m is not None for d, m in zip(direct_or_none, mixed_or_none, strict=True)
+    reached = tuple(  # (a val_loss that reaches nothing, e.g. detached, reaches no hyperparameter)
+        lv.requires_grad and (d is not None or m is not None)
+        for d, m in zip(direct_or_none, mixed_or_none, strict=True)
     )
     # dL_V/dlambda = direct - mixed, in place, without materialising absent terms as zeros
     out: list[Tensor] = []

@@ -921,3 +921,31 @@ def test_damped_cg_leaves_an_hvp_that_returns_its_input_alone(warm: bool) -> Non
     assert r.status.value == "converged"
     torch.testing.assert_close(r.solution[0], v[0] / 1.5, rtol=1e-14, atol=0)
     assert v[0].tolist() == [1.0, 2.0]
+
+
+def test_a_detached_validation_loss_is_named_not_an_autograd_error() -> None:
+    # raised autograd's "element 0 of tensors does not require grad" (Unrolled names it already)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    hp = hg.hparams.WeightDecay(model, per="layer").double()
+    g = torch.Generator().manual_seed(1)
+    b = (
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, generator=g, dtype=torch.float64),
+    )
+
+    def train(m: nn.Module, h: nn.Module, batch: Any) -> Tensor:
+        return F.mse_loss(m(batch[0]), batch[1]) + h.penalty(m)
+
+    def val(m: nn.Module, h: nn.Module, batch: Any) -> Tensor:
+        return F.mse_loss(m(batch[0]), batch[1]).detach()
+
+    hopt = hg.Implicit(
+        model, hp, train, val,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )  # fmt: skip
+    hopt.step(b)
+    with pytest.warns(hg.DisconnectedWarning, match="hypergradient is exactly 0"):
+        grads, info = hopt.hypergradient(train_batch=b, val_batch=b)
+    assert not info.skipped and all(float(t.abs().max()) == 0.0 for t in grads)
