@@ -150,6 +150,7 @@ def _implicit(
     with differentiable_twice():
         lv = val_loss()
     _check_loss_value(lv, "val_loss")
+    val_reaches = lv.requires_grad  # (a detached val_loss reaches no hyperparameter)
     gv = grads_or_none(lv, weights + hparams)
     v1 = materialize(gv[: len(weights)], weights)
     direct_or_none = gv[len(weights) :]
@@ -237,8 +238,8 @@ def _implicit(
         mixed_or_none = tuple(
             e if m is None else m if e is None else m + e for m, e in zip(mixed_or_none, extra, strict=True)
         )
-    reached = tuple(  # (a val_loss that reaches nothing, e.g. detached, reaches no hyperparameter)
-        lv.requires_grad and (d is not None or m is not None)
+    reached = tuple(
+        val_reaches and (d is not None or m is not None)
         for d, m in zip(direct_or_none, mixed_or_none, strict=True)
     )
     # dL_V/dlambda = direct - mixed, in place, without materialising absent terms as zeros
