@@ -34,6 +34,7 @@ from torch import nn
 
 import hypergrad as hg
 from hypergrad._stn_hparams import _Mode
+from hypergrad.testing import central_difference
 
 DT = torch.float64
 
@@ -210,6 +211,14 @@ def _val_objective(hopt: hg.SelfTuning, vb: Any, rng: torch.Tensor) -> float:
         hopt.model.train()
 
 
+def _assert_central_differences(hopt: hg.SelfTuning, grads: Any, vb: Any, rng: torch.Tensor) -> None:
+    """Each entry of ``grads`` against central differences (step 1e-6) of :func:`_val_objective`."""
+    for p, g in zip(hopt.hparams.parameters(), grads, strict=True):
+        fd = central_difference(lambda: _val_objective(hopt, vb, rng), p, eps=1e-6)
+        for j, (a, b) in enumerate(zip(fd.reshape(-1).tolist(), g.reshape(-1).tolist(), strict=True)):
+            assert abs(a - b) < 1e-8 + 1e-6 * abs(a), (j, a, b)
+
+
 @pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
 def test_lstm_language_model_hypergradient_matches_central_differences(delta: bool) -> None:
     hopt = _lm_stn(delta, entropy_weight=0.01)
@@ -221,19 +230,7 @@ def test_lstm_language_model_hypergradient_matches_central_differences(delta: bo
     assert hopt.model.training  # train mode given back
     if delta:  # Delta-STN centres at a stop-gradient lambda_0: hold the centre fixed
         hopt.hparams._centre = hopt.hparams.raw.detach().clone()
-    h = 1e-6
-    for p, g in zip(hopt.hparams.parameters(), grads, strict=True):
-        for j in range(p.numel()):
-            with torch.no_grad():
-                p[j] += h
-            up = _val_objective(hopt, vb, rng)
-            with torch.no_grad():
-                p[j] -= 2 * h
-            down = _val_objective(hopt, vb, rng)
-            with torch.no_grad():
-                p[j] += h
-            fd = (up - down) / (2 * h)
-            assert abs(fd - float(g[j])) < 1e-8 + 1e-6 * abs(fd), (j, fd, float(g[j]))
+    _assert_central_differences(hopt, grads, vb, rng)
     assert float(grads[0].abs().min()) > 1e-6  # every rate reaches the validation loss
     hopt.hparams._centre = None
     assert info.outer_loss == pytest.approx(
@@ -516,21 +513,9 @@ def test_conv_stn_hypergradient_with_a_penalised_validation_loss_matches_central
     grads, _ = hopt.hypergradient(val_batch=vb)
     for k, v in hopt.model.bn.state_dict().items():
         assert torch.equal(v, bn[k])  # eval mode: statistics untouched
-    h = 1e-6
-    for p, g in zip(hopt.hparams.parameters(), grads, strict=True):
-        assert p.numel() == 16
-        for j in range(16):
-            with torch.no_grad():
-                p[j] += h
-            up = _val_objective(hopt, vb, rng)
-            with torch.no_grad():
-                p[j] -= 2 * h
-            down = _val_objective(hopt, vb, rng)
-            with torch.no_grad():
-                p[j] += h
-            fd = (up - down) / (2 * h)
-            assert abs(fd - float(g[j])) < 1e-8 + 1e-6 * abs(fd), (j, fd, float(g[j]))
-        assert float(g.abs().min()) > 1e-7
+    assert [p.numel() for p in hopt.hparams.parameters()] == [16] * len(grads)
+    _assert_central_differences(hopt, grads, vb, rng)
+    assert all(float(g.abs().min()) > 1e-7 for g in grads)
 
 
 # ------------------------------------------------------------------ transforms at their edges
