@@ -119,15 +119,6 @@ def unrolled_hypergradient(
     return tuple(grads), value
 
 
-def _grads(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> tuple[Tensor | None, ...]:
-    """The gradient of a replayed step's training loss (``None`` where it does not reach); a loss
-    that reaches nothing autograd follows (a constant for an empty batch; in forward mode, one of
-    the hyperparameters alone) has none: the real step took no gradient either."""
-    if not loss.requires_grad:
-        return (None,) * len(inputs)
-    return grads_or_none(loss, inputs, create_graph=create_graph)
-
-
 class ReplayWarning(UserWarning):
     """:class:`Unrolled` cannot replay the real steps exactly (hooks it cannot see, or weights
     changed outside ``step()``)."""
@@ -563,14 +554,14 @@ class Unrolled(HyperOptimizer):
         before = clone_all(buffers) if decays else buffers  # in case the call below is redone
         loss, new_buffers, calls = train_loss(decays)
         probes = [probe for probe, _, _ in calls]
-        g_all = _grads(loss, list(weights) + probes, create_graph)
+        g_all = grads_or_none(loss, list(weights) + probes, create_graph=create_graph)
         if calls and not _constant_coefficients(g_all[len(weights) :], list(weights) + probes):
             # the loss is not linear in a penalty with a coefficient free of the weights (e.g.
             # f(w) * penalty, penalty ** 2): the shortcut would lose product-rule terms of the
             # second derivatives; differentiate the ordinary penalty instead
             buffers = before
             loss, new_buffers, calls = train_loss([])
-            g_all = _grads(loss, list(weights), create_graph)
+            g_all = grads_or_none(loss, list(weights), create_graph=create_graph)
         buffers = new_buffers
         grads = list(materialize(g_all[: len(weights)], weights))
         where = {id(w): k for k, w in enumerate(weights)}
@@ -781,7 +772,7 @@ class Unrolled(HyperOptimizer):
                     buffers=clone_all(pair.buffers()),
                     hparams=pair.hparam_tensors,
                 )
-            raw = list(_grads(out, pair.hparam_tensors, create_graph=False))
+            raw = list(grads_or_none(out, pair.hparam_tensors))
             value = out.detach().clone()
         reached = tuple(g is not None for g in raw)
         # data parallel: each rank differentiated its own L_V shard through the shared replay (whose
