@@ -11,7 +11,12 @@ with :math:`V \in \mathbb{R}^{\text{out} \times H}` (initialised :math:`N(0, 0.0
 :attr:`hypergrad.hparams.Draw.features`). At a fixed :math:`\lambda` the layer *is* an ordinary
 layer with :math:`W = W_e + \mathrm{diag}(V\lambda) W_h`, :math:`b = b_e + (V\lambda) \odot b_h`
 (:meth:`StnLinear.fixed`). Cost: one matmul of twice the width (both halves at once), so about 2x
-the FLOPs and 2x the weights of the ordinary layer, plus :math:`\text{out} \cdot H`.
+the FLOPs and 2x the weights of the ordinary layer, plus :math:`\text{out} \cdot H`. With
+``rank=r`` (:class:`StnLinear`, :class:`StnConv1d`, :class:`StnConv2d`) the hyper half is
+low-rank, :math:`W_h = U P`, :math:`U \in \mathbb{R}^{\text{out} \times r}`: about
+:math:`1 + r(\text{in} + \text{out}) / (\text{in} \cdot \text{out})` times the ordinary layer
+(1.13x for a 256-256 layer at :math:`r = 16`) — not the paper's form, but the same family (a
+linear map of :math:`\lambda` to the weights), for when the 2x matters.
 
 Every layer's ``forward(x, hparams)`` takes the hyperparameters as a
 :class:`~hypergrad.hparams.SelfTuned` (it draws for the batch itself), a
@@ -289,15 +294,20 @@ class _StnConvNd(StnLayer):
         padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
         if groups != 1:
             raise ValueError(f"{type(self).__name__}: groups={groups} is not supported (only 1)")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"{type(self).__name__}: rank must be an int >= 1 or None, got {rank!r}")
+        self.rank = rank
         conv = conv_cls(
             in_channels,
-            2 * out_channels,
+            out_channels + (out_channels if rank is None else rank),
             kernel_size,
             stride,
             padding,
@@ -309,7 +319,19 @@ class _StnConvNd(StnLayer):
         )
         self.conv = conv
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.hyper_out: nn.Parameter | None = None
+        if rank is not None:  # W_h = U P: P is conv.weight[out:], U is hyper_out (out x rank)
+            self.hyper_out = nn.Parameter(torch.empty(out_channels, rank, **factory))
+            nn.init.kaiming_uniform_(self.hyper_out, a=math.sqrt(5))
         self._init_response(out_channels, n_hparams, factory)
+
+    def _expand(self, hyper: Tensor) -> Tensor:
+        """The low-rank hyper half's :math:`r` channels mapped to the :math:`C_{out}` ones by
+        :math:`U` (a 1x1 convolution); the full hyper half as it is."""
+        if self.hyper_out is None:
+            return hyper
+        u = self.hyper_out.reshape(self.hyper_out.shape + (1,) * self._dims)
+        return (F.conv2d if self._dims == 2 else F.conv1d)(hyper, u)
 
     def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
         r"""``x`` :math:`(B, C_{in}, \dots)` -> :math:`(B, C_{out}, \dots')` as the ordinary
@@ -330,7 +352,8 @@ class _StnConvNd(StnLayer):
             return c._conv_forward(x, c.weight[:o], None if c.bias is None else c.bias[:o])  # type: ignore[operator]
         x, x_tangent = fwAD.unpack_dual(x) if delta is not None else (x, None)
         both = self.conv(x)
-        elem, hyper = both.split(self.out_channels, dim=1)
+        elem, hyper = both.split([self.out_channels, both.shape[1] - self.out_channels], dim=1)
+        hyper = self._expand(hyper)
         s = (
             self.modulation(hparams, x.shape[0])
             if delta is None
@@ -348,12 +371,15 @@ class _StnConvNd(StnLayer):
 
     def response_masks(self) -> dict[str, Tensor | bool]:
         c, o = self.conv, self.out_channels
+        n = c.weight.shape[0]
         masks: dict[str, Tensor | bool] = {
             "hnet": True,
-            "conv.weight": _rows(2 * o, o, c.weight.dim(), c.weight.device),
+            "conv.weight": _rows(n, o, c.weight.dim(), c.weight.device),
         }
         if c.bias is not None:
-            masks["conv.bias"] = _rows(2 * o, o, 1, c.bias.device)
+            masks["conv.bias"] = _rows(n, o, 1, c.bias.device)
+        if self.hyper_out is not None:
+            masks["hyper_out"] = True
         return masks
 
     def fixed(self, features: Tensor) -> nn.Module:
@@ -379,10 +405,22 @@ class _StnConvNd(StnLayer):
         with torch.no_grad():
             s = self.hnet @ features.to(self.hnet.dtype)
             shape = (o,) + (1,) * (c.weight.dim() - 1)
-            out.weight.copy_(c.weight[:o] + s.reshape(shape) * c.weight[o:])
-            if c.bias is not None:
-                out.bias.copy_(c.bias[:o] + s * c.bias[o:])  # type: ignore[union-attr]
+            w_h, b_h = c.weight[o:], None if c.bias is None else c.bias[o:]
+            if self.hyper_out is not None:
+                w_h = (self.hyper_out @ w_h.flatten(1)).reshape((o,) + w_h.shape[1:])
+                b_h = None if b_h is None else self.hyper_out @ b_h
+            out.weight.copy_(c.weight[:o] + s.reshape(shape) * w_h)
+            if c.bias is not None and b_h is not None:
+                out.bias.copy_(c.bias[:o] + s * b_h)  # type: ignore[union-attr]
         return out
+
+    def extra_repr(self) -> str:
+        c = self.conv
+        rank = "" if self.rank is None else f", rank={self.rank}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={c.kernel_size}, "
+            f"n_hparams={self.n_hparams}{rank}"
+        )
 
 
 class StnConv2d(_StnConvNd):
@@ -393,17 +431,26 @@ class StnConv2d(_StnConvNd):
     ``kernel_size``).
     Shapes: ``x`` :math:`(B, C_{in}, H, W)`, hyperparameters :math:`(B, H_\lambda)`; output
     :math:`(B, C_{out}, H', W')`. The modulation :math:`V\tilde\lambda_i` scales each output
-    channel of the hyper half. Parameters: ``conv``, an ``nn.Conv2d`` with :math:`2C_{out}`
-    output channels (``[:out]`` the ordinary half, ``[out:]`` the hyper half), and ``hnet``
-    :math:`(C_{out}, H_\lambda)`.
+    channel of the hyper half. Parameters: ``conv``, an ``nn.Conv2d`` with :math:`C_{out} + k`
+    output channels (``[:out]`` the ordinary half, ``[out:]`` the hyper half, :math:`k = C_{out}`),
+    and ``hnet`` :math:`(C_{out}, H_\lambda)`.
+
+    ``rank=r`` (keyword) makes the hyper half low-rank, :math:`W_h = U P`: ``conv`` computes
+    :math:`r` hyper channels (:math:`P`, :math:`k = r`) and ``hyper_out`` :math:`U \in
+    \mathbb{R}^{C_{out} \times r}` maps them to :math:`C_{out}` (a 1x1 convolution). Cost:
+    :math:`(C_{out} + r) C_{in} k_h k_w` multiply-adds per output position plus :math:`r C_{out}`,
+    against :math:`2 C_{out} C_{in} k_h k_w` for the paper's full hyper half (default: None).
 
     Raises:
-        ValueError: ``groups != 1``, ``n_hparams`` not an int >= 1, or what ``nn.Conv2d`` refuses.
+        ValueError: ``groups != 1``, ``n_hparams`` or ``rank`` not an int >= 1, or what
+            ``nn.Conv2d`` refuses.
 
     >>> import torch, hypergrad as hg
     >>> layer = hg.nn.StnConv2d(3, 8, 3, n_hparams=2, padding=1)
     >>> layer(torch.randn(4, 3, 6, 6), torch.zeros(4, 2)).shape
     torch.Size([4, 8, 6, 6])
+    >>> hg.nn.StnConv2d(3, 8, 3, n_hparams=2, padding=1, rank=2).conv.weight.shape  # 8 + 2 channels
+    torch.Size([10, 3, 3, 3])
     """
 
     _dims = 2
@@ -411,7 +458,7 @@ class StnConv2d(_StnConvNd):
 
 class StnConv1d(_StnConvNd):
     r"""A 1-D convolution whose output channels respond to the hyperparameters (as
-    :class:`StnConv2d`, for :math:`(B, C, L)` inputs).
+    :class:`StnConv2d`, for :math:`(B, C, L)` inputs; ``rank`` likewise).
 
     >>> import torch, hypergrad as hg
     >>> hg.nn.StnConv1d(1, 4, 5, n_hparams=2, padding=2)(torch.randn(3, 1, 40), torch.zeros(3, 2)).shape
@@ -437,9 +484,11 @@ class StnLSTMCell(StnLayer):
         input_size, hidden_size, bias: as ``nn.LSTMCell``.
         n_hparams: :math:`H`.
         device, dtype: of the parameters.
+        rank: the gates' low-rank hyper half (see :class:`StnLinear`; default: None, full).
 
     Parameters: ``gates``, a :class:`StnLinear` ``(input + hidden, 4 * hidden)``. Cost per time
-    step: that layer's (about 2x an ``nn.LSTMCell``'s matmul FLOPs).
+    step: that layer's (about 2x an ``nn.LSTMCell``'s matmul FLOPs; with ``rank=r``, about
+    :math:`1 + r / (4\,\text{hidden}) + r / (\text{input} + \text{hidden})` times).
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.3, high=0.9))
@@ -461,10 +510,14 @@ class StnLSTMCell(StnLayer):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        rank: int | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.input_size, self.hidden_size = input_size, hidden_size
-        self.gates = StnLinear(input_size + hidden_size, 4 * hidden_size, n_hparams, bias, device, dtype)
+        self.gates = StnLinear(
+            input_size + hidden_size, 4 * hidden_size, n_hparams, bias, device, dtype, rank=rank
+        )
         self.n_hparams = n_hparams
         self.out_units = 4 * hidden_size
 

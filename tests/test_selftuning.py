@@ -32,6 +32,22 @@ class Net(nn.Module):
         return self.l2(h, d)
 
 
+class LowRankConvNet(nn.Module):
+    """Net's hyperparameters through a low-rank StnConv1d (the 4 inputs as a 1-channel signal)
+    and a low-rank StnLinear."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.l1 = hg.nn.StnConv1d(1, 3, 3, n, padding=1, rank=2)
+        self.l2 = hg.nn.StnLinear(12, 3, n, rank=2)
+
+    def forward(self, x: torch.Tensor, hp: hg.hparams.SelfTuned) -> torch.Tensor:
+        d = hp.draw(len(x))
+        x = hg.nn.gaussian_noise(x, d["noise"], self.training)
+        h = hg.nn.dropout(torch.tanh(self.l1(x[:, None], d)).flatten(1), d["dropout"], self.training)
+        return self.l2(h, d)
+
+
 def loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
     return F.cross_entropy(m(b[0], h), b[1])
 
@@ -78,9 +94,10 @@ def _objective(hopt: hg.SelfTuning, vb: Any, rng: torch.Tensor) -> torch.Tensor:
         hopt.model.train()
 
 
+@pytest.mark.parametrize("net", [Net, LowRankConvNet], ids=["linear", "low-rank-conv"])
 @pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
-def test_selftuning_hypergradient_matches_central_differences(delta: bool) -> None:
-    hopt = _stn(delta=delta, entropy_weight=0.05)
+def test_selftuning_hypergradient_matches_central_differences(delta: bool, net: type[nn.Module]) -> None:
+    hopt = _stn(delta=delta, net=net, entropy_weight=0.05)
     for i in range(3):
         hopt.step(_batch(i))
     vb = _batch(9, n=32)
@@ -447,22 +464,26 @@ def test_response_masks_cover_the_response_maps_and_hyper_halves() -> None:
     lin = hg.nn.StnLinear(4, 3, n_hparams=2)
     low = hg.nn.StnLinear(4, 3, n_hparams=2, rank=2)
     conv = hg.nn.StnConv2d(2, 5, 3, n_hparams=2)
+    low_conv = hg.nn.StnConv1d(2, 5, 3, n_hparams=2, rank=2)
     cell = hg.nn.StnLSTMCell(3, 4, n_hparams=2)
-    model = nn.ModuleList([lin, low, conv, cell])
+    model = nn.ModuleList([lin, low, conv, cell, low_conv])
     masks = hg.nn.response_masks(model)
     assert masks[id(lin.hnet)] is True and masks[id(low.hyper_out)] is True and masks[id(conv.hnet)] is True
+    assert masks[id(low_conv.hyper_out)] is True and low_conv.conv.weight.shape[0] == 7
     for p, first in (
         (lin.weight, 3),
         (lin.bias, 3),
         (low.weight, 3),
         (conv.conv.weight, 5),
         (conv.conv.bias, 5),
+        (low_conv.conv.weight, 5),
+        (low_conv.conv.bias, 5),
     ):
         m = masks[id(p)].expand_as(p)  # type: ignore[union-attr]
         assert not m[:first].any() and m[first:].all()
     gates = cell.gates  # the LSTM cell's response lives in its StnLinear
     assert masks[id(gates.hnet)] is True and masks[id(gates.weight)].expand_as(gates.weight)[16:].all()
-    assert len(masks) == len(list(model.parameters())) == 13  # every STN parameter has response entries
+    assert len(masks) == len(list(model.parameters())) == 17  # every STN parameter has response entries
 
 
 def test_delta_warns_when_a_layer_is_called_outside_the_linearised_model_call() -> None:

@@ -56,22 +56,28 @@ def test_stn_linear_with_a_zero_response_is_its_elementary_layer() -> None:
     assert torch.equal(layer(x, torch.randn(3, 2, dtype=DT)), ref(x))
 
 
+@pytest.mark.parametrize("rank", [None, 2])
 @pytest.mark.parametrize("dims", [1, 2])
-def test_stn_conv_at_fixed_hyperparameters_is_a_convolution(dims: int) -> None:
+def test_stn_conv_at_fixed_hyperparameters_is_a_convolution(dims: int, rank: int | None) -> None:
     cls, plain = (hg.nn.StnConv2d, nn.Conv2d) if dims == 2 else (hg.nn.StnConv1d, nn.Conv1d)
-    layer = cls(3, 5, 3, n_hparams=2, stride=1, padding=1).to(DT)
+    layer = cls(3, 5, 3, n_hparams=2, stride=1, padding=1, rank=rank).to(DT)
     _randomise(layer)
     shape = (4, 3) + (7,) * dims
     x = torch.randn(shape, dtype=DT)
     lam = torch.randn(4, 2, dtype=DT)
     out = layer(x, lam)
+    w = layer.conv.weight.detach()
+    w_h, b_h = w[5:], layer.conv.bias.detach()[5:]  # type: ignore[index]
+    if rank is not None:  # W_h = U P, by hand: U (5, r), P the r hyper channels
+        assert layer.hyper_out is not None and w.shape[0] == 5 + rank
+        u = layer.hyper_out.detach()
+        w_h, b_h = torch.einsum("or,r...->o...", u, w_h), u @ b_h
     for i in range(4):
         ref = plain(3, 5, 3, padding=1).to(DT)
         s = layer.hnet.detach() @ lam[i]
-        w = layer.conv.weight.detach()
         with torch.no_grad():
-            ref.weight.copy_(w[:5] + s.reshape((5,) + (1,) * (dims + 1)) * w[5:])
-            ref.bias.copy_(layer.conv.bias[:5] + s * layer.conv.bias[5:])  # type: ignore[index]
+            ref.weight.copy_(w[:5] + s.reshape((5,) + (1,) * (dims + 1)) * w_h)
+            ref.bias.copy_(layer.conv.bias[:5] + s * b_h)  # type: ignore[index]
         torch.testing.assert_close(out[i], ref(x[i : i + 1])[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.fixed(lam[i])(x[i : i + 1])[0], out[i], rtol=1e-12, atol=1e-12)
 
@@ -93,6 +99,25 @@ def test_lstm_cell_at_zero_response_is_an_lstm_cell() -> None:
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_lstm_cell_at_fixed_hyperparameters_is_an_lstm_cell(rank: int | None) -> None:
+    cell = hg.nn.StnLSTMCell(3, 4, n_hparams=2, rank=rank).to(DT)
+    _randomise(cell)
+    assert cell.gates.rank == rank
+    lam = torch.randn(2, dtype=DT)
+    fixed = cell.gates.fixed(lam)  # the gates at lambda: W = W_e + diag(V lam) W_h
+    ref = nn.LSTMCell(3, 4).to(DT)
+    with torch.no_grad():
+        ref.weight_ih.copy_(fixed.weight[:, :3])
+        ref.weight_hh.copy_(fixed.weight[:, 3:])
+        ref.bias_ih.copy_(fixed.bias)
+        ref.bias_hh.zero_()
+    x, h, c = (torch.randn(5, k, dtype=DT) for k in (3, 4, 4))
+    out = cell(x, (h, c), lam.expand(5, -1))
+    for a, b in zip(out, ref(x, (h, c)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_layers_name_a_hyperparameter_count_mismatch() -> None:
     layer = hg.nn.StnLinear(4, 3, n_hparams=3)
     with pytest.raises(ValueError, match=r"n_hparams=3.*\(5, 2\)"):
@@ -103,6 +128,9 @@ def test_layers_name_a_hyperparameter_count_mismatch() -> None:
         layer(torch.randn(5, 4), [0.1, 0.2, 0.3])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_hparams must be an int >= 1"):
         hg.nn.StnLinear(4, 3, n_hparams=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"StnConv2d: rank must be an int >= 1 or None"):
+            hg.nn.StnConv2d(2, 3, 3, n_hparams=1, rank=bad)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- transforms
