@@ -18,8 +18,10 @@ are judged on the mean over the seeds, and the table lists every seed.
 * Self-tuning: the hidden layers are ``hg.nn.StnLinear``; tuned online: two dropout rates
   (``Rate(0.1, high=0.9)``) and, with ``shift``, the maximum random shift of the input
   (``Integer(shift_init, 0, 12)``, a discrete augmentation applied by ``hg.nn.random_shift``).
-  T_train = 2 inner steps, then one hyperstep (Adam, lr ``hyper_lr``, entropy weight 1e-3) on a
-  validation batch. ``delta`` runs Delta-STN's centred form.
+  T_train = 2 inner steps (``train_steps``), then one hyperstep (Adam, lr ``hyper_lr``, entropy
+  weight 1e-3) on a validation batch. ``delta`` runs Delta-STN's centred form; ``rank`` > 0 gives
+  the STN layers a low-rank hyper half (``hg.nn.StnLinear(..., rank=rank)``; 0, the default, is
+  the paper's full one).
 * Retraining: an ordinary MLP trained from scratch on the STN's schedule, against the same MLP
   at the schedule's final hyperparameters held fixed. The STN trains at *perturbed*
   hyperparameters, a fresh :math:`\tilde\lambda_i = \lambda_t + \sigma_t \epsilon_i` per
@@ -136,10 +138,10 @@ class PlainMLP(nn.Module):
 class StnMLP(nn.Module):
     """The same MLP with STN hidden layers; dropout and shift read from the hyperparameters."""
 
-    def __init__(self, n_hparams: int) -> None:
+    def __init__(self, n_hparams: int, rank: int | None = None) -> None:
         super().__init__()
-        self.l1 = hg.nn.StnLinear(40, HIDDEN, n_hparams)
-        self.l2 = hg.nn.StnLinear(HIDDEN, HIDDEN, n_hparams)
+        self.l1 = hg.nn.StnLinear(40, HIDDEN, n_hparams, rank=rank)
+        self.l2 = hg.nn.StnLinear(HIDDEN, HIDDEN, n_hparams, rank=rank)
         self.head = nn.Linear(HIDDEN, 10)
 
     def forward(self, x: Tensor, hp: hg.hparams.SelfTuned) -> Tensor:
@@ -330,6 +332,7 @@ def train_stn(
     shift: bool,
     hyper_lr: float = 1e-2,
     shift_init: int = MAX_SHIFT // 2,
+    train_steps: int = 2,
 ) -> tuple[Result, Schedule]:
     """Train the STN with its hyperparameters tuned online; returns its result and schedule."""
     hp = stn_hparams(shift, shift_init)
@@ -346,6 +349,7 @@ def train_stn(
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=hyper_lr),
         entropy_weight=1e-3,
         delta=delta,
+        train_steps=train_steps,
     )
     schedule = Schedule.start(hp)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -397,7 +401,7 @@ def run_seed(ctx: Context | None, cfg: dict[str, Any], seed: int) -> SeedRun:
     grid = [float(t) for t in cfg["grid"].split(",") if t.strip()]
     data = load_data(seed, cfg["n_train"])
     torch.manual_seed(seed)
-    stn0 = StnMLP(stn_hparams(cfg["shift"]).size)
+    stn0 = StnMLP(stn_hparams(cfg["shift"]).size, rank=cfg["rank"] or None)
     plain0 = init_plain(stn0)
     runs: dict[str, Result] = {}
     for p in grid:
@@ -415,6 +419,7 @@ def run_seed(ctx: Context | None, cfg: dict[str, Any], seed: int) -> SeedRun:
         cfg["shift"],
         cfg["hyper_lr"],
         cfg["shift_init"],
+        cfg["train_steps"],
     )
     last = schedule.values(schedule.raw[-1])
     final = f"{float(last['dropout'][0]):.2f}, {float(last['dropout'][1]):.2f}" + (
@@ -464,13 +469,20 @@ def _mean(values: list[float]) -> float:
         "shift_init": MAX_SHIFT // 2,
         "delta": False,
         "hyper_lr": 1e-2,
+        "rank": 0,
+        "train_steps": 2,
         "plot": True,
         "seed": 0,
         "seeds": 3,
     },
     quick={"epochs": 2, "grid": "0.0,0.1,0.2", "seeds": 1},
     paper_size={"epochs": 300, "n_train": 3000},
-    limits={"grid": Limit(0, 1, high_open=True, items=float), "shift_init": Limit(0, MAX_SHIFT)},
+    limits={
+        "grid": Limit(0, 1, high_open=True, items=float),
+        "shift_init": Limit(0, MAX_SHIFT),
+        "rank": Limit(0, HIDDEN),
+        "train_steps": Limit(1),
+    },
     rules=(
         Rule(
             ("n_train",),
