@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import enum
 import math
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,16 @@ def _check_modes(model: nn.Module) -> None:
                 "defined. Call model.eval() before hyper_step (running statistics are then used), "
                 "or use a normalisation that acts per example (LayerNorm, GroupNorm)."
             )
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
+            mod.running_mean is None or mod.running_var is None
+        ):
+            raise ValueError(
+                f"model.{name} is a BatchNorm layer without running statistics "
+                "(track_running_stats=False): it normalises with the statistics of the batch even in "
+                "eval mode, so one example's output depends on the others and the Laplace evidence "
+                "(and its bound) is not defined. Use track_running_stats=True, or a normalisation "
+                "that acts per example (LayerNorm, GroupNorm)."
+            )
         if mod.training and isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
             raise ValueError(
                 f"model.{name} is Dropout in training mode: the linearised network would be random. "
@@ -96,12 +107,44 @@ def _check_modes(model: nn.Module) -> None:
             )
 
 
+def _count(v: Any, name: str, low: int) -> int:
+    """``v`` as a Python int >= ``low``: any integer (a NumPy or 0-dim integer tensor too, as
+    ``len`` or ``.sum()`` of a mask give them), never a bool or a float."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        out = operator.index(v)
+    except TypeError:
+        out = None
+    if out is None or out < low:
+        raise ValueError(f"Invalid {name}: {v!r} (need an int >= {low})")
+    return out
+
+
+def _subset(v: Any) -> int | None:
+    if v is None:
+        return None
+    try:
+        return _count(v, "subset_size", 1)
+    except ValueError:
+        raise ValueError(f"Invalid subset_size: {v!r} (need an int >= 1, or None)") from None
+
+
 def _split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
     if not (
         isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(t, Tensor) for t in batch[:2])
     ):
         raise ValueError("MarginalLikelihood needs batches (x, y, ...) whose first two entries are tensors")
+    _check_nonempty(batch[0])
     return batch[0], batch[1]
+
+
+def _check_nonempty(x: Tensor) -> None:
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"the batch holds no examples (inputs of shape {tuple(x.shape)}): the likelihood and the "
+            "bound (scaled by N/B) are not defined for B = 0; skip empty batches"
+        )
 
 
 def _forward(
@@ -115,7 +158,7 @@ def _forward(
     With ``likelihood`` given, classification outputs must be logits ``(B, C)`` (regression
     outputs of any shape are flattened per example)."""
     b = x.shape[0]
-    out = model(x) if augmentation is None else model(augmentation(x, samples))
+    out = _output(model(x) if augmentation is None else model(augmentation(x, samples)))
     if likelihood is Likelihood.CLASSIFICATION and isinstance(out, Tensor) and out.dim() != 2:
         raise ValueError(
             f"likelihood='classification' needs logits of shape (B, C) from the model, got "
@@ -125,6 +168,16 @@ def _forward(
     if augmentation is None:
         return out.reshape(b, -1)
     return out.reshape(b, samples, -1).mean(1)
+
+
+def _output(out: Any) -> Tensor:
+    """The model's output, which must be one tensor (a clear error for a tuple or a dict)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the marginal likelihood needs a model that returns one tensor of outputs (B, C), got a "
+            f"{type(out).__name__}: wrap the model so that it returns the logits / means only"
+        )
+    return out
 
 
 def _check_targets(f: Tensor, y: Tensor, likelihood: Likelihood) -> None:
@@ -148,6 +201,14 @@ def _check_targets(f: Tensor, y: Tensor, likelihood: Likelihood) -> None:
                     f"likelihood='classification' needs integer class labels, got {y.dtype} targets "
                     "that are not whole numbers (regression targets? use likelihood='regression')"
                 )
+        if b and not bool(((y >= 0) & (y < c)).all()):
+            # cross_entropy would skip a label -100 (its ignore_index) in the likelihood while the
+            # kernel still counted the example: a silently different evidence
+            raise ValueError(
+                f"likelihood='classification' needs labels in [0, {c}) for {c} logits; got labels "
+                f"from {float(y.min())} to {float(y.max())} (padding labels such as -100 are not "
+                "ignored here: drop those examples from the batch)"
+            )
         return
     if y.dim() == 0 or y.shape[0] != b or y.numel() != f.numel():
         raise ValueError(
@@ -216,12 +277,18 @@ def _layerwise_factors(
 ) -> tuple[Tensor, list[tuple[str | None, str | None, Tensor, Tensor]]] | None:
     """The outputs and, per ``nn.Linear`` layer, its inputs and the output gradients
     ``(C, B, S, out)`` (unwhitened); ``None`` when the model is not made of such layers."""
+    if torch.is_inference_mode_enabled():
+        return None  # no output gradients under inference mode (the dense path needs none)
     params = dict(model.named_parameters())
     wanted = {id(params[n]): n for n in names}
     owners: dict[int, tuple[nn.Linear, str | None, str | None]] = {}
     for mod in model.modules():
-        if not isinstance(mod, nn.Linear):
+        # nn.Linear's own forward only (z = W a + b): a subclass computing otherwise (a scaled or
+        # masked weight) made a silently wrong kernel; its weights are then left to the dense path
+        if not isinstance(mod, nn.Linear) or type(mod).forward is not nn.Linear.forward:
             continue
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            continue  # a hook may change what the layer takes or gives: dense
         nw = wanted.get(id(mod.weight))
         nb = wanted.get(id(mod.bias)) if mod.bias is not None else None
         if nw is None and nb is None:
@@ -229,13 +296,19 @@ def _layerwise_factors(
         if nw is None or (mod.bias is not None and nb is None):
             return None  # a layer only partly trained: dense
         owners[id(mod)] = (mod, nw, nb)
-    covered = {n for _, nw, nb in owners.values() for n in (nw, nb) if n is not None}
-    if covered != set(names):
+    owned = [n for _, nw, nb in owners.values() for n in (nw, nb) if n is not None]
+    if len(owned) != len(set(owned)):
+        return None  # a weight tied between two layers: its Jacobian is a sum over them (dense)
+    if set(owned) != set(names):
         return None
-    seen: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    seen: dict[int, list[tuple[Tensor, Tensor, int]]] = {}
 
-    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        seen.setdefault(id(mod), []).append((inp[0], out))
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        # the layer's output goes on as a copy: an in-place operation after it (ReLU(inplace=True))
+        # would otherwise rewrite the recorded tensor, and the output gradients taken w.r.t. it
+        # would be those of the activation (a silently wrong kernel)
+        seen.setdefault(id(mod), []).append((inp[0], out, inp[0]._version))
+        return out.clone()
 
     handles = [m.register_forward_hook(hook) for m, _, _ in owners.values()]
     try:
@@ -248,6 +321,8 @@ def _layerwise_factors(
     s = samples if augmentation is not None else 1
     if any(len(seen.get(k, ())) != 1 or seen[k][0][0].dim() != 2 for k in owners):
         return None  # a layer used twice, or on sequences: dense
+    if any(seen[k][0][0]._version != seen[k][0][2] for k in owners):
+        return None  # a layer's input changed in place after it was used: dense
     zs = [seen[k][0][1] for k in owners]
     c = f.shape[1]
     # the C output gradients in one vectorised backward pass: row j seeds output j of every example
@@ -292,10 +367,10 @@ def _dense_jacobians(
 
     def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         with substituting((slots[n], v) for n, v in p.items()):
-            return model(xi.unsqueeze(0)).reshape(-1)
+            return _output(model(xi.unsqueeze(0))).reshape(-1)
 
     jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
-    f = model(xa).reshape(b, s, -1).mean(1)
+    f = _output(model(xa)).reshape(b, s, -1).mean(1)
     if not graph:
         f = f.detach()
     out = {n: j.reshape(b, s, f.shape[1], -1).mean(1) for n, j in jac.items()}
@@ -332,14 +407,15 @@ def _terms(
         raise ValueError("the regression likelihood needs the observation noise (noise=...)")
     if kernel not in _KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {_KERNELS})")
-    if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
-        raise ValueError(f"Invalid subset_size: {subset_size!r} (need an int >= 1, or None)")
+    subset_size = _subset(subset_size)
     params = dict(model.named_parameters())
     prec_all = prior.precisions()
     missing = [n for n in names if n not in prec_all]
     if missing:
         raise ValueError(f"weights {missing[:3]} are trained but have no prior precision (PriorPrecision)")
-    prec = {n: prec_all[n] for n in names}
+    # in each weight's dtype, as the noise below: a float64 prior on a float32 model crashed the
+    # dense kernel's matmul (and would have promoted only some of the terms)
+    prec = {n: prec_all[n].to(params[n].dtype) for n in names}
     bad = [
         f"{n} {tuple(prec[n].shape)} vs {tuple(params[n].shape)}"
         for n in names
@@ -364,7 +440,8 @@ def _terms(
     factors = _layerwise_factors(model, x, names, augmentation, samples, graph) if use_layers else None
     if kernel == "layerwise" and factors is None:
         raise ValueError(
-            "kernel='layerwise' needs a model whose trained weights are nn.Linear layers used once"
+            "kernel='layerwise' needs a model whose trained weights are nn.Linear layers used once "
+            "(plain nn.Linear, no hooks, not tied, inputs (B, d)), outside torch.inference_mode"
         )
     blocks = _blocks(b, subset_size)
     c: int
@@ -583,7 +660,10 @@ def log_evidence_bound(
         kernel: ``"layerwise"`` (per ``nn.Linear`` layer, from inputs and output gradients: no
             ``P``-sized Jacobian), ``"dense"`` (``torch.func`` Jacobians ``(B, C, P)``) or ``"auto"``
             (default; layerwise when possible: the NTK form, trained weights all in ``nn.Linear``
-            layers each used once on ``(B, d)`` inputs, one precision per layer or a global one).
+            layers each used once on ``(B, d)`` inputs, one precision per layer or a global one;
+            not for ``nn.Linear`` subclasses with their own ``forward``, layers with hooks,
+            weights tied between two layers, or under ``torch.inference_mode``, which take the
+            dense kernel). In-place operations after a layer (``ReLU(inplace=True)``) are fine.
 
     Returns:
         The bound, a 0-dim tensor (nats, for the whole data set).
@@ -593,10 +673,12 @@ def log_evidence_bound(
             ``"regression"``), or not one finite value > 0; ``data_size`` smaller than the batch
             (or, with ``form="exact"``, different from it); a prior that covers none of the
             model's trainable weights, or whose per-weight precisions do not fit their shapes;
-            BatchNorm or Dropout in training mode; targets that do not fit the outputs; an
+            BatchNorm or Dropout in training mode, or BatchNorm without running statistics;
+            an empty batch; targets that do not fit the outputs (classification: labels outside
+            ``[0, C)``, e.g. a padding label -100); inputs of another dtype or device; an
             invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
             cannot apply); ``outputs`` other than ``"all"`` with ``form="parametric"``.
-        TypeError: ``noise`` of another type.
+        TypeError: ``noise`` of another type, or a ``prior`` that is not a PriorPrecision.
 
     Cost (layerwise kernel): one forward pass, the ``C`` output gradients in one vectorised
     backward pass (``C`` passes where an operation has no batching rule), then per block
@@ -616,11 +698,16 @@ def log_evidence_bound(
     """
     likelihood = Likelihood(likelihood)
     form = Bound(form)
-    if not (isinstance(data_size, int) and not isinstance(data_size, bool) and data_size >= 1):
-        raise ValueError(f"Invalid data_size: {data_size!r} (need an int >= 1)")
-    if x.dim() == 0 or x.shape[0] > data_size:
+    if not isinstance(prior, PriorPrecision):
+        raise TypeError(
+            f"prior must be an hg.hparams.PriorPrecision built for the model, got {type(prior).__name__} "
+            "(for a fixed precision d use PriorPrecision(model, init=d))"
+        )
+    _check_nonempty(x)
+    data_size = _count(data_size, "data_size", 1)
+    if x.shape[0] > data_size:
         raise ValueError(
-            f"the batch holds {x.shape[0] if x.dim() else 'no'} examples but data_size={data_size}: "
+            f"the batch holds {x.shape[0]} examples but data_size={data_size}: "
             "data_size must be the number of training examples (the bound scales the batch by N/B)"
         )
     if form is Bound.EXACT:
@@ -629,8 +716,7 @@ def log_evidence_bound(
                 f"form='exact' needs the whole data set: got {x.shape[0]} of {data_size} examples"
             )
         form, subset_size = Bound.NTK, None
-    if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
-        raise ValueError(f"Invalid samples: {samples!r} (need an int >= 1)")
+    samples = _count(samples, "samples", 1)
     _check_parametric_outputs(form, Outputs(outputs), "form")
     names = _names(model, prior)
     if not names:
@@ -638,7 +724,9 @@ def log_evidence_bound(
             "the PriorPrecision covers none of the model's trainable weights (built for another "
             "model, or every covered weight frozen): there is nothing to marginalise"
         )
-    dtype = dict(model.named_parameters())[names[0]].dtype
+    first = dict(model.named_parameters())[names[0]]
+    dtype = first.dtype
+    check_batch(x, "x", first.device, dtype)  # (a clear error, not a matmul's dtype mismatch)
     t = _terms(
         model,
         x,
@@ -707,6 +795,7 @@ def log_evidence(
     >>> torch.allclose(a, b)
     True
     """
+    _check_nonempty(x)
     return log_evidence_bound(
         model,
         x,
@@ -841,17 +930,12 @@ class MarginalLikelihood(HyperOptimizer):
         self.bound = Bound(bound)
         self.outputs = Outputs(outputs)
         _check_parametric_outputs(self.bound, self.outputs, "bound")
-        for name, v, low in (
-            ("data_size", data_size, 1),
-            ("outer_steps", outer_steps, 1),
-            ("burn_in", burn_in, 0),
-            ("every", every, 1),
-            ("augmentation_samples", augmentation_samples, 1),
-        ):
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-                raise ValueError(f"Invalid {name}: {v!r} (need an int >= {low})")
-        if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
-            raise ValueError(f"Invalid subset_size: {subset_size!r} (need an int >= 1, or None)")
+        data_size = _count(data_size, "data_size", 1)
+        outer_steps = _count(outer_steps, "outer_steps", 1)
+        burn_in = _count(burn_in, "burn_in", 0)
+        every = _count(every, "every", 1)
+        augmentation_samples = _count(augmentation_samples, "augmentation_samples", 1)
+        subset_size = _subset(subset_size)
         if kernel not in _KERNELS:
             raise ValueError(f"Invalid kernel: {kernel!r} (choose from {_KERNELS})")
         self.data_size, self.subset_size, self.outer_steps = data_size, subset_size, outer_steps
