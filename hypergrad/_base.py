@@ -8,6 +8,7 @@ Everything a user touches lives here.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import dataclasses
 import enum
@@ -31,6 +32,7 @@ from ._functional import (
     norm,
 )
 from ._types import Batch, LossFn, Tensors
+from ._wrap import average_gradients, ddp_wrappers, no_sync, replicate
 from .hparams import OptimizerSetting, _meanings, _real, from_raw
 
 
@@ -44,7 +46,8 @@ class NonFiniteWarning(RuntimeWarning):
 
 
 class DisconnectedWarning(UserWarning):
-    """A hyperparameter does not reach the losses (its hypergradient is exactly zero)."""
+    """A hyperparameter does not reach the losses (its hypergradient is exactly zero), or a
+    training loss reaches no weight (the step changes nothing)."""
 
 
 class OnNonFinite(str, enum.Enum):
@@ -191,11 +194,16 @@ class HyperOptimizer(abc.ABC):
     running statistics are updated by :meth:`step` only, once per inner step.
 
     Data parallel: wrap the model in ``torch.nn.parallel.DistributedDataParallel`` and give each
-    rank its own shard of every batch (equal shard sizes). :meth:`step` runs the wrapper (its
-    reducer averages the gradients); hypergradient computations run on ``model.module`` and
-    average what they need over the ranks themselves, so they equal one process's on the
-    concatenated batches (to rounding; BatchNorm statistics stay per rank, as in DDP) and every
-    rank ends with the same hyperparameters.
+    rank its own shard of every batch. :meth:`step` runs the wrapper (its reducer averages the
+    gradients; under ``find_unused_parameters=True``, and for Delta-STN's two backward passes,
+    the step turns the reducer off and averages them itself in one all-reduce); hypergradient
+    computations run on ``model.module`` and average what they need over the ranks themselves,
+    so with shards of equal size they equal one process's on the concatenated batches (to
+    rounding; BatchNorm statistics stay per rank, as in DDP). With unequal shards the result is,
+    like DDP's gradient, the mean of the ranks' means. The guards judge the ranks' mean loss, so
+    every rank accepts or skips a step alike; the hyperparameters start from rank 0's values
+    (broadcast at construction, as DDP broadcasts the weights; ranks holding different
+    hyperparameters are refused), and every rank ends with the same ones.
     """
 
     def __init__(
@@ -242,6 +250,8 @@ class HyperOptimizer(abc.ABC):
         self._loss_scale: float | None = None  # |first accepted nonzero training loss|, for ``divergence``
         self._validate_tensors()
         self.ranks = Ranks(model)  # DistributedDataParallel: hypergradient paths use the module
+        # as DDP does for the model: the same hyperparameters on every rank (rank 0's values)
+        replicate(hparams, self.ranks.group, self.ranks.size)
         self._weights_key: tuple[int, ...] = ()
         self.pair = FunctionalPair(self.ranks.module, hparams, self._trained_weights())
         self._weights_key = tuple(id(w) for w in self.pair.weights)
@@ -449,8 +459,12 @@ class HyperOptimizer(abc.ABC):
         old_grads = [w.grad for w in everything]
         for w in everything:
             w.grad = None
-        try:  # on the user's model itself: a DistributedDataParallel wrapper averages the gradients
-            loss = self._train_backward(batch, weights)
+        # on the user's model itself: a DistributedDataParallel wrapper's reducer averages the
+        # gradients, unless the step needs it off (then they are averaged below, in one all-reduce)
+        by_hand = self._averages_by_hand()
+        try:
+            with no_sync(self.model) if by_hand else contextlib.nullcontext():
+                loss = self._train_backward(batch, weights)
         except BaseException as error:
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
@@ -464,8 +478,12 @@ class HyperOptimizer(abc.ABC):
                 f"inner step {self.inner_steps}: {bad} (train_loss raised {type(error).__name__}: {error})"
             )
             return torch.full((), float("nan"), dtype=self.dtype, device=self.device)
+        if by_hand:
+            average_gradients(weights, self.ranks.group, self.ranks.size)  # (DDP's mean)
+        # the guards judge the loss of the concatenated batch (the ranks' mean): every rank decides alike
+        mean_loss = self.ranks.mean([loss.detach()])[0]
         grads = [w.grad for w in weights]
-        problem = self._check_loss(loss, [g for g in grads if g is not None])
+        problem = self._check_loss(mean_loss, [g for g in grads if g is not None])
         if problem:
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
@@ -495,8 +513,16 @@ class HyperOptimizer(abc.ABC):
         self.inner_steps += 1
         if self._loss_scale is None or (self._loss_scale == 0 and self.divergence is not None):
             # (a zero loss is no scale: nothing would be "within divergence times" it)
-            self._loss_scale = abs(float(loss.detach()))
+            self._loss_scale = abs(float(mean_loss))
         return loss.detach()
+
+    def _averages_by_hand(self) -> bool:
+        """Whether :meth:`step` turns the DistributedDataParallel reducer off and averages the
+        gradients itself: under ``find_unused_parameters=True``, where the reducer refuses a
+        gradient reaching a weight outside the forward (a penalty on a branch that the forward
+        did not use: "Expected to mark a variable ready only once"), and in methods whose step
+        runs several backward passes (the reducer expects one per forward)."""
+        return self.ranks.size > 1 and any(d.find_unused_parameters for d in ddp_wrappers(self.model))
 
     def _snapshot_hparam_buffers(self) -> list[tuple[dict[str, Any], str, Tensor, Tensor]]:
         """The hyperparameter module's buffers (e.g. the BatchNorm statistics of a learned
@@ -512,6 +538,18 @@ class HyperOptimizer(abc.ABC):
         loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
         if loss.requires_grad:
             loss.backward(inputs=list(weights))
+        elif any(w.requires_grad for w in weights):
+            # a constant loss (a batch with nothing to learn, say every example masked) skips the
+            # update, as `if loss.requires_grad: loss.backward()` would; but a loss computed under
+            # no_grad or detached by mistake would skip every step silently: say so
+            warnings.warn(
+                f"{type(self).__name__}.step: train_loss returned a loss that does not require grad "
+                f"(value {float(loss.detach()):.6g}), so this step changes no weight. Fine for a batch "
+                "with nothing to learn; otherwise the loss was computed under torch.no_grad() or "
+                "detached (.item(), .detach(), a new tensor): return it with its graph",
+                DisconnectedWarning,
+                stacklevel=4,
+            )
         return loss
 
     def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:

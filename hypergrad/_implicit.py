@@ -152,6 +152,10 @@ def _implicit(
     _check_loss_value(lv, "val_loss")
     val_reaches = lv.requires_grad  # (a detached val_loss reaches no hyperparameter)
     gv = grads_or_none(lv, weights + hparams)
+    # the path lambda -> w -> L_V exists only if L_V reaches a weight of the solve: a val_loss
+    # evaluating another module than the model it is given (an EMA / AveragedModel copy, a
+    # deepcopy) does not, and the mixed term is then exactly 0, not a connection
+    val_reaches_weights = any(g is not None for g in gv[: len(weights)])
     v1 = materialize(gv[: len(weights)], weights)
     direct_or_none = gv[len(weights) :]
     lv = lv.detach().clone()
@@ -239,7 +243,7 @@ def _implicit(
             e if m is None else m if e is None else m + e for m, e in zip(mixed_or_none, extra, strict=True)
         )
     reached = tuple(
-        val_reaches and (d is not None or m is not None)
+        val_reaches and (d is not None or (m is not None and val_reaches_weights))
         for d, m in zip(direct_or_none, mixed_or_none, strict=True)
     )
     # dL_V/dlambda = direct - mixed, in place, without materialising absent terms as zeros
@@ -700,6 +704,11 @@ class Implicit(HyperOptimizer):
             self._coupled_decay(weights),
         )
 
+        inner_loss = train_value[0]
+        if average is not None:  # the concatenated batch's, for the guards and the info record
+            inner_loss = inner_loss.clone()
+            average([inner_loss])
+
         def commit() -> None:
             if self.solver.warm_start:  # (a solution worse than 0 would be a worse start than none)
                 keep = float(r.solve.residual) <= 1.0
@@ -713,7 +722,7 @@ class Implicit(HyperOptimizer):
             solver_iterations=r.solve.iterations + r.extra_hvps,
             solver_residual=r.solve.residual,
             solver_status=r.solve.status.value,
-            inner_loss=train_value[0],
+            inner_loss=inner_loss,
             reached=r.reached,
             commit=commit,
         )

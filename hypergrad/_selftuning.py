@@ -26,10 +26,11 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _params_of
+from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
 from ._functional import check_batch, clone_all, grads_or_none, materialize
 from ._stn_hparams import SelfTuned, _load_state, _Mode, _state, linearising
 from ._types import Batch, LossFn, Tensors
+from ._wrap import ddp_wrappers
 from .nn import HyperNet, response_masks, stn_layers
 
 
@@ -195,6 +196,8 @@ class _BestResponseBase(HyperOptimizer):
         self.entropy_weight = float(entropy_weight)
         self.warmup, self.train_steps, self.val_steps = warmup, train_steps, val_steps
         self._checked_key: tuple[int, ...] | None = None  # trained weights whose response was checked
+        # the validation phase in progress: (inner step it belongs to, hypersteps taken in it)
+        self._phase: tuple[int, int] = (-1, 0)
 
     def _response_params(self) -> list[tuple[str, Tensor]]:
         """The parameters that map the hyperparameters to the weights (the response)."""
@@ -223,10 +226,41 @@ class _BestResponseBase(HyperOptimizer):
             return super().step(batch, max_grad_norm=max_grad_norm)
 
     def hyper_due(self) -> bool:
-        """Whether the schedule calls for the validation phase now: after ``warmup`` inner steps,
-        after every ``train_steps`` inner steps (then take ``val_steps`` hypersteps)."""
+        """Whether the schedule calls for a hyperstep now: in the validation phase that follows
+        ``warmup`` inner steps and then every ``train_steps`` ones, until that phase has taken its
+        ``val_steps`` hypersteps (skipped ones count). So ``while hopt.hyper_due():
+        hopt.hyper_step(...)`` takes the whole phase, and resumes it where a checkpoint taken
+        inside it left off (the count is saved by :meth:`state_dict`); ``if hopt.hyper_due():``
+        after each inner step takes one hyperstep per phase.
+
+        >>> import torch, hypergrad as hg
+        >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))
+        >>> net = hg.nn.StnLinear(4, 3, hp.size)
+        >>> loss = lambda m, h, b: torch.nn.functional.cross_entropy(m(b[0], h), b[1])
+        >>> hopt = hg.SelfTuning(net, hp, loss, loss, train_steps=1, val_steps=3,
+        ...     inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.Adam(hp.parameters(), lr=1e-2))
+        >>> b = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        >>> _ = hopt.step(b)
+        >>> n = 0
+        >>> while hopt.hyper_due():
+        ...     _ = hopt.hyper_step(val_batch=b); n += 1
+        >>> n
+        3
+        """
         n = self.inner_steps
-        return n >= max(self.warmup, 1) and (n - self.warmup) % self.train_steps == 0
+        if not (n >= max(self.warmup, 1) and (n - self.warmup) % self.train_steps == 0):
+            return False
+        at, taken = self._phase
+        return at != n or taken < self.val_steps
+
+    def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
+        info = super().hyper_step(train_batch, val_batch)  # (an error raised takes no turn)
+        at, taken = self._phase
+        self._phase = (self.inner_steps, taken + 1 if at == self.inner_steps else 1)
+        return info
+
+    hyper_step.__doc__ = HyperOptimizer.hyper_step.__doc__
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         name = type(self).__name__
@@ -271,10 +305,12 @@ class _BestResponseBase(HyperOptimizer):
         return _Hypergradient(grads, lv, reached=tuple(bool(r) for r in reached), commit=commit)
 
     def _method_state(self) -> dict[str, Any]:
-        return _state(self.hparams)
+        return {**_state(self.hparams), "phase": list(self._phase)}
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         _load_state(self.hparams, state)
+        phase = state.get("phase")  # (states saved before it was recorded: a fresh phase)
+        self._phase = (int(phase[0]), int(phase[1])) if phase is not None else (-1, 0)
 
 
 class SelfTuning(_BestResponseBase):
@@ -419,11 +455,21 @@ class SelfTuning(_BestResponseBase):
             )
         self.delta = bool(delta)
         self.linearize = bool(linearize)
+        if self.delta and any(d.static_graph for d in ddp_wrappers(model)):
+            raise ValueError(
+                "SelfTuning(delta=True) runs two backward passes per step, which a "
+                "DistributedDataParallel model with static_graph=True cannot take: wrap it without "
+                "static_graph"
+            )
         self.hparams._centred = self.delta
         if self.delta and self.linearize:
             from ._unrolled import _load_forward_ad
 
             _load_forward_ad()
+
+    def _averages_by_hand(self) -> bool:
+        # Delta-STN: two backward passes per step (base, response), averaged together afterwards
+        return super()._averages_by_hand() or (self.delta and self.ranks.size > 1)
 
     def _response_params(self) -> list[tuple[str, Tensor]]:
         masks = response_masks(self.ranks.module)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -32,3 +35,95 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     backward; a data-parallel wrapper's reducer is not used by ``torch.autograd.grad``)."""
     *_, bare = wrappers(model)
     return bare
+
+
+# ----------------------------------------------------------------------------- DistributedDataParallel
+
+
+def ddp_wrappers(model: nn.Module) -> list[nn.parallel.DistributedDataParallel]:
+    """The ``DistributedDataParallel`` wrappers around ``model`` (see :func:`wrappers`), outermost first."""
+    return [w for w in wrappers(model) if isinstance(w, nn.parallel.DistributedDataParallel)]
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Inside, no ``DistributedDataParallel`` wrapper of ``model`` averages gradients in its
+    backward passes (each one's ``no_sync()``): for a step that runs several backward passes
+    (Delta-STN's base and response passes), or one whose loss reaches a weight outside the
+    wrapper's forward (a penalty on a branch unused in that forward, which the reducer refuses
+    under ``find_unused_parameters=True`` as "Expected to mark a variable ready only once").
+    The caller averages the gradients itself (:func:`average_gradients`). A model without such
+    a wrapper: nothing happens."""
+    with contextlib.ExitStack() as stack:
+        for ddp in ddp_wrappers(model):
+            stack.enter_context(ddp.no_sync())
+        yield
+
+
+def average_gradients(weights: Sequence[Tensor], group: Any, size: int) -> None:
+    """Replace each weight's ``.grad`` by its mean over the ``size`` ranks of ``group``, as
+    ``DistributedDataParallel``'s reducer would (one all-reduce per dtype).
+
+    A weight whose ``.grad`` is ``None`` on every rank keeps ``None`` (``torch.optim`` skips
+    it, as it would in one process); one with a gradient on some ranks only gets the mean with
+    zeros for the others (the reducer's ``find_unused_parameters=True`` rule: the gradient of the
+    mean loss over the concatenated shards). Every rank must call it with the same weights, in
+    the same order. With ``size == 1``: nothing happens.
+    """
+    if size <= 1 or not weights:
+        return
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(weights):
+        if w.grad is not None and w.grad.is_sparse:
+            raise ValueError("average_gradients: sparse gradients are not supported")
+        by_dtype.setdefault(w.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        grads = [weights[i].grad for i in idx]
+        device = weights[idx[0]].device
+        parts = [
+            weights[i].new_zeros(weights[i].numel()) if g is None else g.detach().reshape(-1)
+            for i, g in zip(idx, grads, strict=True)
+        ]
+        parts.append(torch.tensor([g is not None for g in grads], dtype=dtype, device=device))
+        flat = torch.cat(parts)
+        torch.distributed.all_reduce(flat, group=group)
+        mask = flat[-len(idx) :]
+        flat = flat[: -len(idx)].div_(size)
+        offset = 0
+        for i, seen in zip(idx, mask.tolist(), strict=True):
+            w = weights[i]
+            n = w.numel()
+            w.grad = flat[offset : offset + n].view_as(w).clone() if seen > 0 else None
+            offset += n
+
+
+def replicate(module: nn.Module, group: Any, size: int) -> None:
+    """Make ``module`` (the hyperparameters) the same on the ``size`` ranks of ``group``, as
+    ``DistributedDataParallel`` does for the model at construction: check that every rank holds
+    the same parameter and buffer names, shapes and dtypes, then broadcast the values of the
+    group's first rank. A collective: every rank must call it.
+
+    Raises:
+        ValueError: the ranks hold different tensors (their names, shapes or dtypes differ): the
+            averaged hypergradients would be added up entry by entry across unrelated tensors.
+    """
+    if size <= 1:
+        return
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors]
+    every: list[Any] = [None] * size
+    torch.distributed.all_gather_object(every, mine, group=group)
+    for r, theirs in enumerate(every):
+        if theirs != mine:
+            diff = next(
+                (f"{a} here, {b} on rank {r}" for a, b in zip(mine, theirs, strict=False) if a != b),
+                f"{len(mine)} tensors here, {len(theirs)} on rank {r}",
+            )
+            raise ValueError(
+                "the ranks of the DistributedDataParallel model hold different hyperparameters "
+                f"(name, shape, dtype: {diff}); build the same hparams on every rank"
+            )
+    src = torch.distributed.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for _, t in tensors:
+            torch.distributed.broadcast(t.data, src=src, group=group)

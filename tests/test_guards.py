@@ -1011,7 +1011,10 @@ def test_neumann_refreshes_a_step_size_the_curvature_outgrew() -> None:
 
     def make() -> hg.Implicit:
         return hg.Implicit(
-            p.model, p.hparams, train, p.val_loss,
+            p.model,
+            p.hparams,
+            train,
+            p.val_loss,
             inner_optimizer=torch.optim.Adam(p.model.parameters(), lr=1e-3),
             outer_optimizer=torch.optim.SGD(p.hparams.parameters(), lr=0.0),
             solver=hg.Neumann(steps=30),
@@ -1152,3 +1155,35 @@ def test_unrolled_replays_a_model_with_reassigned_buffers_exactly() -> None:
         hopt.step(b)
     for w, r in zip(model.parameters(), hopt.replayed_weights(), strict=True):
         assert torch.allclose(w, r, rtol=1e-12, atol=1e-14)
+
+
+def test_a_training_loss_detached_by_mistake_is_named_not_silently_skipped() -> None:
+    """``train_loss`` computed under ``torch.no_grad()`` (or detached): plain PyTorch's
+    ``backward()`` raises; hypergrad's step skipped the update without a word, every step. It
+    now warns (a constant loss on a batch with nothing to learn is legitimate), and the weights
+    and the optimiser's state are untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    hp = hg.hparams.WeightDecay(model, per="layer", init=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def detached(m: torch.nn.Module, h: torch.nn.Module, b: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(m(b[0]), b[1]) + h.penalty(m)
+
+    hopt = hg.Implicit(
+        model,
+        hp,
+        detached,
+        detached,
+        inner_optimizer=opt,
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.warns(
+        hg.DisconnectedWarning, match=r"Implicit.step: train_loss returned a loss that does not require grad"
+    ):
+        hopt.step(batch)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not opt.state  # Adam never stepped

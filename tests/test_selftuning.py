@@ -220,6 +220,49 @@ def test_history_records_values_and_scales_and_resumes() -> None:
     assert other.hparams.history() == hopt.hparams.history()  # bit-exact continuation
 
 
+def test_a_validation_phase_interrupted_by_a_checkpoint_resumes_where_it_left_off() -> None:
+    """``while hopt.hyper_due(): hopt.hyper_step(...)`` takes a whole T_val phase (val_steps = 3
+    here), skipped hypersteps included; a checkpoint taken inside the phase resumes it: the
+    resumed run takes the phase's remaining hypersteps and then goes on exactly as the straight
+    run. ``hyper_due`` used to stay True for the whole phase (the loop never ended), and a
+    resume could only repeat or drop the phase's hypersteps."""
+
+    def run(hopt: hg.SelfTuning, start: int, stop_after: int | None = None) -> list[int]:
+        taken: list[int] = []  # the inner step of each hyperstep
+        for i in range(start, 6):
+            if i > start or stop_after is None or not hopt.hyper_due():
+                hopt.step(_batch(i))
+            while hopt.hyper_due():
+                assert len(taken) < 20, "hyper_due never ends the phase"
+                hopt.hyper_step(val_batch=_batch(30 + hopt.hyper_steps))
+                taken.append(hopt.inner_steps)
+                if stop_after is not None and len(taken) == stop_after:
+                    return taken
+        return taken
+
+    straight = _stn(train_steps=2, val_steps=3)
+    assert run(straight, 0) == [2, 2, 2, 4, 4, 4, 6, 6, 6]
+    first = _stn(train_steps=2, val_steps=3)
+    assert run(first, 0, stop_after=5) == [2, 2, 2, 4, 4]  # stopped inside the second phase
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = _stn(train_steps=2, val_steps=3)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    assert resumed.hyper_due()  # one hyperstep of the phase is left
+    assert run(resumed, 3, stop_after=-1) == [4, 6, 6, 6]
+    assert resumed.hparams.history() == straight.hparams.history()  # bit-exact
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    skipping = _stn(train_steps=1, val_steps=2, on_nonfinite="skip")
+    skipping.step(_batch(0))
+    with pytest.warns(hg.NonFiniteWarning):
+        while skipping.hyper_due():  # a skipped hyperstep takes its turn: the loop ends
+            skipping.hyper_step(val_batch=(torch.full((4, 4), float("nan"), dtype=DT), torch.zeros(4).long()))
+    assert skipping.hyper_steps == 0
+
+
 def test_delta_centres_the_features() -> None:
     hopt = _stn(delta=True)
     hp = hopt.hparams
