@@ -772,7 +772,10 @@ class HyperOptimizer(abc.ABC):
                 "only on weights that are not trained now (frozen with requires_grad_(False), or not in "
                 "inner_optimizer) or that a method leaves out (Implicit's hessian_subset)? A learned "
                 "initialisation copied into the weights is no gradient path either: write the weights "
-                "as phi + delta, delta trained from 0 (README, 'Meta-learning'). (warned once)",
+                "as phi + delta, delta trained from 0 (README, 'Meta-learning'). Nor is a val_loss "
+                "that evaluates another module than the model it is given (an EMA / "
+                "torch.optim.swa_utils.AveragedModel copy, a deepcopy): evaluate the model it gets. "
+                "(warned once)",
                 DisconnectedWarning,
                 stacklevel=4,
             )
