@@ -77,10 +77,14 @@ class _Spec:
 
     init: float
     size: int
+    per_batch: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1):
             raise ValueError(f"{type(self).__name__}: size must be an int >= 1, got {self.size!r}")
+        if not isinstance(self.per_batch, bool):
+            name = type(self).__name__
+            raise ValueError(f"{name}: per_batch must be True or False, got {self.per_batch!r}")
         if not math.isfinite(float(self.init)):
             raise ValueError(f"{type(self).__name__}: init must be finite, got {self.init!r}")
 
@@ -106,6 +110,8 @@ class Rate(_Spec):
         high: upper bound, ``<= 1`` (default: 1.0).
         low: lower bound, ``>= 0`` (default: 0.0).
         size: how many rates (e.g. one per layer) (default: 1).
+        per_batch: one perturbation for the whole batch instead of one per example (default:
+            False; see :class:`SelfTuned`).
 
     Raises:
         ValueError: bounds outside :math:`[0, 1]`, ``low >= high``, ``init`` not strictly inside
@@ -122,9 +128,12 @@ class Rate(_Spec):
     high: float = 1.0
     low: float = 0.0
 
-    def __init__(self, init: float, high: float = 1.0, *, low: float = 0.0, size: int = 1) -> None:
+    def __init__(
+        self, init: float, high: float = 1.0, *, low: float = 0.0, size: int = 1, per_batch: bool = False
+    ) -> None:
         object.__setattr__(self, "init", float(init))
         object.__setattr__(self, "size", size)
+        object.__setattr__(self, "per_batch", per_batch)
         object.__setattr__(self, "high", float(high))
         object.__setattr__(self, "low", float(low))
         self.__post_init__()
@@ -157,6 +166,7 @@ class Positive(_Spec):
             for large values) or ``"exp"`` (:math:`v = e^r`: steps are relative, for values
             spanning decades such as a penalty).
         size: how many (default: 1).
+        per_batch: one perturbation for the whole batch (default: False; see :class:`SelfTuned`).
 
     Raises:
         ValueError: ``init <= 0`` or not finite, an unknown transform, or ``size`` not an int >= 1.
@@ -172,10 +182,16 @@ class Positive(_Spec):
     transform: PositiveTransform = PositiveTransform.SOFTPLUS
 
     def __init__(
-        self, init: float, *, transform: PositiveTransform | str = "softplus", size: int = 1
+        self,
+        init: float,
+        *,
+        transform: PositiveTransform | str = "softplus",
+        size: int = 1,
+        per_batch: bool = False,
     ) -> None:
         object.__setattr__(self, "init", float(init))
         object.__setattr__(self, "size", size)
+        object.__setattr__(self, "per_batch", per_batch)
         object.__setattr__(self, "transform", PositiveTransform(transform))
         self.__post_init__()
         if not self.init > 0:
@@ -203,6 +219,7 @@ class Integer(_Spec):
         low: smallest value.
         high: largest value, ``> low``.
         size: how many (default: 1).
+        per_batch: one perturbation for the whole batch (default: False; see :class:`SelfTuned`).
 
     Raises:
         ValueError: non-integers, ``low >= high``, or ``init`` outside ``[low, high]``.
@@ -218,12 +235,13 @@ class Integer(_Spec):
     low: int = 0
     high: int = 1
 
-    def __init__(self, init: int, low: int, high: int, *, size: int = 1) -> None:
+    def __init__(self, init: int, low: int, high: int, *, size: int = 1, per_batch: bool = False) -> None:
         for name, v in (("init", init), ("low", low), ("high", high)):
             if isinstance(v, bool) or not float(v).is_integer():
                 raise ValueError(f"Integer: {name} must be an integer, got {v!r}")
         object.__setattr__(self, "init", float(init))
         object.__setattr__(self, "size", size)
+        object.__setattr__(self, "per_batch", per_batch)
         object.__setattr__(self, "low", int(low))
         object.__setattr__(self, "high", int(high))
         self.__post_init__()
@@ -310,6 +328,14 @@ class SelfTuned(nn.Module):
     it can neither collapse to 0 nor grow without bound. With ``learn_scale=False``, :math:`\sigma`
     is the constant ``scale`` (best-response hypernetworks, Lorraine & Duvenaud 2018).
 
+    A spec built with ``per_batch=True`` (e.g. ``Rate(0.3, high=0.9, per_batch=True)``) is
+    perturbed once per batch: in a self-tuning step or hyperstep every example of a draw shares
+    its entries of :math:`\tilde\lambda` (the authors' ``minibatch=False``), for what acts on the
+    whole batch at once — weight drop on an LSTM's recurrent weights, embedding dropout, a penalty
+    coefficient. Its values are still :math:`(B, ...)`, every row equal: use ``d[name][0]``. The
+    other entries keep one perturbation per example, and the random stream is the same as without
+    the option (the shared entries take the first example's noise).
+
     Args:
         scale: initial perturbation scale :math:`\sigma_0` in unconstrained units (default: 0.5,
             the paper's).
@@ -393,6 +419,9 @@ class SelfTuned(nn.Module):
         self._prior: tuple[Tensor, Tensor] | None = None  # (mean, std) for global sampling
         self._centre: Tensor | None = None  # Delta-STN's lambda_0 if held fixed (default: sg(raw))
         self._history: list[dict[str, float]] = []
+        # (H,) True where a spec is perturbed once per batch (per_batch=True); None: none is
+        cols = [spec.per_batch for spec in self.specs.values() for _ in range(spec.size)]
+        self._per_batch: Tensor | None = torch.tensor(cols) if any(cols) else None
 
     @property
     def size(self) -> int:
@@ -488,6 +517,8 @@ class SelfTuned(nn.Module):
             shared = True
         else:
             eps = torch.randn(batch_size, self.size, dtype=raw.dtype, device=raw.device)
+            if self._per_batch is not None:  # those entries: the first row's noise for every row
+                eps = torch.where(self._per_batch.to(raw.device), eps[:1], eps)
             if mode in (_Mode.TRAIN, _Mode.LINEAR):
                 lam = raw.detach() + self.scale().detach() * eps
             else:
@@ -608,6 +639,8 @@ def _describe(spec: _Spec) -> str:
     """What fixes the meaning of a spec's raw entries (its type, size and bounds; not ``init``)."""
     args = []
     for f in dataclasses.fields(spec):
+        if f.name == "per_batch" and not spec.per_batch:
+            continue  # (states saved before the option existed describe their specs without it)
         if f.name != "init":
             v = getattr(spec, f.name)
             args.append(f"{f.name}={(v.value if isinstance(v, enum.Enum) else v)!r}")

@@ -63,9 +63,11 @@ def _batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
-def _stn(delta: bool = False, net: type[nn.Module] = Net, **kw: Any) -> hg.SelfTuning:
+def _stn(
+    delta: bool = False, net: type[nn.Module] = Net, hp: hg.hparams.SelfTuned | None = None, **kw: Any
+) -> hg.SelfTuning:
     torch.manual_seed(0)
-    hp = _hp()
+    hp = _hp() if hp is None else hp
     model = net(hp.size).to(DT)
     with torch.no_grad():  # a visible response, so the hypergradient is not tiny
         for layer in (model.l1, model.l2):
@@ -94,10 +96,18 @@ def _objective(hopt: hg.SelfTuning, vb: Any, rng: torch.Tensor) -> torch.Tensor:
         hopt.model.train()
 
 
-@pytest.mark.parametrize("net", [Net, LowRankConvNet], ids=["linear", "low-rank-conv"])
+@pytest.mark.parametrize(
+    "net", [Net, LowRankConvNet, "per-batch"], ids=["linear", "low-rank-conv", "per-batch"]
+)
 @pytest.mark.parametrize("delta", [False, True], ids=["stn", "delta-stn"])
-def test_selftuning_hypergradient_matches_central_differences(delta: bool, net: type[nn.Module]) -> None:
-    hopt = _stn(delta=delta, net=net, entropy_weight=0.05)
+def test_selftuning_hypergradient_matches_central_differences(delta: bool, net: Any) -> None:
+    if net == "per-batch":  # the noise level perturbed once per batch (the authors' minibatch=False)
+        hp = hg.hparams.SelfTuned(
+            dropout=hg.hparams.Rate(0.3, high=0.9), noise=hg.hparams.Positive(0.2, per_batch=True), dtype=DT
+        )
+        hopt = _stn(delta=delta, hp=hp, entropy_weight=0.05)
+    else:
+        hopt = _stn(delta=delta, net=net, entropy_weight=0.05)
     for i in range(3):
         hopt.step(_batch(i))
     vb = _batch(9, n=32)

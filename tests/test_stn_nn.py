@@ -323,3 +323,56 @@ def test_layers_linearise_their_output_like_forward_mode_ad(make, shape) -> None
     ref = torch.autograd.grad((primal + tangent).square().sum(), list(first.parameters()))
     for a, b in zip(grads, ref, strict=True):  # and reverse mode through both
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- per-batch perturbation
+
+
+def test_per_batch_specs_share_one_perturbation_and_leave_the_others_and_the_stream_alone() -> None:
+    """``per_batch=True`` (the authors' ``minibatch=False``): every example of a training or
+    validation draw shares those entries; the others are perturbed per example with exactly the
+    noise they had without the option (same random stream)."""
+    specs = {"p": hg.hparams.Rate(0.3, high=0.9, size=2), "n": hg.hparams.Positive(0.5)}
+    plain = hg.hparams.SelfTuned(dtype=DT, **specs)
+    batched = hg.hparams.SelfTuned(
+        dtype=DT, p=specs["p"], n=hg.hparams.Positive(0.5, per_batch=True)
+    )
+    for mode in (_Mode.TRAIN, _Mode.VAL):
+        torch.manual_seed(3)
+        with plain._drawing(mode):
+            a = plain.draw(6)
+        torch.manual_seed(3)
+        with batched._drawing(mode):
+            b = batched.draw(6)
+        assert torch.equal(a.features[:, :2], b.features[:, :2])  # per-example entries unchanged
+        assert torch.equal(b.features[:, 2], b.features[:1, 2].expand(6))  # one draw for the batch
+        assert torch.equal(b.features[0], a.features[0])  # (the first example's noise)
+        assert len(set(b["n"].tolist())) == 1 and len(set(a["n"].tolist())) == 6
+        assert len(set(b["p"][:, 0].tolist())) == 6
+    with batched._drawing(_Mode.VAL):  # still differentiable w.r.t. lambda and sigma
+        f = batched.draw(5).features
+    g_raw, g_scale = torch.autograd.grad(f[:, 2].sum(), [batched.raw, batched.raw_scale])
+    assert float(g_raw[2]) == 5.0 and float(g_raw[:2].abs().sum()) == 0.0 and float(g_scale[2]) != 0.0
+    with pytest.raises(ValueError, match="per_batch must be True or False"):
+        hg.hparams.Integer(2, 0, 4, per_batch=1)  # type: ignore[arg-type]
+
+
+def test_per_batch_is_part_of_the_spec_a_state_is_checked_against() -> None:
+    loss = lambda m, h, b: (m(b[0], h) ** 2).mean()  # noqa: E731
+
+    def hopt(hp: hg.hparams.SelfTuned) -> hg.SelfTuning:
+        torch.manual_seed(0)
+        model = hg.nn.StnLinear(2, 2, hp.size)
+        return hg.SelfTuning(
+            model,
+            hp,
+            loss,
+            loss,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        )
+
+    state = hopt(hg.hparams.SelfTuned(n=hg.hparams.Positive(0.5))).state_dict()
+    hopt(hg.hparams.SelfTuned(n=hg.hparams.Positive(0.5))).load_state_dict(state)  # same specs
+    with pytest.raises(ValueError, match="per_batch=True"):
+        hopt(hg.hparams.SelfTuned(n=hg.hparams.Positive(0.5, per_batch=True))).load_state_dict(state)
