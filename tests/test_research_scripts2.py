@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hypergrad as hg
-from hypergrad.testing import central_difference
+from hypergrad.testing import central_difference, dense_ift_hypergradient
 
 DT = torch.float64
 
@@ -46,26 +46,11 @@ DT = torch.float64
 # ----------------------------------------------------------------------------- references
 
 
+_ift = dense_ift_hypergradient  # the dense IFT reference
+
+
 def _flat(ts: Any) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _grads(out: Tensor, xs: list[Tensor], **kw: Any) -> list[Tensor]:
-    gs = torch.autograd.grad(out, xs, allow_unused=True, **kw)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs, strict=True)]
-
-
-def _ift(model: nn.Module, hp: nn.Module, train_loss: Any, val_loss: Any, tb: Any, vb: Any) -> list[Tensor]:
-    """dL_V/dλ = ∂_λ L_V − (∂²_{wλ} L_T)ᵀ H⁻¹ ∂_w L_V at the current weights, dense."""
-    ws = [p for p in model.parameters() if p.requires_grad]
-    hps = list(hp.parameters())
-    g = _flat(_grads(train_loss(model, hp, tb), ws, create_graph=True))
-    jac = torch.stack([_flat(_grads(g[i], ws + hps, retain_graph=True)) for i in range(g.numel())])
-    n_w = g.numel()
-    hess, mixed = jac[:, :n_w], jac[:, n_w:]
-    gv = _flat(_grads(val_loss(model, hp, vb), ws + hps))
-    out = gv[n_w:] - mixed.T @ torch.linalg.solve(hess, gv[:n_w])
-    return list(torch.split(out, [p.numel() for p in hps]))
 
 
 def _fd_of_torch_training(
