@@ -398,8 +398,8 @@ def dense_ift_hypergradient(
             [(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(gs, xs, strict=True)]
         )
 
-    ws = [p for p in model.parameters() if p.requires_grad]
-    hps = list(hparams.parameters())
+    ws: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+    hps: list[Tensor] = list(hparams.parameters())
     g = grads(train_loss(model, hparams, train_batch), ws, create_graph=True)
     jac = torch.stack([grads(g[i], ws + hps, retain_graph=True) for i in range(g.numel())])
     n_w = g.numel()
