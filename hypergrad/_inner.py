@@ -6,7 +6,11 @@ and new state, without touching its inputs, so autograd (reverse or forward mode
 it. The arithmetic follows ``torch.optim``'s single-tensor code step for step, so that replaying
 a step reproduces what the real optimiser did, bit for bit where nothing is tuned (settings that
 are hyperparameters need tensor arithmetic, which rounds otherwise). Complex weights are updated
-as torch.optim updates them (Adam, RMSprop, Adagrad: on their real views).
+as torch.optim updates them (all but SGD: on their real views).
+
+Supported: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD and Rprop,
+with every option of theirs but ``fused``, ``capturable`` and ``differentiable`` (see
+``_UNSUPPORTED_FLAGS``).
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def _adam(
             if decoupled:
                 p = p * (1 - lr * wd)
             else:
-                g = g + wd * p if _traced(wd) else g.add(p, alpha=wd)
+                g = _l2(g, p, wd, group.get(_COMPLEX, False))
         m = st.get("exp_avg")
         v = st.get("exp_avg_sq")
         m = torch.zeros_like(p) if m is None else m
@@ -107,15 +111,27 @@ def _adam(
     return tuple(new_p), new_s
 
 
-def _signed_decayed(p: Tensor, g: Tensor, st: State, maximize: bool, wd: Any) -> tuple[Tensor, float]:
-    """The common start of RMSprop's and Adagrad's step, as torch.optim writes it: the gradient
-    (negated with ``maximize``, plus L2 ``wd * p``) and the step number after this step."""
+def _signed_decayed(
+    p: Tensor, g: Tensor, st: State, maximize: bool, wd: Any, on_complex: bool = False
+) -> tuple[Tensor, float]:
+    """The common start of RMSprop's, Adagrad's, Adamax's, Adadelta's and ASGD's step, as
+    torch.optim writes it: the gradient (negated with ``maximize``, plus L2 ``wd * p``; see
+    :func:`_l2` for ``on_complex``) and the step number after this step."""
     g = -g if maximize else g
-    step_t = st.get("step")
-    step = (0.0 if step_t is None else float(step_t)) + 1.0
+    step = _next_step(st)
     if not _is_zero(wd):
-        g = g + wd * p if _traced(wd) else g.add(p, alpha=wd)
+        g = _l2(g, p, wd, on_complex)
     return g, step
+
+
+def _l2(g: Tensor, p: Tensor, wd: Any, on_complex: bool) -> Tensor:
+    """``g + wd * p`` as torch.optim adds an L2 term, ``grad.add(param, alpha=wd)``: on real
+    weights one fused multiply-add on CPU, on complex ones (Adam, RMSprop, Adagrad, Adamax and
+    Adadelta add it before taking the real views) complex arithmetic, ``p * wd`` rounded, then
+    the sum; ``on_complex`` says that ``g`` and ``p`` are the real views of complex tensors."""
+    if _traced(wd):
+        return g + wd * p
+    return g + p * wd if on_complex else g.add(p, alpha=wd)
 
 
 def _rmsprop(
@@ -126,7 +142,7 @@ def _rmsprop(
     maximize = group.get("maximize", False)
     new_p, new_s = [], []
     for p, g, st in zip(params, grads, states, strict=True):
-        g, step = _signed_decayed(p, g, st, maximize, wd)
+        g, step = _signed_decayed(p, g, st, maximize, wd, group.get(_COMPLEX, False))
         sq = st.get("square_avg")
         sq = torch.zeros_like(p) if sq is None else sq
         if _traced(alpha):  # (value= would silently take a forward-mode dual's primal)
@@ -167,7 +183,7 @@ def _adagrad(
     maximize = group.get("maximize", False)
     new_p, new_s = [], []
     for p, g, st in zip(params, grads, states, strict=True):
-        g, step = _signed_decayed(p, g, st, maximize, wd)
+        g, step = _signed_decayed(p, g, st, maximize, wd, group.get(_COMPLEX, False))
         clr = lr / (1 + (step - 1) * lr_decay)
         acc = st.get("sum")
         if acc is None:  # torch.optim fills it at construction; a state loaded without it
@@ -176,6 +192,187 @@ def _adagrad(
         std = safe_sqrt(acc) + eps
         new_p.append(p - clr * (g / std) if _traced(clr) else p.addcdiv(g, std, value=-clr))
         new_s.append({"step": torch.tensor(step, dtype=_step_dtype(st.get("step"))), "sum": acc})
+    return tuple(new_p), new_s
+
+
+def _adamax(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    wd, maximize = group["weight_decay"], group.get("maximize", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g, step = _signed_decayed(p, g, st, maximize, wd, group.get(_COMPLEX, False))
+        m = _state_or_zeros(st, "exp_avg", p)
+        u = _state_or_zeros(st, "exp_inf", p)
+        m = m.lerp(g, 1 - beta1)
+        # torch.optim: torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+        u = torch.maximum(u.mul(beta2), g.abs() + eps)
+        clr = lr / (1 - beta1**step)
+        new_p.append(p - clr * m / u if _traced(clr) else p.addcdiv(m, u, value=-clr))
+        new_s.append({"step": _step_tensor(step, st), "exp_avg": m, "exp_inf": u})
+    return tuple(new_p), new_s
+
+
+def _decayed(p: Tensor, g: Tensor, lr: Any, wd: Any, decoupled: bool) -> tuple[Tensor, Tensor]:
+    """NAdam's and RAdam's weight decay, as torch.optim applies it: decoupled (the weight shrunk
+    by ``1 - lr * wd`` before the step) or an L2 term added to the gradient."""
+    if _is_zero(wd):
+        return p, g
+    if decoupled:
+        return p * (1 - lr * wd), g  # torch.optim's param.mul_(1 - lr * weight_decay)
+    return p, g + wd * p if _traced(wd) else g.add(p, alpha=wd)
+
+
+def _nadam(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    wd, psi, maximize = group["weight_decay"], group["momentum_decay"], group.get("maximize", False)
+    decoupled = group.get("decoupled_weight_decay", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        step = _next_step(st)
+        bc2 = 1 - beta2**step
+        p, g = _decayed(p, g, lr, wd, decoupled)
+        # the momentum schedule mu_t and mu_{t+1} (Dozat 2016), and their running product
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * psi)))
+        mu_product = st.get("mu_product")
+        if mu_product is None:
+            mu_product = torch.tensor(1.0, dtype=_scalar_dtype())
+        mu_product = mu_product * mu  # torch.optim's mu_product *= mu (in its dtype, a 0-dim tensor)
+        m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)
+        v = _state_or_zeros(st, "exp_avg_sq", p).mul(beta2).addcmul(g, g, value=1 - beta2)
+        denom = safe_sqrt(v.div(bc2)) + eps
+        if _traced(lr) or _traced(mu) or _traced(mu_product):  # torch.optim's differentiable branch
+            mu_product_next = mu_product * mu_next
+            p = p.addcdiv(g * (-lr * (1.0 - mu) / (1.0 - mu_product)), denom)
+            p = p.addcdiv(m * (-lr * mu_next / (1.0 - mu_product_next)), denom)
+        else:  # two addcdiv_ with Python-number coefficients, as torch.optim rounds them
+            mu_product_next = float(mu_product) * mu_next
+            p = p.addcdiv(g, denom, value=(-lr * (1.0 - mu) / (1.0 - float(mu_product))))
+            p = p.addcdiv(m, denom, value=(-lr * mu_next) / (1.0 - mu_product_next))
+        new_p.append(p)
+        new_s.append(
+            {"step": _step_tensor(step, st), "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v}
+        )
+    return tuple(new_p), new_s
+
+
+def _radam(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    wd, maximize = group["weight_decay"], group.get("maximize", False)
+    decoupled = group.get("decoupled_weight_decay", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        step = _next_step(st)
+        p, g = _decayed(p, g, lr, wd, decoupled)
+        m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)
+        v = _state_or_zeros(st, "exp_avg_sq", p).mul(beta2).addcmul(g, g, value=1 - beta2)
+        bc1 = 1 - beta1**step
+        bc2 = 1 - beta2**step
+        m_hat = m / bc1
+        # the length of the approximated simple moving average, and its limit (Liu et al. 2020):
+        # the variance is rectified once it exceeds 5, before that the step is momentum SGD's
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2**step) / bc2
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            adaptive_lr = (bc2**0.5) / (safe_sqrt(v) + eps)
+            p = p.add(m_hat * lr * adaptive_lr * rect, alpha=-1.0)
+        else:
+            p = p.add(m_hat * lr, alpha=-1.0)
+        new_p.append(p)
+        new_s.append({"step": _step_tensor(step, st), "exp_avg": m, "exp_avg_sq": v})
+    return tuple(new_p), new_s
+
+
+def _adadelta(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, rho, eps, wd = group["lr"], group["rho"], group["eps"], group["weight_decay"]
+    maximize, on_complex = group.get("maximize", False), group.get(_COMPLEX, False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g, step = _signed_decayed(p, g, st, maximize, wd, on_complex)
+        sq = _state_or_zeros(st, "square_avg", p)
+        acc = _state_or_zeros(st, "acc_delta", p)
+        sq = sq * rho + (1 - rho) * g * g if _traced(rho) else sq.mul(rho).addcmul(g, g, value=1 - rho)
+        std = safe_sqrt(sq + eps)
+        delta = safe_sqrt(acc + eps).div(std).mul(g)
+        if _traced(rho):
+            acc = acc * rho + (1 - rho) * delta * delta
+        else:
+            acc = acc.mul(rho).addcmul(delta, delta, value=1 - rho)
+        if _traced(lr):
+            new_p.append(p - lr * delta)
+        else:  # torch.optim's param.add_(delta, alpha=-lr), on the complex weight for a complex one
+            new_p.append(p + delta * -lr if on_complex else p.add(delta, alpha=-lr))
+        new_s.append({"step": _step_tensor(step, st), "square_avg": sq, "acc_delta": acc})
+    return tuple(new_p), new_s
+
+
+def _asgd(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+    wd, maximize = group["weight_decay"], group.get("maximize", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g, step = _signed_decayed(p, g, st, maximize, wd)
+        # the step size eta_t (set at the end of the previous step, from that step's lr; the
+        # first is lr) and the averaging weight mu_t, 0-dim tensors as torch.optim keeps them
+        eta = st.get("eta")
+        if eta is None:  # torch.optim's torch.as_tensor(lr, dtype=...).clone()
+            eta = lr.to(_scalar_dtype()) if _traced(lr) else torch.as_tensor(lr, dtype=_scalar_dtype())
+        mu = st.get("mu")
+        mu = torch.ones((), dtype=_scalar_dtype()) if mu is None else mu
+        if _traced(eta) or _traced(lambd):
+            p = p * (1 - lambd * eta) - eta * g
+        else:  # torch.optim's param.mul_(1 - lambd * eta); param.add_(grad, alpha=-eta), eta a number
+            eta_value = eta.item()
+            p = p.mul(1 - lambd * eta_value).add(g, alpha=-eta_value)
+        ax = _state_or_zeros(st, "ax", p)
+        ax = ax.add(p.sub(ax).mul(mu)) if _traced(mu) or mu.item() != 1 else p.clone()
+        # torch.optim: eta.copy_(torch.as_tensor(lr / ...)), mu.copy_(torch.as_tensor(1 / ...))
+        new_eta = lr / ((1 + lambd * lr * step) ** alpha)
+        new_eta = (new_eta if isinstance(new_eta, Tensor) else torch.as_tensor(new_eta)).to(eta.dtype)
+        # (t0 only moves the average ax, which no step reads: no derivative to keep)
+        t0_value = t0.detach().item() if isinstance(t0, Tensor) else t0
+        new_mu = torch.as_tensor(1 / max(1, step - t0_value)).to(mu.dtype)
+        new_p.append(p)
+        new_s.append({"step": _step_tensor(step, st), "eta": new_eta, "mu": new_mu, "ax": ax})
+    return tuple(new_p), new_s
+
+
+def _rprop(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    lr, (etaminus, etaplus), (step_min, step_max) = group["lr"], group["etas"], group["step_sizes"]
+    maximize = group.get("maximize", False)
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        step = _next_step(st)
+        prev = _state_or_zeros(st, "prev", p)
+        size = st.get("step_size")
+        if size is None:  # torch.optim's torch.full_like(grad, lr)
+            size = torch.zeros_like(g) + lr if _traced(lr) else torch.full_like(g, lr)
+        # each entry's step size grows by etaplus where the gradient kept its sign, shrinks by
+        # etaminus where it flipped (and that entry then does not move), is kept where it is 0
+        factor = g.mul(prev).sign()
+        factor = factor.masked_fill(factor.gt(0), etaplus)
+        factor = factor.masked_fill(factor.lt(0), etaminus)
+        factor = factor.masked_fill(factor.eq(0), 1)
+        size = size.mul(factor).clamp(step_min, step_max)
+        g = g.masked_fill(factor.eq(etaminus), 0)
+        new_p.append(p.addcmul(g.sign(), size, value=-1))
+        new_s.append({"step": _step_tensor(step, st), "prev": g, "step_size": size})
     return tuple(new_p), new_s
 
 
@@ -188,7 +385,29 @@ def _traced(x: Any) -> bool:
 
 
 def _step_dtype(step_t: Any) -> torch.dtype:
-    return step_t.dtype if isinstance(step_t, Tensor) else torch.float32
+    return step_t.dtype if isinstance(step_t, Tensor) else _scalar_dtype()
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives the 0-dim tensors of a fresh state (``step``, NAdam's
+    ``mu_product``, ASGD's ``eta`` and ``mu``): float64 under a float64 default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _next_step(st: State) -> float:
+    """The step number after this step (torch.optim's ``step_t += 1``, read as a number)."""
+    step_t = st.get("step")
+    return (0.0 if step_t is None else float(step_t)) + 1.0
+
+
+def _step_tensor(step: float, st: State) -> Tensor:
+    return torch.tensor(step, dtype=_step_dtype(st.get("step")))
+
+
+def _state_or_zeros(st: State, key: str, p: Tensor) -> Tensor:
+    """``st[key]``, or the zeros torch.optim starts it from."""
+    x = st.get(key)
+    return torch.zeros_like(p) if x is None else x
 
 
 def _is_zero(x: Any) -> bool:
@@ -202,7 +421,7 @@ def _on_real_views(
     states: Sequence[State],
     group: Mapping[str, Any],
 ) -> tuple[Tensors, list[State]]:
-    """``update`` run on complex weights as torch.optim's Adam, RMSprop and Adagrad run: on
+    """``update`` run on complex weights as torch.optim's optimisers but SGD run: on
     ``torch.view_as_real`` of the weight, its gradient and its state, so that the moments are
     those of the real and imaginary parts, each on its own (not of the complex square ``g * g``).
     The new weight and state are complex again, as torch.optim keeps them. (Bound with
@@ -215,21 +434,32 @@ def _on_real_views(
         if not p.is_complex():
             (q,), (s,) = update([p], [g], [st], group)
         else:
-            real = {k: _real_view(v) if k != "step" else v for k, v in st.items()}
-            (q,), (s,) = update([torch.view_as_real(p)], [torch.view_as_real(g)], [real], group)
+            real = {k: _real_view(v) for k, v in st.items()}
+            p_real = torch.view_as_real(p)
+            (q,), (s,) = update([p_real], [torch.view_as_real(g)], [real], {**group, _COMPLEX: True})
             q = torch.view_as_complex(q.contiguous())
-            s = {k: _complex_view(v) if k != "step" else v for k, v in s.items()}
+            # per-entry state (moments, ...) is complex again; 0-dim state (step, NAdam's
+            # mu_product, ASGD's eta and mu) stays real, as torch.optim keeps it
+            s = {k: _complex_view(v) if _entrywise(v, p_real) else v for k, v in s.items()}
         new_p.append(q)
         new_s.append(s)
     return tuple(new_p), new_s
+
+
+#: a key ``_on_real_views`` adds to the settings it passes: the weight is a complex one's real view
+_COMPLEX = "_hypergrad_complex_weight"
 
 
 def _real_view(x: Any) -> Any:
     return torch.view_as_real(x) if isinstance(x, Tensor) and x.is_complex() else x
 
 
-def _complex_view(x: Any) -> Any:
-    return torch.view_as_complex(x.contiguous()) if isinstance(x, Tensor) and x.is_floating_point() else x
+def _complex_view(x: Tensor) -> Tensor:
+    return torch.view_as_complex(x.contiguous())
+
+
+def _entrywise(x: Any, p_real: Tensor) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point() and x.shape == p_real.shape
 
 
 _UPDATES: dict[type, Update] = {
@@ -238,6 +468,12 @@ _UPDATES: dict[type, Update] = {
     torch.optim.AdamW: functools.partial(_on_real_views, _adam),
     torch.optim.RMSprop: functools.partial(_on_real_views, _rmsprop),
     torch.optim.Adagrad: functools.partial(_on_real_views, _adagrad),
+    torch.optim.Adamax: functools.partial(_on_real_views, _adamax),
+    torch.optim.NAdam: functools.partial(_on_real_views, _nadam),
+    torch.optim.RAdam: functools.partial(_on_real_views, _radam),
+    torch.optim.Adadelta: functools.partial(_on_real_views, _adadelta),
+    torch.optim.ASGD: functools.partial(_on_real_views, _asgd),
+    torch.optim.Rprop: functools.partial(_on_real_views, _rprop),
 }
 #: flags whose steps the replay does not reproduce, and why
 _UNSUPPORTED_FLAGS = {
@@ -247,6 +483,20 @@ _UNSUPPORTED_FLAGS = {
         "its steps round differently from the replayed steps; it is not needed, since Unrolled "
         "differentiates through its own copy of the steps"
     ),
+}
+
+_FOREACH_ROUNDS = (
+    "its multi-tensor (foreach) kernel rounds differently from its single-tensor one, which the "
+    "replay reproduces bit for bit"
+)
+#: flags of one optimiser whose steps the replay does not reproduce, and why (NAdam's, RAdam's
+#: and ASGD's foreach kernels order their arithmetic otherwise: ASGD's computes
+#: ``param - eta * (grad + lambd * param)`` and its next eta in float32 tensor arithmetic, 1e-9
+#: off in float64 after 6 steps; NAdam's and RAdam's differ in the last bits)
+_UNSUPPORTED_FLAGS_OF: dict[type, dict[str, str]] = {
+    torch.optim.NAdam: {"foreach": _FOREACH_ROUNDS},
+    torch.optim.RAdam: {"foreach": _FOREACH_ROUNDS},
+    torch.optim.ASGD: {"foreach": _FOREACH_ROUNDS},
 }
 
 
@@ -261,8 +511,9 @@ def update_for(optimizer: torch.optim.Optimizer) -> Update:
             f"{names}; got {type(optimizer).__name__} (only those classes themselves: a subclass's "
             "step may do anything)"
         )
+    unsupported = {**_UNSUPPORTED_FLAGS, **_UNSUPPORTED_FLAGS_OF.get(type(optimizer), {})}
     for i, g in enumerate(optimizer.param_groups):
-        for flag, why in _UNSUPPORTED_FLAGS.items():
+        for flag, why in unsupported.items():
             if g.get(flag):
                 raise ValueError(
                     f"Unrolled does not support {type(optimizer).__name__}({flag}=True) (param group "

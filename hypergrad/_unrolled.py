@@ -215,8 +215,12 @@ class Unrolled(HyperOptimizer):
     the weights, buffers and optimiser state *before* it (a ring of ``steps`` records).
     :meth:`hyper_step` replays those steps with a differentiable copy of the optimiser (same
     arithmetic as ``torch.optim``: SGD with momentum/dampening/Nesterov/weight decay, Adam, AdamW,
-    AMSGrad, RMSprop (centred, with momentum), Adagrad; no NaNs at zero second moments) and
-    differentiates the validation loss at the end.
+    AMSGrad, RMSprop (centred, with momentum), Adagrad, Adamax, NAdam and RAdam (with
+    ``decoupled_weight_decay``), Adadelta, ASGD, Rprop, each with ``maximize``, its weight decay
+    and param groups of their own, on real or complex weights; no NaNs at zero second moments;
+    ``fused``, ``capturable`` and ``differentiable`` are refused, and so is ``foreach=True`` for
+    NAdam, RAdam and ASGD, whose multi-tensor kernels round otherwise) and differentiates the
+    validation loss at the end.
     The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
     rate do not reach it, dropout draws the same masks, each step runs in the train/eval modes
     its modules had when it was taken (whatever mode the model is in at the hyperstep, which is

@@ -183,8 +183,9 @@ def test_model_structure_matches_finite_differences_of_real_training(build: Buil
 def test_unsupported_optimizer_is_named() -> None:
     m = _mlp()
     hp = hg.hparams.WeightDecay(m, per="layer", init=0.05)
-    with pytest.raises(TypeError, match=r"Adagrad, Adam, AdamW, RMSprop, SGD; got Adadelta"):
+    names = "ASGD, Adadelta, Adagrad, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Rprop, SGD"
+    with pytest.raises(TypeError, match=rf"{names}; got Adafactor"):
         hg.Unrolled(
-            m, hp, _train, _ce, inner_optimizer=torch.optim.Adadelta(m.parameters()),
+            m, hp, _train, _ce, inner_optimizer=torch.optim.Adafactor(m.parameters()),
             outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1), steps=2,
         )
