@@ -439,6 +439,7 @@ _COUPLED_DECAY = (
     torch.optim.RMSprop,
     torch.optim.Adagrad,
     torch.optim.Adamax,
+    torch.optim.Adadelta,
     torch.optim.ASGD,
     torch.optim.NAdam,
     torch.optim.RAdam,
@@ -729,15 +730,20 @@ class Implicit(HyperOptimizer):
 
     def _coupled_decay(self, weights: Sequence[Tensor]) -> list[float] | None:
         r"""Per weight, the L2 coefficient the inner optimiser adds to the gradient it follows
-        (``weight_decay`` of torch's SGD, Adam, RMSprop, Adagrad, Adamax, ASGD, NAdam, RAdam
-        and hypergrad.optim's, unless decoupled; negated under ``maximize``): the weights then
-        settle where :math:`\nabla L_T + \delta w = 0`, and the Hessian is :math:`H + \delta I`.
-        ``None`` when there is none (decoupled decay, AdamW's, has no such objective)."""
+        (``weight_decay`` of torch's SGD, Adam, RMSprop, Adagrad, Adamax, Adadelta, ASGD, NAdam,
+        RAdam and hypergrad.optim's, unless decoupled, plus ASGD's ``lambd``, which shrinks the
+        weights by :math:`1 - \lambda\eta` each step; negated under ``maximize``): the weights
+        then settle where :math:`\nabla L_T + \delta w = 0`, and the Hessian is
+        :math:`H + \delta I`. ``None`` when there is none (decoupled decay, AdamW's, has no such
+        objective)."""
         if not isinstance(self.inner_optimizer, _COUPLED_DECAY):
             return None
+        asgd = isinstance(self.inner_optimizer, torch.optim.ASGD)
         by_id: dict[int, float] = {}
         for group in self.inner_optimizer.param_groups:
             wd = float(group.get("weight_decay", 0.0) or 0.0)
+            if asgd:  # its shrink by 1 - lambd * eta acts as more decay (the total negated under maximize)
+                wd += float(group.get("lambd", 0.0) or 0.0)
             if wd == 0.0 or group.get("decoupled_weight_decay", False):
                 continue
             sign = -1.0 if group.get("maximize", False) else 1.0

@@ -810,20 +810,37 @@ def test_warm_started_solvers_on_a_zero_right_hand_side_return_the_exact_zero() 
         lambda ps: torch.optim.SGD(
             [{"params": ps, "weight_decay": 0.5}, {"params": [], "weight_decay": 0.0}]
         ),
+        lambda ps: torch.optim.Adadelta(ps, weight_decay=0.5),
+        lambda ps: torch.optim.ASGD(ps, lr=1e-3, weight_decay=0.3, lambd=0.2),
+        lambda ps: torch.optim.ASGD(ps, lr=1e-3, lambd=0.5, maximize=True),
     ],
-    ids=["sgd", "adam", "rmsprop", "sgd-maximize", "adamw-decoupled", "sgd-groups"],
+    ids=[
+        "sgd",
+        "adam",
+        "rmsprop",
+        "sgd-maximize",
+        "adamw-decoupled",
+        "sgd-groups",
+        "adadelta",
+        "asgd-decay-and-lambd",
+        "asgd-lambd-maximize",
+    ],
 )
 def test_the_inner_optimisers_own_weight_decay_is_part_of_the_inner_problem(inner: Any) -> None:
     """SGD(weight_decay=d) (and Adam's, RMSprop's coupled L2) makes the weights settle where
     grad L_T + d w = 0, the optimum of L_T + d/2 |w|^2: the IFT must use H + d I. Implicit used
     H alone, a hypergradient 35% off with status 'converged'. Under maximize=True the rest point
     is grad L_T = d w (H - d I); AdamW's decoupled decay is not an L2 term: H alone, as documented.
+    Adadelta's decay is coupled too (it was left out), and ASGD's lambd shrinks the weights by
+    1 - lambd * eta a step, decay lambd on top of weight_decay (it was ignored).
     Closed form: ridge with per-feature penalties at that rest point."""
     p = ht.ridge()
     x, y = p.train_batch
     xv, yv = p.val_batch
     opt = inner(list(p.model.parameters()))
     group = opt.param_groups[0]
+    total = group["weight_decay"] + (group["lambd"] if isinstance(opt, torch.optim.ASGD) else 0.0)
+    assert total == 0.5
     d = 0.0 if group.get("decoupled_weight_decay", False) else 0.5 * (-1 if group.get("maximize") else 1)
 
     def w_star(r: Tensor, shift: float) -> Tensor:
