@@ -242,6 +242,27 @@ def _constant_coefficients(coefficients: Sequence[Tensor | None], wrt: Sequence[
     return all(g is None for g in found)
 
 
+def _abs2(w: Tensor) -> Tensor:
+    """:math:`|w|^2` elementwise, real: ``w²`` for real ``w``; for complex ``w`` the squared
+    modulus (``re² + im²``, as torch.optim's ``weight_decay`` sees a complex weight through its
+    real view). Differentiable, with the exact second derivative at 0 too (unlike ``abs()²``)."""
+    if w.is_complex():
+        return w.real.square() + w.imag.square()
+    return w.square()
+
+
+def _real_dtype(t: Tensor) -> torch.dtype:
+    """The real dtype of ``t``'s entries (``float64`` for ``complex128``)."""
+    return t.dtype.to_real()
+
+
+def _real_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ Re(conj(a) b)``: the real inner product of the real views (``Σ a b`` for real tensors)."""
+    if a.is_complex() or b.is_complex():
+        return (a.conj() * b).real.sum()
+    return (a * b).sum()
+
+
 def _as_tensor(
     init: float | Tensor, shape: Sequence[int] | None, dtype: torch.dtype | None, what: str = "init"
 ) -> Tensor:
@@ -252,6 +273,9 @@ def _as_tensor(
         raise TypeError(f"{what}: dtype must be a floating-point dtype got {dtype}")
     if isinstance(init, bool) or isinstance(init, Tensor) and init.dtype == torch.bool:
         raise TypeError(f"{what} must be a number or a tensor of numbers, got a boolean: {init!r}")
+    if isinstance(init, complex) or isinstance(init, Tensor) and init.is_complex():
+        # (torch would drop the imaginary part, with at most a warning)
+        raise TypeError(f"{what} must be real: hyperparameters are real numbers, got a complex {init!r}")
     try:
         t = torch.as_tensor(init, dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -370,6 +394,11 @@ class WeightDecay(nn.Module):
     or, with ``max=M``, bounded decays :math:`d_k = M\,\sigma(r_k) \in (0, M)` (the same scale as
     ``torch.optim.SGD(weight_decay=d)``, which adds :math:`d\,w` to the gradient).
 
+    Complex weights: the decays stay real (``raw`` has the weight's real dtype, e.g. ``float64``
+    for ``complex128``) and the penalty is :math:`\tfrac12\sum_k d_k |w_k|^2`, real: what
+    ``torch.optim``'s ``weight_decay`` does to a complex weight through its real view (its gradient
+    is :math:`d\,w`). Every ``raw`` has its weight's real dtype; ``.double()`` etc. change it.
+
     Args:
         model: the model whose parameters are penalised (names are taken from it, under any
             ``DistributedDataParallel`` / ``torch.compile`` wrapper).
@@ -421,7 +450,10 @@ class WeightDecay(nn.Module):
     ) -> None:
         super().__init__()
         if per not in ("global", "layer", "parameter"):
-            raise ValueError(f"Invalid per: {per!r} (choose 'global', 'layer' or 'parameter')")
+            raise ValueError(
+                f"Invalid per: {per!r} (choose 'global', 'layer' or 'parameter'; 'parameter' is one "
+                f"decay per weight entry)"
+            )
         if max is not None:
             max = _real(max, "weight decay max")
             if not (math.isfinite(max) and max > 0):
@@ -458,7 +490,7 @@ class WeightDecay(nn.Module):
         if per == "global":
             self.raw.append(
                 nn.Parameter(
-                    torch.full((), log0, dtype=params[names[0]].dtype, device=params[names[0]].device)
+                    torch.full((), log0, dtype=_real_dtype(params[names[0]]), device=params[names[0]].device)
                 )
             )
             self._index = {n: 0 for n in names}
@@ -469,13 +501,15 @@ class WeightDecay(nn.Module):
                 if layer not in layers:
                     layers[layer] = len(layers)
                     p = params[n]
-                    self.raw.append(nn.Parameter(torch.full((), log0, dtype=p.dtype, device=p.device)))
+                    self.raw.append(nn.Parameter(torch.full((), log0, dtype=_real_dtype(p), device=p.device)))
                 self._index[n] = layers[layer]
             self.layers: tuple[str, ...] = tuple(layers)
         else:
             for i, n in enumerate(names):
                 p = params[n]
-                self.raw.append(nn.Parameter(torch.full(p.shape, log0, dtype=p.dtype, device=p.device)))
+                self.raw.append(
+                    nn.Parameter(torch.full(p.shape, log0, dtype=_real_dtype(p), device=p.device))
+                )
                 self._index[n] = i
 
     def _decay(self, raw: Tensor) -> Tensor:
@@ -498,7 +532,8 @@ class WeightDecay(nn.Module):
             return torch.cat([self._decay(r).reshape(-1) for r in self.raw])
 
     def penalty(self, model: nn.Module) -> Tensor:
-        r""":math:`\tfrac12\sum_k d_k \odot w_k^2` over the penalised parameters of ``model``.
+        r""":math:`\tfrac12\sum_k d_k \odot |w_k|^2` over the penalised parameters of ``model``
+        (real, also for complex weights).
 
         Pass the ``model`` your loss receives, so substituted weights are the ones penalised. A
         ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrapper is looked through.
@@ -549,11 +584,17 @@ class WeightDecay(nn.Module):
                     UserWarning,
                     stacklevel=2,
                 )
+        replaying = getattr(self, "_replaying", False)  # (modules pickled before it existed)
+        ws: list[Tensor] = [params[n] for n in self.names]
         if self._first_order_calls is not None:
-            ws: list[Tensor] = [params[n] for n in self.names]
-            replaying = getattr(self, "_replaying", False)  # (modules pickled before it existed)
-            return self._valued_penalty(ws) if replaying else self._first_order_penalty(ws)
-        terms = [(self._decay(self.raw[self._index[n]]) * params[n].square()).sum() for n in self.names]
+            # Complex weights in Implicit's first-order mode: its hand-written mixed derivative
+            # multiplies w * x, not the real inner product Re(conj(w) x); autograd differentiates
+            # the ordinary penalty instead. (Unrolled's replay adds c * d * w: right for both.)
+            if replaying:
+                return self._valued_penalty(ws)
+            if not any(w.is_complex() for w in ws):
+                return self._first_order_penalty(ws)
+        terms = [(self._decay(self.raw[self._index[n]]) * _abs2(params[n])).sum() for n in self.names]
         return 0.5 * torch.stack(terms).sum()
 
     def _first_order_penalty(self, ws: list[Tensor]) -> Tensor:
@@ -564,9 +605,9 @@ class WeightDecay(nn.Module):
         with torch.no_grad():
             ds = [self._decay(self.raw[self._index[n]]) for n in self.names]
             gs = [d * w for d, w in zip(ds, ws, strict=True)]
-            value = 0.5 * torch.stack([(g * w).sum() for g, w in zip(gs, ws, strict=True)]).sum()
+            value = 0.5 * torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
-        linear = torch.stack([(g * w).sum() for g, w in zip(gs, ws, strict=True)]).sum()
+        linear = torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
         return (linear - linear.detach()) + value + (probe - 1)
@@ -578,7 +619,7 @@ class WeightDecay(nn.Module):
         recorded with their graph; a probe records the coefficient ``c``."""
         ds = [self._decay(self.raw[self._index[n]]) for n in self.names]
         with torch.no_grad():
-            value = 0.5 * torch.stack([(d * w.square()).sum() for d, w in zip(ds, ws, strict=True)]).sum()
+            value = 0.5 * torch.stack([(d * _abs2(w)).sum() for d, w in zip(ds, ws, strict=True)]).sum()
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
@@ -685,14 +726,19 @@ class OptimizerSetting(nn.Module):
         init: initial value for every group (default: the optimiser's current values; 1.0 for a
             multiplier).
         relative: learn a multiplier on the group's own (e.g. scheduled) value (default: ``False``).
+        dtype: of ``raw``, a real floating-point dtype (default: the real dtype of the optimiser's
+            parameters, the widest if they differ: ``float64`` for ``float64`` and ``complex128``
+            weights; at least ``float32``, since the value is a host setting and a ``float16`` /
+            ``bfloat16`` log-rate would change the written value, ``exp(log(0.1))`` being ``0.1006``
+            in ``bfloat16``, and lose small outer steps).
 
     Shapes: ``raw`` and ``value`` are ``(len(optimizer.param_groups),)``.
 
     Raises:
         ValueError: the optimiser has no setting ``name``, or ``init`` (or the current value) is
             outside the constraint's domain.
-        TypeError: ``relative`` is not a bool, or the setting is not a single number (Adam's
-            ``betas``).
+        TypeError: ``relative`` is not a bool, the setting is not a single number (Adam's
+            ``betas``), or ``dtype`` is not a real floating-point dtype.
 
     >>> import torch, hypergrad as hg
     >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1, weight_decay=1e-3)
@@ -709,6 +755,7 @@ class OptimizerSetting(nn.Module):
         init: float | None = None,
         *,
         relative: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         groups = optimizer.param_groups
@@ -733,10 +780,25 @@ class OptimizerSetting(nn.Module):
             what += f" (the optimiser's current {name}; pass init=... to start elsewhere)"
         else:
             vals = [1.0 if init is None else _real(init, what)] * len(groups)
-        dtype = groups[0]["params"][0].dtype
-        value = torch.tensor(vals, dtype=dtype if dtype.is_floating_point else None)
+        params = [p for g in groups for p in g["params"]]
+        if dtype is None:
+            dtype = torch.float32  # at least: see ``dtype`` above
+            for p in params:
+                if p.is_floating_point() or p.is_complex():
+                    dtype = torch.promote_types(dtype, p.dtype.to_real())
+        elif not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"{type(self).__name__}: dtype must be a real floating-point dtype, got {dtype!r}"
+            )
+        # the raw value computed in float64, then rounded once (log(lr) of the exact lr)
+        value = torch.tensor(vals, dtype=torch.float64)
         _check_domain(value, self.constraint, what)
-        self.raw = nn.Parameter(to_raw(value, self.constraint).to(groups[0]["params"][0].device))
+        device = params[0].device if params else None
+        raw = to_raw(value, self.constraint).to(device=device, dtype=dtype)
+        # a value the dtype cannot hold (lr 1e-50, momentum 1 - 1e-9 in float32) is refused, not
+        # rounded onto the domain's edge (0, or 1)
+        _check_domain(from_raw(raw, self.constraint).double(), self.constraint, f"{what}, in {dtype},")
+        self.raw = nn.Parameter(raw)
         self.optimizer = [optimizer]  # a list, so the optimiser is not treated as a submodule
         self._written: list[float] | None = None  # absolute mode: what write() put there last
         self._bases: list[Any] | None = None  # relative mode: the groups' own values during a step
@@ -818,9 +880,14 @@ class LearningRate(OptimizerSetting):
     )
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, init: float | None = None, *, relative: bool = False
+        self,
+        optimizer: torch.optim.Optimizer,
+        init: float | None = None,
+        *,
+        relative: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(optimizer, "lr", Constraint.POSITIVE, init, relative=relative)
+        super().__init__(optimizer, "lr", Constraint.POSITIVE, init, relative=relative, dtype=dtype)
 
 
 class Momentum(OptimizerSetting):
@@ -832,8 +899,10 @@ class Momentum(OptimizerSetting):
     [0.9]
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, init: float | None = None) -> None:
-        super().__init__(optimizer, "momentum", Constraint.UNIT, init)
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, init: float | None = None, *, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(optimizer, "momentum", Constraint.UNIT, init, dtype=dtype)
 
     _under_scheduler = (
         "Turn the scheduler's momentum cycling off (e.g. OneCycleLR(..., cycle_momentum=False)) "
