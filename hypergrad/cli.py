@@ -9,7 +9,10 @@
 
 ``--key=value`` arguments that are not options of ``run`` are settings, as ``--set key=value``:
 that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's ``command``).
-With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's.
+With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's. A setting
+given twice with different values is refused. A run stopped by Ctrl-C (exit code 130) or a crash
+writes ``interrupted.json`` and the trajectory so far instead of ``results.json``; runs do not
+resume.
 
 >>> main(["list"])  # doctest: +ELLIPSIS
  1  accuracy ...
@@ -19,6 +22,7 @@ With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command li
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shlex
 import sys
@@ -39,7 +43,9 @@ from .experiments.common import (
     check_settings,
     describe_setting,
     format_table,
+    normalise_setting,
     parse_value,
+    write_interrupted,
     write_run,
 )
 
@@ -66,28 +72,48 @@ def build_config(
         config.update(exp.quick)
     elif size == "paper":
         config.update(exp.paper_size)
+    given: dict[str, tuple[Any, str]] = {}  # what the command line set, to refuse one key set to two values
     for item in settings:
         key, sep, text = item.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
+        text = text.strip()
         if not sep:
             raise SystemExit(f"hypergrad: setting {item!r} is not key=value")
         if key not in config:
+            close = difflib.get_close_matches(key, list(config), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SystemExit(
-                f"hypergrad: {exp.name} has no setting {key!r}; settings: {', '.join(sorted(config))}"
+                f"hypergrad: {exp.name} has no setting {key!r}{hint}; settings: {', '.join(sorted(config))}"
             )
         try:
-            config[key] = parse_value(text, config[key])
+            value = normalise_setting(exp, key, parse_value(text, config[key]))
         except ValueError as e:
             raise SystemExit(
                 f"hypergrad: setting {key}: {e}; {exp.name}'s {key} is {describe_setting(exp, key)}"
             ) from None
+        _once(given, key, value, f"{key}={text}")
+        config[key] = value
     if method is not None:
+        _once(given, "method", method, f"--method {method}")
         config["method"] = method
     if seed is not None:
+        _once(given, "seed", seed, f"--seed {seed}")
         config["seed"] = seed
     _check_method(exp, config)
     _check_settings(exp, config)
     return config
+
+
+def _once(given: dict[str, tuple[Any, str]], key: str, value: Any, said: str) -> None:
+    """Record that the command line set ``key`` to ``value``; refuse a second, different value
+    (``--set lr=0.1 ... --set lr=0.3``, or ``--method cg --set method=neumann``): which one wins
+    would be a guess, and the run would not be the one its command line seems to say."""
+    if key in given and given[key][0] != value:
+        raise SystemExit(
+            f"hypergrad: setting {key} is given twice with different values ({given[key][1]} and {said}); "
+            "give it once"
+        )
+    given[key] = (value, said)
 
 
 def _check_settings(exp: Experiment, config: dict[str, Any]) -> None:
@@ -97,10 +123,16 @@ def _check_settings(exp: Experiment, config: dict[str, Any]) -> None:
         raise SystemExit(f"hypergrad: {e}") from None
 
 
-def _prepare_out(out: Path) -> None:
-    """Create the run folder (refusing one that cannot be written) and remove the files of a
-    previous run there (results.json, trajectory.csv and the plots its results.json lists), so a
-    second run into the same folder never leaves a mix of two runs."""
+#: the record a run leaves in its folder: results.json when it finished, interrupted.json when
+#: it was stopped (Ctrl-C) or crashed
+RUN_RECORDS = ("results.json", "interrupted.json")
+
+
+def _prepare_out(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Create the run folder (refusing one that cannot be written) and return the records of a
+    previous run there (its results.json or interrupted.json); :func:`_clear_previous` removes
+    them once the run is sure to start. A results.json that ``hypergrad run`` did not write is
+    never deleted: the folder is refused."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"hypergrad run: --out {str(out)!r} exists and is not a folder")
     try:
@@ -112,19 +144,43 @@ def _prepare_out(out: Path) -> None:
         raise SystemExit(
             f"hypergrad run: cannot write the run folder {str(out)!r}: {e.strerror or e}"
         ) from None
-    previous = out / "results.json"
-    if not previous.exists():
+    records = []
+    for name in RUN_RECORDS:
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            rec = None
+        if not isinstance(rec, dict) or not {"experiment", "command"} <= set(rec):
+            raise SystemExit(
+                f"hypergrad run: --out {str(out)!r} holds a {name} that `hypergrad run` did not write; "
+                "choose another folder (or move that file away): a run replaces its folder's results"
+            )
+        records.append((name, rec))
+    return records
+
+
+def _clear_previous(out: Path, records: list[tuple[str, dict[str, Any]]]) -> None:
+    """Remove the files of the previous run in ``out`` (``records``: from :func:`_prepare_out`):
+    its record, trajectory.csv and the plots the record lists, so that a second run into the
+    same folder never leaves a mix of two runs; other files (the user's, wandb/) stay."""
+    if not records:
         return
-    try:
-        plots = json.loads(previous.read_text()).get("plots", [])
-    except (OSError, ValueError, AttributeError):
-        plots = []
-    stale = ["results.json", "trajectory.csv", *(p for p in plots if isinstance(p, str))]
+    stale = ["trajectory.csv"]
+    for name, rec in records:
+        plots = rec.get("plots", [])
+        stale += [name, *(p for p in plots if isinstance(p, str))] if isinstance(plots, list) else [name]
     for name in stale:
         path = out / name
         if Path(name).name == name and path.is_file():
             path.unlink()
-    print(f"hypergrad run: replacing the previous run in {out}/", file=sys.stderr)
+    what = ", ".join(
+        f"{rec.get('experiment')} ({'finished' if n == 'results.json' else 'interrupted'})"
+        for n, rec in records
+    )
+    print(f"hypergrad run: replacing the previous run in {out}/: {what}", file=sys.stderr)
 
 
 def _check_method(exp: Experiment, config: dict[str, Any]) -> None:
@@ -181,10 +237,17 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hypergrad run: --device cuda, but torch sees no CUDA device")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads < 1:
+        raise SystemExit(f"hypergrad run: --threads {args.threads}: need an integer >= 1")
     if device.type == "cpu":
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     out = args.out if args.out is not None else Path("results") / exp.name
-    _prepare_out(out)
+    if args.wandb:
+        try:  # before touching the run folder: a missing wandb must not cost the previous run
+            hglog.import_wandb()
+        except ImportError as e:
+            raise SystemExit(f"hypergrad run --wandb: {e}") from None
+    previous = _prepare_out(out)
     try:
         logger = hglog.Logger(
             wandb=args.wandb,
@@ -194,7 +257,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
             dir=out,
             histogram_every=10,
         )
-    except ImportError as e:  # --wandb without wandb installed: say how to install it
+    except (ImportError, RuntimeError) as e:  # wandb missing or broken, or wandb.init failed
         raise SystemExit(f"hypergrad run --wandb: {e}") from None
     if args.wandb:
         # a sweep agent's choices arrive in wandb.config: they win over the command line
@@ -202,7 +265,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
             for k, v in logger.config.items():
                 if k in config and k != "experiment":
                     try:
-                        config[k] = _coerce(v, exp.defaults.get(k, config[k]))
+                        config[k] = normalise_setting(exp, k, _coerce(v, exp.defaults.get(k, config[k])))
                     except ValueError as e:
                         raise SystemExit(
                             f"hypergrad: wandb.config {k}: {e}; "
@@ -213,16 +276,38 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
         except SystemExit:
             logger.finish()
             raise
+    _clear_previous(out, previous)
     torch.manual_seed(int(config["seed"]))
     ctx = Context(exp, config, device=device, out=out, logger=logger, progress=not args.no_progress)
     print(f"hypergrad run {exp.name} ({size}): {exp.title}\n  settings: {config}\n  device: {device}")
+    command = "hypergrad " + " ".join(shlex.quote(a) for a in argv)
     timer = Timer()
     try:
         outcome = exp.run(ctx)
+    except BaseException as e:  # Ctrl-C, or a crash: say what is left on disk, close wandb as failed
+        stopped = isinstance(e, KeyboardInterrupt)
         wall = float(timer)
-        command = "hypergrad " + " ".join(shlex.quote(a) for a in argv)
+        try:
+            write_interrupted(ctx, e, wall_seconds=wall, command=command, size=size)
+        finally:
+            logger.finish(exit_code=130 if stopped else 1)
+        why = "stopped (Ctrl-C)" if stopped else f"failed ({type(e).__name__}: {e})"
+        rows = len(logger.history)
+        kept = f"trajectory.csv holds the {rows} rows logged so far" if rows else "nothing was logged yet"
+        print(
+            f"\nhypergrad run: {exp.name} {why} after {wall:.1f} s. No results.json: {out}/interrupted.json "
+            f"says what ran, and {kept}. A run does not resume: rerun the command to start over "
+            "(it replaces these files).",
+            file=sys.stderr,
+        )
+        if stopped:
+            return 130
+        raise
+    wall = float(timer)
+    try:
         write_run(ctx, outcome, wall_seconds=wall, command=command, size=size)
         logger.summary({**outcome.metrics, "wall_seconds": wall})
+        logger.table("results", outcome.table)
     finally:
         logger.finish()
     print()

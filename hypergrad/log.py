@@ -16,8 +16,13 @@ to ``wandb.log`` together with a histogram of every hyperparameter tensor with m
 
 wandb is imported only when asked for (``wandb=True``). Without an API key and with ``WANDB_MODE``
 unset, runs are written offline (``wandb sync`` uploads them later): never a login prompt, a
-hang or a crash for want of a key or a network. Without wandb installed, the error says
-``pip install hypergrad[wandb]``.
+hang or a crash for want of a key or a network (with a key but no network, wandb's own timeout,
+~90 s, passes and the run goes on offline). ``WANDB_MODE=disabled`` keeps wandb out entirely.
+Without wandb installed, the error says ``pip install hypergrad[wandb]``.
+
+On wandb, every row gets a step at least the last one sent (wandb drops rows whose step goes
+back): a second training run logged by the same logger from step 1 again continues after the
+first, and its own step is in the row as ``step``.
 
 >>> import torch, hypergrad as hg
 >>> logger = hg.log.Logger()                       # memory only; wandb=True adds wandb
@@ -37,7 +42,8 @@ import dataclasses
 import netrc
 import numbers
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +67,11 @@ def import_wandb() -> Any:
         import wandb
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(WANDB_INSTALL_HINT) from e
+    except Exception as e:  # a broken install: e.g. a protobuf too new for it, a partial upgrade
+        raise ImportError(
+            f"wandb is installed but failed to import ({type(e).__name__}: {e}); "
+            "reinstall it (pip install -U wandb) or run without wandb"
+        ) from e
     return wandb
 
 
@@ -152,7 +163,10 @@ class Logger:
 
     Raises:
         ValueError: ``histogram_every`` not an int >= 0.
-        ImportError: ``wandb=True`` without wandb installed (the message says how to install it).
+        ImportError: ``wandb=True`` without wandb installed (the message says how to install it),
+            or with a wandb that fails to import.
+        RuntimeError: ``wandb.init`` failed in offline mode (online, a failure, e.g. no network,
+            falls back to offline with a message on stderr).
 
     A context manager: ``with Logger(...) as logger:`` calls :meth:`finish` on exit.
 
@@ -179,6 +193,8 @@ class Logger:
         self.histogram_every = histogram_every
         self.prefix = prefix
         self._calls = 0
+        self._last_step: int | None = None  # the last step sent to wandb
+        self._step_offset = 0
         self.run: Any = None
         self._wandb: Any = None
         if wandb:
@@ -186,14 +202,48 @@ class Logger:
             if dir is not None:
                 Path(dir).mkdir(parents=True, exist_ok=True)
             self._wandb = wb
-            self.run = wb.init(
-                project=project,
-                name=name,
-                config=dict(config or {}),
-                dir=None if dir is None else str(dir),
-                mode=wandb_mode(mode),
-                reinit="finish_previous",
-            )
+            kwargs: dict[str, Any] = {
+                "project": project,
+                "name": name,
+                "config": dict(config or {}),
+                "dir": None if dir is None else str(dir),
+                "reinit": "finish_previous",
+            }
+            chosen = wandb_mode(mode)
+            try:
+                self.run = wb.init(mode=chosen, **kwargs)
+            except Exception as e:  # online without a network: wandb's CommError after ~90 s
+                if chosen != "online":
+                    raise RuntimeError(f"wandb.init failed in {chosen} mode: {type(e).__name__}: {e}") from e
+                print(
+                    f"hypergrad: wandb could not start an online run ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); logging offline instead: "
+                    "`wandb sync` the run folder's wandb/offline-run-* later (WANDB_MODE=offline skips "
+                    "the wait)",
+                    file=sys.stderr,
+                )
+                try:
+                    self.run = wb.init(mode="offline", **kwargs)
+                except Exception as e2:
+                    raise RuntimeError(
+                        f"wandb.init failed online ({type(e).__name__}) and offline "
+                        f"({type(e2).__name__}: {e2}); WANDB_MODE=disabled runs without wandb"
+                    ) from e2
+
+    def _wandb_step(self, step: int | None) -> int:
+        """The step to send to wandb for a row logged at ``step``: wandb drops (with only a
+        warning in its internal log) every row whose step is below one already sent, so a step
+        that goes back (a second run inside the same script, counting from 1 again) continues
+        after the last one; a row without a step gets the next one."""
+        if step is None:
+            s = 0 if self._last_step is None else self._last_step + 1
+        else:
+            s = int(step) + self._step_offset
+            if self._last_step is not None and s < self._last_step:
+                self._step_offset += self._last_step + 1 - s
+                s = self._last_step + 1
+        self._last_step = s
+        return s
 
     @property
     def config(self) -> dict[str, Any]:
@@ -214,7 +264,7 @@ class Logger:
             stored["step"] = step
         self.history.append(stored)
         if self.run is not None:
-            self.run.log({k: v for k, v in stored.items() if k != "step"}, step=step)
+            self.run.log(dict(stored), step=self._wandb_step(step))
         return stored
 
     def hyper_step(
@@ -264,13 +314,33 @@ class Logger:
                         flat = flat[torch.isfinite(flat)]  # a NaN would make wandb.Histogram raise
                         if flat.numel():
                             send[f"{self.prefix}{k}.hist"] = self._wandb.Histogram(flat.numpy())
-            self.run.log(send, step=step)
+            if step is not None:
+                send["step"] = step
+            self.run.log(send, step=self._wandb_step(step))
         return stored
 
     def image(self, key: str, path: str | os.PathLike[str]) -> None:
         """Send a saved image (a plot) to wandb; no-op without wandb."""
         if self.run is not None:
-            self.run.log({key: self._wandb.Image(str(path))})
+            self.run.log({key: self._wandb.Image(str(path))}, step=self._wandb_step(None))
+
+    def table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Send a table (rows of the same keys, e.g. an experiment's result table) to wandb as a
+        ``wandb.Table``, cells other than numbers and strings as text; no-op without wandb or
+        rows."""
+        table_type = getattr(self._wandb, "Table", None)  # None: a stand-in wandb (tests) without it
+        if self.run is None or not rows or table_type is None:
+            return
+        columns = list(rows[0])
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+
+        def cell(v: Any) -> Any:
+            return v if v is None or isinstance(v, (str, bool, int, float)) else str(v)
+
+        data = [[cell(r.get(k)) for k in columns] for r in rows]
+        tab = table_type(columns=columns, data=data, allow_mixed_types=True)
+        self.run.log({key: tab}, step=self._wandb_step(None))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         """Set the run's final metrics (wandb's run summary); no-op without wandb. Numbers, NumPy
@@ -317,10 +387,14 @@ class Logger:
             w.writerows(rows)
         return out
 
-    def finish(self) -> None:
-        """End the wandb run (if any); the in-memory history stays."""
+    def finish(self, exit_code: int | None = None) -> None:
+        """End the wandb run (if any); the in-memory history stays. A non-zero ``exit_code``
+        marks the wandb run as failed (an interrupted or crashed run) (default: ``None``: done)."""
         if self.run is not None:
-            self.run.finish()
+            if exit_code is None:
+                self.run.finish()
+            else:
+                self.run.finish(exit_code=exit_code)
             self.run = None
 
     def __enter__(self) -> Logger:

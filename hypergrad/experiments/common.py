@@ -40,10 +40,13 @@ __all__ = [
     "fits",
     "DIGITS_FIT",
     "check_settings",
+    "normalise_setting",
     "parse_value",
     "machine_info",
     "versions",
     "write_run",
+    "write_interrupted",
+    "split_timings",
     "digits_split",
     "plt",
     "finite_metrics",
@@ -373,8 +376,30 @@ def parse_value(text: str, like: Any) -> Any:
     return text
 
 
+def normalise_setting(exp: Experiment, key: str, value: Any) -> Any:
+    """``value`` of a comma-separated list setting written one way: ``"[1, 2]"``, ``"1, 2,"``
+    and ``"1,2"`` all become ``"1,2"`` (a list as a sweep agent or a shell writes it); other
+    settings' values are returned as they are.
+
+    >>> from hypergrad.experiments import REGISTRY, load_all
+    >>> load_all()
+    >>> normalise_setting(REGISTRY["accuracy"], "steps", "[1, 5 ,10]")
+    '1,5,10'
+    """
+    lim = _limit(exp, key)
+    if lim is None or lim.items is None or not isinstance(value, str):
+        return value
+    text = value.strip()
+    if len(text) >= 2 and text[0] + text[-1] in ("[]", "()"):
+        text = text[1:-1]
+    return ",".join(t.strip().strip("'\"") for t in text.split(",") if t.strip().strip("'\""))
+
+
 def _coerce(value: Any, like: Any) -> Any:
-    """Coerce a value from wandb.config (already typed by YAML) to the default's type."""
+    """Coerce a value from wandb.config (already typed by YAML) to the default's type; a list
+    (a sweep's list value) for a string setting becomes its comma-separated items."""
+    if isinstance(value, (list, tuple)) and isinstance(like, str):
+        return ",".join(str(v) for v in value)
     if isinstance(value, str):
         return parse_value(value, like)
     if isinstance(like, bool):
@@ -501,11 +526,67 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+#: metric names that are wall-clock times (they differ between two runs of the same command)
+TIMING_SUFFIXES = ("_ms", "_seconds")
+
+
+def split_timings(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``metrics`` split into (results, timings): the timings are the names ending in
+    :data:`TIMING_SUFFIXES`, so that the same command with the same seed gives the same
+    results.json ``metrics``.
+
+    >>> split_timings({"val_loss": 0.5, "hyperstep_ms": 3.2})
+    ({'val_loss': 0.5}, {'hyperstep_ms': 3.2})
+    """
+    timing = {k: v for k, v in metrics.items() if k.endswith(TIMING_SUFFIXES)}
+    return {k: v for k, v in metrics.items() if k not in timing}, timing
+
+
+def _write_json(path: Path, record: Mapping[str, Any]) -> None:
+    """Write ``record`` to ``path`` through a temporary file: a run stopped while writing never
+    leaves half a file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def write_interrupted(
+    ctx: Context, error: BaseException, *, wall_seconds: float, command: str, size: str
+) -> dict[str, Any]:
+    """Write what a run that did not finish leaves: ``interrupted.json`` (the command, the
+    settings, why it stopped, after how long, the plots saved so far; ``"resumable": false``)
+    and ``trajectory.csv`` with the rows logged so far. No ``results.json``: ``hypergrad report``
+    never picks up a half run. Returns the record."""
+    exp = ctx.experiment
+    record = {
+        "experiment": exp.name,
+        "number": exp.number,
+        "command": command,
+        "size": size,
+        "config": ctx.config,
+        "stopped_by": "KeyboardInterrupt" if isinstance(error, KeyboardInterrupt) else type(error).__name__,
+        "error": str(error),
+        "rows_logged": len(ctx.logger.history),
+        "after_seconds": round(wall_seconds, 2),
+        "resumable": False,
+        "finished_utc": None,
+        "stopped_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "plots": [p.name for p in ctx.plots],
+    }
+    _write_json(ctx.out / "interrupted.json", record)
+    if ctx.logger.history:
+        ctx.logger.to_csv(ctx.out / "trajectory.csv")
+    return record
+
+
 def write_run(
     ctx: Context, outcome: Outcome, *, wall_seconds: float, command: str, size: str
 ) -> dict[str, Any]:
-    """Write ``results.json`` and ``trajectory.csv`` into the run folder; returns the record."""
+    """Write ``results.json`` and ``trajectory.csv`` into the run folder; returns the record.
+
+    Wall-clock metrics (:func:`split_timings`) go under ``timings``, not ``metrics``."""
     exp = ctx.experiment
+    metrics, timings = split_timings(outcome.metrics)
     record = {
         "experiment": exp.name,
         "number": exp.number,
@@ -515,7 +596,8 @@ def write_run(
         "command": command,
         "size": size,
         "config": ctx.config,
-        "metrics": outcome.metrics,
+        "metrics": metrics,
+        "timings": timings,
         "table": outcome.table,
         "headline": outcome.headline,
         "machine": machine_info(ctx.device),
@@ -524,8 +606,8 @@ def write_run(
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "plots": [p.name for p in ctx.plots],
     }
-    (ctx.out / "results.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     ctx.logger.to_csv(ctx.out / "trajectory.csv")
+    _write_json(ctx.out / "results.json", record)
     return record
 
 

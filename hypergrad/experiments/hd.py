@@ -100,7 +100,8 @@ def run(ctx: Context) -> Outcome:
                 if step % 10 == 0:
                     lr = float(opt.param_groups[0]["lr"])
                     lrs.append(lr)
-                    ctx.logger.log({"optimizer": kind, "lr0": lr0, "lr": lr, "loss": float(loss)}, step=step)
+                    row = {"optimizer": kind, "lr0": lr0, "lr": lr, "loss": float(loss.detach())}
+                    ctx.logger.log(row, step=step)
             if diverged:
                 break
             losses.append(ce_loss(model, train))
