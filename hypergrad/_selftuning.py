@@ -18,6 +18,7 @@ forward/backward pass (no Hessian, no replay).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -569,9 +570,9 @@ class BestResponse(_BestResponseBase):
         TypeError: ``hparams`` not a ``SelfTuned``.
         ValueError: ``model`` not a :class:`~hypergrad.nn.HyperNet` (bare or wrapped), its
             ``n_hparams`` different from ``hparams.size``; ``hparams`` that learn their scale;
-            an unknown ``sampling``, ``prior_scale <= 0``, or a bad schedule. At the first
-            :meth:`step`: an ``inner_optimizer`` that does not train the hypernetwork. At
-            :meth:`hyper_step`: no ``val_batch``.
+            an unknown ``sampling``, ``prior_scale`` not a finite number > 0, or a bad
+            schedule. At the first :meth:`step`: an ``inner_optimizer`` that does not train the
+            hypernetwork. At :meth:`hyper_step`: no ``val_batch``.
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(decay=hg.hparams.Positive(0.1, transform="exp"), learn_scale=False)
@@ -640,8 +641,13 @@ class BestResponse(_BestResponseBase):
             )
         if sampling not in ("local", "global"):
             raise ValueError(f"Invalid sampling: {sampling!r} (need 'local' or 'global')")
-        if not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
-            raise ValueError(f"Invalid prior_scale: {prior_scale!r} (need a number > 0)")
+        if not (
+            isinstance(prior_scale, (int, float))
+            and not isinstance(prior_scale, bool)
+            and math.isfinite(prior_scale)
+            and prior_scale > 0
+        ):
+            raise ValueError(f"Invalid prior_scale: {prior_scale!r} (need a finite number > 0)")
         self.sampling = sampling
         if sampling == "global":
             raw = self.hparams.raw.detach().clone()

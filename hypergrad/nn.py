@@ -29,6 +29,7 @@ False (the validation step of :class:`~hypergrad.SelfTuning` runs in eval mode).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -552,7 +553,10 @@ def _per_example(v: Tensor | float, x: Tensor, what: str) -> Tensor:
     """``v`` as a :math:`(B,)` tensor on ``x``'s device (not yet of ``x``'s dtype)."""
     if x.dim() < 1:
         raise ValueError(f"{what}: x must be batched, (B, ...); got a 0-dim tensor")
-    t = torch.as_tensor(v, device=x.device)
+    if isinstance(v, float):  # (float64, as Python holds it: 1 - 1e-9 is a rate below 1)
+        t = torch.tensor(v, dtype=torch.float64, device=x.device)
+    else:
+        t = torch.as_tensor(v, device=x.device)
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{what}: need numbers, got a {t.dtype} value")
     if t.dim() == 0:
@@ -566,6 +570,36 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
 
 
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype random draws and probabilities are computed in: float64 for float64 ``x``,
+    else float32 (float16 / bfloat16 uniforms are too coarse: in bfloat16 a keep probability of
+    0.1 came out 0.104, biasing the expectation by 2%)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _like(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` in ``x``'s memory format (channels_last inputs stay channels_last)."""
+    if x.is_contiguous() or not out.is_contiguous():
+        return out
+    for fmt, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == rank and x.is_contiguous(memory_format=fmt):
+            return out.contiguous(memory_format=fmt)
+    return out
+
+
+def _whole(v: Tensor, what: str, cap: int) -> Tensor:
+    """Non-negative whole-valued ``v`` as int64, capped at ``cap`` (any value above it acts alike)."""
+    if v.is_floating_point():
+        if not bool(((v == v.floor()) & torch.isfinite(v)).all()):
+            raise ValueError(f"{what} must be integers (finite; floor them, or use hg.hparams.Integer)")
+        if not bool((v >= 0).all()):
+            raise ValueError(f"{what} must be >= 0, got min {float(v.min())}")
+        return v.clamp(max=cap).long()
+    if not bool((v >= 0).all()):
+        raise ValueError(f"{what} must be >= 0, got min {int(v.min())}")
+    return v.long().clamp(max=cap)
+
+
 def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
     r"""Inverted dropout with a rate per example: entry :math:`x_{i\cdot}` is zeroed with
     probability :math:`p_i` and the survivors are scaled by :math:`1/(1 - p_i)`.
@@ -575,10 +609,14 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
         rate: :math:`(B,)` (or a scalar), each in :math:`[0, 1)`; used detached (no gradient
             reaches it: :class:`~hypergrad.SelfTuning` never differentiates the training loss
             w.r.t. :math:`\lambda`).
-        training: identity when False (default: True).
+        training: identity when False, returning ``x`` itself, not a copy (default: True).
 
     Returns:
-        A tensor shaped like ``x``.
+        A tensor shaped like ``x``, of its dtype and memory format. The mask is drawn, and the
+        rates checked, in float32 (float64 for float64 ``x``): uniforms in float16 / bfloat16
+        would bias the keep probability (by 3.6% at a rate of 0.9 in bfloat16), and a rate such as
+        0.9999 would round to 1. In half precision :math:`1/(1 - p_i)` is rounded once to ``x``'s
+        dtype (and overflows float16 for :math:`p_i > 1 - 1/65504`).
 
     Raises:
         ValueError: a rate outside :math:`[0, 1)` or of the wrong shape.
@@ -595,21 +633,27 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
         return x
     if not x.is_floating_point():
         raise TypeError(f"dropout: x must be a floating-point tensor, got {x.dtype}")
-    p = _per_example(rate, x, "dropout rate").detach().to(x.dtype)
-    if not bool(((p >= 0) & (p < 1)).all()):
+    p = _per_example(rate, x, "dropout rate").detach()
+    if not p.is_floating_point():
+        p = p.double()
+    if not bool(((p >= 0) & (p < 1)).all()):  # (checked as given, before any rounding to x's dtype)
         raise ValueError(f"dropout: rates must lie in [0, 1); got range [{float(p.min())}, {float(p.max())}]")
-    keep = _bcast(1 - p, x)
-    mask = torch.rand_like(x) < keep
-    return x * mask / keep
+    work = _work_dtype(x)
+    keep = _bcast((1 - p.double()).to(work), x)
+    mask = torch.rand_like(x, dtype=work) < keep
+    if x.dtype == work:
+        return x * mask / keep
+    return x * (mask / keep).to(x.dtype)  # float16 / bfloat16: 1/keep rounded once
 
 
 def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Tensor:
     r"""Add :math:`N(0, s_i^2)` noise to example :math:`i` (``std`` :math:`(B,)` or a scalar,
-    :math:`\ge 0`, used detached); identity when ``training`` is False (default: True). Returns
-    a tensor shaped like ``x`` :math:`(B, \dots)`.
+    :math:`\ge 0`, used detached); identity when ``training`` is False, returning ``x`` itself
+    (default: True). Returns a tensor shaped like ``x`` :math:`(B, \dots)`.
 
     Raises:
-        ValueError: a negative or non-finite ``std``, or one of the wrong shape.
+        ValueError: a negative or non-finite ``std`` (also one that overflows ``x``'s dtype,
+            e.g. above 65504 in float16), or one of the wrong shape.
         TypeError: ``x`` not floating point.
 
     Cost: one host synchronisation (the check of ``std``).
@@ -623,11 +667,13 @@ def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Ten
         return x
     if not x.is_floating_point():
         raise TypeError(f"gaussian_noise: x must be a floating-point tensor, got {x.dtype}")
-    s = _per_example(std, x, "gaussian_noise std").detach().to(x.dtype)
-    if not bool(((s >= 0) & torch.isfinite(s)).all()):
-        raise ValueError(
-            f"gaussian_noise: std must be >= 0 and finite, got range [{float(s.min())}, {float(s.max())}]"
-        )
+    given = _per_example(std, x, "gaussian_noise std").detach()
+    s = given.to(x.dtype)
+    if not bool(((given >= 0) & torch.isfinite(given) & torch.isfinite(s)).all()):
+        if bool(((given >= 0) & torch.isfinite(given)).all()):
+            raise ValueError(f"gaussian_noise: std {float(given.max())} overflows x's dtype, {x.dtype}")
+        low, high = float(given.min()), float(given.max())
+        raise ValueError(f"gaussian_noise: std must be >= 0 and finite, got range [{low}, {high}]")
     return x + _bcast(s, x) * torch.randn_like(x)
 
 
@@ -647,11 +693,13 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
     Args:
         x: :math:`(B, L)`, :math:`(B, C, L)` or :math:`(B, C, H, W)`.
         size: :math:`(B,)` non-negative integers (or one int; whole-valued floats are accepted);
-            0 leaves the example unchanged.
-        training: identity when False (default: True).
+            0 leaves the example unchanged; any size from twice the longest side on zeroes
+            everything.
+        training: identity when False, returning ``x`` itself (default: True).
 
     Returns:
-        ``x`` with the window zeroed (same shape; the same window in every channel).
+        ``x`` with the window zeroed (same shape, dtype and memory format; the same window in
+        every channel).
 
     Raises:
         ValueError: negative or non-integer sizes, a ``size`` of the wrong shape, or ``x`` of
@@ -666,13 +714,10 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
     """
     if not training:
         return x
+    if x.dim() not in (2, 3, 4):
+        raise ValueError(f"cutout: x must be (B, L), (B, C, L) or (B, C, H, W); got {tuple(x.shape)}")
     s = _per_example(size, x, "cutout size").detach()
-    if s.is_floating_point():
-        if not bool(((s == s.floor()) & torch.isfinite(s)).all()):
-            raise ValueError("cutout: sizes must be integers (finite; floor them, or use hg.hparams.Integer)")
-        s = s.long()
-    if not bool((s >= 0).all()):
-        raise ValueError(f"cutout: sizes must be >= 0, got min {int(s.min())}")
+    s = _whole(s, "cutout: sizes", 2 * max(x.shape[-2:] if x.dim() == 4 else x.shape[-1:]) + 2)
     if x.dim() in (2, 3):
         mask = _window_mask(x.shape[-1], s, x.device)
         mask = mask if x.dim() == 2 else mask[:, None, :]
@@ -680,9 +725,7 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
         rows = _window_mask(x.shape[-2], s, x.device)
         cols = _window_mask(x.shape[-1], s, x.device)
         mask = (rows[:, :, None] & cols[:, None, :])[:, None]
-    else:
-        raise ValueError(f"cutout: x must be (B, L), (B, C, L) or (B, C, H, W); got {tuple(x.shape)}")
-    return x.masked_fill(mask, 0.0)
+    return _like(x.masked_fill(mask, 0), x)
 
 
 def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> Tensor:
@@ -693,11 +736,12 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
         x: :math:`(B, \dots, L)`; only the last axis moves (the width of an image), by the same
             shift in every channel.
         max_shift: :math:`(B,)` non-negative integers (or one int; whole-valued floats are
-            accepted).
-        training: identity when False (default: True).
+            accepted; any size is fine: a shift of :math:`L` or more leaves zeros).
+        training: identity when False, returning ``x`` itself (default: True).
 
     Returns:
-        A tensor shaped like ``x``.
+        A tensor shaped like ``x``, of its dtype and memory format; the vacated positions hold
+        zeros (whatever ``x`` held, inf included).
 
     Raises:
         ValueError: ``x`` with fewer than 2 dimensions, or negative, non-integer or wrongly
@@ -716,24 +760,39 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     if x.dim() < 2:
         raise ValueError(f"random_shift: x must be (B, ..., L), got {tuple(x.shape)}")
     m = _per_example(max_shift, x, "random_shift max_shift").detach()
-    if m.is_floating_point():
-        if not bool(((m == m.floor()) & torch.isfinite(m)).all()):
-            raise ValueError("random_shift: max_shift must be integers (finite)")
-        m = m.long()
-    if not bool((m >= 0).all()):
-        raise ValueError(f"random_shift: max_shift must be >= 0, got min {int(m.min())}")
-    u = torch.rand(x.shape[0], device=x.device)
-    shift = torch.floor(u * (2 * m + 1).to(u.dtype)).long() - m  # uniform on {-m, ..., m}
+    m = _whole(m, "random_shift: max_shift", 2**52).double()  # (exact in float64; 2m + 1 can't overflow)
+    u = torch.rand(x.shape[0], device=x.device).double()
+    shift = torch.floor(u * (2 * m + 1)) - m  # uniform on {-m, ..., m}
     length = x.shape[-1]
+    shift = shift.clamp(-length, length).long()  # (a shift of >= L leaves only zeros either way)
     src = torch.arange(length, device=x.device)[None, :] - shift[:, None]  # y[t] = x[t - shift]
     valid = (src >= 0) & (src < length)
     idx = src.clamp(0, length - 1)
     idx = idx.reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (length,)).expand_as(x)
     out = torch.gather(x, -1, idx)
-    return out * valid.reshape(idx.shape[:1] + (1,) * (x.dim() - 2) + (length,)).to(x.dtype)
+    invalid = ~valid.reshape(idx.shape[:1] + (1,) * (x.dim() - 2) + (length,))
+    return _like(out.masked_fill(invalid, 0), x)  # (a fill, not a product: inf * 0 would be nan)
 
 
 # ----------------------------------------------------------------------------- hypernetworks
+
+
+def _count(v: Any) -> int | None:
+    """``v`` as an int >= 1 (a Python or NumPy integer, not a bool), else None."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        return None
+    n = operator.index(v)
+    return n if n >= 1 else None
+
+
+def _holder(root: nn.Module, prefix: str) -> nn.Module:
+    """The submodule of ``root`` at the dotted ``prefix``, made (empty) where missing."""
+    holder = root
+    for part in prefix.split(".") if prefix else ():
+        if part not in holder._modules:
+            holder.add_module(part, nn.Module())
+        holder = holder._modules[part]  # type: ignore[assignment]
+    return holder
 
 
 class HyperNet(nn.Module):
@@ -752,14 +811,23 @@ class HyperNet(nn.Module):
     as a template (not a submodule: its parameters are never trained). Its buffers (BatchNorm
     statistics) are this module's, under ``base_state`` (the same tensors at construction): they
     are saved by ``state_dict()``, moved by ``.to()``, and kept out of the validation passes like
-    any model buffer. ``train()`` / ``eval()`` switch ``base`` too (Dropout, BatchNorm).
+    any model buffer; a buffer that ``base`` *reassigns* in its forward (``self.mean = ...``)
+    is kept too. ``train()`` / ``eval()`` switch ``base`` too (Dropout, BatchNorm).
+
+    Frozen parameters of ``base`` (``requires_grad=False``, e.g. a pretrained backbone) are not
+    generated: they act as they are, are neither trained nor moved by :math:`\lambda`, and are
+    kept (saved, moved by ``.to()``) as buffers under ``base_state``. Each generated weight has
+    its parameter's dtype (a base mixing float32 and float64 keeps both) until the module is
+    cast (``.double()``, ``.to(dtype)``); a ``hypernet`` is fed :math:`\lambda` in its own dtype.
 
     Args:
         base: the model whose weights are generated.
         n_hparams: :math:`H`.
         rank: low-rank response (default: None, full linear).
-        hypernet: a module :math:`(H,) \to (P,)` replacing the linear response.
-        init_std: std of the linear response's initial entries (default: 1e-2).
+        hypernet: a module :math:`(H,) \to (P,)` replacing the linear response (not with
+            ``rank``).
+        init_std: std of the linear response's initial entries, finite and :math:`\ge 0`
+            (default: 1e-2).
 
     Call: ``hypernet_model(*args, hparams=...)`` with a shared draw
     (:class:`~hypergrad.BestResponse` arranges that) or a :math:`(H,)` tensor;
@@ -770,7 +838,8 @@ class HyperNet(nn.Module):
     for large models).
 
     Raises:
-        ValueError: ``n_hparams`` not an int >= 1, ``rank < 1``, or ``base`` without parameters;
+        ValueError: ``n_hparams`` or ``rank`` not an int >= 1, both ``rank`` and ``hypernet``, a
+            negative or non-finite ``init_std``, or ``base`` without parameters (or all frozen);
             at call time, hyperparameters not of shape :math:`(H,)`, a per-example (not shared)
             :class:`~hypergrad.hparams.Draw`, or a ``hypernet`` output not of shape :math:`(P,)`.
 
@@ -792,32 +861,49 @@ class HyperNet(nn.Module):
         init_std: float = 1e-2,
     ) -> None:
         super().__init__()
-        if isinstance(n_hparams, bool) or not isinstance(n_hparams, int) or n_hparams < 1:
+        count = _count(n_hparams)
+        if count is None:
             raise ValueError(f"HyperNet: n_hparams must be an int >= 1, got {n_hparams!r}")
-        named = [(n, p) for n, p in base.named_parameters()]
+        if rank is not None:
+            if hypernet is not None:
+                raise ValueError("HyperNet: give rank (a low-rank linear response) or hypernet, not both")
+            r = _count(rank)
+            if r is None:
+                raise ValueError(f"HyperNet: rank must be an int >= 1, got {rank!r}")
+            rank = r
+        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std >= 0):
+            raise ValueError(f"HyperNet: init_std must be a finite number >= 0, got {init_std!r}")
+        n_hparams = count
+        everything = list(base.named_parameters())
+        named = [(n, p) for n, p in everything if p.requires_grad]
+        frozen = [(n, p) for n, p in everything if not p.requires_grad]
         if not named:
-            raise ValueError("HyperNet: base has no parameters to generate")
+            why = " (all of its parameters are frozen, requires_grad=False)" if frozen else ""
+            raise ValueError(f"HyperNet: base has no parameters to generate{why}")
         self.__dict__["base"] = base  # a template, not a submodule (its parameters are not trained)
         self.base_state = nn.Module()  # base's buffers, mirrored at their paths: this module's state
+
         seen: set[int] = set()
         for prefix, mod in base.named_modules():
             if id(mod) in seen:
                 continue
             seen.add(id(mod))
             for key, buf in mod._buffers.items():
-                if buf is None:
-                    continue
-                holder = self.base_state
-                for part in prefix.split(".") if prefix else ():
-                    if part not in holder._modules:
-                        holder.add_module(part, nn.Module())
-                    holder = holder._modules[part]  # type: ignore[assignment]
-                holder.register_buffer(key, buf, persistent=key not in mod._non_persistent_buffers_set)
+                if buf is not None:
+                    _holder(self.base_state, prefix).register_buffer(
+                        key, buf, persistent=key not in mod._non_persistent_buffers_set
+                    )
         self._buffer_names = tuple(n for n, _ in base.named_buffers())
+        # frozen parameters are not generated (nor trained): constants, kept (saved, moved) as buffers
+        for n, p in frozen:
+            prefix, _, key = n.rpartition(".")
+            _holder(self.base_state, prefix).register_buffer(key, p.detach())
+        self._frozen_names = tuple(n for n, _ in frozen)
         self.n_hparams = n_hparams
         self.names = tuple(n for n, _ in named)
         self.shapes = tuple(p.shape for _, p in named)
         self.numels = tuple(p.numel() for _, p in named)
+        self.dtypes = tuple(p.dtype for _, p in named)
         total = sum(self.numels)
         ref = named[0][1]
         self.base_weights = nn.Parameter(torch.cat([p.detach().reshape(-1) for _, p in named]).clone())
@@ -830,8 +916,6 @@ class HyperNet(nn.Module):
                     torch.randn(total, n_hparams, dtype=ref.dtype, device=ref.device) * init_std
                 )
             else:
-                if rank < 1:
-                    raise ValueError(f"HyperNet: rank must be >= 1, got {rank}")
                 self.u = nn.Parameter(
                     torch.randn(total, rank, dtype=ref.dtype, device=ref.device) / math.sqrt(rank) * init_std
                 )
@@ -839,12 +923,13 @@ class HyperNet(nn.Module):
 
     def flat(self, hparams: Hyper) -> Tensor:
         r"""All generated weights :math:`w_0 + R(\lambda)` as one vector :math:`(P,)` (``base``'s
-        parameters flattened, in ``named_parameters()`` order). ``hparams``: a :math:`(H,)` tensor,
-        a shared :class:`~hypergrad.hparams.Draw`, or a :class:`~hypergrad.hparams.SelfTuned`
-        (drawn for one example)."""
+        trainable parameters flattened, in ``named_parameters()`` order, in one dtype).
+        ``hparams``: a :math:`(H,)` tensor, a shared :class:`~hypergrad.hparams.Draw`, or a
+        :class:`~hypergrad.hparams.SelfTuned` (drawn for one example)."""
         lam = self._lambda(hparams)
         if self.response is not None:
-            delta = self.response(lam)
+            dtypes = [t.dtype for t in self.response.parameters() if t.is_floating_point()]
+            delta = self.response(lam.to(dtypes[0]) if dtypes else lam)  # (the response's own dtype)
         else:
             assert self.q is not None
             delta = self.q @ lam
@@ -855,13 +940,19 @@ class HyperNet(nn.Module):
                 f"HyperNet: the hypernetwork returned shape {tuple(delta.shape)}, need "
                 f"{tuple(self.base_weights.shape)}"
             )
-        return self.base_weights + delta
+        return self.base_weights + delta.to(self.base_weights.dtype)
 
     def weights(self, hparams: Hyper) -> dict[str, Tensor]:
         """The generated weights by ``base``'s parameter names, each shaped like that parameter
-        (views of :meth:`flat`, differentiable w.r.t. the hypernetwork and the hyperparameters)."""
+        (views of :meth:`flat`, differentiable w.r.t. the hypernetwork and the hyperparameters),
+        and the frozen parameters as they are."""
         parts = self.flat(hparams).split(self.numels)
-        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+        out = {  # (each in base's own dtype, where base mixes them)
+            n: p.view(s).to(dt)
+            for n, p, s, dt in zip(self.names, parts, self.shapes, self.dtypes, strict=True)
+        }
+        out.update((n, self.base_state.get_buffer(n)) for n in self._frozen_names)
+        return out
 
     def _lambda(self, hparams: Hyper) -> Tensor:
         if isinstance(hparams, SelfTuned):
@@ -877,6 +968,15 @@ class HyperNet(nn.Module):
             )
         return hparams.to(self.base_weights.dtype)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> HyperNet:
+        super()._apply(fn, recurse)
+        # .double(), .float(), .half(), .to(dtype) cast every floating parameter: so do the generated
+        # weights (where base mixed dtypes, they kept each its own)
+        single, double = (fn(torch.empty(0, dtype=d)).dtype for d in (torch.float32, torch.float64))
+        if (single, double) != (torch.float32, torch.float64) and single == double:
+            self.dtypes = tuple(single if d.is_floating_point else d for d in self.dtypes)
+        return self
+
     def train(self, mode: bool = True) -> HyperNet:
         super().train(mode)
         self.base.train(mode)
@@ -890,7 +990,13 @@ class HyperNet(nn.Module):
         slots = tensor_slots(self.base)
         try:
             with substituting((slots[n], v) for n, v in values.items()), _uncached(True):
-                return self.base(*args, **kwargs)
+                out = self.base(*args, **kwargs)
+                after = [(n, d[k]) for n in self._buffer_names for d, k in slots[n][:1]]
+            for n, buf in after:  # a buffer the module reassigned (self.mean = 0.9 * self.mean + ...)
+                if buf is not values[n]:
+                    prefix, _, key = n.rpartition(".")
+                    self.base_state.get_submodule(prefix)._buffers[key] = buf
+            return out
         finally:  # recurrent layers' own weight lists would hold the generated tensors (and graph)
             for m in self.base.modules():
                 if isinstance(m, nn.RNNBase):
