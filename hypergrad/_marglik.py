@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _with_autograd
+from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _Hypergradient, _with_autograd
 from ._functional import check_batch, grads_or_none, materialize, substituting, tensor_slots
 from ._implicit import _implicit
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
@@ -104,6 +104,14 @@ def _check_modes(model: nn.Module) -> None:
             raise ValueError(
                 f"model.{name} is Dropout in training mode: the linearised network would be random. "
                 "Call model.eval() before hyper_step (and model.train() before step)."
+            )
+        if mod.training and isinstance(mod, nn.RReLU) and mod.lower != mod.upper:
+            # (a random evidence with the layerwise kernel, vmap's "rrelu_with_noise" crash with
+            # the dense one)
+            raise ValueError(
+                f"model.{name} is RReLU in training mode: its slopes are drawn at random, so the "
+                "linearised network would be random. Call model.eval() before hyper_step (and "
+                "model.train() before step)."
             )
 
 
@@ -348,6 +356,32 @@ def _layerwise_factors(
     return f, layers
 
 
+def _looped_jacobians(single: Any, theta: dict[str, Tensor], xa: Tensor, graph: bool) -> dict[str, Tensor]:
+    """``vmap(jacrev(single))`` by plain autograd: ``B * C`` backward passes (``(B, C, *shape)``
+    per name). Weights taken as constants become fresh leaves (the same Jacobian)."""
+    leaves = {n: t if t.requires_grad else t.detach().requires_grad_(True) for n, t in theta.items()}
+    rows: list[list[Tensor]] = []
+    with torch.enable_grad():
+        for i in range(xa.shape[0]):
+            out = single(leaves, xa[i])
+            for j in range(out.shape[0]):
+                gs = torch.autograd.grad(
+                    out[j], list(leaves.values()), retain_graph=True, create_graph=graph, allow_unused=True
+                )
+                rows.append(
+                    [
+                        torch.zeros_like(t) if g is None else g
+                        for g, t in zip(gs, leaves.values(), strict=True)
+                    ]
+                )
+    b = xa.shape[0]
+    c = len(rows) // b
+    return {
+        n: torch.stack([r[k] for r in rows]).reshape(b, c, *t.shape)
+        for k, (n, t) in enumerate(leaves.items())
+    }
+
+
 def _dense_jacobians(
     model: nn.Module,
     x: Tensor,
@@ -369,7 +403,14 @@ def _dense_jacobians(
         with substituting((slots[n], v) for n, v in p.items()):
             return _output(model(xi.unsqueeze(0))).reshape(-1)
 
-    jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
+    try:
+        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        # an operation without a batching rule (RReLU's rrelu_with_noise, even in eval mode):
+        # one backward pass per example and output instead
+        jac = _looped_jacobians(single, theta, xa, graph or through_weights)
     f = _output(model(xa)).reshape(b, s, -1).mean(1)
     if not graph:
         f = f.detach()
@@ -639,7 +680,7 @@ def log_evidence_bound(
 
     Args:
         model: the network; its outputs ``(B, C)`` are logits (classification) or means (regression).
-            Must not hold BatchNorm or Dropout in training mode (``ValueError``).
+            Must not hold BatchNorm, Dropout or RReLU in training mode (``ValueError``).
         x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
         data_size: :math:`N`, the size of the whole training set.
@@ -673,7 +714,7 @@ def log_evidence_bound(
             ``"regression"``), or not one finite value > 0; ``data_size`` smaller than the batch
             (or, with ``form="exact"``, different from it); a prior that covers none of the
             model's trainable weights, or whose per-weight precisions do not fit their shapes;
-            BatchNorm or Dropout in training mode, or BatchNorm without running statistics;
+            BatchNorm, Dropout or RReLU in training mode, or BatchNorm without running statistics;
             an empty batch; targets that do not fit the outputs (classification: labels outside
             ``[0, C)``, e.g. a padding label -100); inputs of another dtype or device; an
             invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
@@ -812,6 +853,55 @@ def log_evidence(
     )
 
 
+def _copy_value(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+
+
+def _put_back(d: dict[Any, Any], saved: dict[Any, Any], skip: str = "") -> None:
+    """``d`` made equal to ``saved`` in place: its tensors keep their identity (values copied
+    into them), keys added since are removed."""
+    for key in [k for k in d if k not in saved and k != skip]:
+        del d[key]
+    for key, v in saved.items():
+        old = d.get(key)
+        if (
+            isinstance(v, Tensor)
+            and isinstance(old, Tensor)
+            and old.shape == v.shape
+            and old.dtype == v.dtype
+        ):
+            with torch.no_grad():
+                old.copy_(v)
+        else:
+            d[key] = v
+
+
+def _snapshot_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    state = {id(p): {k: _copy_value(v) for k, v in st.items()} for p, st in opt.state.items()}
+    groups = [{k: _copy_value(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return state, groups
+
+
+def _restore_optimizer(
+    opt: torch.optim.Optimizer, snap: tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]
+) -> None:
+    """Undo steps of ``opt`` in place. Not ``load_state_dict``: that replaces the param-group
+    dicts and their values by copies, so a tensor learning rate that the user (or a schedule)
+    updates in place, or a group dict held elsewhere, would silently stop reaching the
+    optimiser after a refused hyperstep."""
+    state, groups = snap
+    for p in list(opt.state):
+        if id(p) not in state:
+            del opt.state[p]  # state created by the undone steps (a first Adam step)
+        else:
+            _put_back(opt.state[p], state[id(p)])
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        if id(p) in state and p not in opt.state:
+            opt.state[p] = state[id(p)]
+    for g, saved in zip(opt.param_groups, groups, strict=True):
+        _put_back(g, saved, skip="params")
+
+
 class MarginalLikelihood(HyperOptimizer):
     r"""Hyperparameters by maximising a lower bound on the marginal likelihood, on training data only.
 
@@ -835,7 +925,7 @@ class MarginalLikelihood(HyperOptimizer):
     each rank.
 
     Args:
-        model: the network (outputs ``(B, C)``). BatchNorm or Dropout in training mode are refused
+        model: the network (outputs ``(B, C)``). BatchNorm, Dropout or RReLU in training mode are refused
             at :meth:`hyper_step` (``ValueError``): call ``model.eval()`` around it.
         hparams: the module holding the containers above.
         likelihood: ``"classification"`` (labels ``(B,)``) or ``"regression"``.
@@ -878,6 +968,15 @@ class MarginalLikelihood(HyperOptimizer):
             ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"``). At
             :meth:`hyper_step`: no ``train_batch``, one larger than ``data_size`` (or not the
             whole data set with ``bound="exact"``), and what :func:`log_evidence_bound` refuses.
+            At :meth:`step` (nothing changed): a batch larger than ``data_size`` (``data_size``
+            is ``len(dataset)``, not the number of batches: only this much of a wrong ``N`` can
+            be caught; a smaller wrong ``N`` rescales the prior and the bound silently), and
+            trained weights the prior does not cover (added to ``inner_optimizer`` or unfrozen
+            after the PriorPrecision was built).
+        NonFiniteError: (``on_nonfinite="raise"``) as :class:`HyperOptimizer`; with
+            ``outer_steps`` > 1 the message names the outer step refused, and the ones before it
+            are undone too (hyperparameters, their ``.grad`` and ``outer_optimizer``'s state
+            and param groups put back in place: a tensor learning rate stays the user's tensor).
         TypeError: a ``solver`` that is not a :class:`~hypergrad.LinearSolver`.
 
     >>> import torch, hypergrad as hg
@@ -978,15 +1077,44 @@ class MarginalLikelihood(HyperOptimizer):
         uncovered = [n for n in self.pair.weight_names if n not in self.prior.names]
         if uncovered:
             raise ValueError(f"trained weights {uncovered[:3]} are not covered by the PriorPrecision")
+        self._covered_for: tuple[str, ...] = tuple(self.pair.weight_names)
 
     # ------------------------------------------------------------------ losses
 
     def _map_loss(self, model: nn.Module, hparams: nn.Module, batch: Batch) -> Tensor:
         x, y = _split_batch(batch)
+        # checked at every step, not only at the first hyperstep (after burn_in MAP steps trained
+        # with a prior scaled by the wrong N, or weights trained with no prior at all)
+        self._check_data_size(x, "batch")
+        self._check_covered()
         f = _forward(model, x, self.augmentation, self.samples, self.likelihood)
         sigma = None if self.noise is None else self.noise()
         nll = -_log_lik(f, y, self.likelihood, sigma) / x.shape[0]
         return nll + self.prior.penalty(model) / self.data_size
+
+    def _check_data_size(self, x: Tensor, what: str) -> None:
+        if x.shape[0] > self.data_size:
+            raise ValueError(
+                f"{what} holds {x.shape[0]} examples but data_size={self.data_size}: data_size "
+                "must be the number of training examples, len(dataset), not the number of batches "
+                "(the MAP objective divides the prior by N, and the bound scales the batch by N/B)"
+            )
+
+    def _check_covered(self) -> None:
+        """Every trained weight under the prior: weights added to the inner optimiser (or
+        unfrozen) after construction would otherwise train with no prior at all, refused only at
+        the next hyperstep."""
+        names = self.pair.weight_names
+        if names != getattr(self, "_covered_for", None):
+            uncovered = [n for n in names if n not in self.prior.names]
+            if uncovered:
+                raise ValueError(
+                    f"trained weights {uncovered[:3]} are not covered by the PriorPrecision (added to "
+                    "the inner optimiser or unfrozen after it was built): the MAP step would train "
+                    "them with no prior and the evidence is not defined. Build the PriorPrecision "
+                    "(and this MarginalLikelihood) over every weight that trains"
+                )
+            self._covered_for = names
 
     def hyper_step_due(self) -> bool:
         """Whether the schedule asks for a hyperstep now: after ``burn_in`` inner steps, every
@@ -1003,11 +1131,7 @@ class MarginalLikelihood(HyperOptimizer):
             )
         check_batch(train_batch, "train_batch", self.device, self.dtype)
         x, _ = _split_batch(train_batch)
-        if x.shape[0] > self.data_size:
-            raise ValueError(
-                f"train_batch holds {x.shape[0]} examples but data_size={self.data_size}: data_size "
-                "must be the number of training examples (the bound scales the batch by N/B)"
-            )
+        self._check_data_size(x, "train_batch")
 
     def _bound_terms(self, x: Tensor, y: Tensor, through_weights: bool) -> _Terms:
         if self.bound is Bound.EXACT and x.shape[0] != self.data_size:
@@ -1112,29 +1236,36 @@ class MarginalLikelihood(HyperOptimizer):
             return one
         t0 = time.perf_counter()
         hp = list(self.hparams.parameters())
-        backup = copy.deepcopy(
-            (self.hparams.state_dict(), self.outer_optimizer.state_dict(), [p.grad for p in hp])
-        )
+        backup = copy.deepcopy((self.hparams.state_dict(), [p.grad for p in hp]))
+        outer_backup = _snapshot_optimizer(self.outer_optimizer)
         start = self.hyper_steps
 
         def restore() -> None:
             self.hparams.load_state_dict(backup[0])
-            self.outer_optimizer.load_state_dict(backup[1])
-            for p, g in zip(hp, backup[2], strict=True):
+            _restore_optimizer(self.outer_optimizer, outer_backup)
+            for p, g in zip(hp, backup[1], strict=True):
                 p.grad = g
             self.hyper_steps = start
 
         info = None
         first: list[Tensor | None] = []
+        k = 0
         try:
             for k in range(self.outer_steps):
+                self.hyper_steps = start  # messages name the hyperstep, not the outer step within it
                 info = super().hyper_step(train_batch, val_batch)
                 if info.skipped:
                     restore()
                     return dataclasses.replace(info, hyper_steps=start, seconds=time.perf_counter() - t0)
                 if k == 0:
                     first = [p.grad for p in hp]
-        except BaseException:  # refused as non-finite, or any error: all or nothing
+        except NonFiniteError as error:
+            restore()
+            raise NonFiniteError(
+                f"{error} (at outer step {k + 1} of outer_steps={self.outer_steps}; the "
+                f"{k} before it were undone too)"
+            ) from None
+        except BaseException:  # any other error: all or nothing
             restore()
             raise
         assert info is not None
