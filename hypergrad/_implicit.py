@@ -263,6 +263,18 @@ def _implicit(
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
 
 
+def _warm_start_for(x0: Sequence[Tensor] | None, weights: Sequence[Tensor]) -> Tensors | None:
+    """The kept solution as a start for a solve over ``weights``: in their dtype and on their
+    device (a state loaded from another run), or ``None`` when it is shaped for other weights
+    (``hessian_subset`` changed between hypersteps, a parameter resized in place): a warm start
+    is only a guess, and a stale one raised a ``ValueError`` from the solver mid-training."""
+    if x0 is None or len(x0) != len(weights):
+        return None
+    if any(a.shape != w.shape for a, w in zip(x0, weights, strict=True)):
+        return None
+    return tuple(a.to(dtype=w.dtype, device=w.device) for a, w in zip(x0, weights, strict=True))
+
+
 def _check_loss_value(loss: object, name: str) -> None:
     """A loss must be a tensor with one element (host metadata only, no synchronisation)."""
     if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -463,7 +475,8 @@ class Implicit(HyperOptimizer):
             divergence: see :class:`HyperOptimizer`.
         solver: :class:`Neumann` (default: 5 terms), :class:`CG`, :class:`Identity` or
             :class:`Direct` (any :class:`LinearSolver`). A solver with ``warm_start=True`` starts
-            from the previous accepted hyperstep's solution, unless its residual was above 1.
+            from the previous accepted hyperstep's solution, unless its residual was above 1 or
+            it is shaped for other weights (``hessian_subset`` changed since): then from 0.
         hessian_subset: which trained weights (by parameter name) the implicit function theorem
             differentiates through, e.g. ``lambda n: n.startswith("head.")`` for the last layers
             of a very large model; ``None``: all (default: ``None``). A weight shared by several
@@ -689,9 +702,9 @@ class Implicit(HyperOptimizer):
         solver: LinearSolver | Callable[[HVP, Any], tuple[LinearSolver, int, Any]] = self.current_solver()
         if isinstance(self.solver, Neumann) and self._alpha_rule() == "power":
             solver = self._choose_solver
-        x0 = self._x0 if self.solver.warm_start else None
         average = self.ranks.mean_ if self.ranks.size > 1 else None
         weights = self._hessian_weights()
+        x0 = _warm_start_for(self._x0, weights) if self.solver.warm_start else None
         penalties = _DiagonalPenalties(self.hparams, pair.hparam_tensors) if self.analytic_penalties else None
         r = _implicit(
             lt_recorded,

@@ -36,12 +36,14 @@ class SolveStatus(str, enum.Enum):
     CONVERGED = "converged"  #: the residual reached ``tol`` (CG)
     MAX_ITERATIONS = "max_iterations"  #: ``maxiter`` HVPs spent before reaching ``tol`` (CG)
     NONPOSITIVE_CURVATURE = "nonpositive_curvature"  #: CG met :math:`p^\top (H + \delta I) p \le 0`
-    NONFINITE = "nonfinite"  #: a non-finite right-hand side, HVP or curvature; the solution is NaN
-    FIXED = "fixed"  #: a fixed number of terms, nothing checked (Neumann, Identity)
-    #: Neumann's last series term outgrew ``v`` (:math:`\|(I - \alpha H)^i v\| > \|v\|`): some
-    #: :math:`|1 - \alpha\lambda| > 1`, so the series diverges (``alpha`` too large, or :math:`H`
-    #: not positive definite) and its sum is no approximation of :math:`H^{-1} v`; warm-started,
-    #: its iterate ended farther from the solution than 0
+    #: a non-finite right-hand side, HVP or curvature (CG, Neumann, Direct); the solution is NaN
+    NONFINITE = "nonfinite"
+    FIXED = "fixed"  #: a fixed number of terms, finite, no sign of divergence (Neumann, Identity)
+    #: Neumann's last series term outgrew ``v`` or the term before it
+    #: (:math:`\|(I - \alpha H)^i v\| > \|v\|`, or :math:`> \|(I - \alpha H)^{i-1} v\|`):
+    #: some :math:`|1 - \alpha\lambda| > 1`, so the series diverges (``alpha`` too large, or
+    #: :math:`H` not positive definite) and its sum is no approximation of :math:`H^{-1} v`;
+    #: warm-started, its iterate ended farther from the solution than 0
     DIVERGING = "diverging"
 
 
@@ -57,12 +59,14 @@ class SolveResult:
             returned :math:`x` (damped :math:`H`, as CG's recurrence tracks it, without an extra
             HVP; once the true residual reaches the dtype's precision the recurrence's keeps
             falling: in float32 it reported 6e-11 where :math:`\|Hx - v\|/\|v\|` was 1e-7);
-            ``nan`` with status ``NONFINITE``. Neumann from 0: the relative size of the last series term
-            :math:`\|(I - \alpha H)^i v\| / \|v\|`, which goes to 0 exactly when the series converges
+            ``nan`` with status ``NONFINITE`` (every solver). Neumann from 0: the relative size
+            of the last series term :math:`\|(I - \alpha H)^i v\| / \|v\|`, which goes to 0
+            exactly when the series converges
             (the true residual is :math:`(I-\alpha H)` times it). Warm-started Neumann: the relative
             residual :math:`\|v - H x'\| / \|v\|` of the iterate :math:`x'` before the last
             correction (the same quantity as from 0; ``nan`` with 0 steps). Identity: ``nan`` (not
-            measured).
+            measured). Norms are taken scaled, so the residual of a right-hand side of 1e-25s
+            (or 1e20s) in float32 is its true value, not 0 (or ``inf``).
         status: why the solver stopped, a :class:`SolveStatus`.
     """
 
@@ -137,6 +141,39 @@ def _writable(ts: Sequence[Tensor], inputs: Sequence[Tensor] = ()) -> list[Tenso
     return out
 
 
+def _scaled_norm(ts: Sequence[Tensor]) -> Tensor:
+    """The Euclidean norm of the concatenation of ``ts``, scaled by its largest entry first so that
+    it neither underflows nor overflows (``norm`` squares the entries: in float32 a vector of
+    1e-25s had norm 0 and one of 1e20s norm ``inf``). A 0-dim tensor; no host synchronisation;
+    non-finite entries give a non-finite norm."""
+    ts = [t for t in ts if t.numel()]
+    if not ts:
+        return torch.zeros(())
+    big = torch.stack(list(torch._foreach_norm(list(ts), math.inf))).amax()
+    safe = torch.where((big > 0) & torch.isfinite(big), big, torch.ones_like(big))
+    return norm(torch._foreach_div(list(ts), safe)) * safe
+
+
+def _pow2_scale(v: Sequence[Tensor]) -> float:
+    """A power of two near the largest ``|entry|`` of ``v`` (one host synchronisation), by which
+    ``v`` can be divided exactly; 1.0 for ``v = 0`` or a non-finite ``v``."""
+    ts = [t for t in v if t.numel()]
+    if not ts:
+        return 1.0
+    big = float(torch.stack(list(torch._foreach_norm(list(ts), math.inf))).amax())
+    if not (math.isfinite(big) and big > 0):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(big)[1] - 1)  # big / scale in [1, 2): representable in any dtype
+
+
+def _poisoned(x: list[Tensor], iterations: int) -> SolveResult:
+    """Status ``NONFINITE``: the solution made all NaN (never a plausible-looking vector with a
+    NaN or ``inf`` somewhere, nor one that a warm start would build on), residual NaN."""
+    torch._foreach_mul_(x, float("nan"))
+    nan = torch.full((), float("nan"), dtype=_real_dtype(x), device=x[0].device)
+    return SolveResult(tuple(x), iterations, nan, SolveStatus.NONFINITE)
+
+
 def _real_dtype(v: Sequence[Tensor]) -> torch.dtype:
     """The dtype of residuals (complex weights: their real precision)."""
     return v[0].dtype.to_real()
@@ -181,12 +218,22 @@ class Neumann(LinearSolver):
     :math:`1 - \alpha\lambda_{min}`. With :math:`i` terms it equals differentiating :math:`i + 1`
     SGD steps of learning rate :math:`\alpha` unrolled at the optimum. Given ``x0``, it runs
     :math:`i` Richardson iterations from ``x0`` (none free: ``x0 = 0`` gives one term fewer than
-    ``x0=None``). Cost: ``steps`` HVPs; memory: three weight-sized buffers; one host
-    synchronisation. Status ``FIXED``, or ``DIVERGING``: from 0 when the last term is larger than
-    ``v`` (:math:`\|(I-\alpha H)^i v\| > \|v\|` proves a factor :math:`|1-\alpha\lambda| > 1`:
-    the series diverges and its sum is no approximation of :math:`H^{-1} v`); from ``x0`` when
-    the iterate ends farther from the solution than 0 (residual above 1, or not finite); with
-    :math:`v = 0` it returns the solution 0 (residual 0), which the iterate only approaches.
+    ``x0=None``). Cost: ``steps`` HVPs; memory: three weight-sized buffers (and, briefly, one
+    more for the scaled norms at the end); one host synchronisation. Status ``FIXED``;
+    ``NONFINITE`` when ``v``, ``x0`` or an HVP was not finite (the solution is then NaN: never
+    built on, not solved again); or ``DIVERGING``: from 0 when
+    the last term is larger than ``v`` or than the term before it, with a margin of
+    :math:`\sqrt{\epsilon_{dtype}}` for rounding, and not below :math:`\epsilon_{dtype}\|v\|`
+    (a series converged to the dtype's precision) (for symmetric :math:`H` either proves a factor
+    :math:`|1-\alpha\lambda| > 1`: the series diverges and its sum is no approximation of
+    :math:`H^{-1} v`; :math:`\|(I-\alpha H)^j v\|` is log-convex in :math:`j`, so growth
+    anywhere shows in the last ratio, e.g. :math:`H = \mathrm{diag}(1, -0.05)`, whose last term
+    after 5 terms is still 8 times smaller than ``v``); from ``x0`` when the iterate ends farther
+    from the solution than 0 (residual above 1); with :math:`v = 0` it returns the solution 0
+    (residual 0), which the iterate only approaches. For a non-symmetric operator (a fixed-point
+    condition's :math:`I - J^\top`) the series converges when the spectral radius of
+    :math:`I - \alpha A` is below 1; growth of a term then proves only
+    :math:`\|I - \alpha A\|_2 > 1`.
 
     Args:
         steps: number of terms :math:`i` after the first (0 gives :math:`\alpha v`), or of
@@ -230,7 +277,7 @@ class Neumann(LinearSolver):
         _check_x0(v, x0)
         alpha = float(self.alpha)
         v = list(v)
-        tiny = torch.finfo(v[0].dtype).tiny
+        rdtype, device = _real_dtype(v), v[0].device
         if x0 is not None:
             # Richardson from x0: r <- v - H x; x <- x + alpha r (r is computed before x changes,
             # so an hvp that returns views of its input is harmless).
@@ -242,30 +289,45 @@ class Neumann(LinearSolver):
                 torch._foreach_sub_(r, list(hx))
                 torch._foreach_add_(x, r, alpha=alpha)
             if not self.steps:
-                residual = torch.full((), float("nan"), dtype=_real_dtype(v), device=v[0].device)
+                residual = torch.full((), float("nan"), dtype=rdtype, device=device)
                 return SolveResult(tuple(x), 0, residual, SolveStatus.FIXED)
-            vn = norm(v)
-            residual = norm(r) / vn.clamp_min(tiny)
-            res, size = torch.stack([residual, vn.to(residual.dtype)]).tolist()  # one synchronisation
-            if size == 0:  # v = 0: the solution is 0, which the iterate from x0 only approaches
-                zero = torch.zeros((), dtype=residual.dtype, device=residual.device)
+            # (scaled norms: in float32 a v of 1e-25s had norm 0 and came back as the solution 0)
+            sizes = torch.stack([_scaled_norm(r), _scaled_norm(v)]).to(rdtype)
+            rn, vn = sizes.tolist()  # one synchronisation
+            if not (math.isfinite(rn) and math.isfinite(vn)):  # a non-finite v, x0 or HVP
+                return _poisoned(x, self.steps)
+            if vn == 0:  # v = 0: the solution is 0, which the iterate from x0 only approaches
+                zero = torch.zeros((), dtype=rdtype, device=device)
                 return SolveResult(tuple(torch.zeros_like(t) for t in v), self.steps, zero, SolveStatus.FIXED)
-            # an iterate farther from the solution than 0 (residual above |v|, or not finite):
-            # the Richardson iteration grew, and a caller should not build on it
-            status = SolveStatus.FIXED if res <= 1 else SolveStatus.DIVERGING
-            return SolveResult(tuple(x), self.steps, residual, status)
+            # an iterate farther from the solution than 0 (residual above |v|): the Richardson
+            # iteration grew, and a caller should not build on it
+            status = SolveStatus.FIXED if rn <= vn else SolveStatus.DIVERGING
+            return SolveResult(tuple(x), self.steps, sizes[0] / sizes[1], status)
         # from 0: term_j = (I - alpha H)^j v, acc = sum_j term_j, x = alpha * acc
         term = [t.clone() for t in v]
         acc = [t.clone() for t in v]
-        for _ in range(self.steps):  # in place: no weight-sized allocations in the loop
+        before = _scaled_norm(term)  # |term_{i-1}|, the term before the last
+        for k in range(self.steps):  # in place: no weight-sized allocations in the loop, but
+            if k == self.steps - 1 and k > 0:  # a temporary for this norm, freed before the HVP
+                before = _scaled_norm(term)
             hv = hvp(term)
             torch._foreach_add_(term, list(hv), alpha=-alpha)
             del hv  # not alive while the next HVP is computed
             torch._foreach_add_(acc, term)
         torch._foreach_mul_(acc, alpha)
-        residual = norm(term) / norm(v).clamp_min(tiny)
-        # a last term larger than v proves a factor |1 - alpha lambda| > 1: the series diverges
-        status = SolveStatus.DIVERGING if self.steps and bool(residual > 1) else SolveStatus.FIXED
+        sizes = torch.stack([_scaled_norm(term), _scaled_norm(v), before]).to(rdtype)
+        last, vn, prev = sizes.tolist()  # one synchronisation
+        if not (math.isfinite(last) and math.isfinite(vn) and math.isfinite(prev)):
+            return _poisoned(acc, self.steps)  # a non-finite v or HVP
+        residual = sizes[0] / sizes[1] if vn > 0 else torch.zeros((), dtype=rdtype, device=device)
+        # a last term larger than v, or than the term before it, proves a factor
+        # |1 - alpha lambda| > 1 of a symmetric H: the series diverges. (|(I - alpha H)^j v| is
+        # log-convex in j, so growth anywhere shows in the last ratio; the margin is for rounding,
+        # and terms below eps |v|, converged to the dtype's precision, are rounding noise: in
+        # float32 a series at 1e-43 "grew" among subnormal numbers)
+        eps = torch.finfo(rdtype).eps
+        grew = last > vn or (last > eps * vn and last > prev * (1 + math.sqrt(eps)))
+        status = SolveStatus.DIVERGING if self.steps and grew else SolveStatus.FIXED
         return SolveResult(tuple(acc), self.steps, residual, status)
 
 
@@ -290,6 +352,12 @@ class CG(LinearSolver):
       :math:`1/\text{rounding}`); it stops there and returns the iterate so far, as truncated CG
       does. Raise ``damping`` if this happens often;
     * ``NONFINITE``: a non-finite ``v``, HVP or curvature; the solution is NaN, never a silent 0.
+
+    ``tol`` is relative: CG runs on :math:`(H + \delta I)(x/s) = v/s` with :math:`s` the power
+    of two nearest below :math:`\max_i |v_i|` (an exact scaling), so its iterates, iterations,
+    residual and status are those for :math:`v/s`: :math:`v^\top v` neither underflows (in
+    float32, a ``v`` of 1e-25s was taken for 0 and returned :math:`x = 0`, "converged") nor
+    overflows (one of 1e20s returned NaN). One host synchronisation for :math:`s`.
 
     The residual is not monotone in :math:`k`: on ill-conditioned systems it can rise above
     :math:`\|v\|` for a while before falling, while the error in the :math:`H`-norm always decreases
@@ -341,17 +409,23 @@ class CG(LinearSolver):
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         _check_x0(v, x0)
         v = list(v)
-        vv = float(dot(v, v))
+        # CG on (H + delta I)(x / s) = v / s with s a power of two near max |v| (exact scaling):
+        # v^T v squares v, and in float32 a v of 1e-25s came back as x = 0, "converged", and one
+        # of 1e20s as NaN, "nonfinite"; the iterates, tol and statuses are scale-invariant
+        scale = _pow2_scale(v)  # one synchronisation
+        r = list(torch._foreach_div(v, scale)) if scale != 1.0 else [t.clone() for t in v]
+        vv = float(dot(r, r))
         it = 0
         if x0 is not None and vv == 0:  # v = 0: x = 0 solves it exactly (and a residual relative
             x0 = None  # to |v| = 0 would be infinite from any other start)
         if x0 is None:
             x = [torch.zeros_like(t) for t in v]
-            r = [t.clone() for t in v]
             rs = vv
         else:
             x = [t.clone() for t in x0]
-            r = list(torch._foreach_sub(v, self._apply(hvp, x)))
+            if scale != 1.0:
+                torch._foreach_div_(x, scale)
+            torch._foreach_sub_(r, self._apply(hvp, x))
             it += 1
             rs = float(dot(r, r))
         p = [t.clone() for t in r]
@@ -385,6 +459,8 @@ class CG(LinearSolver):
                 torch._foreach_mul_(p, rs_new / rs)
                 torch._foreach_add_(p, r)
             rs = rs_new  # a non-finite one ends the loop with status NONFINITE
+        if scale != 1.0:
+            torch._foreach_mul_(x, scale)
         if status is SolveStatus.NONFINITE:  # poison the result, so guards downstream see it
             torch._foreach_mul_(x, float("nan"))
             rel = float("nan")
@@ -400,7 +476,8 @@ class Identity(LinearSolver):
     r""":math:`H^{-1} \approx s I`: no HVPs at all (the "identity" / one-step approximation).
 
     Lorraine et al. (2020) found it a useful baseline; it is exact only for :math:`H = I/s`.
-    It ignores ``x0`` and always reports status ``FIXED``.
+    It ignores ``x0`` and always reports status ``FIXED``: it checks nothing, not even that ``v``
+    is finite (no host synchronisation; ``Implicit``'s guards see a non-finite hypergradient).
 
     Args:
         scale: the factor :math:`s` (default: 1.0).
@@ -502,8 +579,7 @@ class Direct(LinearSolver):
                     singular = not bool(torch.isfinite(x).all())
                 if singular:
                     x = torch.linalg.pinv(h, hermitian=True) @ b
-            residual = torch.linalg.vector_norm(h @ x - b) / torch.linalg.vector_norm(b).clamp_min(
-                torch.finfo(b.dtype).tiny
-            )
+            # (scaled norms: plain ones underflowed to a residual of 0 for a v of 1e-25s in float32)
+            residual = _scaled_norm([h @ x - b]) / _scaled_norm([b]).clamp_min(torch.finfo(b.dtype).tiny)
         sol = tuple(c.view_as(t).clone() for c, t in zip(x.split(sizes), v, strict=True))
         return SolveResult(sol, n, residual, status)
