@@ -249,6 +249,8 @@ class HyperOptimizer(abc.ABC):
         self.divergence = None if divergence is None else float(divergence)
         self._loss_scale: float | None = None  # |first accepted nonzero training loss|, for ``divergence``
         self._validate_tensors()
+        # the outer optimiser's state (Adam's moments) and the method's are in these dtypes
+        self._hparam_kinds = {n: (p.dtype, p.device) for n, p in hparams.named_parameters()}
         self.ranks = Ranks(model)  # DistributedDataParallel: hypergradient paths use the module
         # as DDP does for the model: the same hyperparameters on every rank (rank 0's values)
         replicate(hparams, self.ranks.group, self.ranks.size)
@@ -318,6 +320,15 @@ class HyperOptimizer(abc.ABC):
                 f"{self.device} when this {name} was built. Convert or move the model (and hparams) "
                 f"first, then build the optimisers and the {name} (as torch.optim asks)"
             )
+        for n, p in self.hparams.named_parameters():
+            was = self._hparam_kinds.get(n)
+            if was is not None and (p.dtype, p.device) != was:
+                name = type(self).__name__
+                raise ValueError(
+                    f"hyperparameter {n!r} is now {p.dtype} on {p.device}, but was {was[0]} on {was[1]} "
+                    f"when this {name} was built (outer_optimizer's state is in the old one). Convert or "
+                    f"move hparams first, then build the optimisers and the {name} (as torch.optim asks)"
+                )
 
     def _trained_weights(self) -> list[Tensor]:
         """The weights ``inner_optimizer`` trains now (its params that require grad), validated."""
@@ -374,6 +385,7 @@ class HyperOptimizer(abc.ABC):
         state = dict(state)
         method = state.pop(_COPIED_METHOD_STATE, None)
         self.__dict__.update(state)
+        self.__dict__.setdefault("_hparam_kinds", {})  # (copies pickled before it was kept)
         self._weights_key = tuple(id(w) for w in self.pair.weights)
         if method is not None:
             self._load_method_state(method)
