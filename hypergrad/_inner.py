@@ -76,25 +76,17 @@ def _adam(
     new_p, new_s = [], []
     for p, g, st in zip(params, grads, states, strict=True):
         g = -g if maximize else g
-        step_t = st.get("step")
-        step = (0.0 if step_t is None else float(step_t)) + 1.0
-        if not _is_zero(wd):
-            if decoupled:
-                p = p * (1 - lr * wd)
-            else:
-                g = _l2(g, p, wd, group.get(_COMPLEX, False))
-        m = st.get("exp_avg")
-        v = st.get("exp_avg_sq")
-        m = torch.zeros_like(p) if m is None else m
-        v = torch.zeros_like(p) if v is None else v
-        m = m.lerp(g, 1 - beta1)  # torch.optim's own ops, out of place (same rounding)
+        step = _next_step(st)
+        p, g = _decayed(p, g, lr, wd, decoupled, group.get(_COMPLEX, False))
+        v = _state_or_zeros(st, "exp_avg_sq", p)
+        m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)  # torch.optim's ops, out of place
         if _traced(beta2):
             v = v * beta2 + (1 - beta2) * g * g
         else:
             v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
         bc1 = 1 - beta1**step
         bc2_sqrt = (1 - beta2**step) ** 0.5
-        s: State = {"step": torch.tensor(step, dtype=_step_dtype(step_t)), "exp_avg": m, "exp_avg_sq": v}
+        s: State = {"step": _step_tensor(step, st), "exp_avg": m, "exp_avg_sq": v}
         if amsgrad:
             vmax = st.get("max_exp_avg_sq")
             vmax = v if vmax is None else torch.maximum(vmax, v)
@@ -214,14 +206,16 @@ def _adamax(
     return tuple(new_p), new_s
 
 
-def _decayed(p: Tensor, g: Tensor, lr: Any, wd: Any, decoupled: bool) -> tuple[Tensor, Tensor]:
-    """NAdam's and RAdam's weight decay, as torch.optim applies it: decoupled (the weight shrunk
-    by ``1 - lr * wd`` before the step) or an L2 term added to the gradient."""
+def _decayed(
+    p: Tensor, g: Tensor, lr: Any, wd: Any, decoupled: bool, on_complex: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Adam's, NAdam's and RAdam's weight decay, as torch.optim applies it: decoupled (the weight
+    shrunk by ``1 - lr * wd`` before the step) or an L2 term added to the gradient (:func:`_l2`)."""
     if _is_zero(wd):
         return p, g
     if decoupled:
         return p * (1 - lr * wd), g  # torch.optim's param.mul_(1 - lr * weight_decay)
-    return p, g + wd * p if _traced(wd) else g.add(p, alpha=wd)
+    return p, _l2(g, p, wd, on_complex)
 
 
 def _nadam(
