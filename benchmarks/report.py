@@ -182,21 +182,27 @@ def render(data: dict[str, Any], name: str = "") -> str:
                 + ".",
                 "",
                 f"Held between hypersteps (allocator bytes live just before each hyperstep, relative to "
-                f"the method's first step; hypersteps every K steps; one snapshot = weights + buffers + "
+                f"the method's first step; hypersteps every s steps; one snapshot = weights + buffers + "
                 f"optimiser state + hyperparameters = {_mib(full)} MiB, one batch "
                 f"{b['batch_bytes'] / 2**10:.1f} KiB):",
                 "",
-                "| method | K | held before hyperstep 1 / 2 / 3, MiB | ÷ snapshot (last) "
-                "| documented bound: 2 snapshots + 2K batches, MiB |",
-                "|---|---:|---|---:|---:|",
+                "| method | K | s | held before hyperstep 1 / 2 / 3 (… last 3), MiB | ÷ snapshot (last) "
+                "| documented bound: 2 snapshots + 2K batches (+ K + s hyperparameter copies "
+                "where s < K) + the outer optimiser's state and .grad, MiB |",
+                "|---|---:|---:|---|---:|---:|",
             ]
             for label in ["implicit"] + [k for k in b if k.startswith("unrolled/")]:
                 x = b[label]
-                k = x["steps_between_hypersteps"]
-                bound = "–" if label == "implicit" else _mib(2 * full + 2 * k * b["batch_bytes"])
-                held = " / ".join(_mib(c["held_before_hyperstep_bytes"]) for c in x["cycles"])
+                every = x["steps_between_hypersteps"]
+                k = x.get("unrolled_steps", every)
+                bound = x.get("documented_bound_bytes")
+                if bound is None:  # (results saved before the bound was stored)
+                    bound = 2 * full + 2 * k * b["batch_bytes"]
+                shown = [_mib(c["held_before_hyperstep_bytes"]) for c in x["cycles"]]
+                held = " / ".join(shown if len(shown) <= 6 else shown[:3] + ["…"] + shown[-3:])
                 ratio = x["cycles"][-1]["held_before_hyperstep_bytes"] / full if full else None
-                lines.append(f"| {label} | {k} | {held} | {_f(ratio)} | {bound} |")
+                bound_s = "–" if label == "implicit" else _mib(bound)
+                lines.append(f"| {label} | {k} | {every} | {held} | {_f(ratio)} | {bound_s} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -371,14 +371,28 @@ def held_between(prob: Problem, args: argparse.Namespace, mem: Memory) -> dict[s
     out["snapshot_bytes"] = _nbytes(prob.weights) + _nbytes(list(prob.model.buffers())) + _nbytes(state)
     out["hparam_bytes"] = _nbytes(prob.hparams)
     out["batch_bytes"] = _nbytes(list(prob.train_batch))
-    for label, k in [("implicit", 5)] + [(f"unrolled/k-{k}", k) for k in UNROLLED_KS]:
+    K = max(UNROLLED_KS)
+    runs = [("implicit", 5, 5, args.cycles)] + [(f"unrolled/k-{k}", k, k, args.cycles) for k in UNROLLED_KS]
+    # overlapping windows: a hyperstep after every step (K + 2 cycles reach the steady state)
+    runs.append((f"unrolled/k-{K}/every-1", K, 1, max(args.cycles, K + 2)))
+    for label, k, every, n_cycles in runs:
         hh: hg.HyperOptimizer = hopt if label == "implicit" else prob.unrolled(k)
         cycles = []
-        for _ in range(args.cycles):
-            w_steps, _ = mem(lambda hh=hh, k=k: _steps(hh, prob, k))
+        for _ in range(n_cycles):
+            w_steps, _ = mem(lambda hh=hh, every=every: _steps(hh, prob, every))
             w_hyper, _ = mem(lambda hh=hh: _hyper(hh, prob))
             cycles.append((w_steps, w_hyper))
-        out[label] = {"steps_between_hypersteps": k, "cycles": cycles}
+        # not the method's: what any hyperstep leaves, the outer optimiser's state and the .grad
+        outer = [
+            t for st in hh.outer_optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)
+        ]
+        grads = [h.grad for h in prob.hparams if h.grad is not None]
+        out[label] = {
+            "steps_between_hypersteps": every,
+            "unrolled_steps": k,
+            "cycles": cycles,
+            "outer_bytes": _nbytes(outer) + _nbytes(grads),
+        }
     return out
 
 
@@ -400,7 +414,8 @@ def _resolve(b: dict[str, Any]) -> dict[str, Any]:
     for label, x in b.items():
         if not isinstance(x, dict) or "cycles" not in x:
             continue
-        k, live, cycles = x["steps_between_hypersteps"], 0, []
+        every, live, cycles = x["steps_between_hypersteps"], 0, []
+        k = x.get("unrolled_steps", every)
         for w_steps, w_hyper in x["cycles"]:
             live += w_steps.net
             before = live
@@ -413,13 +428,20 @@ def _resolve(b: dict[str, Any]) -> dict[str, Any]:
                 }
             )
         last = cycles[-1]["held_before_hyperstep_bytes"]
+        # what hg.Unrolled documents: 2 full snapshots (weights, buffers, optimiser state and
+        # hyperparameters) and at most 2K batches; with hypersteps more often than every K steps,
+        # also a copy of the hyperparameters per recorded step (K + s of them); besides, what any
+        # hyperstep leaves (the outer optimiser's state, the hyperparameters' .grad)
+        bound = 2 * full + 2 * k * batch + x.get("outer_bytes", 0)
+        if every < k:
+            bound += (k + every) * b["hparam_bytes"]
         out[label] = {
-            "steps_between_hypersteps": k,
+            "steps_between_hypersteps": every,
+            "unrolled_steps": k,
             "cycles": cycles,
+            "outer_bytes": x.get("outer_bytes", 0),
             "held_in_snapshots": last / full if full else float("nan"),
-            # what hg.Unrolled documents for hypersteps every K steps: 2 full snapshots (weights,
-            # buffers, optimiser state and hyperparameters), at most 2K batches
-            "documented_bound_bytes": 0 if label == "implicit" else 2 * full + 2 * k * batch,
+            "documented_bound_bytes": 0 if label == "implicit" else bound,
         }
     return out
 

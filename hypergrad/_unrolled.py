@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
+from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._checkpointed import checkpointed_hypergradient
 from ._functional import (
     check_batch,
@@ -174,6 +174,10 @@ class _Record:
     has_grad: tuple[bool, ...] = ()  # which weights the loss reached (torch.optim skips the others)
     rng: dict[str, Tensor] | None = None  # the RNG state before the loss (dropout masks)
     anchor: _Anchor | None = None
+    #: the hyperparameters this step and the next ones (to the next anchor or copy) used, where
+    #: they changed since the newest anchor without a full snapshot here (a hyperstep between two
+    #: anchors): a copy of the hyperparameters only; None where they did not change
+    hparams: Tensors | None = None
     #: ``training`` of every module of the model and the hyperparameters during the step (a
     #: hyperstep may come while the user has the model in eval mode); () replays in the current mode
     training: tuple[bool, ...] = ()
@@ -274,12 +278,16 @@ class Unrolled(HyperOptimizer):
             K more training gradients per hyperstep (about 1.5x the time). Buffers are constants
             in it (no gradient through running statistics) (default: False).
 
-    Memory between hypersteps: at most 2K recorded batches, and full snapshots of the weights,
-    optimiser state and hyperparameters (no graphs) only every K steps and after every change of
-    the hyperparameters: two of them when hypersteps come every K steps, three when they come
-    less often, at most K (as many as steps) when more often. A replay starts
-    from the latest snapshot at least K steps back and first re-runs, without a graph and with
-    the hyperparameters of that time, the (fewer than K) steps up to the window it differentiates.
+    Memory between hypersteps: at most 2K recorded batches and two full snapshots of the weights,
+    buffers, optimiser state and hyperparameters (no graphs), taken every K steps and at the
+    first change of the hyperparameters in K steps. When hypersteps come more often than every
+    K steps (every step: overlapping windows), the steps between snapshots keep a copy of the
+    hyperparameters they used instead (at most K + s copies for hypersteps every s steps; a few
+    scalars for per-layer decays or learning rates, one weight-sized tensor for a decay per
+    weight). A replay starts from the latest snapshot at least K steps back and first re-runs,
+    without a graph and with the hyperparameters of their time, the steps up to the window it
+    differentiates; an accepted hyperstep keeps the state it re-ran to as the next window's
+    snapshot, so with hypersteps every step it re-runs one step (one more gradient, no graph).
     Batches: ``hyper_step(val_batch=...)``; the training batches are the recorded ones, so
     ``train_batch`` may be passed for a uniform call but is not used.
 
@@ -354,8 +362,11 @@ class Unrolled(HyperOptimizer):
         self._records: collections.deque[_Record] = collections.deque()
         self._versions: tuple[int, ...] = ()
         self._since_anchor = 0  # records since the newest anchor
-        self._hp_versions: tuple[int, ...] = ()  # hyperparameter versions at the newest anchor
-        self._hp_moved = False  # a hyperstep moved the hyperparameters since the newest anchor
+        self._since_move = 0  # records since the hyperparameters last changed (0: never)
+        self._hp_versions: tuple[int, ...] = ()  # hyperparameter versions at the newest anchor or copy
+        self._hp_moved = False  # a hyperstep moved the hyperparameters since the newest anchor or copy
+        #: the window's first record and its state, re-run by the hyperstep under way (:meth:`_start`)
+        self._promotion: tuple[_Record, _Anchor] | None = None
         self._warned_hooks: frozenset[str] = frozenset()
         self._weights_changed()
         self._check_hooks()
@@ -376,7 +387,9 @@ class Unrolled(HyperOptimizer):
         from the weights as they are now (e.g. freshly initialised for a new episode)."""
         self._records.clear()
         self._since_anchor = 0
+        self._since_move = 0
         self._hp_moved = False
+        self._promotion = None
         self._versions = self._current_versions()
 
     def _current_versions(self) -> tuple[int, ...]:
@@ -386,13 +399,12 @@ class Unrolled(HyperOptimizer):
         """End the episode if the weights were changed outside ``step()``."""
         if self._records and self._current_versions() != self._versions:
             self.start_episode()
-            warnings.warn(
+            _warn_user(
                 "the weights were changed outside hopt.step() since the last recorded step (a "
                 "re-initialisation, load_state_dict, weight averaging?): the recorded steps no "
                 "longer lead to them, so they were dropped and a new episode starts from the "
                 "current weights. Call hopt.start_episode() after such a change to say it is intended.",
                 ReplayWarning,
-                stacklevel=4,
             )
         self._versions = self._current_versions()
 
@@ -413,13 +425,12 @@ class Unrolled(HyperOptimizer):
         new = found - self._warned_hooks
         if new:
             self._warned_hooks = self._warned_hooks | new
-            warnings.warn(
+            _warn_user(
                 f"Unrolled replays the inner steps with its own differentiable optimiser and cannot "
                 f"run {', '.join(sorted(new))}: if they change the gradients or the update (gradient "
                 "clipping, ...) the hypergradient is that of the steps without them. (For gradient "
                 "clipping, use hopt.step(batch, max_grad_norm=...), which the replay reproduces.)",
                 ReplayWarning,
-                stacklevel=4,
             )
 
     def _check_autocast(self, call: str) -> None:
@@ -447,18 +458,34 @@ class Unrolled(HyperOptimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         pair = self.pair
+        self._promotion = None
         hp_versions = tuple(h._version for h in pair.hparam_tensors)
-        moved = self._hparams_moved()
-        anchor = None
-        if not self._records or self._since_anchor >= self.steps or moved:
+        moved = bool(self._records) and self._hparams_moved()
+        # A full snapshot at the first step, every K steps, and where the hyperparameters moved
+        # for the first time in K steps (hypersteps every K steps or sparser: each window then
+        # starts on a snapshot). Hypersteps more often than that (every step) only copy the
+        # hyperparameters: K full snapshots would be held otherwise; the hyperstep re-runs the
+        # steps from the snapshot to its window's start without a graph, and keeps their end as
+        # the window's snapshot (see :meth:`_start`), so at most two are held.
+        sparse = moved and (self._since_move == 0 or self._since_move >= self.steps)
+        anchor, copied = None, None
+        if not self._records or self._since_anchor >= self.steps or sparse:
             anchor = _Anchor(
                 weights=clone_all(pair.weights),
                 buffers=buffers,  # as before this step's forward pass (already copies)
                 states=snapshot_state(self.inner_optimizer, pair.weights),
                 hparams=clone_all(pair.hparam_tensors),
             )
-            self._since_anchor, self._hp_versions, self._hp_moved = 0, hp_versions, False
+            self._since_anchor = 0
+        elif moved:
+            copied = clone_all(pair.hparam_tensors)
+        if moved:
+            self._since_move = 0
+        if anchor is not None or moved:
+            self._hp_versions, self._hp_moved = hp_versions, False
         self._since_anchor += 1
+        if moved or self._since_move:
+            self._since_move += 1
         self._records.append(
             _Record(
                 batch=clone_batch(batch),
@@ -466,6 +493,7 @@ class Unrolled(HyperOptimizer):
                 has_grad=has_grad,
                 rng=rng,
                 anchor=anchor,
+                hparams=copied,
                 training=tuple(m.training for m in self._mode_modules()),
                 max_grad_norm=max_grad_norm,
                 autocast=_autocast_state(self.device.type),
@@ -491,12 +519,21 @@ class Unrolled(HyperOptimizer):
             return True
         if not any(g.get("fused") for g in self.outer_optimizer.param_groups):
             return False
-        anchor = next((r.anchor for r in reversed(self._records) if r.anchor is not None), None)
-        if anchor is None:
+        used = self._hparams_in_effect()
+        if used is None:
             return False
         with torch.no_grad():
-            changed = [(a != h).any() for a, h in zip(anchor.hparams, self.pair.hparam_tensors, strict=True)]
+            changed = [(a != h).any() for a, h in zip(used, self.pair.hparam_tensors, strict=True)]
         return bool(torch.stack(changed).any()) if changed else False
+
+    def _hparams_in_effect(self) -> Tensors | None:
+        """The hyperparameters the newest recorded step used (its anchor's or copy's)."""
+        for r in reversed(self._records):
+            if r.hparams is not None:
+                return r.hparams
+            if r.anchor is not None:
+                return r.anchor.hparams
+        return None
 
     def _mode_modules(self) -> list[nn.Module]:
         """The modules whose ``training`` flag a step records and its replay restores."""
@@ -646,24 +683,61 @@ class Unrolled(HyperOptimizer):
     def _start(self) -> tuple[Tensors, list[State], Tensors]:
         """Weights, optimiser states and buffers before the first differentiated step: from the
         anchor (the first record), re-running the steps before the window without a graph, each
-        with the hyperparameters it used (the anchor's)."""
+        with the hyperparameters it used (its anchor's or copy's). Where it re-ran any, their end
+        becomes the anchor of the window's first step once the hyperstep is taken, and the
+        records before it are dropped (:meth:`_promote`): the next hyperstep starts there, and at
+        most one full snapshot is held besides the newest real one. :meth:`hypergradient` alone
+        changes nothing."""
         records = list(self._records)
         first = len(records) - self._window()
-        anchor = records[0].anchor
+        begin = 0
+        pending = self._promotion
+        anchor: _Anchor | None = records[0].anchor
+        if pending is not None and 0 < first < len(records) and records[first] is pending[0]:
+            begin, anchor = first, pending[1]  # (forward mode: once per hyperparameter entry)
         assert anchor is not None
         weights = tuple(t.detach().clone().requires_grad_(True) for t in anchor.weights)
         states = [dict(s) for s in anchor.states]
         buffers = clone_all(anchor.buffers)
         hp = anchor.hparams
-        for rec in records[:first]:
-            if rec.anchor is not None:
+        for i, rec in enumerate(records[begin:first]):
+            if i and rec.anchor is not None:
                 hp = rec.anchor.hparams
+            elif rec.hparams is not None:
+                hp = rec.hparams
             with torch.enable_grad():
                 w, states, b = self._replay_step(rec, weights, states, buffers, hp, create_graph=False)
             weights = tuple(t.detach().requires_grad_(True) for t in w)
             states = [{k: v.detach() if isinstance(v, Tensor) else v for k, v in st.items()} for st in states]
             buffers = tuple(t.detach() for t in b)
+        if first > begin:
+            rec = records[first]
+            made = rec.anchor
+            if made is None:
+                made = _Anchor(
+                    weights=tuple(t.detach() for t in weights),  # (the replay does not write them)
+                    buffers=clone_all(buffers),  # (the replay updates running statistics in place)
+                    states=[dict(s) for s in states],
+                    hparams=rec.hparams if rec.hparams is not None else hp,
+                )
+            self._promotion = (rec, made)
         return weights, states, buffers
+
+    def _promote(self) -> None:
+        """Make the window start the hyperstep re-ran (:meth:`_start`) the first record's anchor."""
+        pending, self._promotion = self._promotion, None
+        if pending is None:
+            return
+        rec, anchor = pending
+        records = list(self._records)
+        first = next((i for i, r in enumerate(records) if r is rec), None)
+        if first is None:
+            return
+        rec.anchor, rec.hparams = anchor, None
+        for _ in range(first):
+            self._records.popleft()
+        last = max(i for i, r in enumerate(self._records) if r.anchor is not None)
+        self._since_anchor = len(self._records) - last
 
     def _check_reproduced(self, replayed: Sequence[Tensor]) -> None:
         """Warn when the replay of the recorded steps ends away from the real weights although it
@@ -679,9 +753,8 @@ class Unrolled(HyperOptimizer):
         records = list(self._records)
         current = self.pair.hparam_tensors
         for rec in records:
-            if rec.anchor is not None and not all(
-                torch.equal(a, c) for a, c in zip(rec.anchor.hparams, current, strict=True)
-            ):
+            used = rec.hparams if rec.hparams is not None else rec.anchor.hparams if rec.anchor else None
+            if used is not None and not all(torch.equal(a, c) for a, c in zip(used, current, strict=True)):
                 return  # steps taken with other hyperparameters: the replay differs on purpose
         anchor = records[0].anchor
         assert anchor is not None
@@ -698,7 +771,7 @@ class Unrolled(HyperOptimizer):
             err, moved, size = torch.stack(parts).amax(0).tolist()
         eps = torch.finfo(self.dtype).eps
         if err > eps**0.5 * moved + 100 * eps * size:  # (a NaN is the non-finite guard's)
-            warnings.warn(
+            _warn_user(
                 f"the replayed inner steps end {err:.3g} away from the real weights (the real steps "
                 f"moved them {moved:.3g}): the replay did not reproduce training, so the "
                 "hypergradient is that of other steps. Unrolled replays each step with its recorded "
@@ -708,7 +781,6 @@ class Unrolled(HyperOptimizer):
                 "counter), gradient or optimizer hooks (clip with step(batch, max_grad_norm=...) "
                 "instead), or nondeterministic kernels.",
                 ReplayWarning,
-                stacklevel=4,
             )
 
     def _replay(self, hp: Sequence[Tensor]) -> tuple[Tensors, Tensors]:
@@ -831,8 +903,10 @@ class Unrolled(HyperOptimizer):
         )
 
     def _moved(self) -> None:
-        """The outer step was taken: the next recorded step starts a new snapshot."""
+        """The outer step was taken: the next recorded step copies the hyperparameters (or starts
+        a new snapshot), and the window's start re-run for it is kept."""
         self._hp_moved = True
+        self._promote()
 
     def replayed_weights(self) -> Tensors:
         """The weights reached by replaying the recorded window of steps (detached), shaped like
@@ -863,6 +937,7 @@ class Unrolled(HyperOptimizer):
         return {
             "records": [r.to_dict() for r in self._records],
             "since_anchor": self._since_anchor,
+            "since_move": self._since_move,
             "anchor_due": anchor_due,  # the hyperparameters moved since the newest anchor
             "rank": self._rank(),  # the records hold this rank's shards
         }
@@ -880,9 +955,11 @@ class Unrolled(HyperOptimizer):
                 "f'ckpt{rank}.pt') and load each rank's own, or save right after a hyper_step"
             )
         self._records.clear()
+        self._promotion = None
         for r in state["records"]:
             self._records.append(_Record.from_dict(r))
         self._since_anchor = state.get("since_anchor", 0)
+        self._since_move = state.get("since_move", 0)
         self._hp_moved = bool(state.get("anchor_due", True))
         self._hp_versions = tuple(h._version for h in self.pair.hparam_tensors)
         self._versions = self._current_versions()

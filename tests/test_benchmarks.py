@@ -86,6 +86,11 @@ def test_suite_tiny_writes_json_and_markdown(tmp_path: Path) -> None:
     b = r["between_hypersteps"]
     assert [x["inner_steps"] for x in b["implicit_peak_vs_inner_steps"]] == [1, 2]
     assert b["unrolled/k-5"]["cycles"][-1]["held_before_hyperstep_bytes"] > 0
+    # hypersteps after every step: still within two snapshots (+ hyperparameter copies)
+    every = b["unrolled/k-5/every-1"]
+    assert every["steps_between_hypersteps"] == 1 and len(every["cycles"]) >= 7
+    for x in (b["unrolled/k-5"], every):
+        assert 0 < x["cycles"][-1]["held_before_hyperstep_bytes"] <= x["documented_bound_bytes"]
     nums = _numbers(data["models"])
     assert nums and all(math.isfinite(v) for v in nums)
     text = md.read_text()
