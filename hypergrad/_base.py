@@ -14,6 +14,8 @@ import dataclasses
 import enum
 import functools
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -122,6 +124,27 @@ def _forget_autocast_casts(device: torch.device) -> None:
         torch.clear_autocast_cache()
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside the library's own modules (the
+    line of the user's script that called ``step`` / ``hyper_step``, or of the user's loss that
+    hypergrad called; ``hypergrad/experiments/`` counts as a user), however deep inside hypergrad
+    (and its decorators) the warning is raised: a fixed ``stacklevel`` pointed into hypergrad
+    itself, so the message named no line of the user's and Python's once-per-location filters
+    merged warnings from different call sites."""
+    frame = sys._getframe(1)
+    level = 2  # (1 would be this function, 2 its caller)
+    while (
+        frame.f_back is not None
+        and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def _check_max_grad_norm(value: Any) -> float | None:
     """``step``'s ``max_grad_norm`` as a float (``None`` stays ``None``), or a ``ValueError``."""
     if value is None:
@@ -163,7 +186,10 @@ class HyperOptimizer(abc.ABC):
     """Tunes hyperparameters by gradient descent while an ordinary optimiser trains the model.
 
     Args:
-        model: the model; its parameters in ``inner_optimizer`` are the weights :math:`w`.
+        model: the model; its parameters in ``inner_optimizer`` are the weights :math:`w`. Its
+            dtype (that of the batches' floating-point tensors) and device are those of the
+            trained weights; a frozen part may be of another dtype (a ``bfloat16`` encoder under
+            a ``float32`` head), not on another device.
         hparams: an ``nn.Module`` whose parameters are the (raw) hyperparameters :math:`\\lambda`.
         train_loss: ``train_loss(model, hparams, batch) -> scalar``, the inner objective
             :math:`L_T(w, \\lambda)`.
@@ -271,8 +297,10 @@ class HyperOptimizer(abc.ABC):
             raise ValueError("hparams has no parameters: there is nothing to tune")
         if not model_params:
             raise ValueError("model has no parameters to train")
-        ref = next(iter(model_params.values()))
+        ref = self._reference_weight()
         self.device, self.dtype = ref.device, ref.dtype
+        first = next(iter(model_params.values()))
+        self._first_kind = (first.dtype, first.device)
         for n, p in model_params.items():
             if p.device != ref.device:
                 raise ValueError(f"model parameter {n!r} is on {p.device}, others on {ref.device}")
@@ -308,16 +336,35 @@ class HyperOptimizer(abc.ABC):
         if missing:
             raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
 
+    def _reference_weight(self, *, checked: bool = True) -> Tensor:
+        """The tensor whose dtype and device are the model's (``self.dtype``, ``self.device``):
+        the first weight ``inner_optimizer`` trains, else the model's first parameter. Not simply
+        the first parameter: a frozen part listed first (a ``bfloat16`` embedding under a
+        ``float32`` head) would make the trained weights look like the odd ones out. With
+        ``checked=False`` (every step) it is not checked to be a model parameter, which
+        :meth:`_trained_weights` does next."""
+        model_ids = {id(p) for p in self.model.parameters()} if checked else None
+        for t in _params_of(self.inner_optimizer):
+            if t.requires_grad and (model_ids is None or id(t) in model_ids):
+                return t
+        return next(iter(self.model.parameters()))
+
     def _check_not_moved(self) -> None:
         """Raise if the model was converted (``.to(torch.float64)``, ``.cuda()``) after this object
         was built: its dtype and device, the optimisers' and the method's state all refer to the
         model as it was, and the batch checks would ask for batches of the old dtype."""
-        ref = next(iter(self.model.parameters()))
-        if ref.dtype != self.dtype or ref.device != self.device:
+        first = next(iter(self.model.parameters()))
+        was_first = getattr(self, "_first_kind", None)  # (copies pickled before it was kept)
+        if was_first is not None and (first.dtype, first.device) != was_first:
+            now, was = (first.dtype, first.device), was_first  # (the whole model converted)
+        else:
+            ref = self._reference_weight(checked=False)
+            now, was = (ref.dtype, ref.device), (self.dtype, self.device)
+        if now != was:
             name = type(self).__name__
             raise ValueError(
-                f"the model's parameters are now {ref.dtype} on {ref.device}, but were {self.dtype} on "
-                f"{self.device} when this {name} was built. Convert or move the model (and hparams) "
+                f"the model's parameters are now {now[0]} on {now[1]}, but were {was[0]} on "
+                f"{was[1]} when this {name} was built. Convert or move the model (and hparams) "
                 f"first, then build the optimisers and the {name} (as torch.optim asks)"
             )
         for n, p in self.hparams.named_parameters():
@@ -554,13 +601,12 @@ class HyperOptimizer(abc.ABC):
             # a constant loss (a batch with nothing to learn, say every example masked) skips the
             # update, as `if loss.requires_grad: loss.backward()` would; but a loss computed under
             # no_grad or detached by mistake would skip every step silently: say so
-            warnings.warn(
+            _warn_user(
                 f"{type(self).__name__}.step: train_loss returned a loss that does not require grad "
                 f"(value {float(loss.detach()):.6g}), so this step changes no weight. Fine for a batch "
                 "with nothing to learn; otherwise the loss was computed under torch.no_grad() or "
                 "detached (.item(), .detach(), a new tensor): return it with its graph",
                 DisconnectedWarning,
-                stacklevel=4,
             )
         return loss
 
@@ -776,7 +822,7 @@ class HyperOptimizer(abc.ABC):
             if ok or name in self._warned_disconnected:
                 continue
             self._warned_disconnected.add(name)
-            warnings.warn(
+            _warn_user(
                 f"hyperparameter {name!r} does not reach the losses: no gradient path leads from it "
                 "to val_loss or to train_loss's gradient, so its hypergradient is exactly 0. Is it "
                 "cast to a Python number (float(), .item()), passed to a torch argument that takes "
@@ -789,7 +835,6 @@ class HyperOptimizer(abc.ABC):
                 "torch.optim.swa_utils.AveragedModel copy, a deepcopy): evaluate the model it gets. "
                 "(warned once)",
                 DisconnectedWarning,
-                stacklevel=4,
             )
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
@@ -824,7 +869,7 @@ class HyperOptimizer(abc.ABC):
         msg += "; weights, buffers, hyperparameters and optimiser states were left untouched"
         if self.on_nonfinite is OnNonFinite.RAISE:
             raise NonFiniteError(msg)
-        warnings.warn(msg + " (step skipped)", NonFiniteWarning, stacklevel=3)
+        _warn_user(msg + " (step skipped)", NonFiniteWarning)
 
     # ------------------------------------------------------------------ helpers for methods
 
@@ -848,7 +893,11 @@ class HyperOptimizer(abc.ABC):
             each container's raw values mean, checked on load) and ``"optimizer_params"`` (the
             names of the optimisers' parameters in their order, checked on load). Its tensors
             are the live ones (as ``nn.Module.state_dict`` gives them): ``copy.deepcopy`` it, or
-            ``torch.save`` it, to keep it while training goes on.
+            ``torch.save`` it, to keep it while training goes on. It holds tensors, numbers,
+            strings and plain containers only, so ``torch.load(path, weights_only=True)`` (torch's
+            default) reads it back; except that :class:`~hypergrad.Unrolled` keeps its recorded
+            batches as given, so batches of your own class (a ``NamedTuple``, a dataclass) need
+            ``with torch.serialization.safe_globals([YourBatch]): torch.load(...)``.
         """
         return {
             "model": self.model.state_dict(),

@@ -414,7 +414,9 @@ class WeightDecay(nn.Module):
 
     Raises:
         ValueError: an unknown ``per``, an ``init`` not > 0 (or not < ``max``), a ``max`` not
-            finite and > 0, or no parameter to penalise.
+            finite and > 0, no parameter to penalise, or (``per="parameter"``) a parameter of an
+            ``nn.Lazy*`` module not initialised yet (its shape is unknown before the first
+            forward pass).
 
     Shapes: ``raw[j]`` is ``()`` for ``"global"`` / ``"layer"`` and the ``j``-th penalised weight's
     shape for ``"parameter"``; ``value`` is ``(count,)``: every decay, detached, flattened and
@@ -476,6 +478,14 @@ class WeightDecay(nn.Module):
         if not names:
             raise ValueError("WeightDecay: the model has no parameters to penalise")
         params = dict(model.named_parameters())
+        lazy = [n for n in names if nn.parameter.is_lazy(params[n])]
+        if lazy and per == "parameter":
+            raise ValueError(
+                f"WeightDecay(per='parameter'): parameter(s) {lazy[:3]} are not initialised yet (an "
+                f"nn.Lazy* module before its first forward pass), so their shapes are unknown: run "
+                f"the model on one batch first, then build the WeightDecay (per='global' and "
+                f"per='layer' need no shapes and work before)"
+            )
         self.names: tuple[str, ...] = tuple(names)
         #: every parameter name the model had (penalised or not), to notice parameters added later
         self._known: frozenset[str] | None = frozenset(params)
