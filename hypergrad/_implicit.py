@@ -11,15 +11,16 @@ At a stationary point of the inner problem, :math:`\nabla_w L_T(w^*(\lambda), \l
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, OnNonFinite, _Hypergradient
+from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._functional import (
+    _uncached,
     clone_all,
     differentiable_twice,
     dot,
@@ -282,6 +283,23 @@ def _check_loss_value(loss: object, name: str) -> None:
         raise ValueError(f"{name} must return a scalar tensor, got {got}")
 
 
+def _check_subset(subset: object) -> None:
+    """``hessian_subset`` must be a callable on parameter names; an ``nn.Module`` is callable
+    too, but on inputs: called with a name it failed deep in its forward
+    (``linear(): argument 'input' must be Tensor, not str``)."""
+    if isinstance(subset, nn.Module) or not callable(subset):
+        got = f"the module {type(subset).__name__}" if isinstance(subset, nn.Module) else repr(subset)[:80]
+        raise TypeError(
+            f"hessian_subset must be a callable name -> bool, e.g. lambda n: n.startswith('fc'), got {got}"
+            + (
+                " (a module is called on inputs, not on names: select its weights by their names, "
+                "e.g. lambda n: n.startswith('head.'))"
+                if isinstance(subset, nn.Module)
+                else ""
+            )
+        )
+
+
 def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
     r"""Whether a Neumann series from 0 grew by more than a factor 2 per term: a sign that
     :math:`\alpha\lambda_{max} > 3` (a stale step size), which negative curvature alone, with
@@ -495,7 +513,8 @@ class Implicit(HyperOptimizer):
       paper's practice and the right scale for SGD on the same loss — :math:`i` terms then equal
       differentiating :math:`i + 1` SGD steps — but not for adaptive optimisers (Adam's lr of
       1e-3 gave a hypergradient with cosine −0.08 to the truth) or param groups with different
-      rates, for which it warns;
+      rates, for which it warns; while that rate is 0 (a warmup from 0, a cosine schedule at its
+      end), which is no step size, ``"power"``;
     * ``"power"``: :math:`1/\hat\lambda_{max}`, with :math:`\hat\lambda_{max}` the largest
       Hessian eigenvalue (in magnitude) estimated by power iteration on the hyperstep's own
       training batch: 20 HVPs the first time, then 5 warm-started HVPs every 10 hypersteps,
@@ -522,7 +541,17 @@ class Implicit(HyperOptimizer):
     forward/backward, one training forward/backward with a graph kept, the solver's HVPs and one
     mixed VJP), plus any power-iteration HVPs; ``info.solver_iterations`` counts every HVP.
     :class:`~hypergrad.hparams.WeightDecay` penalties enter the HVPs by their exact diagonal
-    second derivatives, without autograd (cheaper HVPs).
+    second derivatives, without autograd (cheaper HVPs), unless a weight of the solve or a
+    hyperparameter has gradient hooks (``t.register_hook``).
+
+    Gradient hooks on the weights act, as in training, on every derivative taken w.r.t. them:
+    the training gradient, each HVP, :math:`\partial L_V/\partial w`. For a linear hook that is
+    the IFT of the gradient field the inner optimiser follows: a constant scaling cancels out, a
+    mask (``g * mask``) gives the hypergradient with the masked entries held fixed. A non-linear
+    hook (``g.clamp(-c, c)``) is applied to the HVPs too, which then are not Hessian products:
+    clip in :meth:`step` (``max_grad_norm``) instead. A hook on a hyperparameter acts on each
+    term of its hypergradient (direct and mixed): a mask (``g * mask``) gives 0 at the masked
+    entries.
 
     Raises:
         ValueError: ``hparams`` holds settings of the inner optimiser
@@ -530,7 +559,7 @@ class Implicit(HyperOptimizer):
             trained weight; at :meth:`hyper_step`, a missing batch, or a training gradient that
             does not depend on the weights.
         TypeError: ``solver`` is not a :class:`LinearSolver`, or ``hessian_subset`` is not
-            callable.
+            callable or is an ``nn.Module`` (called on inputs, not names).
 
     Hyperparameters must enter ``train_loss`` or ``val_loss`` directly; settings of the inner
     optimiser (:class:`~hypergrad.hparams.LearningRate`, ...) do not move the optimum and are
@@ -586,10 +615,6 @@ class Implicit(HyperOptimizer):
                 f"got {type(solver).__name__}"
             )
         self.solver = solver
-        if hessian_subset is not None and not callable(hessian_subset):
-            raise TypeError(
-                "hessian_subset must be a callable name -> bool, e.g. lambda n: n.startswith('fc')"
-            )
         self.hessian_subset = hessian_subset
         #: add WeightDecay penalties' exact second derivatives without autograd (same result,
         #: cheaper HVPs); a switch for comparisons
@@ -608,6 +633,7 @@ class Implicit(HyperOptimizer):
         pair = self.pair
         if self.hessian_subset is None:
             return list(pair.weights)
+        _check_subset(self.hessian_subset)
         # a weight tied into several modules is selected by any of its names (named_parameters
         # lists it under the first one only: a head tied to the embedding is "2.weight" too)
         names: dict[int, list[str]] = {}
@@ -634,22 +660,26 @@ class Implicit(HyperOptimizer):
         groups = [g for g in self.inner_optimizer.param_groups if any(p.requires_grad for p in g["params"])]
         lrs = {float(g["lr"]) for g in groups}
         is_sgd = type(self.inner_optimizer) is torch.optim.SGD
+        lr = float(groups[0]["lr"]) if groups else math.nan  # (nothing trained: frozen since)
+        if not (lr > 0 and math.isfinite(lr)):
+            # no scale (a warmup from 0, a cosine schedule at its end): Neumann(alpha=0) would be
+            # the solution 0, the hypergradient its direct term only; and Neumann refuses alpha=0
+            return "power"
         if alpha is None:
             plain = is_sgd and len(lrs) == 1 and all(float(g.get("momentum", 0.0)) == 0.0 for g in groups)
-            return lrs.pop() if plain else "power"
+            return lr if plain else "power"
         if alpha == "lr":
             if (not is_sgd or len(lrs) > 1) and not self._warned_lr:
                 self._warned_lr = True
-                warnings.warn(
+                _warn_user(
                     f"Neumann(alpha='lr') takes the inner learning rate {float(groups[0]['lr']):g} as the "
                     f"series' step size, but the inner optimiser is {type(self.inner_optimizer).__name__}"
                     f"{' with several learning rates' if len(lrs) > 1 else ''}: that rate is not on the "
                     "Hessian's scale and the series may converge to the wrong answer or diverge. Use "
                     "alpha='power' (or None) or a number. (warned once)",
                     UserWarning,
-                    stacklevel=5,
                 )
-            return float(groups[0]["lr"])
+            return lr
         return "power"
 
     def current_solver(self) -> LinearSolver:
@@ -669,11 +699,14 @@ class Implicit(HyperOptimizer):
         estimate that made the series blow up in this hyperstep, to refresh now (warm-started,
         the full number of iterations)."""
         assert isinstance(self.solver, Neumann)
+        weights = self._hessian_weights()
         extra, power = 0, self._power if stale is None else stale
+        start = None if power is None else _warm_start_for(power[1], weights)
+        if start is None:  # an estimate for other weights (hessian_subset changed, a state loaded
+            power = None  # from a run with another subset): of another Hessian, estimated afresh
         if stale is not None or power is None or self.hyper_steps - power[2] >= _POWER_EVERY:
-            start = None if power is None else power[1]
             iters = _POWER_ITERS if power is None or stale is not None else _POWER_REFRESH_ITERS
-            lam, vec = power_iteration(hvp, self._hessian_weights(), iters, start)
+            lam, vec = power_iteration(hvp, weights, iters, start)
             if not lam > 0:  # zero / non-finite Hessian: leave it to the guards downstream
                 lam = float("nan") if lam != lam else float(torch.finfo(self.dtype).tiny)
             extra, power = iters, (lam, vec, self.hyper_steps)
@@ -705,18 +738,28 @@ class Implicit(HyperOptimizer):
         average = self.ranks.mean_ if self.ranks.size > 1 else None
         weights = self._hessian_weights()
         x0 = _warm_start_for(self._x0, weights) if self.solver.warm_start else None
-        penalties = _DiagonalPenalties(self.hparams, pair.hparam_tensors) if self.analytic_penalties else None
-        r = _implicit(
-            lt_recorded,
-            lv,
-            weights,
-            pair.hparam_tensors,
-            solver,
-            x0,
-            average,
-            penalties,
-            self._coupled_decay(weights),
-        )
+        # gradient hooks on the weights or hyperparameters (t.register_hook: scaling, masking) act
+        # on every derivative autograd takes w.r.t. them, and the by-hand penalty terms would
+        # bypass them (with a hook scaling a weight's gradient by 3, the hypergradient was 66%
+        # off; a hook masking entries of a decay left them a non-zero hypergradient)
+        hooked = any(t._backward_hooks for t in [*weights, *pair.hparam_tensors])
+        by_hand = self.analytic_penalties and not hooked
+        penalties = _DiagonalPenalties(self.hparams, pair.hparam_tensors) if by_hand else None
+        # each loss computes its parametrised weights afresh: under a user's
+        # ``torch.nn.utils.parametrize.cached()`` the training loss reused the validation loss's
+        # cached weight, whose graph that loss's backward had freed (a RuntimeError)
+        with _uncached(True):
+            r = _implicit(
+                lt_recorded,
+                lv,
+                weights,
+                pair.hparam_tensors,
+                solver,
+                x0,
+                average,
+                penalties,
+                self._coupled_decay(weights),
+            )
 
         inner_loss = train_value[0]
         if average is not None:  # the concatenated batch's, for the guards and the info record

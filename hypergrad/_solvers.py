@@ -95,7 +95,8 @@ class LinearSolver(abc.ABC):
             hvp: ``hvp(u) -> H u`` on tuples shaped like ``v``.
             v: right-hand side, a tuple of tensors (shapes of the weights).
             x0: initial guess shaped like ``v``, or ``None`` to start from 0 (default: ``None``).
-                Read only: neither kept nor modified.
+                Read only: neither kept nor modified; a constant (a graph behind it is not
+                carried into the solution).
 
         Returns:
             A :class:`SolveResult`: ``solution`` shaped like ``v`` (new tensors, except
@@ -281,7 +282,7 @@ class Neumann(LinearSolver):
         if x0 is not None:
             # Richardson from x0: r <- v - H x; x <- x + alpha r (r is computed before x changes,
             # so an hvp that returns views of its input is harmless).
-            x = [t.clone() for t in x0]
+            x = [t.detach().clone() for t in x0]  # (a graph behind x0 is not carried on)
             r = [torch.empty_like(t) for t in v]
             for _ in range(self.steps):  # in place: no weight-sized allocations in the loop
                 hx = hvp(x)
@@ -422,7 +423,7 @@ class CG(LinearSolver):
             x = [torch.zeros_like(t) for t in v]
             rs = vv
         else:
-            x = [t.clone() for t in x0]
+            x = [t.detach().clone() for t in x0]  # (a graph behind x0 is not carried on)
             if scale != 1.0:
                 torch._foreach_div_(x, scale)
             torch._foreach_sub_(r, self._apply(hvp, x))
