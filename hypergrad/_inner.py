@@ -6,7 +6,11 @@ and new state, without touching its inputs, so autograd (reverse or forward mode
 it. The arithmetic follows ``torch.optim``'s single-tensor code step for step, so that replaying
 a step reproduces what the real optimiser did, bit for bit where nothing is tuned (settings that
 are hyperparameters need tensor arithmetic, which rounds otherwise). Complex weights are updated
-as torch.optim updates them (all but SGD: on their real views).
+as torch.optim updates them (all but SGD: on their real views). With ``foreach=True`` the replay
+follows the multi-tensor steps where they order their arithmetic otherwise (complex weights are
+viewed as real before the L2 term is added; Adamax reads a tensor lr as a Python number). On
+float16 / bfloat16 weights the foreach kernels round otherwise in the last bit (float32 scalar
+arithmetic): there only the single-tensor steps are reproduced bit for bit.
 
 Supported: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD and Rprop,
 with every option of theirs but ``fused``, ``capturable`` and ``differentiable`` (see
@@ -80,10 +84,7 @@ def _adam(
         p, g = _decayed(p, g, lr, wd, decoupled, group.get(_COMPLEX, False))
         v = _state_or_zeros(st, "exp_avg_sq", p)
         m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)  # torch.optim's ops, out of place
-        if _traced(beta2):
-            v = v * beta2 + (1 - beta2) * g * g
-        else:
-            v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+        v = _ema_sq(v, g, beta2)
         bc1 = 1 - beta1**step
         bc2_sqrt = (1 - beta2**step) ** 0.5
         s: State = {"step": _step_tensor(step, st), "exp_avg": m, "exp_avg_sq": v}
@@ -101,6 +102,16 @@ def _adam(
             new_p.append(p.addcdiv(m, denom, value=-step_size))
         new_s.append(s)
     return tuple(new_p), new_s
+
+
+def _ema_sq(v: Tensor, g: Tensor, beta: Any) -> Tensor:
+    """``beta * v + (1 - beta) * g²``, the second-moment average of Adam, NAdam and RAdam: with
+    torch.optim's ops (``v.mul_(beta).addcmul_(g, g, value=1 - beta)``, out of place), or written
+    out when ``beta`` is tuned (``value=`` refuses a tensor that requires grad and would silently
+    take a forward-mode dual's primal)."""
+    if _traced(beta):
+        return v * beta + (1 - beta) * g * g
+    return v.mul(beta).addcmul(g, g, value=1 - beta)
 
 
 def _signed_decayed(
@@ -192,6 +203,10 @@ def _adamax(
 ) -> tuple[Tensors, list[State]]:
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     wd, maximize = group["weight_decay"], group.get("maximize", False)
+    if group.get("foreach") and isinstance(lr, Tensor) and not _traced(lr):
+        # torch.optim's foreach step reads a tensor lr as a Python number (its single-tensor
+        # step divides it by the bias correction in the tensor's own dtype)
+        lr = lr.item()
     new_p, new_s = [], []
     for p, g, st in zip(params, grads, states, strict=True):
         g, step = _signed_decayed(p, g, st, maximize, wd, group.get(_COMPLEX, False))
@@ -238,7 +253,7 @@ def _nadam(
             mu_product = torch.tensor(1.0, dtype=_scalar_dtype())
         mu_product = mu_product * mu  # torch.optim's mu_product *= mu (in its dtype, a 0-dim tensor)
         m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)
-        v = _state_or_zeros(st, "exp_avg_sq", p).mul(beta2).addcmul(g, g, value=1 - beta2)
+        v = _ema_sq(_state_or_zeros(st, "exp_avg_sq", p), g, beta2)
         denom = safe_sqrt(v.div(bc2)) + eps
         if _traced(lr) or _traced(mu) or _traced(mu_product):  # torch.optim's differentiable branch
             mu_product_next = mu_product * mu_next
@@ -267,7 +282,7 @@ def _radam(
         step = _next_step(st)
         p, g = _decayed(p, g, lr, wd, decoupled)
         m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)
-        v = _state_or_zeros(st, "exp_avg_sq", p).mul(beta2).addcmul(g, g, value=1 - beta2)
+        v = _ema_sq(_state_or_zeros(st, "exp_avg_sq", p), g, beta2)
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
         m_hat = m / bc1
@@ -430,7 +445,10 @@ def _on_real_views(
         else:
             real = {k: _real_view(v) for k, v in st.items()}
             p_real = torch.view_as_real(p)
-            (q,), (s,) = update([p_real], [torch.view_as_real(g)], [real], {**group, _COMPLEX: True})
+            # torch.optim's single-tensor steps add the L2 term (and Adadelta its step) to the
+            # complex tensors before taking the real views; its foreach steps take the views first
+            on_complex = not group.get("foreach")
+            (q,), (s,) = update([p_real], [torch.view_as_real(g)], [real], {**group, _COMPLEX: on_complex})
             q = torch.view_as_complex(q.contiguous())
             # per-entry state (moments, ...) is complex again; 0-dim state (step, NAdam's
             # mu_product, ASGD's eta and mu) stays real, as torch.optim keeps it
@@ -440,7 +458,8 @@ def _on_real_views(
     return tuple(new_p), new_s
 
 
-#: a key ``_on_real_views`` adds to the settings it passes: the weight is a complex one's real view
+#: a key ``_on_real_views`` adds to the settings it passes: the weight is a complex one's real view,
+#: and torch.optim's (single-tensor) step does some of its arithmetic on the complex weight
 _COMPLEX = "_hypergrad_complex_weight"
 
 

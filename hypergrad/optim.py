@@ -110,7 +110,7 @@ def _check_lr(value: object, owner: str) -> float:
     if isinstance(value, Tensor):
         raise ValueError(
             f"{owner} needs a Python float learning rate (it is updated on the host at every "
-            f"step), got a Tensor: {value}"
+            f"step), got a Tensor: {value!r}"
         )
     if not _is_valid_rate(value):
         raise ValueError(f"Invalid learning rate: {value}")
@@ -119,7 +119,7 @@ def _check_lr(value: object, owner: str) -> float:
 
 def _reject_tensor(name: str, value: object, owner: str) -> None:
     if isinstance(value, Tensor) or (isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value)):
-        raise ValueError(f"{owner} needs Python numbers for {name}, got a Tensor: {value}")
+        raise ValueError(f"{owner} needs Python numbers for {name}, got a Tensor: {value!r}")
 
 
 def _real(t: Tensor) -> Tensor:
@@ -187,6 +187,8 @@ class _HypergradientOptimizer(Optimizer):
     _hd_base: ClassVar[type[Optimizer]]
     #: Options of the base optimiser that are rejected when truthy.
     _hd_unsupported: ClassVar[tuple[str, ...]]
+    #: Options of the base optimiser that must be Python numbers (not Tensors), as ``lr``.
+    _hd_numbers: ClassVar[tuple[str, ...]]
 
     # -- construction / state ---------------------------------------------------------------
 
@@ -227,12 +229,18 @@ class _HypergradientOptimizer(Optimizer):
     def _hd_validate_group(self, group: dict[str, Any]) -> None:
         if "lr" in group:
             _check_lr(group["lr"], type(self).__name__)
+        for name in self._hd_numbers:  # as the constructor checks its own arguments
+            if name in group:
+                _reject_tensor(name, group[name], type(self).__name__)
         if "hypergrad_lr" in group:
             _check_hypergrad_lr(group["hypergrad_lr"])
         self._hd_check_options(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group; it may set its own ``lr``, ``hypergrad_lr``, ``lr_min`` and ``lr_max``."""
+        """Add a param group; it may set its own ``lr``, ``hypergrad_lr``, ``lr_min`` and ``lr_max``.
+
+        Its values are checked as the constructor checks its arguments (a Tensor ``lr``,
+        ``momentum``, ``betas``, ... is refused with a ``ValueError`` naming it)."""
         self._hd_validate_group(param_group)
         finished = "hypergrad_lr" in self.defaults  # False while torch's constructor adds the first groups
         if finished:
@@ -407,7 +415,8 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
     Raises:
         ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``,
             ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
-            rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
+            rate), a Tensor ``lr`` / ``momentum`` / ``dampening`` / ``weight_decay`` (also in
+            ``add_param_group``), or an unsupported option. ``step`` raises it too if a
             group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
             its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
             whose every group is empty.
@@ -448,6 +457,7 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
 
     _hd_base = torch.optim.SGD
     _hd_unsupported = ("differentiable", "fused")
+    _hd_numbers = ("momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
@@ -472,11 +482,7 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
         hypergrad_lr = _check_hypergrad_lr(hypergrad_lr)
         lr_min, lr_max = _check_lr_bounds(lr_min, lr_max)
         _check_lr_in_bounds(lr, lr_min, lr_max)
-        for name, value in (
-            ("momentum", momentum),
-            ("dampening", dampening),
-            ("weight_decay", weight_decay),
-        ):
+        for name, value in zip(self._hd_numbers, (momentum, dampening, weight_decay), strict=True):
             _reject_tensor(name, value, owner)
         super().__init__(
             params,
@@ -571,7 +577,8 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
     Raises:
         ValueError: For an invalid value (message names it, e.g. ``Invalid hypergrad_lr: -1.0``,
             ``Invalid lr_min: -1.0``; an ``lr`` outside ``[lr_min, lr_max]`` is an invalid learning
-            rate), a Tensor learning rate, or an unsupported option. ``step`` raises it too if a
+            rate), a Tensor ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` (also in
+            ``add_param_group``), or an unsupported option. ``step`` raises it too if a
             group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
             its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
             whose every group is empty.
@@ -600,6 +607,7 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
 
     _hd_base = torch.optim.Adam
     _hd_unsupported = ("capturable", "differentiable", "fused", "decoupled_weight_decay")
+    _hd_numbers = ("betas", "eps", "weight_decay")
 
     def __init__(
         self,
@@ -633,7 +641,7 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         hypergrad_lr = _check_hypergrad_lr(hypergrad_lr)
         lr_min, lr_max = _check_lr_bounds(lr_min, lr_max)
         _check_lr_in_bounds(lr, lr_min, lr_max)
-        for name, value in (("betas", betas), ("eps", eps), ("weight_decay", weight_decay)):
+        for name, value in zip(self._hd_numbers, (betas, eps, weight_decay), strict=True):
             _reject_tensor(name, value, owner)
         super().__init__(
             params,
