@@ -31,9 +31,11 @@ per-weight precisions use dense Jacobians from ``torch.func``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import math
 import operator
 import time
@@ -50,6 +52,7 @@ from ._implicit import _implicit
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver
 from ._types import Batch
+from ._wrap import unwrap_model
 
 
 class Likelihood(str, enum.Enum):
@@ -167,15 +170,21 @@ def _forward(
     outputs of any shape are flattened per example)."""
     b = x.shape[0]
     out = _output(model(x) if augmentation is None else model(augmentation(x, samples)))
-    if likelihood is Likelihood.CLASSIFICATION and isinstance(out, Tensor) and out.dim() != 2:
+    _check_logits(out, likelihood)
+    if augmentation is None:
+        return out.reshape(b, -1)
+    return out.reshape(b, samples, -1).mean(1)
+
+
+def _check_logits(out: Tensor, likelihood: Likelihood | None) -> None:
+    """Classification outputs must be logits ``(B, C)`` (in the MAP step and in the bound alike:
+    the bound flattened ``(B, T, C)`` outputs into one ``T*C``-way class per example)."""
+    if likelihood is Likelihood.CLASSIFICATION and out.dim() != 2:
         raise ValueError(
             f"likelihood='classification' needs logits of shape (B, C) from the model, got "
             f"{tuple(out.shape)}: flattening them would make one {out[0].numel()}-way class per "
             "example (for per-position labels, reshape outputs to (B*T, C) and labels to (B*T,))"
         )
-    if augmentation is None:
-        return out.reshape(b, -1)
-    return out.reshape(b, samples, -1).mean(1)
 
 
 def _output(out: Any) -> Tensor:
@@ -226,8 +235,10 @@ def _check_targets(f: Tensor, y: Tensor, likelihood: Likelihood) -> None:
 
 
 def _log_lik(f: Tensor, y: Tensor, likelihood: Likelihood, sigma: Tensor | None) -> Tensor:
-    """:math:`\\sum_n \\log p(y_n\\mid f_n)` (0-dim)."""
+    """:math:`\\sum_n \\log p(y_n\\mid f_n)` (0-dim), at least in float32: a sum over the batch in
+    float16 overflowed (a MAP loss of inf for a float16 model whose mean loss was about 1)."""
     _check_targets(f, y, likelihood)
+    f = f.to(torch.promote_types(f.dtype, torch.float32))
     if likelihood is Likelihood.CLASSIFICATION:
         return -F.cross_entropy(f, y.reshape(-1).long(), reduction="sum")
     assert sigma is not None
@@ -282,11 +293,17 @@ def _layerwise_factors(
     augmentation: RandomTranslation | None,
     samples: int,
     graph: bool,
+    likelihood: Likelihood | None = None,
 ) -> tuple[Tensor, list[tuple[str | None, str | None, Tensor, Tensor]]] | None:
     """The outputs and, per ``nn.Linear`` layer, its inputs and the output gradients
     ``(C, B, S, out)`` (unwhitened); ``None`` when the model is not made of such layers."""
     if torch.is_inference_mode_enabled():
         return None  # no output gradients under inference mode (the dense path needs none)
+    if getattr(nn.modules.module, "_global_forward_hooks", None):
+        # hooks on every module (nn.modules.module.register_module_forward_hook) run before a
+        # layer's own: one that rewrites the outputs (2 * out) made the kernel of z = W a + b
+        # for a layer that gives 2 z, silently (a log evidence -15.35 for the true -20.59)
+        return None
     params = dict(model.named_parameters())
     wanted = {id(params[n]): n for n in names}
     owners: dict[int, tuple[nn.Linear, str | None, str | None]] = {}
@@ -321,7 +338,7 @@ def _layerwise_factors(
     handles = [m.register_forward_hook(hook) for m, _, _ in owners.values()]
     try:
         with torch.enable_grad():  # the output gradients need a graph, whatever the caller's mode
-            f = _forward(model, x, augmentation, samples)
+            f = _forward(model, x, augmentation, samples, likelihood)
     finally:
         for h in handles:
             h.remove()
@@ -329,6 +346,14 @@ def _layerwise_factors(
     s = samples if augmentation is not None else 1
     if any(len(seen.get(k, ())) != 1 or seen[k][0][0].dim() != 2 for k in owners):
         return None  # a layer used twice, or on sequences: dense
+    if any(seen[k][0][0].shape[0] != b * s for k in owners):
+        # rows that are not one per example (and sample): a token-wise layer on (B*T, d) inputs
+        # made a product of per-row sums, not the sum over position pairs (a silently wrong kernel)
+        return None
+    if any(n != 1 for n in _graph_uses(f, [params[n] for n in owned]).values()):
+        # a weight read outside its layer too (a tied decoder F.linear(h, enc.weight.T)): its
+        # Jacobian is a sum over both uses, which the layer's factors do not see
+        return None
     if any(seen[k][0][0]._version != seen[k][0][2] for k in owners):
         return None  # a layer's input changed in place after it was used: dense
     zs = [seen[k][0][1] for k in owners]
@@ -354,6 +379,27 @@ def _layerwise_factors(
         a = a if graph else a.detach()
         layers.append((nw, nb, a.reshape(b, s, -1), g.reshape(c, b, s, -1)))
     return f, layers
+
+
+def _graph_uses(f: Tensor, weights: Sequence[Tensor]) -> dict[int, int]:
+    """How many times each weight (a leaf) enters the autograd graph of ``f``: the edges into its
+    gradient accumulator, by ``id`` of the weight (0 for a weight not reached or not a leaf)."""
+    uses = {id(w): 0 for w in weights}
+    seen: set[Any] = set()
+    stack = [f.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            v = getattr(nxt, "variable", None)  # an AccumulateGrad node: the leaf it feeds
+            if v is not None and id(v) in uses:
+                uses[id(v)] += 1
+            stack.append(nxt)
+    return uses
 
 
 def _looped_jacobians(single: Any, theta: dict[str, Tensor], xa: Tensor, graph: bool) -> dict[str, Tensor]:
@@ -390,6 +436,7 @@ def _dense_jacobians(
     samples: int,
     graph: bool,
     through_weights: bool = False,
+    likelihood: Likelihood | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The outputs ``(B, C)`` and per-parameter Jacobians ``(B, C, numel)`` of the (averaged) outputs."""
     params = dict(model.named_parameters())
@@ -405,13 +452,16 @@ def _dense_jacobians(
 
     try:
         jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
-    except RuntimeError as error:
-        if "vmap" not in str(error):
-            raise
-        # an operation without a batching rule (RReLU's rrelu_with_noise, even in eval mode):
-        # one backward pass per example and output instead
+    except RuntimeError:
+        # an operation without a batching rule (RReLU's rrelu_with_noise, even in eval mode), or
+        # one vmap batches wrongly (nn.GRU/LSTM write the batched step into their unbatched
+        # initial state: "output with shape [1, 3] doesn't match the broadcast shape [4, 1, 3]"):
+        # one backward pass per example and output instead (an error of the model itself is
+        # raised again there, by the plain forward pass)
         jac = _looped_jacobians(single, theta, xa, graph or through_weights)
-    f = _output(model(xa)).reshape(b, s, -1).mean(1)
+    logits = _output(model(xa))
+    _check_logits(logits, likelihood)
+    f = logits.reshape(b, s, -1).mean(1)
     if not graph:
         f = f.detach()
     out = {n: j.reshape(b, s, f.shape[1], -1).mean(1) for n, j in jac.items()}
@@ -454,9 +504,12 @@ def _terms(
     missing = [n for n in names if n not in prec_all]
     if missing:
         raise ValueError(f"weights {missing[:3]} are trained but have no prior precision (PriorPrecision)")
-    # in each weight's dtype, as the noise below: a float64 prior on a float32 model crashed the
-    # dense kernel's matmul (and would have promoted only some of the terms)
-    prec = {n: prec_all[n].to(params[n].dtype) for n in names}
+    # the precision of the bound's own arithmetic: the weights' (promoted over all of them), at
+    # least float32 (a bfloat16 or float16 model crashed in the Cholesky: "cholesky_cpu" not
+    # implemented for 'BFloat16'). The prior and the noise below in it: a float64 prior on a
+    # float32 model crashed the dense kernel's matmul (and would have promoted only some terms)
+    dt = functools.reduce(torch.promote_types, [params[n].dtype for n in names], torch.float32)
+    prec = {n: prec_all[n].to(dt) for n in names}
     bad = [
         f"{n} {tuple(prec[n].shape)} vs {tuple(params[n].shape)}"
         for n in names
@@ -468,9 +521,9 @@ def _terms(
             "was the PriorPrecision built for another model?"
         )
     theta = {n: params[n] if through_weights else params[n].detach() for n in names}
-    if sigma is not None and names and sigma.dtype != theta[names[0]].dtype:
-        sigma = sigma.to(theta[names[0]].dtype)  # a float32 noise must not round a float64 evidence
-    quad = torch.stack([(prec[n] * theta[n].square()).sum() for n in names]).sum()
+    if sigma is not None and sigma.dtype != dt:
+        sigma = sigma.to(dt)  # a float32 noise must not round a float64 evidence
+    quad = torch.stack([(prec[n] * theta[n].to(dt).square()).sum() for n in names]).sum()
     graph = augmentation is not None and augmentation.raw.requires_grad and torch.is_grad_enabled()
     graph = graph or through_weights  # the bound then depends on the weights through the Jacobians too
     b = x.shape[0]
@@ -478,36 +531,55 @@ def _terms(
     use_layers = form is Bound.NTK and kernel != "dense" and scalar_prec
     if kernel == "layerwise" and not use_layers:
         raise ValueError("kernel='layerwise' needs the NTK form and one precision per layer (or global)")
-    factors = _layerwise_factors(model, x, names, augmentation, samples, graph) if use_layers else None
+    factors = (
+        _layerwise_factors(model, x, names, augmentation, samples, graph, likelihood) if use_layers else None
+    )
     if kernel == "layerwise" and factors is None:
         raise ValueError(
             "kernel='layerwise' needs a model whose trained weights are nn.Linear layers used once "
-            "(plain nn.Linear, no hooks, not tied, inputs (B, d)), outside torch.inference_mode"
+            "(plain nn.Linear, no hooks, not tied nor read outside the layer, inputs (B, d) with one "
+            "row per example), outside torch.inference_mode"
         )
     blocks = _blocks(b, subset_size)
     c: int
-    if factors is not None:
-        f, layers = factors
-        f = f if graph else f.detach()
-        c = f.shape[1]
-        wh = _whitener(f, likelihood)
-        lay = []
-        for nw, nb, a, g in layers:
-            if wh is not None:
-                g = torch.einsum("bcd,cbso->dbso", wh, g)
-            lay.append((nw, nb, a, g))
-        dets = [_layer_block_logdet(lay, prec, blk, outputs, c, sigma) for blk in blocks]
-    else:
-        f, jac = _dense_jacobians(model, x, names, augmentation, samples, graph, through_weights)
-        c = f.shape[1]
-        wh = _whitener(f, likelihood)
-        if wh is not None:
-            jac = {n: torch.einsum("bcd,bcp->bdp", wh, j) for n, j in jac.items()}
-        if form is Bound.PARAMETRIC:
-            dets = [_param_block_logdet(jac, prec, names, blk, sigma) for blk in blocks]
+    # the kernel algebra (Gram products, Cholesky) in that precision too, whatever autocast
+    # did to the model's outputs and Jacobians: under bfloat16 autocast I + J J^T / sigma^2 of a
+    # sharp regression (entries ~1e4) failed to factor, the bound was NaN and every hyperstep
+    # was refused (the float32 one was fine)
+    if factors is None:  # (the model runs as the caller runs it: under their autocast, if any)
+        f, jac = _dense_jacobians(model, x, names, augmentation, samples, graph, through_weights, likelihood)
+    with _full_precision(x.device.type):
+        if factors is not None:
+            f, layers = factors
+            f = (f if graph else f.detach()).to(dt)
+            c = f.shape[1]
+            wh = _whitener(f, likelihood)
+            lay = []
+            for nw, nb, a, g in layers:
+                a, g = a.to(dt), g.to(dt)
+                if wh is not None:
+                    g = torch.einsum("bcd,cbso->dbso", wh, g)
+                lay.append((nw, nb, a, g))
+            dets = [_layer_block_logdet(lay, prec, blk, outputs, c, sigma) for blk in blocks]
         else:
-            dets = [_dense_block_logdet(jac, prec, blk, outputs, c, sigma) for blk in blocks]
-    return _Terms(_log_lik(f, y, likelihood, sigma), torch.stack(dets).sum(), quad, b)
+            f = f.to(dt)
+            jac = {n: j.to(dt) for n, j in jac.items()}
+            c = f.shape[1]
+            wh = _whitener(f, likelihood)
+            if wh is not None:
+                jac = {n: torch.einsum("bcd,bcp->bdp", wh, j) for n, j in jac.items()}
+            if form is Bound.PARAMETRIC:
+                dets = [_param_block_logdet(jac, prec, names, blk, sigma) for blk in blocks]
+            else:
+                dets = [_dense_block_logdet(jac, prec, blk, outputs, c, sigma) for blk in blocks]
+        return _Terms(_log_lik(f, y, likelihood, sigma), torch.stack(dets).sum(), quad, b)
+
+
+def _full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off (if it is on) for the library's own arithmetic."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _pick_outputs(outputs: Outputs, c: int) -> tuple[list[int], float]:
@@ -613,7 +685,7 @@ def _param_block_logdet(
 def _as_sigma(
     noise: ObservationNoise | Tensor | float | None, likelihood: Likelihood, dtype: torch.dtype
 ) -> Tensor | None:
-    """The noise of the pure functions as a 0-dim tensor of the model's ``dtype`` (a Python float
+    """The noise of the pure functions as a 0-dim tensor of the bound's ``dtype`` (a Python float
     is not rounded to float32 first), checked: a scalar, finite and > 0, regression only."""
     if noise is None:
         return None
@@ -680,17 +752,20 @@ def log_evidence_bound(
 
     Args:
         model: the network; its outputs ``(B, C)`` are logits (classification) or means (regression).
-            Must not hold BatchNorm, Dropout or RReLU in training mode (``ValueError``).
+            Must not hold BatchNorm, Dropout or RReLU in training mode (``ValueError``). Under
+            ``torch.compile`` or a (Distributed)DataParallel wrapper, the bare module is used.
         x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
         data_size: :math:`N`, the size of the whole training set.
         likelihood: ``"classification"`` (default) or ``"regression"``.
         noise: :math:`\sigma` (an :class:`~hypergrad.hparams.ObservationNoise`, a 0-dim tensor or a
-            float; finite, > 0), regression only (required there); used in the model's dtype.
+            float; finite, > 0), regression only (required there); used in the model's dtype (at
+            least float32).
         subset_size: :math:`M`; ``None`` (default) keeps the batch as one block.
         outputs: ``"all"`` (default; ``(MC, MC)`` kernels), ``"each"`` (``C`` kernels ``(M, M)``:
             looser, ``C`` times cheaper) or ``"sampled"`` (one random output, times ``C``).
-            ``form="parametric"`` is the ``"all"`` bound: another choice is a ``ValueError``.
+            ``form="parametric"`` is the ``"all"`` bound and ``form="exact"`` keeps every output:
+            another choice is a ``ValueError``.
         form: ``"ntk"`` (default; kernels), ``"parametric"`` (:math:`\log\det(P_0 + G_k) -
             \log\det P_0` with the block GGN :math:`G_k` ``(P, P)``, not rescaled; the same number
             as ``"ntk"`` with ``outputs="all"``) or ``"exact"`` (the whole data set as one block:
@@ -701,13 +776,18 @@ def log_evidence_bound(
         kernel: ``"layerwise"`` (per ``nn.Linear`` layer, from inputs and output gradients: no
             ``P``-sized Jacobian), ``"dense"`` (``torch.func`` Jacobians ``(B, C, P)``) or ``"auto"``
             (default; layerwise when possible: the NTK form, trained weights all in ``nn.Linear``
-            layers each used once on ``(B, d)`` inputs, one precision per layer or a global one;
-            not for ``nn.Linear`` subclasses with their own ``forward``, layers with hooks,
-            weights tied between two layers, or under ``torch.inference_mode``, which take the
-            dense kernel). In-place operations after a layer (``ReLU(inplace=True)``) are fine.
+            layers each used once on ``(B, d)`` inputs (one row per example and sample), one
+            precision per layer or a global one; not for ``nn.Linear`` subclasses with their own
+            ``forward``, layers with hooks (or any global module forward hook), layers on
+            ``(B*T, d)`` rows (a token-wise layer), weights tied between two layers or also read
+            outside their layer (a tied decoder ``F.linear(h, enc.weight.T)``), or under
+            ``torch.inference_mode``, which take the dense kernel). In-place operations after a
+            layer (``ReLU(inplace=True)``) are fine.
 
     Returns:
-        The bound, a 0-dim tensor (nats, for the whole data set).
+        The bound, a 0-dim tensor (nats, for the whole data set), in the weights' dtype, at least
+        float32: the kernels and their Cholesky factors of a bfloat16 or float16 model are formed
+        in float32 (as are all of them under ``torch.autocast``; the model itself runs as called).
 
     Raises:
         ValueError: ``noise`` with ``likelihood="classification"`` (or missing with
@@ -716,9 +796,10 @@ def log_evidence_bound(
             model's trainable weights, or whose per-weight precisions do not fit their shapes;
             BatchNorm, Dropout or RReLU in training mode, or BatchNorm without running statistics;
             an empty batch; targets that do not fit the outputs (classification: labels outside
-            ``[0, C)``, e.g. a padding label -100); inputs of another dtype or device; an
+            ``[0, C)``, e.g. a padding label -100, or outputs other than logits ``(B, C)``,
+            e.g. ``(B, T, C)``); inputs of another dtype or device; an
             invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
-            cannot apply); ``outputs`` other than ``"all"`` with ``form="parametric"``.
+            cannot apply); ``outputs`` other than ``"all"`` with ``form="parametric"`` or ``"exact"``.
         TypeError: ``noise`` of another type, or a ``prior`` that is not a PriorPrecision.
 
     Cost (layerwise kernel): one forward pass, the ``C`` output gradients in one vectorised
@@ -739,6 +820,9 @@ def log_evidence_bound(
     """
     likelihood = Likelihood(likelihood)
     form = Bound(form)
+    # the bare module, whose parameter names the PriorPrecision holds (it was built through the
+    # same wrappers): a torch.compile'd model was refused as "a prior built for another model"
+    model = unwrap_model(model)
     if not isinstance(prior, PriorPrecision):
         raise TypeError(
             f"prior must be an hg.hparams.PriorPrecision built for the model, got {type(prior).__name__} "
@@ -751,6 +835,7 @@ def log_evidence_bound(
             f"the batch holds {x.shape[0]} examples but data_size={data_size}: "
             "data_size must be the number of training examples (the bound scales the batch by N/B)"
         )
+    _check_parametric_outputs(form, Outputs(outputs), "form")
     if form is Bound.EXACT:
         if x.shape[0] != data_size:
             raise ValueError(
@@ -758,7 +843,6 @@ def log_evidence_bound(
             )
         form, subset_size = Bound.NTK, None
     samples = _count(samples, "samples", 1)
-    _check_parametric_outputs(form, Outputs(outputs), "form")
     names = _names(model, prior)
     if not names:
         raise ValueError(
@@ -775,7 +859,7 @@ def log_evidence_bound(
         prior,
         names,
         likelihood=likelihood,
-        sigma=_as_sigma(noise, likelihood, dtype),
+        sigma=_as_sigma(noise, likelihood, torch.promote_types(dtype, torch.float32)),
         subset_size=subset_size,
         outputs=Outputs(outputs),
         form=form,
@@ -787,13 +871,20 @@ def log_evidence_bound(
 
 
 def _check_parametric_outputs(form: Bound, outputs: Outputs, arg: str) -> None:
-    """The parametric form is the ``outputs="all"`` bound: refuse another choice rather than
-    returning a number other than the one asked for."""
+    """The parametric form is the ``outputs="all"`` bound, and the exact evidence keeps every
+    output: refuse another choice rather than returning a number other than the one asked for."""
     if form is Bound.PARAMETRIC and outputs is not Outputs.ALL:
         raise ValueError(
             f"outputs={outputs.value!r} has no parametric form: {arg}='parametric' computes the "
             f"outputs='all' bound (log det(P0 + G_b) over every output); use {arg}='ntk' for "
             f"outputs={outputs.value!r}, or outputs='all'"
+        )
+    if form is Bound.EXACT and outputs is not Outputs.ALL:
+        # (log_evidence_bound returned the looser outputs='each' bound under the name 'exact')
+        raise ValueError(
+            f"outputs={outputs.value!r} is a bound, not the exact evidence: {arg}='exact' keeps "
+            f"the whole (NC, NC) kernel; use outputs='all' (default) with {arg}='exact', or "
+            f"{arg}='ntk' for outputs={outputs.value!r}"
         )
 
 
@@ -965,7 +1056,7 @@ class MarginalLikelihood(HyperOptimizer):
             classification), or with more than one RandomTranslation; trained weights the prior
             does not cover; an invalid ``data_size``, ``outer_steps``, ``burn_in``, ``every``,
             ``augmentation_samples``, ``subset_size``, ``kernel``, ``likelihood``, ``bound`` or
-            ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"``). At
+            ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"`` or ``"exact"``). At
             :meth:`hyper_step`: no ``train_batch``, one larger than ``data_size`` (or not the
             whole data set with ``bound="exact"``), and what :func:`log_evidence_bound` refuses.
             At :meth:`step` (nothing changed): a batch larger than ``data_size`` (``data_size``

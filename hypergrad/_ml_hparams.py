@@ -13,6 +13,7 @@ r"""Hyperparameter containers of the marginal-likelihood family (re-exported by 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -126,7 +127,7 @@ class RandomTranslation(nn.Module):
     Raises:
         ValueError: a ``shape`` not ``(L,)`` or ``(H, W)`` with each side >= 2, ``max`` not finite
             and > 0, or ``init`` outside ``(0, max)``; at call time, inputs whose examples do not
-            hold ``prod(shape)`` entries.
+            hold ``prod(shape)`` entries (one channel), or ``samples`` not an int >= 1.
 
     Cost: one ``grid_sample`` over the ``B * samples`` inputs.
 
@@ -165,10 +166,21 @@ class RandomTranslation(nn.Module):
         """``x`` ``(B, ...)`` -> ``(B * samples, ...)``, example-major (rows ``b*samples + s``):
         ``samples`` (default: 1) independent random translations of each example, differentiable
         w.r.t. ``x`` and the range."""
+        try:
+            ok = not isinstance(samples, bool) and operator.index(samples) >= 1
+        except TypeError:
+            ok = False
+        if not ok:  # (0 crashed in affine_grid, a float in repeat_interleave)
+            raise ValueError(f"Invalid samples: {samples!r} (need an int >= 1)")
+        samples = operator.index(samples)
         b = x.shape[0]
         n = math.prod(self.shape)
-        if x[0].numel() != n:
-            raise ValueError(f"RandomTranslation{self.shape} got inputs of shape {tuple(x.shape)}")
+        if x.dim() == 0 or x[0].numel() != n:
+            raise ValueError(
+                f"RandomTranslation{self.shape} got inputs of shape {tuple(x.shape)}: it needs "
+                f"(B, *{self.shape}) or (B, {n}): one channel of {n} entries per example "
+                "(images with several channels are not supported)"
+            )
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             # in the inputs' precision: under autocast, affine_grid gave a low-precision grid whose
             # grid_sample has no CPU backward (the bound's hypergradient crashed)
