@@ -17,6 +17,7 @@ forward/backward pass (no Hessian, no replay).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -26,13 +27,14 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
 from ._functional import check_batch, clone_all, grads_or_none, materialize
 from ._stn_hparams import SelfTuned, _load_state, _Mode, _state, linearising
 from ._types import Batch, LossFn, Tensors
 from ._wrap import ddp_wrappers
-from .nn import HyperNet, response_masks, stn_layers
+from .nn import HyperNet, StnLayer, response_masks, stn_layers
 
 
 def selftuning_hypergradient(
@@ -43,7 +45,8 @@ def selftuning_hypergradient(
     :math:`\nabla_{(\lambda, \sigma)} \big[L_V - \tau \sum_j \log\sigma_j\big]`, where ``val_loss``
     reads the hyperparameters through ``hparams.draw`` (and so through the best response). The
     draws are whatever ``hparams.draw`` gives where this is called: outside a method's hyperstep,
-    the current value, unperturbed (so :math:`\sigma` gets the entropy term only);
+    the current value, unperturbed, its values differentiable as in a hyperstep (so
+    :math:`\sigma` gets the entropy term only);
     :class:`~hypergrad.SelfTuning`'s hyperstep calls it with perturbed draws
     :math:`\lambda + \sigma\epsilon` that are differentiable w.r.t. both.
 
@@ -66,7 +69,11 @@ def selftuning_hypergradient(
     0.0
     """
     params = list(hparams.parameters())
-    lv = val_loss()
+    # outside a method's hyperstep the draws' values are detached (plain numbers): here a
+    # val_loss reading them directly (a penalty on the value) must get its gradient
+    mean = hparams._mode is _Mode.MEAN
+    with hparams._drawing(_Mode.VAL_MEAN) if mean else contextlib.nullcontext():
+        lv = val_loss()
     obj = lv - entropy_weight * hparams.entropy() if hparams.learn_scale else lv
     gs = grads_or_none(obj, params)
     reached = torch.tensor([g is not None for g in gs])
@@ -145,6 +152,21 @@ def _modules_with_templates(model: nn.Module) -> list[nn.Module]:
         if isinstance(m, HyperNet):
             mods.extend(m.base.modules())
     return mods
+
+
+def _parametrized_response(layers: Sequence[tuple[str, StnLayer]]) -> list[str]:
+    """The names of STN layers' parameters holding response entries
+    (:meth:`~hypergrad.nn.StnLayer.response_masks`: ``hnet``, the hyper half's rows) that a
+    ``torch.nn.utils.parametrize`` parametrization replaces by its own tensors, which the masks
+    cannot name: Delta-STN would train them on the base objective alone."""
+    out = []
+    for prefix, layer in layers:
+        for name in layer.response_masks():
+            owner, _, leaf = name.rpartition(".")
+            mod = layer.get_submodule(owner) if owner else layer
+            if parametrize.is_parametrized(mod, leaf):
+                out.append(f"{prefix}.{name}" if prefix else name)
+    return out
 
 
 class _BestResponseBase(HyperOptimizer):
@@ -376,7 +398,9 @@ class SelfTuning(_BestResponseBase):
     Raises:
         TypeError: ``hparams`` not a ``SelfTuned``.
         ValueError: no STN layer in ``model``; a layer's ``n_hparams`` different from
-            ``hparams.size``; bad schedule or entropy weight. At the first :meth:`step`: an
+            ``hparams.size``; bad schedule or entropy weight; with ``delta``, an STN layer whose
+            ``hnet``, weight or bias is parametrized (``torch.nn.utils.parametrize``: its response
+            entries cannot be trained apart). At the first :meth:`step`: an
             ``inner_optimizer`` that does not train the response parameters (``hnet``, the hyper
             halves). At :meth:`hyper_step`: no ``val_batch``.
         RuntimeError: with ``delta`` and ``linearize``, an operation of the model without
@@ -456,6 +480,18 @@ class SelfTuning(_BestResponseBase):
             )
         self.delta = bool(delta)
         self.linearize = bool(linearize)
+        if self.delta:
+            hidden = _parametrized_response(layers)
+            if hidden:
+                raise ValueError(
+                    f"SelfTuning(delta=True) trains the response entries of {hidden[:4]} (the "
+                    f"response map, the hyper half's rows) on another objective than the base "
+                    f"weights, but a "
+                    f"torch.nn.utils.parametrize parametrization (weight_norm, spectral_norm, "
+                    f"orthogonal, ...) hides them behind its own tensors (they would "
+                    f"silently never train): parametrize ordinary layers only, or use "
+                    f"delta=False"
+                )
         if self.delta and any(d.static_graph for d in ddp_wrappers(model)):
             raise ValueError(
                 "SelfTuning(delta=True) runs two backward passes per step, which a "
@@ -512,7 +548,10 @@ class SelfTuning(_BestResponseBase):
                 if self.linearize and "forward" in str(e).lower() and "AD" in str(e):
                     raise RuntimeError(
                         f"SelfTuning(delta=True): an operation of the model does not support the "
-                        f"forward-mode AD that linearises its output ({e}); pass linearize=False"
+                        f"forward-mode AD that linearises its output ({e}). A custom "
+                        f"autograd.Function without jvp, or a module hook registered with "
+                        f"register_full_backward_hook (it runs one), can be the cause; "
+                        f"pass linearize=False"
                     ) from e
                 raise
             finally:
@@ -656,13 +695,13 @@ class BestResponse(_BestResponseBase):
             self.hparams._prior = None
 
     def _val_mode(self) -> _Mode:
-        return _Mode.MEAN
+        return _Mode.VAL_MEAN  # (unperturbed; values differentiable, for a val_loss that reads them)
 
     def _response_params(self) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in self.ranks.module.named_parameters() if n != "base_weights"]
 
     def _method_state(self) -> dict[str, Any]:
-        state = _state(self.hparams)
+        state = super()._method_state()  # (history, specs and the validation phase in progress)
         state["prior"] = self.hparams._prior
         state["sampling"] = self.sampling
         return state
@@ -676,7 +715,7 @@ class BestResponse(_BestResponseBase):
                 f"sampling={self.sampling!r} (a global prior would be {effect}); "
                 f"build BestResponse with sampling={saved!r}"
             )
-        _load_state(self.hparams, state)
+        super()._load_method_state(state)
         if "prior" in state:
             prior = state["prior"]
             self.hparams._prior = None if prior is None else (prior[0].clone(), prior[1].clone())

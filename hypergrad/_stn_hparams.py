@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import enum
 import math
+import operator
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -265,8 +266,21 @@ class Integer(_Spec):
 # ----------------------------------------------------------------------------- draws
 
 
+def _count(v: Any) -> int | None:
+    """``v`` as an int >= 0 (a Python or NumPy integer, a 0-dim integer tensor; not a bool),
+    else None."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        return None
+    try:
+        n = operator.index(v)
+    except TypeError:  # (a tensor with more than one element, or a floating one)
+        return None
+    return n if n >= 0 else None
+
+
 class _Mode(str, enum.Enum):
-    MEAN = "mean"  # the current value, for every example
+    MEAN = "mean"  # the current value, for every example (outside a step: values detached)
+    VAL_MEAN = "val_mean"  # the current value, differentiable (BestResponse's hyperstep)
     TRAIN = "train"  # per-example perturbation, detached from lambda and sigma
     VAL = "val"  # per-example perturbation, differentiable w.r.t. lambda and sigma
     SHARED_TRAIN = "shared_train"  # one perturbation (or prior sample) for the whole batch, detached
@@ -346,7 +360,9 @@ class SelfTuned(nn.Module):
 
     Raises:
         ValueError: no specs, a spec that is not a :class:`Rate` / :class:`Positive` /
-            :class:`Integer`, a reserved name (``inner_step``, ``hyper_step``, ``sigma``), a
+            :class:`Integer`, a reserved name (``inner_step``, ``hyper_step``, ``sigma``), a spec
+            named like one of the arguments above (``scale``, ``scale_range``, ``learn_scale``,
+            ``dtype``), a
             ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, or a
             scale outside it.
         TypeError: a ``dtype`` that is not floating point.
@@ -373,6 +389,14 @@ class SelfTuned(nn.Module):
         **specs: _Spec,
     ) -> None:
         super().__init__()
+        own = {"scale": scale, "scale_range": scale_range, "learn_scale": learn_scale, "dtype": dtype}
+        for name, v in own.items():  # a spec under one of these names is taken as that argument
+            if isinstance(v, _Spec):
+                raise ValueError(
+                    f"SelfTuned: {name!r} is an argument of SelfTuned itself, not available as a "
+                    f"hyperparameter name ({name}={v!r}); call the hyperparameter something else, "
+                    f"e.g. {name}_={type(v).__name__}(...)"
+                )
         if not specs:
             raise ValueError("SelfTuned needs at least one hyperparameter, e.g. dropout=Rate(0.1, high=0.9)")
         for name, spec in specs.items():
@@ -467,8 +491,11 @@ class SelfTuned(nn.Module):
         r"""Hyperparameters for a batch of ``batch_size`` examples (see :class:`Draw`).
 
         Outside a :class:`~hypergrad.SelfTuning` / :class:`~hypergrad.BestResponse` step: the
-        current values, every row equal (a graph to ``raw`` is kept, so ``model(x, hp)`` is
-        differentiable in :math:`\lambda`; nothing is cached). Inside one, the same draw for every
+        current values, every row equal (a graph to ``raw`` is kept in the features, so
+        ``model(x, hp)`` is differentiable in :math:`\lambda`; the values are detached, plain
+        numbers for logging; nothing is cached). In a hyperstep (and in
+        :func:`~hypergrad.selftuning_hypergradient`) the values are differentiable too, so a
+        ``val_loss`` may read them directly. Inside a step, the same draw for every
         call with the same ``batch_size`` during that loss evaluation: in
         :meth:`SelfTuning.step <hypergrad.SelfTuning.step>` a fresh per-example perturbation
         :math:`\tilde\lambda_i = \lambda + \sigma\odot\epsilon_i` detached from :math:`\lambda`
@@ -484,18 +511,21 @@ class SelfTuned(nn.Module):
             :math:`(B, k)` by name.
 
         Raises:
-            ValueError: ``batch_size`` not a positive int.
+            ValueError: ``batch_size`` not an int >= 0 (a Python or NumPy integer, or a 0-dim
+                integer tensor; 0 gives empty draws, as an empty batch gives ``nn.Linear``).
 
         Cost: :math:`O(BH)` (one ``randn`` when perturbing); no host synchronisation.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"draw: batch_size must be a positive int, got {batch_size!r}")
+        n = _count(batch_size)
+        if n is None:
+            raise ValueError(f"draw: batch_size must be an int >= 0, got {batch_size!r}")
+        batch_size = n
         cached = self._cache.get(batch_size)
         if cached is not None:
             return cached
         raw = self.raw
         mode = self._mode
-        if mode is _Mode.MEAN:
+        if mode in (_Mode.MEAN, _Mode.VAL_MEAN):
             lam = raw.expand(batch_size, -1)
             shared = True
         elif mode is _Mode.BASE:
@@ -504,16 +534,16 @@ class SelfTuned(nn.Module):
         elif mode is _Mode.SHARED_TRAIN:
             # one lambda for the whole loss evaluation, whatever batch size each call asks for:
             # the hypernetwork draws for one example, a penalty may draw for len(x)
-            if self._shared_lam is not None:
-                lam = self._shared_lam.expand(batch_size, -1)
-            elif self._prior is not None:
-                mean, std = self._prior
+            one = self._shared_lam
+            if one is None:
                 eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
-                lam = (mean + std * eps).expand(batch_size, -1)
-            else:
-                eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
-                lam = (raw.detach() + self.scale().detach() * eps).expand(batch_size, -1)
-            self._shared_lam = lam[:1]
+                if self._prior is not None:
+                    mean, std = self._prior
+                    one = mean + std * eps
+                else:
+                    one = raw.detach() + self.scale().detach() * eps
+                self._shared_lam = one  # (1, H), whatever batch_size asked first (0 included)
+            lam = one.expand(batch_size, -1)
             shared = True
         else:
             eps = torch.randn(batch_size, self.size, dtype=raw.dtype, device=raw.device)
@@ -528,7 +558,10 @@ class SelfTuned(nn.Module):
             features = lam - (raw.detach() if self._centre is None else self._centre)
         else:
             features = lam
-        values = self.values_of(lam.detach() if mode is not _Mode.VAL else lam)
+        # the values are differentiable where a hypergradient is taken (a val_loss may read them
+        # directly, a penalty on the value); elsewhere detached, as the training modes draw them
+        # (and a float() of a value outside a step is a plain number)
+        values = self.values_of(lam if mode in (_Mode.VAL, _Mode.VAL_MEAN) else lam.detach())
         zero = mode is _Mode.BASE and self._centred and self._centre is None  # lam - lam, detached
         out = Draw(features, values, shared, linear=mode is _Mode.LINEAR and self._centred, zero=zero)
         if mode is not _Mode.MEAN:
@@ -605,6 +638,38 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Ten
             f"{where}: {features.shape[0]} rows of hyperparameters for a batch of {batch} examples"
         )
     return features
+
+
+def fixed_features(hparams: Any, n_hparams: int, where: str) -> Tensor:
+    r"""The one feature vector :math:`(H,)` an STN layer's ``fixed`` is taken at, detached.
+
+    A :class:`SelfTuned` gives what its layers are fed at the current :math:`\lambda`, unperturbed
+    (``raw``, or zeros under ``SelfTuning(..., delta=True)``, whose features are centred); a
+    :class:`Draw` whose rows are all one draw (``shared``) gives its row; a tensor must be
+    :math:`(H,)` or :math:`(1, H)`. Draws no random numbers."""
+    if isinstance(hparams, SelfTuned):
+        with hparams._drawing(_Mode.MEAN):
+            hparams = hparams.draw(1)
+    if isinstance(hparams, Draw):
+        if not hparams.shared and len(hparams) > 1:
+            raise ValueError(
+                f"{where}.fixed: this Draw holds one lambda per example ({len(hparams)} rows); pass "
+                f"the hparams container (its current lambda) or one row, draw.features[i]"
+            )
+        hparams = hparams.features[:1]
+    if not isinstance(hparams, Tensor):
+        raise TypeError(
+            f"{where}.fixed: need a hg.hparams.SelfTuned, a Draw or a tensor ({n_hparams},); got "
+            f"{type(hparams).__name__}"
+        )
+    if hparams.dim() == 2 and hparams.shape[0] == 1:
+        hparams = hparams[0]
+    if hparams.shape != (n_hparams,):
+        raise ValueError(
+            f"{where}.fixed: need the features of one lambda, shape ({n_hparams},) (or (1, {n_hparams})); "
+            f"got {tuple(hparams.shape)}"
+        )
+    return hparams.detach()
 
 
 def linear_perturbation(hparams: Any, batch: int, n_hparams: int, where: str) -> Tensor | None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._functional import _uncached, substituting, tensor_slots
-from ._stn_hparams import Draw, SelfTuned, check_features, linear_perturbation
+from ._stn_hparams import Draw, SelfTuned, check_features, fixed_features, linear_perturbation
 
 __all__ = [
     "StnLayer",
@@ -247,15 +247,23 @@ class StnLinear(StnLayer):
             masks["hyper_out"] = True
         return masks
 
-    def fixed(self, features: Tensor) -> nn.Linear:
+    def fixed(self, features: Hyper) -> nn.Linear:
         r"""The ordinary ``nn.Linear`` this layer equals at unconstrained hyperparameters
         ``features`` :math:`(H,)` (a copy, detached, on the layer's device and dtype).
 
         ``features`` is what the layer is fed: ``hparams.raw`` at the current :math:`\lambda`,
         but ``torch.zeros(H)`` for a model of ``SelfTuning(..., delta=True)``, whose layers are fed
-        the centred :math:`\tilde\lambda - \lambda`. Draws no random numbers (calling it mid-run
-        leaves the run's dropout masks as they would have been).
+        the centred :math:`\tilde\lambda - \lambda`. Passing the
+        :class:`~hypergrad.hparams.SelfTuned` container itself gives the right one in either case
+        (a shared :class:`~hypergrad.hparams.Draw`, or a :math:`(1, H)` row, also works). Draws no
+        random numbers (calling it mid-run leaves the run's dropout masks as they would have been).
+
+        Raises:
+            ValueError: features not of one :math:`\lambda` (:math:`(H,)` or :math:`(1, H)`), or a
+                per-example draw.
+            TypeError: ``features`` of another type.
         """
+        features = fixed_features(features, self.n_hparams, type(self).__name__)
         with torch.no_grad():
             s = self.hnet @ features.to(self.hnet.dtype)
             o = self.out_features
@@ -383,10 +391,12 @@ class _StnConvNd(StnLayer):
             masks["hyper_out"] = True
         return masks
 
-    def fixed(self, features: Tensor) -> nn.Module:
+    def fixed(self, features: Hyper) -> nn.Module:
         """The ordinary convolution this layer equals at unconstrained hyperparameters
-        ``features`` :math:`(H,)` (a copy, detached; with Delta-STN pass zeros, see
-        :meth:`StnLinear.fixed`; draws no random numbers)."""
+        ``features`` :math:`(H,)` (a copy, detached; with Delta-STN pass zeros, or the
+        ``SelfTuned`` container in either case, see :meth:`StnLinear.fixed`, which raises the
+        same errors; draws no random numbers)."""
+        features = fixed_features(features, self.n_hparams, type(self).__name__)
         c = self.conv
         conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
         o = self.out_channels
@@ -534,11 +544,31 @@ class StnLSTMCell(StnLayer):
     ) -> tuple[Tensor, Tensor]:
         r"""One time step: ``x`` :math:`(B, \text{in})`, ``state`` ``(h, c)`` each
         :math:`(B, \text{hidden})`, or ``None`` for zeros (as ``nn.LSTMCell``); returns the new
-        ``(h, c)``, each :math:`(B, \text{hidden})`."""
+        ``(h, c)``, each :math:`(B, \text{hidden})`.
+
+        Raises:
+            ValueError: ``x`` not :math:`(B, \text{in})` (a whole sequence: unroll it, feeding
+                ``x[t]``, or ``x[:, t]`` when batch first), or ``state`` not a pair of
+                :math:`(B, \text{hidden})` tensors.
+        """
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_size:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} expects x of shape (B, {self.input_size}), one time step, got {shape}; "
+                f"unroll a sequence over time (x[t], or x[:, t] when batch first)"
+            )
+        want = (x.shape[0], self.hidden_size)
         if state is None:
-            h = c = x.new_zeros(x.shape[0], self.hidden_size)
+            h = c = x.new_zeros(want)
         else:
+            if not (isinstance(state, (tuple, list)) and len(state) == 2):
+                raise ValueError(f"{name}: state must be None or a pair (h, c), each {want}")
             h, c = state
+            for what, t in (("h", h), ("c", c)):
+                if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                    shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"{name}: state {what} must have shape {want}, got {shape}")
         gates = self.gates(torch.cat([x, h], dim=-1), hparams)
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
