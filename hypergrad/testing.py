@@ -406,4 +406,4 @@ def dense_ift_hypergradient(
     hess, mixed = jac[:, :n_w], jac[:, n_w:]
     gv = grads(val_loss(model, hparams, val_batch), ws + hps)
     out = gv[n_w:] - mixed.T @ torch.linalg.solve(hess, gv[:n_w])
-    return list(torch.split(out, [p.numel() for p in hps]))
+    return [t.reshape(p.shape) for t, p in zip(torch.split(out, [p.numel() for p in hps]), hps, strict=True)]

@@ -62,7 +62,10 @@ def _ridge_implicit(
     p: ht.BilevelProblem, inner: torch.optim.Optimizer, solver: hg.LinearSolver
 ) -> hg.Implicit:
     return hg.Implicit(
-        p.model, p.hparams, p.train_loss, p.val_loss,
+        p.model,
+        p.hparams,
+        p.train_loss,
+        p.val_loss,
         inner_optimizer=inner,
         outer_optimizer=torch.optim.SGD(p.hparams.parameters(), lr=0.0),
         solver=solver,
@@ -114,7 +117,10 @@ def test_hessian_subset_given_a_module_is_refused_naming_the_fix() -> None:
 
     def build(subset: Any) -> hg.Implicit:
         return hg.Implicit(
-            model, hp, _penalised, _mse,
+            model,
+            hp,
+            _penalised,
+            _mse,
             inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
             hessian_subset=subset,
@@ -144,7 +150,10 @@ def _power_run(
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(dtype)
     hp = hg.hparams.WeightDecay(model, per="layer", init=0.1)
     hopt = hg.Implicit(
-        model, hp, _penalised, _mse,
+        model,
+        hp,
+        _penalised,
+        _mse,
         inner_optimizer=torch.optim.Adam(model.parameters(), lr=0.01),  # Neumann's alpha: "power"
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
         solver=hg.Neumann(steps=3),
@@ -164,7 +173,10 @@ def _hypergradient_of_a_fresh_object(
     model: nn.Module, hp: nn.Module, subset: Any, dtype: torch.dtype
 ) -> list[Tensor]:
     fresh = hg.Implicit(
-        model, hp, _penalised, _mse,
+        model,
+        hp,
+        _penalised,
+        _mse,
         inner_optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
         outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
         solver=hg.Neumann(steps=3),
@@ -320,7 +332,10 @@ def test_spectral_norm_and_cumulative_batchnorm_buffers_are_left_alone_and_the_i
     nn.utils.parametrizations.spectral_norm(model[0])
     hp = hg.hparams.WeightDecay(model, per="parameter", init=0.1)
     hopt = hg.Implicit(
-        model, hp, _penalised, _mse,
+        model,
+        hp,
+        _penalised,
+        _mse,
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
         solver=hg.Direct(),
@@ -335,8 +350,9 @@ def test_spectral_norm_and_cumulative_batchnorm_buffers_are_left_alone_and_the_i
         model, hp, _restoring(model, saved, _penalised), _restoring(model, saved, _mse), _batch(0), _batch(1)
     )
     got = torch.cat([p.grad.reshape(-1) for p in hp.parameters()])
-    assert _rel(got, torch.cat(want)) < 1e-10
-    assert float(torch.cat(want).norm()) > 1e-3
+    flat = torch.cat([t.reshape(-1) for t in want])
+    assert _rel(got, flat) < 1e-10
+    assert float(flat.norm()) > 1e-3
 
 
 def test_float32_model_with_float64_weight_decay_is_close_to_the_float64_closed_form() -> None:
@@ -348,7 +364,10 @@ def test_float32_model_with_float64_weight_decay_is_close_to_the_float64_closed_
     with torch.no_grad():
         hp.raw[0].copy_(p.hparams.raw[0])
     hopt = hg.Implicit(
-        p.model, hp, _penalised_half, _half_mse,
+        p.model,
+        hp,
+        _penalised_half,
+        _half_mse,
         inner_optimizer=torch.optim.SGD(p.model.parameters(), lr=0.1),
         outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
         solver=hg.CG(maxiter=50, tol=1e-7),
@@ -372,13 +391,20 @@ def _groups_run(seed: int, solver: hg.LinearSolver) -> tuple[nn.Module, nn.Modul
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
     hp = hg.hparams.WeightDecay(model, per="layer", init=0.1)
-    inner = torch.optim.SGD([
-        {"params": model[0].parameters(), "lr": 0.05, "momentum": 0.9},
-        {"params": model[2].parameters(), "lr": 0.1, "weight_decay": 0.01},
-    ])
+    inner = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.05, "momentum": 0.9},
+            {"params": model[2].parameters(), "lr": 0.1, "weight_decay": 0.01},
+        ]
+    )
     hopt = hg.Implicit(
-        model, hp, _penalised, _mse,
-        inner_optimizer=inner, outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01), solver=solver,
+        model,
+        hp,
+        _penalised,
+        _mse,
+        inner_optimizer=inner,
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
+        solver=solver,
     )
     return model, hp, hopt, torch.optim.lr_scheduler.StepLR(inner, 3, 0.5)
 
@@ -454,7 +480,10 @@ def test_hyper_step_inside_parametrize_cached_equals_the_dense_ift() -> None:
     nn.utils.parametrizations.orthogonal(model[0])
     hp = hg.hparams.WeightDecay(model, per="layer", init=0.1)
     hopt = hg.Implicit(
-        model, hp, _penalised, _mse,
+        model,
+        hp,
+        _penalised,
+        _mse,
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
         solver=hg.Direct(),  # (the orthogonal map's Hessian in `original` is singular: CG stops)
@@ -465,6 +494,27 @@ def test_hyper_step_inside_parametrize_cached_equals_the_dense_ift() -> None:
         hopt.hyper_step(train_batch=_batch(0), val_batch=_batch(1))
         assert parametrize._cache == {}  # (the user's cache: not filled with our graphs)
     got = torch.cat([p.grad.reshape(-1) for p in hp.parameters()])
-    want = torch.cat(ht.dense_ift_hypergradient(model, hp, _penalised, _mse, _batch(0), _batch(1)))
+    want = torch.cat(
+        [t.reshape(-1) for t in ht.dense_ift_hypergradient(model, hp, _penalised, _mse, _batch(0), _batch(1))]
+    )
     assert _rel(got, want) < 1e-9
     assert float(want.norm()) > 1e-4
+
+
+def test_dense_ift_reference_is_shaped_like_the_hyperparameters() -> None:
+    """``dense_ift_hypergradient`` returns one tensor per hyperparameter, in its shape (it
+    returned flat vectors: a (1, F) or 0-dim hyperparameter came back (F,) / (1,))."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    hp = hg.hparams.WeightDecay(model, per="parameter", init=0.1).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+
+    def tl(m: nn.Module, h: Any, b: Any) -> torch.Tensor:
+        return ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m)
+
+    def vl(m: nn.Module, h: Any, b: Any) -> torch.Tensor:
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    ref = ht.dense_ift_hypergradient(model, hp, tl, vl, (x, y), (x + 1, y))
+    assert [r.shape for r in ref] == [p.shape for p in hp.parameters()]
+    assert any(r.dim() != 1 for r in ref) and all(torch.isfinite(r).all() for r in ref)
