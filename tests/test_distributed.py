@@ -17,7 +17,7 @@ import hypergrad as hg
 
 DT = torch.float64
 WORLD = 2
-METHODS = ("implicit-neumann", "implicit-cg", "unrolled", "unrolled-checkpoint")
+METHODS = ("implicit-neumann", "implicit-cg", "unrolled", "unrolled-checkpoint", "unrolled-every-step")
 
 
 def _net() -> nn.Module:
@@ -71,9 +71,10 @@ def _run(method: str, model: nn.Module, rank: int, world: int) -> dict[str, Any]
         )
     batches, val = _data()
     grads = []
+    every = 1 if method == "unrolled-every-step" else 3  # (overlapping windows: the ring re-runs)
     for i, b in enumerate(batches):
         hopt.step(_shard(b, rank, world))
-        if i % 3 == 2:
+        if i % every == every - 1:
             info = hopt.hyper_step(train_batch=_shard(b, rank, world), val_batch=_shard(val, rank, world))
             grads.append([p.grad.clone() for p in hp.parameters()])
             assert not info.skipped
@@ -127,7 +128,7 @@ def test_ddp_hypergradients_equal_one_process_on_the_concatenated_batches(ranks,
     single = _run(method, _net(), 0, 1)
     for r in ranks:
         got = r[method]
-        assert len(got["grads"]) == len(single["grads"]) == 2
+        assert len(got["grads"]) == len(single["grads"]) == (6 if method == "unrolled-every-step" else 2)
         for step_got, step_ref in zip(got["grads"], single["grads"], strict=True):
             for a, b in zip(step_got, step_ref, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -294,3 +294,57 @@ def test_overlapping_windows_equal_fresh_episodes_from_the_real_window_start(eve
         anchors = [r for r in hopt._records if r.anchor is not None]
         assert len(anchors) <= 2 and len(hopt._records) <= 2 * K
     assert checked == sum((i + 1) % every == 0 and i + 1 >= K for i in range(10))
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_overlapping_windows_resume_bit_exactly_and_a_users_fused_outer_step_equals_hyper_step(
+    manual: bool,
+) -> None:
+    """Hypersteps after every step (hyperparameter copies between two snapshots): a checkpoint
+    taken at any step, loaded with weights_only=True into objects built from another seed,
+    continues bit-exactly; ``hypergradient()`` followed by the user's own fused outer step
+    (no promotion of the window start) follows the same trajectory as ``hyper_step``."""
+    import io
+
+    def build(seed: int) -> tuple[Any, hg.Unrolled]:
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).to(
+            DT
+        )
+        hp = hg.hparams.WeightDecay(m, per="parameter", init=1e-2).to(DT)
+        inner = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+        outer = torch.optim.Adam(hp.parameters(), lr=0.1, fused=True)
+        return hp, hg.Unrolled(m, hp, _train, _val, inner_optimizer=inner, outer_optimizer=outer, steps=4)
+
+    data, val = _data(12), _data(1, seed=9)[0]
+
+    def run(stop: int | None, manual: bool) -> torch.Tensor:
+        torch.manual_seed(5)
+        hp, h = build(0)
+        out = []
+        for i, b in enumerate(data):
+            if i == stop:
+                buf = io.BytesIO()
+                torch.save({"h": h.state_dict(), "rng": torch.get_rng_state()}, buf)
+                buf.seek(0)
+                hp, h = build(3)
+                sd = torch.load(buf, weights_only=True)
+                h.load_state_dict(sd["h"])
+                torch.set_rng_state(sd["rng"])
+            h.step(b)
+            if manual:
+                grads, _ = h.hypergradient(val_batch=val)
+                for p, g in zip(hp.parameters(), grads, strict=True):
+                    p.grad = g
+                h.outer_optimizer.step()
+            else:
+                h.hyper_step(val_batch=val)
+            assert sum(r.anchor is not None for r in h._records) <= 2 and len(h._records) <= 8
+            out.append(torch.cat([p.detach().reshape(-1) for p in hp.parameters()]))
+        return torch.stack(out)
+
+    straight = run(None, manual)
+    assert torch.equal(straight, run(None, not manual))
+    assert float((straight[-1] - straight[0]).abs().max()) > 1e-3
+    for stop in (3, 6, 9):
+        assert torch.equal(straight, run(stop, manual)), stop
