@@ -284,7 +284,8 @@ class Unrolled(HyperOptimizer):
     K steps (every step: overlapping windows), the steps between snapshots keep a copy of the
     hyperparameters they used instead (at most K + s copies for hypersteps every s steps; a few
     scalars for per-layer decays or learning rates, one weight-sized tensor for a decay per
-    weight). A replay starts from the latest snapshot at least K steps back and first re-runs,
+    weight; a third snapshot, which irregular hypersteps can call for, becomes such a copy too).
+    A replay starts from the latest snapshot at least K steps back and first re-runs,
     without a graph and with the hyperparameters of their time, the steps up to the window it
     differentiates; an accepted hyperstep keeps the state it re-ran to as the next window's
     snapshot, so with hypersteps every step it re-runs one step (one more gradient, no graph).
@@ -504,6 +505,18 @@ class Unrolled(HyperOptimizer):
         keep_from = max(i for i, r in enumerate(self._records) if r.anchor is not None and i <= target)
         for _ in range(keep_from):
             self._records.popleft()
+        self._at_most_two_anchors()
+
+    def _at_most_two_anchors(self) -> None:
+        """Keep the oldest full snapshot (where the window's replay starts) and the newest; one
+        between them (irregular hypersteps: one promoted by :meth:`_promote`, one taken K steps
+        later and one at the first change of the hyperparameters in K steps) becomes a copy of
+        its hyperparameters, and a replay re-runs its steps from the oldest instead."""
+        anchored = [r for r in self._records if r.anchor is not None]
+        for r in anchored[1:-1]:
+            anchor, r.anchor = r.anchor, None
+            assert anchor is not None
+            r.hparams = anchor.hparams
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
@@ -738,6 +751,7 @@ class Unrolled(HyperOptimizer):
             self._records.popleft()
         last = max(i for i, r in enumerate(self._records) if r.anchor is not None)
         self._since_anchor = len(self._records) - last
+        self._at_most_two_anchors()
 
     def _check_reproduced(self, replayed: Sequence[Tensor]) -> None:
         """Warn when the replay of the recorded steps ends away from the real weights although it
