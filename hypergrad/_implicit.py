@@ -137,10 +137,18 @@ def _implicit(
     average: Callable[[Sequence[Tensor]], None] | None = None,
     penalties: _DiagonalPenalties | None = None,
     decay: Sequence[float] | None = None,
+    maximize: bool = False,
 ) -> _ImplicitResult:
     # ``decay``: per weight, the L2 coefficient the inner optimiser adds to its gradient
     # (coupled weight_decay): the weights converge to a stationary point of
     # L_T + sum decay/2 |w|^2, whose Hessian is H + diag(decay).
+    # ``maximize``: the inner optimiser climbs L_T (``maximize=True``) on every weight of the
+    # solve. The weights then settle at a maximum, where H is negative definite: Neumann's series
+    # diverged and CG stopped on negative curvature. The solve is of (-H) x = -v_1 instead, the
+    # same solution x = H^-1 v_1, when the curvature along v_1 is negative (one HVP), so that
+    # weights placed at a rest point that is no maximum (a minimum of L_T - d/2 |w|^2, from which
+    # ascent moves away) keep H. (Some weights ascended and some not, a descent-ascent game:
+    # S H with S = diag(+-1) is not symmetric, which CG and Direct assume; H is kept.)
     # ``average``: data parallel, averages tensors over the ranks in place. Every quantity below
     # is an average over the data, and linear in it given the global vectors, so: once for
     # (v1, L_V), once per HVP, once for the final hypergradient.
@@ -194,6 +202,7 @@ def _implicit(
 
     live = [i for i, g in enumerate(gt) if g.requires_grad]  # (a penalty-only gradient is constant)
     decayed = [] if decay is None else [k for k, d in enumerate(decay) if d != 0.0]
+    negate = [False]  # (set below, once hvp can measure the curvature)
     gt_live = [gt[i] for i in live]
 
     def hvp(u: Sequence[Tensor]) -> Tensors:
@@ -212,25 +221,34 @@ def _implicit(
             penalties.add_hvp(out, u, weights)
         for k in decayed:
             out[k].add_(u[k], alpha=decay[k])  # type: ignore[index]
+        if negate[0]:
+            torch._foreach_neg_(list(out))
         return out
 
     extra_hvps, power, choose = 0, None, None
+    rhs = v1
+    if maximize:
+        extra_hvps += 1
+        if _negative_curvature(hvp, v1):
+            negate[0] = True
+            rhs = tuple(torch._foreach_neg(list(v1)))
     if not isinstance(solver, LinearSolver):  # a callback choosing the solver (Neumann's step size)
         choose = solver
-        solver, extra_hvps, power = choose(hvp, None)
-    sol = _solve_reached(solver, hvp, v1, x0, weights, [*live, *decayed], penalties, average)
+        solver, spent, power = choose(hvp, None)
+        extra_hvps += spent
+    sol = _solve_reached(solver, hvp, rhs, x0, weights, [*live, *decayed], penalties, average)
     if x0 is not None and sol.status is SolveStatus.DIVERGING:
         # a warm start that ends farther from the solution than x = 0 (negative or outgrown
         # curvature) would carry its growth on to every later hyperstep; solve from 0 instead,
         # where a stale step size is detected below
         extra_hvps += sol.iterations
-        sol = _solve_reached(solver, hvp, v1, None, weights, [*live, *decayed], penalties, average)
+        sol = _solve_reached(solver, hvp, rhs, None, weights, [*live, *decayed], penalties, average)
     if choose is not None and power is not None and _stale_step_size(solver, sol):
         # the series grew by more than 2 per term: alpha * lambda_max > 3, the curvature has grown
         # since the step size was estimated; re-estimate it now and solve again
         solver, more, power = choose(hvp, power)
         extra_hvps += more + sol.iterations
-        sol = _solve_reached(solver, hvp, v1, x0, weights, [*live, *decayed], penalties, average)
+        sol = _solve_reached(solver, hvp, rhs, x0, weights, [*live, *decayed], penalties, average)
     if gt_live:
         with naming_missing_second_derivatives("Implicit"):
             mixed_or_none = grads_or_none(
@@ -262,6 +280,15 @@ def _implicit(
     if average is not None:
         average(hypergrad)
     return _ImplicitResult(hypergrad, lv, sol, reached, extra_hvps, power)
+
+
+def _negative_curvature(hvp: HVP, v: Sequence[Tensor]) -> bool:
+    r"""Whether :math:`u^\top H u < 0` along :math:`u = v` (all ones if :math:`v = 0`): one HVP
+    and two host synchronisations. A definite :math:`H` has one sign along every direction."""
+    u = list(v)
+    if not bool(torch.stack([t.ne(0).any() for t in u]).any()):
+        u = [torch.ones_like(t) for t in u]
+    return float(dot(u, hvp(u))) < 0
 
 
 def _warm_start_for(x0: Sequence[Tensor] | None, weights: Sequence[Tensor]) -> Tensors | None:
@@ -537,6 +564,17 @@ class Implicit(HyperOptimizer):
     uses :math:`H` alone, an approximation; for an exact hypergradient put the decay into
     ``train_loss`` as a fixed penalty instead. Other optimisers' ``weight_decay`` is not read.
 
+    An inner optimiser that climbs ``train_loss`` (``maximize=True`` in the groups of all the
+    weights of the solve, e.g. on a log-likelihood) takes them to a maximum, where :math:`H`
+    (:math:`H - \delta I` with a coupled decay, which ``maximize`` negates) is negative
+    definite: the solve then runs on its negative, with :math:`-\partial L_V/\partial w` on
+    the right, the same solution, so Neumann, CG and the step-size rules apply as at a minimum
+    (before, Neumann's series diverged and CG stopped on negative curvature). Whether the
+    weights sit at a maximum is read from the curvature along :math:`\partial L_V/\partial w`
+    (one more HVP, counted in ``info.solver_iterations``). A descent-ascent game (some groups
+    with ``maximize=True``, some without) keeps :math:`H`, indefinite there: use
+    :class:`Direct`.
+
     Cost per :meth:`hyper_step`: as :func:`implicit_hypergradient` (one validation
     forward/backward, one training forward/backward with a graph kept, the solver's HVPs and one
     mixed VJP), plus any power-iteration HVPs; ``info.solver_iterations`` counts every HVP.
@@ -759,6 +797,7 @@ class Implicit(HyperOptimizer):
                 average,
                 penalties,
                 self._coupled_decay(weights),
+                self._maximizes(weights),
             )
 
         inner_loss = train_value[0]
@@ -808,6 +847,15 @@ class Implicit(HyperOptimizer):
         if not by_id:
             return None
         return [by_id.get(id(w), 0.0) for w in weights]
+
+    def _maximizes(self, weights: Sequence[Tensor]) -> bool:
+        """Whether the inner optimiser climbs ``train_loss`` on every weight of the solve (their
+        groups' ``maximize=True``): they then settle at a maximum, whose Hessian the solve
+        negates (see :func:`_implicit`)."""
+        ids = {
+            id(p) for g in self.inner_optimizer.param_groups if g.get("maximize", False) for p in g["params"]
+        }
+        return bool(ids) and all(id(w) in ids for w in weights)
 
     def _method_state(self) -> dict[str, Any]:
         return {"x0": self._x0, "power": self._power, "warned_lr": self._warned_lr}

@@ -688,12 +688,18 @@ class ExampleWeights(nn.Module):
     def forward(self, index: Tensor) -> Tensor:
         """Weights of the examples ``index`` (integer, ``(B,)``): ``(B,)``, differentiable.
 
+        Indices of any integer dtype are taken as positions (``uint8`` ones too, which torch's
+        indexing would read as a mask: ``[1, 1, 2, 3, 4]`` selected the weights of examples
+        0 to 4, not those of 1, 1, 2, 3, 4); a repeated index gets the sum of its terms'
+        gradients.
+
         Raises:
             TypeError: ``index`` is not an integer tensor (floats, or a boolean mask, which would
                 select a different number of weights than the batch has examples).
-            IndexError: a negative index (it would silently weight another example, counted
-                from the end; checked at the cost of one host synchronisation), or, on the CPU,
-                one ``>= n`` (raised by torch's indexing; on CUDA a device-side assert).
+            IndexError: an index outside ``[0, n)``: a negative one would silently weight another
+                example, counted from the end, and one ``>= n`` is an index into a larger dataset
+                (which indexing on CUDA meets with a device-side assert). Checked at the cost of
+                one host synchronisation.
         """
         if not isinstance(index, Tensor):
             index = torch.as_tensor(index, device=self.raw.device)
@@ -702,11 +708,22 @@ class ExampleWeights(nn.Module):
                 f"ExampleWeights takes integer example indices (hypergrad.data.WithIndex gives them), "
                 f"got dtype {index.dtype}"
             )
-        if index.numel() and bool(index.min() < 0):
-            raise IndexError(
-                f"ExampleWeights got a negative example index ({int(index.min())}); indices must lie "
-                f"in [0, {self.raw.numel()}): the position of each example in the dataset"
-            )
+        if index.dtype not in (torch.int64, torch.int32):  # (uint8 would index as a mask)
+            index = index.long()
+        n = self.raw.numel()
+        if index.numel():
+            low, high = (int(v) for v in torch.stack(list(torch.aminmax(index))).tolist())
+            if low < 0:
+                raise IndexError(
+                    f"ExampleWeights got a negative example index ({low}); indices must lie in "
+                    f"[0, {n}): the position of each example in the dataset"
+                )
+            if high >= n:
+                raise IndexError(
+                    f"ExampleWeights got example index {high}, but holds weights for {n} examples: "
+                    f"indices must lie in [0, {n}), the position of each example in the dataset "
+                    f"(was it built with the length of another dataset?)"
+                )
         return torch.sigmoid(self.raw[index])
 
     @property
@@ -839,8 +856,9 @@ class OptimizerSetting(nn.Module):
             for i, (g, w) in enumerate(zip(groups, self._written, strict=True)):
                 if float(g[self.name]) != w:
                     raise ValueError(
-                        f"param_groups[{i}][{self.name!r}] was changed from {w:g} to {float(g[self.name]):g} "
-                        f"outside hypergrad (by a scheduler?); {type(self).__name__} would silently "
+                        f"param_groups[{i}][{self.name!r}] was changed from {w!r} to "
+                        f"{float(g[self.name])!r} outside hypergrad (by a scheduler, or an "
+                        f"optimizer.load_state_dict?); {type(self).__name__} would silently "
                         f"override it. {self._under_scheduler}"
                     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -457,3 +458,14 @@ def test_summary_gives_a_translation_range_in_pixels() -> None:
     s = hg.hparams.summary(hp)
     assert set(s) == {"shift.mean", "shift.min", "shift.max", "shift.std"}
     assert abs(s["shift.mean"] - float(hp["shift"].value.mean())) < 1e-6
+
+
+def test_a_learning_rate_changed_in_its_last_digits_is_named_with_every_digit():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+    lr = hg.hparams.LearningRate(opt, dtype=torch.float32)
+    lr.write()
+    written = opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = written * (1 + 1e-12)  # e.g. a state_dict saved in another precision
+    said = rf"was changed from {re.escape(repr(written))} to .*load_state_dict"
+    with pytest.raises(ValueError, match=said):
+        lr.check()
