@@ -4,8 +4,9 @@ Each update takes the weights, their gradients, the optimiser state of each weig
 group's settings (floats, or tensors when the settings are hyperparameters) and returns new weights
 and new state, without touching its inputs, so autograd (reverse or forward mode) can see through
 it. The arithmetic follows ``torch.optim``'s single-tensor code step for step, so that replaying
-a step reproduces what the real optimiser did, bit for bit where nothing is tuned (settings that
-are hyperparameters need tensor arithmetic, which rounds otherwise). Complex weights are updated
+a step reproduces what the real optimiser did, bit for bit (settings that are hyperparameters
+need tensor arithmetic, which rounds otherwise: :func:`update_exactly` gives such an update the
+real step's values and the tensor arithmetic's derivatives). Complex weights are updated
 as torch.optim updates them (all but SGD: on their real views). With ``foreach=True`` the replay
 follows the multi-tensor steps where they order their arithmetic otherwise (complex weights are
 viewed as real before the L2 term is added; Adamax reads a tensor lr as a Python number). On
@@ -385,6 +386,56 @@ def _rprop(
     return tuple(new_p), new_s
 
 
+def update_exactly(
+    update: Update,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[State],
+    group: Mapping[str, Any],
+    numbers: Mapping[str, float],
+) -> tuple[Tensors, list[State]]:
+    """``update`` with tuned settings whose values are the real step's, bit for bit.
+
+    A tuned setting (a tensor autograd follows) needs tensor arithmetic, which rounds otherwise
+    than torch.optim's ``alpha=`` / ``value=`` operations on the Python number the real step
+    was given (``numbers``: each tuned setting's value as the hyperoptimiser wrote it into the
+    param group). A last-bit difference is no matter in itself, but a step that amplifies
+    rounding (Adam or RMSprop on a gradient that is rounding noise, such as the bias of a layer
+    before a BatchNorm) then ends far from the real weights. So the update runs twice: as is,
+    for the derivatives, and on the plain values with ``numbers``, for the values; each output
+    is ``plain + (traced - traced.detach())``, the plain value with the traced derivative
+    (reverse and forward mode). Costs one more update (no training gradient) per step where
+    a setting is traced; where none is, the update runs once, on ``numbers``."""
+    if not any(_traced(group[k]) for k in numbers):
+        return update(params, grads, states, {**group, **numbers})
+    new_p, new_s = update(params, grads, states, group)
+    plain_p, plain_s = update(
+        [_plain(p) for p in params],
+        [_plain(g) for g in grads],
+        [{k: _plain(v) for k, v in st.items()} for st in states],
+        {**group, **numbers},
+    )
+    out_s = [
+        {k: _valued(v, s_plain[k]) if k in s_plain else v for k, v in s.items()}
+        for s, s_plain in zip(new_s, plain_s, strict=True)
+    ]
+    return tuple(_valued(t, e) for t, e in zip(new_p, plain_p, strict=True)), out_s
+
+
+def _plain(x: Any) -> Any:
+    """A tensor's value without autograd history or forward-mode tangent; anything else as is."""
+    return fwAD.unpack_dual(x).primal.detach() if isinstance(x, Tensor) else x
+
+
+def _valued(traced: Any, plain: Any) -> Any:
+    """``plain``'s value with ``traced``'s derivatives (``traced - traced.detach()`` is 0)."""
+    if not (isinstance(traced, Tensor) and isinstance(plain, Tensor) and _traced(traced)):
+        return traced
+    if not (traced.is_floating_point() or traced.is_complex()) or traced.shape != plain.shape:
+        return traced
+    return plain + (traced - traced.detach())
+
+
 def _traced(x: Any) -> bool:
     """Whether ``x`` is a tensor autograd follows (a tuned setting: it requires grad, or carries a
     forward-mode tangent). Other tensors (a learning rate a scheduler keeps as a tensor, recorded
@@ -536,8 +587,21 @@ def update_for(optimizer: torch.optim.Optimizer) -> Update:
 
 
 def group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a param group (everything but its parameters), copied."""
-    return {k: v for k, v in group.items() if k != "params"}
+    """The settings of a param group (everything but its parameters), copied; a one-element
+    tensor setting of any shape (``lr=torch.tensor([0.01])``, which torch.optim accepts) as the
+    0-dim tensor torch.optim's steps make of it (``_to_scalar``), so the replay's ``alpha=`` /
+    ``value=`` operations take it as they do."""
+    return {k: _to_scalar(v) for k, v in group.items() if k != "params"}
+
+
+def _to_scalar(x: Any) -> Any:
+    """torch.optim's ``_to_scalar``: a one-element tensor squeezed to 0 dims (also inside a tuple,
+    as ``betas``); anything else as it is."""
+    if isinstance(x, tuple):
+        return tuple(_to_scalar(v) for v in x)
+    if isinstance(x, Tensor) and x.dim() != 0 and x.numel() == 1:
+        return x.squeeze()
+    return x
 
 
 def snapshot_state(optimizer: torch.optim.Optimizer, weights: Sequence[Tensor]) -> list[State]:

@@ -34,7 +34,7 @@ from ._functional import (
     grads_or_zeros,
     materialize,
 )
-from ._inner import State, group_settings, snapshot_state, update_for
+from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
 from ._types import Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients, _reusing_values
 
@@ -72,7 +72,10 @@ def unrolled_hypergradient(
     ``outer`` runs the inner steps from fixed starting weights with the hyperparameters it is given
     and returns :math:`L_V(w_K, \lambda)`. Reverse mode: one call and one backward pass, memory of
     the whole K-step graph. Forward mode: one call per hyperparameter entry (:math:`H` in all), each
-    carrying a tangent :math:`dw/d\lambda_j` along with the weights, memory independent of K.
+    carrying a tangent :math:`dw/d\lambda_j` along with the weights, memory independent of K;
+    each call starts from the same state of torch's RNG (what ``outer`` draws, e.g. dropout
+    masks, is the same in every call, as in reverse mode's one), and the RNG is left where one
+    call leaves it.
 
     Args:
         outer: ``outer(hparams) -> scalar``; must use autograd-differentiable operations
@@ -110,12 +113,18 @@ def _forward(outer: Callable[[Sequence[Tensor]], Tensor], hparams: list[Tensor])
     grads = [torch.zeros_like(h) for h in hparams]
     value: Tensor | None = None
     base = [h.detach() for h in hparams]
+    # each pass draws what reverse mode's one call draws (dropout), and leaves torch's RNG there
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     for i, h in enumerate(base):
         for j in range(h.numel()):
             with fwAD.dual_level():
                 tangent = torch.zeros_like(h)
                 tangent.view(-1)[j] = 1
                 duals = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
+                torch.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state_all(cuda)
                 out = outer(duals)
                 primal, tan = fwAD.unpack_dual(out)
                 grads[i].view(-1)[j] = 0 if tan is None else tan.detach()
@@ -144,6 +153,19 @@ def _naming_missing_forward_derivatives() -> Iterator[None]:
             f"PyTorch cannot push one through an operation they use ({msg.splitlines()[0]}). Use "
             "mode='reverse' (same hypergradient), or write that operation without it"
         ) from e
+
+
+def _same_entry(before: Any, after: Any) -> bool:
+    """Whether an optimiser state entry (a :meth:`Unrolled._state_signature` item) is unchanged:
+    the same tensor, not written since, or another tensor of the same values (a reload), or the
+    same number."""
+    if isinstance(before, str) or isinstance(after, str):
+        return before == after
+    (b, b_version), (a, a_version) = before, after
+    if a is b:
+        return a_version == b_version  # (written in place: its old values are gone)
+    same_kind = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    return same_kind and b._version == b_version and bool(torch.equal(a, b))
 
 
 class ReplayWarning(UserWarning):
@@ -185,6 +207,12 @@ class _Record:
     #: ``torch.autocast`` during the step on the model's device type, ``(enabled, dtype)``; None
     #: replays in the autocast state of the hyperstep
     autocast: tuple[bool, torch.dtype] | None = None
+    #: per weight, the entries of its optimiser state changed outside ``step()`` since the
+    #: previous step (``optimizer.state.clear()``, ``load_state_dict``, an in-place reset of a
+    #: moment), as they were before this step (constants, for the replay), and the names of the
+    #: entries that stayed (carried on from the replayed previous step); None for a weight whose
+    #: state did not change, and for the whole record where none did
+    states: list[tuple[State, tuple[str, ...]] | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -226,7 +254,9 @@ class Unrolled(HyperOptimizer):
     NAdam, RAdam and ASGD, whose multi-tensor kernels round otherwise) and differentiates the
     validation loss at the end.
     The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
-    rate do not reach it, dropout draws the same masks, each step runs in the train/eval modes
+    rate do not reach it, dropout draws the same masks (and in forward mode ``val_loss``
+    draws the same ones in the pass of every hyperparameter entry, as reverse mode's one call
+    does, so both modes give one hypergradient), each step runs in the train/eval modes
     its modules had when it was taken (whatever mode the model is in at the hyperstep, which is
     the mode ``val_loss`` runs in) and in its ``torch.autocast`` state (forward mode refuses
     autocast: forward-mode AD does not follow its casts), weights without a gradient are
@@ -260,8 +290,14 @@ class Unrolled(HyperOptimizer):
     through tensors' version counters, so not through ``.data``) end the episode with a
     :class:`ReplayWarning` and an empty ring; call :meth:`start_episode` after such a change to
     say it is intended (no warning). Changing which weights train (``add_param_group``,
-    freezing) also starts a new episode. To differentiate through a whole episode of K steps
-    from freshly initialised weights (dataset distillation, meta-learning), use ``steps >= K``.
+    freezing) also starts a new episode. The inner optimiser's state changed between two steps
+    (``inner_optimizer.state.clear()`` to restart Adam's moments, ``load_state_dict``, a
+    momentum buffer zeroed in place: detected through the identities and version counters of
+    its tensors) does not end the episode: each replayed step starts from the state its real
+    step had, the changed entries as constants (the others, and entries reloaded with the values
+    they had, carried on with their derivatives).
+    To differentiate through a whole episode of K steps from freshly initialised weights
+    (dataset distillation, meta-learning), use ``steps >= K``.
 
     Args:
         model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite,
@@ -280,11 +316,13 @@ class Unrolled(HyperOptimizer):
 
     Memory between hypersteps: at most 2K recorded batches and two full snapshots of the weights,
     buffers, optimiser state and hyperparameters (no graphs), taken every K steps and at the
-    first change of the hyperparameters in K steps. When hypersteps come more often than every
-    K steps (every step: overlapping windows), the steps between snapshots keep a copy of the
-    hyperparameters they used instead (at most K + s copies for hypersteps every s steps; a few
-    scalars for per-layer decays or learning rates, one weight-sized tensor for a decay per
-    weight; a third snapshot, which irregular hypersteps can call for, becomes such a copy too).
+    first change of the hyperparameters in K steps (and a copy of the optimiser state entries
+    changed outside :meth:`step`, with the step after the change). When hypersteps come more
+    often than every K steps (every step: overlapping windows), the steps between snapshots keep
+    a copy of the hyperparameters they used instead (at most K + s copies for hypersteps every s
+    steps; a few scalars for per-layer decays or learning rates, one weight-sized tensor for a
+    decay per weight; a third snapshot, which irregular hypersteps can call for, becomes such a
+    copy too).
     A replay starts from the latest snapshot at least K steps back and first re-runs,
     without a graph and with the hyperparameters of their time, the steps up to the window it
     differentiates; an accepted hyperstep keeps the state it re-ran to as the next window's
@@ -369,6 +407,8 @@ class Unrolled(HyperOptimizer):
         #: the window's first record and its state, re-run by the hyperstep under way (:meth:`_start`)
         self._promotion: tuple[_Record, _Anchor] | None = None
         self._warned_hooks: frozenset[str] = frozenset()
+        #: the inner optimiser's state after the last step (:meth:`_state_signature`); None: unknown
+        self._state_seen: list[dict[str, Any]] | None = None
         self._weights_changed()
         self._check_hooks()
 
@@ -460,6 +500,7 @@ class Unrolled(HyperOptimizer):
     ) -> None:
         pair = self.pair
         self._promotion = None
+        changed_states = self._changed_states()  # (reset or loaded: the replay cannot carry it on)
         hp_versions = tuple(h._version for h in pair.hparam_tensors)
         moved = bool(self._records) and self._hparams_moved()
         # A full snapshot at the first step, every K steps, and where the hyperparameters moved
@@ -498,6 +539,7 @@ class Unrolled(HyperOptimizer):
                 training=tuple(m.training for m in self._mode_modules()),
                 max_grad_norm=max_grad_norm,
                 autocast=_autocast_state(self.device.type),
+                states=changed_states,
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -520,6 +562,41 @@ class Unrolled(HyperOptimizer):
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
+        self._state_seen = self._state_signature()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_state_seen"] = None  # (references to the state's tensors: re-taken by the copy)
+        return state
+
+    def _state_signature(self) -> list[dict[str, Any]]:
+        """What tells whether the inner optimiser's state of the weights was changed since the last
+        :meth:`step`: per weight and state entry, the tensor and its version counter (or the
+        value of a number). No copy, no host synchronisation; it holds the state's tensors until
+        the next step (after ``state.clear()`` their memory is freed then)."""
+        state = self.inner_optimizer.state
+        return [
+            {k: (v, v._version) if isinstance(v, Tensor) else repr(v) for k, v in state.get(w, {}).items()}
+            for w in self.pair.weights
+        ]
+
+    def _changed_states(self) -> list[tuple[State, tuple[str, ...]] | None] | None:
+        """Per weight, its optimiser state entries changed since the last step (copies) and the
+        names of those that stayed, or None where none changed; None where nothing changed. An
+        entry replaced by a tensor of the same values (``load_state_dict`` of the state it had, a
+        checkpoint's round trip) stayed: the replay carries it on with its derivatives."""
+        seen = self._state_seen
+        if not self._records or seen is None:
+            return None  # (an anchor holds the whole state at an episode's first step)
+        out: list[tuple[State, tuple[str, ...]] | None] = []
+        for w, before, after in zip(self.pair.weights, seen, self._state_signature(), strict=True):
+            kept = tuple(k for k, v in after.items() if k in before and _same_entry(before[k], v))
+            if len(kept) == len(after) == len(before):
+                out.append(None)
+                continue
+            (snap,) = snapshot_state(self.inner_optimizer, [w])
+            out.append(({k: v for k, v in snap.items() if k not in kept}, kept))
+        return None if all(o is None for o in out) else out
 
     def _hparams_moved(self) -> bool:
         """Whether the hyperparameters changed since the newest anchor: a hyperstep said so, or
@@ -604,7 +681,13 @@ class Unrolled(HyperOptimizer):
     ) -> tuple[Tensors, list[State], Tensors]:
         """One recorded step, differentiably: ``(weights, states, buffers)`` after it. It runs
         in the ``torch.autocast`` state the real step had (its loss, its backward pass and its
-        update), whatever the hyperstep's."""
+        update), whatever the hyperstep's, and from the optimiser state the real step had where
+        that was changed outside ``step()`` (constants then, as for the real step)."""
+        if rec.states is not None:
+            states = [
+                st if changed is None else {**{k: st[k] for k in changed[1] if k in st}, **changed[0]}
+                for st, changed in zip(states, rec.states, strict=True)
+            ]
         if rec.autocast is None or rec.autocast == _autocast_state(self.device.type):
             return self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph)
         enabled, dtype = rec.autocast
@@ -678,11 +761,19 @@ class Unrolled(HyperOptimizer):
             if not idx:
                 continue
             settings: dict[str, Any] = dict(rec.groups[gi])
+            numbers: dict[str, float] = {}  # the values as OptimizerSetting.write() puts them there
             for i, setting in self.settings:  # relative: a multiplier on the recorded value
-                value = tuned[i][gi]
-                settings[setting.name] = settings[setting.name] * value if setting.relative else value
-            w_g, s_g = self._update(
-                [weights[k] for k in idx], [grads[k] for k in idx], [states[k] for k in idx], settings
+                value, base = tuned[i][gi], settings[setting.name]
+                number = float(fwAD.unpack_dual(value).primal.detach())
+                settings[setting.name] = base * value if setting.relative else value
+                numbers[setting.name] = float(base) * number if setting.relative else number
+            w_g, s_g = update_exactly(
+                self._update,
+                [weights[k] for k in idx],
+                [grads[k] for k in idx],
+                [states[k] for k in idx],
+                settings,
+                numbers,
             )
             for k, w, s in zip(idx, w_g, s_g, strict=True):
                 new_w[k] = w
@@ -819,6 +910,9 @@ class Unrolled(HyperOptimizer):
         to_val = [False] * len(base)  # a tangent of the tensor reached L_V
         to_weights = [False] * len(base)  # ... or the replayed weights
         value = torch.zeros((), dtype=self.dtype, device=self.device)
+        # every entry's L_V draws what reverse mode's one call draws (dropout in train mode), and
+        # torch's RNG is left where that one call leaves it
+        rng = self._rng_state()
 
         def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
             p, t = pt
@@ -862,6 +956,7 @@ class Unrolled(HyperOptimizer):
                     to_weights[i] = True
                 with fwAD.dual_level():
                     hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
+                    self._set_rng_state(rng)
                     out = pair.loss(
                         self.val_loss,
                         val_batch,
@@ -977,3 +1072,4 @@ class Unrolled(HyperOptimizer):
         self._hp_moved = bool(state.get("anchor_due", True))
         self._hp_versions = tuple(h._version for h in self.pair.hparam_tensors)
         self._versions = self._current_versions()
+        self._state_seen = self._state_signature()  # (the loaded state is the saved run's)
