@@ -531,6 +531,11 @@ def _terms(
     use_layers = form is Bound.NTK and kernel != "dense" and scalar_prec
     if kernel == "layerwise" and not use_layers:
         raise ValueError("kernel='layerwise' needs the NTK form and one precision per layer (or global)")
+    # a model that is random in this mode gives a random evidence: nn.Dropout and RReLU are
+    # refused by _check_modes, but functional dropout (F.dropout(h, p, self.training)) went
+    # through silently (three calls gave -12.93, -13.62, -13.14). Without an augmentation, which
+    # draws its own, the model's forward passes must leave torch's random generator as it was
+    rng = _rng_states(x.device) if augmentation is None else None
     factors = (
         _layerwise_factors(model, x, names, augmentation, samples, graph, likelihood) if use_layers else None
     )
@@ -548,6 +553,14 @@ def _terms(
     # was refused (the float32 one was fine)
     if factors is None:  # (the model runs as the caller runs it: under their autocast, if any)
         f, jac = _dense_jacobians(model, x, names, augmentation, samples, graph, through_weights, likelihood)
+    if rng is not None and not all(map(torch.equal, rng, _rng_states(x.device))):
+        raise ValueError(
+            "the model drew random numbers in its forward pass (functional dropout such as "
+            "F.dropout(h, p, self.training) with the model in training mode, or noise injection): "
+            "the linearised network would be random, and so would the evidence (and its bound). "
+            "Call model.eval() before hyper_step (and model.train() before step), with every "
+            "random operation following self.training"
+        )
     with _full_precision(x.device.type):
         if factors is not None:
             f, layers = factors
@@ -573,6 +586,14 @@ def _terms(
             else:
                 dets = [_dense_block_logdet(jac, prec, blk, outputs, c, sigma) for blk in blocks]
         return _Terms(_log_lik(f, y, likelihood, sigma), torch.stack(dets).sum(), quad, b)
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """The states of torch's default random generators that a model on ``device`` draws from."""
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 def _full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -752,7 +773,8 @@ def log_evidence_bound(
 
     Args:
         model: the network; its outputs ``(B, C)`` are logits (classification) or means (regression).
-            Must not hold BatchNorm, Dropout or RReLU in training mode (``ValueError``). Under
+            Must not hold BatchNorm, Dropout or RReLU in training mode, nor draw random numbers
+            (functional dropout in training mode) (``ValueError``). Under
             ``torch.compile`` or a (Distributed)DataParallel wrapper, the bare module is used.
         x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
@@ -795,9 +817,12 @@ def log_evidence_bound(
             (or, with ``form="exact"``, different from it); a prior that covers none of the
             model's trainable weights, or whose per-weight precisions do not fit their shapes;
             BatchNorm, Dropout or RReLU in training mode, or BatchNorm without running statistics;
-            an empty batch; targets that do not fit the outputs (classification: labels outside
-            ``[0, C)``, e.g. a padding label -100, or outputs other than logits ``(B, C)``,
-            e.g. ``(B, T, C)``); inputs of another dtype or device; an
+            a model whose forward pass draws random numbers (functional dropout
+            ``F.dropout(h, p, self.training)`` in training mode; checked without
+            ``augmentation``, which draws its own); an empty batch; targets that do not fit the
+            outputs (classification: labels outside ``[0, C)``, e.g. a padding label -100, or
+            outputs other than logits ``(B, C)``, e.g. ``(B, T, C)``); inputs of another dtype
+            or device; an
             invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
             cannot apply); ``outputs`` other than ``"all"`` with ``form="parametric"`` or ``"exact"``.
         TypeError: ``noise`` of another type, or a ``prior`` that is not a PriorPrecision.
@@ -1016,8 +1041,10 @@ class MarginalLikelihood(HyperOptimizer):
     each rank.
 
     Args:
-        model: the network (outputs ``(B, C)``). BatchNorm, Dropout or RReLU in training mode are refused
-            at :meth:`hyper_step` (``ValueError``): call ``model.eval()`` around it.
+        model: the network (outputs ``(B, C)``). BatchNorm, Dropout or RReLU in training mode, and
+            (without an augmentation) any forward pass that draws random numbers, such as
+            functional dropout in training mode, are refused at :meth:`hyper_step`
+            (``ValueError``): call ``model.eval()`` around it.
         hparams: the module holding the containers above.
         likelihood: ``"classification"`` (labels ``(B,)``) or ``"regression"``.
         data_size: :math:`N`, the number of training examples.

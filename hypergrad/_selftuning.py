@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,10 +28,11 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import CheckpointError
 
 from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
 from ._functional import check_batch, clone_all, grads_or_none, materialize
-from ._stn_hparams import SelfTuned, _load_state, _Mode, _state, linearising
+from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising
 from ._types import Batch, LossFn, Tensors
 from ._wrap import ddp_wrappers
 from .nn import HyperNet, StnLayer, response_masks, stn_layers
@@ -53,12 +54,18 @@ def selftuning_hypergradient(
     Args:
         val_loss: closure computing :math:`L_V` (0-dim).
         hparams: the :class:`~hypergrad.hparams.SelfTuned` container.
-        entropy_weight: :math:`\tau \ge 0` (ignored when ``hparams`` does not learn its scale).
+        entropy_weight: :math:`\tau \ge 0`, finite (ignored when ``hparams`` does not learn its
+            scale).
 
     Returns:
         ``(grads, val_loss, reached)``: ``grads`` shaped like ``list(hparams.parameters())``
         (zeros where nothing reached a parameter), the detached validation loss (0-dim), and a
         bool tensor :math:`(n,)`, one entry per parameter, saying whether any gradient reached it.
+
+    Raises:
+        TypeError: ``hparams`` not a :class:`~hypergrad.hparams.SelfTuned`.
+        ValueError: ``entropy_weight`` not a finite number >= 0, or ``val_loss`` returning
+            anything but a 0-dim floating-point tensor.
 
     Cost: one call of ``val_loss`` and one backward pass; no host synchronisation.
 
@@ -68,16 +75,36 @@ def selftuning_hypergradient(
     >>> round(float(g[0]), 6)        # d/dr r^2 at r = logit(0.5) = 0
     0.0
     """
+    if not isinstance(hparams, SelfTuned):
+        raise TypeError(
+            "selftuning_hypergradient needs hparams = hg.hparams.SelfTuned(...), got "
+            f"{type(hparams).__name__}"
+        )
+    _check_entropy_weight(entropy_weight)
     params = list(hparams.parameters())
     # outside a method's hyperstep the draws' values are detached (plain numbers): here a
     # val_loss reading them directly (a penalty on the value) must get its gradient
     mean = hparams._mode is _Mode.MEAN
     with hparams._drawing(_Mode.VAL_MEAN) if mean else contextlib.nullcontext():
         lv = val_loss()
+    if not (isinstance(lv, Tensor) and lv.dim() == 0 and lv.is_floating_point()):
+        what = f"a tensor of shape {tuple(lv.shape)}" if isinstance(lv, Tensor) else type(lv).__name__
+        raise ValueError(f"selftuning_hypergradient: val_loss must return a 0-dim float tensor, got {what}")
     obj = lv - entropy_weight * hparams.entropy() if hparams.learn_scale else lv
     gs = grads_or_none(obj, params)
     reached = torch.tensor([g is not None for g in gs])
     return materialize(gs, params), lv.detach(), reached
+
+
+def _check_entropy_weight(value: Any) -> None:
+    # (a negative weight flipped the entropy term, a NaN made every sigma's gradient NaN)
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    ):
+        raise ValueError(f"Invalid entropy_weight: {value!r} (need a finite number >= 0)")
 
 
 class _Linearised:
@@ -169,6 +196,35 @@ def _parametrized_response(layers: Sequence[tuple[str, StnLayer]]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _template_not_rerun(net: HyperNet) -> Iterator[None]:
+    """Within the block, a module of ``net.base`` run in a backward pass raises. HyperNet
+    substitutes the generated weights for its call only: activation checkpointing
+    (``torch.utils.checkpoint``) inside the base runs it again in the backward pass, after the
+    call, with the template's own weights, and the gradients came out silently wrong (weights
+    0.5 off after three steps, a hypergradient -0.79 for the true -0.93)."""
+
+    def refuse(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if _in_backward():
+                raise RuntimeError(
+                    f"BestResponse: base.{name or '(root)'} of the HyperNet ran in the backward pass "
+                    f"(activation checkpointing, torch.utils.checkpoint, recomputes it there), "
+                    f"after HyperNet's call had returned: it would run with the base's template "
+                    f"weights instead of the generated ones, and the gradients would be silently "
+                    f"wrong. Do not checkpoint inside a HyperNet's base"
+                )
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(refuse(n)) for n, m in net.base.named_modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _BestResponseBase(HyperOptimizer):
     """What SelfTuning and BestResponse share: draws, eval-mode validation, history, state."""
 
@@ -214,8 +270,7 @@ class _BestResponseBase(HyperOptimizer):
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"Invalid {arg}: {v!r} (need an int >= {low})")
-        if not (isinstance(entropy_weight, (int, float)) and entropy_weight >= 0):
-            raise ValueError(f"Invalid entropy_weight: {entropy_weight!r} (need a number >= 0)")
+        _check_entropy_weight(entropy_weight)
         self.entropy_weight = float(entropy_weight)
         self.warmup, self.train_steps, self.val_steps = warmup, train_steps, val_steps
         self._checked_key: tuple[int, ...] | None = None  # trained weights whose response was checked
@@ -404,7 +459,9 @@ class SelfTuning(_BestResponseBase):
             ``inner_optimizer`` that does not train the response parameters (``hnet``, the hyper
             halves). At :meth:`hyper_step`: no ``val_batch``.
         RuntimeError: with ``delta`` and ``linearize``, an operation of the model without
-            forward-mode AD support (pass ``linearize=False``).
+            forward-mode AD support, or activation checkpointing (``torch.utils.checkpoint``)
+            inside the model, whose recomputation in the backward pass cannot repeat the
+            linearised forward (pass ``linearize=False``).
         TypeError: with ``delta`` and ``linearize``, a model output whose tensors cannot be
             reached (see ``delta``).
 
@@ -545,6 +602,16 @@ class SelfTuning(_BestResponseBase):
             try:
                 response = super()._train_backward(batch, weights, model)
             except RuntimeError as e:
+                if self.linearize and isinstance(e, CheckpointError):
+                    raise RuntimeError(
+                        "SelfTuning(delta=True): activation checkpointing (torch.utils.checkpoint) "
+                        "recomputes part of the model in the backward pass, after the linearised "
+                        "model call has returned and its forward-mode tangents are gone, so the "
+                        "recomputation differs from the forward it replaces (torch raised its "
+                        "CheckpointError, chained below); pass "
+                        "linearize=False (checkpointing works there), or do not checkpoint inside "
+                        "the model"
+                    ) from e
                 if self.linearize and "forward" in str(e).lower() and "AD" in str(e):
                     raise RuntimeError(
                         f"SelfTuning(delta=True): an operation of the model does not support the "
@@ -612,6 +679,10 @@ class BestResponse(_BestResponseBase):
             an unknown ``sampling``, ``prior_scale`` not a finite number > 0, or a bad
             schedule. At the first :meth:`step`: an ``inner_optimizer`` that does not train the
             hypernetwork. At :meth:`hyper_step`: no ``val_batch``.
+        RuntimeError: at :meth:`step` (nothing changed), a module of the base run again in the
+            backward pass by activation checkpointing (``torch.utils.checkpoint``): it would use
+            the template's weights, not the generated ones. (Hypersteps keep the activations of
+            checkpointed blocks instead, as every hypergradient does.)
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(decay=hg.hparams.Positive(0.1, transform="exp"), learn_scale=False)
@@ -696,6 +767,13 @@ class BestResponse(_BestResponseBase):
 
     def _val_mode(self) -> _Mode:
         return _Mode.VAL_MEAN  # (unperturbed; values differentiable, for a val_loss that reads them)
+
+    def _train_backward(self, batch: Batch, weights: Sequence[Tensor], model: Any = None) -> Tensor:
+        # (the hypergradient's closure keeps the activations of checkpointed blocks instead:
+        # FunctionalPair.call's differentiable_twice)
+        assert isinstance(self.ranks.module, HyperNet)
+        with _template_not_rerun(self.ranks.module):
+            return super()._train_backward(batch, weights, model)
 
     def _response_params(self) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in self.ranks.module.named_parameters() if n != "base_weights"]

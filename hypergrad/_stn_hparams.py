@@ -360,7 +360,8 @@ class SelfTuned(nn.Module):
 
     Raises:
         ValueError: no specs, a spec that is not a :class:`Rate` / :class:`Positive` /
-            :class:`Integer`, a reserved name (``inner_step``, ``hyper_step``, ``sigma``), a spec
+            :class:`Integer`, a reserved name (``inner_step``, ``hyper_step``, ``sigma``) or one
+            holding a ``.`` (``history()``'s separator), a spec
             named like one of the arguments above (``scale``, ``scale_range``, ``learn_scale``,
             ``dtype``), a
             ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, or a
@@ -406,6 +407,12 @@ class SelfTuned(nn.Module):
                 raise ValueError(
                     f"SelfTuned: {name!r} is a reserved name (history() rows and hg.hparams.values "
                     f"use it); call the hyperparameter something else"
+                )
+            if "." in name:  # (**{"a.1": ...} overwrote entry 1 of a spec "a" in history() rows)
+                raise ValueError(
+                    f"SelfTuned: the name {name!r} holds a '.', which history() rows use for entries "
+                    f"('name.i') and scales ('sigma.name'), so it would overwrite another column; "
+                    f"call the hyperparameter something else, e.g. {name.replace('.', '_')!r}"
                 )
         lo, hi = (float(s) for s in scale_range)
         if not (0 < lo < hi and math.isfinite(hi)):
@@ -613,6 +620,19 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Ten
         features = features.features
         if linear and _LINEARISING[0] > 0:  # Delta-STN: the output's first order in the perturbation
             features = fwAD.make_dual(torch.zeros_like(features), features)
+        elif linear and _in_backward():
+            # activation checkpointing (torch.utils.checkpoint) runs the layer again in the
+            # backward pass, after the linearised call has returned and its forward-mode
+            # tangents are gone: the recomputation differs from the forward it replaces (a
+            # CheckpointError "a different number of tensors was saved", after a warning that
+            # blamed the loss)
+            raise RuntimeError(
+                f"SelfTuning(delta=True): {where} is being recomputed in the backward pass "
+                f"(activation checkpointing, torch.utils.checkpoint), outside the model call "
+                f"that Delta-STN linearises, so the recomputation cannot repeat the linearised "
+                f"forward; pass linearize=False (checkpointing works there), or do not "
+                f"checkpoint the STN layers"
+            )
         elif linear:
             warnings.warn(
                 f"{where} was called outside a call of the model given to SelfTuning(delta=True), "
@@ -685,6 +705,12 @@ def linear_perturbation(hparams: Any, batch: int, n_hparams: int, where: str) ->
     return check_features(hparams.features, n_hparams, batch, where)
 
 
+def _in_backward() -> bool:
+    """Whether this runs inside an autograd backward pass (e.g. a checkpointed recomputation)."""
+    node = getattr(torch._C, "_current_autograd_node", None)
+    return node is not None and node() is not None
+
+
 #: how many linearised model calls (:class:`~hypergrad.SelfTuning` with ``delta=True``) are open
 _LINEARISING = [0]
 
@@ -734,9 +760,15 @@ def _load_state(hp: SelfTuned, state: dict[str, Any]) -> None:
     saved, mine = state.get("config"), _config(hp)
     if saved is not None and "scale" not in saved:  # (saved before the fixed scale was recorded)
         mine.pop("scale", None)
-    if saved is not None and saved != mine:  # (states saved before the check have none)
+    # the specs' order too: it is the order of the entries of raw (and of the layers' feature
+    # columns), and dicts compare equal in any order, so SelfTuned(a=..., b=...) loaded a state of
+    # SelfTuned(b=..., a=...) silently, each hyperparameter taking the other's value
+    order = None if saved is None else list(saved.get("specs", mine["specs"]))
+    if saved is not None and (saved != mine or order != list(mine["specs"])):
         diff = [k for k in mine if saved.get(k) != mine[k]]
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in diff)
+        if not diff:
+            detail = f"the order of the specs: saved {order}, here {list(mine['specs'])}"
         raise ValueError(
             f"this state_dict was saved with other hyperparameter specs, so its raw values would mean "
             f"something else here ({detail}); build hg.hparams.SelfTuned as when it was saved"

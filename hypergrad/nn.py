@@ -112,6 +112,17 @@ class StnLayer(nn.Module):
         return True
 
 
+def _need_hparams(hparams: Hyper | None, layer: nn.Module) -> Hyper:
+    """``hparams``, or a TypeError saying how an STN layer is called."""
+    if hparams is None:
+        raise TypeError(
+            f"{type(layer).__name__} needs the hyperparameters: call it as layer(x, hparams) (a "
+            "SelfTuned, its draw, or features). nn.Sequential calls its layers with one input, so "
+            "an STN layer cannot sit in one directly: call it from your model's forward"
+        )
+    return hparams
+
+
 def _rows_major(v: Tensor) -> Tensor:
     r"""``v.t()`` copied to row-major memory, for ``feats @ v.t()``: the matmul's backward then
     forms ``v``'s gradient as the wide ``feats.t() @ grad`` (:math:`H \times B` by
@@ -220,13 +231,15 @@ class StnLinear(StnLayer):
             nn.init.kaiming_uniform_(self.hyper_out, a=math.sqrt(5))
         self._init_response(out_features, n_hparams, factory)
 
-    def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
+    def forward(self, x: Tensor, hparams: Hyper | None = None) -> Tensor:
         r"""``x`` :math:`(B, \text{in})` -> :math:`(B, \text{out})`; ``hparams`` as
         :meth:`~StnLayer.modulation` takes them.
 
         Raises:
             ValueError: ``x`` not 2-D, or hyperparameter features that do not fit this layer.
+            TypeError: called without ``hparams`` (from an ``nn.Sequential``, say).
         """
+        hparams = _need_hparams(hparams, self)
         if x.dim() != 2:
             raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {tuple(x.shape)}")
         delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
@@ -351,14 +364,16 @@ class _StnConvNd(StnLayer):
         u = self.hyper_out.reshape(self.hyper_out.shape + (1,) * self._dims)
         return (F.conv2d if self._dims == 2 else F.conv1d)(hyper, u)
 
-    def forward(self, x: Tensor, hparams: Hyper) -> Tensor:
+    def forward(self, x: Tensor, hparams: Hyper | None = None) -> Tensor:
         r"""``x`` :math:`(B, C_{in}, \dots)` -> :math:`(B, C_{out}, \dots')` as the ordinary
         convolution; ``hparams`` as :meth:`~StnLayer.modulation` takes them.
 
         Raises:
             ValueError: ``x`` without ``2 + dims`` dimensions, or hyperparameter features that do
                 not fit this layer.
+            TypeError: called without ``hparams`` (from an ``nn.Sequential``, say).
         """
+        hparams = _need_hparams(hparams, self)
         if x.dim() != self._dims + 2:
             raise ValueError(
                 f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), "
@@ -549,7 +564,7 @@ class StnLSTMCell(StnLayer):
         return self.gates.modulation(hparams, batch)
 
     def forward(
-        self, x: Tensor, state: tuple[Tensor, Tensor] | None, hparams: Hyper
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None, hparams: Hyper | None = None
     ) -> tuple[Tensor, Tensor]:
         r"""One time step: ``x`` :math:`(B, \text{in})`, ``state`` ``(h, c)`` each
         :math:`(B, \text{hidden})`, or ``None`` for zeros (as ``nn.LSTMCell``); returns the new
@@ -559,7 +574,9 @@ class StnLSTMCell(StnLayer):
             ValueError: ``x`` not :math:`(B, \text{in})` (a whole sequence: unroll it, feeding
                 ``x[t]``, or ``x[:, t]`` when batch first), or ``state`` not a pair of
                 :math:`(B, \text{hidden})` tensors.
+            TypeError: called without ``hparams``.
         """
+        hparams = _need_hparams(hparams, self)
         name = type(self).__name__
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__

@@ -376,3 +376,20 @@ def test_per_batch_is_part_of_the_spec_a_state_is_checked_against() -> None:
     hopt(hg.hparams.SelfTuned(n=hg.hparams.Positive(0.5))).load_state_dict(state)  # same specs
     with pytest.raises(ValueError, match="per_batch=True"):
         hopt(hg.hparams.SelfTuned(n=hg.hparams.Positive(0.5, per_batch=True))).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (lambda: hg.nn.StnLinear(3, 2, n_hparams=1), torch.randn(4, 3)),
+        (lambda: hg.nn.StnConv1d(1, 2, 3, n_hparams=1), torch.randn(4, 1, 8)),
+        (lambda: hg.nn.StnConv2d(1, 2, 3, n_hparams=1), torch.randn(4, 1, 6, 6)),
+    ],
+)
+def test_an_stn_layer_inside_nn_sequential_says_it_needs_the_hyperparameters(layer, x):
+    net = torch.nn.Sequential(layer(), torch.nn.ReLU())
+    with pytest.raises(TypeError, match=r"needs the hyperparameters: call it as layer\(x, hparams\)"):
+        net(x)
+    cell = hg.nn.StnLSTMCell(3, 2, n_hparams=1)
+    with pytest.raises(TypeError, match="StnLSTMCell needs the hyperparameters"):
+        cell(torch.randn(4, 3), None)
