@@ -9,8 +9,10 @@
 
 ``--key=value`` arguments that are not options of ``run`` are settings, as ``--set key=value``:
 that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's ``command``).
-With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's. A setting
-given twice with different values is refused. A run stopped by Ctrl-C (exit code 130) or a crash
+With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's; a key there
+that is not a setting of the experiment is refused, as on the command line. A setting given twice
+with different values is refused, and so is ``--method`` for an experiment without methods. A run
+stopped by Ctrl-C (exit code 130), SIGTERM (143: ``kill``, a scheduler's time limit) or a crash
 writes ``interrupted.json`` and the trajectory so far instead of ``results.json``; runs do not
 resume.
 
@@ -22,11 +24,15 @@ resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
+import os
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +100,11 @@ def build_config(
         _once(given, key, value, f"{key}={text}")
         config[key] = value
     if method is not None:
+        if not exp.methods:
+            raise SystemExit(
+                f"hypergrad: {exp.name} has no --method (it runs the methods it compares); "
+                f"settings: {', '.join(sorted(config))}"
+            )
         _once(given, "method", method, f"--method {method}")
         config["method"] = method
     if seed is not None:
@@ -183,11 +194,46 @@ def _clear_previous(out: Path, records: list[tuple[str, dict[str, Any]]]) -> Non
     print(f"hypergrad run: replacing the previous run in {out}/: {what}", file=sys.stderr)
 
 
+def _run_name(exp: Experiment, config: dict[str, Any]) -> str:
+    """The wandb run name: experiment, method (if any) and seed, e.g. ``overfit_val-cg-s0``."""
+    return f"{exp.name}-{config.get('method', '')}-s{config['seed']}".replace("--", "-")
+
+
+def _check_wandb_keys(
+    exp: Experiment, config: dict[str, Any], chosen: dict[str, Any], fixed: dict[str, Any]
+) -> None:
+    """Refuse a ``wandb.config`` (a sweep's choices) that names a key the experiment lacks, or
+    changes ``fixed`` (the experiment and the size, which the command line chooses): ignored, a
+    misspelt sweep parameter would run every point of the sweep with the default."""
+    for key, v in chosen.items():
+        k = key.replace("-", "_")
+        if k in fixed:
+            if v != fixed[k]:
+                how = "--quick / --paper" if k == "size" else "hypergrad run NAME"
+                raise SystemExit(
+                    f"hypergrad: wandb.config sets {k}={v!r}, but this run's {k} is {fixed[k]!r} "
+                    f"(the command line chooses it: {how})"
+                )
+        elif k not in config and not k.startswith("_"):
+            close = difflib.get_close_matches(k, list(config), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SystemExit(
+                f"hypergrad: wandb.config (a sweep's parameters) sets {key!r}, which {exp.name} "
+                f"does not have{hint}; settings: {', '.join(sorted(config))}"
+            )
+
+
 def _check_method(exp: Experiment, config: dict[str, Any]) -> None:
     if exp.methods and config.get("method") not in exp.methods:
         raise SystemExit(
             f"hypergrad: {exp.name} has no method {config.get('method')!r}; methods: {', '.join(exp.methods)}"
         )
+
+
+def _path(text: str) -> Path:
+    """A path argument with ``~`` expanded: a sweep agent passes ``--out=~/runs`` without a shell,
+    which would otherwise create a folder named ``~`` in the working directory."""
+    return Path(text).expanduser()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--paper", action="store_true", help="the paper-sized setting (for a GPU)")
     r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without a key)")
     r.add_argument("--project", default="hypergrad", help="wandb project (default: hypergrad)")
-    r.add_argument("--out", type=Path, default=None, help="run folder (default: results/NAME)")
+    r.add_argument("--out", type=_path, default=None, help="run folder (default: results/NAME)")
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -212,9 +258,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     rep = sub.add_parser("report", help="regenerate the results table in experiments/README.md")
     rep.add_argument("results", nargs="*", help=f"results.json files (default: {DEFAULT_RESULTS})")
-    rep.add_argument("--readme", type=Path, default=Path("experiments/README.md"))
+    rep.add_argument("--readme", type=_path, default=Path("experiments/README.md"))
     rep.add_argument("--stdout", action="store_true", help="print the table instead of writing it")
     return p
+
+
+class Terminated(BaseException):
+    """Raised in ``hypergrad run``'s main thread by SIGTERM (``kill``, a scheduler's preemption or
+    time limit), so that the run ends as after Ctrl-C: its record and trajectory written, its
+    wandb run closed as failed, exit code 143. A second SIGTERM kills at once."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_run() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the experiment runs (in the main thread only:
+    elsewhere, e.g. a wandb agent's thread, signals cannot be caught); the previous handler is
+    restored afterwards, and at once when the signal arrives."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # a handler installed outside Python: the default is what we can restore
+        previous = signal.SIG_DFL
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        raise Terminated("SIGTERM (kill, or a scheduler's preemption or time limit)")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _list() -> int:
@@ -242,6 +317,13 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     out = args.out if args.out is not None else Path("results") / exp.name
+    if not args.wandb and os.environ.get("WANDB_SWEEP_ID"):
+        raise SystemExit(
+            f"hypergrad run: a wandb sweep agent started this run (WANDB_SWEEP_ID="
+            f"{os.environ['WANDB_SWEEP_ID']}), but without --wandb the sweep never gets its metric "
+            "(every point would show as no result): add --wandb to the sweep's command (or unset "
+            "WANDB_SWEEP_ID if no agent runs this)"
+        )
     if args.wandb:
         try:  # before touching the run folder: a missing wandb must not cost the previous run
             hglog.import_wandb()
@@ -252,7 +334,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
         logger = hglog.Logger(
             wandb=args.wandb,
             project=args.project,
-            name=f"{exp.name}-{config.get('method', '')}-s{config['seed']}".replace("--", "-"),
+            name=_run_name(exp, config),
             config={"experiment": exp.name, "size": size, **config},
             dir=out,
             histogram_every=10,
@@ -262,7 +344,11 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
     if args.wandb:
         # a sweep agent's choices arrive in wandb.config: they win over the command line
         try:
-            for k, v in logger.config.items():
+            _check_wandb_keys(exp, config, logger.config, {"experiment": exp.name, "size": size})
+            # a sweep parameter written with dashes (hyper-lr) is the setting, as on the command
+            # line; it comes after wandb.config's copy of what the command line set (hyper_lr)
+            for key, v in sorted(logger.config.items(), key=lambda kv: "-" in kv[0]):
+                k = key.replace("-", "_")
                 if k in config and k != "experiment":
                     try:
                         config[k] = normalise_setting(exp, k, _coerce(v, exp.defaults.get(k, config[k])))
@@ -276,6 +362,8 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
         except SystemExit:
             logger.finish()
             raise
+        if logger.run is not None and getattr(logger.run, "name", None) != _run_name(exp, config):
+            logger.run.name = _run_name(exp, config)  # the sweep's method and seed, not the command line's
     _clear_previous(out, previous)
     torch.manual_seed(int(config["seed"]))
     ctx = Context(exp, config, device=device, out=out, logger=logger, progress=not args.no_progress)
@@ -283,15 +371,18 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
     command = "hypergrad " + " ".join(shlex.quote(a) for a in argv)
     timer = Timer()
     try:
-        outcome = exp.run(ctx)
-    except BaseException as e:  # Ctrl-C, or a crash: say what is left on disk, close wandb as failed
-        stopped = isinstance(e, KeyboardInterrupt)
+        with _sigterm_stops_the_run():
+            outcome = exp.run(ctx)
+    except BaseException as e:  # Ctrl-C, SIGTERM or a crash: say what is left on disk, close wandb as failed
+        stopped = isinstance(e, (KeyboardInterrupt, Terminated))
+        code = 130 if isinstance(e, KeyboardInterrupt) else 143
         wall = float(timer)
         try:
             write_interrupted(ctx, e, wall_seconds=wall, command=command, size=size)
         finally:
-            logger.finish(exit_code=130 if stopped else 1)
-        why = "stopped (Ctrl-C)" if stopped else f"failed ({type(e).__name__}: {e})"
+            logger.finish(exit_code=code if stopped else 1)
+        how = "Ctrl-C" if code == 130 else "SIGTERM"
+        why = f"stopped ({how})" if stopped else f"failed ({type(e).__name__}: {e})"
         rows = len(logger.history)
         kept = f"trajectory.csv holds the {rows} rows logged so far" if rows else "nothing was logged yet"
         print(
@@ -301,7 +392,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) ->
             file=sys.stderr,
         )
         if stopped:
-            return 130
+            return code
         raise
     wall = float(timer)
     try:

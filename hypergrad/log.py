@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import netrc
 import numbers
 import os
@@ -47,6 +48,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,13 +135,60 @@ def scalar(key: str, value: Any) -> bool | int | float | str | None:
     raise ValueError(f"Logger: {key!r} is a {type(value).__name__}, not a number or a string")
 
 
-def _scalars(row: Mapping[str, Any], *, as_float: bool = False) -> dict[str, Any]:
+def _scalars(row: Mapping[str, Any], *, as_float: bool = False, prefix: str = "") -> dict[str, Any]:
+    """The scalars of ``row``; a nested mapping's entries are flattened under ``"outer/inner"``
+    keys (wandb's panel sections), a key met twice is refused."""
     out: dict[str, Any] = {}
     for k, v in row.items():
-        s = scalar(k, v)
-        if s is not None:
-            out[k] = float(s) if as_float and not isinstance(s, str) else s
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            inner = _scalars(v, as_float=as_float, prefix=f"{key}/")
+        else:
+            s = scalar(key, v)
+            inner = {} if s is None else {key: float(s) if as_float and not isinstance(s, str) else s}
+        for name in inner:
+            if name in out:
+                raise ValueError(f"Logger: key {name!r} is given twice (once nested, once flat)")
+        out.update(inner)
     return out
+
+
+def _step(step: Any) -> int | None:
+    """``step`` as a Python ``int`` (a NumPy integer, a one-element tensor such as
+    ``optimizer.state[p]["step"]``, a float with an integer value); ``None`` stays."""
+    if step is None:
+        return None
+    try:
+        s = None if isinstance(step, bool) else scalar("step", step)
+    except ValueError:
+        s = None
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s != int(s):
+        raise ValueError(f"Logger: step must be an integer, got {step!r}")
+    return int(s)
+
+
+def _at_or_after(cell: str | None, step: int) -> bool:
+    """Whether a CSV row's ``step`` cell holds a step at or after ``step``."""
+    try:
+        return cell is not None and float(cell) >= step
+    except ValueError:
+        return False
+
+
+def _histogram(wb: Any, v: torch.Tensor) -> Any:
+    """``wandb.Histogram`` of the finite entries of ``v`` (``None`` if there are none). Entries a
+    few ulps apart, or spanning more than the float range, make NumPy's 64 equal bins (and so
+    ``wandb.Histogram``) raise: those get one bin from the smallest to the largest entry."""
+    flat = v.detach().reshape(-1).cpu().double()
+    flat = flat[torch.isfinite(flat)]  # a NaN would make wandb.Histogram raise
+    if not flat.numel():
+        return None
+    x = flat.numpy()
+    try:
+        with np.errstate(all="ignore"):
+            return wb.Histogram(x)
+    except ValueError:  # "Too many bins for data range", or an infinite range
+        return wb.Histogram(np_histogram=([len(x)], [float(x.min()), float(x.max())]))
 
 
 class Logger:
@@ -195,6 +244,9 @@ class Logger:
         self._calls = 0
         self._last_step: int | None = None  # the last step sent to wandb
         self._step_offset = 0
+        # per CSV file: how many rows of history it holds, and the last of them (a history the
+        # user cleared after a flush, to bound memory, is written whole at the next one)
+        self._csv_rows: dict[str, tuple[int, dict[str, Any] | None]] = {}
         self.run: Any = None
         self._wandb: Any = None
         if wandb:
@@ -252,14 +304,23 @@ class Logger:
             return {}
         return dict(self.run.config)
 
-    def log(self, row: Mapping[str, Any], step: int | None = None) -> dict[str, Any]:
-        """Record any flat row of scalars (and send it to wandb); returns the stored row.
+    def log(
+        self, row: Mapping[str, Any], step: int | np.integer[Any] | torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """Record a row of scalars (and send it to wandb); returns the stored row.
 
         Values are stored as plain Python scalars (:func:`scalar`): strings and numbers stay, NumPy
         scalars and one-element tensors become the number they hold, ``None`` values are left out;
-        a tensor with several elements is refused with a ``ValueError`` naming its key.
+        a tensor with several elements is refused with a ``ValueError`` naming its key. A nested
+        mapping is flattened: ``{"val": {"acc": 0.9}}`` is stored as ``{"val/acc": 0.9}``. ``step``
+        is stored as an ``int`` (a one-element tensor or NumPy integer becomes one); a step that is
+        not an integer raises ``ValueError``.
+
+        >>> Logger().log({"val": {"acc": 0.9, "loss": 0.3}}, step=torch.tensor(4))
+        {'val/acc': 0.9, 'val/loss': 0.3, 'step': 4}
         """
         stored: dict[str, Any] = _scalars(row)
+        step = _step(step)
         if step is not None:
             stored["step"] = step
         self.history.append(stored)
@@ -268,20 +329,27 @@ class Logger:
         return stored
 
     def hyper_step(
-        self, info: Any, hparams: nn.Module | None = None, *, step: int | None = None, **extra: float
+        self,
+        info: Any,
+        hparams: nn.Module | None = None,
+        *,
+        step: int | np.integer[Any] | torch.Tensor | None = None,
+        **extra: Any,
     ) -> dict[str, Any]:
         """Log one hyperstep: the fields of ``info`` (a :class:`~hypergrad.HyperStepInfo`), the
         extra scalars given as keywords, and a summary (and histograms) of ``hparams``.
 
-        ``info`` may also be a dict (``dataclasses.asdict(info)``, or your own fields). Values are
-        converted as in :meth:`log`, numbers to ``float``; ``None`` fields and keywords are left out.
+        ``info`` may also be a dict (``dataclasses.asdict(info)``, or your own fields). Values (and
+        ``step``) are converted as in :meth:`log`, numbers to ``float``; ``None`` fields and keywords
+        are left out.
 
         Returns:
             The flat row as stored in :attr:`history` (``None`` fields of ``info`` left out).
 
         Raises:
             TypeError: ``info`` neither a dataclass instance nor a mapping.
-            ValueError: a field or keyword that is not a scalar (its key is named).
+            ValueError: a field or keyword that is not a scalar (its key is named), or a ``step``
+                that is not an integer.
 
         Cost: one host read per tensor-valued field or keyword and per hyperparameter tensor
         summarised (and, with wandb, per histogram).
@@ -294,6 +362,7 @@ class Logger:
             raise TypeError(
                 f"Logger.hyper_step: info must be a HyperStepInfo (or a dict), got {type(info).__name__}"
             )
+        step = _step(step)
         row: dict[str, Any] = _scalars(fields, as_float=True)
         row.update(_scalars(extra, as_float=True))
         if hparams is not None:
@@ -309,11 +378,9 @@ class Logger:
                 send[f"solver_status/{row['solver_status']}"] = 1
             if hparams is not None and self.histogram_every and self._calls % self.histogram_every == 0:
                 for k, v in values(hparams).items():
-                    if v.numel() > 1:
-                        flat = v.detach().reshape(-1).float().cpu()
-                        flat = flat[torch.isfinite(flat)]  # a NaN would make wandb.Histogram raise
-                        if flat.numel():
-                            send[f"{self.prefix}{k}.hist"] = self._wandb.Histogram(flat.numpy())
+                    hist = _histogram(self._wandb, v) if v.numel() > 1 else None
+                    if hist is not None:
+                        send[f"{self.prefix}{k}.hist"] = hist
             if step is not None:
                 send["step"] = step
             self.run.log(send, step=self._wandb_step(step))
@@ -354,27 +421,49 @@ class Logger:
                 if value is not None:
                     self.run.summary[k] = value
 
-    def to_csv(self, path: str | os.PathLike[str], *, append: bool = False) -> Path:
+    def to_csv(
+        self, path: str | os.PathLike[str], *, append: bool = False, resumed_at: int | None = None
+    ) -> Path:
         """Write :attr:`history` as a CSV file (columns: the union of the rows' keys, ``step`` first).
 
         Args:
             path: the file (its folder is created).
             append: keep the rows already in ``path`` (e.g. written before a run was resumed from
-                a checkpoint) and add :attr:`history` after them; columns are the union of both,
-                cells a row lacks stay empty (default: ``False``: overwrite).
+                a checkpoint) and add the rows of :attr:`history` this logger has not written
+                there yet: a run that flushes its CSV every few steps writes each row once, and
+                two loggers appending to one file keep each other's rows. Columns are the union of
+                all rows', cells a row lacks stay empty (default: ``False``: overwrite).
+            resumed_at: with ``append``, the step a run resumed from a checkpoint starts at: at
+                this logger's first write to ``path``, the file's rows at this step or later
+                (logged by the interrupted run after its checkpoint, and done again by the resumed
+                run) are dropped, so that the file holds each step once, as an uninterrupted run's
+                would (default: ``None``: keep them all).
 
         Returns:
             ``path`` as a :class:`~pathlib.Path`.
+
+        Raises:
+            ValueError: ``resumed_at`` without ``append``, or not an integer.
         """
         out = Path(path)
+        if resumed_at is not None and not append:
+            raise ValueError("Logger.to_csv: resumed_at needs append=True (it says which old rows to keep)")
+        resumed = _step(resumed_at)
+        key = str(out.resolve())
         rows: list[dict[str, Any]] = []
         keys: list[str] = []
+        new = self.history
         if append and out.exists():
             with out.open(newline="") as f:
                 reader = csv.DictReader(f)
                 keys.extend(reader.fieldnames or [])
                 rows.extend({k: v for k, v in r.items() if v != ""} for r in reader)
-        rows.extend(self.history)
+            written, last = self._csv_rows.get(key, (0, None))  # history[:written] is in the file
+            if written and written <= len(self.history) and self.history[written - 1] is last:
+                new = self.history[written:]
+            elif not written and resumed is not None:
+                rows = [r for r in rows if not _at_or_after(r.get("step"), resumed)]
+        rows.extend(new)
         for row in rows:
             keys.extend(k for k in row if k not in keys)
         if "step" in keys:
@@ -385,6 +474,7 @@ class Logger:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
+        self._csv_rows[key] = (len(self.history), self.history[-1] if self.history else None)
         return out
 
     def finish(self, exit_code: int | None = None) -> None:

@@ -362,7 +362,11 @@ def parse_value(text: str, like: Any) -> Any:
         raise ValueError(f"expected a boolean, got {text!r}")
     if isinstance(like, int):
         try:
-            f = float(text)
+            return int(text)  # exact, however many digits
+        except ValueError:
+            pass
+        try:
+            f = float(text)  # "1e3", "10.0"
         except ValueError:
             raise ValueError(f"expected an integer, got {text!r}") from None
         if not f.is_integer():
@@ -378,12 +382,13 @@ def parse_value(text: str, like: Any) -> Any:
 
 def normalise_setting(exp: Experiment, key: str, value: Any) -> Any:
     """``value`` of a comma-separated list setting written one way: ``"[1, 2]"``, ``"1, 2,"``
-    and ``"1,2"`` all become ``"1,2"`` (a list as a sweep agent or a shell writes it); other
-    settings' values are returned as they are.
+    and ``"1,2"`` all become ``"1,2"`` (a list as a sweep agent or a shell writes it), and each
+    item of a list of integers is written as one (``"1e1"`` and ``"10.0"``, which YAML makes of
+    a sweep's ``[10.0]``, become ``"10"``); other settings' values are returned as they are.
 
     >>> from hypergrad.experiments import REGISTRY, load_all
     >>> load_all()
-    >>> normalise_setting(REGISTRY["accuracy"], "steps", "[1, 5 ,10]")
+    >>> normalise_setting(REGISTRY["accuracy"], "steps", "[1, 5.0 ,1e1]")
     '1,5,10'
     """
     lim = _limit(exp, key)
@@ -392,18 +397,38 @@ def normalise_setting(exp: Experiment, key: str, value: Any) -> Any:
     text = value.strip()
     if len(text) >= 2 and text[0] + text[-1] in ("[]", "()"):
         text = text[1:-1]
-    return ",".join(t.strip().strip("'\"") for t in text.split(",") if t.strip().strip("'\""))
+    items = [t.strip().strip("'\"") for t in text.split(",") if t.strip().strip("'\"")]
+    if lim.items is int:
+        items = [_integer_text(t) for t in items]
+    return ",".join(items)
+
+
+def _integer_text(text: str) -> str:
+    """``text`` written as the integer it means (``"1e1"`` -> ``"10"``), or as it is when it
+    means none (:func:`check_settings` then names it)."""
+    try:
+        return str(parse_value(text, 0))
+    except ValueError:
+        return text
 
 
 def _coerce(value: Any, like: Any) -> Any:
     """Coerce a value from wandb.config (already typed by YAML) to the default's type; a list
-    (a sweep's list value) for a string setting becomes its comma-separated items."""
+    (a sweep's list value) for a string setting becomes its comma-separated items. A value that
+    does not mean the type is returned as it is, for :func:`check_settings` to name: a boolean
+    for a number (``true`` is not ``1`` steps), a number other than 0 and 1 for a boolean.
+
+    >>> _coerce(4.0, 1), _coerce(1, False), _coerce(0.5, False), _coerce(True, 1)
+    (4, True, 0.5, True)
+    """
     if isinstance(value, (list, tuple)) and isinstance(like, str):
         return ",".join(str(v) for v in value)
     if isinstance(value, str):
         return parse_value(value, like)
     if isinstance(like, bool):
-        return bool(value)
+        return bool(value) if isinstance(value, (bool, int, float)) and value in (0, 1) else value
+    if isinstance(value, bool):
+        return value
     if isinstance(like, int) and isinstance(value, (int, float)) and float(value).is_integer():
         return int(value)
     if isinstance(like, float) and isinstance(value, (int, float)):
@@ -465,10 +490,23 @@ class Context:
 
 
 def plt() -> Any:
-    """``matplotlib.pyplot`` with the non-interactive Agg backend."""
+    """``matplotlib.pyplot``, with the non-interactive Agg backend if pyplot is not imported yet
+    (a headless run never needs a display, whatever ``MPLBACKEND`` says: one matplotlib refuses,
+    such as the ``module://matplotlib_inline...`` a notebook's ``!hypergrad run`` inherits, made
+    ``import matplotlib`` raise after the whole run). A pyplot the user already imported (a
+    notebook's inline backend, a GUI) keeps its backend: the experiments save and close their
+    figures, and the user's plotting goes on as before."""
+    if "matplotlib" not in sys.modules:
+        backend = os.environ.pop("MPLBACKEND", None)  # read (and checked) at import only
+        try:
+            import matplotlib
+        finally:
+            if backend is not None:
+                os.environ["MPLBACKEND"] = backend
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
 
     return pyplot
@@ -479,19 +517,27 @@ def finite_metrics(metrics: Mapping[str, float]) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
 
 
-def _git_commit() -> str | None:
+def _git_commit(package: Path | None = None) -> str | None:
+    """The commit of the hypergrad checkout that ``package`` (default: this package's folder)
+    lies in, or ``None``: not a checkout, or no git. A hypergrad installed into a virtual
+    environment inside the user's own repository (``./.venv``) is in no checkout of its own:
+    that repository's commit is not hypergrad's."""
+    here = (package or Path(__file__).resolve().parent.parent).resolve()
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=5,
-            cwd=Path(__file__).resolve().parent,
+            cwd=here,
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != here.parent:
+        return None
+    return lines[1]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
