@@ -309,7 +309,12 @@ class HyperOptimizer(abc.ABC):
             if not p.is_floating_point():
                 raise TypeError(f"hyperparameter {n!r} has dtype {p.dtype}; it must be floating point")
             if not (p.is_leaf and p.requires_grad):
-                raise ValueError(f"hyperparameter {n!r} must be a leaf tensor with requires_grad=True")
+                raise ValueError(
+                    f"hyperparameter {n!r} must be a leaf tensor with requires_grad=True (a frozen "
+                    "part of a hyperparameter module, e.g. a pretrained encoder inside an "
+                    "augmentation network: keep it outside hparams, reached by closure, or register "
+                    "its tensors as buffers)"
+                )
             if p.device != ref.device:
                 raise ValueError(
                     f"hyperparameter {n!r} is on {p.device} but the model is on {ref.device}; "
@@ -743,10 +748,11 @@ class HyperOptimizer(abc.ABC):
         For analysis, gradient checks and custom outer updates. Nothing changes: weights,
         hyperparameters, optimiser and method states (a solver's warm start included) stay as
         they were (torch's global random generator aside: :class:`~hypergrad.SelfTuning` and
-        :class:`~hypergrad.BestResponse` draw their perturbations from it, so two calls differ
-        unless its state is reset between them). A non-finite result is handled as in
-        :meth:`hyper_step` (``on_nonfinite``); with ``"skip"`` the (non-finite) hypergradient is
-        still returned, ``info.skipped=True``.
+        :class:`~hypergrad.BestResponse` draw their perturbations from it, and every method's
+        losses draw from it when the model or a hyperparameter network uses dropout or a random
+        augmentation, so two calls differ unless its state is reset between them). A non-finite
+        result is handled as in :meth:`hyper_step` (``on_nonfinite``); with ``"skip"`` the
+        (non-finite) hypergradient is still returned, ``info.skipped=True``.
 
         Args:
             train_batch, val_batch: as for :meth:`hyper_step`.
@@ -810,8 +816,11 @@ class HyperOptimizer(abc.ABC):
         problem = ""
         if not all_finite(*checks):
             inner = "" if res.inner_loss is None else f", training loss = {float(res.inner_loss)}"
+            status = str(getattr(res.solver_status, "value", res.solver_status or ""))
+            said = f"; the linear solver said {status!r}" if status in ("nonfinite", "diverging") else ""
             problem = (
-                f"a loss or the hypergradient is not finite (outer loss = {float(res.outer_loss)}{inner})"
+                "a loss or the hypergradient is not finite "
+                f"(outer loss = {float(res.outer_loss)}{inner}{said})"
             )
         elif res.inner_loss is not None:
             problem = self._check_loss(res.inner_loss, ())

@@ -1187,3 +1187,42 @@ def test_a_training_loss_detached_by_mistake_is_named_not_silently_skipped() -> 
         hopt.step(batch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not opt.state  # Adam never stepped
+
+
+def test_a_solver_that_blew_up_is_named_in_the_nonfinite_error():
+    from hypergrad import testing
+
+    p = testing.quadratic(dim=6)
+    p.solve_inner()
+    before = [t.detach().clone() for t in p.hparams.parameters()]
+    hopt = hg.Implicit(
+        p.model,
+        p.hparams,
+        p.train_loss,
+        p.val_loss,
+        inner_optimizer=torch.optim.SGD(p.model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(p.hparams.parameters(), lr=0.1),
+        solver=hg.Neumann(steps=2000, alpha=50.0),  # |1 - alpha lambda| >> 1: the series overflows
+    )
+    with pytest.raises(hg.NonFiniteError, match="the linear solver said 'nonfinite'"):
+        hopt.hyper_step(train_batch=p.train_batch, val_batch=p.val_batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, p.hparams.parameters(), strict=True))
+
+
+def test_a_frozen_part_of_a_hyperparameter_module_is_named_with_what_to_do():
+    model = nn.Linear(3, 1)
+    augment = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    augment[0].requires_grad_(False)  # a "pretrained encoder" inside the hyperparameter network
+
+    def loss(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+        return m(h(b[0])).pow(2).mean()
+
+    with pytest.raises(ValueError, match=r"'0.weight' must be a leaf tensor .*keep it outside hparams"):
+        hg.Implicit(
+            model,
+            augment,
+            loss,
+            loss,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(augment[1].parameters(), lr=0.1),
+        )
