@@ -364,8 +364,9 @@ class SelfTuned(nn.Module):
             holding a ``.`` (``history()``'s separator), a spec
             named like one of the arguments above (``scale``, ``scale_range``, ``learn_scale``,
             ``dtype``), a
-            ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, or a
-            scale outside it.
+            ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, a
+            learned scale outside it, or a fixed one not finite and positive (``scale_range``
+            bounds only a learned :math:`\sigma`).
         TypeError: a ``dtype`` that is not floating point.
 
     >>> import torch, hypergrad as hg
@@ -417,8 +418,10 @@ class SelfTuned(nn.Module):
         lo, hi = (float(s) for s in scale_range)
         if not (0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"SelfTuned: need 0 < s_min < s_max < inf, got scale_range={scale_range!r}")
-        if not lo < float(scale) < hi:
+        if learn_scale and not lo < float(scale) < hi:
             raise ValueError(f"SelfTuned: scale={scale!r} is out of range ({lo:g}, {hi:g})")
+        if not learn_scale and not (0 < float(scale) < math.inf):  # (the range bounds a learned one)
+            raise ValueError(f"SelfTuned: a fixed scale must be finite and > 0, got scale={scale!r}")
         self.specs: dict[str, _Spec] = dict(specs)
         self.scale_range = (lo, hi)
         self.learn_scale = bool(learn_scale)
@@ -437,10 +440,9 @@ class SelfTuned(nn.Module):
             ]
         )
         self.raw = nn.Parameter(raw.to(dtype))
-        s = torch.tensor((float(scale) - lo) / (hi - lo), dtype=torch.float64)
-        raw_scale = torch.logit(s).expand(self.size).clone().to(dtype)
         if self.learn_scale:
-            self.raw_scale: Tensor = nn.Parameter(raw_scale)
+            s = torch.tensor((float(scale) - lo) / (hi - lo), dtype=torch.float64)
+            self.raw_scale: Tensor = nn.Parameter(torch.logit(s).expand(self.size).clone().to(dtype))
         else:
             self._fixed_scale = float(scale)
         self._mode = _Mode.MEAN

@@ -387,6 +387,17 @@ class Hparam(nn.Module):
         return f"constraint={self.constraint.value!r}{bounds}, shape={tuple(self.raw.shape)}"
 
 
+def _owning_module(name: str) -> str:
+    """The name of the module a parameter name belongs to (``""``: the root), looking through
+    ``torch.nn.utils.parametrize``: ``0.parametrizations.weight.original`` is module ``0``'s, as
+    is ``0.bias``."""
+    layer = name.rsplit(".", 1)[0] if "." in name else ""
+    parts = layer.split(".")
+    if "parametrizations" in parts:  # <module>.parametrizations.<attribute>[.original]
+        layer = ".".join(parts[: parts.index("parametrizations")])
+    return layer
+
+
 class WeightDecay(nn.Module):
     r"""L2 penalties on a model's weights: one global, one per layer, or one per weight.
 
@@ -507,7 +518,7 @@ class WeightDecay(nn.Module):
         elif per == "layer":
             layers: dict[str, int] = {}
             for n in names:
-                layer = n.rsplit(".", 1)[0] if "." in n else ""
+                layer = _owning_module(n)
                 if layer not in layers:
                     layers[layer] = len(layers)
                     p = params[n]
@@ -696,6 +707,8 @@ class ExampleWeights(nn.Module):
         Raises:
             TypeError: ``index`` is not an integer tensor (floats, or a boolean mask, which would
                 select a different number of weights than the batch has examples).
+            ValueError: ``index`` of more than one dimension (``(B, 1)`` from a custom collate:
+                its weights would broadcast against ``(B,)`` losses into ``(B, B)``).
             IndexError: an index outside ``[0, n)``: a negative one would silently weight another
                 example, counted from the end, and one ``>= n`` is an index into a larger dataset
                 (which indexing on CUDA meets with a device-side assert). Checked at the cost of
@@ -707,6 +720,12 @@ class ExampleWeights(nn.Module):
             raise TypeError(
                 f"ExampleWeights takes integer example indices (hypergrad.data.WithIndex gives them), "
                 f"got dtype {index.dtype}"
+            )
+        if index.dim() > 1:  # (B, 1) weights would broadcast against (B,) losses to (B, B)
+            raise ValueError(
+                f"ExampleWeights takes one index per example, shape (B,); got {tuple(index.shape)}: "
+                f"flatten it (index.reshape(-1)), or the (B, 1) weights would broadcast against "
+                f"(B,) per-example losses into a (B, B) matrix"
             )
         if index.dtype not in (torch.int64, torch.int32):  # (uint8 would index as a mask)
             index = index.long()

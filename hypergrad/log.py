@@ -5,7 +5,7 @@ One line in a training loop logs what a hyperstep did::
     logger = hg.log.Logger(wandb=True, project="my-project", config={"lr": 0.1})
     ...
     info = hopt.hyper_step(train_batch=tb, val_batch=vb)
-    logger.hyper_step(info, hparams=hp, step=i, train_loss=float(loss))
+    logger.hyper_step(info, hparams=hp, step=i, inner_loss=float(loss))
 
 Each call records a flat row of floats: ``outer_loss``, ``hypergrad_norm``, ``solver_iterations``,
 ``solver_residual``, ``solver_status`` (as a string, and as one-hot ``solver_status/<name>``
@@ -205,13 +205,18 @@ class Logger:
         histogram_every: log hyperparameter histograms every this many :meth:`hyper_step` calls;
             0 turns them off (default: 1).
         prefix: prepended to the hyperparameter summary keys (default: ``"hparams/"``).
+        init_kwargs: more keyword arguments for ``wandb.init`` (``entity``, ``group``, ``tags``,
+            ``job_type``, ``notes``; ``id`` with ``resume="allow"`` to continue a run's wandb
+            run after a restart, where wandb keeps the rows whose step is above those it holds)
+            (default: none).
 
     Attributes:
         history: the rows logged so far (``list[dict[str, float | str]]``).
         run: the wandb run, or ``None``.
 
     Raises:
-        ValueError: ``histogram_every`` not an int >= 0.
+        ValueError: ``histogram_every`` not an int >= 0, or ``init_kwargs`` setting one of the
+            arguments above (``project``, ``name``, ``config``, ``dir``, ``mode``) or ``reinit``.
         ImportError: ``wandb=True`` without wandb installed (the message says how to install it),
             or with a wandb that fails to import.
         RuntimeError: ``wandb.init`` failed in offline mode (online, a failure, e.g. no network,
@@ -235,7 +240,15 @@ class Logger:
         mode: str | None = None,
         histogram_every: int = 1,
         prefix: str = "hparams/",
+        init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        own = {"project", "name", "config", "dir", "mode", "reinit"}
+        clash = sorted(own & set(init_kwargs or {}))
+        if clash:
+            raise ValueError(
+                f"init_kwargs sets {', '.join(clash)}, which Logger sets itself: pass "
+                f"{'them' if len(clash) > 1 else 'it'} as Logger's own argument instead"
+            )
         if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
             raise ValueError(f"Invalid histogram_every: {histogram_every!r} (need an int >= 0)")
         self.history: list[dict[str, Any]] = []
@@ -260,6 +273,7 @@ class Logger:
                 "config": dict(config or {}),
                 "dir": None if dir is None else str(dir),
                 "reinit": "finish_previous",
+                **dict(init_kwargs or {}),
             }
             chosen = wandb_mode(mode)
             try:
@@ -341,7 +355,9 @@ class Logger:
 
         ``info`` may also be a dict (``dataclasses.asdict(info)``, or your own fields). Values (and
         ``step``) are converted as in :meth:`log`, numbers to ``float``; ``None`` fields and keywords
-        are left out.
+        are left out. A keyword named like a field of ``info`` replaces it: ``info.train_loss`` is the
+        training loss the method evaluated for the hyperstep (Implicit's, on ``train_batch``), so
+        log your inner step's loss as ``inner_loss`` to keep both.
 
         Returns:
             The flat row as stored in :attr:`history` (``None`` fields of ``info`` left out).
@@ -364,7 +380,7 @@ class Logger:
             )
         step = _step(step)
         row: dict[str, Any] = _scalars(fields, as_float=True)
-        row.update(_scalars(extra, as_float=True))
+        row.update(_scalars(extra, as_float=True))  # (a keyword wins over the field of its name)
         if hparams is not None:
             row.update({f"{self.prefix}{k}": v for k, v in summary(hparams).items()})
         self._calls += 1

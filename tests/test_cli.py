@@ -96,6 +96,22 @@ def test_logger_wandb_offline_run(wandb_env: Path) -> None:
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def test_logger_passes_init_kwargs_to_wandb_and_refuses_its_own(wandb_env: Path) -> None:
+    logger = hg.log.Logger(
+        wandb=True,
+        project="test",
+        dir=wandb_env,
+        init_kwargs={"group": "sweep-7", "tags": ["ift", "neumann"], "job_type": "tune", "id": "run123"},
+    )
+    try:
+        assert logger.run.group == "sweep-7" and logger.run.job_type == "tune"
+        assert list(logger.run.tags) == ["ift", "neumann"] and logger.run.id == "run123"
+    finally:
+        logger.finish()
+    with pytest.raises(ValueError, match="init_kwargs sets name, project, which Logger sets itself"):
+        hg.log.Logger(wandb=True, init_kwargs={"project": "p", "name": "n"})
+
+
 def test_wandb_mode_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

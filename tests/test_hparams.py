@@ -469,3 +469,27 @@ def test_a_learning_rate_changed_in_its_last_digits_is_named_with_every_digit():
     said = rf"was changed from {re.escape(repr(written))} to .*load_state_dict"
     with pytest.raises(ValueError, match=said):
         lr.check()
+
+
+def test_example_weights_refuse_a_column_of_indices_that_would_broadcast_to_b_by_b():
+    ew = hg.hparams.ExampleWeights(10)
+    losses = torch.rand(4)
+    assert (ew(torch.tensor([1, 2, 3, 4])) * losses).shape == (4,)
+    with pytest.raises(ValueError, match=r"shape \(B,\); got \(4, 1\).*\(B, B\)"):
+        ew(torch.tensor([[1], [2], [3], [4]]))
+    assert ew(torch.tensor(3)).shape == ()  # one example, 0-dim, still fine
+
+
+def test_per_layer_weight_decay_keeps_a_parametrised_layer_whole():
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(3, 4)),
+        nn.ReLU(),
+        parametrizations.orthogonal(nn.Linear(4, 4)),
+        nn.Linear(4, 1),
+    )
+    wd = hg.hparams.WeightDecay(model, per="layer", init=0.1)
+    assert wd.layers == ("0", "2", "3")
+    top = parametrizations.weight_norm(nn.Linear(2, 2))  # the root module parametrised
+    assert hg.hparams.WeightDecay(top, per="layer").layers == ("",)

@@ -582,3 +582,14 @@ def test_delta_base_step_skips_the_vanishing_hyper_half(monkeypatch: pytest.Monk
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # the conv's hyper half alone: 4 channels x 8 x 8 x 9 MACs x 8 examples, forward and backward
     assert f_full - f_skip >= 3 * 2 * (4 * 64 * 9 * 8)
+
+
+def test_a_fixed_scale_is_not_bounded_by_the_range_of_a_learned_one():
+    hp = hg.hparams.SelfTuned(lam=hg.hparams.Positive(1.0), learn_scale=False, scale=5.0)
+    assert torch.equal(hp.scale(), torch.full((1,), 5.0, dtype=hp.raw.dtype))
+    assert [n for n, _ in hp.named_parameters()] == ["raw"]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="a fixed scale must be finite and > 0"):
+            hg.hparams.SelfTuned(lam=hg.hparams.Positive(1.0), learn_scale=False, scale=bad)
+    with pytest.raises(ValueError, match="out of range"):
+        hg.hparams.SelfTuned(lam=hg.hparams.Positive(1.0), scale=5.0)
