@@ -34,7 +34,15 @@ from ._functional import (
     norm,
 )
 from ._types import Batch, LossFn, Tensors
-from ._wrap import average_gradients, ddp_wrappers, no_sync, replicate
+from ._wrap import (
+    average_gradients,
+    bare_state_dict,
+    ddp_wrappers,
+    distributed_world,
+    joined,
+    no_sync,
+    replicate,
+)
 from .hparams import OptimizerSetting, _meanings, _real, from_raw
 
 
@@ -229,7 +237,16 @@ class HyperOptimizer(abc.ABC):
     like DDP's gradient, the mean of the ranks' means. The guards judge the ranks' mean loss, so
     every rank accepts or skips a step alike; the hyperparameters start from rank 0's values
     (broadcast at construction, as DDP broadcasts the weights; ranks holding different
-    hyperparameters are refused), and every rank ends with the same ones.
+    hyperparameters are refused), and every rank ends with the same ones. ``hparams`` needs no
+    wrapper of its own (one wrapped in ``DistributedDataParallel`` works, its losses reading
+    ``h.module``). Wrap the model before building the HyperOptimizer and pass the wrapper: one
+    made afterwards is never run (a bare model under an initialised process group of several ranks
+    is warned about). Every rank must call :meth:`step` and :meth:`hyper_step` alike, in the same
+    order, as it would ``loss.backward()`` under DDP: a rank that skips one leaves the ranks'
+    collectives mismatched (gloo aborts the process; NCCL hangs until its timeout), and DDP's
+    ``join()`` for unequal numbers of batches is refused (give each rank as many batches:
+    ``DistributedSampler`` pads the shards). A checkpoint saved on rank 0 only resumes every rank
+    exactly if the ranks draw the same random numbers (see :meth:`load_state_dict`).
     """
 
     def __init__(
@@ -278,6 +295,19 @@ class HyperOptimizer(abc.ABC):
         # the outer optimiser's state (Adam's moments) and the method's are in these dtypes
         self._hparam_kinds = {n: (p.dtype, p.device) for n, p in hparams.named_parameters()}
         self.ranks = Ranks(model)  # DistributedDataParallel: hypergradient paths use the module
+        world = distributed_world()
+        if not self.ranks.wrapped and world > 1:
+            # a wrapper made after this object is never run (step calls the model given here): each
+            # rank would silently train and tune its own copy, and the ranks drift apart
+            _warn_user(
+                f"a torch.distributed process group of {world} ranks is initialised, but the model "
+                f"given to {type(self).__name__} is not wrapped in DistributedDataParallel: every rank "
+                "will train and tune its own copy on its own batches (no gradient or hypergradient is "
+                "averaged, and the ranks drift apart). To train data-parallel, wrap the model first "
+                f"and pass the wrapper to {type(self).__name__} (a wrapper made afterwards is never "
+                "run). Ignore this warning if the ranks are meant to be independent runs",
+                UserWarning,
+            )
         # as DDP does for the model: the same hyperparameters on every rank (rank 0's values)
         replicate(hparams, self.ranks.group, self.ranks.size)
         self._weights_key: tuple[int, ...] = ()
@@ -322,9 +352,25 @@ class HyperOptimizer(abc.ABC):
                 )
             if id(p) in model_ids:
                 raise ValueError(f"hyperparameter {n!r} is also a parameter of the model")
+        self._outer_key: tuple[int, ...] = ()
+        self._check_outer_optimizer()
         outer_ids = {id(t) for t in _params_of(self.outer_optimizer)}
-        hp_ids = {id(p) for p in hp_params.values()}
-        for t in _params_of(self.outer_optimizer):
+        missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
+        if missing:
+            raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
+
+    def _check_outer_optimizer(self) -> None:
+        """Raise if ``outer_optimizer`` holds a tensor that is not a parameter of ``hparams``: at
+        construction, and at every hyperstep after a group was added (``add_param_group``), since
+        such a tensor would be stepped with a stale ``.grad`` (a model weight moved by
+        ``hyper_step``) or never move. Cheap when the groups are unchanged."""
+        outer = _params_of(self.outer_optimizer)
+        key = tuple(id(t) for t in outer)
+        if key == getattr(self, "_outer_key", None):  # (copies pickled before it was kept: check)
+            return
+        model_ids = {id(p): n for n, p in self.model.named_parameters()}
+        hp_ids = {id(p) for p in self.hparams.parameters()}
+        for t in outer:
             if id(t) in model_ids:
                 raise ValueError(
                     f"outer_optimizer holds model parameter {model_ids[id(t)]!r}; "
@@ -337,9 +383,7 @@ class HyperOptimizer(abc.ABC):
                     "would be stepped with a stale .grad or never move. Make it a parameter of the "
                     "hparams module, or give it its own optimiser"
                 )
-        missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
-        if missing:
-            raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
+        self._outer_key = key
 
     def _reference_weight(self, *, checked: bool = True) -> Tensor:
         """The tensor whose dtype and device are the model's (``self.dtype``, ``self.device``):
@@ -381,6 +425,45 @@ class HyperOptimizer(abc.ABC):
                     f"when this {name} was built (outer_optimizer's state is in the old one). Convert or "
                     f"move hparams first, then build the optimisers and the {name} (as torch.optim asks)"
                 )
+
+    def _check_same_hparams(self) -> None:
+        """Raise if ``hparams`` holds other parameters than at construction (one registered or
+        replaced since): the hypergradient covers the tensors the object was built with only, so
+        a new one would silently never move (and :meth:`hypergradient` return fewer tensors than
+        ``hparams.parameters()``)."""
+        now = list(self.hparams.named_parameters())
+        built = self.pair.hparam_tensors
+        if len(now) == len(built) and all(p is q for (_, p), q in zip(now, built, strict=True)):
+            return
+        known = {id(q) for q in built}
+        current = {id(p) for _, p in now}
+        added = [n for n, p in now if id(p) not in known]
+        gone = [n for n, q in zip(self.pair.hparam_names, built, strict=True) if id(q) not in current]
+        name = type(self).__name__
+        raise ValueError(
+            f"hparams holds other parameters than when this {name} was built (new or replaced: "
+            f"{added}; no longer there: {gone}): the hypergradient covers the tensors it was built "
+            f"with only, so these would never move. Register every hyperparameter (and put it in "
+            f"outer_optimizer) before building the {name}, and change their values in place "
+            f"(with torch.no_grad(): p.copy_(...)) rather than assigning new tensors"
+        )
+
+    def _check_not_joined(self) -> None:
+        """Raise when the ``DistributedDataParallel`` wrapper is in join mode (``model.join()``):
+        a rank that ran out of batches shadows the wrapper's all-reduces only, not hypergrad's own
+        (the guards' mean loss, the averaged hypergradient), so the ranks' collectives would no
+        longer match (gloo aborts the process, NCCL hangs until its timeout). torch leaves the
+        wrapper in join mode after the block, until ``model.join(enable=False)``."""
+        if self.ranks.size > 1 and joined(self.model):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support DistributedDataParallel.join() (uneven "
+                "inputs): a rank that runs out of batches would not take part in hypergrad's own "
+                "collectives (the guards' mean loss, the averaged hypergradient), and the ranks would "
+                "hang or abort. Give every rank the same number of batches "
+                "(torch.utils.data.DistributedSampler pads the shards to equal length; or drop the "
+                "remainder) and train without join(). (torch leaves the wrapper in join mode after a "
+                "join() block; model.join(enable=False) turns it off)"
+            )
 
     def _trained_weights(self) -> list[Tensor]:
         """The weights ``inner_optimizer`` trains now (its params that require grad), validated."""
@@ -492,7 +575,8 @@ class HyperOptimizer(abc.ABC):
             ValueError: an invalid ``max_grad_norm``, a ``batch`` that is ``None`` or holds a
                 floating-point tensor on another device or of another dtype than the model, or
                 an inner optimiser whose parameters changed into something it cannot train.
-            RuntimeError: called under ``torch.inference_mode()``.
+            RuntimeError: called under ``torch.inference_mode()``, or inside
+                ``DistributedDataParallel.join()`` (see the class docstring).
 
         Cost: one forward and one backward pass of ``train_loss`` and one optimiser step, as in
         plain PyTorch; :class:`~hypergrad.Unrolled` also copies the batch (and every ``steps``
@@ -510,6 +594,7 @@ class HyperOptimizer(abc.ABC):
         closures); under ``torch.inference_mode()`` every training call raises.
         """
         self._check_not_moved()
+        self._check_not_joined()
         check_batch(batch, "batch", self.device, self.dtype)
         max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self._refresh()
@@ -698,12 +783,16 @@ class HyperOptimizer(abc.ABC):
 
         Raises:
             ValueError: a batch the method needs is missing (``None``) or invalid (each method
-                says which it needs), or the method cannot compute a hypergradient here (e.g.
-                :class:`~hypergrad.Unrolled` before any recorded :meth:`step`).
+                says which it needs), the method cannot compute a hypergradient here (e.g.
+                :class:`~hypergrad.Unrolled` before any recorded :meth:`step`),
+                ``outer_optimizer`` was given a group (``add_param_group``) holding a tensor
+                that is not a parameter of ``hparams``, or a parameter was registered in (or
+                replaced in) ``hparams`` since construction (nothing was changed).
             NonFiniteError: (``on_nonfinite="raise"``) a loss or the hypergradient is not finite
                 (or the hyperparameters are); nothing was changed. With ``"skip"`` a
                 :class:`NonFiniteWarning` instead, and ``info.skipped`` is ``True``.
-            RuntimeError: called under ``torch.inference_mode()``.
+            RuntimeError: called under ``torch.inference_mode()``, or inside
+                ``DistributedDataParallel.join()``.
 
         Cost: that of the method's hypergradient (see each method), plus the outer optimiser's
         step and a few host synchronisations (the finiteness guard, and the floats of the info
@@ -725,6 +814,7 @@ class HyperOptimizer(abc.ABC):
         ``optimizer.step()``.
         """
         t0 = time.perf_counter()
+        self._check_outer_optimizer()  # (a group added since: before anything is computed)
         res, grad_norm, problem = self._compute(train_batch, val_batch)
         if problem:
             self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
@@ -779,6 +869,8 @@ class HyperOptimizer(abc.ABC):
 
     def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
         self._check_not_moved()
+        self._check_not_joined()
+        self._check_same_hparams()
         self._check_hyper_batches(train_batch, val_batch)
         self._refresh()
         bad = self._nonfinite_hparams()  # (a method may refuse them with its own error, or loop on them)
@@ -896,9 +988,12 @@ class HyperOptimizer(abc.ABC):
 
         Returns:
             A dict with keys ``"model"``, ``"hparams"``, ``"inner_optimizer"``,
-            ``"outer_optimizer"`` (each its own ``state_dict()``), ``"method"`` (e.g.
+            ``"outer_optimizer"`` (each its own ``state_dict()``; ``"model"`` that of the module
+            under any ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrapper,
+            so a run resumes with or without them), ``"method"`` (e.g.
             :class:`~hypergrad.Unrolled`'s recorded steps, :class:`~hypergrad.Implicit`'s warm
-            start), ``"counters"``, ``"rng"``, ``"method_name"``, ``"hparams_meaning"`` (what
+            start), ``"counters"``, ``"rng"`` (this process's), ``"method_name"``, ``"rank"``
+            (this process's rank under ``DistributedDataParallel``, else 0), ``"hparams_meaning"`` (what
             each container's raw values mean, checked on load) and ``"optimizer_params"`` (the
             names of the optimisers' parameters in their order, checked on load). Its tensors
             are the live ones (as ``nn.Module.state_dict`` gives them): ``copy.deepcopy`` it, or
@@ -909,7 +1004,7 @@ class HyperOptimizer(abc.ABC):
             ``with torch.serialization.safe_globals([YourBatch]): torch.load(...)``.
         """
         return {
-            "model": self.model.state_dict(),
+            "model": self.ranks.module.state_dict(),  # (under any wrapper: portable between them)
             "hparams": self.hparams.state_dict(),
             "inner_optimizer": self.inner_optimizer.state_dict(),
             "outer_optimizer": self.outer_optimizer.state_dict(),
@@ -921,9 +1016,14 @@ class HyperOptimizer(abc.ABC):
             },
             "rng": self._rng_state(),
             "method_name": type(self).__name__,
+            "rank": self._rank(),
             "hparams_meaning": _meanings(self.hparams),
             "optimizer_params": self._optimizer_param_names(),
         }
+
+    def _rank(self) -> int:
+        """This process's rank in the ``DistributedDataParallel`` model's group (0 without one)."""
+        return torch.distributed.get_rank(self.ranks.group) if self.ranks.size > 1 else 0
 
     def _optimizer_param_names(self) -> dict[str, list[list[str | None]]]:
         """The name of every tensor the two optimisers hold, in their order (``None`` for one
@@ -947,6 +1047,15 @@ class HyperOptimizer(abc.ABC):
         groups), everything is put back as it was before the call and the error is re-raised.
         ``state`` is copied, not kept: loading the same in-memory checkpoint again later (a
         rollback) restores it as it was saved.
+
+        Under ``DistributedDataParallel``, a state saved on another rank (rank 0's checkpoint
+        loaded on every rank) gives this rank that rank's random generator state, with a
+        ``UserWarning``: exact when every rank draws the same random numbers (seeded alike, or no
+        dropout, augmentation or perturbation), not with per-rank seeds (save and load each rank's
+        own state, or delete ``state["rng"]`` to keep this rank's generator).
+
+        A model state saved with a wrapper's key prefixes (``module.``, ``_orig_mod.``: by
+        ``model.state_dict()`` of a wrapped model, or by versions that saved it so) loads too.
 
         Args:
             state: a dict from :meth:`state_dict` of the same method class.
@@ -1009,9 +1118,21 @@ class HyperOptimizer(abc.ABC):
         except BaseException:
             self._load_all(backup)
             raise
+        saved_rank = state.get("rank")
+        if "rng" in state and saved_rank is not None and saved_rank != self._rank():
+            _warn_user(
+                f"this state_dict was saved on rank {saved_rank} and its random generator state is "
+                f"that rank's: rank {self._rank()} now draws rank {saved_rank}'s random numbers "
+                "(dropout masks, augmentations, SelfTuning's perturbations, shuffles from torch's "
+                "generator), so the run repeats the straight one only if every rank drew the same "
+                "ones (seeded alike) or draws none. For an exact resume with per-rank seeds, save "
+                "hopt.state_dict() on every rank and load each rank's own; to keep this rank's "
+                "generator as it is, delete state['rng'] before loading",
+                UserWarning,
+            )
 
     def _load_all(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.ranks.module.load_state_dict(bare_state_dict(state["model"], self.ranks.module))
         self.hparams.load_state_dict(state["hparams"])
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])

@@ -1049,6 +1049,7 @@ class Unrolled(HyperOptimizer):
             "since_move": self._since_move,
             "anchor_due": anchor_due,  # the hyperparameters moved since the newest anchor
             "rank": self._rank(),  # the records hold this rank's shards
+            "world": self.ranks.size,  # ... of batches split over this many ranks
         }
 
     def _rank(self) -> int:
@@ -1062,6 +1063,14 @@ class Unrolled(HyperOptimizer):
                 f"(that rank's shards of the batches); rank {self._rank()} would replay them as its own "
                 "and get another hypergradient. Save hopt.state_dict() on every rank (e.g. to "
                 "f'ckpt{rank}.pt') and load each rank's own, or save right after a hyper_step"
+            )
+        world = state.get("world")  # (None: saved before it was kept)
+        if state["records"] and world is not None and world > 1 and world != self.ranks.size:
+            raise ValueError(
+                f"this Unrolled state_dict was saved in a run of {world} data-parallel ranks and holds "
+                f"rank {saved}'s recorded steps (its shards of the batches); a run of "
+                f"{self.ranks.size} would replay them as whole batches and get another hypergradient. "
+                "Resume on as many ranks, or save right after a hyper_step"
             )
         self._records.clear()
         self._promotion = None

@@ -37,12 +37,45 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return bare
 
 
+def bare_state_dict(state: dict[str, Any], bare: nn.Module) -> dict[str, Any]:
+    """``state`` (a model's ``state_dict``) with the key prefixes that wrappers add (``module.``
+    of ``DistributedDataParallel`` / ``DataParallel``, ``_orig_mod.`` of ``torch.compile``)
+    taken off, when that makes its keys those of ``bare``; else ``state`` as it is (its load
+    then names the keys that differ)."""
+    mine = set(bare.state_dict().keys())
+    keys = list(state)
+    if set(keys) == mine:
+        return state
+    while keys:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
+            break
+        keys = [k[len(prefix) :] for k in keys]
+        if set(keys) == mine:
+            return dict(zip(keys, state.values(), strict=True))
+    return state
+
+
 # ----------------------------------------------------------------------------- DistributedDataParallel
 
 
 def ddp_wrappers(model: nn.Module) -> list[nn.parallel.DistributedDataParallel]:
     """The ``DistributedDataParallel`` wrappers around ``model`` (see :func:`wrappers`), outermost first."""
     return [w for w in wrappers(model) if isinstance(w, nn.parallel.DistributedDataParallel)]
+
+
+def joined(model: nn.Module) -> bool:
+    """Whether a ``DistributedDataParallel`` wrapper of ``model`` is in join mode, set by its
+    ``join()`` (``torch.distributed.algorithms.Join``, for ranks with unequal numbers of batches)
+    and left on by torch after the block until ``join(enable=False)``: a rank that runs out
+    shadows the wrapper's own collectives only, not the averages hypergrad makes."""
+    return any(getattr(getattr(d, "_join_config", None), "enable", False) for d in ddp_wrappers(model))
+
+
+def distributed_world() -> int:
+    """The size of the default ``torch.distributed`` process group (1 when none is initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextlib.contextmanager
