@@ -944,7 +944,10 @@ class HyperOptimizer(abc.ABC):
             raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss)")
         check_batch(val_batch, "val_batch", self.device, self.dtype)
         if train_batch is None:
-            raise ValueError(f"{name}.hyper_step needs train_batch=... (a training batch)")
+            raise ValueError(
+                f"{name}.hyper_step needs train_batch=... (a training batch; a train_loss that reads "
+                "no data, such as distilled images held as hyperparameters, takes train_batch=())"
+            )
         check_batch(train_batch, "train_batch", self.device, self.dtype)
 
     @abc.abstractmethod

@@ -600,8 +600,11 @@ class Implicit(HyperOptimizer):
             callable or is an ``nn.Module`` (called on inputs, not names).
 
     Hyperparameters must enter ``train_loss`` or ``val_loss`` directly; settings of the inner
-    optimiser (:class:`~hypergrad.hparams.LearningRate`, ...) do not move the optimum and are
-    rejected: tune them with :class:`Unrolled`.
+    optimiser (:class:`~hypergrad.hparams.LearningRate`,
+    :class:`~hypergrad.hparams.OptimizerSetting`) are rejected: learning rates and momenta do not
+    move the optimum (tune them with :class:`Unrolled`); a coupled ``weight_decay`` does, but
+    through the optimiser, not ``train_loss``: write it as
+    :class:`~hypergrad.hparams.WeightDecay` in ``train_loss``.
 
     >>> import torch, hypergrad as hg
     >>> model = torch.nn.Linear(4, 1)
@@ -642,9 +645,24 @@ class Implicit(HyperOptimizer):
             divergence=divergence,
         )
         if self.settings:
+            names = sorted({setting.name for _, setting in self.settings})
+            decoupled = isinstance(inner_optimizer, torch.optim.AdamW) or any(
+                g.get("decoupled_weight_decay", False) for g in inner_optimizer.param_groups
+            )
+            decays = [n for n in names if n in ("weight_decay", "lambd") and not decoupled]
+            if decays:
+                raise ValueError(
+                    f"Implicit cannot tune the inner optimiser's {', '.join(decays)}: it moves the "
+                    "inner optimum, but through the optimiser, and Implicit differentiates "
+                    f"train_loss. Put the decay in train_loss instead (and the optimiser's {decays[0]} "
+                    "to 0): hp = hg.hparams.WeightDecay(model, per=...) and loss + hp.penalty(model), "
+                    "d/2 |w|^2, whose optimum is that of weight_decay=d; or use hg.Unrolled."
+                )
             raise ValueError(
-                "Implicit cannot tune inner-optimiser settings (learning rate, momentum): they do "
-                "not change the inner optimum. Use hg.Unrolled for them."
+                f"Implicit cannot tune inner-optimiser settings ({', '.join(names)}): it "
+                "differentiates train_loss at its optimum, which learning rates and momenta do not "
+                "move (and a decoupled weight decay moves in no way a loss expresses). Use "
+                "hg.Unrolled for them."
             )
         solver = Neumann() if solver is None else solver
         if not isinstance(solver, LinearSolver):

@@ -53,6 +53,7 @@ from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver
 from ._types import Batch
 from ._wrap import unwrap_model
+from .hparams import WeightDecay
 
 
 class Likelihood(str, enum.Enum):
@@ -1177,7 +1178,16 @@ class MarginalLikelihood(HyperOptimizer):
         owned = {id(p) for m in priors + noises + augs for p in m.parameters()}
         other = [n for n, p in hparams.named_parameters() if id(p) not in owned]
         if len(priors) != 1:
-            raise ValueError(f"hparams must hold exactly one hg.hparams.PriorPrecision (found {len(priors)})")
+            hint = ""
+            if not priors and any(isinstance(m, WeightDecay) for m in hparams.modules()):
+                hint = (
+                    ": a WeightDecay is a penalty in train_loss, for Implicit or Unrolled; the "
+                    "evidence's prior is hg.hparams.PriorPrecision(model, per=...), the precision "
+                    "of N(0, 1/delta) on the weights (its MAP loss adds delta/2 |w|^2 itself)"
+                )
+            raise ValueError(
+                f"hparams must hold exactly one hg.hparams.PriorPrecision (found {len(priors)}){hint}"
+            )
         if other:
             raise ValueError(
                 f"MarginalLikelihood tunes PriorPrecision, ObservationNoise and RandomTranslation "

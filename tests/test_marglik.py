@@ -497,3 +497,18 @@ def test_through_map_solver_must_be_a_linear_solver() -> None:
             through_map=True,
             solver="cg",  # type: ignore[arg-type]
         )
+
+
+def test_a_weight_decay_given_for_the_prior_is_named_with_the_container_to_use():
+    model = torch.nn.Linear(3, 2)
+    wd = hg.hparams.WeightDecay(model)
+    said = r"found 0\): a WeightDecay is a penalty in train_loss.*PriorPrecision"
+    with pytest.raises(ValueError, match=said):
+        hg.MarginalLikelihood(
+            model,
+            wd,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(wd.parameters(), lr=0.1),
+            data_size=10,
+            likelihood="classification",
+        )
