@@ -420,7 +420,10 @@ def implicit_hypergradient(
     Raises:
         ValueError: no ``weights``, a weight or hyperparameter that does not require grad, a
             loss that is not a scalar tensor, the training gradient does not depend on
-            ``weights`` (``train_loss`` linear in them: no Hessian), or the solver refuses (a
+            ``weights`` (``train_loss`` linear in them with coefficients free of ``hparams``,
+            or not reaching them; linear with coefficients that depend on ``hparams`` gives
+            :math:`H = 0`, no inner optimum, which CG reports as ``nonpositive_curvature``), or
+            the solver refuses (a
             :class:`Neumann` without a numeric ``alpha``; ``x0`` of other shapes).
         TypeError: ``solver`` is not a :class:`LinearSolver`.
 

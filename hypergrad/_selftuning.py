@@ -666,6 +666,7 @@ class BestResponse(_BestResponseBase):
             bare HyperNet, so a loss calling ``model.weights`` looks through it, e.g.
             ``getattr(model, "module", model).weights(h)``).
         hparams: ``SelfTuned(..., learn_scale=False)``.
+        train_loss, val_loss: as in :class:`SelfTuning`: ``loss(model, hparams, batch)``.
         sampling: ``"local"`` (default) or ``"global"``.
         prior_scale: :math:`s_p` for global sampling (default: 1.0).
         warmup, train_steps, val_steps, inner_optimizer, outer_optimizer, on_nonfinite,
