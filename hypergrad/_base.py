@@ -166,6 +166,34 @@ def _check_max_grad_norm(value: Any) -> float | None:
     return f
 
 
+def _check_scaler(scaler: Any, weights: Sequence[Tensor], names: Sequence[str], device: torch.device) -> Any:
+    """``step``'s ``scaler``: ``None`` (also for a disabled ``GradScaler``, which scales nothing, as
+    in torch's recipe), else an enabled ``torch.amp.GradScaler`` for the model's device type whose
+    weights it can unscale (not float16: its ``unscale_`` refuses float16 gradients); else a
+    ``TypeError`` / ``ValueError`` naming the problem, before anything runs."""
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    if not scaler.is_enabled():
+        return None
+    on = getattr(scaler, "_device", device.type)
+    if on != device.type:
+        raise ValueError(
+            f"scaler is a GradScaler({on!r}), but the model is on {device.type}: build it as "
+            f"torch.amp.GradScaler({device.type!r})"
+        )
+    half = [n for n, w in zip(names, weights, strict=True) if w.dtype == torch.float16]
+    if half:
+        raise ValueError(
+            f"scaler: the trained weights {half[:4]} are float16, whose gradients GradScaler does not "
+            "unscale (and whose update would round away small steps): keep float32 weights and run "
+            "the losses under torch.autocast(device_type, dtype=torch.float16), as torch's mixed "
+            "precision recipe does"
+        )
+    return scaler
+
+
 #: the key under which ``HyperOptimizer.__getstate__`` carries the method's state to the copy
 _COPIED_METHOD_STATE = "_hypergrad_method_state"
 
@@ -549,7 +577,9 @@ class HyperOptimizer(abc.ABC):
     # ------------------------------------------------------------------ the inner step
 
     @_with_autograd
-    def step(self, batch: Batch, *, max_grad_norm: float | None = None) -> Tensor:
+    def step(
+        self, batch: Batch, *, max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None
+    ) -> Tensor:
         """One step of ``inner_optimizer`` on ``train_loss`` at ``batch``; returns the value of
         ``train_loss`` (detached; it includes any penalty the loss adds).
 
@@ -564,15 +594,29 @@ class HyperOptimizer(abc.ABC):
                 replays (and differentiates through) the clipping too; per call, so it may follow a
                 schedule. Clipping in an optimiser or gradient hook instead is invisible to the
                 replay.
+            scaler: a ``torch.amp.GradScaler`` for float16 training (float32 weights, losses
+                under ``torch.autocast(dtype=torch.float16)``), used as in torch's recipe
+                ``scaler.scale(loss).backward(); scaler.unscale_(opt); clip; scaler.step(opt);
+                scaler.update()``: the backward pass runs on the scaled loss, the gradients are
+                unscaled before clipping and the update. A step whose gradients overflowed
+                (not finite while the loss is) is skipped and ``scaler.update()`` lowers the
+                scale, as torch's would, with no :class:`NonFiniteError` or warning: nothing
+                changes but the scaler, and ``inner_steps`` does not advance. A non-finite loss
+                is still refused by ``on_nonfinite`` (the scaler untouched). Hypersteps take no
+                scaler: their losses run in the caller's autocast state, so call
+                :meth:`hyper_step` outside the float16 block to compute them in float32
+                (default: ``None``; a disabled ``GradScaler`` is the same).
 
         Returns:
-            The training loss, a detached 0-dim tensor (``nan`` when a loss that refused a
+            The training loss (unscaled), a detached 0-dim tensor (``nan`` when a loss that refused a
             non-finite hyperparameter raised and ``on_nonfinite="skip"``).
 
         Raises:
             NonFiniteError: (``on_nonfinite="raise"``) the loss or a gradient is not finite, or
                 the loss diverged (``divergence``); nothing was changed.
-            ValueError: an invalid ``max_grad_norm``, a ``batch`` that is ``None`` or holds a
+            TypeError: ``scaler`` is not a ``torch.amp.GradScaler``.
+            ValueError: an invalid ``max_grad_norm``, a ``scaler`` for another device type or
+                with float16 trained weights, a ``batch`` that is ``None`` or holds a
                 floating-point tensor on another device or of another dtype than the model, or
                 an inner optimiser whose parameters changed into something it cannot train.
             RuntimeError: called under ``torch.inference_mode()``, or inside
@@ -598,9 +642,10 @@ class HyperOptimizer(abc.ABC):
         check_batch(batch, "batch", self.device, self.dtype)
         max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self._refresh()
-        self._before_step()
         pair = self.pair
         weights = pair.weights
+        scaler = _check_scaler(scaler, weights, pair.weight_names, self.device)
+        self._before_step()
         rng = self._rng_state() if self._replays_rng else None
         snapshot = pair.snapshot_buffers()
         hp_snapshot = self._snapshot_hparam_buffers()
@@ -611,10 +656,13 @@ class HyperOptimizer(abc.ABC):
         # on the user's model itself: a DistributedDataParallel wrapper's reducer averages the
         # gradients, unless the step needs it off (then they are averaged below, in one all-reduce)
         by_hand = self._averages_by_hand()
+        # (read by _train_backward, which scales the loss it differentiates, and by _record_step)
+        self._scaler = scaler
         try:
             with no_sync(self.model) if by_hand else contextlib.nullcontext():
                 loss = self._train_backward(batch, weights)
         except BaseException as error:
+            self._scaler = None
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
             for w, g in zip(everything, old_grads, strict=True):
@@ -632,16 +680,29 @@ class HyperOptimizer(abc.ABC):
         # the guards judge the loss of the concatenated batch (the ranks' mean): every rank decides alike
         mean_loss = self.ranks.mean([loss.detach()])[0]
         grads = [w.grad for w in weights]
+        if not any(g is not None for g in grads):
+            scaler = None  # (a constant loss: nothing to unscale, and the scale stays as it is)
         problem = self._check_loss(mean_loss, [g for g in grads if g is not None])
         if problem:
+            self._scaler = None
+            # under a GradScaler, gradients that overflowed while the loss is finite are routine:
+            # the scaler records them (unscale_) and lowers its scale (update); nothing else moves
+            overflow = False
+            if scaler is not None and self._overflowed(mean_loss, grads):
+                scaler.unscale_(self.inner_optimizer)
+                scaler.update()
+                overflow = True
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
-            self._nonfinite(f"inner step {self.inner_steps}: {problem}")
+            if not overflow:
+                self._nonfinite(f"inner step {self.inner_steps}: {problem}")
             return loss.detach()
         for _, setting in self.settings:
             setting.check()  # before anything is recorded: a refused write must leave no trace
+        if scaler is not None:  # (no host synchronisation: the gradients are known finite)
+            scaler.unscale_(self.inner_optimizer)
         if max_grad_norm is not None:  # clip_grad_norm_'s scaling, with the replay's arithmetic
             live = [w for w in weights if w.grad is not None]
             with torch.no_grad():
@@ -650,6 +711,7 @@ class HyperOptimizer(abc.ABC):
                 w.grad = g
         pre_forward_buffers = tuple(value for *_, value in snapshot)
         self._record_step(batch, tuple(g is not None for g in grads), rng, pre_forward_buffers, max_grad_norm)
+        self._scaler = None
         try:
             for _, setting in self.settings:
                 setting.write()
@@ -657,6 +719,8 @@ class HyperOptimizer(abc.ABC):
         finally:
             for _, setting in self.settings:
                 setting.restore()
+        if scaler is not None:
+            scaler.update()
         _forget_autocast_casts(self.device)
         self._after_step()
         self.inner_steps += 1
@@ -686,7 +750,8 @@ class HyperOptimizer(abc.ABC):
         model = self.model if model is None else model
         loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
         if loss.requires_grad:
-            loss.backward(inputs=list(weights))
+            scaler = self._scaler  # (step's GradScaler: the gradients come out scaled)
+            (loss if scaler is None else scaler.scale(loss)).backward(inputs=list(weights))
         elif any(w.requires_grad for w in weights):
             # a constant loss (a batch with nothing to learn, say every example masked) skips the
             # update, as `if loss.requires_grad: loss.backward()` would; but a loss computed under
@@ -718,6 +783,16 @@ class HyperOptimizer(abc.ABC):
                 )
         return ""
 
+    def _overflowed(self, loss: Tensor, grads: Sequence[Tensor | None]) -> bool:
+        """Whether a step refused by :meth:`_check_loss` under a ``GradScaler`` only overflowed:
+        finite loss and hyperparameters, a non-finite (scaled) gradient. (Only on that path: a
+        few host synchronisations.)"""
+        return (
+            bool(torch.isfinite(loss.detach()).all())
+            and not self._nonfinite_hparams()
+            and not all_finite([g for g in grads if g is not None])
+        )
+
     def _nonfinite_hparams(self) -> str:
         """'' when every hyperparameter tensor is finite, else a sentence naming those that are not
         (a checkpoint or an outer step that wrote NaN / inf)."""
@@ -730,6 +805,9 @@ class HyperOptimizer(abc.ABC):
 
     #: whether :meth:`_record_step` receives the RNG state before each step (for replays)
     _replays_rng = False
+    #: the ``GradScaler`` of the :meth:`step` in progress, from its backward pass to
+    #: :meth:`_record_step` (``None`` otherwise, or without one)
+    _scaler: torch.amp.GradScaler | None = None
 
     def _rng_state(self) -> dict[str, Tensor]:
         state = {"cpu": torch.get_rng_state()}

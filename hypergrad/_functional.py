@@ -244,6 +244,24 @@ def _cdist_mm(
     return _CDIST(x1, x2, p, compute_mode)
 
 
+_MSE_LOSS: Any = torch._C._nn.mse_loss  # (its stub says reduction: str; the kernel takes the enum)
+
+
+def _mse_loss_forward_safe(input: Tensor, target: Tensor, reduction: int = 1) -> Tensor:
+    """``F.mse_loss``'s kernel, or for inputs carrying forward-mode tangents the same arithmetic
+    from elementary operations: the kernel's double backward there raised "ZeroTensors are
+    immutable" (torch 2.13: a gradient with ``create_graph=True`` of ``mse_loss`` on a dual
+    tensor, as in every replayed step of ``Unrolled(mode="forward")``)."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in (input, target)
+    ):
+        loss = torch.pow(input - target, 2)
+        return loss if reduction == 0 else loss.sum() if reduction == 2 else loss.mean()
+    return _MSE_LOSS(input, target, reduction)
+
+
 def _checkpoint_keeping_activations(fn: Any, *args: Any, **kwargs: Any) -> Iterator[None]:
     """Stand-in for ``torch.utils.checkpoint``'s non-reentrant machinery: the checkpointed function
     runs once and autograd keeps its activations, as without checkpointing (``checkpoint`` runs
@@ -265,6 +283,7 @@ def _twice_targets() -> list[tuple[Any, str, Any]]:
         (old_weight_norm, "_weight_norm", _weight_norm_exact),  # nn.utils.weight_norm (imported name)
         (torch, "embedding", _embedding_dense),  # F.embedding calls torch.embedding
         (torch, "cdist", _cdist_mm),
+        (torch._C._nn, "mse_loss", _mse_loss_forward_safe),  # F.mse_loss calls it
         # checkpoint(use_reentrant=False) looks this name up at every call
         (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _checkpoint_keeping_activations),
     ]
@@ -292,6 +311,9 @@ def differentiable_twice() -> Iterator[None]:
       computed dense (same values), since HVPs and linear solvers work on dense vectors;
     * ``torch.cdist(p=2)``: computed through matrix products, whose backward is differentiable
       (the direct kernel, used for at most 25 rows, has no double backward);
+    * ``F.mse_loss`` on inputs carrying forward-mode tangents: computed as
+      ``(input - target) ** 2`` reduced (the kernel's double backward raised "ZeroTensors are
+      immutable" there); other inputs keep the kernel;
     * ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the checkpointed function
       keeps its activations instead of being recomputed in the backward pass. The recomputation
       runs after the loss call has returned, so it would read the model's real tensors rather than

@@ -296,12 +296,14 @@ class _BestResponseBase(HyperOptimizer):
             )
         self._checked_key = key
 
-    def step(self, batch: Batch, *, max_grad_norm: float | None = None) -> Tensor:
+    def step(
+        self, batch: Batch, *, max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None
+    ) -> Tensor:
         """One inner step on ``train_loss`` with freshly perturbed hyperparameters (the draws in
         the loss are detached from :math:`\\lambda`, :math:`\\sigma`); see
-        :meth:`HyperOptimizer.step` (and its ``max_grad_norm``)."""
+        :meth:`HyperOptimizer.step` (and its ``max_grad_norm`` and ``scaler``)."""
         with self.hparams._drawing(self._train_mode):
-            return super().step(batch, max_grad_norm=max_grad_norm)
+            return super().step(batch, max_grad_norm=max_grad_norm, scaler=scaler)
 
     def hyper_due(self) -> bool:
         """Whether the schedule calls for a hyperstep now: in the validation phase that follows

@@ -574,28 +574,31 @@ class Direct(LinearSolver):
             basis[j] = 1
             cols = hvp([c.view_as(t) for c, t in zip(basis.split(sizes), v, strict=True)])
             h[:, j] = torch.cat([c.reshape(-1) for c in cols])
-        h = 0.5 * (h + h.mT)  # symmetric up to rounding: make it exactly so
-        if self.damping:
-            h.diagonal().add_(self.damping)
-        status = SolveStatus.CONVERGED
-        if not bool(torch.isfinite(h).all() & torch.isfinite(b).all()):  # the one synchronisation
-            x = torch.full_like(b, float("nan"))
-            residual = torch.full((), float("nan"), dtype=b.dtype, device=b.device)
-            status = SolveStatus.NONFINITE
-        else:
-            chol, info = torch.linalg.cholesky_ex(h)
-            if int(info) == 0:
-                x = torch.cholesky_solve(b[:, None], chol)[:, 0]
+        # the dense algebra in the Hessian's dtype: under torch.autocast, h @ x and pinv ran in
+        # float16 / bfloat16 (a residual of 1e-2 reported for one of 5e-6; a bfloat16 solution)
+        with torch.autocast(b.device.type, enabled=False):
+            h = 0.5 * (h + h.mT)  # symmetric up to rounding: make it exactly so
+            if self.damping:
+                h.diagonal().add_(self.damping)
+            status = SolveStatus.CONVERGED
+            if not bool(torch.isfinite(h).all() & torch.isfinite(b).all()):  # the one synchronisation
+                x = torch.full_like(b, float("nan"))
+                residual = torch.full((), float("nan"), dtype=b.dtype, device=b.device)
+                status = SolveStatus.NONFINITE
             else:
-                status = SolveStatus.NONPOSITIVE_CURVATURE
-                lu, piv, info = torch.linalg.lu_factor_ex(h)
-                singular = int(info) != 0 or not bool(torch.isfinite(lu).all())
-                if not singular:
-                    x = torch.linalg.lu_solve(lu, piv, b[:, None])[:, 0]
-                    singular = not bool(torch.isfinite(x).all())
-                if singular:
-                    x = torch.linalg.pinv(h, hermitian=True) @ b
-            # (scaled norms: plain ones underflowed to a residual of 0 for a v of 1e-25s in float32)
-            residual = _scaled_norm([h @ x - b]) / _scaled_norm([b]).clamp_min(torch.finfo(b.dtype).tiny)
+                chol, info = torch.linalg.cholesky_ex(h)
+                if int(info) == 0:
+                    x = torch.cholesky_solve(b[:, None], chol)[:, 0]
+                else:
+                    status = SolveStatus.NONPOSITIVE_CURVATURE
+                    lu, piv, info = torch.linalg.lu_factor_ex(h)
+                    singular = int(info) != 0 or not bool(torch.isfinite(lu).all())
+                    if not singular:
+                        x = torch.linalg.lu_solve(lu, piv, b[:, None])[:, 0]
+                        singular = not bool(torch.isfinite(x).all())
+                    if singular:
+                        x = torch.linalg.pinv(h, hermitian=True) @ b
+                # (scaled norms: plain ones underflowed to a residual of 0 for a v of 1e-25s in float32)
+                residual = _scaled_norm([h @ x - b]) / _scaled_norm([b]).clamp_min(torch.finfo(b.dtype).tiny)
         sol = tuple(c.view_as(t).clone() for c, t in zip(x.split(sizes), v, strict=True))
         return SolveResult(sol, n, residual, status)

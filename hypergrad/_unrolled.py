@@ -204,6 +204,9 @@ class _Record:
     #: hyperstep may come while the user has the model in eval mode); () replays in the current mode
     training: tuple[bool, ...] = ()
     max_grad_norm: float | None = None  # the step's gradient clipping (clip_grad_norm_'s max_norm)
+    #: the scale of the step's ``GradScaler`` (0-dim float32), None without one: the replay
+    #: differentiates the loss scaled alike and unscales, as the real step did
+    grad_scale: Tensor | None = None
     #: ``torch.autocast`` during the step on the model's device type, ``(enabled, dtype)``; None
     #: replays in the autocast state of the hyperstep
     autocast: tuple[bool, torch.dtype] | None = None
@@ -538,6 +541,9 @@ class Unrolled(HyperOptimizer):
                 hparams=copied,
                 training=tuple(m.training for m in self._mode_modules()),
                 max_grad_norm=max_grad_norm,
+                grad_scale=(
+                    None if self._scaler is None else self._scaler.scale(torch.ones((), device=self.device))
+                ),
                 autocast=_autocast_state(self.device.type),
                 states=changed_states,
             )
@@ -726,16 +732,19 @@ class Unrolled(HyperOptimizer):
         # with its graph: far cheaper to differentiate than the double backward of d * w^2
         decays = self._decays if create_graph and self.mode is Mode.REVERSE else []
         before = clone_all(buffers) if decays else buffers  # in case the call below is redone
+        scale = rec.grad_scale
         loss, new_buffers, calls = train_loss(decays)
         probes = [probe for probe, _, _ in calls]
-        g_all = grads_or_none(loss, list(weights) + probes, create_graph=create_graph)
+        scaled = loss if scale is None else loss * scale
+        g_all = grads_or_none(scaled, list(weights) + probes, create_graph=create_graph)
         if calls and not _constant_coefficients(g_all[len(weights) :], list(weights) + probes):
             # the loss is not linear in a penalty with a coefficient free of the weights (e.g.
             # f(w) * penalty, penalty ** 2): the shortcut would lose product-rule terms of the
             # second derivatives; differentiate the ordinary penalty instead
             buffers = before
             loss, new_buffers, calls = train_loss([])
-            g_all = grads_or_none(loss, list(weights), create_graph=create_graph)
+            scaled = loss if scale is None else loss * scale
+            g_all = grads_or_none(scaled, list(weights), create_graph=create_graph)
         buffers = new_buffers
         grads = list(materialize(g_all[: len(weights)], weights))
         where = {id(w): k for k, w in enumerate(weights)}
@@ -745,7 +754,10 @@ class Unrolled(HyperOptimizer):
             for w, d in zip(ws, ds, strict=True):
                 k = where.get(id(w))
                 if k is not None:
-                    grads[k] = grads[k] + c * (d * w)
+                    grads[k] = grads[k] + (c * (d * w)).to(grads[k].dtype)  # (as autograd casts it)
+        if scale is not None:  # GradScaler.unscale_'s arithmetic
+            inv = scale.double().reciprocal().float()
+            grads = [g * inv.to(g.dtype) for g in grads]
         grads = list(self.ranks.mean(grads))  # data parallel: the averaged gradient the real step used
         if rec.max_grad_norm is not None:  # the real step's clipping, over the weights it updated
             live = [k for k in range(len(grads)) if not rec.has_grad or rec.has_grad[k]]
