@@ -9,15 +9,20 @@ reach):
   run (``epochs`` full-batch steps) with SGD's ``weight_decay``.
 * ``hyperclean``: the fraction ``q`` in [0, 0.8] of training examples to drop — train on all
   (noisy) examples, drop the ``q`` with the highest training loss (a threshold on the loss), retrain
-  on the rest; a trial costs two training runs.
+  on the rest. The first training run ranks the examples for every trial: a search pays it once,
+  then one training run per trial.
 
-Compute is counted in inner training steps: a trial costs its training steps; the hypergradient
-run costs its inner steps plus each hyperstep's cost (1 + HVPs for Implicit, 1 + 2 per replayed
-step for Unrolled), plus the retraining of the ``hyperclean`` "tuned" model. Each search runs
-until ``budget_multiple`` times the hypergradient run's cost (at most ``max_trials`` trials).
+Compute is counted in inner training steps: a search costs its trials' training steps (plus, on
+``hyperclean``, the shared first run); the hypergradient run costs its inner steps plus each
+hyperstep's cost (1 + HVPs for Implicit, 1 + 2 per replayed step for Unrolled), plus the
+retraining of the ``hyperclean`` "tuned" model. Each search runs until ``budget_multiple``
+times the hypergradient run's cost (at most ``max_trials`` trials).
 Both searches choose by validation loss (``overfit_val``) or validation accuracy (``hyperclean``,
 whose validation set is clean); the table gives the best trial's validation and test numbers at
 1× and at the full budget, and the plot the best-so-far against cumulative inner steps.
+
+The targets run at the size ``target_size`` names (``default``, ``quick``: ``--quick`` sets it,
+or ``paper``), with this experiment's seed.
 
 Time: ~2-4 min on a 2-core CPU at the default size.
 """
@@ -47,8 +52,10 @@ def _search(
     max_trials: int,
     seed: int,
     higher_is_better: bool,
+    setup_cost: int = 0,
 ) -> list[dict[str, float]]:
-    """Run trials until ``budget`` inner steps; returns per trial the cumulative cost and the
+    """Run trials until ``budget`` inner steps, counting ``setup_cost`` (work every trial shares,
+    paid once) and then ``trial_cost`` per trial; returns per trial the cumulative cost and the
     best-so-far record."""
     try:
         import optuna
@@ -65,7 +72,7 @@ def _search(
     study = optuna.create_study(direction="maximize" if higher_is_better else "minimize", sampler=s)
     out: list[dict[str, float]] = []
     best: dict[str, float] | None = None
-    spent = 0
+    spent = setup_cost
     while spent + trial_cost <= budget + 1e-9 and len(out) < max_trials:
         trial = study.ask()
         space(trial)
@@ -83,9 +90,15 @@ def _at(curve: list[dict[str, float]], cost: float) -> dict[str, float] | None:
     return done[-1] if done else None
 
 
-def _overfit_val(ctx: Context, quick: bool) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]:
-    exp = REGISTRY["overfit_val"]
-    cfg = {**exp.defaults, **(exp.quick if quick else {}), "seed": ctx.seed}
+def _target_config(name: str, ctx: Context) -> dict[str, Any]:
+    """The target experiment's settings at ``target_size``, with this run's seed."""
+    exp = REGISTRY[name]
+    size = {"default": {}, "quick": exp.quick, "paper": exp.paper_size}[ctx.config["target_size"]]
+    return {**exp.defaults, **size, "seed": ctx.seed}
+
+
+def _overfit_val(ctx: Context) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]:
+    cfg = _target_config("overfit_val", ctx)
     data = digits_split(cfg["seed"], cfg["n_train"], cfg["n_val"], ctx.device)
     _, val, test = data
     model, _, rows = ov.train_per_weight(ctx, data, cfg, log=False)
@@ -125,9 +138,8 @@ def _overfit_val(ctx: Context, quick: bool) -> tuple[list[dict[str, Any]], dict[
     )
 
 
-def _hyperclean(ctx: Context, quick: bool) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]:
-    exp = REGISTRY["hyperclean"]
-    cfg = {**exp.defaults, **(exp.quick if quick else {}), "seed": ctx.seed}
+def _hyperclean(ctx: Context) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]:
+    cfg = _target_config("hyperclean", ctx)
     (x, y_clean), val, test = digits_split(cfg["seed"], cfg["n_train"], cfg["n_val"], ctx.device)
     y, corrupted = hc.corrupt_labels(y_clean, cfg["corrupt"], cfg["seed"])
     _, weights, cost = hc.learn_weights(ctx, cfg, x, y, val, corrupted, log=False)
@@ -160,11 +172,12 @@ def _hyperclean(ctx: Context, quick: bool) -> tuple[list[dict[str, Any]], dict[s
             s,
             objective,
             space,
-            2 * run_steps,
+            run_steps,
             ctx.config["budget_multiple"] * hg_cost,
             ctx.config["max_trials"],
             ctx.seed,
             higher_is_better=True,
+            setup_cost=run_steps,  # the first run, shared by every trial
         )  # fmt: skip
         for s in ctx.bar(SAMPLERS, desc="hyperclean searches")
     }
@@ -211,22 +224,30 @@ def _rows(
     paper="(what users would pick instead)",
     claim="a black box can only search a few hyperparameters (a global decay, a threshold); the "
     "hypergradient tunes thousands in about one training run",
-    defaults={"targets": "overfit_val,hyperclean", "budget_multiple": 4.0, "max_trials": 40, "seed": 0},
-    quick={"budget_multiple": 2.0, "max_trials": 3},
-    limits={"targets": Limit(items=str, choices=("overfit_val", "hyperclean"))},
+    defaults={
+        "targets": "overfit_val,hyperclean",
+        "target_size": "default",
+        "budget_multiple": 4.0,
+        "max_trials": 40,
+        "seed": 0,
+    },
+    quick={"target_size": "quick", "budget_multiple": 2.0, "max_trials": 3},
+    limits={
+        "targets": Limit(items=str, choices=("overfit_val", "hyperclean")),
+        "target_size": Limit(choices=("default", "quick", "paper")),
+    },
 )
 def run(ctx: Context) -> Outcome:
     """Both searches on both targets; table at 1x and the full budget; best-so-far plot."""
-    quick = ctx.config["max_trials"] <= REGISTRY["baselines"].quick["max_trials"]
     targets = [t.strip() for t in str(ctx.config["targets"]).split(",") if t.strip()]
     table: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     plots: dict[str, dict[str, Any]] = {}
     for t in targets:
         if t == "overfit_val":
-            rows, extra, plot = _overfit_val(ctx, quick)
+            rows, extra, plot = _overfit_val(ctx)
         elif t == "hyperclean":
-            rows, extra, plot = _hyperclean(ctx, quick)
+            rows, extra, plot = _hyperclean(ctx)
         else:
             raise ValueError(f"unknown target {t!r} (overfit_val, hyperclean)")
         table += rows

@@ -95,10 +95,18 @@ def run(ctx: Context) -> Outcome:
     train, _, test = digits_split(cfg["seed"], cfg["n_train"], 0, ctx.device)
     labels = torch.arange(10, device=ctx.device)
     g = ctx.generator(3)
-    # one random real training image per class: the baseline, and the starting point
-    pick = torch.stack(
-        [torch.nonzero(train[1] == c)[torch.randint(0, 10, (1,), generator=g)].reshape(()) for c in range(10)]
-    )
+    # one random real training image per class (the baseline): the training set is shuffled, so
+    # one of a class's first 10 (or fewer) examples is a uniformly random one
+    pick_list = []
+    for c in range(10):
+        members = torch.nonzero(train[1] == c).reshape(-1)
+        if len(members) == 0:
+            raise ValueError(
+                f"n_train={cfg['n_train']} digits hold no example of class {c} (seed {cfg['seed']}): "
+                "the real-image baseline needs one per class; use a larger n_train"
+            )
+        pick_list.append(members[torch.randint(0, min(10, len(members)), (1,), generator=g)].reshape(()))
+    pick = torch.stack(pick_list)
     real = train[0][pick]
     images = hg.hparams.Hparam(torch.randn(10, 64, generator=g).to(ctx.device) * 0.5, "real")
     torch.manual_seed(cfg["seed"])

@@ -120,6 +120,12 @@ def run(ctx: Context) -> Outcome:
     a, b = int(0.8 * len(data)), int(0.9 * len(data))
     train, val, test = data[:a], data[a:b].to(ctx.device), data[b:].to(ctx.device)
     vocab = len(chars)
+    longest = min(len(train), len(val), len(test)) - 2  # a window and its next character fit
+    if cfg["seq_len"] > longest:
+        raise ValueError(
+            f"seq_len={cfg['seq_len']} is longer than the corpus allows: its validation and test "
+            f"tenths hold {len(val)} and {len(test)} characters (seq_len <= {longest})"
+        )
 
     def make() -> nn.Module:
         torch.manual_seed(cfg["seed"])

@@ -111,7 +111,8 @@ def train(
     ctx: Context, d: Split, cfg: dict[str, Any], augment: bool
 ) -> tuple[float, float, list[list[float]], list[list[float]], float]:
     """One run (with or without the learned translation). Logs each hyperstep; returns the test
-    and training accuracy, the translation range and the precision after each hyperstep, and the
+    and training accuracy, the translation range and the precision after each hyperstep (the
+    precision's initial value alone when no hyperstep ran: ``steps`` within ``burn_in``), and the
     mean hyperstep time (s)."""
     x, y = d["train"]
     canvas = cfg["canvas"]
@@ -169,7 +170,10 @@ def train(
                 logits = model(xs)
         return float((logits.argmax(1) == ys).double().mean())
 
-    return acc(d["test"]), acc(d["train"]), ranges, precisions, seconds / max(1, len(precisions))
+    mean_seconds = seconds / max(1, len(precisions))
+    if not precisions:  # no hyperstep: report the precision the run trained with
+        precisions.append(_value(hp["prior"]))
+    return acc(d["test"]), acc(d["train"]), ranges, precisions, mean_seconds
 
 
 @register(

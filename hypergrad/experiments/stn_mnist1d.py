@@ -98,7 +98,8 @@ class Data:
 
 
 def load_data(seed: int, n_train: int) -> Data:
-    """mnist1d (generated from ``seed``), standardised; ``n_train`` train / 1000 val / its test."""
+    """mnist1d (generated from ``seed``), standardised by the training signals' mean and standard
+    deviation (one scalar each); ``n_train`` train / the next 1000 val / its test."""
     from mnist1d.data import get_dataset_args, make_dataset  # generated data, no download
 
     args = get_dataset_args()
@@ -106,7 +107,7 @@ def load_data(seed: int, n_train: int) -> Data:
     d = make_dataset(args)
     x = torch.as_tensor(d["x"], dtype=torch.float32)
     y = torch.as_tensor(d["y"], dtype=torch.long)
-    mean, std = x.mean(), x.std()
+    mean, std = x[:n_train].mean(), x[:n_train].std()  # training statistics only
     xt = torch.as_tensor(d["x_test"], dtype=torch.float32)
     yt = torch.as_tensor(d["y_test"], dtype=torch.long)
     return Data(
@@ -395,6 +396,16 @@ class SeedRun:
     schedule: Schedule
 
 
+def _rate(p: float) -> str:
+    """A grid rate as the run's name shows it (and ``best_fixed.rate`` reads it back): one decimal,
+    or as many as it has (0.25 is not 0.2).
+
+    >>> _rate(0.0), _rate(0.3), _rate(0.25)
+    ('0.0', '0.3', '0.25')
+    """
+    return f"{p:.1f}" if p == round(p, 1) else f"{p:g}"
+
+
 def run_seed(ctx: Context | None, cfg: dict[str, Any], seed: int) -> SeedRun:
     """The grid, the STN and the four retraining runs of one seed."""
     epochs = cfg["epochs"]
@@ -406,7 +417,7 @@ def run_seed(ctx: Context | None, cfg: dict[str, Any], seed: int) -> SeedRun:
     runs: dict[str, Result] = {}
     for p in grid:
         runs[f"fixed@{p:g}"] = train_plain(
-            ctx, f"fixed dropout {p:.1f}", copy.deepcopy(plain0), data, epochs, seed, constant((p, p), 0)
+            ctx, f"fixed dropout {_rate(p)}", copy.deepcopy(plain0), data, epochs, seed, constant((p, p), 0)
         )
     runs["best_fixed"] = min((runs[f"fixed@{p:g}"] for p in grid), key=lambda r: r.val_loss)
     runs["stn"], schedule = train_stn(
