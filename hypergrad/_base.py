@@ -476,6 +476,26 @@ class HyperOptimizer(abc.ABC):
             f"(with torch.no_grad(): p.copy_(...)) rather than assigning new tensors"
         )
 
+    def _warn_float16_autocast(self) -> None:
+        """Warn once when a hypergradient is computed under float16 autocast: no loss scale
+        protects its backward passes (``step(scaler=...)`` covers the inner step only), so small
+        second-order terms underflow (a hypergradient came out exactly 0 in a probe)."""
+        dev = self.device.type
+        if self._warned_fp16 or not torch.amp.is_autocast_available(dev):
+            return
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16:
+            self._warned_fp16 = True
+            _warn_user(
+                f"{type(self).__name__}: a hypergradient computed under torch.autocast(dtype=float16): "
+                "no loss scale protects its backward passes (step(scaler=...) covers the inner "
+                "step only), so small terms underflow to 0 and the hypergradient can be silently "
+                "wrong. Call hyper_step / hypergradient outside the float16 block (float32), or "
+                "use bfloat16 autocast. (Warned once.)",
+                UserWarning,
+            )
+
+    _warned_fp16 = False
+
     def _check_not_joined(self) -> None:
         """Raise when the ``DistributedDataParallel`` wrapper is in join mode (``model.join()``):
         a rank that ran out of batches shadows the wrapper's all-reduces only, not hypergrad's own
@@ -946,6 +966,7 @@ class HyperOptimizer(abc.ABC):
         return tuple(g.detach().to(p.dtype) for p, g in zip(self.pair.hparam_tensors, grads, strict=True))
 
     def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
+        self._warn_float16_autocast()
         self._check_not_moved()
         self._check_not_joined()
         self._check_same_hparams()

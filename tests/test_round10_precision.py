@@ -570,3 +570,41 @@ def test_direct_solver_reports_its_true_residual_under_autocast() -> None:
     assert s.solution[0].dtype == torch.float32
     want = torch.linalg.pinv(singular.double(), hermitian=True) @ v.double()
     torch.testing.assert_close(s.solution[0].double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_hypergradient_under_float16_autocast_is_warned_about_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    hp = hg.hparams.WeightDecay(model, per="global", init=1e-2)
+
+    def loss(m: nn.Module, h: nn.Module, b: Any) -> Tensor:
+        return F.mse_loss(m(b[0]).float(), b[1]) + h.penalty(m)
+
+    hopt = hg.Implicit(
+        model,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        solver=hg.CG(maxiter=3),
+    )
+    batch = (torch.randn(8, 4), torch.randn(8, 1))
+    hopt.step(batch)
+    with torch.autocast("cpu", dtype=torch.float16):
+        with pytest.warns(UserWarning, match="under torch.autocast\\(dtype=float16\\)"):
+            hopt.hypergradient(train_batch=batch, val_batch=batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hopt.hypergradient(train_batch=batch, val_batch=batch)  # once only
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hg.Implicit(
+            model,
+            hp,
+            loss,
+            loss,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+            solver=hg.CG(maxiter=3),
+        ).hypergradient(train_batch=batch, val_batch=batch)  # bfloat16: no warning
