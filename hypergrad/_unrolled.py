@@ -1064,9 +1064,6 @@ class Unrolled(HyperOptimizer):
             "world": self.ranks.size,  # ... of batches split over this many ranks
         }
 
-    def _rank(self) -> int:
-        return torch.distributed.get_rank(self.ranks.group) if self.ranks.size > 1 else 0
-
     def _load_method_state(self, state: dict[str, Any]) -> None:
         saved = state.get("rank", 0)
         if state["records"] and saved != self._rank():
