@@ -200,6 +200,11 @@ class FunctionalPair:
                 f"loss functions must return a scalar Tensor; {getattr(loss_fn, '__name__', loss_fn)}"
                 f" returned {shape}"
             )
+        if out.is_complex():
+            raise ValueError(
+                f"loss functions must return a real scalar Tensor; {getattr(loss_fn, '__name__', loss_fn)}"
+                f" returned {out.dtype} (a complex value has no minimum: |z|^2 as (z.conj() * z).real)"
+            )
         return out
 
     def snapshot_buffers(self) -> list[tuple[dict[str, Any], str, Tensor, Tensor]]:

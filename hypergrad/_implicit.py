@@ -10,6 +10,7 @@ At a stationary point of the inner problem, :math:`\nabla_w L_T(w^*(\lambda), \l
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -265,15 +266,28 @@ def _implicit(
         val_reaches and (d is not None or (m is not None and val_reaches_weights))
         for d, m in zip(direct_or_none, mixed_or_none, strict=True)
     )
-    # dL_V/dlambda = direct - mixed, in place, without materialising absent terms as zeros
+    # dL_V/dlambda = direct - mixed, in place where that is safe, without materialising absent
+    # terms as zeros. Autograd hands back one gradient (or views of one storage) for inputs that
+    # a loss uses through their sum: lambda_1 + lambda_2 share their direct and their mixed
+    # term (in place, an iMAML centre base + delta had both mixed terms subtracted from the one
+    # direct term: 70% off in both), w + lambda in val_loss makes the direct term v_1 itself
+    # (Identity's solution), and a gradient passed through unchanged would be the solution. A
+    # shared tensor is updated out of place, and each hypergradient gets its own storage.
+    terms = [*direct_or_none, *mixed_or_none, *sol.solution, *v1]
+    uses = collections.Counter(t.untyped_storage().data_ptr() for t in terms if t is not None and t.numel())
+
+    def alone(t: Tensor) -> bool:
+        return t.numel() > 0 and uses[t.untyped_storage().data_ptr()] == 1
+
     out: list[Tensor] = []
     for d, m, h in zip(direct_or_none, mixed_or_none, hparams, strict=True):
+        # (autograd may also hand back an expanded, read-only gradient: then out of place too)
         if m is None:
-            out.append(torch.zeros_like(h) if d is None else d)
+            out.append(torch.zeros_like(h) if d is None else d if alone(d) else d.clone())
         elif d is None:
-            out.append(m.neg_() if m.is_contiguous() else -m)
-        else:  # autograd may hand back an expanded (read-only) gradient: then out of place
-            out.append(d.sub_(m) if d.is_contiguous() else d - m)
+            out.append(m.neg_() if alone(m) and m.is_contiguous() else -m)
+        else:
+            out.append(d.sub_(m) if alone(d) and d.is_contiguous() else d - m)
     del mixed_or_none
     # each in its hyperparameter's precision (a container kept in another one than the model)
     hypergrad = tuple(g if g.dtype == h.dtype else g.to(h.dtype) for g, h in zip(out, hparams, strict=True))
@@ -304,10 +318,18 @@ def _warm_start_for(x0: Sequence[Tensor] | None, weights: Sequence[Tensor]) -> T
 
 
 def _check_loss_value(loss: object, name: str) -> None:
-    """A loss must be a tensor with one element (host metadata only, no synchronisation)."""
+    """A loss must be a real tensor with one element (host metadata only, no synchronisation).
+    (A complex one, e.g. ``(z ** 2).sum()`` where :math:`|z|^2` was meant, failed in
+    autograd with "grad can be implicitly created only for real scalar outputs", naming no loss.)"""
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"{name} must return a scalar tensor, got {got}")
+    if loss.is_complex():
+        raise ValueError(
+            f"{name} must return a real scalar tensor, got {loss.dtype}: a complex value has no minimum "
+            "(for complex weights: |z|^2 as (z.conj() * z).real, which unlike z.abs() ** 2 has a "
+            "second derivative at z = 0, or z.real)"
+        )
 
 
 def _check_subset(subset: object) -> None:
@@ -419,7 +441,8 @@ def implicit_hypergradient(
 
     Raises:
         ValueError: no ``weights``, a weight or hyperparameter that does not require grad, a
-            loss that is not a scalar tensor, the training gradient does not depend on
+            tensor listed twice (in ``weights``, in ``hparams``, or in both), a loss that is
+            not a real scalar tensor (complex: no minimum), the training gradient does not depend on
             ``weights`` (``train_loss`` linear in them with coefficients free of ``hparams``,
             or not reaching them; linear with coefficients that depend on ``hparams`` gives
             :math:`H = 0`, no inner optimum, which CG reports as ``nonpositive_curvature``), or
@@ -449,6 +472,20 @@ def implicit_hypergradient(
                     f"{what}[{i}] must be a tensor with requires_grad=True (the losses are "
                     f"differentiated with respect to it), got "
                     f"{type(t).__name__ if not isinstance(t, Tensor) else 'one with requires_grad=False'}"
+                )
+    # the same tensor twice (or as a weight and a hyperparameter) is one variable listed twice:
+    # autograd hands back one gradient object for both entries, and the in-place assembly of
+    # direct - mixed negated it twice (the hypergradient of a hyperparameter listed twice came
+    # back with its sign flipped, in both entries); listed twice among the weights it doubled
+    # Identity's solution and halved Neumann's convergence bound on alpha
+    seen: dict[int, str] = {}
+    for what, ts in (("weights", weights), ("hparams", hparams)):
+        for i, t in enumerate(ts):
+            where = seen.setdefault(id(t), f"{what}[{i}]")
+            if where != f"{what}[{i}]":
+                raise ValueError(
+                    f"{what}[{i}] is the same tensor as {where}: list each tensor once, and a tensor "
+                    "either as a weight (trained by the inner problem) or as a hyperparameter"
                 )
     r = _implicit(train_loss, val_loss, weights, hparams, solver, x0)
     return r.hypergrad, r.val_loss, r.solve

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -97,7 +98,8 @@ class LinearSolver(abc.ABC):
             v: right-hand side, a tuple of tensors (shapes of the weights).
             x0: initial guess shaped like ``v``, or ``None`` to start from 0 (default: ``None``).
                 Read only: neither kept nor modified; a constant (a graph behind it is not
-                carried into the solution).
+                carried into the solution); cast to ``v``'s dtypes and devices (not complex
+                for a real ``v``).
 
         Returns:
             A :class:`SolveResult`: ``solution`` shaped like ``v`` (new tensors, except
@@ -106,15 +108,79 @@ class LinearSolver(abc.ABC):
             ``status`` rather than raising.
 
         Raises:
-            ValueError: ``x0`` not shaped like ``v`` (``Identity`` ignores ``x0``); a
+            TypeError: ``v`` (or ``x0``) is not a sequence of tensors (a bare tensor: wrap it,
+                ``(v,)``), or ``hvp`` returned anything else than one tensor shaped like each
+                of its inputs.
+            ValueError: ``v`` empty or not floating point / complex (integer and bool tensors
+                have no inverse-Hessian product: before, torch's "linalg.vector_norm: Expected
+                a floating point or complex tensor", or from ``Identity`` a bool "solution");
+                ``x0`` not shaped like ``v``, or complex for a real ``v`` (``Identity`` ignores
+                ``x0``); a
                 :class:`Neumann` whose ``alpha`` is not a number (``None``, ``"lr"``,
                 ``"power"``: rules that only :class:`~hypergrad.Implicit` resolves); a
                 :class:`Direct` system larger than ``max_size``, or complex.
         """
 
 
+def _check_v(v: object, x0: object = None) -> None:
+    """``v`` (and ``x0``) must be non-empty sequences of floating-point or complex tensors (host
+    metadata only). A bare tensor is iterable too, by rows: ``Identity`` returned its rows as a
+    tuple of 0-dim "solutions", the other solvers failed inside their first HVP."""
+    for name, ts in (("v", v), ("x0", x0)):
+        if ts is None and name == "x0":
+            continue
+        if isinstance(ts, Tensor) or not isinstance(ts, Sequence):
+            hint = f" (a bare tensor: wrap it, ({name},))" if isinstance(ts, Tensor) else ""
+            raise TypeError(
+                f"{name} must be a tuple of tensors shaped like the weights, got {type(ts).__name__}{hint}"
+            )
+        bad = [f"{name}[{i}] is {type(t).__name__}" for i, t in enumerate(ts) if not isinstance(t, Tensor)]
+        if bad:
+            raise TypeError(f"{name} must be a tuple of tensors: {', '.join(bad[:3])}")
+    assert isinstance(v, Sequence)
+    if not v:
+        raise ValueError("v is empty: a linear solver needs at least one tensor (the weights' shapes)")
+    for i, t in enumerate(v):
+        if not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(
+                f"v[{i}] is {t.dtype}: a linear solve needs floating-point or complex tensors "
+                "(.to(torch.float32), or the weights' dtype)"
+            )
+
+
+def _checked(hvp: HVP) -> HVP:
+    """``hvp`` with its output checked against its input: one tensor of the same shape each (host
+    metadata only). A wrong output failed deep inside a solver (a bare tensor: "inconsistent tensor
+    size"; one shape too many: a broadcasting error), or, in ``Direct``, passed by accident."""
+
+    def checked(u: Sequence[Tensor]) -> Tensors:
+        out = hvp(u)
+        ok = (
+            not isinstance(out, Tensor)
+            and isinstance(out, Sequence)
+            and len(out) == len(u)
+            and all(isinstance(o, Tensor) and o.shape == t.shape for o, t in zip(out, u, strict=True))
+        )
+        if not ok:
+            got = (
+                f"a bare tensor of shape {tuple(out.shape)}"
+                if isinstance(out, Tensor)
+                else [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in out]
+                if isinstance(out, Sequence)
+                else type(out).__name__
+            )
+            raise TypeError(
+                f"hvp must return a tuple of tensors shaped like its input {[tuple(t.shape) for t in u]}, "
+                f"got {got}"
+            )
+        return tuple(out)
+
+    return checked
+
+
 def _check_x0(v: Sequence[Tensor], x0: Sequence[Tensor] | None) -> None:
-    """Shapes only (host metadata, no synchronisation)."""
+    """Shapes, and no complex guess for a real ``v`` (host metadata, no synchronisation). Another
+    real dtype or device is fine: :func:`_start` casts the guess to ``v``'s."""
     if x0 is None:
         return
     if len(x0) != len(v) or any(a.shape != b.shape for a, b in zip(x0, v, strict=True)):
@@ -122,22 +188,57 @@ def _check_x0(v: Sequence[Tensor], x0: Sequence[Tensor] | None) -> None:
             f"x0 must be shaped like v: got {[tuple(t.shape) for t in x0]}, "
             f"expected {[tuple(t.shape) for t in v]}"
         )
+    for i, (a, b) in enumerate(zip(x0, v, strict=True)):
+        if a.is_complex() and not b.is_complex():
+            raise ValueError(
+                f"x0[{i}] is {a.dtype} but v[{i}] is {b.dtype}: a real system has a real solution"
+            )
+
+
+def _start(v: Sequence[Tensor], x0: Sequence[Tensor]) -> list[Tensor]:
+    """A copy of ``x0`` in ``v``'s dtypes and on its devices, without a graph (a float64 guess for a
+    float32 system, e.g. a solution saved from a float64 run, reached the HVP as float64: "addmv
+    input tensors must have the same dtype")."""
+    return [a.detach().to(dtype=b.dtype, device=b.device, copy=True) for a, b in zip(x0, v, strict=True)]
 
 
 def _writable(ts: Sequence[Tensor], inputs: Sequence[Tensor] = ()) -> list[Tensor]:
     """``ts`` (an HVP's output) with each tensor that may share memory between its elements (an
     expanded one, as autograd returns for the gradient of a parameter used through ``.sum()`` or
-    ``.mean()``), or with the HVP's own input ``inputs`` (``lambda u: u``), replaced by a
-    contiguous copy, so that in-place updates of it are valid and leave the input alone."""
-    shared = {t.untyped_storage().data_ptr() for t in inputs}
+    ``.mean()``), with the HVP's own input ``inputs`` (``lambda u: u``), or with an earlier
+    tensor of ``ts`` (autograd hands back one tensor for two weights a model uses through their
+    sum, ``x @ (w_shared + w_task)``) replaced by a contiguous copy, so that in-place updates of
+    it are valid and leave the input and the other entries alone. (In place on the shared
+    tensor, a weight decay or damping was added to both weights' HVPs twice: the
+    hypergradient of such a model was 20% off.)"""
+    # the memory each tensor spans, by storage: disjoint views of one buffer (the gradients of
+    # weights a model concatenates, or of flat fused weights) may be written in place
+    spans: dict[int, list[tuple[int, int]]] = {}
+
+    def overlaps(t: Tensor, add: bool) -> bool:
+        if not t.numel():
+            return False
+        start = t.data_ptr()
+        end = start + t.element_size() * (
+            1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+        )
+        seen = spans.setdefault(t.untyped_storage().data_ptr(), [])
+        hit = any(a < end and start < b for a, b in seen)
+        if add:
+            seen.append((start, end))
+        return hit
+
+    for t in inputs:
+        overlaps(t, add=True)
     out = []
     for t in ts:
         expanded = not t.is_contiguous() and any(
             st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True)
         )  # (a channels_last gradient is not contiguous either, but safe to write)
+        shared = overlaps(t, add=True)
         if expanded:
             t = t.contiguous()  # (a copy)
-        elif shared and t.untyped_storage().data_ptr() in shared:
+        elif shared:
             t = t.clone()
         out.append(t)
     return out
@@ -280,14 +381,16 @@ class Neumann(LinearSolver):
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
         if self.alpha is None or isinstance(self.alpha, str):
             raise ValueError(f"Neumann.alpha is {self.alpha!r}: give a number, or let Implicit resolve it")
+        _check_v(v, x0)
         _check_x0(v, x0)
+        hvp = _checked(hvp)
         alpha = float(self.alpha)
         v = list(v)
         rdtype, device = _real_dtype(v), v[0].device
         if x0 is not None:
             # Richardson from x0: r <- v - H x; x <- x + alpha r (r is computed before x changes,
             # so an hvp that returns views of its input is harmless).
-            x = [t.detach().clone() for t in x0]  # (a graph behind x0 is not carried on)
+            x = _start(v, x0)  # (a graph behind x0 is not carried on)
             r = [torch.empty_like(t) for t in v]
             first = torch.full((), math.inf, dtype=rdtype, device=device)  # |r| of the first iteration
             for k in range(self.steps):  # in place: no weight-sized allocations in the loop
@@ -423,7 +526,9 @@ class CG(LinearSolver):
         return out
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
+        _check_v(v, x0)
         _check_x0(v, x0)
+        hvp = _checked(hvp)
         v = list(v)
         # CG on (H + delta I)(x / s) = v / s with s a power of two near max |v| (exact scaling):
         # v^T v squares v, and in float32 a v of 1e-25s came back as x = 0, "converged", and one
@@ -438,7 +543,7 @@ class CG(LinearSolver):
             x = [torch.zeros_like(t) for t in v]
             rs = vv
         else:
-            x = [t.detach().clone() for t in x0]  # (a graph behind x0 is not carried on)
+            x = _start(v, x0)  # (a graph behind x0 is not carried on)
             if scale != 1.0:
                 torch._foreach_div_(x, scale)
             torch._foreach_sub_(r, self._apply(hvp, x))
@@ -510,6 +615,7 @@ class Identity(LinearSolver):
         _number(self, "scale", positive=True)
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
+        _check_v(v)
         sol = tuple(torch._foreach_mul(list(v), self.scale)) if self.scale != 1.0 else tuple(v)
         nan = torch.full((), float("nan"), dtype=_real_dtype(v), device=v[0].device)
         return SolveResult(sol, 0, nan, SolveStatus.FIXED)
@@ -530,7 +636,9 @@ class Direct(LinearSolver):
     :math:`O(P^3)` factorisation; two host synchronisations (the finiteness check and the
     Cholesky status; two or three more on the LU fallback). ``x0`` is checked for its shape
     and otherwise ignored. Real weights only (complex ones as
-    real pairs: ``torch.view_as_real``).
+    real pairs: ``torch.view_as_real``). The dense algebra runs in the widest dtype of ``v``, and
+    in at least float32 (half-precision weights: torch has no half-precision Cholesky); the HVPs
+    and the solution are in ``v``'s own dtypes.
 
     Args:
         damping: :math:`\delta \ge 0` added to the diagonal (default: 0.0).
@@ -552,7 +660,9 @@ class Direct(LinearSolver):
         _count(self, "max_size", 1)
 
     def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
+        _check_v(v, x0)
         _check_x0(v, x0)  # (a direct solve has no use for a starting point)
+        hvp = _checked(hvp)
         v = list(v)
         if any(t.is_complex() for t in v):
             raise ValueError(
@@ -566,14 +676,19 @@ class Direct(LinearSolver):
                 f"Direct builds a dense {n} x {n} Hessian ({n} HVPs), more than max_size={self.max_size}: "
                 "use CG or Neumann, restrict the solve with Implicit(hessian_subset=...), or raise max_size"
             )
-        b = torch.cat([t.reshape(-1) for t in v])
-        h = torch.empty(n, n, dtype=b.dtype, device=b.device)
-        basis = torch.zeros(n, dtype=b.dtype, device=b.device)
+        # the dense algebra in at least float32 (torch has no half-precision Cholesky: a bfloat16
+        # model failed with '"cholesky_cpu" not implemented for BFloat16'), and in the widest dtype
+        # of v; each HVP still gets its input in v's own dtypes (float64 columns for a float32
+        # weight failed inside the HVP), and the solution comes back in them
+        work = torch.promote_types(functools.reduce(torch.promote_types, [t.dtype for t in v]), torch.float32)
+        b = torch.cat([t.reshape(-1).to(work) for t in v])
+        h = torch.empty(n, n, dtype=work, device=b.device)
+        basis = torch.zeros(n, dtype=work, device=b.device)
         for j in range(n):
             basis.zero_()
             basis[j] = 1
-            cols = hvp([c.view_as(t) for c, t in zip(basis.split(sizes), v, strict=True)])
-            h[:, j] = torch.cat([c.reshape(-1) for c in cols])
+            cols = hvp([c.view_as(t).to(t.dtype) for c, t in zip(basis.split(sizes), v, strict=True)])
+            h[:, j] = torch.cat([c.reshape(-1).to(work) for c in cols])
         # the dense algebra in the Hessian's dtype: under torch.autocast, h @ x and pinv ran in
         # float16 / bfloat16 (a residual of 1e-2 reported for one of 5e-6; a bfloat16 solution)
         with torch.autocast(b.device.type, enabled=False):
@@ -600,5 +715,5 @@ class Direct(LinearSolver):
                         x = torch.linalg.pinv(h, hermitian=True) @ b
                 # (scaled norms: plain ones underflowed to a residual of 0 for a v of 1e-25s in float32)
                 residual = _scaled_norm([h @ x - b]) / _scaled_norm([b]).clamp_min(torch.finfo(b.dtype).tiny)
-        sol = tuple(c.view_as(t).clone() for c, t in zip(x.split(sizes), v, strict=True))
-        return SolveResult(sol, n, residual, status)
+        sol = tuple(c.view_as(t).to(t.dtype, copy=True) for c, t in zip(x.split(sizes), v, strict=True))
+        return SolveResult(sol, n, residual.to(_real_dtype(v)), status)
