@@ -194,6 +194,19 @@ def _check_scaler(scaler: Any, weights: Sequence[Tensor], names: Sequence[str], 
     return scaler
 
 
+def _nonfinite_entries(what: str, names: Sequence[str], tensors: Sequence[Tensor | None]) -> str:
+    """``""``, or ``"; <what> is not finite for 'name': k of n entries, ..."`` naming the tensors
+    holding NaN or infinite entries, the first five of them (for the failure path only: one host
+    read per tensor)."""
+    bad = []
+    for name, t in zip(names, tensors, strict=True):
+        count = 0 if t is None else int((~torch.isfinite(t.detach())).sum())
+        if t is not None and count:
+            bad.append(f"{name!r}: {count} of {t.numel()} entries")
+    more = f" (and {len(bad) - 5} more tensors)" if len(bad) > 5 else ""
+    return f"; {what} is not finite for {', '.join(bad[:5])}{more}" if bad else ""
+
+
 #: the key under which ``HyperOptimizer.__getstate__`` carries the method's state to the copy
 _COPIED_METHOD_STATE = "_hypergrad_method_state"
 
@@ -717,7 +730,8 @@ class HyperOptimizer(abc.ABC):
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             if not overflow:
-                self._nonfinite(f"inner step {self.inner_steps}: {problem}")
+                where = _nonfinite_entries("the gradient", pair.weight_names, grads)
+                self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}")
             return loss.detach()
         for _, setting in self.settings:
             setting.check()  # before anything is recorded: a refused write must leave no trace
@@ -1009,13 +1023,20 @@ class HyperOptimizer(abc.ABC):
             inner = "" if res.inner_loss is None else f", training loss = {float(res.inner_loss)}"
             status = str(getattr(res.solver_status, "value", res.solver_status or ""))
             said = f"; the linear solver said {status!r}" if status in ("nonfinite", "diverging") else ""
+            where = self._nonfinite_hypergradient(res.grads)
             problem = (
                 "a loss or the hypergradient is not finite "
-                f"(outer loss = {float(res.outer_loss)}{inner}{said})"
+                f"(outer loss = {float(res.outer_loss)}{inner}{said}{where})"
             )
         elif res.inner_loss is not None:
             problem = self._check_loss(res.inner_loss, ())
         return res, grad_norm, problem
+
+    def _nonfinite_hypergradient(self, grads: Sequence[Tensor]) -> str:
+        """``""``, or (on the failure path only: one host read per tensor) which hyperparameters'
+        hypergradients hold NaN or infinite entries, and how many: with finite losses, a user
+        needs to know where to look (a ``sqrt`` or ``log`` of a hyperparameter at 0, say)."""
+        return _nonfinite_entries("the hypergradient", self.pair.hparam_names, grads)
 
     def _warn_disconnected(self, reached: Sequence[bool]) -> None:
         for name, ok in zip(self.pair.hparam_names, reached, strict=True):

@@ -428,12 +428,16 @@ def _plain(x: Any) -> Any:
 
 
 def _valued(traced: Any, plain: Any) -> Any:
-    """``plain``'s value with ``traced``'s derivatives (``traced - traced.detach()`` is 0)."""
+    """``plain``'s value with ``traced``'s derivatives (``traced - traced.detach()`` is 0), in
+    ``plain``'s dtype: a tuned setting of another dtype promotes 0-dim state (NAdam's float32
+    ``mu_product`` times a float64 tuned ``momentum_decay``'s ``mu``), which the real step keeps
+    in its own (the next step's product then rounded otherwise: the replay drifted 1.1e-10 from
+    the real float64 weights in 3 steps)."""
     if not (isinstance(traced, Tensor) and isinstance(plain, Tensor) and _traced(traced)):
         return traced
     if not (traced.is_floating_point() or traced.is_complex()) or traced.shape != plain.shape:
         return traced
-    return plain + (traced - traced.detach())
+    return plain + (traced - traced.detach()).to(plain.dtype)
 
 
 def _traced(x: Any) -> bool:

@@ -230,6 +230,13 @@ class _Record:
         return cls(**d)
 
 
+def _check_steps(steps: object) -> int:
+    """``steps`` (Unrolled's K) if it is an int >= 1; else a ValueError naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Invalid Unrolled steps: {steps!r} (need an int >= 1)")
+    return steps
+
+
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
     """``(enabled, dtype)`` of ``torch.autocast`` for ``device_type`` now (None where it has none)."""
     if not torch.amp.is_autocast_available(device_type):
@@ -305,7 +312,8 @@ class Unrolled(HyperOptimizer):
     Args:
         model, hparams, train_loss, val_loss, inner_optimizer, outer_optimizer, on_nonfinite,
             divergence: see :class:`HyperOptimizer`.
-        steps: K, how many of the latest inner steps to differentiate through (default: 5).
+        steps: K, how many of the latest inner steps to differentiate through; may be set
+            between steps (:attr:`steps`) (default: 5).
         mode: ``"reverse"`` (memory O(K·P) during the hyperstep, cost ~2–3 inner steps per unrolled
             step) or ``"forward"`` (one replay per hyperparameter entry, each step's graph freed
             before the next: memory O(P); for a few hyperparameters) (default: ``"reverse"``).
@@ -371,8 +379,7 @@ class Unrolled(HyperOptimizer):
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
         divergence: float | None = None,
     ) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"Invalid Unrolled steps: {steps!r} (need an int >= 1)")
+        _check_steps(steps)
         if not isinstance(checkpoint, bool):
             raise TypeError(f"Unrolled checkpoint must be True or False, got {checkpoint!r}")
         super().__init__(
@@ -414,6 +421,22 @@ class Unrolled(HyperOptimizer):
         self._state_seen: list[dict[str, Any]] | None = None
         self._weights_changed()
         self._check_hooks()
+
+    @property
+    def steps(self) -> int:
+        """K, how many of the latest inner steps a hyperstep differentiates through. It may be
+        set between steps (a window that grows during training): a smaller K takes effect at
+        once; a larger one as steps are recorded, since the steps dropped from the ring under
+        the old K are gone (the hyperstep's ``unrolled_steps`` says how many it used).
+
+        Raises:
+            ValueError: (on setting) not an int >= 1.
+        """
+        return self._steps
+
+    @steps.setter
+    def steps(self, steps: int) -> None:
+        self._steps = _check_steps(steps)
 
     # ------------------------------------------------------------------ episodes and bookkeeping
 
@@ -728,8 +751,8 @@ class Unrolled(HyperOptimizer):
                     m._first_order_calls, m._replaying = None, False
             return loss, bufs, calls
 
-        # WeightDecay penalties give their value only; their gradient c * d * w is added below,
-        # with its graph: far cheaper to differentiate than the double backward of d * w^2
+        # WeightDecay penalties give their gradient's value c * d * w through autograd but not its
+        # graph, which is added below: far cheaper to differentiate than the double backward of d * w^2
         decays = self._decays if create_graph and self.mode is Mode.REVERSE else []
         before = clone_all(buffers) if decays else buffers  # in case the call below is redone
         scale = rec.grad_scale
@@ -754,7 +777,11 @@ class Unrolled(HyperOptimizer):
             for w, d in zip(ws, ds, strict=True):
                 k = where.get(id(w))
                 if k is not None:
-                    grads[k] = grads[k] + (c * (d * w)).to(grads[k].dtype)  # (as autograd casts it)
+                    # grads[k] holds the term's value already (through autograd, see
+                    # WeightDecay._valued_penalty); add its derivative to d and w only (the one
+                    # through c is in grads[k] too)
+                    term = (c.detach() * (d * w)).to(grads[k].dtype)  # (as autograd casts it)
+                    grads[k] = grads[k] + (term - term.detach())
         if scale is not None:  # GradScaler.unscale_'s arithmetic
             inv = scale.double().reciprocal().float()
             grads = [g * inv.to(g.dtype) for g in grads]

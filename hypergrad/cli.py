@@ -8,7 +8,9 @@
     hypergrad report [RESULTS ...] [--readme experiments/README.md]
 
 ``--key=value`` arguments that are not options of ``run`` are settings, as ``--set key=value``:
-that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's ``command``).
+that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's ``command``). Any
+other unknown argument (``--bogus``, a stray word) is a usage error, as argparse's own: the
+subcommand's usage and exit code 2.
 With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's; a key there
 that is not a setting of the experiment is refused, as on the command line. A setting given twice
 with different values is refused, and so is ``--method`` for an experiment without methods. A run
@@ -237,8 +239,11 @@ def _path(text: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``hypergrad`` command's parser; each subcommand's parser is its ``_commands[name]``
+    (whose ``error`` prints that subcommand's usage and exits with argparse's code 2)."""
     p = argparse.ArgumentParser(prog="hypergrad", description="hypergrad's reproduction experiments")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    # (the metavar names the choices in "the following arguments are required", not "cmd")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{list,run,show,report}")
     sub.add_parser("list", help="list the experiments, one line each")
     r = sub.add_parser("run", help="run one experiment")
     r.add_argument("name", help="experiment name (see `hypergrad list`)")
@@ -260,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("results", nargs="*", help=f"results.json files (default: {DEFAULT_RESULTS})")
     rep.add_argument("--readme", type=_path, default=Path("experiments/README.md"))
     rep.add_argument("--stdout", action="store_true", help="print the table instead of writing it")
+    p._commands = dict(sub.choices)  # type: ignore[attr-defined]
     return p
 
 
@@ -298,15 +304,20 @@ def _list() -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str]) -> int:
+def _run(
+    args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str], parser: argparse.ArgumentParser
+) -> int:
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+    if bad:  # a usage error, as argparse's own: the usage, and exit code 2
+        parser.error(
+            f"unrecognised arguments: {' '.join(bad)} (settings are --key=value or --set key=value; "
+            "`hypergrad show NAME` lists them)"
+        )
     if args.name not in REGISTRY:
         raise SystemExit(
             f"hypergrad: no experiment {args.name!r}; experiments: {', '.join(sorted(REGISTRY))}"
         )
     exp = REGISTRY[args.name]
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
-    if bad:
-        raise SystemExit(f"hypergrad run: unrecognised arguments {bad} (settings are --key=value)")
     size = "quick" if args.quick else "paper" if args.paper else "default"
     config = build_config(exp, size, [*args.settings, *extra], method=args.method, seed=args.seed)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -508,11 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hypergrad`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     load_all()
-    args, extra = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    command = parser._commands[args.cmd]  # type: ignore[attr-defined]
     if args.cmd == "run":
-        return _run(args, extra, argv)
-    if extra:
-        raise SystemExit(f"hypergrad {args.cmd}: unrecognised arguments {extra}")
+        return _run(args, extra, argv, command)
+    if extra:  # a usage error, as argparse's own: the usage, and exit code 2
+        command.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.cmd == "list":
         return _list()
     if args.cmd == "show":

@@ -79,6 +79,8 @@ def _check_bounds(c: Constraint, low: float | None, high: float | None, what: st
             )
         if not low < high:
             raise ValueError(f"{what}: need low < high, got low={low!r}, high={high!r}")
+        if not math.isfinite(high - low):  # (the value low + (high - low) sigmoid(r) would be inf)
+            raise ValueError(f"{what}: the width high - low overflows, got low={low!r}, high={high!r}")
     elif c is Constraint.GREATER_THAN:
         if low is None or high is not None:
             raise ValueError(
@@ -117,6 +119,28 @@ def _check_domain(
         if bool((value > low).all()):
             return
         raise ValueError(f"{what} must be > {low} (greater_than constraint), got min {float(value.min())}")
+
+
+def _check_held(
+    raw: Tensor,
+    constraint: Constraint,
+    what: str,
+    low: float | None = None,
+    high: float | None = None,
+    wider: str = "a wider dtype (dtype=torch.float64)",
+) -> None:
+    """Raise ``ValueError`` when the value of ``raw`` (in its own dtype) left the open domain:
+    an init inside it that rounds onto its edge (``0.99999994`` as a ``unit`` value in
+    ``float32``, whose sigmoid is exactly 1.0; a positive ``1e-46``, whose exp is 0), where the
+    hyperparameter would sit on the edge with a zero derivative, never to move."""
+    try:
+        _check_domain(from_raw(raw.detach(), constraint, low, high).double(), constraint, what, low, high)
+    except ValueError as e:
+        instead = "" if raw.dtype == torch.float64 else f", or {wider}"
+        raise ValueError(
+            f"{e}: in {raw.dtype} its raw value maps onto the edge of the domain (or past it: the "
+            f"transform saturates or overflows there); choose a value farther from the edge{instead}"
+        ) from None
 
 
 def to_raw(
@@ -331,7 +355,10 @@ class Hparam(nn.Module):
         dtype: (default: ``init``'s when it is a floating-point tensor, else torch's default dtype).
 
     Raises:
-        ValueError: ``init`` outside the domain, ``low >= high``, non-finite bounds, or bounds given
+        ValueError: ``init`` outside the domain (or inside it but mapped onto its edge in
+            ``dtype``: ``0.99999994`` as a ``unit`` value in ``float32`` has raw value 16.6,
+            whose sigmoid is exactly 1.0), ``low >= high``, non-finite bounds (or ``high - low``
+            overflowing), or bounds given
             with a constraint that takes none (or missing for one that needs them).
 
     Shapes: ``raw``, ``forward()`` and ``value`` have ``shape``.
@@ -370,7 +397,9 @@ class Hparam(nn.Module):
         self.high: float | None = high
         value = _as_tensor(init, shape, dtype, "Hparam init")
         _check_domain(value, self.constraint, "Hparam init", low, high)
-        self.raw = nn.Parameter(to_raw(value, self.constraint, low, high))
+        raw = to_raw(value, self.constraint, low, high)
+        _check_held(raw, self.constraint, "Hparam init", low, high)
+        self.raw = nn.Parameter(raw)
 
     def forward(self) -> Tensor:
         """The constrained value, shaped like ``raw`` (differentiable w.r.t. ``raw``)."""
@@ -424,7 +453,8 @@ class WeightDecay(nn.Module):
             (default: None).
 
     Raises:
-        ValueError: an unknown ``per``, an ``init`` not > 0 (or not < ``max``), a ``max`` not
+        ValueError: an unknown ``per``, an ``init`` not > 0 (or not < ``max``; or one whose
+            decay rounds to 0, or to ``max``, in the weights' dtype), a ``max`` not
             finite and > 0, no parameter to penalise, or (``per="parameter"``) a parameter of an
             ``nn.Lazy*`` module not initialised yet (its shape is unknown before the first
             forward pass).
@@ -452,6 +482,9 @@ class WeightDecay(nn.Module):
     (torch.Size([8]), 0.1)
     """
 
+    #: what the errors call the values (a subclass's name for them)
+    _what = "weight decay"
+
     def __init__(
         self,
         model: nn.Module,
@@ -471,11 +504,11 @@ class WeightDecay(nn.Module):
             max = _real(max, "weight decay max")
             if not (math.isfinite(max) and max > 0):
                 raise ValueError(f"Invalid weight decay max: {max!r} (need a finite value > 0, or None)")
-        init = _real(init, "weight decay init")
+        init = _real(init, f"{self._what} init")
         if not (math.isfinite(init) and init > 0):
-            raise ValueError(f"Invalid weight decay init: {init!r} (need a finite value > 0)")
+            raise ValueError(f"Invalid {self._what} init: {init!r} (need a finite value > 0)")
         if max is not None and not init < max:
-            raise ValueError(f"Invalid weight decay init: {init!r} (need init < max = {max!r})")
+            raise ValueError(f"Invalid {self._what} init: {init!r} (need init < max = {max!r})")
         self.per = per
         self.max: float | None = None if max is None else float(max)
         #: set by Implicit while it evaluates the training loss (see _first_order_penalty)
@@ -532,6 +565,13 @@ class WeightDecay(nn.Module):
                     nn.Parameter(torch.full(p.shape, log0, dtype=_real_dtype(p), device=p.device))
                 )
                 self._index[n] = i
+        wider = "a float64 model (the decays take the weights' dtype)"
+        for dt in {r.dtype for r in self.raw}:  # (a decay of 0, or of max, would never move)
+            sample = torch.full((), log0, dtype=dt)
+            if self.max is None:
+                _check_held(sample, Constraint.POSITIVE, f"{self._what} init", wider=wider)
+            else:
+                _check_held(sample, Constraint.INTERVAL, f"{self._what} init", 0.0, self.max, wider)
 
     def _decay(self, raw: Tensor) -> Tensor:
         """Decays from raw values: :math:`e^{r}`, or :math:`M\\sigma(r)` with ``max=M``."""
@@ -634,17 +674,21 @@ class WeightDecay(nn.Module):
         return (linear - linear.detach()) + value + (probe - 1)
 
     def _valued_penalty(self, ws: list[Tensor]) -> Tensor:
-        """The penalty's value only, no derivative (for :class:`~hypergrad.Unrolled`'s replay, which
-        adds the gradient ``c * d * w`` itself, with its graph to ``d`` and ``w``: two products per
-        weight to differentiate instead of the double backward of a square). The decays are
-        recorded with their graph; a probe records the coefficient ``c``."""
+        """The penalty's value and its gradient's value ``d * w``, without the gradient's graph
+        (for :class:`~hypergrad.Unrolled`'s replay, which adds that graph itself, to ``d`` and
+        ``w``: two products per weight to differentiate instead of the double backward of a
+        square). The gradient's value goes through autograd, summed with the loss's other terms in
+        the order of the real backward pass (bit for bit where a weight is reached twice). The
+        decays are recorded with their graph; a probe records the coefficient ``c``."""
         ds = [self._decay(self.raw[self._index[n]]) for n in self.names]
         with torch.no_grad():
             value = 0.5 * torch.stack([(d * _abs2(w)).sum() for d, w in zip(ds, ws, strict=True)]).sum()
+            gs = [d * w for d, w in zip(ds, ws, strict=True)]
+        linear = torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
-        return value + (probe - 1)
+        return (linear - linear.detach()) + value + (probe - 1)
 
     def extra_repr(self) -> str:
         bound = "" if self.max is None else f", max={self.max}"
@@ -656,7 +700,7 @@ class ExampleWeights(nn.Module):
 
     Args:
         n: number of training examples.
-        init: initial weight, in (0, 1) (default: 0.5).
+        init: initial weight, in (0, 1), and not rounded onto 0 or 1 in ``dtype`` (default: 0.5).
         dtype: (default: torch's default dtype).
 
     Shapes: ``raw`` and ``value`` (detached, for logging) are ``(n,)``; ``forward(index)`` takes
@@ -694,7 +738,9 @@ class ExampleWeights(nn.Module):
             raise ValueError(f"Invalid number of examples: {n!r}")
         value = _as_tensor(init, (count,), dtype, "ExampleWeights init")
         _check_domain(value, Constraint.UNIT, "ExampleWeights init")
-        self.raw = nn.Parameter(torch.logit(value))
+        raw = torch.logit(value)
+        _check_held(raw, Constraint.UNIT, "ExampleWeights init")
+        self.raw = nn.Parameter(raw)
 
     def forward(self, index: Tensor) -> Tensor:
         """Weights of the examples ``index`` (integer, ``(B,)``): ``(B,)``, differentiable.
@@ -752,6 +798,24 @@ class ExampleWeights(nn.Module):
             return torch.sigmoid(self.raw)
 
 
+#: torch.optim settings that must not go negative (its constructors refuse a negative one)
+_NON_NEGATIVE_SETTINGS = frozenset(
+    {
+        "lr",
+        "weight_decay",
+        "eps",
+        "momentum",
+        "dampening",
+        "lr_decay",
+        "alpha",
+        "rho",
+        "lambd",
+        "momentum_decay",
+        "initial_accumulator_value",
+    }
+)
+
+
 class OptimizerSetting(nn.Module):
     r"""A setting of the inner optimiser (one value per parameter group) made a hyperparameter.
 
@@ -781,8 +845,9 @@ class OptimizerSetting(nn.Module):
     Shapes: ``raw`` and ``value`` are ``(len(optimizer.param_groups),)``.
 
     Raises:
-        ValueError: the optimiser has no setting ``name``, or ``init`` (or the current value) is
-            outside the constraint's domain.
+        ValueError: the optimiser has no setting ``name``, ``init`` (or the current value) is
+            outside the constraint's domain, or constraint ``"real"`` for a setting torch.optim
+            requires to be >= 0 (``lr``, ``momentum``, ``weight_decay``, ``eps``, ...).
         TypeError: ``relative`` is not a bool, the setting is not a single number (Adam's
             ``betas``), or ``dtype`` is not a real floating-point dtype.
 
@@ -812,6 +877,12 @@ class OptimizerSetting(nn.Module):
         self.name = name
         self.relative = relative
         self.constraint = Constraint.POSITIVE if relative else Constraint(constraint)
+        if name in _NON_NEGATIVE_SETTINGS and self.constraint is Constraint.REAL:
+            raise ValueError(
+                f"{type(optimizer).__name__}'s {name!r} must be >= 0 (torch.optim refuses a negative "
+                f"one; a negative lr ascends the training loss), but constraint 'real' lets it go "
+                f"negative: use 'positive' (or 'unit' for a momentum)"
+            )
         what = f"{name} {'multiplier ' if relative else ''}init"
         if init is None and not relative:
             for i, g in enumerate(groups):

@@ -107,7 +107,8 @@ def wandb_mode(mode: str | None = None) -> str:
 
 def scalar(key: str, value: Any) -> bool | int | float | str | None:
     """``value`` as a plain Python scalar for a log row: ``str``, ``bool``, ``int``, ``float`` and
-    ``None`` stay (the caller leaves ``None`` out), a NumPy scalar or a one-element tensor or array
+    ``None`` stay (the caller leaves ``None`` out), a ``str`` enum becomes its string (``"converged"``
+    for ``hg.SolveStatus.CONVERGED``), a NumPy scalar or a one-element tensor or array
     becomes the Python number it holds (non-finite values kept as they are).
 
     Raises:
@@ -117,9 +118,13 @@ def scalar(key: str, value: Any) -> bool | int | float | str | None:
     >>> scalar("a", torch.tensor([2.0])), scalar("b", np.int64(3)), scalar("c", "cg"), scalar("d", None)
     (2.0, 3, 'cg', None)
     """
-    if value is None or isinstance(value, (str, bool, int, float)):
+    if value is None or type(value) in (str, bool, int, float):
         return value
-    if isinstance(value, numbers.Integral):  # NumPy integers
+    if isinstance(value, str):  # a str enum (hg.SolveStatus, a Constraint): its plain string
+        return str.__str__(value)  # (str() would give "SolveStatus.CONVERGED", as wandb keys would)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, numbers.Integral):  # NumPy integers, IntEnums
         return int(value)
     if isinstance(value, numbers.Real):  # NumPy floats
         return float(value)
