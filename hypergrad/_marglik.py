@@ -228,6 +228,11 @@ def _check_targets(f: Tensor, y: Tensor, likelihood: Likelihood) -> None:
                 "ignored here: drop those examples from the batch)"
             )
         return
+    if y.dtype == torch.bool or y.is_complex():
+        # (a bool target crashed in the subtraction; a complex one gave a complex "evidence")
+        raise ValueError(
+            f"likelihood='regression' needs real targets (a float or integer dtype), got {y.dtype}"
+        )
     if y.dim() == 0 or y.shape[0] != b or y.numel() != f.numel():
         raise ValueError(
             f"likelihood='regression': targets of shape {tuple(y.shape)} do not match the model's "
@@ -417,7 +422,7 @@ def _looped_jacobians(single: Any, theta: dict[str, Tensor], xa: Tensor, graph: 
                 )
                 rows.append(
                     [
-                        torch.zeros_like(t) if g is None else g
+                        torch.zeros_like(t) if g is None else _strided(g)
                         for g, t in zip(gs, leaves.values(), strict=True)
                     ]
                 )
@@ -427,6 +432,13 @@ def _looped_jacobians(single: Any, theta: dict[str, Tensor], xa: Tensor, graph: 
         n: torch.stack([r[k] for r in rows]).reshape(b, c, *t.shape)
         for k, (n, t) in enumerate(leaves.items())
     }
+
+
+def _strided(j: Tensor) -> Tensor:
+    """A gradient as an ordinary (strided) tensor: that of a sparse ``nn.Embedding``
+    (``sparse=True``, which vmap cannot batch) comes out sparse, and stacking the rows crashed
+    ("reshape is not implemented for sparse tensors")."""
+    return j.to_dense() if j.layout != torch.strided else j
 
 
 def _dense_jacobians(
@@ -562,6 +574,8 @@ def _terms(
             "Call model.eval() before hyper_step (and model.train() before step), with every "
             "random operation following self.training"
         )
+    if augmentation is None and b > 1:
+        _check_per_example(model, x, factors[0] if factors is not None else f)
     with _full_precision(x.device.type):
         if factors is not None:
             f, layers = factors
@@ -587,6 +601,31 @@ def _terms(
             else:
                 dets = [_dense_block_logdet(jac, prec, blk, outputs, c, sigma) for blk in blocks]
         return _Terms(_log_lik(f, y, likelihood, sigma), torch.stack(dets).sum(), quad, b)
+
+
+def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
+    """The model's outputs ``f`` ``(B, C)`` of the batch ``x``, example by example: the first
+    example alone must give its row of ``f`` (one more forward pass, of one example). A statistic
+    over the batch inside the model (``x - x.mean(0)``, a normalisation by hand, attention across
+    the batch) makes the evidence undefined, as BatchNorm in training mode does; it went through
+    silently, the two kernels disagreeing (-16.06 layerwise, -14.21 dense: the dense Jacobians
+    are those of single examples, for which ``x - x.mean(0)`` is 0)."""
+    with torch.no_grad():
+        one = _output(model(x[:1]))
+    row = f[:1].detach()
+    eps = max((torch.finfo(t.dtype).eps for t in (one, row) if t.is_floating_point()), default=0.0)
+    # (loose: batched and single kernels round differently, by more under TF32 on GPUs; a
+    # statistic over the batch moves the outputs by far more)
+    tol = max(1e-2, 64 * eps) * (1.0 + float(row.abs().max()))
+    diff = float((one.reshape(row.shape) - row).abs().max()) if one.numel() == row.numel() else math.inf
+    if diff > tol:  # (not for NaN outputs: the non-finite guards judge those)
+        raise ValueError(
+            f"the model's output for one example depends on the other examples in the batch (the "
+            f"first example alone gives outputs {diff:.3g} away from its row in the batch): a "
+            "statistic over the batch (x - x.mean(0), a normalisation by hand, attention across "
+            "the batch) leaves the Laplace evidence (and its bound) undefined, as BatchNorm in "
+            "training mode does. Normalise with statistics fixed in advance, or per example"
+        )
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -775,7 +814,8 @@ def log_evidence_bound(
     Args:
         model: the network; its outputs ``(B, C)`` are logits (classification) or means (regression).
             Must not hold BatchNorm, Dropout or RReLU in training mode, nor draw random numbers
-            (functional dropout in training mode) (``ValueError``). Under
+            (functional dropout in training mode), nor mix examples (``x - x.mean(0)``: without
+            ``augmentation``, the first example is run alone to check) (``ValueError``). Under
             ``torch.compile`` or a (Distributed)DataParallel wrapper, the bare module is used.
         x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
@@ -820,15 +860,18 @@ def log_evidence_bound(
             BatchNorm, Dropout or RReLU in training mode, or BatchNorm without running statistics;
             a model whose forward pass draws random numbers (functional dropout
             ``F.dropout(h, p, self.training)`` in training mode; checked without
-            ``augmentation``, which draws its own); an empty batch; targets that do not fit the
-            outputs (classification: labels outside ``[0, C)``, e.g. a padding label -100, or
-            outputs other than logits ``(B, C)``, e.g. ``(B, T, C)``); inputs of another dtype
-            or device; an
-            invalid ``subset_size``, ``samples`` or ``kernel`` (or ``"layerwise"`` where it
-            cannot apply); ``outputs`` other than ``"all"`` with ``form="parametric"`` or ``"exact"``.
+            ``augmentation``, which draws its own); a model whose output for one example
+            depends on the others (the first example alone gives other outputs than its row of
+            the batch; checked without ``augmentation``); an empty batch; targets that do not
+            fit the outputs (classification: labels outside ``[0, C)``, e.g. a padding label
+            -100, or outputs other than logits ``(B, C)``, e.g. ``(B, T, C)``; regression: bool
+            or complex targets); inputs of another dtype or device; an invalid ``subset_size``,
+            ``samples`` or ``kernel`` (or ``"layerwise"`` where it cannot apply); ``outputs``
+            other than ``"all"`` with ``form="parametric"`` or ``"exact"``.
         TypeError: ``noise`` of another type, or a ``prior`` that is not a PriorPrecision.
 
-    Cost (layerwise kernel): one forward pass, the ``C`` output gradients in one vectorised
+    Cost (layerwise kernel): one forward pass (and, without ``augmentation``, one of the first
+    example alone: the check above), the ``C`` output gradients in one vectorised
     backward pass (``C`` passes where an operation has no batching rule), then per block
     ``O((MCS)^2 d)`` for the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``
     (``outputs="each"``: ``C`` Choleskys ``O(M^3)``). Dense kernel: ``torch.func`` Jacobians,
@@ -1045,11 +1088,13 @@ class MarginalLikelihood(HyperOptimizer):
         model: the network (outputs ``(B, C)``). BatchNorm, Dropout or RReLU in training mode, and
             (without an augmentation) any forward pass that draws random numbers, such as
             functional dropout in training mode, are refused at :meth:`hyper_step`
-            (``ValueError``): call ``model.eval()`` around it.
+            (``ValueError``): call ``model.eval()`` around it. So is a model whose output for
+            one example depends on the others in the batch (``x - x.mean(0)``).
         hparams: the module holding the containers above.
         likelihood: ``"classification"`` (labels ``(B,)``) or ``"regression"``.
         data_size: :math:`N`, the number of training examples.
-        inner_optimizer, outer_optimizer, on_nonfinite, divergence: see :class:`HyperOptimizer`.
+        inner_optimizer, outer_optimizer, on_nonfinite, divergence: see :class:`HyperOptimizer`
+            (``inner_optimizer`` with ``weight_decay=0``: the prior is the PriorPrecision).
         bound: ``"ntk"`` (default), ``"parametric"``, or ``"exact"`` (``train_batch`` must hold the
             whole data set).
         subset_size: :math:`M`, the block size of the bound; ``None`` (default): the whole batch.
@@ -1091,7 +1136,10 @@ class MarginalLikelihood(HyperOptimizer):
             is ``len(dataset)``, not the number of batches: only this much of a wrong ``N`` can
             be caught; a smaller wrong ``N`` rescales the prior and the bound silently), and
             trained weights the prior does not cover (added to ``inner_optimizer`` or unfrozen
-            after the PriorPrecision was built).
+            after the PriorPrecision was built). At construction and at :meth:`step`: an
+            ``inner_optimizer`` with a weight decay of its own (``weight_decay`` != 0 in a param
+            group, as AdamW's default 0.01, or ASGD's ``lambd``): the prior is the
+            PriorPrecision, and a decay on top would train the weights to another MAP.
         NonFiniteError: (``on_nonfinite="raise"``) as :class:`HyperOptimizer`; with
             ``outer_steps`` > 1 the message names the outer step refused, and the ones before it
             are undone too (hyperparameters, their ``.grad`` and ``outer_optimizer``'s state
@@ -1206,6 +1254,7 @@ class MarginalLikelihood(HyperOptimizer):
         if uncovered:
             raise ValueError(f"trained weights {uncovered[:3]} are not covered by the PriorPrecision")
         self._covered_for: tuple[str, ...] = tuple(self.pair.weight_names)
+        self._check_no_decay()
 
     # ------------------------------------------------------------------ losses
 
@@ -1215,6 +1264,7 @@ class MarginalLikelihood(HyperOptimizer):
         # with a prior scaled by the wrong N, or weights trained with no prior at all)
         self._check_data_size(x, "batch")
         self._check_covered()
+        self._check_no_decay()
         f = _forward(model, x, self.augmentation, self.samples, self.likelihood)
         sigma = None if self.noise is None else self.noise()
         nll = -_log_lik(f, y, self.likelihood, sigma) / x.shape[0]
@@ -1243,6 +1293,25 @@ class MarginalLikelihood(HyperOptimizer):
                     "(and this MarginalLikelihood) over every weight that trains"
                 )
             self._covered_for = names
+
+    def _check_no_decay(self) -> None:
+        r"""No weight decay in the inner optimiser: the prior is the PriorPrecision, whose MAP loss
+        adds :math:`\tfrac12\theta^\top P_0\theta / N` itself. A decay on top (AdamW's default
+        ``weight_decay=0.01``, ASGD's ``lambd=1e-4``) trained the weights to the MAP of another
+        prior, silently: the evidence was then evaluated (and the precisions learned) away from
+        the MAP of the one it assumes. Checked at construction and at every step (a param group
+        added or changed later)."""
+        for i, group in enumerate(self.inner_optimizer.param_groups):
+            for key in ("weight_decay", "lambd"):
+                v = group.get(key)
+                if v is not None and bool(torch.as_tensor(v).ne(0).any()):
+                    raise ValueError(
+                        f"inner_optimizer's param group {i} has {key}={v!r}: MarginalLikelihood's "
+                        "prior is the PriorPrecision (its MAP loss adds delta/2 |w|^2 / N itself); a "
+                        "weight decay in the optimiser as well trains the weights to the MAP of "
+                        "another prior, and the evidence is taken away from the MAP it assumes. "
+                        f"Set {key}=0 (AdamW's default weight_decay is 0.01, ASGD's lambd 1e-4)"
+                    )
 
     def hyper_step_due(self) -> bool:
         """Whether the schedule asks for a hyperstep now: after ``burn_in`` inner steps, every

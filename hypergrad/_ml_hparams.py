@@ -53,6 +53,8 @@ class PriorPrecision(WeightDecay):
     ([2.0, 2.0], ['0.bias', '0.weight', '2.bias', '2.weight'])
     """
 
+    _what = "prior precision"
+
     def __init__(
         self,
         model: nn.Module,
@@ -127,7 +129,8 @@ class RandomTranslation(nn.Module):
     Raises:
         ValueError: a ``shape`` not ``(L,)`` or ``(H, W)`` with each side >= 2, ``max`` not finite
             and > 0, or ``init`` outside ``(0, max)``; at call time, inputs whose examples do not
-            hold ``prod(shape)`` entries (one channel), or ``samples`` not an int >= 1.
+            hold ``prod(shape)`` entries (one channel) laid out as ``shape`` or flattened (a
+            channel axis of size 1 is fine), or ``samples`` not an int >= 1.
 
     Cost: one ``grid_sample`` over the ``B * samples`` inputs.
 
@@ -175,11 +178,17 @@ class RandomTranslation(nn.Module):
         samples = operator.index(samples)
         b = x.shape[0]
         n = math.prod(self.shape)
-        if x.dim() == 0 or x[0].numel() != n:
+        tail = tuple(x.shape[1:])
+        while len(tail) > 1 and tail[0] == 1:  # (a channel axis of one)
+            tail = tail[1:]
+        if x.dim() == 0 or tail not in (self.shape, (n,)):
+            # (only the number of entries was checked: (B, 4, 16) inputs were moved as 8 x 8
+            # images, and (B, 8, 8) images as 64-long signals, their rows running into each other)
             raise ValueError(
                 f"RandomTranslation{self.shape} got inputs of shape {tuple(x.shape)}: it needs "
                 f"(B, *{self.shape}) or (B, {n}): one channel of {n} entries per example "
-                "(images with several channels are not supported)"
+                "(images with several channels are not supported; a signal of another layout "
+                "would be moved along the wrong axes)"
             )
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             # in the inputs' precision: under autocast, affine_grid gave a low-precision grid whose
