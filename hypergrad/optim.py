@@ -30,6 +30,12 @@ to minimise, and often diverges. The default floor ``α_min = 0`` turns that int
 at ``α = 0`` plain SGD on a deterministic objective sees the same gradient again, ``h = ‖g‖² > 0``,
 and ``α`` grows back.
 
+Non-finite gradients. One NaN or inf gradient entry makes ``h_t`` non-finite, and
+``α_{t-1} + β h_t`` would carry it into every parameter of the group in that very step (torch's
+update damages only the bad entries) or, clamped, silently set ``α`` to a bound. So a group whose
+``h_t`` is not finite keeps ``α_{t-1}`` (a ``RuntimeWarning`` says so; ``h_t`` is still logged)
+and its step is exactly the base optimiser's with that rate.
+
 Cost per step: one extra dot product per parameter, one extra parameter-sized buffer per parameter
 (``state[p]["hd_direction"]``, the stored ``d_{t-1}``), and one device-to-host read per device to
 turn the hypergradients into the Python-float learning rates.
@@ -43,6 +49,9 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -171,6 +180,18 @@ def _effective_grads(
     return list(grads)
 
 
+def _stacklevel_outside_torch() -> int:
+    """The ``stacklevel`` that points a warning issued by the caller at the first frame outside torch.
+
+    ``step`` is reached through torch's wrappers (the hook runner, an LR scheduler's, GradScaler).
+    """
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    level, frame = 2, sys._getframe(2)  # 2: the caller's caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(torch_dir):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     """``step`` without the hook wrapper that ``Optimizer.__init__`` puts on each class's ``step``.
 
@@ -189,6 +210,9 @@ class _HypergradientOptimizer(Optimizer):
     _hd_unsupported: ClassVar[tuple[str, ...]]
     #: Options of the base optimiser that must be Python numbers (not Tensors), as ``lr``.
     _hd_numbers: ClassVar[tuple[str, ...]]
+    #: Group keys the base step needs that torch's ``__setstate__`` does not fill in for an old
+    #: state: a loaded group without one was saved by another optimiser.
+    _hd_required: ClassVar[tuple[str, ...]]
 
     # -- construction / state ---------------------------------------------------------------
 
@@ -249,7 +273,28 @@ class _HypergradientOptimizer(Optimizer):
         if finished:
             self._hd_finish_group(self.param_groups[-1])
 
+    def _hd_check_loaded_groups(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Refuse loaded param groups that ``step`` cannot run, naming the group and the key."""
+        owner = type(self).__name__
+        for i, group in enumerate(groups):
+            missing = [key for key in self._hd_required if key not in group]
+            if missing:
+                raise ValueError(
+                    f"{owner} cannot load param group {i}: it lacks {', '.join(map(repr, missing))} "
+                    f"(a state_dict saved by another optimiser?)"
+                )
+            for key in self._hd_unsupported:
+                if group.get(key):
+                    raise ValueError(
+                        f"{owner} cannot load param group {i} with {key}={group[key]!r}: "
+                        f"{owner} does not support it"
+                    )
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checked before anything is replaced, so a refused load_state_dict leaves the optimiser as
+        # it was (torch would load such groups and fail only at the next step: AdamW's decoupled
+        # weight decay, fused=True, or Adam's groups, without "momentum", in SGDHD).
+        self._hd_check_loaded_groups(state["param_groups"])
         super().__setstate__(state)
         # Also lets a plain torch SGD / Adam state_dict, or one saved before lr_min / lr_max existed,
         # be loaded: its groups lack (some of) our keys and get the constructor's values. A loaded
@@ -283,6 +328,10 @@ class _HypergradientOptimizer(Optimizer):
 
         The new rate is clamped into the group's ``[lr_min, lr_max]``. Groups with
         ``hypergrad_lr == 0`` are not updated (nor clamped), so they step exactly like torch.
+
+        A group whose hypergradient is not finite (a NaN or inf gradient) keeps its rate, with a
+        ``RuntimeWarning`` (issued after the step): its parameters then move exactly as the base
+        optimiser's would, so only the bad entries are damaged.
 
         Args:
             closure: Optional. Re-evaluates the model and returns the loss; it is called once,
@@ -330,9 +379,14 @@ class _HypergradientOptimizer(Optimizer):
                 dots.append(group_dots)
                 pending.append((params, eff))
 
-            for group, h in zip(self.param_groups, _sum_per_group(dots), strict=True):
+            kept: list[tuple[int, float, float]] = []  # (group, its non-finite h, the rate it keeps)
+            for i, (group, h) in enumerate(zip(self.param_groups, _sum_per_group(dots), strict=True)):
                 group["hypergrad"] = h
                 if group["hypergrad_lr"] != 0:
+                    if not math.isfinite(h):
+                        # α + β h would spread one bad gradient entry over the whole group now
+                        kept.append((i, h, float(group["lr"])))
+                        continue
                     lr = float(group["lr"]) + float(group["hypergrad_lr"]) * h
                     group["lr"] = _clamp(lr, float(group["lr_min"]), float(group["lr_max"]))
 
@@ -348,6 +402,13 @@ class _HypergradientOptimizer(Optimizer):
                 for p in group["params"]:
                     if p.grad is None and p in self.state:
                         self.state[p].pop(_DIRECTION, None)
+        for i, h, lr in kept:  # after the step, so an error filter cannot leave it half done
+            warnings.warn(
+                f"{owner}: non-finite hypergradient {h} in param group {i} (a NaN or inf gradient); "
+                f"its learning rate stays {lr}",
+                RuntimeWarning,
+                stacklevel=_stacklevel_outside_torch(),
+            )
         return loss
 
 
@@ -385,7 +446,9 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
     A finite ``lr_max`` caps a rate that would grow past stability (e.g. ``2 / L`` for an
     ``L``-smooth objective). The bounds are per group, like ``lr``. They act only when a group has
     ``hypergrad_lr > 0``; with ``hypergrad_lr = 0`` nothing is clamped, so a scheduler that moves
-    ``lr`` outside them is obeyed as in torch. A NaN hypergradient still gives a NaN ``α``.
+    ``lr`` outside them is obeyed as in torch. A non-finite hypergradient (a NaN or inf gradient)
+    leaves ``α`` unchanged, with a ``RuntimeWarning``: the step is then torch's with the old
+    ``α``, so only the bad entries are damaged, as with torch.
 
     Cost: one extra dot product per parameter per step, one extra parameter-sized buffer per
     parameter (``state[p]["hd_direction"]`` holds ``d_t``) and one device-to-host read per step
@@ -419,7 +482,9 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
             ``add_param_group``), or an unsupported option. ``step`` raises it too if a
             group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
             its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
-            whose every group is empty.
+            whose every group is empty. ``load_state_dict`` (and unpickling) raises it, before
+            anything is replaced, for a group saved with an unsupported option (e.g. by
+            :class:`torch.optim.AdamW`, or with ``fused=True``) or by another optimiser.
         RuntimeError: ``step`` with sparse gradients.
 
     Example:
@@ -458,6 +523,7 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
     _hd_base = torch.optim.SGD
     _hd_unsupported = ("differentiable", "fused")
     _hd_numbers = ("momentum", "dampening", "weight_decay")
+    _hd_required = ("lr", "momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
@@ -544,16 +610,18 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
     positive hypergradient raises it again. A finite ``lr_max`` caps a rate that would grow too
     far. The bounds are per group, like ``lr``. They act only when a group has
     ``hypergrad_lr > 0``; with ``hypergrad_lr = 0`` nothing is clamped, so a scheduler that moves
-    ``lr`` outside them is obeyed as in torch. A NaN hypergradient still gives a NaN ``α``.
+    ``lr`` outside them is obeyed as in torch. A non-finite hypergradient (a NaN or inf gradient)
+    leaves ``α`` unchanged, with a ``RuntimeWarning``: the step is then torch's with the old
+    ``α``, so only the bad entries are damaged, as with torch.
 
     Cost: one extra dot product per parameter per step, one extra parameter-sized buffer per
     parameter (``state[p]["hd_direction"]`` holds ``d_t``) and one device-to-host read per step
     (per device). The last hypergradient of each group is kept in ``group["hypergrad"]`` (a float)
     for logging; ``group["lr"]`` is the current ``α`` (a float). With ``hypergrad_lr=0`` the
     trajectory is bit-identical to :class:`torch.optim.Adam`. LR schedulers that set the learning
-    rate outright overwrite the tuned value. ``state_dict()`` holds everything needed to resume
-    exactly (``lr_min`` and ``lr_max`` included); an older one without them loads with the
-    constructor's values.
+    rate outright overwrite the tuned value; multiplicative ones compose with it.
+    ``state_dict()`` holds everything needed to resume exactly (``lr_min`` and ``lr_max``
+    included); an older one without them loads with the constructor's values.
 
     Args:
         params: Parameters or param groups; a group may set its own ``lr``, ``hypergrad_lr``,
@@ -581,7 +649,9 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
             ``add_param_group``), or an unsupported option. ``step`` raises it too if a
             group's ``lr_min`` / ``lr_max`` / ``hypergrad_lr`` were edited to invalid values or
             its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
-            whose every group is empty.
+            whose every group is empty. ``load_state_dict`` (and unpickling) raises it, before
+            anything is replaced, for a group saved with an unsupported option (e.g. by
+            :class:`torch.optim.AdamW`, or with ``fused=True``) or by another optimiser.
         RuntimeError: ``step`` with sparse gradients.
 
     Example:
@@ -608,6 +678,7 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
     _hd_base = torch.optim.Adam
     _hd_unsupported = ("capturable", "differentiable", "fused", "decoupled_weight_decay")
     _hd_numbers = ("betas", "eps", "weight_decay")
+    _hd_required = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(
         self,
