@@ -66,6 +66,8 @@ def selftuning_hypergradient(
         TypeError: ``hparams`` not a :class:`~hypergrad.hparams.SelfTuned`.
         ValueError: ``entropy_weight`` not a finite number >= 0, or ``val_loss`` returning
             anything but a 0-dim floating-point tensor.
+        RuntimeError: called under ``torch.inference_mode()`` (under ``torch.no_grad()``
+            ``val_loss`` runs with autograd on, as a method's hyperstep does).
 
     Cost: one call of ``val_loss`` and one backward pass; no host synchronisation.
 
@@ -81,16 +83,25 @@ def selftuning_hypergradient(
             f"{type(hparams).__name__}"
         )
     _check_entropy_weight(entropy_weight)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "selftuning_hypergradient was called under torch.inference_mode(); it needs autograd "
+            "(the gradient w.r.t. the hyperparameters): call it outside that block"
+        )
     params = list(hparams.parameters())
     # outside a method's hyperstep the draws' values are detached (plain numbers): here a
     # val_loss reading them directly (a penalty on the value) must get its gradient
     mean = hparams._mode is _Mode.MEAN
-    with hparams._drawing(_Mode.VAL_MEAN) if mean else contextlib.nullcontext():
+    # autograd on whatever the caller's grad mode (under torch.no_grad() every gradient came out
+    # a silent 0, as if nothing reached the hyperparameters)
+    with torch.enable_grad(), hparams._drawing(_Mode.VAL_MEAN) if mean else contextlib.nullcontext():
         lv = val_loss()
-    if not (isinstance(lv, Tensor) and lv.dim() == 0 and lv.is_floating_point()):
-        what = f"a tensor of shape {tuple(lv.shape)}" if isinstance(lv, Tensor) else type(lv).__name__
-        raise ValueError(f"selftuning_hypergradient: val_loss must return a 0-dim float tensor, got {what}")
-    obj = lv - entropy_weight * hparams.entropy() if hparams.learn_scale else lv
+        if not (isinstance(lv, Tensor) and lv.dim() == 0 and lv.is_floating_point()):
+            what = f"a tensor of shape {tuple(lv.shape)}" if isinstance(lv, Tensor) else type(lv).__name__
+            raise ValueError(
+                f"selftuning_hypergradient: val_loss must return a 0-dim float tensor, got {what}"
+            )
+        obj = lv - entropy_weight * hparams.entropy() if hparams.learn_scale else lv
     gs = grads_or_none(obj, params)
     reached = torch.tensor([g is not None for g in gs])
     return materialize(gs, params), lv.detach(), reached
@@ -446,7 +457,10 @@ class SelfTuning(_BestResponseBase):
             paper steps :math:`w_0` first); the returned loss is the base one, and running
             statistics (BatchNorm) are updated once, by the base pass. Cost per
             step: about 2x an STN step (3x with the JVP). The hyperstep is the STN's, on the
-            centred features.
+            centred features. ``train_loss`` is called twice per step on the same batch, so
+            what it keeps for the next batch (an RNN's hidden state) is kept twice, the
+            response pass's last: pass the state a batch starts from inside the batch, as
+            ``step((x, y, h0, c0))``, and keep the new one from either pass.
         linearize: with ``delta``, linearise the output in the response step (default: True;
             needs forward-mode AD support for the model's operations).
         warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows

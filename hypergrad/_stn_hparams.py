@@ -355,12 +355,18 @@ class SelfTuned(nn.Module):
             the paper's).
         scale_range: ``(s_min, s_max)``, bounds of :math:`\sigma` (default: ``(0.01, 3.0)``).
         learn_scale: learn :math:`\sigma` (default: True).
-        dtype: of the parameters (default: torch's default dtype); match the model's.
+        dtype: of the parameters (default: torch's default dtype): ``float64`` for a ``float64``
+            model; ``float32`` also for a ``float16`` / ``bfloat16`` one (the layers cast the
+            features to their own dtype), since half-precision hyperparameters are coarse: in
+            ``bfloat16`` an ``Integer(97, 0, 128)`` started at 98, and an outer step below about
+            :math:`2^{-9}|r|` (Adam's 3e-3 once :math:`|r| \ge 1`) is rounded away.
         **specs: ``name=Rate(...) | Positive(...) | Integer(...)``.
 
     Raises:
         ValueError: no specs, a spec that is not a :class:`Rate` / :class:`Positive` /
-            :class:`Integer`, a reserved name (``inner_step``, ``hyper_step``, ``sigma``) or one
+            :class:`Integer`, an ``init`` that ``dtype`` cannot hold (a raw value that
+            overflows, a value on the domain's edge or past it, an integer that comes back as
+            another), a reserved name (``inner_step``, ``hyper_step``, ``sigma``) or one
             holding a ``.`` (``history()``'s separator), a spec
             named like one of the arguments above (``scale``, ``scale_range``, ``learn_scale``,
             ``dtype``), a
@@ -440,6 +446,7 @@ class SelfTuned(nn.Module):
             ]
         )
         self.raw = nn.Parameter(raw.to(dtype))
+        self._check_inits(dtype)
         if self.learn_scale:
             s = torch.tensor((float(scale) - lo) / (hi - lo), dtype=torch.float64)
             self.raw_scale: Tensor = nn.Parameter(torch.logit(s).expand(self.size).clone().to(dtype))
@@ -455,6 +462,34 @@ class SelfTuned(nn.Module):
         # (H,) True where a spec is perturbed once per batch (per_batch=True); None: none is
         cols = [spec.per_batch for spec in self.specs.values() for _ in range(spec.size)]
         self._per_batch: Tensor | None = torch.tensor(cols) if any(cols) else None
+
+    def _check_inits(self, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` naming a spec whose ``init`` ``dtype`` cannot hold: its raw value
+        not finite (``Positive(1e39)`` in ``float32``), its value on the domain's edge or past it
+        (``Positive(1e-8)`` is 0 in ``float16``: a penalty silently off, a zero derivative), or an
+        ``Integer`` that comes back as another (``Integer(97, 0, 128)`` is 98 in ``bfloat16``)."""
+        with torch.no_grad():
+            values = self.values_of(self.raw)
+            for name, spec in self.specs.items():
+                raw = self.raw[self.slices[name]]
+                v = values[name].reshape(-1).double()
+                if isinstance(spec, Rate):  # (its value is clamped inside: check before the clamp)
+                    v = stretched_sigmoid(raw, spec.low, spec.high).double()
+                    held = bool(((v > spec.low) & (v < spec.high)).all())
+                elif isinstance(spec, Positive):
+                    held = bool(((v > 0) & torch.isfinite(v)).all())
+                else:
+                    held = bool((v == spec.init).all())
+                if held and bool(torch.isfinite(raw).all()):
+                    continue
+                wider = {torch.float64: "", torch.float32: "; use dtype=torch.float64"}.get(
+                    dtype, "; use dtype=torch.float32 (or float64)"
+                )
+                raise ValueError(
+                    f"SelfTuned: {name}={spec!r} cannot be held in {dtype}: its raw value "
+                    f"{float(raw[0])!r} has the value {float(v[0])!r} there (the transform saturates, "
+                    f"underflows or overflows){wider}"
+                )
 
     @property
     def size(self) -> int:

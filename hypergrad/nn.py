@@ -875,6 +875,8 @@ class HyperNet(nn.Module):
     kept (saved, moved by ``.to()``) as buffers under ``base_state``. Each generated weight has
     its parameter's dtype (a base mixing float32 and float64 keeps both) until the module is
     cast (``.double()``, ``.to(dtype)``); a ``hypernet`` is fed :math:`\lambda` in its own dtype.
+    A sparse embedding (``nn.Embedding(..., sparse=True)``) of ``base`` runs dense during the call:
+    the generated weights are one dense vector, which its gradient reaches either way.
 
     Args:
         base: the model whose weights are generated.
@@ -895,7 +897,8 @@ class HyperNet(nn.Module):
 
     Raises:
         ValueError: ``n_hparams`` or ``rank`` not an int >= 1, both ``rank`` and ``hypernet``, a
-            negative or non-finite ``init_std``, or ``base`` without parameters (or all frozen);
+            negative or non-finite ``init_std``, ``base`` without parameters (or all frozen), or
+            with a trained embedding built with ``max_norm`` (it renormalises its weight in place);
             at call time, hyperparameters not of shape :math:`(H,)`, a per-example (not shared)
             :class:`~hypergrad.hparams.Draw`, or a ``hypernet`` output not of shape :math:`(P,)`.
 
@@ -936,6 +939,21 @@ class HyperNet(nn.Module):
         if not named:
             why = " (all of its parameters are frozen, requires_grad=False)" if frozen else ""
             raise ValueError(f"HyperNet: base has no parameters to generate{why}")
+        renorm = [
+            (n or "(root)", m.max_norm)
+            for n, m in base.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            and m.max_norm is not None
+            and m.weight.requires_grad
+        ]
+        if renorm:  # (the first call crashed deep in autograd: "a view ... has been modified inplace")
+            raise ValueError(
+                f"HyperNet: base.{renorm[0][0]} is an embedding with max_norm={renorm[0][1]!r}, whose "
+                f"forward renormalises its weight in place (torch.embedding_renorm_); a generated "
+                f"weight is a view of one vector, differentiable w.r.t. lambda, and cannot be "
+                f"changed in place. Build it with max_norm=None (renormalise the looked-up rows "
+                f"out of place in the forward if needed), or freeze it (requires_grad_(False))"
+            )
         self.__dict__["base"] = base  # a template, not a submodule (its parameters are not trained)
         self.base_state = nn.Module()  # base's buffers, mirrored at their paths: this module's state
 
@@ -1044,6 +1062,14 @@ class HyperNet(nn.Module):
         values = self.weights(hparams)
         values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
         slots = tensor_slots(self.base)
+        # a sparse embedding's gradient (sparse=True) cannot flow back into the one dense vector
+        # the weights are generated from ("reshape is not implemented for sparse tensors"): the
+        # call runs it dense, the same values
+        sparse = [
+            m for m in self.base.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        ]
+        for emb in sparse:
+            emb.sparse = False
         try:
             with substituting((slots[n], v) for n, v in values.items()), _uncached(True):
                 out = self.base(*args, **kwargs)
@@ -1057,3 +1083,5 @@ class HyperNet(nn.Module):
             for m in self.base.modules():
                 if isinstance(m, nn.RNNBase):
                     m._update_flat_weights()
+            for emb in sparse:
+                emb.sparse = True
