@@ -465,6 +465,11 @@ class SelfTuning(_BestResponseBase):
             needs forward-mode AD support for the model's operations).
         warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows
             (default: 0, 2, 1 — the paper's T_train = 2, T_val = 1).
+        perturb_val: take the validation steps at perturbed :math:`\lambda + \sigma\epsilon`
+            (default: True, the paper's Algorithm 1, which :math:`\sigma` needs to learn);
+            ``False``: at :math:`\lambda` itself, as the authors' code does when it does not
+            tune the scales (their default), with ``SelfTuned(..., learn_scale=False)`` only
+            (``ValueError`` otherwise: a learned :math:`\sigma` would see only the entropy term).
 
     Raises:
         TypeError: ``hparams`` not a ``SelfTuned``.
@@ -520,6 +525,7 @@ class SelfTuning(_BestResponseBase):
         warmup: int = 0,
         train_steps: int = 2,
         val_steps: int = 1,
+        perturb_val: bool = True,
         on_nonfinite: OnNonFinite | str = OnNonFinite.RAISE,
         divergence: float | None = None,
     ) -> None:
@@ -537,6 +543,16 @@ class SelfTuning(_BestResponseBase):
             on_nonfinite=on_nonfinite,
             divergence=divergence,
         )
+        if not isinstance(perturb_val, bool):
+            raise TypeError(f"SelfTuning: perturb_val must be a bool, got {perturb_val!r}")
+        if not perturb_val and self.hparams.learn_scale:
+            raise ValueError(
+                "SelfTuning(perturb_val=False) takes the validation steps at the unperturbed "
+                "hyperparameters, where the validation loss does not depend on the perturbation "
+                "scale: a learned scale would get the entropy term's gradient only and grow to its "
+                "upper bound. Use hg.hparams.SelfTuned(..., learn_scale=False, scale=...) with it"
+            )
+        self.perturb_val = perturb_val
         layers = stn_layers(model)
         if not layers:
             raise ValueError(
@@ -576,6 +592,10 @@ class SelfTuning(_BestResponseBase):
             from ._unrolled import _load_forward_ad
 
             _load_forward_ad()
+
+    def _val_mode(self) -> _Mode:
+        # (perturb_val=False: unperturbed, values differentiable through the best response)
+        return _Mode.VAL if self.perturb_val else _Mode.VAL_MEAN
 
     def _averages_by_hand(self) -> bool:
         # Delta-STN: two backward passes per step (base, response), averaged together afterwards

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
 
 import hypergrad as hg
@@ -854,3 +854,81 @@ def test_a_hypernet_names_an_embedding_that_renormalises_its_weight_in_place() -
     assert not hopt.hyper_step(val_batch=(tokens, labels)).skipped
     rows = net.base_state.get_buffer("emb.weight")[tokens.unique()]
     assert float(rows.norm(dim=1).max()) <= 0.5 + 1e-12  # (looked-up rows renormalised)
+
+
+def _pv_setup(perturb_val: bool, learn_scale: bool = False) -> tuple[Any, ...]:
+    torch.manual_seed(0)
+    kw: dict[str, Any] = {} if learn_scale else {"learn_scale": False, "scale": 0.5}
+    hp = hg.hparams.SelfTuned(p=hg.hparams.Rate(0.3, high=0.9), **kw).to(torch.float64)
+
+    class Net(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.l1, self.l2 = hg.nn.StnLinear(4, 8, n), hg.nn.StnLinear(8, 3, n)
+
+        def forward(self, x: Tensor, h: Any) -> Tensor:
+            d = h.draw(len(x))
+            return self.l2(hg.nn.dropout(torch.tanh(self.l1(x, d)), d["p"], self.training), d)
+
+    model = Net(hp.size).to(torch.float64)
+
+    def loss(m: nn.Module, h: Any, b: Any) -> Tensor:
+        return F.cross_entropy(m(b[0], h), b[1])
+
+    hopt = hg.SelfTuning(
+        model,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+        perturb_val=perturb_val,
+    )
+    return hopt, hp, model, loss
+
+
+def test_perturb_val_false_takes_the_validation_step_at_lambda_itself() -> None:
+    """The authors' code, when it does not tune the scales, takes the validation step at the
+    unperturbed lambda; ``perturb_val=False`` does that: the hypergradient is the central
+    difference of the validation loss through the best response at lambda (eval mode), and the
+    hyperstep draws no random numbers."""
+    hopt, hp, model, loss = _pv_setup(perturb_val=False)
+    b = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    hopt.step(b)
+    hopt.step(b)
+
+    def f() -> float:
+        model.eval()
+        with torch.no_grad():
+            v = float(loss(model, hp, b))
+        model.train()
+        return v
+
+    eps = 1e-6
+    with torch.no_grad():
+        hp.raw.add_(eps)
+        fp = f()
+        hp.raw.sub_(2 * eps)
+        fm = f()
+        hp.raw.add_(eps)
+    fd = (fp - fm) / (2 * eps)
+    rng = torch.get_rng_state()
+    hopt.hyper_step(val_batch=b)
+    assert torch.equal(rng, torch.get_rng_state())  # nothing drawn
+    assert abs(fd) > 1e-5  # (a non-trivial case)
+    assert float(hp.raw.grad) == pytest.approx(fd, rel=1e-5)
+    # the default perturbs: another gradient, and the RNG moves
+    hopt2, hp2, _, _ = _pv_setup(perturb_val=True)
+    hopt2.step(b)
+    hopt2.step(b)
+    rng = torch.get_rng_state()
+    hopt2.hyper_step(val_batch=b)
+    assert not torch.equal(rng, torch.get_rng_state())
+    assert float(hp2.raw.grad) != pytest.approx(fd, rel=1e-3)
+
+
+def test_perturb_val_false_with_a_learned_scale_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"perturb_val=False.*learn_scale=False"):
+        _pv_setup(perturb_val=False, learn_scale=True)
+    with pytest.raises(TypeError, match="perturb_val must be a bool"):
+        _pv_setup(perturb_val=1)  # type: ignore[arg-type]
