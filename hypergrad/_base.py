@@ -37,10 +37,12 @@ from ._types import Batch, LossFn, Tensors
 from ._wrap import (
     average_gradients,
     bare_state_dict,
+    compiled_run_eagerly,
     ddp_wrappers,
     distributed_world,
     joined,
     no_sync,
+    not_syncing,
     replicate,
 )
 from .hparams import OptimizerSetting, _meanings, _real, from_raw
@@ -286,7 +288,9 @@ class HyperOptimizer(abc.ABC):
     order, as it would ``loss.backward()`` under DDP: a rank that skips one leaves the ranks'
     collectives mismatched (gloo aborts the process; NCCL hangs until its timeout), and DDP's
     ``join()`` for unequal numbers of batches is refused (give each rank as many batches:
-    ``DistributedSampler`` pads the shards). A checkpoint saved on rank 0 only resumes every rank
+    ``DistributedSampler`` pads the shards). A :meth:`step` inside the wrapper's ``no_sync()`` is
+    refused too: a step updates the weights, so it does not accumulate gradients (pass the
+    micro-batches together as one batch). A checkpoint saved on rank 0 only resumes every rank
     exactly if the ranks draw the same random numbers (see :meth:`load_state_dict`).
     """
 
@@ -526,6 +530,21 @@ class HyperOptimizer(abc.ABC):
                 "join() block; model.join(enable=False) turns it off)"
             )
 
+    def _check_syncing(self) -> None:
+        """Raise when :meth:`step` is called inside the ``DistributedDataParallel`` wrapper's
+        ``no_sync()`` (the gradient-accumulation idiom): :meth:`step` is a whole optimiser step
+        (``zero_grad``, ``backward``, ``optimizer.step()``), so each rank would update its weights
+        with its own shard's gradient and the ranks would silently drift apart (weights 0.26 apart
+        after six steps in a probe)."""
+        if self.ranks.size > 1 and not_syncing(self.model):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called inside DistributedDataParallel.no_sync(): "
+                "step() is a whole optimiser step (zero_grad, backward, optimizer.step()), not a "
+                "backward pass to accumulate, so each rank would update its weights with its own "
+                "shard's gradient and the ranks would drift apart. Call step() outside no_sync(); "
+                "for gradient accumulation, pass the micro-batches together as one batch"
+            )
+
     def _trained_weights(self) -> list[Tensor]:
         """The weights ``inner_optimizer`` trains now (its params that require grad), validated."""
         inner = _params_of(self.inner_optimizer)
@@ -653,7 +672,7 @@ class HyperOptimizer(abc.ABC):
                 floating-point tensor on another device or of another dtype than the model, or
                 an inner optimiser whose parameters changed into something it cannot train.
             RuntimeError: called under ``torch.inference_mode()``, or inside
-                ``DistributedDataParallel.join()`` (see the class docstring).
+                ``DistributedDataParallel.join()`` or ``no_sync()`` (see the class docstring).
 
         Cost: one forward and one backward pass of ``train_loss`` and one optimiser step, as in
         plain PyTorch; :class:`~hypergrad.Unrolled` also copies the batch (and every ``steps``
@@ -672,6 +691,7 @@ class HyperOptimizer(abc.ABC):
         """
         self._check_not_moved()
         self._check_not_joined()
+        self._check_syncing()
         check_batch(batch, "batch", self.device, self.dtype)
         max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self._refresh()
@@ -906,6 +926,10 @@ class HyperOptimizer(abc.ABC):
             RuntimeError: called under ``torch.inference_mode()``, or inside
                 ``DistributedDataParallel.join()``.
 
+        The hypergradient runs with every ``torch.compile`` directive ignored (compiled graphs
+        have no second derivatives): a compiled model, submodule, loss or function the forward
+        calls runs eagerly here, and compiled in :meth:`step`.
+
         Cost: that of the method's hypergradient (see each method), plus the outer optimiser's
         step and a few host synchronisations (the finiteness guard, and the floats of the info
         record).
@@ -1002,7 +1026,8 @@ class HyperOptimizer(abc.ABC):
         try:
             for p in frozen:
                 p.requires_grad_(True)
-            res = self._hypergradient(train_batch, val_batch)
+            with compiled_run_eagerly():  # (no second derivatives through compiled graphs)
+                res = self._hypergradient(train_batch, val_batch)
         finally:
             for p in frozen:
                 p.requires_grad_(False)

@@ -108,8 +108,9 @@ class FunctionalPair:
     the original objects afterwards, whatever happens, so it is exact for models that reach one
     submodule under two names or tie one parameter into two modules (where
     ``torch.func.functional_call`` in torch 2.13 leaves a plain tensor behind). Buffers passed
-    in receive the in-place updates of running statistics (BatchNorm); buffers a module
-    *reassigns* (``self.mean = 0.9 * self.mean + ...``) are read back by :meth:`call`.
+    in are copied, and the copies receive the in-place updates of running statistics
+    (BatchNorm); :meth:`call` returns them, and any buffer a module *reassigns*
+    (``self.mean = 0.9 * self.mean + ...``).
 
     Args:
         model: the model being trained.
@@ -156,18 +157,25 @@ class FunctionalPair:
     ) -> tuple[Tensor, Tensors]:
         """``loss_fn(model, hparams, batch)`` with the given tensors substituted.
 
-        ``None`` uses the real tensors. Pass copies of the buffers (``clone_all(self.buffers())``)
-        to keep the real running statistics untouched.
+        ``None`` uses the real tensors. Buffers given are copied first (``clone``, so the copies
+        stay on the autograd graph of any that carry one): the call updates the copies, never the
+        tensors passed in (pass ``self.buffers()`` to run on the real running statistics' values
+        and leave them untouched), and each call's graph keeps its own values however later calls
+        update theirs.
 
         Returns:
             ``(loss, buffers after the call)``; the second holds what the modules' buffer slots
-            held at the end of the call (the substituted tensors, or what a module reassigned).
+            held at the end of the call (the updated copies, or what a module reassigned).
         """
         places: list[tuple[Sequence[Slot], Any]] = []
         if weights is not None:
             places += zip(self._weight_slots, weights, strict=True)
         if buffers is not None:
-            places += (([slot], b) for slot, b in zip(self._buffer_slots, buffers, strict=True))
+            # copies, one set per call: a module that updates a buffer in place and then reads it
+            # (an EMA normaliser) would otherwise, in the next replayed step, overwrite the values
+            # this call's graph saved (autograd's "modified by an inplace operation" error; with a
+            # ``.data`` update, silently the later values: a hypergradient 3% off)
+            places += (([slot], b.clone()) for slot, b in zip(self._buffer_slots, buffers, strict=True))
         if hparams is not None:
             places += zip(self._hparam_slots, hparams, strict=True)
         try:

@@ -37,6 +37,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return bare
 
 
+@contextlib.contextmanager
+def compiled_run_eagerly() -> Iterator[None]:
+    """Inside, every ``torch.compile`` directive is ignored (``torch.compiler.set_stance(
+    "force_eager")``; nothing on a torch without it): for the hypergradient paths, which
+    differentiate twice, and compiled graphs have no double backward. :func:`unwrap_model` takes
+    off a compiled wrapper of the whole model; this covers what it cannot reach: a compiled
+    submodule, a compiled loss (``train_loss = torch.compile(train_loss)``), a compiled function
+    the forward calls. Without it they raised "torch.compile with aot_autograd does not currently
+    support double backward" or "... compiled with non-empty donated buffers which requires
+    create_graph=False", or (Unrolled, a compiled loss) gave a hypergradient of exactly 0."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # (torch >= 2.6)
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+        yield
+
+
 def bare_state_dict(state: dict[str, Any], bare: nn.Module) -> dict[str, Any]:
     """``state`` (a model's ``state_dict``) with the key prefixes that wrappers add (``module.``
     of ``DistributedDataParallel`` / ``DataParallel``, ``_orig_mod.`` of ``torch.compile``)
@@ -70,6 +85,12 @@ def joined(model: nn.Module) -> bool:
     and left on by torch after the block until ``join(enable=False)``: a rank that runs out
     shadows the wrapper's own collectives only, not the averages hypergrad makes."""
     return any(getattr(getattr(d, "_join_config", None), "enable", False) for d in ddp_wrappers(model))
+
+
+def not_syncing(model: nn.Module) -> bool:
+    """Whether a ``DistributedDataParallel`` wrapper of ``model`` has its gradient averaging
+    turned off, as inside the user's ``with model.no_sync():`` (gradient accumulation)."""
+    return any(not getattr(d, "require_backward_grad_sync", True) for d in ddp_wrappers(model))
 
 
 def distributed_world() -> int:
