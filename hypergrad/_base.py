@@ -28,6 +28,7 @@ from ._functional import (
     FunctionalPair,
     Ranks,
     _buffer_slots,
+    _entries,
     all_finite,
     check_batch,
     clip_by_total_norm,
@@ -202,7 +203,7 @@ def _nonfinite_entries(what: str, names: Sequence[str], tensors: Sequence[Tensor
     read per tensor)."""
     bad = []
     for name, t in zip(names, tensors, strict=True):
-        count = 0 if t is None else int((~torch.isfinite(t.detach())).sum())
+        count = 0 if t is None else int((~torch.isfinite(_entries(t.detach()))).sum())
         if t is not None and count:
             bad.append(f"{name!r}: {count} of {t.numel()} entries")
     more = f" (and {len(bad) - 5} more tensors)" if len(bad) > 5 else ""

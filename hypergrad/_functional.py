@@ -422,11 +422,17 @@ def clip_by_total_norm(grads: Sequence[Tensor], max_norm: float) -> Tensors:
     both)."""
     if not grads:
         return ()
-    norms = [torch.linalg.vector_norm(g) for g in grads]
+    norms = [torch.linalg.vector_norm(_entries(g)) for g in grads]
     dt = norms[0].dtype
     total = torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return tuple(g * coef.to(g.dtype) for g in grads)
+
+
+def _entries(t: Tensor) -> Tensor:
+    """The entries a tensor stores: a sparse gradient's (``nn.Embedding(sparse=True)``) values,
+    coalesced (norms and finiteness tests are not implemented for sparse tensors)."""
+    return t.coalesce().values() if t.is_sparse else t
 
 
 def all_finite(*groups: Sequence[Tensor] | Tensor) -> bool:
@@ -442,9 +448,9 @@ def all_finite(*groups: Sequence[Tensor] | Tensor) -> bool:
     for g in groups:
         if isinstance(g, Tensor):
             if g.numel():
-                tensors.append(g.detach())
+                tensors.append(_entries(g.detach()))
         else:
-            tensors.extend(t.detach() for t in g if t.numel())
+            tensors.extend(_entries(t.detach()) for t in g if t.numel())
     if not tensors:
         return True
     dev = tensors[0].device

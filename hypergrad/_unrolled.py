@@ -32,6 +32,7 @@ from ._functional import (
     clone_batch,
     grads_or_none,
     grads_or_zeros,
+    iter_tensors,
     materialize,
 )
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
@@ -526,6 +527,19 @@ class Unrolled(HyperOptimizer):
     ) -> None:
         pair = self.pair
         self._promotion = None
+        if not getattr(self, "_warned_batch_graph", False) and any(
+            t.grad_fn is not None for t in iter_tensors(batch)
+        ):
+            self._warned_batch_graph = True
+            warnings.warn(
+                "a tensor of the batch given to step() carries an autograd graph (computed from "
+                "the hyperparameters outside train_loss, e.g. step((x * h.scale.exp(), y))?): "
+                "Unrolled records the batch by value and replays the step with that value only, "
+                "so no hypergradient flows through it (a scale's came out 0 against -0.368). "
+                "Compute it inside train_loss from the raw batch (warned once)",
+                ReplayWarning,
+                stacklevel=4,
+            )
         changed_states = self._changed_states()  # (reset or loaded: the replay cannot carry it on)
         hp_versions = tuple(h._version for h in pair.hparam_tensors)
         moved = bool(self._records) and self._hparams_moved()
