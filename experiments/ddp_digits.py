@@ -9,7 +9,8 @@ the concatenated batches and ends with the same weights and decays. Rank 0 print
     torchrun --nproc_per_node=8 experiments/ddp_digits.py --device cuda   # nccl, one GPU per rank
     python experiments/ddp_digits.py                                # one process, same numbers
 
-The single-process run prints the same losses (to rounding): that is the point.
+The single-process run prints the same losses (to rounding): that is the point. ``--steps 9``
+or fewer trains without a hyperstep (one comes every 10 steps) and says so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=64, help="global batch size (split over the ranks)")
     args = parser.parse_args()
+    if args.steps < 1 or args.batch < 1:
+        parser.error(f"--steps and --batch must be >= 1 (got --steps {args.steps}, --batch {args.batch})")
 
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
@@ -60,6 +63,7 @@ def main() -> None:
         return nn.functional.cross_entropy(m(b[0]), b[1])
 
     def train_loss(m: nn.Module, h: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        assert isinstance(h, hg.hparams.WeightDecay)
         return val_loss(m, h, b) + h.penalty(m)
 
     hopt = hg.Implicit(
@@ -79,6 +83,7 @@ def main() -> None:
         mine = pick[rank * share : (rank + 1) * share]
         return x[mine], y[mine]
 
+    info: hg.HyperStepInfo | None = None  # the last hyperstep's (one every 10 steps)
     for i in range(args.steps):
         tb = batch(train)
         hopt.step(tb)
@@ -89,9 +94,13 @@ def main() -> None:
         test_acc = float((module(x[test]).argmax(1) == y[test]).float().mean())
     if rank == 0:
         decays = torch.cat([d.flatten() for d in hp.decays().values()])
+        last = (
+            f"last outer loss {info.outer_loss:.4f}, hypergradient norm {info.hypergrad_norm:.3e}"
+            if info is not None
+            else "no hyperstep yet (one every 10 steps)"
+        )
         print(
-            f"{world} rank(s): last outer loss {info.outer_loss:.4f}, hypergradient norm "
-            f"{info.hypergrad_norm:.3e}; test loss {test_loss:.4f}, accuracy {test_acc:.2%}; "
+            f"{world} rank(s): {last}; test loss {test_loss:.4f}, accuracy {test_acc:.2%}; "
             f"median decay {float(decays.median()):.2e}"
         )
     if distributed:

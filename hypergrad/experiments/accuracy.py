@@ -148,7 +148,9 @@ def run(ctx: Context) -> Outcome:
     pr = problems[0]
 
     def pick(method: str, ks: tuple[int, ...]) -> str:
-        have = [k for k in ks if f"{pr}.{method}({k}).rel_error" in metrics]
+        """The errors at the paper's budgets ``ks`` that ran, or at every budget that ran when
+        none of them did (``--set steps=3`` printed "neumann : ")."""
+        have = [k for k in ks if f"{pr}.{method}({k}).rel_error" in metrics] or budgets
         vals = "/".join(f"{metrics[f'{pr}.{method}({k}).rel_error']:.2g}" for k in have)
         return f"{method} {'/'.join(map(str, have))}: {vals}"
 

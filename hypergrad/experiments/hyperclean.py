@@ -14,7 +14,9 @@ Outer optimiser: Adam on the logits (``hyper_lr``).
 
 Reported: test accuracy of a model trained (a) on all noisy data, unweighted (baseline), (b) with
 the learned weights, retrained from scratch (tuned), (c) on the clean examples only (oracle); and
-the precision / recall / F1 of flagging an example as corrupted when its weight is below 0.5.
+the precision / recall / F1 of flagging an example as corrupted when its weight is below 0.5
+(with no corrupted label, ``corrupt=0``, neither these nor the corrupted examples' mean weight:
+they are undefined, and were NaN or 0).
 
 Time: ~30-60 s on a 2-core CPU at the default size.
 """
@@ -155,15 +157,12 @@ def learn_weights(
                 if not log:
                     continue
                 w = hp.value
-                ctx.logger.hyper_step(
-                    info,
-                    step=step,
-                    epoch=epoch,
-                    train_loss=float(loss),
-                    weight_clean=float(w[~corrupted].mean()),
-                    weight_corrupted=float(w[corrupted].mean()),
-                    f1=flag_scores(w, corrupted)["f1"],
-                )
+                row: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss)}
+                row["weight_clean"] = float(w[~corrupted].mean())
+                if corrupted.any():  # none with ``corrupt=0`` (or too few examples to corrupt one)
+                    row["weight_corrupted"] = float(w[corrupted].mean())
+                    row["f1"] = flag_scores(w, corrupted)["f1"]
+                ctx.logger.hyper_step(info, step=step, **row)
     return model, hp.value, cost + step
 
 
@@ -207,6 +206,7 @@ def run(ctx: Context) -> Outcome:
     baseline = train_fixed(x, y, None, cfg, ctx.device, cfg["epochs"])
     tuned = train_fixed(x, y, weights, cfg, ctx.device, cfg["epochs"])
     oracle = train_fixed(x[~corrupted], y[~corrupted], None, cfg, ctx.device, cfg["epochs"])
+    noisy = bool(corrupted.any())  # no corrupted label: no corrupted mean, nothing to flag
     scores = flag_scores(weights, corrupted)
     metrics = {
         "baseline.test_acc": accuracy(baseline, test),
@@ -214,9 +214,10 @@ def run(ctx: Context) -> Outcome:
         "online.test_acc": accuracy(model, test),
         "oracle.test_acc": accuracy(oracle, test),
         "weight_clean_mean": float(weights[~corrupted].mean()),
-        "weight_corrupted_mean": float(weights[corrupted].mean()),
-        **{f"flag.{k2}": v for k2, v in scores.items()},
     }
+    if noisy:
+        metrics["weight_corrupted_mean"] = float(weights[corrupted].mean())
+        metrics.update({f"flag.{k2}": v for k2, v in scores.items()})
     table = [
         {"model": "baseline (all noisy data)", "test acc": metrics["baseline.test_acc"]},
         {
@@ -235,15 +236,17 @@ def run(ctx: Context) -> Outcome:
     a1.legend()
     hist = ctx.logger.history
     a2.plot([r["step"] for r in hist], [r["weight_clean"] for r in hist], label="clean (mean)")
-    a2.plot([r["step"] for r in hist], [r["weight_corrupted"] for r in hist], label="corrupted (mean)")
+    if noisy:
+        a2.plot([r["step"] for r in hist], [r["weight_corrupted"] for r in hist], label="corrupted (mean)")
     a2.set_xlabel("inner step")
     a2.set_ylabel("example weight")
     a2.legend()
-    fig.suptitle(f"hyper-cleaning digits ({cfg['corrupt']:.0%} corrupted), F1 {scores['f1']:.2f}")
+    flagged = f"F1 {scores['f1']:.2f}" if noisy else "no label corrupted"
+    fig.suptitle(f"hyper-cleaning digits ({cfg['corrupt']:.0%} corrupted), {flagged}")
     ctx.savefig(fig, "hyperclean")
     headline = (
         f"test acc baseline {metrics['baseline.test_acc']:.1%} / tuned {metrics['tuned.test_acc']:.1%} / "
-        f"oracle {metrics['oracle.test_acc']:.1%}; F1 {scores['f1']:.2f} "
+        f"oracle {metrics['oracle.test_acc']:.1%}; {flagged} "
         f"(digits, {len(y)} train, {cfg['corrupt']:.0%} corrupted)"
     )
     return Outcome(metrics, table, headline)
