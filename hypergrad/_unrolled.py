@@ -41,6 +41,9 @@ from .hparams import WeightDecay, _constant_coefficients, _reusing_values
 
 _Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
 
+#: above this many hyperparameter entries forward mode (one replay per entry) is warned about
+_FORWARD_ENTRIES = 1024
+
 #: how often (in hypersteps) the replay is compared with the real weights (_check_reproduced)
 _CHECK_EVERY = 16
 
@@ -349,6 +352,10 @@ class Unrolled(HyperOptimizer):
             (forward mode) a call under ``torch.autocast``.
         TypeError: ``checkpoint`` not a bool.
 
+    Warns:
+        UserWarning: ``mode="forward"`` with more than 1,024 hyperparameter entries (one replay of
+            the window per entry).
+
     >>> import torch, hypergrad as hg
     >>> model = torch.nn.Linear(4, 1)
     >>> inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -405,6 +412,16 @@ class Unrolled(HyperOptimizer):
             raise ValueError(
                 "Unrolled(mode='forward') does not support DistributedDataParallel models (forward-mode "
                 "AD through the gradient all-reduce); use mode='reverse'"
+            )
+        entries = sum(h.numel() for h in self.pair.hparam_tensors)
+        if self.mode is Mode.FORWARD and entries > _FORWARD_ENTRIES:
+            warnings.warn(
+                f"Unrolled(mode='forward') replays the window once per hyperparameter entry, and "
+                f"these hyperparameters have {entries:,}: each hyperstep costs {entries:,} replays "
+                "of K steps (one weight decay per weight of a small MLP took ~25 minutes). "
+                "mode='reverse' gives the same hypergradient in one replay",
+                UserWarning,
+                stacklevel=2,
             )
         self._update = update_for(inner_optimizer)
         #: WeightDecay containers whose penalties the reverse-mode replay differentiates itself

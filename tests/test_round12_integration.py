@@ -170,3 +170,30 @@ def test_unrolled_warns_once_about_a_batch_that_carries_a_graph() -> None:
         warnings.simplefilter("error")
         hopt.step((x * hp.scale.exp(), y))  # once
         hopt.step((x, y))
+
+
+def test_forward_mode_over_many_hyperparameter_entries_is_warned_about() -> None:
+    """The README's swap line ``hg.Unrolled(..., mode="forward")`` over 9,610 decays ran ~25
+    minutes a hyperstep without a word (one replay per entry); above 1,024 entries it warns."""
+    model = nn.Linear(40, 30)  # 1,230 weights
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def build(per: str, mode: str) -> Any:
+        hp = hg.hparams.WeightDecay(model, per=per, init=1e-3)
+        return hg.Unrolled(
+            model,
+            hp,
+            lambda m, h, b: F.mse_loss(m(b[0]), b[1]),
+            lambda m, h, b: F.mse_loss(m(b[0]), b[1]),
+            inner_optimizer=opt,
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+            steps=2,
+            mode=mode,
+        )
+
+    with pytest.warns(UserWarning, match=r"once per hyperparameter entry.*1,230"):
+        build("parameter", "forward")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build("layer", "forward")  # 2 entries
+        build("parameter", "reverse")
