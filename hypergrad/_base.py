@@ -397,7 +397,11 @@ class HyperOptimizer(abc.ABC):
                     f"call hparams.to({str(ref.device)!r})"
                 )
             if id(p) in model_ids:
-                raise ValueError(f"hyperparameter {n!r} is also a parameter of the model")
+                raise ValueError(
+                    f"hyperparameter {n!r} is also a parameter of the model ({model_ids[id(p)]!r}: a "
+                    "container or augmentation network registered inside the model, e.g. model.hp = "
+                    "...?): keep hyperparameters out of the model and pass them as hparams only"
+                )
         self._outer_key: tuple[int, ...] = ()
         self._check_outer_optimizer()
         outer_ids = {id(t) for t in _params_of(self.outer_optimizer)}

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._functional import (
+    _buffer_slots,
     _uncached,
     clone_all,
     differentiable_twice,
@@ -30,6 +31,7 @@ from ._functional import (
     materialize,
     naming_missing_second_derivatives,
     norm,
+    substituting,
 )
 from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus, _writable
 from ._types import HVP, Batch, LossFn, Tensors
@@ -595,6 +597,12 @@ class Implicit(HyperOptimizer):
     Batches: ``hyper_step(train_batch=..., val_batch=...)`` needs both (the training batch gives
     the Hessian and the mixed second derivative).
 
+    Buffers: each loss of a hyperstep runs on copies of the model's and of ``hparams``' buffers
+    (BatchNorm statistics, a learned augmentation network's running normaliser or step
+    counter) as they are, so a module that updates a buffer and then reads it sees in
+    ``train_loss`` what :meth:`step` would, not ``val_loss``'s update; the real buffers are
+    left untouched.
+
     The inner optimiser's own L2 term (``weight_decay`` of ``SGD``, ``Adam``, ``RMSprop``,
     ``Adagrad``, ``Adamax``, ``ASGD``, ``NAdam``, ``RAdam`` and of :mod:`hypergrad.optim`'s,
     coupled, i.e. not ``AdamW`` nor ``decoupled_weight_decay=True``) is part of the problem
@@ -814,12 +822,23 @@ class Implicit(HyperOptimizer):
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         buffers = pair.buffers()
+        # the hyperparameters' own buffers (a learned augmentation network's running normaliser,
+        # a step counter annealing its strength) as the model's: each loss reads copies of their
+        # values now, as step() would. On the real ones, a module that updates a buffer and then
+        # reads it saw val_loss's update in train_loss (a hypergradient 98% off)
+        hp_slots = _buffer_slots(self.hparams)[1]
+        hp_buffers = [d[k] for d, k in hp_slots]
+
+        def own_hp_buffers() -> Any:
+            return substituting(([slot], b.clone()) for slot, b in zip(hp_slots, hp_buffers, strict=True))
 
         def lt() -> Tensor:
-            return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
+            with own_hp_buffers():
+                return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
 
         def lv() -> Tensor:
-            return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
+            with own_hp_buffers():
+                return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
 
         train_value: list[Tensor] = []
 

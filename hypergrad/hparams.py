@@ -694,6 +694,15 @@ class WeightDecay(nn.Module):
         bound = "" if self.max is None else f", max={self.max}"
         return f"per={self.per!r}, count={sum(p.numel() for p in self.parameters())}{bound}"
 
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Not a value: raises ``TypeError`` (``nn.Module``'s own error named no alternative).
+        Use :meth:`penalty` in the loss, :attr:`value` or :meth:`decays` to read the decays."""
+        raise TypeError(
+            f"{type(self).__name__} is not called: add its penalty to the loss, hp.penalty(model) "
+            f"(1/2 sum d |w|^2 over the penalised weights, for the model the loss is given); read "
+            f"the decays with hp.value or hp.decays()"
+        )
+
 
 class ExampleWeights(nn.Module):
     r"""One weight in (0, 1) per training example (data re-weighting / hyper-cleaning).
@@ -752,7 +761,8 @@ class ExampleWeights(nn.Module):
 
         Raises:
             TypeError: ``index`` is not an integer tensor (floats, or a boolean mask, which would
-                select a different number of weights than the batch has examples).
+                select a different number of weights than the batch has examples), nor
+                convertible to one (a whole ``(x, y, index)`` batch, ``None``).
             ValueError: ``index`` of more than one dimension (``(B, 1)`` from a custom collate:
                 its weights would broadcast against ``(B,)`` losses into ``(B, B)``).
             IndexError: an index outside ``[0, n)``: a negative one would silently weight another
@@ -761,7 +771,18 @@ class ExampleWeights(nn.Module):
                 one host synchronisation.
         """
         if not isinstance(index, Tensor):
-            index = torch.as_tensor(index, device=self.raw.device)
+            try:
+                index = torch.as_tensor(index, device=self.raw.device)
+            except (TypeError, ValueError, RuntimeError):
+                # (torch said "only one element tensors can be converted to Python scalars" for a
+                # whole (x, y, index) batch, "Could not infer dtype of NoneType" for None)
+                got = type(index).__name__
+                if isinstance(index, (tuple, list)) and any(isinstance(t, Tensor) for t in index):
+                    got = f"a {got} holding tensors (a whole batch? pass its index tensor: hp(batch[-1]))"
+                raise TypeError(
+                    f"ExampleWeights takes a tensor of integer example indices, shape (B,) "
+                    f"(hypergrad.data.WithIndex gives them), got {got}"
+                ) from None
         if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
             raise TypeError(
                 f"ExampleWeights takes integer example indices (hypergrad.data.WithIndex gives them), "
@@ -796,6 +817,9 @@ class ExampleWeights(nn.Module):
         """All ``n`` weights, detached (for logging): ``(n,)``."""
         with torch.no_grad():
             return torch.sigmoid(self.raw)
+
+    def extra_repr(self) -> str:
+        return f"n={self.raw.numel()}"
 
 
 #: torch.optim settings that must not go negative (its constructors refuse a negative one)
@@ -926,6 +950,10 @@ class OptimizerSetting(nn.Module):
     def forward(self) -> Tensor:
         """The values (or multipliers), one per parameter group: shape ``(n_groups,)``."""
         return from_raw(self.raw, self.constraint)
+
+    def extra_repr(self) -> str:
+        mode = ", relative=True" if self.relative else ""
+        return f"name={self.name!r}, constraint={self.constraint.value!r}{mode}, groups={self.raw.numel()}"
 
     @property
     def value(self) -> Tensor:
