@@ -275,7 +275,10 @@ class Unrolled(HyperOptimizer):
     the mode ``val_loss`` runs in) and in its ``torch.autocast`` state (forward mode refuses
     autocast: forward-mode AD does not follow its casts), weights without a gradient are
     skipped as ``torch.optim`` skips them, and gradient clipping given to
-    ``step(batch, max_grad_norm=...)`` is replayed (and differentiated). It cannot see
+    ``step(batch, max_grad_norm=...)`` is replayed (and differentiated). Param-group settings
+    are recorded by value: one carrying an autograd graph (a ``LambdaLR`` whose lambda returns a
+    hyperparameter) passes no hypergradient, and a :class:`ReplayWarning` says so (tune it with
+    :class:`~hypergrad.hparams.LearningRate` instead). It cannot see
     optimiser hooks or gradient hooks (e.g. clipping in a step pre-hook): a
     :class:`ReplayWarning` says so. Nor can it replay randomness drawn inside ``train_loss``
     from anything but torch's global RNG (a ``torch.Generator`` of your own, Python's or
@@ -304,7 +307,11 @@ class Unrolled(HyperOptimizer):
     through tensors' version counters, so not through ``.data``) end the episode with a
     :class:`ReplayWarning` and an empty ring; call :meth:`start_episode` after such a change to
     say it is intended (no warning). Changing which weights train (``add_param_group``,
-    freezing) also starts a new episode. The inner optimiser's state changed between two steps
+    freezing) also starts a new episode, and so does replacing the inner optimiser
+    (``hopt.inner_optimizer = torch.optim.SGD(...)``, a fresh one per episode) or regrouping its
+    weights: a :class:`ReplayWarning` where steps were recorded since :meth:`start_episode`; an
+    :class:`~hypergrad.hparams.OptimizerSetting` built for the replaced optimiser is refused
+    (it would tune the replay only). The inner optimiser's state changed between two steps
     (``inner_optimizer.state.clear()`` to restart Adam's moments, ``load_state_dict``, a
     momentum buffer zeroed in place: detected through the identities and version counters of
     its tensors) does not end the episode: each replayed step starts from the state its real
@@ -348,8 +355,9 @@ class Unrolled(HyperOptimizer):
     Raises:
         ValueError: ``steps`` not an int >= 1, an unknown ``mode``, ``checkpoint=True`` with
             ``mode="forward"``, or forward mode on a ``DistributedDataParallel`` model; at
-            :meth:`hyper_step`, no ``val_batch``, no step recorded since the episode began, or
-            (forward mode) a call under ``torch.autocast``.
+            :meth:`hyper_step`, no ``val_batch``, no step recorded since the episode began,
+            (forward mode) a call under ``torch.autocast``, or (and at :meth:`step`) an
+            ``OptimizerSetting`` of an inner optimiser since replaced.
         TypeError: ``checkpoint`` not a bool.
 
     Warns:
@@ -437,6 +445,8 @@ class Unrolled(HyperOptimizer):
         self._warned_hooks: frozenset[str] = frozenset()
         #: the inner optimiser's state after the last step (:meth:`_state_signature`); None: unknown
         self._state_seen: list[dict[str, Any]] | None = None
+        #: the inner optimiser the recorded steps were taken by (:meth:`_check_optimizer`)
+        self._optimizer_seen = inner_optimizer
         self._weights_changed()
         self._check_hooks()
 
@@ -459,13 +469,49 @@ class Unrolled(HyperOptimizer):
     # ------------------------------------------------------------------ episodes and bookkeeping
 
     def _weights_changed(self) -> None:
-        group_of = {id(p): gi for gi, g in enumerate(self.inner_optimizer.param_groups) for p in g["params"]}
-        owner = [group_of[id(w)] for w in self.pair.weights]
-        self._group_members = [
-            [k for k, g in enumerate(owner) if g == gi]
-            for gi in range(len(self.inner_optimizer.param_groups))
-        ]
+        self._group_members = self._members_now()
         self.start_episode()
+
+    def _members_now(self) -> list[list[int]]:
+        """Per param group of the inner optimiser, the indices of the trained weights it holds."""
+        groups = self.inner_optimizer.param_groups
+        group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        owner = [group_of[id(w)] for w in self.pair.weights]
+        return [[k for k, g in enumerate(owner) if g == gi] for gi in range(len(groups))]
+
+    def _check_optimizer(self) -> None:
+        """Follow an inner optimiser replaced (``hopt.inner_optimizer = torch.optim.SGD(...)``, a
+        fresh one per episode) or regrouped over the same weights: the recorded steps were taken
+        by the old one (its class, its groups), so a new episode starts, with a
+        :class:`ReplayWarning` where steps were recorded (none after :meth:`start_episode`). An
+        :class:`~hypergrad.hparams.OptimizerSetting` tuning the old optimiser is refused: its
+        values would reach the replay but never the real steps."""
+        opt = self.inner_optimizer
+        replaced = opt is not getattr(self, "_optimizer_seen", opt)  # (copies pickled before it was kept)
+        if replaced:
+            names = self.pair.hparam_names
+            stale = [names[i] for i, s in self.settings if s.optimizer[0] is not opt]
+            if stale:
+                raise ValueError(
+                    f"hopt.inner_optimizer was replaced, but hyperparameter(s) {stale} tune the "
+                    "optimiser this Unrolled was built with: their values would reach the replay "
+                    "but never the real steps. Keep the optimiser and reset it per episode "
+                    "(inner_optimizer.state.clear(), then hopt.start_episode()), or build the "
+                    "setting (e.g. hg.hparams.LearningRate) and the Unrolled for the new optimiser"
+                )
+        members = self._members_now()
+        if not replaced and members == self._group_members:
+            return
+        self._optimizer_seen, self._group_members = opt, members
+        if self._records:
+            self.start_episode()
+            _warn_user(
+                "hopt.inner_optimizer was replaced (or its param groups regrouped) since the last "
+                "recorded step: the recorded steps were taken by the old one, so they were dropped "
+                "and a new episode starts from the current weights. Call hopt.start_episode() "
+                "after replacing it to say it is intended.",
+                ReplayWarning,
+            )
 
     def start_episode(self) -> None:
         """Forget the recorded steps: the next hyperstep differentiates only through steps taken
@@ -530,6 +576,7 @@ class Unrolled(HyperOptimizer):
 
     def _before_step(self) -> None:
         self._check_autocast("step()")
+        self._check_optimizer()
         self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
         self._check_hooks()
@@ -557,6 +604,25 @@ class Unrolled(HyperOptimizer):
                 ReplayWarning,
                 stacklevel=4,
             )
+        if not getattr(self, "_warned_group_graph", False):
+            carried = [
+                f"param_groups[{gi}][{k!r}]"
+                for gi, g in enumerate(self.inner_optimizer.param_groups)
+                for k, v in group_settings(g).items()
+                if any(t.requires_grad for t in iter_tensors(v))
+            ]
+            if carried:
+                self._warned_group_graph = True
+                warnings.warn(
+                    f"{', '.join(carried)} of the inner optimiser carries an autograd graph (set from "
+                    "the hyperparameters, e.g. by a LambdaLR whose lambda returns a hyperparameter "
+                    "tensor?): Unrolled records the settings by value, so no hypergradient flows "
+                    "through it. Tune a setting with hg.hparams.LearningRate / Momentum (relative=True: "
+                    "a multiplier on a scheduled value), or scale the step inside train_loss (warned "
+                    "once)",
+                    ReplayWarning,
+                    stacklevel=4,
+                )
         changed_states = self._changed_states()  # (reset or loaded: the replay cannot carry it on)
         hp_versions = tuple(h._version for h in pair.hparam_tensors)
         moved = bool(self._records) and self._hparams_moved()
@@ -721,6 +787,7 @@ class Unrolled(HyperOptimizer):
         check_batch(val_batch, "val_batch", self.device, self.dtype)
         self._check_autocast("hyper_step()")
         self._refresh()
+        self._check_optimizer()
         self._check_fresh()
         if not self._records:
             raise ValueError(
