@@ -56,14 +56,25 @@ from ._wrap import unwrap_model
 from .hparams import WeightDecay
 
 
-class Likelihood(str, enum.Enum):
-    """The likelihood :math:`p(y\\mid f)`."""
+class _Choice(str, enum.Enum):
+    """A string option whose bad value is refused naming the choices (``'bernoulli' is not a
+    valid Likelihood`` alone left a user guessing what is)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> None:
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{value!r} is not a valid {cls.__name__} (choose from {choices})")
+
+
+class Likelihood(_Choice):
+    """The likelihood :math:`p(y\\mid f)`: heteroscedastic or per-output noise, Bernoulli
+    (one logit) and soft labels are not among them."""
 
     CLASSIFICATION = "classification"  #: softmax over the outputs, integer labels
     REGRESSION = "regression"  #: Gaussian with noise :class:`~hypergrad.hparams.ObservationNoise`
 
 
-class Bound(str, enum.Enum):
+class Bound(_Choice):
     """How :class:`MarginalLikelihood` estimates the evidence on a batch."""
 
     NTK = "ntk"  #: block kernels :math:`L^\top J P_0^{-1} J^\top L` (``(MC, MC)`` per block)
@@ -71,7 +82,7 @@ class Bound(str, enum.Enum):
     EXACT = "exact"  #: the whole data set in one batch: the exact evidence (small problems)
 
 
-class Outputs(str, enum.Enum):
+class Outputs(_Choice):
     """Which output blocks of an NTK kernel are kept."""
 
     ALL = "all"  #: the full ``(MC, MC)`` kernel of a block
@@ -258,7 +269,12 @@ def _whitener(f: Tensor, likelihood: Likelihood) -> Tensor | None:
     if likelihood is Likelihood.REGRESSION:
         return None
     p = torch.softmax(f, dim=1)
-    sq = p.sqrt()
+    # sqrt(p) with a derivative of 0 where p underflowed to 0 (its limit, 0.5 sqrt(p) d log p):
+    # p.sqrt() alone has an infinite derivative there (a logit gap above ~104 in float32, ~745
+    # in float64), and every hypergradient that differentiates through the outputs (through_map,
+    # an augmentation) was NaN although the bound was finite: each hyperstep was refused
+    pos = p > 0
+    sq = torch.where(pos, p, torch.ones_like(p)).sqrt() * pos
     return torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
 
 
