@@ -769,7 +769,14 @@ class HyperOptimizer(abc.ABC):
             for w, g in zip(live, clipped, strict=True):
                 w.grad = g
         pre_forward_buffers = tuple(value for *_, value in snapshot)
-        self._record_step(batch, tuple(g is not None for g in grads), rng, pre_forward_buffers, max_grad_norm)
+        self._record_step(
+            batch,
+            tuple(g is not None for g in grads),
+            rng,
+            pre_forward_buffers,
+            max_grad_norm,
+            hparam_buffers=tuple(value for *_, value in hp_snapshot),
+        )
         self._scaler = None
         try:
             for _, setting in self.settings:
@@ -889,11 +896,13 @@ class HyperOptimizer(abc.ABC):
         rng: dict[str, Tensor] | None,
         buffers: Tensors,
         max_grad_norm: float | None = None,
+        hparam_buffers: Tensors = (),
     ) -> None:
         """Called before each accepted inner update (weights, optimiser state and tuned settings
         not yet written), with which weights got a gradient, (if ``_replays_rng``) the RNG state
         before the loss, copies of the buffers as they were before the step's forward pass
-        (the hook may keep them), and the step's gradient clipping."""
+        (the hook may keep them), the step's gradient clipping, and copies of the
+        hyperparameter module's buffers before the forward pass (likewise)."""
 
     def _after_step(self) -> None:  # noqa: B027 - optional hook
         """Called after each accepted inner update."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._checkpointed import checkpointed_hypergradient
 from ._functional import (
+    _buffer_slots,
     check_batch,
     clip_by_total_norm,
     clone_all,
@@ -34,6 +35,7 @@ from ._functional import (
     grads_or_zeros,
     iter_tensors,
     materialize,
+    substituting,
 )
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
 from ._types import Batch, LossFn, Tensors
@@ -220,6 +222,9 @@ class _Record:
     #: entries that stayed (carried on from the replayed previous step); None for a weight whose
     #: state did not change, and for the whole record where none did
     states: list[tuple[State, tuple[str, ...]] | None] | None = None
+    #: the hyperparameter module's buffers before the step's forward pass (a learned augmentation
+    #: network's running statistics), by value: the replay starts each step from them
+    hparam_buffers: Tensors = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -588,6 +593,7 @@ class Unrolled(HyperOptimizer):
         rng: dict[str, Tensor] | None,
         buffers: Tensors,
         max_grad_norm: float | None = None,
+        hparam_buffers: Tensors = (),
     ) -> None:
         pair = self.pair
         self._promotion = None
@@ -666,6 +672,7 @@ class Unrolled(HyperOptimizer):
                 ),
                 autocast=_autocast_state(self.device.type),
                 states=changed_states,
+                hparam_buffers=hparam_buffers,
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -837,7 +844,11 @@ class Unrolled(HyperOptimizer):
             for m in decays:
                 m._first_order_calls, m._replaying = [], True
             try:
-                with self._modes_of(rec), torch.random.fork_rng(devices=devices, enabled=rec.rng is not None):
+                with (
+                    self._modes_of(rec),
+                    torch.random.fork_rng(devices=devices, enabled=rec.rng is not None),
+                    self._hparam_buffers_at(rec.hparam_buffers),
+                ):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
                     loss, bufs = self.pair.call(
@@ -1111,7 +1122,24 @@ class Unrolled(HyperOptimizer):
         reached = tuple(v or (w and any(to_val)) for v, w in zip(to_val, to_weights, strict=True))
         return tuple(grads), value, reached
 
+    def _hparam_buffers_at(self, values: Tensors | None) -> contextlib.AbstractContextManager[None]:
+        """Within the block the hyperparameter module's buffers are copies of ``values`` (a recorded
+        step's, so that its replay starts from what the real step did; ``None``: of their current
+        values, for the validation loss), and the real ones are left alone: a learned augmentation
+        network that updates a buffer and reads it was replayed from its current value in every
+        step (37% off central differences at K = 3)."""
+        slots = _buffer_slots(self.hparams)[1]
+        if values is None:
+            values = tuple(d[k] for d, k in slots)
+        if not slots or len(values) != len(slots):  # (none; or a record from before they existed)
+            return contextlib.nullcontext()
+        return substituting(([slot], v.clone()) for slot, v in zip(slots, values, strict=True))
+
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        with self._hparam_buffers_at(None):  # (the validation loss on copies of the current ones)
+            return self._hypergradient_on_copies(val_batch)
+
+    def _hypergradient_on_copies(self, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         if self.mode is Mode.FORWARD:
             with _naming_missing_forward_derivatives():
