@@ -977,7 +977,9 @@ class OptimizerSetting(nn.Module):
                         f"param_groups[{i}][{self.name!r}] was changed from {w!r} to "
                         f"{float(g[self.name])!r} outside hypergrad (by a scheduler, or an "
                         f"optimizer.load_state_dict?); {type(self).__name__} would silently "
-                        f"override it. {self._under_scheduler}"
+                        f"override it. {self._under_scheduler} (To reset the optimiser per "
+                        "episode, clear its state with optimizer.state.clear() instead of "
+                        "load_state_dict.)"
                     )
 
     def write(self) -> None:
