@@ -12,8 +12,10 @@ that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's `
 other unknown argument (``--bogus``, a stray word) is a usage error, as argparse's own: the
 subcommand's usage and exit code 2.
 With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's; a key there
-that is not a setting of the experiment is refused, as on the command line. A setting given twice
-with different values is refused, and so is ``--method`` for an experiment without methods. A run
+that is not a setting of the experiment is refused, as on the command line. Without ``--out``, a
+run that a sweep agent started writes to ``results/NAME/RUN_ID`` (the wandb run's id), so that
+the sweep's points keep their own folders. A setting given twice with different values is
+refused, and so is ``--method`` for an experiment without methods. A run
 stopped by Ctrl-C (exit code 130), SIGTERM (143: ``kill``, a scheduler's time limit) or a crash
 writes ``interrupted.json`` and the trajectory so far instead of ``results.json``; runs do not
 resume.
@@ -225,6 +227,19 @@ def _check_wandb_keys(
             )
 
 
+def _default_out(exp: Experiment) -> Path:
+    """The run folder without ``--out``: ``results/NAME``, or, for a run that a wandb sweep agent
+    started (``WANDB_SWEEP_ID`` and the ``WANDB_RUN_ID`` it gives each run set),
+    ``results/NAME/RUN_ID``: in ``results/NAME`` every point of a sweep replaced the previous
+    point's results.json, trajectory.csv and plots, and two agents on one machine left a folder
+    that mixed the files of two runs."""
+    run_id = os.environ.get("WANDB_RUN_ID", "")
+    plain = bool(run_id) and Path(run_id).name == run_id and run_id not in (".", "..")
+    if os.environ.get("WANDB_SWEEP_ID") and plain:
+        return Path("results") / exp.name / run_id
+    return Path("results") / exp.name
+
+
 def _check_method(exp: Experiment, config: dict[str, Any]) -> None:
     if exp.methods and config.get("method") not in exp.methods:
         raise SystemExit(
@@ -255,7 +270,10 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--paper", action="store_true", help="the paper-sized setting (for a GPU)")
     r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without a key)")
     r.add_argument("--project", default="hypergrad", help="wandb project (default: hypergrad)")
-    r.add_argument("--out", type=_path, default=None, help="run folder (default: results/NAME)")
+    r.add_argument(
+        "--out", type=_path, default=None,
+        help="run folder (default: results/NAME; under a wandb sweep agent results/NAME/RUN_ID)",
+    )  # fmt: skip
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -327,7 +345,7 @@ def _run(
         raise SystemExit(f"hypergrad run: --threads {args.threads}: need an integer >= 1")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    out = args.out if args.out is not None else Path("results") / exp.name
+    out = args.out if args.out is not None else _default_out(exp)
     if not args.wandb and os.environ.get("WANDB_SWEEP_ID"):
         raise SystemExit(
             f"hypergrad run: a wandb sweep agent started this run (WANDB_SWEEP_ID="
@@ -464,6 +482,28 @@ def report(paths: Sequence[Path]) -> str:
     return "\n\n".join(["\n".join([head, *rows]), *details])
 
 
+def _badly_typed(rec: dict[str, Any]) -> str:
+    """What in a results.json record (with every key :func:`report` needs) has a type that
+    ``hypergrad run`` never writes, in words; ``""`` when nothing has: a hand-edited
+    ``"machine": "my laptop"`` or ``"wall_seconds": "12"`` made :func:`report` stop with a
+    traceback that named neither the file nor the field."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    table = rec.get("table") or []
+    checks = [
+        ("machine", isinstance(rec["machine"], dict), "an object"),
+        ("wall_seconds", number(rec["wall_seconds"]), "a number"),
+        ("number", number(rec.get("number", 0)) and float(rec.get("number", 0)).is_integer(), "an integer"),
+        ("table", isinstance(table, list) and all(isinstance(r, dict) for r in table), "a list of objects"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            return f"its {key} is {json.dumps(rec[key])[:40]}, not {want}"
+    return ""
+
+
 def _report(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.results] or sorted(Path().glob(DEFAULT_RESULTS))
     if not paths:
@@ -479,6 +519,12 @@ def _report(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"hypergrad report: {str(path)!r} is not a `hypergrad run` results.json "
                 f"(no {', '.join(missing)})"
+            )
+        bad = _badly_typed(rec)
+        if bad:
+            raise SystemExit(
+                f"hypergrad report: {str(path)!r} is not a `hypergrad run` results.json: {bad} "
+                "(edited by hand? rerun its command to write it again)"
             )
     table = report(paths)
     if args.stdout:
@@ -516,14 +562,21 @@ def _show(name: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``hypergrad`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the ``hypergrad`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Called from Python (a notebook, a script looping over runs), ``run`` leaves torch's CPU thread
+    count as it found it: ``--threads`` (default 1) holds for the run only."""
     argv = list(sys.argv[1:] if argv is None else argv)
     load_all()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     command = parser._commands[args.cmd]  # type: ignore[attr-defined]
     if args.cmd == "run":
-        return _run(args, extra, argv, command)
+        threads = torch.get_num_threads()
+        try:
+            return _run(args, extra, argv, command)
+        finally:
+            torch.set_num_threads(threads)
     if extra:  # a usage error, as argparse's own: the usage, and exit code 2
         command.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.cmd == "list":

@@ -227,7 +227,9 @@ class Logger:
         RuntimeError: ``wandb.init`` failed in offline mode (online, a failure, e.g. no network,
             falls back to offline with a message on stderr).
 
-    A context manager: ``with Logger(...) as logger:`` calls :meth:`finish` on exit.
+    A context manager: ``with Logger(...) as logger:`` calls :meth:`finish` on exit, with
+    ``exit_code=1`` when an exception leaves the block (130 for Ctrl-C), so that wandb shows
+    the run as failed.
 
     >>> logger = Logger()
     >>> logger.log({"val_acc": 0.9}, step=3)
@@ -511,5 +513,8 @@ class Logger:
     def __enter__(self) -> Logger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.finish()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:  # a crash or Ctrl-C inside the block: the wandb run is failed, not finished
+            self.finish(exit_code=130 if issubclass(exc_type, KeyboardInterrupt) else 1)

@@ -127,13 +127,13 @@ class Limit:
     choices: tuple[str, ...] = ()
 
     def _bounds(self) -> str:
-        lo, hi = self.low, self.high
-        if lo is not None and hi is not None:
-            return f"in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
-        if lo is not None:
-            return f"{'>' if self.low_open else '>='} {lo:g}"
-        if hi is not None:
-            return f"{'<' if self.high_open else '<='} {hi:g}"
+        lo, hi = _number_text(self.low), _number_text(self.high)
+        if lo and hi:
+            return f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        if lo:
+            return f"{'>' if self.low_open else '>='} {lo}"
+        if hi:
+            return f"{'<' if self.high_open else '<='} {hi}"
         return ""
 
     def describe(self, like: Any) -> str:
@@ -155,6 +155,21 @@ class Limit:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+
+def _number_text(x: float | None) -> str:
+    """A bound as words show it: an integer with every digit (the seed's ``2147483647``, which
+    ``:g`` wrote as ``2.14748e+09``, a bound 3,647 below the true one), other numbers with
+    ``:g``; ``""`` for ``None``.
+
+    >>> _number_text(2**31 - 1), _number_text(1.0), _number_text(1e-05), _number_text(None)
+    ('2147483647', '1', '1e-05', '')
+    """
+    if x is None:
+        return ""
+    if isinstance(x, int) or (math.isfinite(x) and x.is_integer() and abs(x) < 1e16):
+        return str(int(x))
+    return f"{x:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,17 +429,21 @@ def _integer_text(text: str) -> str:
 
 def _coerce(value: Any, like: Any) -> Any:
     """Coerce a value from wandb.config (already typed by YAML) to the default's type; a list
-    (a sweep's list value) for a string setting becomes its comma-separated items. A value that
-    does not mean the type is returned as it is, for :func:`check_settings` to name: a boolean
-    for a number (``true`` is not ``1`` steps), a number other than 0 and 1 for a boolean.
+    (a sweep's list value) for a string setting becomes its comma-separated items, and so does a
+    single number (``values: [1, 5, 10]`` over a list setting such as ``steps``: each point one
+    item). A value that does not mean the type is returned as it is, for :func:`check_settings`
+    to name: a boolean for a number (``true`` is not ``1`` steps), a number other than 0 and 1
+    for a boolean, a boolean for a string.
 
-    >>> _coerce(4.0, 1), _coerce(1, False), _coerce(0.5, False), _coerce(True, 1)
-    (4, True, 0.5, True)
+    >>> _coerce(4.0, 1), _coerce(1, False), _coerce(0.5, False), _coerce(True, 1), _coerce(5, "1,2")
+    (4, True, 0.5, True, '5')
     """
     if isinstance(value, (list, tuple)) and isinstance(like, str):
         return ",".join(str(v) for v in value)
     if isinstance(value, str):
         return parse_value(value, like)
+    if isinstance(like, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # (a sweep point's one item; check_settings names one that is not)
     if isinstance(like, bool):
         return bool(value) if isinstance(value, (bool, int, float)) and value in (0, 1) else value
     if isinstance(value, bool):
