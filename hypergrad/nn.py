@@ -28,6 +28,7 @@ False (the validation step of :class:`~hypergrad.SelfTuning` runs in eval mode).
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from typing import Any
@@ -870,13 +871,16 @@ class HyperNet(nn.Module):
     any model buffer; a buffer that ``base`` *reassigns* in its forward (``self.mean = ...``)
     is kept too. ``train()`` / ``eval()`` switch ``base`` too (Dropout, BatchNorm).
 
-    Frozen parameters of ``base`` (``requires_grad=False``, e.g. a pretrained backbone) are not
-    generated: they act as they are, are neither trained nor moved by :math:`\lambda`, and are
-    kept (saved, moved by ``.to()``) as buffers under ``base_state``. Each generated weight has
-    its parameter's dtype (a base mixing float32 and float64 keeps both) until the module is
-    cast (``.double()``, ``.to(dtype)``); a ``hypernet`` is fed :math:`\lambda` in its own dtype.
+    Frozen parameters of ``base`` (``requires_grad=False`` at construction, e.g. a pretrained
+    backbone) are not generated: they act as they are, are neither trained nor moved by
+    :math:`\lambda`, and are kept (saved, moved by ``.to()``) as buffers under ``base_state``.
+    Each generated weight has its parameter's dtype (a base mixing float32 and float64 keeps
+    both; :math:`w_0` and the linear response hold the promoted dtype) until the module is cast
+    (``.double()``, ``.to(dtype)``); a ``hypernet`` is fed :math:`\lambda` in its own dtype.
     A sparse embedding (``nn.Embedding(..., sparse=True)``) of ``base`` runs dense during the call:
-    the generated weights are one dense vector, which its gradient reaches either way.
+    the generated weights are one dense vector, which its gradient reaches either way. An
+    embedding's ``padding_idx`` row stays the fixed pad it is in ``base``: the response does not
+    move it (it is :math:`w_0`'s row at every :math:`\lambda`).
 
     Args:
         base: the model whose weights are generated.
@@ -909,6 +913,7 @@ class HyperNet(nn.Module):
     """
 
     base: nn.Module
+    _pinned: Tensor | None
 
     def __init__(
         self,
@@ -979,8 +984,21 @@ class HyperNet(nn.Module):
         self.numels = tuple(p.numel() for _, p in named)
         self.dtypes = tuple(p.dtype for _, p in named)
         total = sum(self.numels)
-        ref = named[0][1]
         self.base_weights = nn.Parameter(torch.cat([p.detach().reshape(-1) for _, p in named]).clone())
+        # (the response in the vector's dtype, the promotion of base's: not its first parameter's,
+        # whose float32 against a later float64 failed at the first call, "addmv ... same dtype")
+        ref = self.base_weights
+        # an embedding's padding_idx row is a fixed pad (its gradient is masked, so it is never
+        # trained): the response must not move it with lambda either (it did: a padded sequence's
+        # output changed with lambda, and padded and unpadded inputs differed)
+        pinned = torch.zeros(total, dtype=torch.bool, device=self.base_weights.device)
+        starts = dict(zip((id(p) for _, p in named), itertools.accumulate((0,) + self.numels), strict=False))
+        for m in base.modules():
+            pad = getattr(m, "padding_idx", None)
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and pad is not None and id(m.weight) in starts:
+                row = starts[id(m.weight)] + (pad % m.weight.shape[0]) * m.weight.shape[1]
+                pinned[row : row + m.weight.shape[1]] = True
+        self.register_buffer("_pinned", pinned if bool(pinned.any()) else None, persistent=False)
         self.response: nn.Module | None = hypernet
         self.u: nn.Parameter | None = None
         self.q: nn.Parameter | None = None
@@ -1014,6 +1032,8 @@ class HyperNet(nn.Module):
                 f"HyperNet: the hypernetwork returned shape {tuple(delta.shape)}, need "
                 f"{tuple(self.base_weights.shape)}"
             )
+        if self._pinned is not None:  # (embeddings' padding rows: w_0 at every lambda)
+            delta = delta.masked_fill(self._pinned, 0)
         return self.base_weights + delta.to(self.base_weights.dtype)
 
     def weights(self, hparams: Hyper) -> dict[str, Tensor]:
