@@ -33,7 +33,7 @@ from ._functional import (
     norm,
     substituting,
 )
-from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus, _writable
+from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus, _autograd_on, _tensor_list, _writable
 from ._types import HVP, Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients
 
@@ -450,7 +450,11 @@ def implicit_hypergradient(
             :math:`H = 0`, no inner optimum, which CG reports as ``nonpositive_curvature``), or
             the solver refuses (a
             :class:`Neumann` without a numeric ``alpha``; ``x0`` of other shapes).
-        TypeError: ``solver`` is not a :class:`LinearSolver`.
+        RuntimeError: called under ``torch.inference_mode()`` (under ``torch.no_grad()`` the
+            losses run with autograd on, as in ``torch.autograd.functional``).
+        TypeError: ``solver`` is not a :class:`LinearSolver`; ``weights`` or ``hparams`` is
+            not a collection of tensors (a bare tensor, which iterates over its rows: wrap it,
+            ``[lam]``; a dict; a module: ``list(m.parameters())``).
 
     >>> import torch, hypergrad as hg
     >>> w = torch.tensor([1.0], requires_grad=True); lam = torch.tensor([0.5], requires_grad=True)
@@ -464,7 +468,7 @@ def implicit_hypergradient(
         raise TypeError(
             f"solver must be a hg.LinearSolver (hg.Neumann, hg.CG, ...), got {type(solver).__name__}"
         )
-    weights, hparams = list(weights), list(hparams)
+    weights, hparams = _tensor_list(weights, "weights"), _tensor_list(hparams, "hparams")
     if not weights:
         raise ValueError("implicit_hypergradient needs at least one weight tensor")
     for what, ts in (("weights", weights), ("hparams", hparams)):
@@ -489,7 +493,8 @@ def implicit_hypergradient(
                     f"{what}[{i}] is the same tensor as {where}: list each tensor once, and a tensor "
                     "either as a weight (trained by the inner problem) or as a hyperparameter"
                 )
-    r = _implicit(train_loss, val_loss, weights, hparams, solver, x0)
+    with _autograd_on("implicit_hypergradient"):
+        r = _implicit(train_loss, val_loss, weights, hparams, solver, x0)
     return r.hypergrad, r.val_loss, r.solve
 
 

@@ -162,7 +162,13 @@ def _split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-def _check_nonempty(x: Tensor) -> None:
+def _check_nonempty(x: Tensor, y: object = None) -> None:
+    # (a list or an array failed with "'list' object has no attribute 'dim'", naming neither)
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor) and (name == "x" or t is not None):
+            raise TypeError(
+                f"{name} must be a tensor, got {type(t).__name__} (convert it with torch.as_tensor)"
+            )
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(
             f"the batch holds no examples (inputs of shape {tuple(x.shape)}): the likelihood and the "
@@ -884,7 +890,8 @@ def log_evidence_bound(
             or complex targets); inputs of another dtype or device; an invalid ``subset_size``,
             ``samples`` or ``kernel`` (or ``"layerwise"`` where it cannot apply); ``outputs``
             other than ``"all"`` with ``form="parametric"`` or ``"exact"``.
-        TypeError: ``noise`` of another type, or a ``prior`` that is not a PriorPrecision.
+        TypeError: ``noise`` of another type, a ``prior`` that is not a PriorPrecision, or
+            ``x`` or ``y`` not a tensor.
 
     Cost (layerwise kernel): one forward pass (and, without ``augmentation``, one of the first
     example alone: the check above), the ``C`` output gradients in one vectorised
@@ -913,7 +920,7 @@ def log_evidence_bound(
             f"prior must be an hg.hparams.PriorPrecision built for the model, got {type(prior).__name__} "
             "(for a fixed precision d use PriorPrecision(model, init=d))"
         )
-    _check_nonempty(x)
+    _check_nonempty(x, y)
     data_size = _count(data_size, "data_size", 1)
     if x.shape[0] > data_size:
         raise ValueError(
@@ -1012,7 +1019,7 @@ def log_evidence(
     >>> torch.allclose(a, b)
     True
     """
-    _check_nonempty(x)
+    _check_nonempty(x, y)
     return log_evidence_bound(
         model,
         x,

@@ -9,12 +9,13 @@ guess, and the result carries the solution, the number of HVPs spent, a relative
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import enum
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -120,6 +121,48 @@ class LinearSolver(abc.ABC):
                 ``"power"``: rules that only :class:`~hypergrad.Implicit` resolves); a
                 :class:`Direct` system larger than ``max_size``, or complex.
         """
+
+
+def _tensor_list(value: object, name: str) -> list[Any]:
+    """``value`` (an argument of a pure function, e.g. ``hparams``) as a list, refusing what is
+    iterable but not a collection of tensors. A bare tensor iterates over its rows: as
+    ``hparams`` of :func:`~hypergrad.implicit_hypergradient` each row was a new tensor that no
+    loss used, and the hypergradient came back as zeros; a dict iterates over its keys, a module
+    is not iterable at all (or iterates over its submodules)."""
+    if isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a list of tensors, got a bare tensor of shape {tuple(value.shape)} "
+            f"(it would be iterated over its rows): wrap it, [{name}]"
+        )
+    if isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be a list of tensors, got a {type(value).__name__}: pass list({name}.values())"
+        )
+    if isinstance(value, torch.nn.Module):
+        raise TypeError(
+            f"{name} must be a list of tensors, got the module {type(value).__name__}: pass "
+            f"list({name}.parameters())"
+        )
+    if not isinstance(value, Iterable) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    return list(value)
+
+
+@contextlib.contextmanager
+def _autograd_on(name: str) -> Iterator[None]:
+    """Autograd on for a pure hypergradient function, whatever the caller's grad mode (as
+    ``torch.autograd.functional.jacobian`` and ``torch.func.grad`` do): under ``torch.no_grad()``
+    (an evaluation loop) ``unrolled_hypergradient`` returned zeros in reverse mode and
+    ``implicit_hypergradient`` failed with "element 0 of tensors does not require grad".
+    ``torch.inference_mode()`` cannot be undone for the tensors made under it (forward mode
+    returned zeros there too): refused by name."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name} was called under torch.inference_mode(); it needs autograd (derivatives "
+            "w.r.t. the weights and hyperparameters): call it outside that block"
+        )
+    with torch.enable_grad():
+        yield
 
 
 def _check_v(v: object, x0: object = None) -> None:

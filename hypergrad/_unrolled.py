@@ -38,6 +38,7 @@ from ._functional import (
     substituting,
 )
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
+from ._solvers import _autograd_on, _tensor_list
 from ._types import Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients, _reusing_values
 
@@ -92,6 +93,24 @@ def unrolled_hypergradient(
     Returns:
         ``(hypergradient shaped like hparams, outer value detached)``.
 
+    ``outer`` runs with autograd on, also under ``torch.no_grad()`` (as in
+    ``torch.autograd.functional``).
+
+    Raises:
+        RuntimeError: called under ``torch.inference_mode()``.
+        TypeError: ``hparams`` is not a collection of tensors (a bare tensor iterates over its
+            rows: wrap it, ``[lam]``), or ``outer`` returned something else than a tensor.
+        ValueError: ``mode`` is neither ``"reverse"`` nor ``"forward"``; a hyperparameter that
+            is not floating point, does not require grad (reverse mode: its hypergradient would
+            be 0 whatever ``outer`` does), or is listed twice; ``outer`` returned a tensor with
+            more than one element, or a complex one.
+
+    Forward mode pushes the tangents through the tensors ``outer`` is *given*: a hyperparameter
+    that ``outer`` reads from its closure instead of from ``hparams`` has no tangent there (its
+    hypergradient is 0 in forward mode, not in reverse mode). Those tensors do not require grad
+    there (no reverse-mode graph is kept): an inner loop that differentiates with respect to one
+    of them (a MAML initialisation, ``w = h[0]``) calls ``h[0].requires_grad_()`` first.
+
     >>> import torch, hypergrad as hg
     >>> lam = torch.tensor([0.5], requires_grad=True)
     >>> def outer(h):  # two SGD steps on (w - lam)^2 / 2 from w = 0, then L_V = w^2
@@ -104,19 +123,60 @@ def unrolled_hypergradient(
     >>> round(float(g_rev[0]), 6), round(float(g_fwd[0]), 6)
     (0.5625, 0.5625)
     """
+    if mode not in tuple(Mode):  # (a str Enum member equals its value)
+        raise ValueError(f"mode must be 'reverse' or 'forward', got {mode!r}")
     mode = Mode(mode)
-    hparams = list(hparams)
-    if mode is Mode.REVERSE:
-        out = outer(hparams)
-        return grads_or_zeros(out, hparams), out.detach()
-    _load_forward_ad()
-    with _naming_missing_forward_derivatives():
-        return _forward(outer, hparams)
+    hparams = _tensor_list(hparams, "hparams")
+    _check_hparams(hparams, mode)
+    with _autograd_on("unrolled_hypergradient"):
+        if mode is Mode.REVERSE:
+            out = outer(hparams)
+            _check_outer_value(out)
+            return grads_or_zeros(out, hparams), out.detach()
+        _load_forward_ad()
+        with _naming_missing_forward_derivatives():
+            return _forward(outer, hparams)
+
+
+def _check_hparams(hparams: list[Any], mode: Mode) -> None:
+    """The hyperparameters of :func:`unrolled_hypergradient`: floating-point tensors, each listed
+    once, requiring grad in reverse mode. (Reverse mode returned zeros for one that did not
+    require grad, whatever its true hypergradient; a tensor listed twice got the whole
+    derivative in both entries in reverse mode and a partial one in forward mode.)"""
+    seen: dict[int, int] = {}
+    for i, h in enumerate(hparams):
+        if not isinstance(h, Tensor):
+            raise TypeError(f"hparams[{i}] must be a tensor, got {type(h).__name__}")
+        if not (h.is_floating_point() or h.is_complex()):
+            raise ValueError(f"hparams[{i}] is {h.dtype}: a hypergradient needs floating-point tensors")
+        if mode is Mode.REVERSE and not h.requires_grad:
+            raise ValueError(
+                f"hparams[{i}] does not require grad: reverse mode differentiates outer's value with "
+                "respect to it (its hypergradient would be 0); call .requires_grad_() on it, or use "
+                "mode='forward'"
+            )
+        j = seen.setdefault(id(h), i)
+        if j != i:
+            raise ValueError(f"hparams[{i}] is the same tensor as hparams[{j}]: list each tensor once")
+
+
+def _check_outer_value(out: object) -> None:
+    """``outer`` must return a real tensor with one element (host metadata only)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"outer must return a scalar tensor (the validation loss), got {type(out).__name__}")
+    if out.numel() != 1:
+        raise ValueError(
+            f"outer must return a scalar tensor (the validation loss), got shape {tuple(out.shape)}"
+        )
+    if out.is_complex():
+        raise ValueError(f"outer must return a real scalar tensor, got {out.dtype}")
 
 
 def _forward(outer: Callable[[Sequence[Tensor]], Tensor], hparams: list[Tensor]) -> tuple[Tensors, Tensor]:
     """:func:`unrolled_hypergradient` in forward mode: one pass per hyperparameter entry."""
-    grads = [torch.zeros_like(h) for h in hparams]
+    # entries in row-major order, also of a non-contiguous hyperparameter (a transposed
+    # parameter: ``.view(-1)`` of its own layout failed)
+    grads = [torch.zeros_like(h, memory_format=torch.contiguous_format) for h in hparams]
     value: Tensor | None = None
     base = [h.detach() for h in hparams]
     # each pass draws what reverse mode's one call draws (dropout), and leaves torch's RNG there
@@ -125,18 +185,35 @@ def _forward(outer: Callable[[Sequence[Tensor]], Tensor], hparams: list[Tensor])
     for i, h in enumerate(base):
         for j in range(h.numel()):
             with fwAD.dual_level():
-                tangent = torch.zeros_like(h)
+                tangent = torch.zeros_like(h, memory_format=torch.contiguous_format)
                 tangent.view(-1)[j] = 1
-                duals = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
+                # copies: an in-place operation of outer on what it is given (h[0].clamp_(min=0))
+                # changed the caller's hyperparameter, and the start of every later pass
+                duals = [
+                    fwAD.make_dual(b.clone(), tangent) if k == i else b.clone() for k, b in enumerate(base)
+                ]
                 torch.set_rng_state(cpu)
                 if cuda is not None:
                     torch.cuda.set_rng_state_all(cuda)
-                out = outer(duals)
+                try:
+                    out = outer(duals)
+                except RuntimeError as e:
+                    if "does not require grad and does not have a grad_fn" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        f"{e} (mode='forward' gives outer hyperparameters that do not require grad, "
+                        "so that no reverse-mode graph is kept: an inner loop that differentiates "
+                        "with respect to one of them, e.g. a MAML initialisation w = h[0], needs "
+                        "w = h[0].requires_grad_() there first)"
+                    ) from e
+                _check_outer_value(out)
                 primal, tan = fwAD.unpack_dual(out)
                 grads[i].view(-1)[j] = 0 if tan is None else tan.detach()
                 value = primal.detach()
     if value is None:  # no hyperparameter entries at all
-        value = outer(base).detach()
+        out = outer([b.clone() for b in base])
+        _check_outer_value(out)
+        value = out.detach()
     return tuple(grads), value
 
 
@@ -1054,7 +1131,9 @@ class Unrolled(HyperOptimizer):
         pair = self.pair
         base = [h.detach() for h in pair.hparam_tensors]
         real_buffers = pair.buffers()
-        grads = [torch.zeros_like(h) for h in base]
+        # row-major entries, also of a non-contiguous hyperparameter (a transposed parameter:
+        # ``.view(-1)`` of its own layout failed)
+        grads = [torch.zeros_like(h, memory_format=torch.contiguous_format) for h in base]
         to_val = [False] * len(base)  # a tangent of the tensor reached L_V
         to_weights = [False] * len(base)  # ... or the replayed weights
         value = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -1076,7 +1155,7 @@ class Unrolled(HyperOptimizer):
 
         for i, h in enumerate(base):
             for j in range(h.numel()):
-                tangent = torch.zeros_like(h)
+                tangent = torch.zeros_like(h, memory_format=torch.contiguous_format)
                 tangent.view(-1)[j] = 1
                 w0, s0, b0 = self._start()
                 w = [(t.detach(), None) for t in w0]
