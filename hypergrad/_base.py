@@ -1206,7 +1206,9 @@ class HyperOptimizer(abc.ABC):
         """Restore what :meth:`state_dict` saved, into objects built like the originals.
 
         Atomic: if any part fails to load (a model of another shape, an optimiser with other
-        groups), everything is put back as it was before the call and the error is re-raised.
+        groups), everything is put back as it was before the call and the error is re-raised;
+        the optimisers keep their very ``state`` and ``param_groups`` objects (a param group or
+        a state tensor held by the caller still belongs to the optimiser).
         ``state`` is copied, not kept: loading the same in-memory checkpoint again later (a
         rollback) restores it as it was saved.
 
@@ -1226,7 +1228,9 @@ class HyperOptimizer(abc.ABC):
             ValueError: ``state`` was saved by another method class, lacks one of its parts,
                 was saved with other hyperparameter containers (raw values that would mean
                 something else here), or with an optimiser holding the same parameters in another
-                order (its state would go to other parameters).
+                order (its state would go to other parameters); its ``"method"`` or
+                ``"counters"`` part lacks an entry or holds one of another type (edited by hand,
+                or by another configuration of the method).
             RuntimeError, KeyError, ...: whatever the model's, the containers' or the
                 optimisers' ``load_state_dict`` raises (after everything was put back).
         """
@@ -1275,10 +1279,17 @@ class HyperOptimizer(abc.ABC):
         # roll back to would silently drift with the run, and a second rollback differ
         state = copy.deepcopy(state)
         backup = copy.deepcopy(self.state_dict())
+        # torch.optim's load_state_dict replaces its state and param groups by new objects and
+        # leaves the old ones as they were: a refused load puts those very objects back, so a
+        # param group or a state tensor the caller holds (a warm-up writing group["lr"], a
+        # tensor learning rate) still steers the optimiser afterwards
+        kept = [(opt, opt.state, opt.param_groups) for opt in (self.inner_optimizer, self.outer_optimizer)]
         try:
             self._load_all(state)
         except BaseException:
-            self._load_all(backup)
+            for opt, opt_state, groups in kept:
+                opt.state, opt.param_groups = opt_state, groups
+            self._load_all(backup, optimizers=False)
             raise
         saved_rank = state.get("rank")
         if "rng" in state and saved_rank is not None and saved_rank != self._rank():
@@ -1293,21 +1304,37 @@ class HyperOptimizer(abc.ABC):
                 UserWarning,
             )
 
-    def _load_all(self, state: dict[str, Any]) -> None:
+    def _load_all(self, state: dict[str, Any], *, optimizers: bool = True) -> None:
         self.ranks.module.load_state_dict(bare_state_dict(state["model"], self.ranks.module))
         self.hparams.load_state_dict(state["hparams"])
-        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        if optimizers:
+            self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self._refresh()
-        self._load_method_state(state["method"])
-        counters = state["counters"]
-        self.inner_steps = int(counters["inner_steps"])
-        self.hyper_steps = int(counters["hyper_steps"])
-        self._loss_scale = counters.get("loss_scale")
+        # (a bare KeyError 'records' or IndexError named neither the part nor the class; the
+        # method's own ValueErrors, a configuration that differs, are clear as they are)
+        try:
+            self._load_method_state(state["method"])
+        except (KeyError, IndexError, TypeError, AttributeError) as error:
+            raise self._malformed("method", error) from error
+        try:
+            counters = state["counters"]
+            self.inner_steps = int(counters["inner_steps"])
+            self.hyper_steps = int(counters["hyper_steps"])
+            self._loss_scale = counters.get("loss_scale")
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
+            raise self._malformed("counters", error) from error
         for _, setting in self.settings:  # the loaded groups hold what was written then
             setting.forget_written()
         if "rng" in state:
             self._set_rng_state(state["rng"])
+
+    def _malformed(self, part: str, error: Exception) -> ValueError:
+        return ValueError(
+            f"state_dict[{part!r}] is not what {type(self).__name__}.state_dict() writes "
+            f"({type(error).__name__}: {error}): was the checkpoint edited, or saved by another "
+            "configuration of the method?"
+        )
 
     def _method_state(self) -> dict[str, Any]:
         return {}
