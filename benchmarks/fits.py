@@ -4,7 +4,8 @@ Issue 9 asks that the ~100M-parameter GPT (``models.spec("gpt", "full")``: 12 la
 vocab 8192, context 256; 97.8M weights, as many hyperparameters) run a hyperstep of
 ``hg.Implicit`` (Neumann-5) on an 80 GB GPU. This script measures, at each batch size given, the
 bytes live before the hyperstep (weights, their ``.grad``, the optimiser's momentum, the
-hyperparameters and the outer Adam's state, each counted), and the allocator's peak above them
+hyperparameters, their ``.grad`` (the previous hypergradient) and the outer Adam's state, each
+counted), and the allocator's peak above them
 during a plain train step and during the hyperstep (the suite's :class:`timing.Memory`: CUDA's
 peak statistics on a GPU, the profiler's allocator events on a CPU). Peaks grow linearly in the
 batch (activations), so two batch sizes give the slope, and what the GPU's batch would need.
@@ -82,6 +83,7 @@ def measure(
     k = int(k_text)
     tb, vb = prob.train_batch, prob.val_batch
     hopt: Any = None
+    peer: Any = None
     if kind == "neumann":
         hopt = prob.implicit(hg.Neumann(steps=k, alpha=models.LR))
 
@@ -123,7 +125,8 @@ def measure(
     seconds = time.perf_counter() - t0
     weights = prob.weights
     state = [t for s in prob.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    outer_opt = hopt.outer_optimizer if hopt is not None else None
+    # higher's call takes its own fused-Adam step (peer.outer): its moments are live as hypergrad's are
+    outer_opt = hopt.outer_optimizer if hopt is not None else peer.outer
     outer = [
         t
         for s in (outer_opt.state.values() if outer_opt is not None else ())
@@ -135,6 +138,8 @@ def measure(
         "grads": _bytes([w.grad for w in weights if w.grad is not None]),
         "momentum": _bytes(state),
         "hparams": _bytes(prob.hparams),
+        # the previous hypergradient, left in .grad by every method's outer step (as torch.optim does)
+        "hparam_grads": _bytes([h.grad for h in prob.hparams if h.grad is not None]),
         "outer_state": _bytes(outer),
         "held_by_method": _held_by(hopt),
     }

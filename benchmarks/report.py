@@ -76,6 +76,13 @@ def _status(ag: dict[str, Any]) -> str:
     return f" (hg: {st})" if st == "nonpositive_curvature" else ""
 
 
+def _with_steps(row: dict[str, Any]) -> str:
+    """higher against hg.Unrolled's hyperstep *and* the K inner steps it replays: higher's call takes
+    those steps itself (its differentiable steps are the training), hg.Unrolled takes them apart."""
+    x = row.get("ratio_to_hypergrad_with_steps")
+    return "" if x is None else f" ({_f(x)} with hg's K steps)"
+
+
 def _peer_for(cases: dict[str, Any], key: str) -> tuple[str, dict[str, Any]] | None:
     for k, row in cases.items():
         if row.get("peer_of") == key:
@@ -159,7 +166,7 @@ def render(data: dict[str, Any], name: str = "") -> str:
                 ag = agree.get(pk, {})
                 pcols = (
                     f"| {pk.split('/')[0]} | {_f(pr['ratio_to_train_step'])} "
-                    f"| {_f(pr.get('ratio_to_hypergrad'))} "
+                    f"| {_f(pr.get('ratio_to_hypergrad'))}{_with_steps(pr)} "
                     f"| {_f(pr.get('peak_ratio_to_train_step'))} "
                     f"| {_f(ag.get('rel_diff'), '.1e')}{_status(ag)} |"
                 )
@@ -214,8 +221,8 @@ def summary(data: dict[str, Any]) -> str:
     def cell(r: dict[str, Any], *keys: str, field: str = "ratio_to_train_step", fmt: str = ".2f") -> str:
         return " / ".join(_f(r["cases"].get(k, {}).get(field), fmt) for k in keys)
 
-    def peer(r: dict[str, Any], *keys: str) -> str:
-        return " / ".join(_f(r["cases"].get(k, {}).get("ratio_to_hypergrad")) for k in keys)
+    def peer(r: dict[str, Any], *keys: str, field: str = "ratio_to_hypergrad") -> str:
+        return " / ".join(_f(r["cases"].get(k, {}).get(field)) for k in keys)
 
     def peak(r: dict[str, Any], hg_key: str, peer_key: str | None = None) -> str:
         c = r["cases"]
@@ -280,6 +287,16 @@ def summary(data: dict[str, Any]) -> str:
         ),
         "| higher ÷ hypergrad: K = 1 / 5 | "
         + " | ".join(peer(r, "higher/k-1", "higher/k-5") for r in models.values()),
+    ]
+    if any("ratio_to_hypergrad_with_steps" in r["cases"].get("higher/k-5", {}) for r in models.values()):
+        rows += [
+            "| higher ÷ (hypergrad + its K inner steps): K = 1 / 5 | "
+            + " | ".join(
+                peer(r, "higher/k-1", "higher/k-5", field="ratio_to_hypergrad_with_steps")
+                for r in models.values()
+            ),
+        ]
+    rows += [
         "| peak ÷ train step's: Neumann-5 (torchopt) | "
         + " | ".join(peak(r, "implicit/neumann-5", "torchopt/neumann-5") for r in models.values()),
         "| Unrolled K = 5, `checkpoint=True` | "

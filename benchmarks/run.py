@@ -60,9 +60,13 @@ PRIMITIVES = ("grad", "val_grad", "train_grad_graph", "hvp", "mixed_vjp", "outer
 
 @dataclasses.dataclass
 class Case:
-    """One timed call. ``prepare`` runs untimed before each call; ``floor`` maps the round's
-    primitive times (seconds) and the call's info to the sum of the primitives it must run;
-    ``peer_of`` names the hypergrad case a peer computes the same hypergradient as."""
+    """One timed call. ``prepare`` runs before each call, untimed unless ``prepare_is_work``;
+    ``floor`` maps the round's primitive times (seconds) and the call's info to the sum of the
+    primitives it must run;
+    ``peer_of`` names the hypergrad case a peer computes the same hypergradient as;
+    ``prepare_is_work``: ``prepare`` is work the method needs for each call that a peer does inside
+    its own call (Unrolled's K real inner steps, which higher's differentiable steps also take),
+    so it is timed too and the peer is compared with the call plus it as well."""
 
     key: str
     group: str  # "unit", "primitive", "hypergrad", "torchopt", "higher"
@@ -71,6 +75,7 @@ class Case:
     floor: Callable[[dict[str, float], Any], float] | None = None
     peer_of: str | None = None
     error: str | None = None
+    prepare_is_work: bool = False
 
 
 def _iterations(info: Any, default: int) -> int:
@@ -182,6 +187,7 @@ def build_cases(prob: Problem, args: argparse.Namespace) -> tuple[list[Case], di
                 lambda uh=uh: uh.hyper_step(val_batch=vb),
                 prepare=steps,
                 floor=unrolled_floor(k),
+                prepare_is_work=True,
             )
         )
 
@@ -199,6 +205,7 @@ def build_cases(prob: Problem, args: argparse.Namespace) -> tuple[list[Case], di
             lambda: uc.hyper_step(val_batch=vb),
             prepare=lambda: _steps(uc, prob, ck),
             floor=ckpt_floor,
+            prepare_is_work=True,
         )
     )
 
@@ -311,13 +318,23 @@ def count_flops(cases: Sequence[Case]) -> dict[str, int | None]:
     """Each case's matmul / convolution FLOPs (``torch.utils.flop_counter``), counted once
     (prepared as when timed, untimed): the ratio to the train step's is what a FLOP-bound device
     cannot beat, whatever the implementation, so the measured ``÷ step`` reads against it.
-    ``None`` where the counter fails (a peer's custom op)."""
+    ``None`` where the counter fails (a peer's custom op). Where ``prepare`` is work of the method
+    (``Case.prepare_is_work``: Unrolled's K inner steps), its FLOPs are counted too, under
+    ``"<key>:prepare"``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     out: dict[str, int | None] = {}
     for c in cases:
         assert c.prepare is not None
-        c.prepare()
+        if c.prepare_is_work:
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    c.prepare()
+                out[f"{c.key}:prepare"] = int(counter.get_total_flops())
+            except Exception:  # noqa: BLE001 - as below
+                out[f"{c.key}:prepare"] = None
+        else:
+            c.prepare()
         try:
             with FlopCounterMode(display=False) as counter:
                 c.run()
@@ -482,15 +499,23 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
     floor_s: dict[str, list[float]] = {c.key: [] for c in live}
     iters: dict[str, list[int]] = {c.key: [] for c in live}
     over_hg: dict[str, list[float]] = {c.key: [] for c in live if c.peer_of}
+    prep_s: dict[str, list[float]] = {c.key: [] for c in live if c.prepare_is_work}
+    over_hg_steps: dict[str, list[float]] = {c.key: [] for c in live if c.peer_of}
     t_rounds = time.perf_counter()
     n_rounds = 0
     for _ in rounds(args.repeats, args.budget, args.min_repeats):
         n_rounds += 1
         this: dict[str, float] = {}
         infos: dict[str, Any] = {}
+        prep: dict[str, float] = {}
         for c in live:
             assert c.prepare is not None
-            c.prepare()
+            if c.prepare_is_work:
+                p, _ = timer(c.prepare)
+                prep[c.key] = p.seconds
+                prep_s[c.key].append(p.seconds)
+            else:
+                c.prepare()
             s, info = timer(c.run)
             this[c.key], infos[c.key] = s.seconds, info
             secs[c.key].append(s.seconds)
@@ -509,6 +534,8 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
                 over_floor[c.key].append(this[c.key] / f)
             if c.peer_of and c.peer_of in this:
                 over_hg[c.key].append(this[c.key] / this[c.peer_of])
+                if c.peer_of in prep:  # the peer's call also takes the K steps hypergrad took apart
+                    over_hg_steps[c.key].append(this[c.key] / (this[c.peer_of] + prep[c.peer_of]))
     log(f"   {n_rounds} timed rounds in {time.perf_counter() - t_rounds:.1f}s")
 
     peaks: dict[str, Window] = {}
@@ -544,6 +571,11 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
         if c.peer_of:
             row["peer_of"] = c.peer_of
             row["ratio_to_hypergrad"] = median(over_hg[c.key])
+            if over_hg_steps[c.key]:
+                row["ratio_to_hypergrad_with_steps"] = median(over_hg_steps[c.key])
+        if prep_s.get(c.key):
+            row["prepare_ms"] = 1e3 * median(prep_s[c.key])
+            row["prepare_samples_ms"] = [round(1e3 * x, 4) for x in prep_s[c.key]]
         if floor_s[c.key]:
             row["floor_ms"] = 1e3 * median(floor_s[c.key])
             row["floor_ratio_to_train_step"] = median(
@@ -562,6 +594,8 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
         if flops.get(c.key) is not None and flops.get("train_step"):
             row["flops"] = flops[c.key]
             row["flops_ratio_to_train_step"] = flops[c.key] / flops["train_step"]
+            if flops.get(f"{c.key}:prepare") is not None:
+                row["prepare_flops_ratio_to_train_step"] = flops[f"{c.key}:prepare"] / flops["train_step"]
         if c.key in peaks:
             row["peak_bytes"], row["net_bytes"] = peaks[c.key].peak, peaks[c.key].net
             if train_peak:
@@ -575,6 +609,11 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
                 else ""
             )
             + (f"  ÷hg {row['ratio_to_hypergrad']:5.2f}" if "ratio_to_hypergrad" in row else "")
+            + (
+                f"  ÷(hg + its steps) {row['ratio_to_hypergrad_with_steps']:5.2f}"
+                if "ratio_to_hypergrad_with_steps" in row
+                else ""
+            )
             + (f"  FLOPs {row['flops_ratio_to_train_step']:5.2f}" if "flops" in row else "")
             + (f"  peak {row['peak_bytes'] / 2**20:8.2f} MiB" if "peak_bytes" in row else "")
         )
@@ -612,7 +651,8 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> di
         for label in ["implicit"] + [f"unrolled/k-{k}" for k in UNROLLED_KS]:
             log(
                 f"   held before a hyperstep, {label}: {b[label]['held_in_snapshots']:.2f} snapshots "
-                f"({b['snapshot_bytes'] / 2**20:.2f} MiB each)"
+                f"({(b['snapshot_bytes'] + b['hparam_bytes']) / 2**20:.2f} MiB each, hyperparameters "
+                "included, as held_in_snapshots counts them)"
             )
     out["loadavg_end"] = _loadavg()
     out["seconds"] = time.perf_counter() - t0
