@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from ._types import Batch, LossFn, Tensors
 from ._wrap import unwrap_model, wrappers
@@ -257,6 +259,8 @@ def _cdist_mm(
     return _CDIST(x1, x2, p, compute_mode)
 
 
+_SPECTRAL_FORWARD: Any = _SpectralNorm.forward
+_SPECTRAL_COMPUTE: Any = SpectralNorm.compute_weight
 _MSE_LOSS: Any = torch._C._nn.mse_loss  # (its stub says reduction: str; the kernel takes the enum)
 
 
@@ -273,6 +277,53 @@ def _mse_loss_forward_safe(input: Tensor, target: Tensor, reduction: int = 1) ->
         loss = torch.pow(input - target, 2)
         return loss if reduction == 0 else loss.sum() if reduction == 2 else loss.mean()
     return _MSE_LOSS(input, target, reduction)
+
+
+def _hardsigmoid_twice(input: Tensor) -> Tensor:
+    """``F.hardsigmoid`` as ``x / 6 + 1/2`` on ``(-3, 3)``, else 0 or 1: the same values and first
+    derivative (0 at the kinks, as the kernel's), and a second derivative (the kernel's backward
+    has none in torch 2.13: ``nn.Hardsigmoid`` in MobileNetV3's squeeze-excitation blocks)."""
+    inside = (input > -3) & (input < 3)
+    return torch.where(inside, input / 6 + 0.5, (input >= 3).to(input.dtype))
+
+
+def _sigma_curvature(weight_mat: Tensor) -> Tensor:
+    r""":math:`c(W) = \sigma_{\max}(W) - u_*^\top W v_*` minus its value, with :math:`u_*, v_*` the
+    (constant) top singular vectors at the current :math:`W`: 0 in value and in first derivative,
+    with the second derivative of :math:`\sigma_{\max}`."""
+    w0 = weight_mat.detach()
+    u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+    c = torch.linalg.matrix_norm(weight_mat, 2) - torch.vdot(u[:, 0], torch.mv(weight_mat, vh[0]))
+    return c - c.detach()
+
+
+def _spectral_correction(out: Tensor, weight_mat: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    r"""``out = W / sigma`` (``sigma = u^T W v``, the power iteration's vectors held constant, as
+    torch differentiates it) with the curvature of :math:`\sigma_{\max}(W)` added: the same value
+    and first derivative, and at a fixed point of the power iteration (:math:`u, v` the top
+    singular vectors) the second derivative of :math:`W / \sigma_{\max}(W)`."""
+    sigma = torch.vdot(u, torch.mv(weight_mat.detach(), v))
+    return out - out.detach() * (_sigma_curvature(weight_mat) / sigma)
+
+
+def _spectral_norm_forward(self: Any, weight: Tensor) -> Tensor:
+    """``nn.utils.parametrizations.spectral_norm``'s forward (which updates ``_u`` and ``_v`` in
+    training mode), with :func:`_spectral_correction` in training mode."""
+    out = _SPECTRAL_FORWARD(self, weight)
+    if weight.ndim == 1 or not self.training or not torch.is_grad_enabled():
+        return out
+    return _spectral_correction(out, self._reshape_weight_to_matrix(weight), self._u, self._v)
+
+
+def _spectral_norm_compute_weight(self: Any, module: nn.Module, do_power_iteration: bool) -> Tensor:
+    """The hook-based ``nn.utils.spectral_norm``'s weight, with :func:`_spectral_correction` when it
+    runs its power iteration (training mode)."""
+    out = _SPECTRAL_COMPUTE(self, module, do_power_iteration)
+    if not do_power_iteration or self.n_power_iterations <= 0 or not torch.is_grad_enabled():
+        return out
+    weight_mat = self.reshape_weight_to_matrix(getattr(module, self.name + "_orig"))
+    u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")
+    return _spectral_correction(out, weight_mat, u, v)
 
 
 def _checkpoint_keeping_activations(fn: Any, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -297,19 +348,48 @@ def _twice_targets() -> list[tuple[Any, str, Any]]:
         (torch, "embedding", _embedding_dense),  # F.embedding calls torch.embedding
         (torch, "cdist", _cdist_mm),
         (torch._C._nn, "mse_loss", _mse_loss_forward_safe),  # F.mse_loss calls it
+        (torch._C._nn, "hardsigmoid", _hardsigmoid_twice),  # F.hardsigmoid(inplace=False) calls it
         # checkpoint(use_reentrant=False) looks this name up at every call
         (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _checkpoint_keeping_activations),
     ]
     return [(ns, name, fn) for ns, name, fn in out if hasattr(ns, name)]
 
 
+def _fixed_point_targets() -> list[tuple[Any, str, Any]]:
+    """The entry points :func:`differentiable_twice` also replaces with ``at_fixed_point=True``."""
+    return [
+        (_SpectralNorm, "forward", _spectral_norm_forward),  # nn.utils.parametrizations.spectral_norm
+        (SpectralNorm, "compute_weight", _spectral_norm_compute_weight),  # nn.utils.spectral_norm
+    ]
+
+
 _TWICE_LOCK = threading.Lock()
 _TWICE_STATE: dict[str, Any] = {"open": 0, "saved": []}
+_FIXED_POINT_STATE: dict[str, Any] = {"open": 0, "saved": []}
+
+
+def _open_swap(state: dict[str, Any], targets: Any) -> None:
+    with _TWICE_LOCK:
+        if state["open"] == 0:
+            found = targets()
+            state["saved"] = [(ns, name, getattr(ns, name)) for ns, name, _ in found]
+            for ns, name, fn in found:
+                setattr(ns, name, fn)
+        state["open"] += 1
+
+
+def _close_swap(state: dict[str, Any]) -> None:
+    with _TWICE_LOCK:
+        state["open"] -= 1
+        if state["open"] == 0:
+            for ns, name, fn in state["saved"]:
+                setattr(ns, name, fn)
+            state["saved"] = []
 
 
 @contextlib.contextmanager
-def differentiable_twice() -> Iterator[None]:
-    """Within the block, a loss's graph can be differentiated twice (HVPs, mixed derivatives).
+def differentiable_twice(at_fixed_point: bool = False) -> Iterator[None]:
+    r"""Within the block, a loss's graph can be differentiated twice (HVPs, mixed derivatives).
 
     PyTorch operations whose kernels have a wrong, missing or sparse second derivative are
     replaced by equivalents built from twice-differentiable operations (same values up to
@@ -334,29 +414,44 @@ def differentiable_twice() -> Iterator[None]:
       the current weights instead of the replayed ones). Memory inside these blocks is therefore
       that of the model without checkpointing; :meth:`HyperOptimizer.step` still checkpoints.
 
+    * ``F.hardsigmoid`` (``nn.Hardsigmoid()``, MobileNetV3's squeeze-excitation gate): its
+      kernel's backward has no derivative; computed as ``x / 6 + 1/2`` inside ``(-3, 3)`` and
+      0 or 1 outside (the same values and first derivative).
+
+    With ``at_fixed_point=True`` (the implicit function theorem's setting: the training loss
+    differentiated twice at a rest point of training), also:
+
+    * ``nn.utils.parametrizations.spectral_norm`` and the hook-based ``nn.utils.spectral_norm``
+      in training mode: torch divides by :math:`\sigma = u^\top W v` and differentiates with the
+      power iteration's :math:`u, v` held constant, exact to first order once they have
+      converged but without the curvature of :math:`\sigma_{\max}(W)` that the converged
+      vectors follow: a hypergradient 87% off the finite differences of the training gradient
+      on a small MLP. A term with value 0 and first derivative 0 and the second derivative of
+      :math:`\sigma_{\max}(W)` (from an SVD of the weight matrix per call) is added; in
+      evaluation mode (:math:`u, v` frozen) nothing changes. Not for unrolled steps, which
+      differentiate the steps as taken (:math:`u, v` constants, as autograd records them).
+      The Hessian of :math:`\sigma_{\max}` does not exist where the largest singular value is
+      repeated.
+
     The replacements are the entry points' attributes (``torch.cdist`` etc.), swapped while any
-    block is open (in any thread: they compute the same values) and restored when the last one
-    closes; unlike a ``TorchFunctionMode``, they cost nothing per operation.
+    block is open (in any thread: they compute the same values, and the same first derivatives)
+    and restored when the last one closes; unlike a ``TorchFunctionMode``, they cost nothing per
+    operation.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with _TWICE_LOCK:
-        if _TWICE_STATE["open"] == 0:
-            targets = _twice_targets()
-            _TWICE_STATE["saved"] = [(ns, name, getattr(ns, name)) for ns, name, _ in targets]
-            for ns, name, fn in targets:
-                setattr(ns, name, fn)
-        _TWICE_STATE["open"] += 1
+    _open_swap(_TWICE_STATE, _twice_targets)
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+        if at_fixed_point:
+            _open_swap(_FIXED_POINT_STATE, _fixed_point_targets)
+        try:
+            with sdpa_kernel([SDPBackend.MATH]):
+                yield
+        finally:
+            if at_fixed_point:
+                _close_swap(_FIXED_POINT_STATE)
     finally:
-        with _TWICE_LOCK:
-            _TWICE_STATE["open"] -= 1
-            if _TWICE_STATE["open"] == 0:
-                for ns, name, fn in _TWICE_STATE["saved"]:
-                    setattr(ns, name, fn)
-                _TWICE_STATE["saved"] = []
+        _close_swap(_TWICE_STATE)
 
 
 @contextlib.contextmanager

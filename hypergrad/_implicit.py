@@ -176,7 +176,7 @@ def _implicit(
     plain_train_loss = train_loss
     if penalties is not None:
         train_loss = penalties.recording(train_loss)
-    with differentiable_twice():
+    with differentiable_twice(at_fixed_point=True):
         lt = train_loss()
     _check_loss_value(lt, "train_loss")
     probes = [] if penalties is None else penalties.probes
@@ -189,7 +189,7 @@ def _implicit(
         # the loss is not c * penalty + (the rest) with c free of the weights (f(w) * penalty,
         # penalty ** 2): the by-hand second derivatives would lose product-rule terms; autograd's
         penalties, probes = None, []
-        with differentiable_twice():
+        with differentiable_twice(at_fixed_point=True):
             lt = plain_train_loss()
         g_raw = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True)
     g_all = materialize(g_raw, weights + probes)

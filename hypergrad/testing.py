@@ -403,7 +403,7 @@ def dense_ift_hypergradient(
     hps: list[Tensor] = list(hparams.parameters())
     # (operations whose kernels have a wrong second derivative, weight norm's, replaced: without
     # it a weight-normalised model's reference was 1.3% off the true hypergradient)
-    with differentiable_twice():
+    with differentiable_twice(at_fixed_point=True):
         g = grads(train_loss(model, hparams, train_batch), ws, create_graph=True)
         jac = torch.stack([grads(g[i], ws + hps, retain_graph=True) for i in range(g.numel())])
         n_w = g.numel()
