@@ -302,6 +302,10 @@ class _Record:
     #: the hyperparameter module's buffers before the step's forward pass (a learned augmentation
     #: network's running statistics), by value: the replay starts each step from them
     hparam_buffers: Tensors = ()
+    #: the model's plain tensor attributes before the step's forward pass (state a module keeps
+    #: outside its parameters and buffers, e.g. a language model's hidden state carried from batch
+    #: to batch), by value, as ``(module index, name, value)`` (:func:`_plain_attributes`)
+    attributes: tuple[tuple[int, str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -333,6 +337,90 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
 def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
     """Param-group settings by value (a scheduler may update a tensor learning rate in place)."""
     return {k: clone_batch(v) for k, v in group_settings(group).items()}
+
+
+def _attribute_value(v: Any) -> bool:
+    """Whether a module's plain attribute is state :func:`_plain_attributes` records: ``None``, a
+    tensor, or a tuple or list of tensors, none of them an ``nn.Parameter`` (an LSTM's list of its
+    own weights is not state)."""
+    if v is None:
+        return True
+    items = v if isinstance(v, (tuple, list)) else (v,)
+    if isinstance(v, (tuple, list)) and not v:
+        return False
+    return all(isinstance(t, Tensor) and not isinstance(t, nn.Parameter) for t in items)
+
+
+def _copy_attribute(v: Any) -> Any:
+    """A detached copy of an attribute value (``None``, a tensor, a tuple or list of tensors)."""
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(t.detach().clone() for t in v)
+    return v
+
+
+def _plain_attributes(
+    modules: Sequence[nn.Module], seen: dict[tuple[int, str], tuple[Any, Any]] | None = None
+) -> tuple[tuple[int, str, Any], ...]:
+    """Copies of the modules' plain (unregistered) tensor attributes, ``(module index, name,
+    value)``: state kept on a module between forward passes, such as a hidden state that
+    ``forward`` stores (``self.hidden = h.detach()``) and the next batch starts from. Public
+    names only, and ``None`` values too (a hidden state not yet set). ``seen`` maps each
+    attribute to ``(its tensors and their versions, the copy)`` taken last time: an attribute
+    that still holds those tensors, unwritten, shares that copy (a constant kept as a plain
+    attribute, such as a mask, is copied once, not once per step)."""
+    out = []
+    for i, m in enumerate(modules):
+        for k, v in vars(m).items():
+            if k.startswith("_") or not _attribute_value(v):
+                continue
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            key = tuple((id(t), t._version) for t in items if isinstance(t, Tensor))
+            last = None if seen is None else seen.get((i, k))
+            if (
+                last is not None
+                and last[0][0] == key
+                and all(a is b for a, b in zip(last[0][1], items, strict=True))
+            ):
+                copy = last[1]
+            else:
+                copy = _copy_attribute(v)
+                if seen is not None:
+                    seen[i, k] = ((key, tuple(items)), copy)
+            out.append((i, k, copy))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _attributes_kept(
+    modules: Sequence[nn.Module], values: Sequence[tuple[int, str, Any]] = ()
+) -> Iterator[None]:
+    """Within the block the modules' plain tensor attributes are copies of ``values`` (a recorded
+    step's, so that its replay starts from the state the real step started from); afterwards
+    they are the objects they were before the block, and attributes the block added are gone:
+    a replayed step or the validation loss that stores a hidden state on the model leaves the
+    real one alone."""
+    before = [
+        {k: v for k, v in vars(m).items() if not k.startswith("_") and _attribute_value(v)} for m in modules
+    ]
+    # (through setattr: a recurrent layer's weight kept as a plain attribute, as AWD-LSTM's
+    # weight drop sets it, also goes into the layer's own list of its weights)
+    try:
+        for i, k, v in values:
+            if i < len(modules):
+                setattr(modules[i], k, _copy_attribute(v))
+        yield
+    finally:
+        for m, kept in zip(modules, before, strict=True):
+            d = vars(m)
+            for k in [
+                k for k, v in d.items() if not k.startswith("_") and _attribute_value(v) and k not in kept
+            ]:
+                delattr(m, k)
+            for k, v in kept.items():
+                if d.get(k, m) is not v:
+                    setattr(m, k, v)
 
 
 class Unrolled(HyperOptimizer):
@@ -371,6 +459,17 @@ class Unrolled(HyperOptimizer):
     weights are not changed. Buffers (BatchNorm's running statistics) are constants of the
     hypergradient: a ``val_loss`` in eval mode uses the real running statistics but not their
     dependence on the hyperparameters through the window's steps (nor do higher and torchopt).
+    State a model keeps between forward passes in plain attributes of its modules (a language
+    model's hidden state, ``self.hidden = (h.detach(), c.detach())``: public names holding a
+    tensor, a tuple or list of tensors, or ``None``) is recorded by value with each step, as
+    buffers are: each replayed step starts from the value its real step started from, and the
+    hyperstep leaves the real attributes as they were (the validation loss too runs on the
+    current ones and its changes are undone). A detached hidden state is a constant of the
+    hypergradient, as it is of the real gradients (truncated BPTT). ``train_loss`` itself runs
+    again in the hyperstep, once per replayed step (twice with ``checkpoint=True``, the second
+    time from the window's last step back to its first; once per step and hyperparameter
+    entry in forward mode): a loss that hands state on through a closure of its own (the hidden
+    state for the next batch) has it overwritten there; keep such state on the model.
     Values the model or the losses compute with ``.detach()`` are constants in both modes, and
     so are those computed under ``torch.no_grad()`` in reverse mode (autograd records nothing
     there), while forward mode follows them (PyTorch's forward AD ignores ``no_grad``). Where
@@ -529,6 +628,9 @@ class Unrolled(HyperOptimizer):
         self._state_seen: list[dict[str, Any]] | None = None
         #: the inner optimiser the recorded steps were taken by (:meth:`_check_optimizer`)
         self._optimizer_seen = inner_optimizer
+        #: the model's plain tensor attributes before the step under way (:func:`_plain_attributes`)
+        self._attributes_before: tuple[tuple[int, str, Any], ...] = ()
+        self._attributes_seen: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._weights_changed()
         self._check_hooks()
 
@@ -662,6 +764,8 @@ class Unrolled(HyperOptimizer):
         self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
         self._check_hooks()
+        seen = getattr(self, "_attributes_seen", None)  # (copies pickled before it was kept)
+        self._attributes_before = _plain_attributes(list(self.pair.model.modules()), seen)
 
     def _record_step(
         self,
@@ -674,6 +778,8 @@ class Unrolled(HyperOptimizer):
     ) -> None:
         pair = self.pair
         self._promotion = None
+        attributes = getattr(self, "_attributes_before", ())  # (copies pickled before it was kept)
+        self._attributes_before = ()
         if not getattr(self, "_warned_batch_graph", False) and any(
             t.grad_fn is not None for t in iter_tensors(batch)
         ):
@@ -750,6 +856,7 @@ class Unrolled(HyperOptimizer):
                 autocast=_autocast_state(self.device.type),
                 states=changed_states,
                 hparam_buffers=hparam_buffers,
+                attributes=attributes,
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -777,6 +884,7 @@ class Unrolled(HyperOptimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_state_seen"] = None  # (references to the state's tensors: re-taken by the copy)
+        state["_attributes_seen"] = {}  # (likewise, the model's attributes: copied anew)
         return state
 
     def _state_signature(self) -> list[dict[str, Any]]:
@@ -925,6 +1033,7 @@ class Unrolled(HyperOptimizer):
                     self._modes_of(rec),
                     torch.random.fork_rng(devices=devices, enabled=rec.rng is not None),
                     self._hparam_buffers_at(rec.hparam_buffers),
+                    _attributes_kept(list(self.pair.model.modules()), rec.attributes),
                 ):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
@@ -1215,7 +1324,9 @@ class Unrolled(HyperOptimizer):
         return substituting(([slot], v.clone()) for slot, v in zip(slots, values, strict=True))
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
-        with self._hparam_buffers_at(None):  # (the validation loss on copies of the current ones)
+        # (the validation loss on copies of the current buffers; the model's plain attributes,
+        # e.g. a hidden state it keeps, as they are after it)
+        with self._hparam_buffers_at(None), _attributes_kept(list(self.pair.model.modules())):
             return self._hypergradient_on_copies(val_batch)
 
     def _hypergradient_on_copies(self, val_batch: Batch) -> _Hypergradient:
@@ -1281,7 +1392,7 @@ class Unrolled(HyperOptimizer):
                 "Unrolled.replayed_weights needs at least one inner step recorded by hopt.step(batch) "
                 "since the episode began; none has been taken"
             )
-        with torch.enable_grad():
+        with torch.enable_grad(), _attributes_kept(list(self.pair.model.modules())):
             w, _ = self._replay(self.pair.hparam_tensors)
         return tuple(t.detach() for t in w)
 
