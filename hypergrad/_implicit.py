@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._functional import (
-    _buffer_slots,
     _uncached,
     clone_all,
     differentiable_twice,
@@ -31,7 +30,6 @@ from ._functional import (
     materialize,
     naming_missing_second_derivatives,
     norm,
-    substituting,
 )
 from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus, _autograd_on, _tensor_list, _writable
 from ._types import HVP, Batch, LossFn, Tensors
@@ -827,22 +825,15 @@ class Implicit(HyperOptimizer):
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         buffers = pair.buffers()
-        # the hyperparameters' own buffers (a learned augmentation network's running normaliser,
-        # a step counter annealing its strength) as the model's: each loss reads copies of their
-        # values now, as step() would. On the real ones, a module that updates a buffer and then
-        # reads it saw val_loss's update in train_loss (a hypergradient 98% off)
-        hp_slots = _buffer_slots(self.hparams)[1]
-        hp_buffers = [d[k] for d, k in hp_slots]
-
-        def own_hp_buffers() -> Any:
-            return substituting(([slot], b.clone()) for slot, b in zip(hp_slots, hp_buffers, strict=True))
+        # the hyperparameters' own buffers as the model's: each loss reads copies of their
+        # values now, as step() would (see HyperOptimizer._hparam_buffers_at)
 
         def lt() -> Tensor:
-            with own_hp_buffers():
+            with self._hparam_buffers_at():
                 return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
 
         def lv() -> Tensor:
-            with own_hp_buffers():
+            with self._hparam_buffers_at():
                 return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
 
         train_value: list[Tensor] = []

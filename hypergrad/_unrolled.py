@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._checkpointed import checkpointed_hypergradient
 from ._functional import (
-    _buffer_slots,
     check_batch,
     clip_by_total_norm,
     clone_all,
@@ -35,7 +34,6 @@ from ._functional import (
     grads_or_zeros,
     iter_tensors,
     materialize,
-    substituting,
 )
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
 from ._solvers import _autograd_on, _tensor_list
@@ -1309,19 +1307,6 @@ class Unrolled(HyperOptimizer):
         # mode's graph, where a weight the window leaves without effect on L_V still connects)
         reached = tuple(v or (w and any(to_val)) for v, w in zip(to_val, to_weights, strict=True))
         return tuple(grads), value, reached
-
-    def _hparam_buffers_at(self, values: Tensors | None) -> contextlib.AbstractContextManager[None]:
-        """Within the block the hyperparameter module's buffers are copies of ``values`` (a recorded
-        step's, so that its replay starts from what the real step did; ``None``: of their current
-        values, for the validation loss), and the real ones are left alone: a learned augmentation
-        network that updates a buffer and reads it was replayed from its current value in every
-        step (37% off central differences at K = 3)."""
-        slots = _buffer_slots(self.hparams)[1]
-        if values is None:
-            values = tuple(d[k] for d, k in slots)
-        if not slots or len(values) != len(slots):  # (none; or a record from before they existed)
-            return contextlib.nullcontext()
-        return substituting(([slot], v.clone()) for slot, v in zip(slots, values, strict=True))
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         # (the validation loss on copies of the current buffers; the model's plain attributes,
