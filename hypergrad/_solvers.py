@@ -295,9 +295,28 @@ def _scaled_norm(ts: Sequence[Tensor]) -> Tensor:
     ts = [t for t in ts if t.numel()]
     if not ts:
         return torch.zeros(())
-    big = torch.stack(list(torch._foreach_norm(list(ts), math.inf))).amax()
+    if all(t.dtype in _WIDENABLE for t in ts):
+        # the squares of float32 / float16 / bfloat16 entries neither underflow nor overflow in
+        # float64: one read of each tensor and no temporaries. (The scaled form below reads them
+        # three times and writes a copy; on CPU its infinity norm alone took 0.7 ms for 269k
+        # float32 entries, against 0.1 ms for this.)
+        parts = torch._foreach_norm(list(ts), 2, dtype=torch.float64)
+        return torch.linalg.vector_norm(torch.stack(list(parts))).to(torch.float32)
+    big = torch.stack([_max_abs(t) for t in ts]).amax()
     safe = torch.where((big > 0) & torch.isfinite(big), big, torch.ones_like(big))
     return norm(torch._foreach_div(list(ts), safe)) * safe
+
+
+_WIDENABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _max_abs(t: Tensor) -> Tensor:
+    """``max |t|`` (NaN if ``t`` holds one) without ``_foreach_norm(ts, inf)``, which is slow on
+    CPU (0.7 ms for 269k entries, against 0.04 ms for ``amax`` and ``amin``) and without a copy
+    for real ``t``."""
+    if t.is_complex():
+        return t.abs().amax()
+    return torch.maximum(t.amax(), t.amin().neg())
 
 
 def _pow2_scale(v: Sequence[Tensor]) -> float:
@@ -306,7 +325,7 @@ def _pow2_scale(v: Sequence[Tensor]) -> float:
     ts = [t for t in v if t.numel()]
     if not ts:
         return 1.0
-    big = float(torch.stack(list(torch._foreach_norm(list(ts), math.inf))).amax())
+    big = float(torch.stack([_max_abs(t) for t in ts]).amax())
     if not (math.isfinite(big) and big > 0):
         return 1.0
     return math.ldexp(1.0, math.frexp(big)[1] - 1)  # big / scale in [1, 2): representable in any dtype

@@ -497,3 +497,37 @@ def test_warm_neumann_says_when_its_iterate_is_worse_than_zero() -> None:
     c = _indefinite(6)
     bad = hg.Neumann(steps=3, alpha=1.0).solve(lambda u: (c @ u[0],), (b,), x0=(10 * b,))
     assert bad.status is SolveStatus.DIVERGING and float(bad.residual) > 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 1e-25),  # squares underflow in float32
+        (torch.float32, 1e21),  # squares overflow in float32
+        (torch.float32, 1.0),
+        (torch.bfloat16, 1e30),
+        (torch.float16, 100.0),  # squares overflow float16's 65504
+        (torch.float64, 1e-170),
+        (torch.float64, 1e170),
+        (torch.complex64, 1e-25),
+    ],
+)
+def test_solver_norm_is_accurate_across_dtypes_and_extreme_scales(dtype, scale):
+    """The norm the solvers use for their residuals and divergence tests: within rounding of the
+    float64 (or exact-scaling) reference at any scale the dtype holds, NaN for a NaN entry."""
+    from hypergrad._solvers import _scaled_norm
+
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        torch.randn(300, 7, generator=g, dtype=torch.float64),
+        torch.randn(5, generator=g, dtype=torch.float64),
+    ]
+    ts = [(p * scale).to(dtype) for p in parts]
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    ref = math.sqrt(sum(float((t.to(wide) / scale).abs().pow(2).sum()) for t in ts)) * scale
+    got = float(_scaled_norm(ts))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got == pytest.approx(ref, rel=tol)
+    ts[1][2] = float("nan")
+    assert math.isnan(float(_scaled_norm(ts)))
+    assert float(_scaled_norm([torch.zeros(3, dtype=dtype)])) == 0.0
