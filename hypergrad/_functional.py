@@ -746,3 +746,99 @@ class Ranks:
             out.append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         return tuple(out)
+
+
+# ---------------------------------------------------------------- plain-attribute state
+
+
+def _attribute_value(v: Any) -> bool:
+    """Whether a module's plain attribute is state :func:`_plain_attributes` records: ``None``, a
+    tensor, or a tuple or list of tensors, none of them an ``nn.Parameter`` (an LSTM's list of its
+    own weights is not state)."""
+    if v is None:
+        return True
+    if isinstance(v, Tensor):
+        return not isinstance(v, nn.Parameter)
+    if not isinstance(v, (tuple, list)) or not v or not isinstance(v[0], Tensor):
+        return False  # (a setting; a tuple of ints such as a kernel size, at its first item)
+    return all(isinstance(t, Tensor) and not isinstance(t, nn.Parameter) for t in v)
+
+
+def _state_attributes(m: nn.Module) -> dict[str, Any]:
+    """``m``'s public plain attributes that :func:`_attribute_value` calls state. (Settings are
+    skipped by their type first: the modules of a ResNet-18 hold some 1,400 plain attributes,
+    nearly all of them private or settings, and this runs for every module at every step.)"""
+    out = {}
+    for k, v in vars(m).items():
+        if k[0] != "_" and type(v) not in _SETTING_TYPES and _attribute_value(v):
+            out[k] = v
+    return out
+
+
+_SETTING_TYPES = frozenset({int, float, bool, str})
+
+
+def _copy_attribute(v: Any) -> Any:
+    """A detached copy of an attribute value (``None``, a tensor, a tuple or list of tensors)."""
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(t.detach().clone() for t in v)
+    return v
+
+
+def _plain_attributes(
+    modules: Sequence[nn.Module], seen: dict[tuple[int, str], tuple[Any, Any]] | None = None
+) -> tuple[tuple[int, str, Any], ...]:
+    """Copies of the modules' plain (unregistered) tensor attributes, ``(module index, name,
+    value)``: state kept on a module between forward passes, such as a hidden state that
+    ``forward`` stores (``self.hidden = h.detach()``) and the next batch starts from. Public
+    names only, and ``None`` values too (a hidden state not yet set). ``seen`` maps each
+    attribute to ``(its tensors and their versions, the copy)`` taken last time: an attribute
+    that still holds those tensors, unwritten, shares that copy (a constant kept as a plain
+    attribute, such as a mask, is copied once, not once per step)."""
+    out = []
+    for i, m in enumerate(modules):
+        for k, v in _state_attributes(m).items():
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            key = tuple((id(t), t._version) for t in items if isinstance(t, Tensor))
+            last = None if seen is None else seen.get((i, k))
+            if (
+                last is not None
+                and last[0][0] == key
+                and all(a is b for a, b in zip(last[0][1], items, strict=True))
+            ):
+                copy = last[1]
+            else:
+                copy = _copy_attribute(v)
+                if seen is not None:
+                    seen[i, k] = ((key, tuple(items)), copy)
+            out.append((i, k, copy))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _attributes_kept(
+    modules: Sequence[nn.Module], values: Sequence[tuple[int, str, Any]] = ()
+) -> Iterator[None]:
+    """Within the block the modules' plain tensor attributes are copies of ``values`` (a recorded
+    step's, so that its replay starts from the state the real step started from); afterwards
+    they are the objects they were before the block, and attributes the block added are gone:
+    a replayed step or the validation loss that stores a hidden state on the model leaves the
+    real one alone."""
+    before = [_state_attributes(m) for m in modules]
+    # (through setattr: a recurrent layer's weight kept as a plain attribute, as AWD-LSTM's
+    # weight drop sets it, also goes into the layer's own list of its weights)
+    try:
+        for i, k, v in values:
+            if i < len(modules):
+                setattr(modules[i], k, _copy_attribute(v))
+        yield
+    finally:
+        for m, kept in zip(modules, before, strict=True):
+            d = vars(m)
+            for k in [k for k in _state_attributes(m) if k not in kept]:
+                delattr(m, k)
+            for k, v in kept.items():
+                if d.get(k, m) is not v:
+                    setattr(m, k, v)

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._functional import (
+    _attributes_kept,
+    _plain_attributes,
     _uncached,
     clone_all,
     differentiable_twice,
@@ -604,7 +606,11 @@ class Implicit(HyperOptimizer):
     (BatchNorm statistics, a learned augmentation network's running normaliser or step
     counter) as they are, so a module that updates a buffer and then reads it sees in
     ``train_loss`` what :meth:`step` would, not ``val_loss``'s update; the real buffers are
-    left untouched.
+    left untouched. The same holds for state a model keeps in plain tensor attributes (a
+    language model's ``self.hidden = h.detach()``): each loss starts from copies of their
+    values at the hyperstep's start, and afterwards the model holds the very objects it held
+    before (a validation loss cannot carry its own hidden state from one hyperstep to the
+    next through the model: keep that in the validation batch or in your own variable).
 
     The inner optimiser's own L2 term (``weight_decay`` of ``SGD``, ``Adam``, ``RMSprop``,
     ``Adagrad``, ``Adamax``, ``ASGD``, ``NAdam``, ``RAdam`` and of :mod:`hypergrad.optim`'s,
@@ -828,12 +834,18 @@ class Implicit(HyperOptimizer):
         # the hyperparameters' own buffers as the model's: each loss reads copies of their
         # values now, as step() would (see HyperOptimizer._hparam_buffers_at)
 
+        # and the model's plain tensor attributes (a hidden state its forward keeps, as
+        # ``self.hidden = h.detach()``) as copies of their values now, put back after each call:
+        # the validation loss's update no longer reaches the training loss, nor the next step
+        modules = list(pair.model.modules())
+        attributes = _plain_attributes(modules)
+
         def lt() -> Tensor:
-            with self._hparam_buffers_at():
+            with self._hparam_buffers_at(), _attributes_kept(modules, attributes):
                 return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
 
         def lv() -> Tensor:
-            with self._hparam_buffers_at():
+            with self._hparam_buffers_at(), _attributes_kept(modules, attributes):
                 return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
 
         train_value: list[Tensor] = []
