@@ -449,9 +449,11 @@ class SelfTuning(_BestResponseBase):
               per-example perturbed :math:`\tilde\lambda` with the network's output
               *linearised* in the perturbation, :math:`f(x; w_0) + J_\Delta f(x; w_0)\,\Delta`
               (a forward-mode JVP inside the model call; ``linearize=False`` keeps the output as
-              it is). The model may return tensors in tuples, named tuples, lists, dicts and
-              dataclasses (each comes back as its own type); another object holding tensors is
-              refused with a ``TypeError``, since their tangents would be lost.
+              it is). A layer fed the draw's features as a tensor (``layer(x, d.features)``) is
+              linearised like one fed the draw. The model may return tensors in tuples, named
+              tuples, lists, dicts and dataclasses (each comes back as its own type); another
+              object holding tensors is refused with a ``TypeError``, since their tangents
+              would be lost.
 
             Both gradients are taken at the same weights and applied in one optimiser step (the
             paper steps :math:`w_0` first); the returned loss is the base one, and running

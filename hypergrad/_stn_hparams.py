@@ -648,10 +648,22 @@ class SelfTuned(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.specs.items())
 
 
-def check_features(features: Any, n_hparams: int, batch: int, where: str) -> Tensor:
-    """The :math:`(B, H)` feature tensor of a draw, container or tensor, validated for a layer."""
+def check_features(features: Any, n_hparams: int, batch: int, where: str, *, tangent: bool = True) -> Tensor:
+    """The :math:`(B, H)` feature tensor of a draw, container or tensor, validated for a layer.
+    Inside a linearised model call (Delta-STN's response step) the features of a linear draw,
+    and a plain tensor of features (``draw.features`` passed on), come back as the tangent of a
+    zero primal (``tangent=False``: a plain tensor as it is)."""
     if isinstance(features, SelfTuned):
         features = features.draw(batch)
+    if (
+        tangent
+        and _LINEARISING[0] > 0
+        and isinstance(features, Tensor)
+        and fwAD.unpack_dual(features).tangent is None
+    ):
+        # (d.features given instead of d: the same centred perturbation, linearised like it;
+        # it was used as it is, the layer's output silently not linearised)
+        features = Draw(features, {}, linear=True)
     if isinstance(features, Draw):
         linear = features.linear
         features = features.features
@@ -737,9 +749,14 @@ def linear_perturbation(hparams: Any, batch: int, n_hparams: int, where: str) ->
         return None
     if isinstance(hparams, SelfTuned):
         hparams = hparams.draw(batch)
+    if isinstance(hparams, Tensor) and fwAD.unpack_dual(hparams).tangent is None:
+        # the features of the step's draw passed as a plain tensor (``layer(x, d.features)``):
+        # the centred perturbation too (it was used as it is: that layer's output silently not
+        # linearised, a response off by 0.04 after one step)
+        return check_features(hparams, n_hparams, batch, where, tangent=False)
     if not (isinstance(hparams, Draw) and hparams.linear):
         return None
-    return check_features(hparams.features, n_hparams, batch, where)
+    return check_features(hparams.features, n_hparams, batch, where, tangent=False)
 
 
 def _in_backward() -> bool:

@@ -70,9 +70,10 @@ class StnLayer(nn.Module):
     out_units: int
 
     def _init_response(self, out_units: int, n_hparams: int, factory: dict[str, Any]) -> None:
-        if isinstance(n_hparams, bool) or not isinstance(n_hparams, int) or n_hparams < 1:
+        count = _count(n_hparams)  # (a NumPy integer too, as HyperNet takes)
+        if count is None:
             raise ValueError(f"{type(self).__name__}: n_hparams must be an int >= 1, got {n_hparams!r}")
-        self.n_hparams = n_hparams
+        self.n_hparams = n_hparams = count
         self.out_units = out_units
         self.hnet = nn.Parameter(torch.empty(out_units, n_hparams, **factory))
         nn.init.normal_(self.hnet, std=0.01)
@@ -237,12 +238,13 @@ class StnLinear(StnLayer):
         :meth:`~StnLayer.modulation` takes them.
 
         Raises:
-            ValueError: ``x`` not 2-D, or hyperparameter features that do not fit this layer.
+            ValueError: ``x`` not a 2-D tensor, or hyperparameter features that do not fit this layer.
             TypeError: called without ``hparams`` (from an ``nn.Sequential``, say).
         """
         hparams = _need_hparams(hparams, self)
-        if x.dim() != 2:
-            raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"StnLinear expects x of shape (B, {self.in_features}), got {got}")
         delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
         if delta is None and self._vanishes(hparams, x.shape[0]):
             o = self.out_features
@@ -370,15 +372,15 @@ class _StnConvNd(StnLayer):
         convolution; ``hparams`` as :meth:`~StnLayer.modulation` takes them.
 
         Raises:
-            ValueError: ``x`` without ``2 + dims`` dimensions, or hyperparameter features that do
+            ValueError: ``x`` not a tensor with ``2 + dims`` dimensions, or hyperparameter features that do
                 not fit this layer.
             TypeError: called without ``hparams`` (from an ``nn.Sequential``, say).
         """
         hparams = _need_hparams(hparams, self)
-        if x.dim() != self._dims + 2:
+        if not isinstance(x, Tensor) or x.dim() != self._dims + 2:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), "
-                f"got {tuple(x.shape)}"
+                f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), got {got}"
             )
         delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
         if delta is None and self._vanishes(hparams, x.shape[0]):
@@ -554,7 +556,7 @@ class StnLSTMCell(StnLayer):
         self.gates = StnLinear(
             input_size + hidden_size, 4 * hidden_size, n_hparams, bias, device, dtype, rank=rank
         )
-        self.n_hparams = n_hparams
+        self.n_hparams = self.gates.n_hparams  # (validated there, as an int)
         self.out_units = 4 * hidden_size
 
     def response_masks(self) -> dict[str, Tensor | bool]:
@@ -610,10 +612,21 @@ def _per_example(v: Tensor | float, x: Tensor, what: str) -> Tensor:
     """``v`` as a :math:`(B,)` tensor on ``x``'s device (not yet of ``x``'s dtype)."""
     if x.dim() < 1:
         raise ValueError(f"{what}: x must be batched, (B, ...); got a 0-dim tensor")
+    if isinstance(v, (Draw, SelfTuned)):  # (torch's "could not determine the shape of object type 'Draw'")
+        raise TypeError(
+            f"{what}: got the whole {type(v).__name__}; pass one hyperparameter's values, "
+            f"e.g. d['dropout'] for d = hparams.draw(len(x))"
+        )
     if isinstance(v, float):  # (float64, as Python holds it: 1 - 1e-9 is a rate below 1)
         t = torch.tensor(v, dtype=torch.float64, device=x.device)
     else:
-        t = torch.as_tensor(v, device=x.device)
+        try:
+            t = torch.as_tensor(v, device=x.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"{what}: need a number or one per example, shape ({x.shape[0]},); got "
+                f"{type(v).__name__} ({e})"
+            ) from None
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{what}: need numbers, got a {t.dtype} value")
     if t.dim() == 0:
@@ -677,7 +690,9 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
 
     Raises:
         ValueError: a rate outside :math:`[0, 1)` or of the wrong shape.
-        TypeError: ``x`` not floating point, or boolean / complex rates.
+        TypeError: ``x`` not floating point, boolean / complex rates, or a rate that is no
+            number or tensor (the whole :class:`~hypergrad.hparams.Draw`, say: pass
+            ``d["dropout"]``).
 
     Cost: a random mask the size of ``x``, and one host synchronisation (the range check).
 
@@ -711,7 +726,8 @@ def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Ten
     Raises:
         ValueError: a negative or non-finite ``std`` (also one that overflows ``x``'s dtype,
             e.g. above 65504 in float16), or one of the wrong shape.
-        TypeError: ``x`` not floating point.
+        TypeError: ``x`` not floating point, or a ``std`` that is no number or tensor (the
+            whole :class:`~hypergrad.hparams.Draw`, say).
 
     Cost: one host synchronisation (the check of ``std``).
 
@@ -761,6 +777,8 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
     Raises:
         ValueError: negative or non-integer sizes, a ``size`` of the wrong shape, or ``x`` of
             another rank.
+        TypeError: a ``size`` that is no number or tensor (the whole
+            :class:`~hypergrad.hparams.Draw`, say).
 
     Cost: one or two host synchronisations (the checks of ``size``).
 
@@ -803,6 +821,8 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     Raises:
         ValueError: ``x`` with fewer than 2 dimensions, or negative, non-integer or wrongly
             shaped ``max_shift``.
+        TypeError: a ``max_shift`` that is no number or tensor (the whole
+            :class:`~hypergrad.hparams.Draw`, say).
 
     Cost: one gather over ``x``, and one or two host synchronisations (the checks).
 
@@ -838,7 +858,10 @@ def _count(v: Any) -> int | None:
     """``v`` as an int >= 1 (a Python or NumPy integer, not a bool), else None."""
     if isinstance(v, bool) or not hasattr(v, "__index__"):
         return None
-    n = operator.index(v)
+    try:
+        n = operator.index(v)
+    except TypeError:  # (a tensor of several elements, or a floating one: torch's own message)
+        return None
     return n if n >= 1 else None
 
 
