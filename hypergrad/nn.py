@@ -334,8 +334,18 @@ class _StnConvNd(StnLayer):
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
-        if groups != 1:
-            raise ValueError(f"{type(self).__name__}: groups={groups} is not supported (only 1)")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"{type(self).__name__}: groups must be an int >= 1, got {groups!r}")
+        if groups != 1 and (in_channels % groups or out_channels % groups):
+            raise ValueError(
+                f"{type(self).__name__}: in_channels ({in_channels}) and out_channels "
+                f"({out_channels}) must both be divisible by groups ({groups})"
+            )
+        if groups != 1 and rank is not None:
+            raise ValueError(
+                f"{type(self).__name__}: rank={rank} with groups={groups} is not supported (a "
+                "low-rank hyper half mixes the groups' channels): give one of them"
+            )
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"{type(self).__name__}: rank must be an int >= 1 or None, got {rank!r}")
         self.rank = rank
@@ -346,7 +356,7 @@ class _StnConvNd(StnLayer):
             stride,
             padding,
             dilation,
-            1,
+            groups,
             bias,
             padding_mode,  # nn.Conv validates it ("zeros", "reflect", "replicate", "circular")
             **factory,
@@ -387,8 +397,14 @@ class _StnConvNd(StnLayer):
             c, o = self.conv, self.out_channels
             return c._conv_forward(x, c.weight[:o], None if c.bias is None else c.bias[:o])  # type: ignore[operator]
         x, x_tangent = fwAD.unpack_dual(x) if delta is not None else (x, None)
-        both = self.conv(x)
-        elem, hyper = both.split([self.out_channels, both.shape[1] - self.out_channels], dim=1)
+        c, o = self.conv, self.out_channels
+        if c.groups == 1:  # both halves in one convolution
+            both = c(x)
+            elem, hyper = both.split([o, both.shape[1] - o], dim=1)
+        else:  # (one grouped convolution over both halves would give each half only some groups)
+            b = c.bias
+            elem = c._conv_forward(x, c.weight[:o], None if b is None else b[:o])  # type: ignore[operator]
+            hyper = c._conv_forward(x, c.weight[o:], None if b is None else b[o:])  # type: ignore[operator]
         hyper = self._expand(hyper)
         s = (
             self.modulation(hparams, x.shape[0])
@@ -434,7 +450,7 @@ class _StnConvNd(StnLayer):
             c.stride,
             c.padding,
             c.dilation,
-            1,
+            c.groups,
             c.bias is not None,  # type: ignore[arg-type]
             c.padding_mode,
             device="meta",  # no initialisation: torch's random stream is left alone
@@ -465,8 +481,9 @@ class StnConv2d(_StnConvNd):
     r"""A 2-D convolution whose output channels respond to the hyperparameters.
 
     Arguments as ``nn.Conv2d`` (``stride``, ``padding`` including ``"same"``/``"valid"``,
-    ``dilation``, ``bias``, ``padding_mode``; ``groups=1`` only) plus ``n_hparams`` (after
-    ``kernel_size``).
+    ``dilation``, ``groups``, ``bias``, ``padding_mode``) plus ``n_hparams`` (after
+    ``kernel_size``). With ``groups > 1`` each half is its own grouped convolution (two calls
+    instead of one; ``rank`` is then refused).
     Shapes: ``x`` :math:`(B, C_{in}, H, W)`, hyperparameters :math:`(B, H_\lambda)`; output
     :math:`(B, C_{out}, H', W')`. The modulation :math:`V\tilde\lambda_i` scales each output
     channel of the hyper half. Parameters: ``conv``, an ``nn.Conv2d`` with :math:`C_{out} + k`
@@ -480,8 +497,8 @@ class StnConv2d(_StnConvNd):
     against :math:`2 C_{out} C_{in} k_h k_w` for the paper's full hyper half (default: None).
 
     Raises:
-        ValueError: ``groups != 1``, ``n_hparams`` or ``rank`` not an int >= 1, or what
-            ``nn.Conv2d`` refuses.
+        ValueError: ``groups``, ``n_hparams`` or ``rank`` not an int >= 1, channels not
+            divisible by ``groups``, ``rank`` with ``groups > 1``, or what ``nn.Conv2d`` refuses.
 
     >>> import torch, hypergrad as hg
     >>> layer = hg.nn.StnConv2d(3, 8, 3, n_hparams=2, padding=1)

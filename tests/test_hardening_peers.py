@@ -283,8 +283,10 @@ def test_stn_conv_is_a_per_example_convolution_for_every_nn_conv_option(
 
 
 def test_stn_conv_refuses_what_it_cannot_do_by_name() -> None:
-    with pytest.raises(ValueError, match="groups=2 is not supported"):
-        hg.nn.StnConv2d(4, 4, 3, 2, groups=2)
+    with pytest.raises(ValueError, match="rank=2 with groups=2 is not supported"):
+        hg.nn.StnConv2d(4, 4, 3, 2, groups=2, rank=2)
+    with pytest.raises(ValueError, match=r"divisible by groups \(2\)"):
+        hg.nn.StnConv2d(3, 4, 3, 2, groups=2)
     with pytest.raises(ValueError, match="padding_mode"):
         hg.nn.StnConv2d(4, 4, 3, 2, padding=1, padding_mode="mirror")
     with pytest.raises(ValueError, match="same"):

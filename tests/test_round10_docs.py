@@ -821,7 +821,8 @@ _RAISES: list[tuple[str, type[BaseException], Callable[[], Any]]] = [
         ValueError,
         lambda: hg.nn.StnLinear(3, 4, 2)(torch.randn(2, 3, 1), torch.zeros(2, 2)),
     ),
-    ("StnConv2d groups", ValueError, lambda: hg.nn.StnConv2d(2, 4, 3, 1, groups=2)),
+    ("StnConv2d groups not dividing", ValueError, lambda: hg.nn.StnConv2d(3, 4, 3, 1, groups=2)),
+    ("StnConv2d groups with rank", ValueError, lambda: hg.nn.StnConv2d(2, 4, 3, 1, groups=2, rank=2)),
     (
         "StnLSTMCell a whole sequence",
         ValueError,

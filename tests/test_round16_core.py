@@ -119,3 +119,99 @@ def test_implicit_hyperstep_leaves_the_models_attribute_state_as_it_was():
     assert model.hidden is before  # the very objects
     for a, b in zip(model.hidden, values, strict=True):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------- grouped STN convolutions
+# StnConv2d / StnConv1d refused groups != 1 (the authors' StnConv2d takes them: grouped and
+# depthwise convolutions, as in MobileNet-style nets). Each half is now its own grouped
+# convolution: at every example's lambda the layer equals the grouped convolution with weight
+# W_e + (V lambda) * W_h, and fixed() returns that nn.Conv with the same groups.
+
+
+@pytest.mark.parametrize(
+    ("dims", "cin", "cout", "groups", "kw"),
+    [
+        (2, 4, 6, 2, {"padding": 1}),
+        (2, 4, 4, 4, {"padding": 1, "stride": 2, "bias": False}),  # depthwise
+        (2, 6, 3, 3, {"padding": "same", "dilation": 2, "padding_mode": "reflect"}),
+        (1, 4, 8, 2, {"padding": 2}),
+    ],
+)
+def test_grouped_stn_conv_is_a_per_example_grouped_convolution(dims, cin, cout, groups, kw):
+    cls = hg.nn.StnConv2d if dims == 2 else hg.nn.StnConv1d
+    ordinary = nn.Conv2d if dims == 2 else nn.Conv1d
+    torch.manual_seed(0)
+    layer = cls(cin, cout, 3, 2, groups=groups, **kw).to(DT)
+    with torch.no_grad():
+        layer.hnet.normal_()
+    x = torch.randn(3, cin, *((7, 6) if dims == 2 else (9,)), dtype=DT)
+    feats = torch.randn(3, 2, dtype=DT)
+    out = layer(x, feats)
+    for i in range(3):
+        conv = layer.fixed(feats[i])
+        assert isinstance(conv, ordinary) and conv.groups == groups
+        ref = ordinary(cin, cout, 3, groups=groups, **kw).to(DT)  # built by hand, not by fixed()
+        s = layer.hnet @ feats[i]
+        w, b = layer.conv.weight, layer.conv.bias
+        with torch.no_grad():
+            ref.weight.copy_(w[:cout] + s.reshape(cout, *(1,) * (dims + 1)) * w[cout:])
+            if b is not None:
+                ref.bias.copy_(b[:cout] + s * b[cout:])
+        torch.testing.assert_close(out[i : i + 1], ref(x[i : i + 1]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(conv(x[i : i + 1]), ref(x[i : i + 1]), rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_through_a_grouped_stn_conv_matches_central_differences_and_selftuning_runs():
+    """The output's gradient w.r.t. lambda through a grouped layer against central differences
+    (float64); then SelfTuning trains a net built on one (the response step moves its weights,
+    the hyperstep moves lambda)."""
+    torch.manual_seed(0)
+    layer = hg.nn.StnConv2d(4, 4, 3, 1, groups=2, padding=1).to(DT)
+    with torch.no_grad():
+        layer.hnet.normal_()
+    x = torch.randn(2, 4, 5, 5, dtype=DT)
+
+    def f(lam: Tensor) -> Tensor:
+        return layer(x, lam.expand(2, 1)).square().mean()
+
+    lam = torch.tensor([0.3], dtype=DT, requires_grad=True)
+    (g,) = torch.autograd.grad(f(lam), lam)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (f(lam + h) - f(lam - h)) / (2 * h)
+    torch.testing.assert_close(g, fd.reshape(1), rtol=1e-7, atol=1e-10)
+
+    class Net(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.conv = hg.nn.StnConv2d(4, 4, 3, n, groups=4, padding=1)
+            self.head = nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x: Tensor, hp: Any) -> Tensor:
+            d = hp.draw(len(x))
+            h = hg.nn.dropout(torch.relu(self.conv(x, d)), d["dropout"], self.training)
+            return self.head(h.flatten(1))
+
+    hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9))
+    net = Net(hp.size)
+
+    def loss(m: nn.Module, h: Any, b: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(m(b[0], h), b[1])
+
+    hopt = hg.SelfTuning(
+        net,
+        hp,
+        loss,
+        loss,
+        inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        train_steps=2,
+    )
+    batch = (torch.randn(8, 4, 5, 5), torch.randint(0, 3, (8,)))
+    hnet = net.conv.hnet.detach().clone()
+    raw = [p.detach().clone() for p in hp.parameters()]
+    for _ in range(2):
+        hopt.step(batch)
+    hopt.hyper_step(val_batch=batch)
+    assert not torch.equal(net.conv.hnet, hnet)
+    assert any(not torch.equal(p, r) for p, r in zip(hp.parameters(), raw, strict=True))
