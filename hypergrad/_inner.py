@@ -84,7 +84,10 @@ def _adam(
         step = _next_step(st)
         p, g = _decayed(p, g, lr, wd, decoupled, group.get(_COMPLEX, False))
         v = _state_or_zeros(st, "exp_avg_sq", p)
-        m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1)  # torch.optim's ops, out of place
+        # torch.optim's ops, out of place; a tensor beta1 first cast to the weight's dtype, as
+        # torch.optim casts it for this lerp only (1 - beta1 then rounds in that dtype)
+        beta1_p = beta1.to(device=p.device, dtype=p.dtype) if isinstance(beta1, Tensor) else beta1
+        m = _state_or_zeros(st, "exp_avg", p).lerp(g, 1 - beta1_p)
         v = _ema_sq(v, g, beta2)
         bc1 = 1 - beta1**step
         bc2_sqrt = (1 - beta2**step) ** 0.5

@@ -275,9 +275,12 @@ def _abs2(w: Tensor) -> Tensor:
     return w.square()
 
 
-def _real_dtype(t: Tensor) -> torch.dtype:
-    """The real dtype of ``t``'s entries (``float64`` for ``complex128``)."""
-    return t.dtype.to_real()
+def _decay_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the decays of weight ``t``: the real dtype of its entries (``float64`` for
+    ``complex128``), at least ``float32``. (In bfloat16 an outer step below 0.03 on the raw
+    ``log(1e-4) = -9.2`` rounds away: the decays never moved; in float16 Adam's ``eps`` and
+    squared gradients underflow and its first step made them NaN.)"""
+    return torch.promote_types(t.dtype.to_real(), torch.float32)
 
 
 def _real_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -437,7 +440,9 @@ class WeightDecay(nn.Module):
     Complex weights: the decays stay real (``raw`` has the weight's real dtype, e.g. ``float64``
     for ``complex128``) and the penalty is :math:`\tfrac12\sum_k d_k |w_k|^2`, real: what
     ``torch.optim``'s ``weight_decay`` does to a complex weight through its real view (its gradient
-    is :math:`d\,w`). Every ``raw`` has its weight's real dtype; ``.double()`` etc. change it.
+    is :math:`d\,w`). Every ``raw`` has its weight's real dtype, at least ``float32`` (a
+    float16 / bfloat16 model gets float32 decays, which its losses and the methods take as they
+    are); ``.double()`` etc. change it.
 
     Args:
         model: the model whose parameters are penalised (names are taken from it, under any
@@ -454,7 +459,7 @@ class WeightDecay(nn.Module):
 
     Raises:
         ValueError: an unknown ``per``, an ``init`` not > 0 (or not < ``max``; or one whose
-            decay rounds to 0, or to ``max``, in the weights' dtype), a ``max`` not
+            decay rounds to 0, or to ``max``, in the decays' dtype), a ``max`` not
             finite and > 0, no parameter to penalise, or (``per="parameter"``) a parameter of an
             ``nn.Lazy*`` module not initialised yet (its shape is unknown before the first
             forward pass).
@@ -544,7 +549,7 @@ class WeightDecay(nn.Module):
         if per == "global":
             self.raw.append(
                 nn.Parameter(
-                    torch.full((), log0, dtype=_real_dtype(params[names[0]]), device=params[names[0]].device)
+                    torch.full((), log0, dtype=_decay_dtype(params[names[0]]), device=params[names[0]].device)
                 )
             )
             self._index = {n: 0 for n in names}
@@ -555,17 +560,19 @@ class WeightDecay(nn.Module):
                 if layer not in layers:
                     layers[layer] = len(layers)
                     p = params[n]
-                    self.raw.append(nn.Parameter(torch.full((), log0, dtype=_real_dtype(p), device=p.device)))
+                    self.raw.append(
+                        nn.Parameter(torch.full((), log0, dtype=_decay_dtype(p), device=p.device))
+                    )
                 self._index[n] = layers[layer]
             self.layers: tuple[str, ...] = tuple(layers)
         else:
             for i, n in enumerate(names):
                 p = params[n]
                 self.raw.append(
-                    nn.Parameter(torch.full(p.shape, log0, dtype=_real_dtype(p), device=p.device))
+                    nn.Parameter(torch.full(p.shape, log0, dtype=_decay_dtype(p), device=p.device))
                 )
                 self._index[n] = i
-        wider = "a float64 model (the decays take the weights' dtype)"
+        wider = "a float64 model (the decays take the weights' dtype, at least float32)"
         for dt in {r.dtype for r in self.raw}:  # (a decay of 0, or of max, would never move)
             sample = torch.full((), log0, dtype=dt)
             if self.max is None:

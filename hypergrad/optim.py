@@ -137,11 +137,12 @@ def _real(t: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Real inner product ``⟨a, b⟩`` as a 0-dim tensor (complex entries as pairs of reals)."""
+    """Real inner product ``⟨a, b⟩`` as a 0-dim tensor (complex entries as pairs of reals), in
+    the wider of the two dtypes (a direction kept from before ``model.double()`` is float32),
+    at least float32 (half / bfloat16 are accumulated in float32)."""
     a, b = _real(a).reshape(-1), _real(b).reshape(-1)
-    if a.element_size() < 4:  # half / bfloat16: accumulate in float32
-        a, b = a.float(), b.float()
-    return torch.dot(a, b)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return torch.dot(a.to(dtype), b.to(dtype))
 
 
 def _sum_per_group(dots: Sequence[Sequence[Tensor]]) -> list[float]:
@@ -290,11 +291,36 @@ class _HypergradientOptimizer(Optimizer):
                         f"{owner} does not support it"
                     )
 
+    def _hd_check_loaded_shapes(self, state: dict[str, Any]) -> None:
+        """Refuse loaded per-parameter state shaped unlike its parameter, naming both.
+
+        torch maps a state_dict's state onto the parameters by position: one saved with the
+        parameters in another order gives a parameter the state of another. Where the shapes
+        differ, torch's SGD without momentum keeps no state and never notices, but our stored
+        direction would then be dotted with the wrong gradient: a silently wrong
+        hypergradient when the sizes agree (a 2x3 and a 3x2 weight), an unclear error at the
+        next step otherwise."""
+        owner = type(self).__name__
+        per_param = state.get("state", {})
+        for i, group in enumerate(state.get("param_groups", ())):
+            for j, p in enumerate(group.get("params", ())):
+                if not isinstance(p, Tensor) or p not in per_param:
+                    continue
+                for key, value in per_param[p].items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(
+                            f"{owner} cannot load the state of parameter {j} of param group {i}: its "
+                            f"{key!r} has shape {tuple(value.shape)} but the parameter has shape "
+                            f"{tuple(p.shape)} (were the parameters given in another order than when "
+                            "the state_dict was saved?)"
+                        )
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Checked before anything is replaced, so a refused load_state_dict leaves the optimiser as
         # it was (torch would load such groups and fail only at the next step: AdamW's decoupled
         # weight decay, fused=True, or Adam's groups, without "momentum", in SGDHD).
         self._hd_check_loaded_groups(state["param_groups"])
+        self._hd_check_loaded_shapes(state)
         super().__setstate__(state)
         # Also lets a plain torch SGD / Adam state_dict, or one saved before lr_min / lr_max existed,
         # be loaded: its groups lack (some of) our keys and get the constructor's values. A loaded
@@ -484,7 +510,9 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
             its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
             whose every group is empty. ``load_state_dict`` (and unpickling) raises it, before
             anything is replaced, for a group saved with an unsupported option (e.g. by
-            :class:`torch.optim.AdamW`, or with ``fused=True``) or by another optimiser.
+            :class:`torch.optim.AdamW`, or with ``fused=True``) or by another optimiser, and
+            for per-parameter state shaped unlike its parameter (a state_dict saved with the
+            parameters in another order).
         RuntimeError: ``step`` with sparse gradients.
 
     Example:
@@ -651,7 +679,9 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
             its ``lr`` replaced by a Tensor (before anything moves). Also for a parameter list
             whose every group is empty. ``load_state_dict`` (and unpickling) raises it, before
             anything is replaced, for a group saved with an unsupported option (e.g. by
-            :class:`torch.optim.AdamW`, or with ``fused=True``) or by another optimiser.
+            :class:`torch.optim.AdamW`, or with ``fused=True``) or by another optimiser, and
+            for per-parameter state shaped unlike its parameter (a state_dict saved with the
+            parameters in another order).
         RuntimeError: ``step`` with sparse gradients.
 
     Example:
