@@ -8,9 +8,10 @@
     hypergrad report [RESULTS ...] [--readme experiments/README.md]
 
 ``--key=value`` arguments that are not options of ``run`` are settings, as ``--set key=value``:
-that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's ``command``). Any
-other unknown argument (``--bogus``, a stray word) is a usage error, as argparse's own: the
-subcommand's usage and exit code 2.
+that is how a wandb sweep agent passes its choices (``${args}`` in the sweep's ``command``; its
+``${args_no_hyphens}``, ``key=value``, and ``${args_no_boolean_flags}``, ``--key`` alone for a
+true boolean setting, work too). Any other unknown argument (``--bogus``, a stray word) is a
+usage error, as argparse's own: the subcommand's usage and exit code 2.
 With ``--wandb``, values in ``wandb.config`` (a sweep's) override the command line's; a key there
 that is not a setting of the experiment is refused, as on the command line. Without ``--out``, a
 run that a sweep agent started writes to ``results/NAME/RUN_ID`` (the wandb run's id), so that
@@ -36,7 +37,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ import hypergrad.log as hglog
 
 from .experiments import REGISTRY, load_all
 from .experiments.common import (
+    COMMON_LIMITS,
     Context,
     Experiment,
     Timer,
@@ -90,8 +92,7 @@ def build_config(
         if not sep:
             raise SystemExit(f"hypergrad: setting {item!r} is not key=value")
         if key not in config:
-            close = difflib.get_close_matches(key, list(config), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _nested_hint(key, text) if text.startswith("{") else _close_hint(key, config)
             raise SystemExit(
                 f"hypergrad: {exp.name} has no setting {key!r}{hint}; settings: {', '.join(sorted(config))}"
             )
@@ -117,6 +118,21 @@ def build_config(
     _check_method(exp, config)
     _check_settings(exp, config)
     return config
+
+
+def _close_hint(key: str, config: dict[str, Any]) -> str:
+    """`` (did you mean 'hyper_lr'?)`` for a misspelt setting, ``""`` when none is close."""
+    close = difflib.get_close_matches(key, list(config), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _nested_hint(key: str, value: Any) -> str:
+    """The hint for a nested sweep parameter (``solver: {parameters: {method: ...}}`` arrives as
+    ``--solver={'method': 'cg'}``, and as a dict in ``wandb.config``): the settings are flat."""
+    return (
+        f" (its value {str(value)[:60]} is a sweep's nested parameters: the settings are flat, so "
+        f"list the parameters inside {key!r} at the top level of the sweep's parameters)"
+    )
 
 
 def _once(given: dict[str, tuple[Any, str]], key: str, value: Any, said: str) -> None:
@@ -219,8 +235,7 @@ def _check_wandb_keys(
                     f"(the command line chooses it: {how})"
                 )
         elif k not in config and not k.startswith("_"):
-            close = difflib.get_close_matches(k, list(config), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _nested_hint(k, v) if isinstance(v, Mapping) else _close_hint(k, config)
             raise SystemExit(
                 f"hypergrad: wandb.config (a sweep's parameters) sets {key!r}, which {exp.name} "
                 f"does not have{hint}; settings: {', '.join(sorted(config))}"
@@ -238,6 +253,33 @@ def _default_out(exp: Experiment) -> Path:
     if os.environ.get("WANDB_SWEEP_ID") and plain:
         return Path("results") / exp.name / run_id
     return Path("results") / exp.name
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device (one place, for :func:`_device`)."""
+    return torch.cuda.is_available()
+
+
+def _device(exp: Experiment, requested: str | None) -> torch.device:
+    """The device a run gets: ``--device`` (``requested``), else CUDA when torch sees it, else
+    the CPU. An experiment whose data and models live on the CPU (``exp.cpu_only``) gets the CPU,
+    so that its record (results.json's ``machine``, the report's machine column) names the device
+    it ran on, with a note on stderr when ``--device cuda`` was asked for.
+
+    Raises:
+        SystemExit: ``--device cuda`` for an experiment that uses it, and torch sees no CUDA device.
+    """
+    if exp.cpu_only:
+        if requested == "cuda":
+            print(
+                f"hypergrad run: {exp.name} runs on the CPU whatever --device says (its data and models "
+                "live there); --device cuda is ignored",
+                file=sys.stderr,
+            )
+        return torch.device("cpu")
+    if requested == "cuda" and not _cuda_available():
+        raise SystemExit("hypergrad run: --device cuda, but torch sees no CUDA device")
+    return torch.device(requested or ("cuda" if _cuda_available() else "cpu"))
 
 
 def _check_method(exp: Experiment, config: dict[str, Any]) -> None:
@@ -263,20 +305,28 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one experiment")
     r.add_argument("name", help="experiment name (see `hypergrad list`)")
     r.add_argument("--method", default=None, help="the experiment's method (see its settings)")
-    r.add_argument("--device", default=None, choices=["cpu", "cuda"], help="(default: cuda if available)")
-    r.add_argument("--seed", type=int, default=None, help="(default: 0)")
+    r.add_argument(
+        "--device", default=None, choices=["cpu", "cuda"],
+        help="(default: cuda if available; the experiments that compute on the CPU ignore it)",
+    )  # fmt: skip
+    r.add_argument("--seed", type=int, default=None, help=f"{COMMON_LIMITS['seed'].describe(0)} (default: 0)")
     size = r.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="seconds-long smoke size")
     size.add_argument("--paper", action="store_true", help="the paper-sized setting (for a GPU)")
     r.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without a key)")
-    r.add_argument("--project", default="hypergrad", help="wandb project (default: hypergrad)")
+    r.add_argument(
+        "--project", default=None, help="wandb project (default: WANDB_PROJECT if set, else hypergrad)"
+    )
     r.add_argument(
         "--out", type=_path, default=None,
         help="run folder (default: results/NAME; under a wandb sweep agent results/NAME/RUN_ID)",
     )  # fmt: skip
-    r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting of the experiment (also as --KEY=VALUE); `hypergrad show NAME` lists them",
+    )  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    r.add_argument("--threads", type=int, default=1, help="torch CPU threads, an integer >= 1 (default: 1)")
     s = sub.add_parser("show", help="print an experiment's settings")
     s.add_argument("name")
     rep = sub.add_parser("report", help="regenerate the results table in experiments/README.md")
@@ -322,10 +372,29 @@ def _list() -> int:
     return 0
 
 
+def _settings_of(exp: Experiment | None, extra: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The arguments that ``run``'s options left (``extra``) as ``key=value`` settings, and those
+    that are none (a usage error). A wandb sweep's ``command`` passes its choices with one of
+    three macros: ``${args}`` writes ``--key=value``, ``${args_no_hyphens}`` ``key=value``, and
+    ``${args_no_boolean_flags}`` a true boolean as ``--key`` alone (a false one is left out; with
+    ``--wandb`` it arrives in ``wandb.config``). ``--key`` alone is a setting only for a boolean
+    setting of ``exp``."""
+    given, bad = [], []
+    for e in extra:
+        key = e.lstrip("-").replace("-", "_")
+        if "=" in e and (e.startswith("--") or not e.startswith("-")):
+            given.append(e)
+        elif e.startswith("--") and exp is not None and isinstance(exp.defaults.get(key), bool):
+            given.append(f"{key}=true")
+        else:
+            bad.append(e)
+    return given, bad
+
+
 def _run(
     args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str], parser: argparse.ArgumentParser
 ) -> int:
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+    given, bad = _settings_of(REGISTRY.get(args.name), extra)
     if bad:  # a usage error, as argparse's own: the usage, and exit code 2
         parser.error(
             f"unrecognised arguments: {' '.join(bad)} (settings are --key=value or --set key=value; "
@@ -337,10 +406,8 @@ def _run(
         )
     exp = REGISTRY[args.name]
     size = "quick" if args.quick else "paper" if args.paper else "default"
-    config = build_config(exp, size, [*args.settings, *extra], method=args.method, seed=args.seed)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("hypergrad run: --device cuda, but torch sees no CUDA device")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = build_config(exp, size, [*args.settings, *given], method=args.method, seed=args.seed)
+    device = _device(exp, args.device)
     if args.threads < 1:
         raise SystemExit(f"hypergrad run: --threads {args.threads}: need an integer >= 1")
     if device.type == "cpu":
@@ -437,6 +504,8 @@ def _run(
 
 
 def _cell(v: Any) -> str:
+    if v is None:  # (a non-finite number in results.json: no value)
+        return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v).replace("|", "\\|")
@@ -552,6 +621,8 @@ def _show(name: str) -> int:
     print(f"{exp.name}: {exp.title}\npaper: {exp.paper}\nclaim: {exp.claim}")
     if exp.methods:
         print(f"methods: {', '.join(exp.methods)}")
+    if exp.cpu_only:
+        print("device: the CPU, whatever --device says")
     for k, v in exp.defaults.items():
         q = f"  (quick: {exp.quick[k]})" if k in exp.quick else ""
         p = f"  (paper: {exp.paper_size[k]})" if k in exp.paper_size else ""
@@ -561,12 +632,37 @@ def _show(name: str) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _printable_stdout() -> Iterator[None]:
+    """Let stdout write a character its encoding lacks as an escape (``\\u03bb``), as Python's
+    stderr does, while the command runs: titles and tables say λ, α₀, κ, which a stdout
+    redirected to a file on Windows (cp1252) or under a Latin-1 locale cannot encode. The
+    stream's own setting is restored afterwards."""
+    stream: Any = sys.stdout  # (a TextIOWrapper has reconfigure; a TextIO need not)
+    changed = getattr(stream, "errors", None) == "strict" and callable(getattr(stream, "reconfigure", None))
+    if changed:
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # a stream that cannot change it now
+            changed = False
+    try:
+        yield
+    finally:
+        if changed:
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="strict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hypergrad`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
     Called from Python (a notebook, a script looping over runs), ``run`` leaves torch's CPU thread
     count as it found it: ``--threads`` (default 1) holds for the run only."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with _printable_stdout():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     load_all()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)

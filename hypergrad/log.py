@@ -202,7 +202,9 @@ class Logger:
     Args:
         wandb: start a wandb run (lazy import; see the module docstring for the offline rule)
             (default: ``False``).
-        project: wandb project (default: ``"hypergrad"``).
+        project: wandb project (default: ``WANDB_PROJECT`` if set, else ``"hypergrad"``: wandb
+            lets an argument win over its environment variable, so a fixed default would send
+            every run to ``hypergrad`` whatever ``WANDB_PROJECT`` says).
         name: wandb run name (default: wandb's choice).
         config: flat settings for ``wandb.init(config=...)`` (default: none).
         dir: folder for wandb's files (default: wandb's, i.e. ``./wandb`` or ``WANDB_DIR``).
@@ -240,7 +242,7 @@ class Logger:
         self,
         *,
         wandb: bool = False,
-        project: str = "hypergrad",
+        project: str | None = None,
         name: str | None = None,
         config: Mapping[str, Any] | None = None,
         dir: str | os.PathLike[str] | None = None,
@@ -275,7 +277,7 @@ class Logger:
                 Path(dir).mkdir(parents=True, exist_ok=True)
             self._wandb = wb
             kwargs: dict[str, Any] = {
-                "project": project,
+                "project": project if project is not None else os.environ.get("WANDB_PROJECT") or "hypergrad",
                 "name": name,
                 "config": dict(config or {}),
                 "dir": None if dir is None else str(dir),

@@ -93,6 +93,7 @@ def hypergradient(p: ht.BilevelProblem, method: str, k: int, lam_max: float) -> 
 @register(
     "accuracy",
     number=1,
+    cpu_only=True,  # (its data and models live on the CPU, whatever --device says)
     title="hypergradient accuracy: identity, Neumann(i), CG(k), unrolled(K) vs the exact one",
     paper="Grazzi et al. 2020; Lorraine et al. 2020",
     claim="ridge, κ=6.7, rel. error: identity 0.67; Neumann 1/5/20/100: 0.47/0.15/7.6e-3/1.2e-8; "

@@ -23,7 +23,18 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import DIGITS_FIT, Context, Limit, Outcome, accuracy, ce_loss, digits_split, plt, register
+from .common import (
+    DIGITS_FIT,
+    STANDARDISED_N_TRAIN,
+    Context,
+    Limit,
+    Outcome,
+    accuracy,
+    ce_loss,
+    digits_split,
+    plt,
+    register,
+)
 
 
 class Augmenter(nn.Module):
@@ -88,7 +99,7 @@ def _classifier(hidden: int, seed: int, device: torch.device) -> nn.Module:
     },
     quick={"steps": 30, "hidden": 32},
     paper_size={"steps": 20000, "n_train": 500},
-    limits={"aug_hidden": Limit(1)},
+    limits={"aug_hidden": Limit(1), "n_train": STANDARDISED_N_TRAIN},
     rules=(DIGITS_FIT,),
 )
 def run(ctx: Context) -> Outcome:

@@ -39,6 +39,7 @@ __all__ = [
     "Rule",
     "fits",
     "DIGITS_FIT",
+    "STANDARDISED_N_TRAIN",
     "check_settings",
     "normalise_setting",
     "parse_value",
@@ -91,6 +92,9 @@ class Experiment:
             of :func:`check_settings` (``{name: Limit}``).
         rules: conditions on several settings together (:class:`Rule`), checked after each
             setting's own.
+        cpu_only: the experiment computes on the CPU whatever ``--device`` says (small float64
+            problems, CPU random streams): ``hypergrad run`` gives it the CPU, and says so when
+            ``--device cuda`` was asked for, so that its record names the device it ran on.
     """
 
     name: str
@@ -105,6 +109,7 @@ class Experiment:
     methods: tuple[str, ...] = ()
     limits: dict[str, Limit] = dataclasses.field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    cpu_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +205,10 @@ def fits(keys: tuple[str, ...], total: int, data: str, spare: int = 1) -> Rule:
 
 #: the digits as :func:`digits_split` splits them: n_train + n_val, at least one left to test on
 DIGITS_FIT = fits(("n_train", "n_val"), 1797, "scikit-learn's digits")
+
+#: ``n_train`` of data standardised with the training examples' standard deviation (the digits of
+#: :func:`digits_split`, breast_cancer): one example has none (NaN), and every input was NaN
+STANDARDISED_N_TRAIN = Limit(2)
 
 
 _COUNTS = (
@@ -325,8 +334,10 @@ def register(
     methods: tuple[str, ...] = (),
     limits: dict[str, Limit] | None = None,
     rules: tuple[Rule, ...] = (),
+    cpu_only: bool = False,
 ) -> Callable[[Callable[[Context], Outcome]], Callable[[Context], Outcome]]:
-    """Decorator adding an experiment function to :data:`REGISTRY`."""
+    """Decorator adding an experiment function to :data:`REGISTRY` (the arguments are the
+    fields of :class:`Experiment`)."""
 
     def deco(fn: Callable[[Context], Outcome]) -> Callable[[Context], Outcome]:
         for k in (*quick, *(paper_size or {})):
@@ -354,6 +365,7 @@ def register(
             methods,
             dict(limits or {}),
             tuple(rules),
+            cpu_only,
         )
         for size in (defaults, {**defaults, **quick}, {**defaults, **(paper_size or {})}):
             check_settings(REGISTRY[name], size)
@@ -607,11 +619,31 @@ def split_timings(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return {k: v for k, v in metrics.items() if k not in timing}, timing
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every number a plain finite ``float`` / ``int``, and every non-finite one
+    ``None`` (JSON's ``null``: JSON has no NaN or infinity; Python's ``NaN`` literal, which
+    ``json.dumps`` writes by default, stops strict readers such as jq and JavaScript's
+    ``JSON.parse``). NumPy scalars and one-element tensors become the float they hold.
+
+    >>> _json_safe({"a": [1, float("nan"), 2.5], "b": float("-inf"), "c": "x"})
+    {'a': [1, None, 2.5], 'b': None, 'c': 'x'}
+    """
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def _write_json(path: Path, record: Mapping[str, Any]) -> None:
-    """Write ``record`` to ``path`` through a temporary file: a run stopped while writing never
-    leaves half a file behind."""
+    """Write ``record`` to ``path`` through a temporary file (a run stopped while writing never
+    leaves half a file behind), as strict JSON: non-finite numbers as ``null``
+    (:func:`_json_safe`)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    tmp.write_text(json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -649,7 +681,9 @@ def write_run(
 ) -> dict[str, Any]:
     """Write ``results.json`` and ``trajectory.csv`` into the run folder; returns the record.
 
-    Wall-clock metrics (:func:`split_timings`) go under ``timings``, not ``metrics``."""
+    Wall-clock metrics (:func:`split_timings`) go under ``timings``, not ``metrics``. A
+    non-finite number (a table cell with no value, such as a search with no trial) is written
+    as ``null``: the file is strict JSON."""
     exp = ctx.experiment
     metrics, timings = split_timings(outcome.metrics)
     record = {
@@ -734,9 +768,18 @@ def digits_split(
 
     Returns:
         ``((x, y), (x, y), (x, y))`` with ``x`` float32 ``(n, 64)``, ``y`` int64 ``(n,)``.
+
+    Raises:
+        ValueError: ``n_train < 2`` (one image has no standard deviation: every input was NaN), or
+            ``n_train + n_val`` leaves no test digits.
     """
     from sklearn.datasets import load_digits
 
+    if n_train < 2:
+        raise ValueError(
+            f"n_train = {n_train}: the digits are standardised with the training images' "
+            "standard deviation, which needs at least 2"
+        )
     x_np, y_np = load_digits(return_X_y=True)
     if n_train + n_val >= len(x_np):
         raise ValueError(f"n_train + n_val = {n_train + n_val} leaves no test digits (of {len(x_np)})")

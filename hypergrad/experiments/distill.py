@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Outcome, digits_split, fits, plt, register
+from .common import STANDARDISED_N_TRAIN, Context, Outcome, digits_split, fits, plt, register
 
 
 def _model(hidden: int) -> nn.Module:
@@ -87,6 +87,7 @@ def train_on(
     },
     quick={"episodes": 15, "inner_steps": 3, "eval_inits": 2},
     paper_size={"episodes": 5000, "inner_steps": 30, "hidden": 256},
+    limits={"n_train": STANDARDISED_N_TRAIN},
     rules=(fits(("n_train",), 1797, "scikit-learn's digits"),),
 )
 def run(ctx: Context) -> Outcome:

@@ -22,7 +22,18 @@ from torch import nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, accuracy, ce_loss, digits_split, fits, plt, register
+from .common import (
+    STANDARDISED_N_TRAIN,
+    Context,
+    Limit,
+    Outcome,
+    accuracy,
+    ce_loss,
+    digits_split,
+    fits,
+    plt,
+    register,
+)
 
 
 def _optimizer(kind: str, params: Any, lr: float, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -59,6 +70,7 @@ def _optimizer(kind: str, params: Any, lr: float, cfg: dict[str, Any]) -> torch.
     paper_size={"epochs": 50, "hidden": 1000},
     rules=(fits(("n_train",), 1797, "scikit-learn's digits"),),
     limits={
+        "n_train": STANDARDISED_N_TRAIN,
         "sgd_lrs": Limit(0, low_open=True, items=float),
         "adam_lrs": Limit(0, low_open=True, items=float),
     },

@@ -32,7 +32,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hypergrad as hg
 
-from .common import DIGITS_FIT, Context, Limit, Outcome, accuracy, digits_split, hyperstep_cost, plt, register
+from .common import (
+    DIGITS_FIT,
+    STANDARDISED_N_TRAIN,
+    Context,
+    Limit,
+    Outcome,
+    accuracy,
+    digits_split,
+    hyperstep_cost,
+    plt,
+    register,
+)
 
 METHODS = ("unrolled", "implicit")
 
@@ -191,6 +202,7 @@ def learn_weights(
     paper_size={"epochs": 100, "hidden": 256},
     methods=METHODS,
     limits={
+        "n_train": STANDARDISED_N_TRAIN,
         "hidden": Limit(0),
         "corrupt": Limit(0, 1, high_open=True),
         "init_weight": Limit(0, 1, True, True),

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import hypergrad as hg
 
-from .common import Context, Limit, Outcome, Rule, fits, plt, register
+from .common import STANDARDISED_N_TRAIN, Context, Limit, Outcome, Rule, fits, plt, register
 
 DT = torch.float64
 
@@ -106,7 +106,11 @@ def _loss(model: nn.Module, batch: tuple[Tensor, ...]) -> float:
     },
     quick={"grid": 8, "outer_steps": 6},
     paper_size={"grid": 200, "outer_steps": 50},
-    limits={"grid": Limit(1), **dict.fromkeys(("lam_min", "lam_max", "lam0"), Limit(0, low_open=True))},
+    limits={
+        "grid": Limit(1),
+        "n_train": STANDARDISED_N_TRAIN,
+        **dict.fromkeys(("lam_min", "lam_max", "lam0"), Limit(0, low_open=True)),
+    },
     rules=(
         fits(("n_train", "n_val"), 569, "scikit-learn's breast_cancer"),
         Rule(("lam_min", "lam_max"), lambda lo, hi: lo < hi, "lam_min < lam_max (the grid's ends)"),

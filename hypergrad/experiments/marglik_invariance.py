@@ -179,6 +179,7 @@ def train(
 @register(
     "marglik_invariance",
     number=13,
+    cpu_only=True,  # (its data and models live on the CPU, whatever --device says)
     title="a translation range learned by the marginal likelihood on shifted digits (no validation set)",
     paper="Immer et al. 2022 (Invariance learning in deep neural networks with differentiable Laplace)",
     claim="the learned augmentation range grows toward the transformations in the data and the "
@@ -202,7 +203,7 @@ def train(
     },
     quick={"n_train": 300, "steps": 120, "burn_in": 20, "every": 3, "samples": 4, "subset": 50},
     paper_size={"steps": 10000, "hidden": 512, "n_train": 1300},
-    limits={"canvas": Limit(8), "init_range": Limit(0, 4.0, low_open=True)},
+    limits={"canvas": Limit(8), "init_range": Limit(0, 4.0, low_open=True, high_open=True)},
     rules=(
         fits(("n_train",), 1797, "scikit-learn's digits"),
         Rule(("canvas",), lambda c: c % 2 == 0, "an even canvas (the 8x8 digit is centred on it)"),

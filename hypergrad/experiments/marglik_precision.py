@@ -261,6 +261,7 @@ def _grid_rows(d: Split, cfg: dict[str, Any], seed: int, grid: list[float]) -> l
 @register(
     "marglik_precision",
     number=12,
+    cpu_only=True,  # (its data and models live on the CPU, whatever --device says)
     title="prior precision of an MLP on digits from the marginal likelihood (exact, NTK bound, learned)",
     paper="Immer et al. 2021 (Scalable marginal likelihood); Immer et al. 2023 (NTK bound)",
     claim="the bound on blocks of M examples selects the exact evidence's prior precision, and "

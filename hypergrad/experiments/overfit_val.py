@@ -27,6 +27,7 @@ import hypergrad as hg
 
 from .common import (
     DIGITS_FIT,
+    STANDARDISED_N_TRAIN,
     Context,
     Limit,
     Outcome,
@@ -148,7 +149,7 @@ def train_per_weight(
     quick={"epochs": 40, "hidden": 32},
     paper_size={"epochs": 5000, "hidden": 512},
     methods=METHODS,
-    limits={"init_decay": Limit(0, low_open=True)},
+    limits={"init_decay": Limit(0, low_open=True), "n_train": STANDARDISED_N_TRAIN},
     rules=(DIGITS_FIT,),
 )
 def run(ctx: Context) -> Outcome:

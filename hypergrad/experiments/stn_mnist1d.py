@@ -470,6 +470,7 @@ def _mean(values: list[float]) -> float:
 @register(
     "stn_mnist1d",
     number=11,
+    cpu_only=True,  # (its data and models live on the CPU, whatever --device says)
     title="self-tuning dropout and shift augmentation (hg.SelfTuning) on mnist1d vs a grid of fixed rates",
     paper="MacKay et al. 2019 (Self-Tuning Networks); Bae & Grosse 2020 (Delta-STN)",
     claim="in one training run the STN's schedule beats the best fixed hyperparameters of a grid, and "

@@ -160,6 +160,7 @@ def best_response(
 @register(
     "stn_ridge",
     number=10,
+    cpu_only=True,  # (its data and models live on the CPU, whatever --device says)
     title="best-response hypernetwork (hg.BestResponse) finds the validation-optimal ridge penalty",
     paper="MacKay et al. 2019 (Self-Tuning Networks)",
     claim="a best-response approximation tunes λ to the validation optimum without retraining "
