@@ -39,7 +39,7 @@ import functools
 import math
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -230,12 +230,16 @@ def _check_targets(f: Tensor, y: Tensor, likelihood: Likelihood) -> None:
                 f"likelihood='classification' needs integer labels (B,) = ({b},); got targets of "
                 f"shape {tuple(y.shape)} (one-hot or soft labels are not supported)"
             )
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            if y.dtype == torch.bool or not bool((y == y.round()).all()):
-                raise ValueError(
-                    f"likelihood='classification' needs integer class labels, got {y.dtype} targets "
-                    "that are not whole numbers (regression targets? use likelihood='regression')"
-                )
+        if y.is_complex() or y.dtype == torch.bool:
+            # (complex labels crashed in round(): '"round_vml_cpu" not implemented for 'ComplexFloat'')
+            raise ValueError(
+                f"likelihood='classification' needs integer class labels (B,), got {y.dtype} targets"
+            )
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise ValueError(
+                f"likelihood='classification' needs integer class labels, got {y.dtype} targets "
+                "that are not whole numbers (regression targets? use likelihood='regression')"
+            )
         if b and not bool(((y >= 0) & (y < c)).all()):
             # cross_entropy would skip a label -100 (its ignore_index) in the likelihood while the
             # kernel still counted the example: a silently different evidence
@@ -545,16 +549,7 @@ def _terms(
     # float32 model crashed the dense kernel's matmul (and would have promoted only some terms)
     dt = functools.reduce(torch.promote_types, [params[n].dtype for n in names], torch.float32)
     prec = {n: prec_all[n].to(dt) for n in names}
-    bad = [
-        f"{n} {tuple(prec[n].shape)} vs {tuple(params[n].shape)}"
-        for n in names
-        if prec[n].dim() > 0 and prec[n].shape != params[n].shape
-    ]
-    if bad:
-        raise ValueError(
-            f"per-weight prior precisions do not match the weights' shapes ({', '.join(bad[:3])}): "
-            "was the PriorPrecision built for another model?"
-        )
+    _check_prior_shapes(prior, params, names)
     theta = {n: params[n] if through_weights else params[n].detach() for n in names}
     if sigma is not None and sigma.dtype != dt:
         sigma = sigma.to(dt)  # a float32 noise must not round a float64 evidence
@@ -610,7 +605,12 @@ def _terms(
                 if wh is not None:
                     g = torch.einsum("bcd,cbso->dbso", wh, g)
                 lay.append((nw, nb, a, g))
-            dets = [_layer_block_logdet(lay, prec, blk, outputs, c, sigma) for blk in blocks]
+
+            def logdets(w: torch.dtype) -> list[Tensor]:
+                ly = [(nw, nb, a.to(w), g.to(w)) for nw, nb, a, g in lay]
+                pw, sw = {n: p.to(w) for n, p in prec.items()}, None if sigma is None else sigma.to(w)
+                return [_layer_block_logdet(ly, pw, blk, outputs, c, sw) for blk in blocks]
+
         else:
             f = f.to(dt)
             jac = {n: j.to(dt) for n, j in jac.items()}
@@ -618,11 +618,61 @@ def _terms(
             wh = _whitener(f, likelihood)
             if wh is not None:
                 jac = {n: torch.einsum("bcd,bcp->bdp", wh, j) for n, j in jac.items()}
-            if form is Bound.PARAMETRIC:
-                dets = [_param_block_logdet(jac, prec, names, blk, sigma) for blk in blocks]
-            else:
-                dets = [_dense_block_logdet(jac, prec, blk, outputs, c, sigma) for blk in blocks]
-        return _Terms(_log_lik(f, y, likelihood, sigma), torch.stack(dets).sum(), quad, b)
+
+            def logdets(w: torch.dtype) -> list[Tensor]:
+                jw = {n: j.to(w) for n, j in jac.items()}
+                pw, sw = {n: p.to(w) for n, p in prec.items()}, None if sigma is None else sigma.to(w)
+                if form is Bound.PARAMETRIC:
+                    return [_param_block_logdet(jw, pw, names, blk, sw) for blk in blocks]
+                return [_dense_block_logdet(jw, pw, blk, outputs, c, sw) for blk in blocks]
+
+        # I + K has eigenvalues near 1 next to ones of max|K| ~ |J|^2 / (delta sigma^2), and float32's
+        # rounding of the Gram products moves the small ones by ~ eps * (the rows' norms). With a
+        # Gaussian likelihood every row is large once sigma is learned down to the noise level: a
+        # float32 MLP fitting sin(2x) (rmse 0.0094) at sigma = 0.01 got a bound 10 nats off with a
+        # noise hypergradient of -44.4 for the true +5.7 (the wrong sign), and a NaN with one
+        # block; a linear regression at its MAP with sigma = 5e-3 a prior hypergradient of 0.33
+        # for 2.11. So do kernels with nearly as many rows as weights or more (rank-deficient or
+        # nearly so: a Gram of q = rows / weights has its smallest eigenvalue at about
+        # (1 - sqrt q)^2 of the mean, Marchenko-Pastur): a float32 logistic regression at delta =
+        # 1e-4 was 1.9 nats off (27 weights, 64 x 3 rows), one at delta = 1e-6 54 nats (63
+        # weights, 55 rows, one sampled output). Those are formed and factored in float64, from
+        # the factors or Jacobians in ``dt`` (their own rounding moves a null direction of K at
+        # second order only). For the rest, rows <= 3/4 of the weights, the softmax's curvature
+        # (at most 1/4, about 0 on confident examples) keeps the rows small: float32 stays within
+        # 7e-4 (relative) of float64 at delta = 1e-4 on digits (1,280 rows, 26k weights), 6e-6
+        # at delta = 1e-2 with 5,000 rows for 9,610 weights, and is formed again in float64 only
+        # where its Cholesky fails. (MPS has no float64.)
+        wide = torch.float64 if x.device.type != "mps" else dt
+        rows = min(b, subset_size or b) * (c if outputs is Outputs.ALL else 1)
+        weights = sum(params[n].numel() for n in names)
+        square = 4 * rows > 3 * weights if form is not Bound.PARAMETRIC else 4 * weights > 3 * rows
+        first = wide if likelihood is Likelihood.REGRESSION or square else dt
+        draws = torch.get_rng_state() if outputs is Outputs.SAMPLED else None
+        log_det = torch.stack(logdets(first)).sum()
+        if first != wide and not bool(torch.isfinite(log_det)):
+            if draws is not None:
+                torch.set_rng_state(draws)  # (the same outputs drawn for outputs="sampled")
+            log_det = torch.stack(logdets(wide)).sum()
+        log_det = log_det.to(dt)
+        return _Terms(_log_lik(f, y, likelihood, sigma), log_det, quad, b)
+
+
+def _check_prior_shapes(prior: PriorPrecision, params: Mapping[str, Tensor], names: Sequence[str]) -> None:
+    """Per-weight precisions shaped like their weights (a ``ValueError`` naming them): in the MAP
+    step's penalty ``delta * w**2`` a weight resized since the PriorPrecision was built (a head
+    of 3 outputs replaced by one of 1) was broadcast against the old precisions, silently (three
+    times the head's penalty), or failed with torch's bare size mismatch."""
+    bad = []
+    for n in names:
+        r = prior.raw[prior._index[n]]
+        if n in params and r.dim() > 0 and r.shape != params[n].shape:
+            bad.append(f"{n} {tuple(r.shape)} vs {tuple(params[n].shape)}")
+    if bad:
+        raise ValueError(
+            f"per-weight prior precisions do not match the weights' shapes ({', '.join(bad[:3])}): "
+            "was the PriorPrecision built for another model (or a layer resized since)?"
+        )
 
 
 def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
@@ -873,6 +923,11 @@ def log_evidence_bound(
         The bound, a 0-dim tensor (nats, for the whole data set), in the weights' dtype, at least
         float32: the kernels and their Cholesky factors of a bfloat16 or float16 model are formed
         in float32 (as are all of them under ``torch.autocast``; the model itself runs as called).
+        Regression kernels, and kernels with more than 3/4 as many rows as trained weights, are
+        formed and factored in float64 from the model's Jacobians (in float32 a small learned
+        noise, ``sigma = 0.01`` on a clean fit, gave hypergradients of the wrong sign); other
+        classification kernels too where their float32 Cholesky fails (the same outputs drawn for
+        ``outputs="sampled"``); the result is rounded back.
 
     Raises:
         ValueError: ``noise`` with ``likelihood="classification"`` (or missing with
@@ -890,8 +945,8 @@ def log_evidence_bound(
             or complex targets); inputs of another dtype or device; an invalid ``subset_size``,
             ``samples`` or ``kernel`` (or ``"layerwise"`` where it cannot apply); ``outputs``
             other than ``"all"`` with ``form="parametric"`` or ``"exact"``.
-        TypeError: ``noise`` of another type, a ``prior`` that is not a PriorPrecision, or
-            ``x`` or ``y`` not a tensor.
+        TypeError: ``noise`` of another type, a ``prior`` that is not a PriorPrecision, an
+            ``augmentation`` that is not a RandomTranslation, or ``x`` or ``y`` not a tensor.
 
     Cost (layerwise kernel): one forward pass (and, without ``augmentation``, one of the first
     example alone: the check above), the ``C`` output gradients in one vectorised
@@ -899,7 +954,8 @@ def log_evidence_bound(
     ``O((MCS)^2 d)`` for the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``
     (``outputs="each"``: ``C`` Choleskys ``O(M^3)``). Dense kernel: ``torch.func`` Jacobians,
     memory ``O(BSCP)``; ``form="parametric"``: a ``(P, P)`` Cholesky per block. Differentiating
-    the bound costs about as much again.
+    the bound costs about as much again. The kernels formed in float64 (see Returns) take about
+    2-3 times their float32 time on a CPU (an MLP regression hyperstep: 26 -> 61-72 ms).
 
     >>> import torch, hypergrad as hg
     >>> _ = torch.manual_seed(0); model = torch.nn.Linear(3, 2).double()
@@ -921,6 +977,13 @@ def log_evidence_bound(
             "(for a fixed precision d use PriorPrecision(model, init=d))"
         )
     _check_nonempty(x, y)
+    if augmentation is not None and not isinstance(augmentation, RandomTranslation):
+        # (an augmentation module of one's own, or a function, failed with "'Aug' object has no
+        # attribute 'raw'")
+        raise TypeError(
+            f"augmentation must be an hg.hparams.RandomTranslation, got {type(augmentation).__name__}: "
+            "another augmentation is applied inside the model (and, if random, in training mode only)"
+        )
     data_size = _count(data_size, "data_size", 1)
     if x.shape[0] > data_size:
         raise ValueError(
@@ -1148,20 +1211,21 @@ class MarginalLikelihood(HyperOptimizer):
 
     Raises:
         ValueError: ``hparams`` without exactly one PriorPrecision, with hyperparameters of any
-            other kind, without an ObservationNoise for regression (or with one for
-            classification), or with more than one RandomTranslation; trained weights the prior
-            does not cover; an invalid ``data_size``, ``outer_steps``, ``burn_in``, ``every``,
+            other kind, without an ObservationNoise for regression (or with one for classification),
+            or with more than one RandomTranslation; trained weights the prior does not cover; an
+            invalid ``data_size``, ``outer_steps``, ``burn_in``, ``every``,
             ``augmentation_samples``, ``subset_size``, ``kernel``, ``likelihood``, ``bound`` or
-            ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"`` or ``"exact"``). At
-            :meth:`hyper_step`: no ``train_batch``, one larger than ``data_size`` (or not the
-            whole data set with ``bound="exact"``), and what :func:`log_evidence_bound` refuses.
-            At :meth:`step` (nothing changed): a batch larger than ``data_size`` (``data_size``
-            is ``len(dataset)``, not the number of batches: only this much of a wrong ``N`` can
-            be caught; a smaller wrong ``N`` rescales the prior and the bound silently), and
-            trained weights the prior does not cover (added to ``inner_optimizer`` or unfrozen
-            after the PriorPrecision was built). At construction and at :meth:`step`: an
-            ``inner_optimizer`` with a weight decay of its own (``weight_decay`` != 0 in a param
-            group, as AdamW's default 0.01, or ASGD's ``lambd``): the prior is the
+            ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"`` or
+            ``"exact"``). At :meth:`hyper_step`: no ``train_batch``, one larger than ``data_size``
+            (or not the whole data set with ``bound="exact"``), and what :func:`log_evidence_bound`
+            refuses. At :meth:`step` (nothing changed): a batch larger than ``data_size``
+            (``data_size`` is ``len(dataset)``, not the number of batches: only this much of a wrong
+            ``N`` can be caught; a smaller wrong ``N`` rescales the prior and the bound silently),
+            trained weights the prior does not cover (added to ``inner_optimizer`` or unfrozen after
+            the PriorPrecision was built), and per-weight precisions whose shapes are not their
+            weights' (a layer resized after the PriorPrecision was built). At construction and at
+            :meth:`step`: an ``inner_optimizer`` with a weight decay of its own (``weight_decay`` !=
+            0 in a param group, as AdamW's default 0.01, or ASGD's ``lambd``): the prior is the
             PriorPrecision, and a decay on top would train the weights to another MAP.
         NonFiniteError: (``on_nonfinite="raise"``) as :class:`HyperOptimizer`; with
             ``outer_steps`` > 1 the message names the outer step refused, and the ones before it
@@ -1288,6 +1352,7 @@ class MarginalLikelihood(HyperOptimizer):
         self._check_data_size(x, "batch")
         self._check_covered()
         self._check_no_decay()
+        _check_prior_shapes(self.prior, dict(unwrap_model(model).named_parameters()), self.prior.names)
         f = _forward(model, x, self.augmentation, self.samples, self.likelihood)
         sigma = None if self.noise is None else self.noise()
         nll = -_log_lik(f, y, self.likelihood, sigma) / x.shape[0]

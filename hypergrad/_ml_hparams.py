@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hparams import Hparam, WeightDecay, _real
+from .hparams import Constraint, Hparam, WeightDecay, _check_held, _real
 
 
 class PriorPrecision(WeightDecay):
@@ -127,10 +127,13 @@ class RandomTranslation(nn.Module):
             shortest axis' length, ``min(shape) / 4``).
 
     Raises:
-        ValueError: a ``shape`` not ``(L,)`` or ``(H, W)`` with each side >= 2, ``max`` not finite
-            and > 0, or ``init`` outside ``(0, max)``; at call time, inputs whose examples do not
-            hold ``prod(shape)`` entries (one channel) laid out as ``shape`` or flattened (a
-            channel axis of size 1 is fine), or ``samples`` not an int >= 1.
+        ValueError: a ``shape`` not ``(L,)`` or ``(H, W)`` with each side >= 2, ``max`` not
+            finite and > 0, or ``init`` outside ``(0, max)`` (or inside it but mapped onto its edge
+            in torch's default dtype: ``max * (1 - 1e-9)`` in float32); at call time, inputs whose
+            examples do not hold ``prod(shape)`` entries (one channel) laid out as ``shape`` or
+            flattened (a channel axis of size 1 is fine), inputs that are not floating point (uint8
+            images, complex signals), or ``samples`` not an int >= 1.
+        TypeError: at call time, inputs that are not a tensor.
 
     Cost: one ``grid_sample`` over the ``B * samples`` inputs.
 
@@ -154,6 +157,11 @@ class RandomTranslation(nn.Module):
             raise ValueError(f"Invalid translation range init: {init!r} (need 0 < init < max = {self.max})")
         frac = init / self.max
         self.raw = nn.Parameter(torch.full((len(shape),), math.log(frac) - math.log1p(-frac)))
+        # (an init inside (0, max) whose raw value saturates the sigmoid in the raw's dtype, as
+        # max * (1 - 1e-9) or 1e-50 in float32, gave a range of exactly max or 0 whose gradient
+        # is 0: it never moved)
+        wider = "torch.set_default_dtype(torch.float64) before building it"
+        _check_held(self.raw.detach(), Constraint.INTERVAL, "translation range init", 0.0, self.max, wider)
 
     def range(self) -> Tensor:
         """The range :math:`r` per axis in pixels, differentiable: ``(len(shape),)``."""
@@ -176,6 +184,15 @@ class RandomTranslation(nn.Module):
         if not ok:  # (0 crashed in affine_grid, a float in repeat_interleave)
             raise ValueError(f"Invalid samples: {samples!r} (need an int >= 1)")
         samples = operator.index(samples)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"RandomTranslation needs a tensor of inputs, got {type(x).__name__}")
+        if not x.is_floating_point():
+            # (uint8 images failed in torch.rand: '"check_uniform_bounds" not implemented for
+            # 'Byte''; complex ones in affine_grid), naming neither the layer nor the fix
+            raise ValueError(
+                f"RandomTranslation needs real floating-point inputs (it interpolates between "
+                f"pixels), got {x.dtype}: convert them first (uint8 images: x.float() / 255)"
+            )
         b = x.shape[0]
         n = math.prod(self.shape)
         tail = tuple(x.shape[1:])
