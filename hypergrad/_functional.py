@@ -498,15 +498,25 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def norm(a: Sequence[Tensor]) -> Tensor:
-    """The Euclidean norm of the concatenation of ``a`` (0-dim tensor; accumulated in float32 for
-    half-precision tensors, so large finite values do not overflow to ``inf``)."""
+    """The Euclidean norm of the concatenation of ``a`` (0-dim tensor). float32 and half-precision
+    tensors are accumulated in float64 and the norm returned in float32, so finite entries never
+    overflow to ``inf`` nor underflow to 0 in the squares (a float32 hypergradient with an entry
+    of 7.8e24, whose norm fits float32, had norm ``inf`` and its hyperstep was refused as not
+    finite)."""
     if not a:
         return torch.zeros(())
+    if all(t.dtype in _WIDENED for t in a):
+        wide = torch._foreach_norm(list(a), 2, dtype=torch.float64)
+        return torch.linalg.vector_norm(torch.stack(list(wide))).to(torch.float32)
     if any(t.dtype in _LOW_PRECISION for t in a):
         parts = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in a]
     else:
         parts = list(torch._foreach_norm(list(a)))
     return torch.linalg.vector_norm(torch.stack(parts))
+
+
+#: dtypes whose squares float64 holds without overflow or underflow
+_WIDENED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def clip_by_total_norm(grads: Sequence[Tensor], max_norm: float) -> Tensors:

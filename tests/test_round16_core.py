@@ -215,3 +215,22 @@ def test_gradient_through_a_grouped_stn_conv_matches_central_differences_and_sel
     hopt.hyper_step(val_batch=batch)
     assert not torch.equal(net.conv.hnet, hnet)
     assert any(not torch.equal(p, r) for p, r in zip(hp.parameters(), raw, strict=True))
+
+
+# ------------------------------------------------------------------------ norms in float32
+def test_norm_of_a_large_finite_float32_hypergradient_is_finite():
+    """hyper_step checks the hypergradient's norm for finiteness: a float32 hypergradient with an
+    entry of 7.8e24 (a prior precision of 1e26) had norm inf, so the hyperstep was refused as
+    not finite while no entry was. float32 and half tensors are now accumulated in float64."""
+    from hypergrad._functional import norm
+
+    for dt in (torch.float32, torch.bfloat16):
+        big = [torch.tensor([7.8e24, -0.12], dtype=dt), torch.tensor([3.0e24], dtype=dt)]
+        got = norm(big)
+        assert got.dtype == torch.float32 and torch.isfinite(got)
+        ref = float(torch.stack([t.double() for t in torch.cat(big)]).norm())
+        assert float(got) == pytest.approx(ref, rel=1e-6)
+    tiny = [torch.full((100,), 1e-30)]  # squares underflow in float32
+    assert float(norm(tiny)) == pytest.approx(1e-29, rel=1e-6)
+    assert torch.isnan(norm([torch.tensor([1.0, float("nan")])]))
+    assert torch.isinf(norm([torch.tensor([1.0, float("inf")])]))
