@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import (
+    _LOW_PRECISION,
     FunctionalPair,
     Ranks,
     _buffer_slots,
@@ -985,10 +986,24 @@ class HyperOptimizer(abc.ABC):
             self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
             return self._info(res, grad_norm, t0, skipped=True)
         grads = self._as_hparams(res.grads)  # all cast before any is written
+        # float16 / bfloat16 hyperparameters: the outer step itself can overflow from a finite
+        # hypergradient (Adam's update in float16); kept so that it can be undone
+        saved = (
+            self._outer_saved() if any(p.dtype in _LOW_PRECISION for p in self.pair.hparam_tensors) else None
+        )
         for p, g in zip(self.pair.hparam_tensors, grads, strict=True):
             p.grad = g if p.requires_grad else None  # (frozen: torch.optim skips it)
         self.outer_optimizer.step()
         _forget_autocast_casts(self.device)
+        if saved is not None and not all_finite(self.pair.hparam_tensors):
+            bad = self._nonfinite_hparams()
+            self._outer_restore(saved)
+            self._nonfinite(
+                f"hyper step {self.hyper_steps}: the outer optimiser's step made {bad} from a finite "
+                "hypergradient (an overflow in their low precision: a smaller outer learning rate, "
+                "or float32 hyperparameters)"
+            )
+            return self._info(res, grad_norm, t0, skipped=True)
         if res.commit is not None:
             res.commit()
         self.hyper_steps += 1
@@ -1142,6 +1157,23 @@ class HyperOptimizer(abc.ABC):
             hyper_steps=self.hyper_steps,
             train_loss=None if res.inner_loss is None else float(res.inner_loss),
         )
+
+    def _outer_saved(self) -> tuple[list[Tensor], list[Tensor | None], dict[str, Any]]:
+        """The hyperparameters' values and ``.grad`` and the outer optimiser's state, copied."""
+        hp = self.pair.hparam_tensors
+        return (
+            [p.detach().clone() for p in hp],
+            [p.grad for p in hp],
+            copy.deepcopy(self.outer_optimizer.state_dict()),
+        )
+
+    def _outer_restore(self, saved: tuple[list[Tensor], list[Tensor | None], dict[str, Any]]) -> None:
+        values, grads, state = saved
+        with torch.no_grad():
+            for p, v, g in zip(self.pair.hparam_tensors, values, grads, strict=True):
+                p.copy_(v)
+                p.grad = g
+        self.outer_optimizer.load_state_dict(state)
 
     def _nonfinite(self, msg: str) -> None:
         msg += "; weights, buffers, hyperparameters and optimiser states were left untouched"

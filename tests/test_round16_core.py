@@ -234,3 +234,57 @@ def test_norm_of_a_large_finite_float32_hypergradient_is_finite():
     assert float(norm(tiny)) == pytest.approx(1e-29, rel=1e-6)
     assert torch.isnan(norm([torch.tensor([1.0, float("nan")])]))
     assert torch.isinf(norm([torch.tensor([1.0, float("inf")])]))
+
+
+# -------------------------------------------------- an outer step that overflows in float16
+def test_an_outer_step_that_overflows_a_float16_hyperparameter_is_undone_and_reported():
+    """A finite hypergradient, an outer Adam step that takes a float16 hyperparameter past
+    65504: the hyperparameter was left inf (caught only at the next inner step). Now the step is
+    undone (value, .grad, outer state) and reported as non-finite, as the other guards do."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    h = hg.hparams.Hparam(6.0e4, "real", dtype=torch.float16)
+    outer = torch.optim.Adam(h.parameters(), lr=1e4)
+
+    def train(m: nn.Module, hp: hg.hparams.Hparam, b: tuple[Tensor, Tensor]) -> Tensor:
+        return F.mse_loss(m(b[0]), b[1]) + 1e-9 * hp().float() * m.weight.square().sum()
+
+    def val(m: nn.Module, hp: hg.hparams.Hparam, b: tuple[Tensor, Tensor]) -> Tensor:
+        return F.mse_loss(m(b[0]), b[1]) - 1e-6 * hp().float()  # pushes h up
+
+    hopt = hg.Implicit(
+        model,
+        h,
+        train,
+        val,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=outer,
+        solver=hg.Identity(),
+        on_nonfinite="skip",
+    )
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    hopt.step(batch)
+    before = h.raw.detach().clone()
+    state = copy.deepcopy(outer.state_dict())
+    with pytest.warns(hg.NonFiniteWarning, match="outer optimiser's step made"):
+        info = hopt.hyper_step(train_batch=batch, val_batch=batch)
+    assert info.skipped
+    assert torch.equal(h.raw, before) and torch.isfinite(h.raw).all()
+    assert outer.state_dict()["state"] == state["state"] == {}  # Adam took no step
+    assert hopt.hyper_steps == 0
+    hopt.step(batch)  # training goes on
+
+    # a float32 hyperparameter: no copies taken, the step as before
+    h32 = hg.hparams.Hparam(6.0e4, "real")
+    hopt32 = hg.Implicit(
+        model,
+        h32,
+        train,
+        val,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.Adam(h32.parameters(), lr=1e4),
+        solver=hg.Identity(),
+    )
+    hopt32.step(batch)
+    assert not hopt32.hyper_step(train_batch=batch, val_batch=batch).skipped
+    assert float(h32.value) == pytest.approx(6.0e4 + 1e4 * 0.99, rel=1e-4)
