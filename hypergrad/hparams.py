@@ -266,6 +266,33 @@ def _constant_coefficients(coefficients: Sequence[Tensor | None], wrt: Sequence[
     return all(g is None for g in found)
 
 
+class _GradientValue(torch.autograd.Function):
+    """A 0-dim zero whose backward pass gives each weight ``w_i`` the gradient ``grad_out * g_i``
+    (``g_i`` held constant): the gradient of ``Σ <g_i, w_i>`` with ``g`` detached, in autograd's
+    order among the loss's other terms, without that dot product's forward pass (two full-size
+    operations per weight) nor its backward's broadcast of ``grad_out``. Differentiable in
+    ``grad_out`` (its backward is taken with ``create_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, zero: Tensor, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors[:n])
+        return zero.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        gs = ctx.saved_tensors
+        return (None, None, *([None] * len(gs)), *(grad_out * g for g in gs))
+
+
+def _gradient_value(gs: Sequence[Tensor], ws: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``(l - l.detach())`` for ``l = Σ <g_i, w_i>`` (``g`` constant): zero, with ``g_i`` as
+    ``w_i``'s gradient; through :class:`_GradientValue` for real weights."""
+    if any(w.is_complex() for w in ws):
+        linear = torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
+        return linear - linear.detach()
+    return _GradientValue.apply(len(gs), torch.zeros_like(like), *gs, *ws)
+
+
 def _abs2(w: Tensor) -> Tensor:
     """:math:`|w|^2` elementwise, real: ``w²`` for real ``w``; for complex ``w`` the squared
     modulus (``re² + im²``, as torch.optim's ``weight_decay`` sees a complex weight through its
@@ -675,10 +702,9 @@ class WeightDecay(nn.Module):
             gs = [d * w for d, w in zip(ds, ws, strict=True)]
             value = 0.5 * torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
-        linear = torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
-        return (linear - linear.detach()) + value + (probe - 1)
+        return _gradient_value(gs, ws, value) + value + (probe - 1)
 
     def _valued_penalty(self, ws: list[Tensor]) -> Tensor:
         """The penalty's value and its gradient's value ``d * w``, without the gradient's graph
@@ -691,11 +717,10 @@ class WeightDecay(nn.Module):
         with torch.no_grad():
             value = 0.5 * torch.stack([(d * _abs2(w)).sum() for d, w in zip(ds, ws, strict=True)]).sum()
             gs = [d * w for d, w in zip(ds, ws, strict=True)]
-        linear = torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
-        return (linear - linear.detach()) + value + (probe - 1)
+        return _gradient_value(gs, ws, value) + value + (probe - 1)
 
     def extra_repr(self) -> str:
         bound = "" if self.max is None else f", max={self.max}"

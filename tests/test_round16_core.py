@@ -288,3 +288,40 @@ def test_an_outer_step_that_overflows_a_float16_hyperparameter_is_undone_and_rep
     hopt32.step(batch)
     assert not hopt32.hyper_step(train_batch=batch, val_batch=batch).skipped
     assert float(h32.value) == pytest.approx(6.0e4 + 1e4 * 0.99, rel=1e-4)
+
+
+# ------------------------------------- the penalties' gradient value, without its dot product
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32, torch.bfloat16])
+def test_gradient_value_gives_the_dot_products_gradient_bit_for_bit(dt):
+    """The first-order penalties (Implicit's and Unrolled's replay) pass ``g = d * w`` to each
+    weight's gradient through a custom autograd function instead of differentiating ``Σ <g, w>``
+    with ``g`` detached: the same gradient bit for bit (the weights' other terms summed in the
+    same order), and the same derivative in the coefficient the loss multiplies it with."""
+    from hypergrad.hparams import _gradient_value, _real_dot
+
+    g0 = torch.Generator().manual_seed(0)
+    ws = [
+        torch.randn(5, 3, generator=g0).to(dt).requires_grad_(),
+        torch.randn(4, generator=g0).to(dt).requires_grad_(),
+    ]
+    ds = [torch.rand(5, 3, generator=g0) + 0.1, torch.rand((), generator=g0) + 0.1]  # float32 decays
+    c = torch.tensor(0.37, requires_grad=True)
+    with torch.no_grad():
+        gs = [d * w for d, w in zip(ds, ws, strict=True)]
+        value = 0.5 * torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
+
+    def other(ws: list[Tensor]) -> Tensor:
+        return (ws[0].float().sin().sum() + (ws[0][:4, 0].float() * ws[1].float()).sum()) * 2
+
+    # (as in a loss: the model's terms first, then the penalty)
+    first = other(ws)
+    linear = torch.stack([_real_dot(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
+    old = torch.autograd.grad(first + c * ((linear - linear.detach()) + value), ws, create_graph=True)
+    first = other(ws)
+    new = torch.autograd.grad(first + c * (_gradient_value(gs, ws, value) + value), ws, create_graph=True)
+    for a, b in zip(old, new, strict=True):
+        assert a.dtype == b.dtype == dt
+        assert torch.equal(a, b)
+    (dc_old,) = torch.autograd.grad(sum(a.float().sum() for a in old), c)
+    (dc_new,) = torch.autograd.grad(sum(b.float().sum() for b in new), c)
+    assert torch.equal(dc_old, dc_new) and dc_new != 0
