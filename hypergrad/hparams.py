@@ -293,6 +293,40 @@ def _gradient_value(gs: Sequence[Tensor], ws: Sequence[Tensor], like: Tensor) ->
     return _GradientValue.apply(len(gs), torch.zeros_like(like), *gs, *ws)
 
 
+class _DecayGraph(torch.autograd.Function):
+    """``g`` as it is (a view), with the graph of the term ``c * d * w`` that ``g`` already holds
+    the value of: backward gives ``g`` the incoming gradient, ``d`` and ``w`` those of ``c * d * w``
+    (``c`` constant). What ``g + (t - t.detach())`` with ``t = c * (d * w)`` differentiates to, bit
+    for bit, without its four full-size forward operations (Unrolled's replay adds it for every
+    decayed weight at every replayed step)."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, c: Tensor, d: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(c, d, w)
+        # the dtype of c * (d * w) (a 0-dim decay does not promote the weights: bf16 stays bf16)
+        dw = torch.empty((0,) if d.dim() or w.dim() else (), dtype=torch.result_type(d, w))
+        ctx.term_dtype = torch.result_type(c, dw)
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        c, d, w = ctx.saved_tensors
+        gc = grad_out.to(ctx.term_dtype) * c
+        grad_d = (gc * w).sum_to_size(d.shape).to(d.dtype) if ctx.needs_input_grad[2] else None
+        grad_w = (gc * d).to(w.dtype) if ctx.needs_input_grad[3] else None
+        return grad_out, None, grad_d, grad_w
+
+
+def _with_decay_graph(g: Tensor, c: Tensor, d: Tensor, w: Tensor) -> Tensor:
+    """``g`` (which holds the value of the term ``c * d * w``) with that term's graph to ``d`` and
+    ``w``, ``c`` held constant; through :class:`_DecayGraph` for real tensors."""
+    c = c.detach()
+    if g.is_complex() or d.is_complex() or w.is_complex():
+        term = (c * (d * w)).to(g.dtype)
+        return g + (term - term.detach())
+    return _DecayGraph.apply(g, c, d, w)
+
+
 def _abs2(w: Tensor) -> Tensor:
     """:math:`|w|^2` elementwise, real: ``w²`` for real ``w``; for complex ``w`` the squared
     modulus (``re² + im²``, as torch.optim's ``weight_decay`` sees a complex weight through its

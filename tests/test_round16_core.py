@@ -325,3 +325,38 @@ def test_gradient_value_gives_the_dot_products_gradient_bit_for_bit(dt):
     (dc_old,) = torch.autograd.grad(sum(a.float().sum() for a in old), c)
     (dc_new,) = torch.autograd.grad(sum(b.float().sum() for b in new), c)
     assert torch.equal(dc_old, dc_new) and dc_new != 0
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per", ["parameter", "layer"])
+def test_decay_graph_differentiates_as_the_detached_term_trick_bit_for_bit(dt, per):
+    """Unrolled's replay gives each decayed weight's gradient ``g`` (which holds ``c d w``'s value)
+    the graph of ``c * d * w`` through a custom function instead of ``g + (t - t.detach())``: the
+    same value and the same gradients to ``g``'s graph, ``d`` and ``w``, bit for bit."""
+    from hypergrad.hparams import _with_decay_graph
+
+    g0 = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 4, generator=g0).to(dt).requires_grad_()
+    raw = (
+        torch.randn(6, 4, generator=g0) if per == "parameter" else torch.randn((), generator=g0)
+    ).requires_grad_()
+    c = torch.tensor(0.7)
+    x = torch.randn(6, 4, generator=g0).to(dt).requires_grad_()
+    up = torch.randn(6, 4, generator=g0).to(dt)
+
+    def old() -> tuple[Tensor, ...]:
+        d = raw.exp()
+        g = (x * 3).sin()
+        term = (c * (d * w)).to(g.dtype)
+        out = g + (term - term.detach())
+        return (out.detach(), *torch.autograd.grad((out * up).sum(), [x, raw, w]))
+
+    def new() -> tuple[Tensor, ...]:
+        d = raw.exp()
+        g = (x * 3).sin()
+        out = _with_decay_graph(g, c, d, w)
+        return (out.detach(), *torch.autograd.grad((out * up).sum(), [x, raw, w]))
+
+    for a, b in zip(old(), new(), strict=True):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
