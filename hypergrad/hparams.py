@@ -65,6 +65,18 @@ class Constraint(str, enum.Enum):
     INTERVAL = "interval"
     GREATER_THAN = "greater_than"
 
+    @classmethod
+    def _missing_(cls, value: object) -> Constraint:
+        """Any case and ``-`` for ``_`` (``"Unit"``, ``"greater-than"``); otherwise a
+        ``ValueError`` that lists the constraints (the enum's own named none)."""
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "_")
+            for c in cls:
+                if c.value == key:
+                    return c
+        names = ", ".join(repr(c.value) for c in cls)
+        raise ValueError(f"unknown constraint {value!r}: use one of {names}")
+
 
 def _check_bounds(c: Constraint, low: float | None, high: float | None, what: str) -> None:
     """Raise ``ValueError`` unless ``low`` / ``high`` are exactly the bounds constraint ``c`` takes."""

@@ -360,3 +360,10 @@ def test_decay_graph_differentiates_as_the_detached_term_trick_bit_for_bit(dt, p
     for a, b in zip(old(), new(), strict=True):
         assert a.dtype == b.dtype
         assert torch.equal(a, b)
+
+
+def test_constraint_names_take_any_case_and_an_unknown_one_lists_the_choices():
+    assert hg.hparams.Hparam(0.3, "Unit").constraint is hg.hparams.Constraint.UNIT
+    assert hg.hparams.Hparam(2.0, " Greater-Than ", low=1.0).constraint is hg.hparams.Constraint.GREATER_THAN
+    with pytest.raises(ValueError, match=r"unknown constraint 'probability': use one of 'positive', 'unit'"):
+        hg.hparams.Hparam(0.3, "probability")
