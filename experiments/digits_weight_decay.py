@@ -55,7 +55,7 @@ Batch = tuple[Tensor, Tensor]
 #   method                           val loss  val acc  test loss  test acc
 #   no weight decay                    0.2137   95.67%     0.1161    96.89%
 #   global decay 1e-03 (grid best)     0.1692   95.67%     0.1018    97.49%
-#   per-weight decay (learned)         0.0197   99.67%     0.0713    97.99%
+#   per-weight decay (learned)         0.0197   99.67%     0.0714    97.99%
 #
 # Seeds 0-4 (each changes the split and the initialisation), test loss / test accuracy:
 #   none          0.116/96.9%  0.165/95.9%  0.137/96.1%  0.130/96.0%  0.144/96.7%

@@ -1,7 +1,7 @@
 """Rerun every registered experiment at its default size into experiments/reports/NAME/ and
 regenerate the results table of experiments/README.md (``hypergrad report``).
 
-Usage (from the repository root; about 15 minutes on a 2-core CPU)::
+Usage (from the repository root; about 20 minutes on a 2-core CPU)::
 
     .venv/bin/python experiments/reproduce.py                 # all experiments
     .venv/bin/python experiments/reproduce.py distill hd      # some of them

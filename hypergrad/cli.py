@@ -659,7 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Called from Python (a notebook, a script looping over runs), ``run`` leaves torch's CPU thread
     count as it found it: ``--threads`` (default 1) holds for the run only."""
     with _printable_stdout():
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        try:
+            return _main(list(sys.argv[1:] if argv is None else argv))
+        except BrokenPipeError:
+            # the reader left early (`hypergrad list | head -1`): no traceback, and none again at
+            # exit when Python flushes stdout into the closed pipe
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 
 
 def _main(argv: list[str]) -> int:

@@ -367,3 +367,22 @@ def test_constraint_names_take_any_case_and_an_unknown_one_lists_the_choices():
     assert hg.hparams.Hparam(2.0, " Greater-Than ", low=1.0).constraint is hg.hparams.Constraint.GREATER_THAN
     with pytest.raises(ValueError, match=r"unknown constraint 'probability': use one of 'positive', 'unit'"):
         hg.hparams.Hparam(0.3, "probability")
+
+
+def test_a_cli_whose_reader_left_exits_quietly():
+    """`hypergrad list | head -0`: a BrokenPipeError traceback every time; now exit code 141 (as
+    a shell reports SIGPIPE) and nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "hypergrad", "list"], stdout=w, stderr=subprocess.PIPE, timeout=120
+        )
+    finally:
+        os.close(w)
+    assert p.returncode == 141, p.stderr.decode()
+    assert b"Traceback" not in p.stderr and b"BrokenPipe" not in p.stderr

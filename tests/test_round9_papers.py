@@ -73,7 +73,7 @@ def test_readme_drop_in_example_runs_verbatim() -> None:
     from sklearn.datasets import load_digits
     x, y = (torch.tensor(a) for a in load_digits(return_X_y=True))
     x = x.float() / 16
-    batches = [((x[i:i + 64], y[i:i + 64]), (x[1500:], y[1500:])) for i in range(0, 1500, 64)] * 3
+    batches = [((x[i:i + 64], y[i:i + 64]), (x[1536:], y[1536:])) for i in range(0, 1536, 64)] * 3
     before = hp.value.clone()
     infos = []
     for i, (train_batch, val_batch) in enumerate(batches):
