@@ -34,6 +34,7 @@ from ._functional import (
     check_batch,
     clip_by_total_norm,
     norm,
+    noting_reentrant_checkpoints,
     substituting,
 )
 from ._types import Batch, LossFn, Tensors
@@ -255,7 +256,9 @@ class HyperOptimizer(abc.ABC):
             stop training and leave the hypergradient computations.
         outer_optimizer: a ``torch.optim`` optimiser over ``hparams.parameters()``.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``; either way a non-finite loss or
-            (hyper)gradient leaves weights, buffers, hyperparameters and optimiser states untouched.
+            (hyper)gradient leaves weights, buffers, hyperparameters, optimiser states and torch's
+            random generator (CPU, and the model's CUDA device) untouched: a run that skips some
+            batches ends as one that never saw them, bit for bit (dropout masks included).
         divergence: if set (a number > 1), a training loss whose magnitude exceeds ``divergence``
             times that of the first accepted nonzero training loss is treated like a non-finite
             one; until a nonzero loss has been accepted (a hinge loss already satisfied, a loss
@@ -561,6 +564,18 @@ class HyperOptimizer(abc.ABC):
         if len(trained) == len(self._weights_key) and all(
             id(t) == k for t, k in zip(trained, self._weights_key, strict=False)
         ):
+            gone = self.pair.replaced_weights()  # (the model changed under the optimiser)
+            if gone:
+                name = type(self).__name__
+                raise ValueError(
+                    f"the model no longer holds the weights {gone[:4]} that inner_optimizer trains: "
+                    "a parametrisation was registered on them (torch.nn.utils.parametrize, "
+                    "parametrizations.weight_norm / orthogonal / spectral_norm) or a new parameter "
+                    "assigned in their place (module.weight = nn.Parameter(...), "
+                    f"load_state_dict(..., assign=True)) since this {name} was built, so the optimiser would "
+                    "step tensors the model no longer uses and the model's new ones would never "
+                    f"train. Change the model first, then build the optimisers and the {name}"
+                )
             return trained  # unchanged since the last check (the common case): no more work
         model_ids = {id(p): n for n, p in self.model.named_parameters()}
         hp_ids = {id(p): n for n, p in self.hparams.named_parameters()}
@@ -676,8 +691,11 @@ class HyperOptimizer(abc.ABC):
             TypeError: ``scaler`` is not a ``torch.amp.GradScaler``.
             ValueError: an invalid ``max_grad_norm``, a ``scaler`` for another device type or
                 with float16 trained weights, a ``batch`` that is ``None`` or holds a
-                floating-point tensor on another device or of another dtype than the model, or
-                an inner optimiser whose parameters changed into something it cannot train.
+                floating-point tensor on another device or of another dtype than the model, an
+                inner optimiser whose parameters changed into something it cannot train, or a
+                trained weight the model no longer holds (a parametrisation registered on it, or a
+                new parameter assigned in its place, since construction).
+            TypeError: ``batch`` is a function (a ``step(closure)`` habit from ``torch.optim``).
             RuntimeError: called under ``torch.inference_mode()``, or inside
                 ``DistributedDataParallel.join()`` or ``no_sync()`` (see the class docstring).
 
@@ -688,8 +706,11 @@ class HyperOptimizer(abc.ABC):
         Equivalent to ``inner_optimizer.zero_grad(); train_loss(...).backward();
         inner_optimizer.step()`` on the real model (weights the loss does not reach keep
         ``.grad = None``, so ``torch.optim`` skips them; buffers are updated, or reassigned, as by
-        an ordinary forward pass; the hyperparameters' ``.grad`` is not touched), except that a
-        non-finite (or diverged) loss or gradient changes nothing (see ``on_nonfinite``). The
+        an ordinary forward pass; the hyperparameters' ``.grad`` is not touched; a loss that went
+        through ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` is differentiated
+        by a plain ``backward()``, as torch needs for it, the other parameters' ``.grad`` put
+        back), except that a non-finite (or diverged) loss or gradient changes nothing, torch's
+        random generator included (see ``on_nonfinite``). The
         guard costs one host synchronisation per step (two with ``divergence`` set, and one more
         on the first accepted step, which reads the loss scale: with ``divergence`` set, on each
         until a nonzero loss is accepted). Autograd is on inside, whatever the
@@ -706,7 +727,8 @@ class HyperOptimizer(abc.ABC):
         weights = pair.weights
         scaler = _check_scaler(scaler, weights, pair.weight_names, self.device)
         self._before_step()
-        rng = self._rng_state() if self._replays_rng else None
+        rng_before = self._rng_state()  # (a refused step puts the generator back: nothing changed)
+        rng = rng_before if self._replays_rng else None
         snapshot = pair.snapshot_buffers()
         hp_snapshot = self._snapshot_hparam_buffers()
         everything = _params_of(self.inner_optimizer)  # frozen ones too, as zero_grad() would
@@ -731,6 +753,7 @@ class HyperOptimizer(abc.ABC):
             bad = self._nonfinite_hparams() if isinstance(error, Exception) else ""
             if not bad:
                 raise
+            self._set_rng_state(rng_before)
             self._nonfinite(
                 f"inner step {self.inner_steps}: {bad} (train_loss raised {type(error).__name__}: {error})"
             )
@@ -758,6 +781,7 @@ class HyperOptimizer(abc.ABC):
                 w.grad = g
             if not overflow:
                 where = _nonfinite_entries("the gradient", pair.weight_names, grads)
+                self._set_rng_state(rng_before)
                 self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}")
             return loss.detach()
         for _, setting in self.settings:
@@ -830,10 +854,15 @@ class HyperOptimizer(abc.ABC):
         its gradient w.r.t. ``weights`` accumulated into their (cleared) ``.grad``; returns the
         loss (with its graph)."""
         model = self.model if model is None else model
-        loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
+        with noting_reentrant_checkpoints() as reentrant:
+            loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
         if loss.requires_grad:
             scaler = self._scaler  # (step's GradScaler: the gradients come out scaled)
-            (loss if scaler is None else scaler.scale(loss)).backward(inputs=list(weights))
+            out = loss if scaler is None else scaler.scale(loss)
+            if reentrant():
+                self._backward_everywhere(out, weights)
+            else:
+                out.backward(inputs=list(weights))
         elif any(w.requires_grad for w in weights):
             # a constant loss (a batch with nothing to learn, say every example masked) skips the
             # update, as `if loss.requires_grad: loss.backward()` would; but a loss computed under
@@ -846,6 +875,28 @@ class HyperOptimizer(abc.ABC):
                 DisconnectedWarning,
             )
         return loss
+
+    def _backward_everywhere(self, loss: Tensor, weights: Sequence[Tensor]) -> None:
+        """``loss.backward()`` without ``inputs=``, for a loss that went through
+        ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``: torch skips a reentrant
+        checkpoint's recomputation in a backward pass that names its inputs, so the weights inside
+        it silently got no gradient and never trained. The ``.grad`` of the hyperparameters and
+        of the model's other parameters are put back as they were (tensors outside both, such as
+        an input with ``requires_grad=True``, accumulate theirs, as in plain PyTorch)."""
+        trained = {id(w) for w in weights}
+        others = [
+            t
+            for t in (*self.pair.hparam_tensors, *self.ranks.module.parameters())
+            if t.requires_grad and id(t) not in trained
+        ]
+        kept = [t.grad for t in others]
+        for t in others:  # (backward accumulates into an existing .grad in place)
+            t.grad = None
+        try:
+            loss.backward()
+        finally:
+            for t, g in zip(others, kept, strict=True):
+                t.grad = g
 
     def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:
         """'' when the training loss, the gradients and the hyperparameters are finite (and the
@@ -981,8 +1032,10 @@ class HyperOptimizer(abc.ABC):
         """
         t0 = time.perf_counter()
         self._check_outer_optimizer()  # (a group added since: before anything is computed)
+        rng_before = self._rng_state()  # (a refused step puts the generator back: nothing changed)
         res, grad_norm, problem = self._compute(train_batch, val_batch)
         if problem:
+            self._set_rng_state(rng_before)
             self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
             return self._info(res, grad_norm, t0, skipped=True)
         grads = self._as_hparams(res.grads)  # all cast before any is written
@@ -998,6 +1051,7 @@ class HyperOptimizer(abc.ABC):
         if saved is not None and not all_finite(self.pair.hparam_tensors):
             bad = self._nonfinite_hparams()
             self._outer_restore(saved)
+            self._set_rng_state(rng_before)
             self._nonfinite(
                 f"hyper step {self.hyper_steps}: the outer optimiser's step made {bad} from a finite "
                 "hypergradient (an overflow in their low precision: a smaller outer learning rate, "

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import inspect
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -144,6 +146,17 @@ class FunctionalPair:
         # the substituted tensors, and the graph behind them, until then
         self._rnns = [m for m in self.model.modules() if isinstance(m, nn.RNNBase)]
 
+    def replaced_weights(self) -> list[str]:
+        """The names of the trained weights that the model no longer holds where it held them (a
+        parametrisation registered on them, or a new ``nn.Parameter`` assigned in their place,
+        since :meth:`set_weights`); a few dictionary look-ups."""
+        # (``k in d``, not ``d.get``: a scripted module's ``_parameters`` has no ``get``)
+        return [
+            n
+            for n, w, ((d, k), *_) in zip(self.weight_names, self.weights, self._weight_slots, strict=True)
+            if k not in d or d[k] is not w
+        ]
+
     def buffers(self) -> Tensors:
         """The model's buffers, in ``buffer_names`` order (the real tensors)."""
         return tuple(d[k] for d, k in self._buffer_slots)
@@ -214,6 +227,13 @@ class FunctionalPair:
             raise ValueError(
                 f"loss functions must return a real scalar Tensor; {getattr(loss_fn, '__name__', loss_fn)}"
                 f" returned {out.dtype} (a complex value has no minimum: |z|^2 as (z.conj() * z).real)"
+            )
+        if not out.is_floating_point():  # (an integer count crashed later, in a norm, naming neither)
+            raise ValueError(
+                f"loss functions must return a floating-point scalar Tensor; "
+                f"{getattr(loss_fn, '__name__', loss_fn)} returned {out.dtype}, which has no gradient "
+                "(a count of errors, torch.tensor(0)): compute the loss in floating point, e.g. "
+                "torch.zeros((), device=...) for a batch with nothing to learn"
             )
         return out
 
@@ -366,6 +386,50 @@ def _fixed_point_targets() -> list[tuple[Any, str, Any]]:
 _TWICE_LOCK = threading.Lock()
 _TWICE_STATE: dict[str, Any] = {"open": 0, "saved": []}
 _FIXED_POINT_STATE: dict[str, Any] = {"open": 0, "saved": []}
+_CHECKPOINT_STATE: dict[str, Any] = {"open": 0, "saved": [], "calls": 0}
+
+
+class _ReentrantCheckpoint:
+    """Stand-in for ``torch.utils.checkpoint``'s ``CheckpointFunction`` (``checkpoint(...,
+    use_reentrant=True)``, also torch's default when ``use_reentrant`` is not given), while a
+    :func:`differentiable_twice` or :func:`noting_reentrant_checkpoints` block is open. It counts
+    its calls, and inside :func:`differentiable_twice` runs the function with autograd recording
+    (keeping its activations) instead of under ``no_grad``: the real one recomputes it in a backward
+    pass, which ``torch.autograd.grad`` and ``backward(inputs=...)`` skip, so the weights inside got
+    no gradient, silently (torch 2.13: a hypergradient of exactly 0 for their weight decay)."""
+
+    @staticmethod
+    def apply(function: Any, preserve_rng_state: bool, *args: Any) -> Any:
+        _CHECKPOINT_STATE["calls"] += 1
+        if _TWICE_STATE["open"]:
+            return function(*args)
+        saved = _CHECKPOINT_STATE["saved"]  # (empty if another thread closed the last block since)
+        real = saved[0][2] if saved else torch.utils.checkpoint.CheckpointFunction
+        return real.apply(function, preserve_rng_state, *args)
+
+
+def _checkpoint_targets() -> list[tuple[Any, str, Any]]:
+    """The reentrant checkpoint's entry point (``checkpoint`` looks it up at every call)."""
+    import torch.utils.checkpoint
+
+    found = hasattr(torch.utils.checkpoint, "CheckpointFunction")
+    return [(torch.utils.checkpoint, "CheckpointFunction", _ReentrantCheckpoint)] if found else []
+
+
+@contextlib.contextmanager
+def noting_reentrant_checkpoints() -> Iterator[Callable[[], int]]:
+    """Within the block ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` works as
+    usual (it still saves memory) and is counted: the block yields a function giving the number of
+    such calls so far in the block (in any thread). A backward pass over a graph holding one must
+    run without ``inputs=`` (:meth:`HyperOptimizer.step`), since torch skips the checkpointed
+    part's recomputation, and the gradients of the weights inside it, in a backward pass that
+    names its inputs."""
+    _open_swap(_CHECKPOINT_STATE, _checkpoint_targets)
+    start = _CHECKPOINT_STATE["calls"]
+    try:
+        yield lambda: _CHECKPOINT_STATE["calls"] - start
+    finally:
+        _close_swap(_CHECKPOINT_STATE)
 
 
 def _open_swap(state: dict[str, Any], targets: Any) -> None:
@@ -413,6 +477,9 @@ def differentiable_twice(at_fixed_point: bool = False) -> Iterator[None]:
       the substituted ones (a replayed step of :class:`~hypergrad.Unrolled` then differentiates
       the current weights instead of the replayed ones). Memory inside these blocks is therefore
       that of the model without checkpointing; :meth:`HyperOptimizer.step` still checkpoints.
+      Likewise ``checkpoint(..., use_reentrant=True)`` (torch's default without the argument),
+      whose recomputation ``torch.autograd.grad`` skips altogether: the weights inside had
+      gradient 0 in every HVP and mixed derivative, silently.
 
     * ``F.hardsigmoid`` (``nn.Hardsigmoid()``, MobileNetV3's squeeze-excitation gate): its
       kernel's backward has no derivative; computed as ``x / 6 + 1/2`` inside ``(-3, 3)`` and
@@ -441,6 +508,7 @@ def differentiable_twice(at_fixed_point: bool = False) -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     _open_swap(_TWICE_STATE, _twice_targets)
+    _open_swap(_CHECKPOINT_STATE, _checkpoint_targets)
     try:
         if at_fixed_point:
             _open_swap(_FIXED_POINT_STATE, _fixed_point_targets)
@@ -451,6 +519,7 @@ def differentiable_twice(at_fixed_point: bool = False) -> Iterator[None]:
             if at_fixed_point:
                 _close_swap(_FIXED_POINT_STATE)
     finally:
+        _close_swap(_CHECKPOINT_STATE)
         _close_swap(_TWICE_STATE)
 
 
@@ -645,11 +714,20 @@ def check_batch(batch: Any, what: str, device: torch.device, dtype: torch.dtype)
     the wrong dtype. Integer tensors are not checked: PyTorch wants some of them on the CPU
     whatever the model's device (``PackedSequence.batch_sizes``, the lengths given to
     ``pack_padded_sequence``), and it names a misplaced label tensor itself. A complex model also
-    takes real tensors of its precision (complex64: float32), as complex layers usually do."""
+    takes real tensors of its precision (complex64: float32), as complex layers usually do. A
+    function (a ``step(closure)`` habit from ``torch.optim``) is refused as a batch."""
     if batch is None:
         raise ValueError(
             f"{what} is required but was not given (None); a loss that reads no data (dataset "
             "distillation, where the hyperparameters are the data) takes an empty batch: pass ()"
+        )
+    if inspect.isfunction(batch) or inspect.ismethod(batch) or isinstance(batch, functools.partial):
+        # (torch.optim's ``optimizer.step(closure)`` idiom: the loss then failed to unpack a function)
+        raise TypeError(
+            f"{what} is a function ({getattr(batch, '__name__', type(batch).__name__)}); hypergrad takes "
+            "the batch itself, not a closure that computes the loss (torch.optim's step(closure)): "
+            "pass the batch, and the method calls train_loss(model, hparams, batch) / "
+            "val_loss(model, hparams, batch) with it"
         )
     real = dtype.to_real() if dtype.is_complex else None  # a complex model may take real inputs
     for t in iter_tensors(batch):

@@ -26,6 +26,7 @@ torch.Size([1, 5])
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -89,6 +90,13 @@ def _weight(model: nn.Module) -> Tensor:
     return next(model.parameters())
 
 
+def _check_size(**sizes: Any) -> None:
+    """Raise a ``ValueError`` naming each argument that is not an integer >= 1."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"Invalid {name}: {v!r} (need an integer >= 1)")
+
+
 def ridge(
     n_train: int = 100,
     n_val: int = 60,
@@ -106,7 +114,23 @@ def ridge(
     :math:`dL_V/dd_j = -w^*_j\,(H^{-1}\nabla_w L_V)_j`.
 
     Shapes: model ``nn.Linear(n_features, 1, bias=False)``; batches ``(X (n, F), y (n,))``.
+
+    Raises:
+        ValueError: ``n_features > n_train`` (no design of that rank), a size below 1, or
+            ``decay`` outside ``(0, 1)`` or ``cond < 1`` (the design's eigenvalues
+            ``linspace(1, cond) - decay`` must be positive).
     """
+    _check_size(n_train=n_train, n_val=n_val, n_features=n_features)
+    if n_features > n_train:
+        raise ValueError(
+            f"ridge needs n_train >= n_features (got n_train={n_train}, n_features={n_features}): "
+            "the training design is built with n_features nonzero singular values"
+        )
+    if not (0 < decay < 1 and cond >= 1):  # (NaN fails too)
+        raise ValueError(
+            f"Invalid decay={decay!r} or cond={cond!r}: need 0 < decay < 1 and cond >= 1, so that the "
+            "eigenvalues of X^T X / n, linspace(1, cond) - decay, are positive"
+        )
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((n_features, n_features)))
     eig = np.linspace(1.0, cond, n_features) - decay  # eigenvalues of X^T X / n
@@ -175,6 +199,7 @@ def quadratic(dim: int = 8, rho: float = 0.1, seed: int = 0) -> BilevelProblem:
     Shapes: model holds one vector ``w (dim,)``; batches ``(A (dim, dim), b (dim,))`` and
     ``(C (dim, dim), c (dim,))``.
     """
+    _check_size(dim=dim)
     rng = np.random.default_rng(seed)
     m = rng.standard_normal((dim, dim))
     a = m @ m.T / dim + 0.5 * np.eye(dim)
@@ -238,6 +263,7 @@ def logistic(n_train: int = 80, n_val: int = 60, n_features: int = 6, seed: int 
 
     Shapes: model ``nn.Linear(n_features, 1)``; batches ``(X (n, F), y (n,))`` with y in {0, 1}.
     """
+    _check_size(n_train=n_train, n_val=n_val, n_features=n_features)
     g = torch.Generator().manual_seed(seed)
     w_true = torch.randn(n_features, generator=g, dtype=DT)
     x = torch.randn(n_train, n_features, generator=g, dtype=DT)
@@ -336,25 +362,52 @@ def central_difference(f: Callable[[], float], tensor: Tensor, eps: float = 1e-5
     error :math:`O(\epsilon^2)` plus rounding :math:`O(u/\epsilon)`: use float64.
 
     Args:
-        f: a function of nothing that reads ``tensor`` (e.g. :attr:`BilevelProblem.outer_objective`).
-        tensor: the tensor to perturb (a hyperparameter's ``raw``); its values are written through
-            ``.data``, so autograd's version counter is not bumped.
-        eps: the step :math:`\epsilon` (default: 1e-5).
+        f: a function of nothing that reads ``tensor`` (e.g. :attr:`BilevelProblem.outer_objective`)
+            and returns a number (a float, or a tensor of one element).
+        tensor: the floating-point tensor to perturb (a hyperparameter's ``raw``; any layout, a
+            transposed one too); its values are written through ``.data``, so autograd's version
+            counter is not bumped.
+        eps: the step :math:`\epsilon`, a finite number > 0 (default: 1e-5).
+
+    Raises:
+        TypeError: ``tensor`` is not a floating-point tensor (an integer one cannot hold
+            :math:`t \pm \epsilon`), or ``f`` returns something that is not one number.
+        ValueError: ``eps`` is not a finite number > 0.
 
     >>> import torch
     >>> t = torch.tensor([1.0, 2.0], dtype=torch.float64)
     >>> [round(g, 6) for g in central_difference(lambda: float((t ** 3).sum()), t).tolist()]  # 3 t^2
     [3.0, 12.0]
     """
-    out = torch.zeros_like(tensor)
-    flat = tensor.data.view(-1)
-    for i in range(flat.numel()):
-        old = float(flat[i])
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        what = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise TypeError(f"central_difference perturbs a floating-point tensor, got {what}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+        raise ValueError(f"Invalid eps: {eps!r} (need a finite number > 0)")
+
+    def value() -> float:
+        v = f()
+        if isinstance(v, Tensor) and v.numel() == 1:
+            return float(v.detach())
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):  # (NumPy's scalars too)
+            return float(v)
+        got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+        raise TypeError(
+            f"central_difference: f must return one number (a float or a one-element tensor), got {got}"
+        )
+
+    out = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
+    data = tensor.data
+    # (entries by index, not through .view(-1): a transposed tensor has no flat view)
+    for i, idx in enumerate(np.ndindex(*tensor.shape)):
+        old = float(data[idx])
+        try:
+            data[idx] = old + eps
+            fp = value()
+            data[idx] = old - eps
+            fm = value()
+        finally:  # (an f that raises leaves the tensor as it was)
+            data[idx] = old
         out.view(-1)[i] = (fp - fm) / (2 * eps)
     return out
 
@@ -384,6 +437,10 @@ def dense_ift_hypergradient(
     Returns:
         A list shaped like ``list(hparams.parameters())``.
 
+    Raises:
+        ValueError: no weight of ``model`` requires grad, a loss is not a scalar tensor, or
+            the Hessian is singular (the weights are not at a strict minimum of ``train_loss``).
+
     >>> import torch, hypergrad.testing as ht
     >>> p = ht.ridge(n_features=3)
     >>> p.solve_inner()
@@ -399,15 +456,31 @@ def dense_ift_hypergradient(
             [(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(gs, xs, strict=True)]
         )
 
+    def scalar(out: Any, name: str) -> Tensor:
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"dense_ift_hypergradient: {name} must return a scalar tensor, got {got}")
+        return out.reshape(())
+
     ws: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     hps: list[Tensor] = list(hparams.parameters())
+    if not ws:
+        raise ValueError("dense_ift_hypergradient: no parameter of model requires grad (no weights)")
     # (operations whose kernels have a wrong second derivative, weight norm's, replaced: without
     # it a weight-normalised model's reference was 1.3% off the true hypergradient)
     with differentiable_twice(at_fixed_point=True):
-        g = grads(train_loss(model, hparams, train_batch), ws, create_graph=True)
+        g = grads(scalar(train_loss(model, hparams, train_batch), "train_loss"), ws, create_graph=True)
         jac = torch.stack([grads(g[i], ws + hps, retain_graph=True) for i in range(g.numel())])
         n_w = g.numel()
         hess, mixed = jac[:, :n_w], jac[:, n_w:]
-        gv = grads(val_loss(model, hparams, val_batch), ws + hps)
-    out = gv[n_w:] - mixed.T @ torch.linalg.solve(hess, gv[:n_w])
+        gv = grads(scalar(val_loss(model, hparams, val_batch), "val_loss"), ws + hps)
+    try:
+        solved = torch.linalg.solve(hess, gv[:n_w])
+    except torch.linalg.LinAlgError as error:
+        raise ValueError(
+            f"dense_ift_hypergradient: the Hessian of train_loss w.r.t. the weights is singular "
+            f"({error}): the weights are not at a strict minimum (solve the inner problem, or "
+            "add a penalty that makes it strictly convex)"
+        ) from error
+    out = gv[n_w:] - mixed.T @ solved
     return [t.reshape(p.shape) for t, p in zip(torch.split(out, [p.numel() for p in hps]), hps, strict=True)]
