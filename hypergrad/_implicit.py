@@ -33,7 +33,16 @@ from ._functional import (
     naming_missing_second_derivatives,
     norm,
 )
-from ._solvers import LinearSolver, Neumann, SolveResult, SolveStatus, _autograd_on, _tensor_list, _writable
+from ._solvers import (
+    LinearSolver,
+    Neumann,
+    SolveResult,
+    SolveStatus,
+    _autograd_on,
+    _scaled_norm,
+    _tensor_list,
+    _writable,
+)
 from ._types import HVP, Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients
 
@@ -120,6 +129,20 @@ class _DiagonalPenalties:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _ZeroCurvature(LinearSolver):
+    """The solve once power iteration found :math:`Hu = 0` from a random start (:math:`H = 0`):
+    no curvature to invert, no HVPs spent; the solution 0 with status
+    ``NONPOSITIVE_CURVATURE``, as CG (stopped at its first direction) and Direct (least squares)
+    give there."""
+
+    def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
+        residual = (_scaled_norm(v) > 0).to(v[0].real.dtype)  # |0 - v| / |v| (0 for v = 0)
+        return SolveResult(
+            tuple(torch.zeros_like(t) for t in v), 0, residual, SolveStatus.NONPOSITIVE_CURVATURE
+        )
+
+
 @dataclasses.dataclass
 class _ImplicitResult:
     hypergrad: Tensors
@@ -151,7 +174,7 @@ def _implicit(
     # same solution x = H^-1 v_1, when the curvature along v_1 is negative (one HVP), so that
     # weights placed at a rest point that is no maximum (a minimum of L_T - d/2 |w|^2, from which
     # ascent moves away) keep H. (Some weights ascended and some not, a descent-ascent game:
-    # S H with S = diag(+-1) is not symmetric, which CG and Direct assume; H is kept.)
+    # S H with S = diag(+-1) is not symmetric, which CG assumes; H is kept.)
     # ``average``: data parallel, averages tensors over the ranks in place. Every quantity below
     # is an average over the data, and linear in it given the global vectors, so: once for
     # (v1, L_V), once per HVP, once for the final hypergradient.
@@ -354,10 +377,15 @@ def _check_subset(subset: object) -> None:
 def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
     r"""Whether a Neumann series from 0 grew by more than a factor 2 per term: a sign that
     :math:`\alpha\lambda_{max} > 3` (a stale step size), which negative curvature alone, with
-    :math:`|\lambda_{min}| \le \lambda_{max}` and a current :math:`\alpha`, does not give."""
-    if not isinstance(solver, Neumann) or sol.status is not SolveStatus.DIVERGING or solver.steps < 1:
+    :math:`|\lambda_{min}| \le \lambda_{max}` and a current :math:`\alpha`, does not give. A
+    series that came out non-finite counts too: over many terms such growth overflows (300 terms
+    at a 100 times stale step size were refused as "nonfinite" instead of re-estimated); a NaN
+    in the Hessian gives a NaN estimate and a non-finite series again, refused as before."""
+    if not isinstance(solver, Neumann) or solver.steps < 1:
         return False
-    return float(sol.residual) > 2.0**solver.steps
+    if sol.status is SolveStatus.NONFINITE:
+        return True
+    return sol.status is SolveStatus.DIVERGING and float(sol.residual) > 2.0**solver.steps
 
 
 def _solve_reached(
@@ -593,9 +621,14 @@ class Implicit(HyperOptimizer):
       Hessian eigenvalue (in magnitude) estimated by power iteration on the hyperstep's own
       training batch: 20 HVPs the first time, then 5 warm-started HVPs every 10 hypersteps,
       and 20 warm-started ones at once (then a second solve) when the series grows by more than
-      2 per term, a sign that the curvature outgrew the estimate (progressive sharpening); all
-      counted in ``info.solver_iterations``. A series that still grows (status ``DIVERGING``)
-      meets negative curvature: use ``CG`` with ``damping`` there;
+      2 per term or overflows (status ``NONFINITE``), a sign that the curvature outgrew the
+      estimate (progressive sharpening); all counted in ``info.solver_iterations``. A series
+      that still grows (status ``DIVERGING``) meets negative curvature: use ``CG`` with
+      ``damping`` there. An estimate of 0 (from a kept eigenvector, then once more from a
+      random start) means :math:`H = 0`, e.g. a piecewise-linear training loss without a
+      penalty: no curvature to invert, so the solution is 0 with status
+      ``NONPOSITIVE_CURVATURE``, as ``CG`` and ``Direct`` give (the hypergradient is the
+      direct term), and the estimate is not kept;
     * ``None`` (default): ``"lr"`` for ``torch.optim.SGD`` without momentum and a single
       learning rate, ``"power"`` otherwise.
 
@@ -820,6 +853,15 @@ class Implicit(HyperOptimizer):
         if stale is not None or power is None or self.hyper_steps - power[2] >= _POWER_EVERY:
             iters = _POWER_ITERS if power is None or stale is not None else _POWER_REFRESH_ITERS
             lam, vec = power_iteration(hvp, weights, iters, start)
+            if lam == 0 and start is not None:  # the kept eigenvector may lie in H's null space
+                lam, vec = power_iteration(hvp, weights, _POWER_ITERS)  # now: from a fresh start
+                iters += _POWER_ITERS
+            if lam == 0:
+                # H u = 0 for a random u: H = 0 (a piecewise-linear training loss, no penalty), no
+                # curvature to invert. As CG and Direct do: solution 0, "nonpositive_curvature";
+                # the estimate is not kept. (alpha = 1/tiny gave a hypergradient of -3e307,
+                # "fixed", and the zero eigenvector stayed the start of every later estimate.)
+                return _ZeroCurvature(), iters, None
             if not lam > 0:  # zero / non-finite Hessian: leave it to the guards downstream
                 lam = float("nan") if lam != lam else float(torch.finfo(self.dtype).tiny)
             extra, power = iters, (lam, vec, self.hyper_steps)
