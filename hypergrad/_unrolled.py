@@ -283,7 +283,7 @@ class _Record:
     #: they changed since the newest anchor without a full snapshot here (a hyperstep between two
     #: anchors): a copy of the hyperparameters only; None where they did not change
     hparams: Tensors | None = None
-    #: ``training`` of every module of the model and the hyperparameters during the step (a
+    #: ``training`` of every module of the model and the hyperparameters when the step began (a
     #: hyperstep may come while the user has the model in eval mode); () replays in the current mode
     training: tuple[bool, ...] = ()
     max_grad_norm: float | None = None  # the step's gradient clipping (clip_grad_norm_'s max_norm)
@@ -356,11 +356,13 @@ class Unrolled(HyperOptimizer):
     The replay reproduces the real steps: later in-place changes to a batch or a tensor learning
     rate do not reach it, dropout draws the same masks (and in forward mode ``val_loss``
     draws the same ones in the pass of every hyperparameter entry, as reverse mode's one call
-    does, so both modes give one hypergradient), each step runs in the train/eval modes
-    its modules had when it was taken (whatever mode the model is in at the hyperstep, which is
-    the mode ``val_loss`` runs in) and in its ``torch.autocast`` state (forward mode refuses
-    autocast: forward-mode AD does not follow its casts), weights without a gradient are
-    skipped as ``torch.optim`` skips them, and gradient clipping given to
+    does, and starts from the train/eval modes and plain attributes the hyperstep began with,
+    whatever the previous entry's call left, so both modes give one hypergradient), each step
+    runs in the train/eval modes its modules had when it began (whatever mode the model is in
+    at the hyperstep, which is the mode ``val_loss`` runs in, and whatever modes ``train_loss``
+    left them in) and in its ``torch.autocast`` state (forward mode refuses autocast:
+    forward-mode AD does not follow its casts), weights without a gradient are skipped as
+    ``torch.optim`` skips them, and gradient clipping given to
     ``step(batch, max_grad_norm=...)`` is replayed (and differentiated). Param-group settings
     are recorded by value: one carrying an autograd graph (a ``LambdaLR`` whose lambda returns a
     hyperparameter) passes no hypergradient, and a :class:`ReplayWarning` says so (tune it with
@@ -386,6 +388,10 @@ class Unrolled(HyperOptimizer):
     time from the window's last step back to its first; once per step and hyperparameter
     entry in forward mode): a loss that hands state on through a closure of its own (the hidden
     state for the next batch) has it overwritten there; keep such state on the model.
+    ``train_loss`` returns the loss with its graph and leaves the backward pass to :meth:`step`:
+    one that runs its own (``loss.backward()`` per micro-batch, accumulating gradients, and a
+    detached total returned) trains, but has nothing to differentiate, and the hyperstep refuses
+    it; return the mean of the micro-batches' losses instead (a batch may be a list of them).
     Values the model or the losses compute with ``.detach()`` are constants in both modes, and
     so are those computed under ``torch.no_grad()`` in reverse mode (autograd records nothing
     there), while forward mode follows them (PyTorch's forward AD ignores ``no_grad``). Where
@@ -404,7 +410,9 @@ class Unrolled(HyperOptimizer):
     through tensors' version counters, so not through ``.data``) end the episode with a
     :class:`ReplayWarning` and an empty ring; call :meth:`start_episode` after such a change to
     say it is intended (no warning). Changing which weights train (``add_param_group``,
-    freezing) also starts a new episode, and so does replacing the inner optimiser
+    freezing) also starts a new episode (no warning: progressive unfreezing is routine; the
+    hyperstep's ``unrolled_steps`` counts the steps since, and a hyperstep before the next step
+    says why it has none), and so does replacing the inner optimiser
     (``hopt.inner_optimizer = torch.optim.SGD(...)``, a fresh one per episode) or regrouping its
     weights: a :class:`ReplayWarning` where steps were recorded since :meth:`start_episode`; an
     :class:`~hypergrad.hparams.OptimizerSetting` built for the replaced optimiser is refused
@@ -413,7 +421,10 @@ class Unrolled(HyperOptimizer):
     momentum buffer zeroed in place: detected through the identities and version counters of
     its tensors) does not end the episode: each replayed step starts from the state its real
     step had, the changed entries as constants (the others, and entries reloaded with the values
-    they had, carried on with their derivatives).
+    they had, carried on with their derivatives). An entry edited in place to values that still
+    depend on the earlier steps (a momentum buffer halved, ``buf.mul_(0.5)``) is a constant too:
+    its path to the hyperparameters through those steps is cut (SGD with momentum, a window of
+    4 halved after its second step: 59% off the real training's derivative).
     To differentiate through a whole episode of K steps from freshly initialised weights
     (dataset distillation, meta-learning), use ``steps >= K``.
 
@@ -453,8 +464,11 @@ class Unrolled(HyperOptimizer):
         ValueError: ``steps`` not an int >= 1, an unknown ``mode``, ``checkpoint=True`` with
             ``mode="forward"``, or forward mode on a ``DistributedDataParallel`` model; at
             :meth:`hyper_step`, no ``val_batch``, no step recorded since the episode began,
-            (forward mode) a call under ``torch.autocast``, or (and at :meth:`step`) an
-            ``OptimizerSetting`` of an inner optimiser since replaced.
+            (forward mode) a call under ``torch.autocast``, a ``train_loss`` that runs its own
+            backward passes (see above), or (and at :meth:`step`) an ``OptimizerSetting`` of an
+            inner optimiser since replaced; at :meth:`load_state_dict`, recorded steps taken
+            while other weights trained (their number, shapes or dtypes: a weight frozen in one
+            run and not the other), with nothing loaded.
         TypeError: ``checkpoint`` not a bool.
 
     Warns:
@@ -547,6 +561,10 @@ class Unrolled(HyperOptimizer):
         #: the model's plain tensor attributes before the step under way (:func:`_plain_attributes`)
         self._attributes_before: tuple[tuple[int, str, Any], ...] = ()
         self._attributes_seen: dict[tuple[int, str], tuple[Any, Any]] = {}
+        #: the modules' train/eval modes before the step under way (:meth:`_before_step`)
+        self._training_before: tuple[bool, ...] | None = None
+        #: why the episode last began, where the trained weights changed (for the hyperstep's error)
+        self._episode_note = ""
         self._weights_changed()
         self._check_hooks()
 
@@ -569,8 +587,15 @@ class Unrolled(HyperOptimizer):
     # ------------------------------------------------------------------ episodes and bookkeeping
 
     def _weights_changed(self) -> None:
+        dropped = len(getattr(self, "_records", ()))
         self._group_members = self._members_now()
         self.start_episode()
+        if dropped:  # (said by the hyperstep that finds no step to differentiate through)
+            self._episode_note = (
+                f" (the trained weights changed after {dropped} recorded step(s): a weight was frozen "
+                "or unfrozen with requires_grad_, or a param group was added, so those steps were "
+                "dropped and a new episode began; take a step before the next hyperstep)"
+            )
 
     def _members_now(self) -> list[list[int]]:
         """Per param group of the inner optimiser, the indices of the trained weights it holds."""
@@ -622,6 +647,7 @@ class Unrolled(HyperOptimizer):
         self._hp_moved = False
         self._promotion = None
         self._versions = self._current_versions()
+        self._episode_note = ""
 
     def _current_versions(self) -> tuple[int, ...]:
         return tuple(w._version for w in self.pair.weights)
@@ -682,6 +708,10 @@ class Unrolled(HyperOptimizer):
         self._check_hooks()
         seen = getattr(self, "_attributes_seen", None)  # (copies pickled before it was kept)
         self._attributes_before = _plain_attributes(list(self.pair.model.modules()), seen)
+        # the modes the step starts in, which its replay must start in (a train_loss may switch
+        # them, e.g. to eval for an auxiliary pass, and leave them so: the modes after the step
+        # replayed its dropout-on forward pass with dropout off)
+        self._training_before = tuple(m.training for m in self._mode_modules())
 
     def _record_step(
         self,
@@ -696,6 +726,8 @@ class Unrolled(HyperOptimizer):
         self._promotion = None
         attributes = getattr(self, "_attributes_before", ())  # (copies pickled before it was kept)
         self._attributes_before = ()
+        training = getattr(self, "_training_before", None) or tuple(m.training for m in self._mode_modules())
+        self._training_before = None
         if not getattr(self, "_warned_batch_graph", False) and any(
             t.grad_fn is not None for t in iter_tensors(batch)
         ):
@@ -764,7 +796,7 @@ class Unrolled(HyperOptimizer):
                 rng=rng,
                 anchor=anchor,
                 hparams=copied,
-                training=tuple(m.training for m in self._mode_modules()),
+                training=training,
                 max_grad_norm=max_grad_norm,
                 grad_scale=(
                     None if self._scaler is None else self._scaler.scale(torch.ones((), device=self.device))
@@ -901,6 +933,7 @@ class Unrolled(HyperOptimizer):
             raise ValueError(
                 "Unrolled.hyper_step needs at least one inner step recorded by hopt.step(batch) "
                 "since the episode began, to differentiate through; none has been taken"
+                + getattr(self, "_episode_note", "")
             )
 
     # ------------------------------------------------------------------ the replay
@@ -968,6 +1001,17 @@ class Unrolled(HyperOptimizer):
         before = clone_all(buffers) if decays else buffers  # in case the call below is redone
         scale = rec.grad_scale
         loss, new_buffers, calls = train_loss(decays)
+        if not loss.requires_grad and any(rec.has_grad):
+            # the real step's weights got gradients from a loss without a graph: train_loss runs
+            # its own backward passes (gradient accumulation over micro-batches), which the replay
+            # cannot differentiate (its hypergradient came out 0, with no error)
+            raise ValueError(
+                "train_loss returned a loss without an autograd graph, yet the recorded step's "
+                "weights got gradients: it calls .backward() itself (gradient accumulation over "
+                "micro-batches?). Unrolled differentiates through the loss train_loss returns: "
+                "return the accumulated loss with its graph instead (e.g. the mean of the "
+                "micro-batches' losses), and let hopt.step() run the backward pass"
+            )
         probes = [probe for probe, _, _ in calls]
         scaled = loss if scale is None else loss * scale
         g_all = grads_or_none(scaled, list(weights) + probes, create_graph=create_graph)
@@ -1165,6 +1209,11 @@ class Unrolled(HyperOptimizer):
         # every entry's L_V draws what reverse mode's one call draws (dropout in train mode), and
         # torch's RNG is left where that one call leaves it
         rng = self._rng_state()
+        # ... and runs in the modes and from the plain attributes (a hidden state) the hyperstep
+        # began with, as that one call does: a val_loss that ends with model.train() ran the
+        # second entry's with dropout on (its hypergradient -7.3e-3 against reverse mode's 1.4e-3)
+        modules, model_modules = self._mode_modules(), list(pair.model.modules())
+        modes = [m.training for m in modules]
 
         def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
             p, t = pt
@@ -1209,13 +1258,16 @@ class Unrolled(HyperOptimizer):
                 with fwAD.dual_level():
                     hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
                     self._set_rng_state(rng)
-                    out = pair.loss(
-                        self.val_loss,
-                        val_batch,
-                        weights=tuple(dual(x) for x in w),
-                        buffers=clone_all(real_buffers),
-                        hparams=hp,
-                    )
+                    for m, flag in zip(modules, modes, strict=True):
+                        m.training = flag
+                    with _attributes_kept(model_modules):
+                        out = pair.loss(
+                            self.val_loss,
+                            val_batch,
+                            weights=tuple(dual(x) for x in w),
+                            buffers=clone_all(real_buffers),
+                            hparams=hp,
+                        )
                     primal, tan = fwAD.unpack_dual(out)
                     if tan is not None:
                         grads[i].view(-1)[j] = tan.detach()
@@ -1310,6 +1362,26 @@ class Unrolled(HyperOptimizer):
             "world": self.ranks.size,  # ... of batches split over this many ranks
         }
 
+    def _check_recorded_weights(self, records: list[dict[str, Any]]) -> None:
+        """Loaded records must have been taken on weights like the ones trained here (their
+        number, shapes and dtypes): a run built with another weight frozen replayed them on the
+        wrong weights (a bare ``zip()`` error at the hyperstep)."""
+        here = [(tuple(w.shape), w.dtype) for w in self.pair.weights]
+        for r in records:
+            anchor = r.get("anchor")
+            saved = None if anchor is None else [(tuple(t.shape), t.dtype) for t in anchor["weights"]]
+            count = len(r.get("has_grad") or here) if saved is None else len(saved)
+            if count != len(here) or (saved is not None and saved != here):
+                listed = "" if saved is None else ": " + ", ".join(f"{d} {list(sh)}" for sh, d in saved)
+                raise ValueError(
+                    f"this Unrolled state_dict holds inner steps recorded while other weights trained "
+                    f"({count}{listed}) than here ({len(here)}: "
+                    + ", ".join(f"{d} {list(sh)}" for sh, d in here)
+                    + "): the replay would apply them to other weights. Build the run as the saved one "
+                    "(the same weights frozen, in the same param groups, in the same dtype), or save "
+                    "right after hopt.start_episode()"
+                )
+
     def _load_method_state(self, state: dict[str, Any]) -> None:
         saved = state.get("rank", 0)
         if state["records"] and saved != self._rank():
@@ -1327,6 +1399,7 @@ class Unrolled(HyperOptimizer):
                 f"{self.ranks.size} would replay them as whole batches and get another hypergradient. "
                 "Resume on as many ranks, or save right after a hyper_step"
             )
+        self._check_recorded_weights(state["records"])
         self._records.clear()
         self._promotion = None
         for r in state["records"]:
