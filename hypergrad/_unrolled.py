@@ -40,7 +40,7 @@ from ._functional import (
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
 from ._solvers import _autograd_on, _tensor_list
 from ._types import Batch, LossFn, Tensors
-from .hparams import WeightDecay, _constant_coefficients, _reusing_values
+from .hparams import WeightDecay, _constant_coefficients, _reusing_values, _with_decay_graph
 
 _Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
 
@@ -1034,9 +1034,8 @@ class Unrolled(HyperOptimizer):
                 if k is not None:
                     # grads[k] holds the term's value already (through autograd, see
                     # WeightDecay._valued_penalty); add its derivative to d and w only (the one
-                    # through c is in grads[k] too)
-                    term = (c.detach() * (d * w)).to(grads[k].dtype)  # (as autograd casts it)
-                    grads[k] = grads[k] + (term - term.detach())
+                    # through c is in grads[k] too), without computing the term again
+                    grads[k] = _with_decay_graph(grads[k], c, d, w)
         if scale is not None:  # GradScaler.unscale_'s arithmetic
             inv = scale.double().reciprocal().float()
             grads = [g * inv.to(g.dtype) for g in grads]
