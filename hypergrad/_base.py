@@ -854,8 +854,18 @@ class HyperOptimizer(abc.ABC):
         its gradient w.r.t. ``weights`` accumulated into their (cleared) ``.grad``; returns the
         loss (with its graph)."""
         model = self.model if model is None else model
-        with noting_reentrant_checkpoints() as reentrant:
-            loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
+        # (the hyperparameters' .grad set aside during the call: a train_loss that runs backward
+        # itself, refused below, would accumulate into them in place)
+        hp = self.pair.hparam_tensors
+        kept = [p.grad for p in hp]
+        for p in hp:
+            p.grad = None
+        try:
+            with noting_reentrant_checkpoints() as reentrant:
+                loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
+        finally:
+            for p, g in zip(hp, kept, strict=True):
+                p.grad = g
         if loss.requires_grad:
             scaler = self._scaler  # (step's GradScaler: the gradients come out scaled)
             out = loss if scaler is None else scaler.scale(loss)
@@ -863,6 +873,14 @@ class HyperOptimizer(abc.ABC):
                 self._backward_everywhere(out, weights)
             else:
                 out.backward(inputs=list(weights))
+        elif any(w.grad is not None for w in weights):  # (cleared before the call)
+            raise ValueError(
+                f"{type(self).__name__}.step: train_loss returned a loss without an autograd graph, "
+                "yet the weights got gradients: it calls .backward() itself (gradient accumulation "
+                "over micro-batches?), which no hypergradient can differentiate through. Return the "
+                "loss with its graph (e.g. the mean of the micro-batches' losses) and let step() run "
+                "the backward pass"
+            )
         elif any(w.requires_grad for w in weights):
             # a constant loss (a batch with nothing to learn, say every example masked) skips the
             # update, as `if loss.requires_grad: loss.backward()` would; but a loss computed under
