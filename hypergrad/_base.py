@@ -640,10 +640,17 @@ class HyperOptimizer(abc.ABC):
     def _find_settings(self) -> list[tuple[int, OptimizerSetting]]:
         out = []
         names = self.pair.hparam_names
+        tuned: dict[str, str] = {}  # setting name -> the container tuning it
         for prefix, m in self.hparams.named_modules():
             if isinstance(m, OptimizerSetting):
                 if m.optimizer[0] is not self.inner_optimizer:
                     raise ValueError(f"hparams.{prefix} tunes a different optimiser than inner_optimizer")
+                if m.name in tuned:  # (each container covers every param group of the optimiser)
+                    raise ValueError(
+                        f"hparams.{tuned[m.name]} and hparams.{prefix} both tune inner_optimizer's "
+                        f"{m.name!r}: keep one (relative=True learns a multiplier on a scheduled value)"
+                    )
+                tuned[m.name] = prefix
                 raw_name = f"{prefix}.raw" if prefix else "raw"
                 out.append((names.index(raw_name), m))
         return out

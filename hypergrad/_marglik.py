@@ -50,7 +50,7 @@ from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _
 from ._functional import check_batch, grads_or_none, materialize, substituting, tensor_slots
 from ._implicit import _implicit
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
-from ._solvers import CG, LinearSolver
+from ._solvers import CG, LinearSolver, Neumann
 from ._types import Batch
 from ._wrap import unwrap_model
 from .hparams import WeightDecay
@@ -1200,7 +1200,9 @@ class MarginalLikelihood(HyperOptimizer):
             objective :math:`L`, :math:`H = \nabla^2_\theta L`; the bound differentiated
             through the Jacobians as well): about 2 + ``solver`` HVPs more per hyperstep.
         solver: the :class:`~hypergrad.LinearSolver` for :math:`H^{-1}` with ``through_map``
-            (default: ``CG(maxiter=20, tol=1e-6, damping=1e-3)``).
+            (default: ``CG(maxiter=20, tol=1e-6, damping=1e-3)``); a :class:`~hypergrad.Neumann`
+            needs a numeric ``alpha`` (its ``None`` / ``"power"`` / ``"lr"`` rules are
+            :class:`~hypergrad.Implicit`'s, refused here with a ``ValueError``).
 
     Batches: ``step(batch)`` and ``hyper_step(train_batch=...)`` take ``(x, y, ...)``; a
     ``val_batch`` is ignored. ``info.outer_loss`` is :math:`-\hat q/N`.
@@ -1298,6 +1300,15 @@ class MarginalLikelihood(HyperOptimizer):
                 f"solver must be an hg.LinearSolver (Neumann, CG, Identity), got {type(solver).__name__}"
             )
         self.through_map = bool(through_map)
+        if self.through_map and isinstance(solver, Neumann) and isinstance(solver.alpha, (str, type(None))):
+            # (Neumann's None / 'power' / 'lr' rules are resolved by hg.Implicit only: the run
+            # failed at its first hyperstep, after the burn-in, with "let Implicit resolve it")
+            raise ValueError(
+                f"MarginalLikelihood(through_map=True) needs a Neumann solver with a numeric step "
+                f"size, got alpha={solver.alpha!r} (the None / 'power' / 'lr' rules are "
+                "hg.Implicit's): give Neumann(steps=..., alpha=a) with a below 2 / the largest "
+                "eigenvalue of the MAP objective's Hessian, or use hg.CG (the default)"
+            )
         self.solver: LinearSolver = CG(maxiter=20, tol=1e-6, damping=1e-3) if solver is None else solver
         self._hyper_at: int | None = None  # inner_steps at the last accepted hyper_step
         priors: list[PriorPrecision] = []
