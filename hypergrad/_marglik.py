@@ -1414,11 +1414,13 @@ class MarginalLikelihood(HyperOptimizer):
 
     def hyper_step_due(self) -> bool:
         """Whether the schedule asks for a hyperstep now: after ``burn_in`` inner steps, every
-        ``every`` inner steps (counted by :meth:`step`)."""
+        ``every`` inner steps (counted by :meth:`step`), and never before the first inner step
+        (with ``burn_in=0`` a loop that asks before stepping took a hyperstep at the random
+        initialisation, where the Laplace approximation has no MAP to sit at)."""
         k = self.inner_steps - self.burn_in
         # once per count: a step refused as non-finite does not count, so it must not bring a second
         # hyperstep at the same weights
-        return k >= 0 and k % self.every == 0 and self._hyper_at != self.inner_steps
+        return k >= 0 and self.inner_steps > 0 and k % self.every == 0 and self._hyper_at != self.inner_steps
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if train_batch is None:

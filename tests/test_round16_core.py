@@ -386,3 +386,28 @@ def test_a_cli_whose_reader_left_exits_quietly():
         os.close(w)
     assert p.returncode == 141, p.stderr.decode()
     assert b"Traceback" not in p.stderr and b"BrokenPipe" not in p.stderr
+
+
+def test_marglik_hyper_step_is_never_due_before_the_first_inner_step():
+    """With ``burn_in=0`` a loop asking before it steps took a hyperstep at the random
+    initialisation (no MAP for the Laplace approximation); the schedule starts after step 1."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    prior = hg.hparams.PriorPrecision(model)
+    hopt = hg.MarginalLikelihood(
+        model,
+        prior,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.Adam(prior.parameters(), lr=0.1),
+        likelihood="classification",
+        data_size=8,
+        burn_in=0,
+        every=2,
+    )
+    batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    assert not hopt.hyper_step_due()
+    due = []
+    for _ in range(4):
+        hopt.step(batch)
+        due.append(hopt.hyper_step_due())
+    assert due == [False, True, False, True]
