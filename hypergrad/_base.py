@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -235,6 +235,22 @@ def _with_autograd(fn: _F) -> _F:
             return fn(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _grads_set_aside(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block the tensors' ``.grad`` is ``None``; afterwards it is the tensor it was
+    before (a backward pass accumulates into an existing ``.grad`` in place, so setting the
+    tensors aside, not copying them, keeps them unchanged); what the block accumulated is
+    dropped."""
+    kept = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    try:
+        yield
+    finally:
+        for t, g in zip(tensors, kept, strict=True):
+            t.grad = g
 
 
 class HyperOptimizer(abc.ABC):
@@ -863,16 +879,8 @@ class HyperOptimizer(abc.ABC):
         model = self.model if model is None else model
         # (the hyperparameters' .grad set aside during the call: a train_loss that runs backward
         # itself, refused below, would accumulate into them in place)
-        hp = self.pair.hparam_tensors
-        kept = [p.grad for p in hp]
-        for p in hp:
-            p.grad = None
-        try:
-            with noting_reentrant_checkpoints() as reentrant:
-                loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
-        finally:
-            for p, g in zip(hp, kept, strict=True):
-                p.grad = g
+        with _grads_set_aside(self.pair.hparam_tensors), noting_reentrant_checkpoints() as reentrant:
+            loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
         if loss.requires_grad:
             scaler = self._scaler  # (step's GradScaler: the gradients come out scaled)
             out = loss if scaler is None else scaler.scale(loss)
@@ -914,14 +922,8 @@ class HyperOptimizer(abc.ABC):
             for t in (*self.pair.hparam_tensors, *self.ranks.module.parameters())
             if t.requires_grad and id(t) not in trained
         ]
-        kept = [t.grad for t in others]
-        for t in others:  # (backward accumulates into an existing .grad in place)
-            t.grad = None
-        try:
+        with _grads_set_aside(others):
             loss.backward()
-        finally:
-            for t, g in zip(others, kept, strict=True):
-                t.grad = g
 
     def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:
         """'' when the training loss, the gradients and the hyperparameters are finite (and the
