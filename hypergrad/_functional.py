@@ -20,9 +20,37 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._types import Batch, LossFn, Tensors
 from ._wrap import unwrap_model, wrappers
+
+#: how many fused optimiser steps (``fused=True``) have written each tensor: their kernels do not
+#: bump version counters, so ``t._version`` alone misses them (see :func:`write_count`)
+_FUSED_STEPS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _count_fused_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """A global ``torch.optim`` step post-hook: counts the steps of fused optimisers per parameter
+    (nothing for the others; a few dictionary updates per step of a fused one)."""
+    groups = optimizer.param_groups
+    if not any(g.get("fused") for g in groups):
+        return
+    for g in groups:
+        for p in g["params"]:
+            _FUSED_STEPS[p] = _FUSED_STEPS.get(p, 0) + 1
+
+
+register_optimizer_step_post_hook(_count_fused_step)
+
+
+def write_count(t: Tensor) -> tuple[int, int]:
+    """A counter that moves whenever ``t`` is written in place: its version counter, and the number
+    of fused ``torch.optim`` steps taken on it (which the version counter does not see). Writes
+    through ``t.data`` move neither, as for autograd's own checks."""
+    return t._version, _FUSED_STEPS.get(t, 0)
+
 
 #: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers`` dict, key)
 Slot = tuple[dict[str, Any], str]
