@@ -318,12 +318,17 @@ class _DecayGraph(torch.autograd.Function):
         # the dtype of c * (d * w) (a 0-dim decay does not promote the weights: bf16 stays bf16)
         dw = torch.empty((0,) if d.dim() or w.dim() else (), dtype=torch.result_type(d, w))
         ctx.term_dtype = torch.result_type(c, dw)
+        # a coefficient of exactly 1 (loss = data term + penalty) skips a full-size product in the
+        # backward pass (x * 1 == x bit for bit); read on CPU only, where it costs no synchronisation
+        ctx.unit = c.device.type == "cpu" and c.numel() == 1 and bool(c == 1)
         return g.view_as(g)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         c, d, w = ctx.saved_tensors
-        gc = grad_out.to(ctx.term_dtype) * c
+        gc = grad_out.to(ctx.term_dtype)
+        if not ctx.unit:
+            gc = gc * c
         grad_d = (gc * w).sum_to_size(d.shape).to(d.dtype) if ctx.needs_input_grad[2] else None
         grad_w = (gc * d).to(w.dtype) if ctx.needs_input_grad[3] else None
         return grad_out, None, grad_d, grad_w
@@ -361,6 +366,22 @@ def _real_dot(a: Tensor, b: Tensor) -> Tensor:
     if a.is_complex() or b.is_complex():
         return (a.conj() * b).real.sum()
     return (a * b).sum()
+
+
+def _dot_value(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`_real_dot` without a full-size product where BLAS can take it (contiguous float32 /
+    float64 tensors of one shape and dtype: ``torch.dot``, which reads both and writes nothing;
+    its accumulation order, so its rounding, differs from ``(a * b).sum()``'s). For values that
+    nothing differentiates or compares bit for bit."""
+    if (
+        a.dtype == b.dtype
+        and a.dtype in (torch.float32, torch.float64)
+        and a.shape == b.shape
+        and a.is_contiguous()
+        and b.is_contiguous()
+    ):
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return _real_dot(a, b)
 
 
 def _as_tensor(
@@ -761,8 +782,11 @@ class WeightDecay(nn.Module):
         decays are recorded with their graph; a probe records the coefficient ``c``."""
         ds = [self._decay(self.raw[self._index[n]]) for n in self.names]
         with torch.no_grad():
-            value = 0.5 * torch.stack([(d * _abs2(w)).sum() for d, w in zip(ds, ws, strict=True)]).sum()
             gs = [d * w for d, w in zip(ds, ws, strict=True)]
+            # the value as <d w, w>: a read-only dot product instead of forming w² and d w² (two
+            # full-size tensors per weight at every replayed step); it equals the real step's value
+            # up to rounding, and nothing downstream of the replay reads it but the loss's own code
+            value = 0.5 * torch.stack([_dot_value(g, w) for g, w in zip(gs, ws, strict=True)]).sum()
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
