@@ -32,7 +32,7 @@ from torch.utils.checkpoint import CheckpointError
 
 from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
 from ._functional import check_batch, clone_all, grads_or_none, materialize
-from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising
+from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising, validating
 from ._types import Batch, LossFn, Tensors
 from ._wrap import ddp_wrappers
 from .nn import HyperNet, StnLayer, response_masks, stn_layers
@@ -195,14 +195,19 @@ def _modules_with_templates(model: nn.Module) -> list[nn.Module]:
 def _parametrized_response(layers: Sequence[tuple[str, StnLayer]]) -> list[str]:
     """The names of STN layers' parameters holding response entries
     (:meth:`~hypergrad.nn.StnLayer.response_masks`: ``hnet``, the hyper half's rows) that a
-    ``torch.nn.utils.parametrize`` parametrization replaces by its own tensors, which the masks
-    cannot name: Delta-STN would train them on the base objective alone."""
+    ``torch.nn.utils.parametrize`` parametrization replaces by its own tensors, or that are no
+    parameter at all (a hook computes them from another one: the older, hook-based
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm``, an AWD-LSTM-style weight drop), which the
+    masks cannot name: Delta-STN would train them on the base objective alone (the hyper half of
+    ``weight_norm``'s ``weight_v`` never moved: the base pass skips it)."""
     out = []
     for prefix, layer in layers:
         for name in layer.response_masks():
             owner, _, leaf = name.rpartition(".")
             mod = layer.get_submodule(owner) if owner else layer
-            if parametrize.is_parametrized(mod, leaf):
+            if parametrize.is_parametrized(mod, leaf) or not isinstance(
+                mod._parameters.get(leaf), nn.Parameter
+            ):
                 out.append(f"{prefix}.{name}" if prefix else name)
     return out
 
@@ -370,7 +375,7 @@ class _BestResponseBase(HyperOptimizer):
             was = [(m, m.training) for m in _modules_with_templates(model)]
             model.eval()  # no dropout or augmentation in the validation step
             try:
-                with self.hparams._drawing(self._val_mode()):
+                with self.hparams._drawing(self._val_mode()), validating():
                     return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
             finally:
                 for m, t in was:
@@ -579,8 +584,10 @@ class SelfTuning(_BestResponseBase):
                     f"response map, the hyper half's rows) on another objective than the base "
                     f"weights, but a "
                     f"torch.nn.utils.parametrize parametrization (weight_norm, spectral_norm, "
-                    f"orthogonal, ...) hides them behind its own tensors (they would "
-                    f"silently never train): parametrize ordinary layers only, or use "
+                    f"orthogonal, ...), or a hook that computes them from another parameter "
+                    f"(the older torch.nn.utils.weight_norm / spectral_norm, a weight-drop "
+                    f"wrapper), hides them behind other tensors (they would "
+                    f"silently never train): reparametrize ordinary layers only, or use "
                     f"delta=False"
                 )
         if self.delta and any(d.static_graph for d in ddp_wrappers(model)):

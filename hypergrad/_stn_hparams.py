@@ -768,6 +768,34 @@ def _in_backward() -> bool:
 #: how many linearised model calls (:class:`~hypergrad.SelfTuning` with ``delta=True``) are open
 _LINEARISING = [0]
 
+#: how many validation passes of :class:`~hypergrad.SelfTuning` / :class:`~hypergrad.BestResponse`
+#: (the model in eval mode) are open
+_VALIDATING = [0]
+
+
+@contextlib.contextmanager
+def validating() -> Iterator[None]:
+    """Within the block (a hyperstep's validation pass, the model in eval mode), the ``hg.nn``
+    augmentations refuse to run with ``training=True``."""
+    _VALIDATING[0] += 1
+    try:
+        yield
+    finally:
+        _VALIDATING[0] -= 1
+
+
+def refuse_in_validation(what: str) -> None:
+    """Raise if an ``hg.nn`` augmentation runs with ``training=True`` inside a validation pass:
+    the model is in eval mode there, so that lambda reaches the validation loss through the best
+    response only; a helper called without ``training=self.training`` (its default is True) made
+    every hyperstep's validation loss a random draw at the perturbed strengths, silently."""
+    if _VALIDATING[0] > 0:
+        raise ValueError(
+            f"hg.nn.{what} ran with training=True in the validation step of SelfTuning / "
+            f"BestResponse, which runs the model in eval mode (no dropout, no augmentation): "
+            f"pass training=self.training (the default is True)"
+        )
+
 
 @contextlib.contextmanager
 def linearising() -> Iterator[None]:

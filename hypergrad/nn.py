@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._functional import _uncached, substituting, tensor_slots
-from ._stn_hparams import Draw, SelfTuned, check_features, fixed_features, linear_perturbation
+from ._stn_hparams import (
+    Draw,
+    SelfTuned,
+    check_features,
+    fixed_features,
+    linear_perturbation,
+    refuse_in_validation,
+)
 
 __all__ = [
     "StnLayer",
@@ -720,6 +727,7 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
     """
     if not training:
         return x
+    refuse_in_validation("dropout")
     if not x.is_floating_point():
         raise TypeError(f"dropout: x must be a floating-point tensor, got {x.dtype}")
     p = _per_example(rate, x, "dropout rate").detach()
@@ -755,6 +763,7 @@ def gaussian_noise(x: Tensor, std: Tensor | float, training: bool = True) -> Ten
     """
     if not training:
         return x
+    refuse_in_validation("gaussian_noise")
     if not x.is_floating_point():
         raise TypeError(f"gaussian_noise: x must be a floating-point tensor, got {x.dtype}")
     given = _per_example(std, x, "gaussian_noise std").detach()
@@ -806,6 +815,7 @@ def cutout(x: Tensor, size: Tensor | int, training: bool = True) -> Tensor:
     """
     if not training:
         return x
+    refuse_in_validation("cutout")
     if x.dim() not in (2, 3, 4):
         raise ValueError(f"cutout: x must be (B, L), (B, C, L) or (B, C, H, W); got {tuple(x.shape)}")
     s = _per_example(size, x, "cutout size").detach()
@@ -851,6 +861,7 @@ def random_shift(x: Tensor, max_shift: Tensor | int, training: bool = True) -> T
     """
     if not training:
         return x
+    refuse_in_validation("random_shift")
     if x.dim() < 2:
         raise ValueError(f"random_shift: x must be (B, ..., L), got {tuple(x.shape)}")
     m = _per_example(max_shift, x, "random_shift max_shift").detach()
