@@ -52,6 +52,58 @@ def write_count(t: Tensor) -> tuple[int, int]:
     return t._version, _FUSED_STEPS.get(t, 0)
 
 
+@contextlib.contextmanager
+def collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
+    """Within the block, the handle of every gradient hook put on the graph is appended to
+    ``handles`` (for the caller to remove once the gradient they shape is taken): hooks
+    registered with ``Tensor.register_hook``, and the ones torch puts on the grad_fn of a module's
+    inputs and outputs at each call for its full backward (pre-)hooks
+    (``torch.utils.hooks.BackwardHook``, which keeps no handle)."""
+    original = Tensor.register_hook
+    backward_hook = torch.utils.hooks.BackwardHook
+    # (a private torch method: where a torch version lacks it, module hooks are left as they are)
+    apply_on_tensors = getattr(backward_hook, "_apply_on_tensors", None)
+
+    def register_hook(self: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Any:
+        handle = original(self, hook)
+        handles.append(handle)
+        return handle
+
+    def _apply_on_tensors(self: Any, fn: Callable[[Any], None], args: Any) -> Any:
+        assert apply_on_tensors is not None
+        return apply_on_tensors(self, lambda grad_fn: fn(_HookRecorder(grad_fn, handles)), args)
+
+    Tensor.register_hook = register_hook  # type: ignore[method-assign]
+    if apply_on_tensors is not None:
+        backward_hook._apply_on_tensors = _apply_on_tensors  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Tensor.register_hook = original  # type: ignore[method-assign]
+        if apply_on_tensors is not None:
+            backward_hook._apply_on_tensors = apply_on_tensors  # type: ignore[method-assign]
+
+
+class _HookRecorder:
+    """A grad_fn whose ``register_hook`` also appends the hook's handle to ``handles``."""
+
+    def __init__(self, grad_fn: Any, handles: list[Any]) -> None:
+        self._grad_fn, self._handles = grad_fn, handles
+
+    def register_hook(self, hook: Callable[..., Any]) -> Any:
+        handle = self._grad_fn.register_hook(hook)
+        self._handles.append(handle)
+        return handle
+
+    def register_prehook(self, hook: Callable[..., Any]) -> Any:
+        handle = self._grad_fn.register_prehook(hook)
+        self._handles.append(handle)
+        return handle
+
+    def __getattr__(self, name: str) -> Any:  # (anything else torch asks of the grad_fn)
+        return getattr(self._grad_fn, name)
+
+
 #: where a tensor lives in a module tree: (the owning module's ``_parameters`` or ``_buffers`` dict, key)
 Slot = tuple[dict[str, Any], str]
 

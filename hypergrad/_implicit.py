@@ -25,6 +25,7 @@ from ._functional import (
     _plain_attributes,
     _uncached,
     clone_all,
+    collecting_gradient_hooks,
     differentiable_twice,
     dot,
     grads_or_none,
@@ -199,7 +200,13 @@ def _implicit(
     plain_train_loss = train_loss
     if penalties is not None:
         train_loss = penalties.recording(train_loss)
-    with differentiable_twice(at_fixed_point=True):
+    # gradient hooks that train_loss's forward pass registers (an activation's gradient
+    # reweighted or clipped, a gradient-reversal layer, a module's full backward hook) shape the
+    # training gradient, whose zero the inner optimiser finds; they are removed once it is taken:
+    # left on the graph, they ran again on every HVP's and the mixed term's cotangents (per-example
+    # weights applied by a hook gave the Hessian X^T S^2 X for X^T S X: 58% off, silently)
+    hooks: list[Any] = []
+    with differentiable_twice(at_fixed_point=True), collecting_gradient_hooks(hooks):
         lt = train_loss()
     _check_loss_value(lt, "train_loss")
     probes = [] if penalties is None else penalties.probes
@@ -212,9 +219,11 @@ def _implicit(
         # the loss is not c * penalty + (the rest) with c free of the weights (f(w) * penalty,
         # penalty ** 2): the by-hand second derivatives would lose product-rule terms; autograd's
         penalties, probes = None, []
-        with differentiable_twice(at_fixed_point=True):
+        with differentiable_twice(at_fixed_point=True), collecting_gradient_hooks(hooks):
             lt = plain_train_loss()
         g_raw = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True)
+    for handle in hooks:  # (the training gradient is taken)
+        handle.remove()
     g_all = materialize(g_raw, weights + probes)
     gt = g_all[: len(weights)]
     if penalties is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class PriorPrecision(WeightDecay):
         per: str = "global",
         init: float = 1.0,
         *,
-        include: Callable[[str], bool] | None = None,
+        include: Callable[[str], bool] | Iterable[str] | None = None,
     ) -> None:
         init = _real(init, "prior precision init")
         if not (math.isfinite(init) and init > 0):

@@ -33,6 +33,7 @@ from ._functional import (
     clip_by_total_norm,
     clone_all,
     clone_batch,
+    collecting_gradient_hooks,
     grads_or_none,
     grads_or_zeros,
     iter_tensors,
@@ -251,58 +252,6 @@ def _same_entry(before: Any, after: Any) -> bool:
         return a_version == b_version  # (written in place: its old values are gone)
     same_kind = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
     return same_kind and b._version == b_version and bool(torch.equal(a, b))
-
-
-@contextlib.contextmanager
-def _collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
-    """Within the block, the handle of every gradient hook put on the graph is appended to
-    ``handles`` (for the caller to remove once the gradient they shape is taken): hooks
-    registered with ``Tensor.register_hook``, and the ones torch puts on the grad_fn of a module's
-    inputs and outputs at each call for its full backward (pre-)hooks
-    (``torch.utils.hooks.BackwardHook``, which keeps no handle)."""
-    original = Tensor.register_hook
-    backward_hook = torch.utils.hooks.BackwardHook
-    # (a private torch method: where a torch version lacks it, module hooks are left as they are)
-    apply_on_tensors = getattr(backward_hook, "_apply_on_tensors", None)
-
-    def register_hook(self: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Any:
-        handle = original(self, hook)
-        handles.append(handle)
-        return handle
-
-    def _apply_on_tensors(self: Any, fn: Callable[[Any], None], args: Any) -> Any:
-        assert apply_on_tensors is not None
-        return apply_on_tensors(self, lambda grad_fn: fn(_HookRecorder(grad_fn, handles)), args)
-
-    Tensor.register_hook = register_hook  # type: ignore[method-assign]
-    if apply_on_tensors is not None:
-        backward_hook._apply_on_tensors = _apply_on_tensors  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Tensor.register_hook = original  # type: ignore[method-assign]
-        if apply_on_tensors is not None:
-            backward_hook._apply_on_tensors = apply_on_tensors  # type: ignore[method-assign]
-
-
-class _HookRecorder:
-    """A grad_fn whose ``register_hook`` also appends the hook's handle to ``handles``."""
-
-    def __init__(self, grad_fn: Any, handles: list[Any]) -> None:
-        self._grad_fn, self._handles = grad_fn, handles
-
-    def register_hook(self, hook: Callable[..., Any]) -> Any:
-        handle = self._grad_fn.register_hook(hook)
-        self._handles.append(handle)
-        return handle
-
-    def register_prehook(self, hook: Callable[..., Any]) -> Any:
-        handle = self._grad_fn.register_prehook(hook)
-        self._handles.append(handle)
-        return handle
-
-    def __getattr__(self, name: str) -> Any:  # (anything else torch asks of the grad_fn)
-        return getattr(self._grad_fn, name)
 
 
 class ReplayWarning(UserWarning):
@@ -1025,7 +974,7 @@ class Unrolled(HyperOptimizer):
                 m._first_order_calls, m._replaying = [], True
             try:
                 with (
-                    _collecting_gradient_hooks(hooks),
+                    collecting_gradient_hooks(hooks),
                     self._modes_of(rec),
                     torch.random.fork_rng(devices=devices, enabled=rec.rng is not None),
                     self._hparam_buffers_at(rec.hparam_buffers),

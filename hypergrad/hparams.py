@@ -32,7 +32,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -524,6 +524,35 @@ def _owning_module(name: str) -> str:
     return layer
 
 
+def _name_predicate(
+    include: Callable[[str], bool] | Iterable[str] | None, model: nn.Module, what: str
+) -> Callable[[str], bool] | None:
+    """``include`` as a predicate on parameter names: a callable as it is, a name or a collection
+    of names (each one the model must have) as membership."""
+    if include is None or callable(include):
+        return include
+    if isinstance(include, str):
+        include = [include]
+    try:
+        wanted = set(include)
+    except TypeError:
+        raise TypeError(
+            f"{what}: include must be a function of a parameter name (e.g. lambda n: "
+            f"n.endswith('weight')) or a list of parameter names, got {type(include).__name__}"
+        ) from None
+    bad = [n for n in wanted if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what}: include lists parameter names (str), got {bad[:3]!r}")
+    have = [n for n, _ in model.named_parameters()]
+    unknown = sorted(wanted - set(have))
+    if unknown:
+        raise ValueError(
+            f"{what}: include names parameter(s) {unknown[:5]} that the model does not have; its "
+            f"parameters are {have[:8]}{' ...' if len(have) > 8 else ''}"
+        )
+    return wanted.__contains__
+
+
 class WeightDecay(nn.Module):
     r"""L2 penalties on a model's weights: one global, one per layer, or one per weight.
 
@@ -545,9 +574,12 @@ class WeightDecay(nn.Module):
             ``"parameter"`` (one per weight entry: as many hyperparameters as weights)
             (default: ``"parameter"``).
         init: initial decay, > 0 (and < ``max`` when given) (default: 1e-4).
-        include: which parameter names to penalise, e.g. ``lambda n: not n.endswith("bias")``
-            (default: all; of those, only the ones that require grad at construction: one frozen
-            then is not penalised, and :meth:`penalty` warns once if it trains later).
+        include: which parameter names to penalise: a predicate, e.g.
+            ``lambda n: not n.endswith("bias")``, or the names themselves, e.g.
+            ``["0.weight", "2.weight"]`` (as ``named_parameters()`` gives them; a name the model
+            lacks is an error) (default: all; of those, only the ones that require grad at
+            construction: one frozen then is not penalised, and :meth:`penalty` warns once if it
+            trains later).
         max: upper bound M on every decay, finite and > 0; ``None`` leaves them unbounded
             (default: None).
 
@@ -590,10 +622,11 @@ class WeightDecay(nn.Module):
         per: str = "parameter",
         init: float = 1e-4,
         *,
-        include: Callable[[str], bool] | None = None,
+        include: Callable[[str], bool] | Iterable[str] | None = None,
         max: float | None = None,
     ) -> None:
         super().__init__()
+        include = _name_predicate(include, unwrap_model(model), type(self).__name__)
         if per not in ("global", "layer", "parameter"):
             raise ValueError(
                 f"Invalid per: {per!r} (choose 'global', 'layer' or 'parameter'; 'parameter' is one "
