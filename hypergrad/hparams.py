@@ -293,7 +293,15 @@ class _GradientValue(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         gs = ctx.saved_tensors
+        if _is_one(grad_out):  # (x * 1 == x bit for bit: one full-size product per weight less)
+            return (None, None, *([None] * len(gs)), *gs)
         return (None, None, *([None] * len(gs)), *(grad_out * g for g in gs))
+
+
+def _is_one(t: Tensor) -> bool:
+    """Whether ``t`` is a constant 1 (no graph) that can be read without a device synchronisation
+    (on CPU): a coefficient whose product can be skipped."""
+    return t.device.type == "cpu" and t.numel() == 1 and not t.requires_grad and bool(t == 1)
 
 
 def _gradient_value(gs: Sequence[Tensor], ws: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -320,7 +328,7 @@ class _DecayGraph(torch.autograd.Function):
         ctx.term_dtype = torch.result_type(c, dw)
         # a coefficient of exactly 1 (loss = data term + penalty) skips a full-size product in the
         # backward pass (x * 1 == x bit for bit); read on CPU only, where it costs no synchronisation
-        ctx.unit = c.device.type == "cpu" and c.numel() == 1 and bool(c == 1)
+        ctx.unit = _is_one(c)
         return g.view_as(g)
 
     @staticmethod
