@@ -60,6 +60,14 @@ def _sgd(
                 buf = d
             elif _traced(momentum) or _traced(dampening):
                 buf = buf * momentum + (1 - dampening) * d
+            elif not nesterov and all(map(_number, (lr, momentum, dampening))) and _differentiated(p, buf, d):
+                # the heavy-ball step as one autograd node (same ops, so the same values): its
+                # backward forms the buffer's cotangent in one scaled add instead of autograd's
+                # product, sum and product (one full-size operation per weight and replayed step)
+                new, s["momentum_buffer"] = _HeavyBall.apply(p, buf, d, float(lr), momentum, dampening)
+                new_p.append(new)
+                new_s.append(s)
+                continue
             else:  # torch.optim's own ops: buf.mul_(momentum).add_(d, alpha=1 - dampening)
                 buf = buf.mul(momentum).add(d, alpha=1 - dampening)
             s["momentum_buffer"] = buf
@@ -70,6 +78,69 @@ def _sgd(
         new_p.append(p - lr * d if _traced(lr) else p.add(d, alpha=-lr))
         new_s.append(s)
     return tuple(new_p), new_s
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _differentiated(*ts: Tensor) -> bool:
+    """Whether autograd (either mode) follows any of ``ts`` here: grad mode on and one requires
+    grad, or one carries a forward-mode tangent; real, strided tensors only."""
+    if any(t.is_complex() or t.layout is not torch.strided for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
+
+
+class _HeavyBall(torch.autograd.Function):
+    """SGD's momentum step with a buffer, ``buf' = momentum buf + (1 - dampening) d`` and
+    ``p' = p - lr buf'``, with torch.optim's ops (bit for bit its values), for numbers
+    ``lr``, ``momentum``, ``dampening``. Its backward takes the buffer's cotangent
+    ``g_buf' - lr g_p'`` in one scaled add; reverse mode (twice differentiable) and forward mode."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, p: Tensor, buf: Tensor, d: Tensor, lr: float, momentum: float, dampening: float
+    ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.lr, ctx.momentum, ctx.dampening = lr, momentum, dampening
+        new_buf = buf.mul(momentum).add(d, alpha=1 - dampening)
+        return p.add(new_buf, alpha=-lr), new_buf
+
+    @staticmethod
+    def backward(ctx: Any, g_p: Tensor | None, g_buf: Tensor | None) -> tuple[Tensor | None, ...]:
+        lr, momentum, dampening = ctx.lr, ctx.momentum, ctx.dampening
+        if g_p is None and g_buf is None:
+            return (None,) * 6
+        if g_p is None:
+            total = g_buf
+        elif g_buf is None:
+            total = g_p.mul(-lr)
+        else:
+            total = g_buf.add(g_p, alpha=-lr)
+        assert total is not None
+        grad_buf = total.mul(momentum) if ctx.needs_input_grad[1] else None
+        grad_d = None
+        if ctx.needs_input_grad[2]:
+            grad_d = total if dampening == 0 else total.mul(1 - dampening)
+        return g_p, grad_buf, grad_d, None, None, None
+
+    @staticmethod
+    def jvp(
+        ctx: Any, t_p: Tensor | None, t_buf: Tensor | None, t_d: Tensor | None, *_: Any
+    ) -> tuple[Tensor | None, Tensor | None]:
+        lr, momentum, dampening = ctx.lr, ctx.momentum, ctx.dampening
+        parts = []
+        if t_buf is not None:
+            parts.append(t_buf.mul(momentum))
+        if t_d is not None:
+            parts.append(t_d if dampening == 0 else t_d.mul(1 - dampening))
+        t_new_buf = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        if t_new_buf is None:
+            return t_p, None
+        return (t_new_buf.mul(-lr) if t_p is None else t_p.add(t_new_buf, alpha=-lr)), t_new_buf
 
 
 def _adam(
