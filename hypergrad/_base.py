@@ -1071,7 +1071,14 @@ class HyperOptimizer(abc.ABC):
         saved = (
             self._outer_saved() if any(p.dtype in _LOW_PRECISION for p in self.pair.hparam_tensors) else None
         )
+        # SparseAdam (the optimiser of an nn.Embedding(sparse=True) table, e.g. per-example
+        # weights at scale) takes sparse gradients only: the rows with a hypergradient, as the
+        # table's own backward gives them (written dense, its step raised "SparseAdam does not
+        # support dense gradients")
+        sparse = isinstance(self.outer_optimizer, torch.optim.SparseAdam)
         for p, g in zip(self.pair.hparam_tensors, grads, strict=True):
+            if sparse and g.dim() > 0 and not g.is_sparse:
+                g = g.to_sparse(1)
             p.grad = g if p.requires_grad else None  # (frozen: torch.optim skips it)
         self.outer_optimizer.step()
         _forget_autocast_casts(self.device)
@@ -1148,6 +1155,15 @@ class HyperOptimizer(abc.ABC):
         # as torch.optim holds a weight without a gradient: the methods differentiate w.r.t. every
         # hyperparameter tensor, so they require grad for the call and get a zero hypergradient
         frozen = [p for p in self.pair.hparam_tensors if not p.requires_grad]
+        # nn.Embedding(max_norm=...) renormalises the rows a forward pass looks up, in place, in the
+        # weight itself: the hypergradient's forward passes (a validation batch's tokens) changed
+        # the weights. Their values are put back (only where changed: no version bump otherwise)
+        renorm = [
+            m.weight
+            for m in self.pair.model.modules()
+            if isinstance(m, nn.Embedding) and m.max_norm is not None
+        ]
+        renorm_kept = [w.detach().clone() for w in renorm]
         try:
             for p in frozen:
                 p.requires_grad_(True)
@@ -1157,6 +1173,10 @@ class HyperOptimizer(abc.ABC):
             for p in frozen:
                 p.requires_grad_(False)
             FunctionalPair.restore_buffers(hp_buffers)
+            with torch.no_grad():
+                for w, kept in zip(renorm, renorm_kept, strict=True):
+                    if not torch.equal(w, kept):
+                        w.copy_(kept)
         if frozen:
             held = [not p.requires_grad for p in self.pair.hparam_tensors]
             res.grads = tuple(torch.zeros_like(g) if h else g for g, h in zip(res.grads, held, strict=True))

@@ -351,6 +351,14 @@ def _warm_start_for(x0: Sequence[Tensor] | None, weights: Sequence[Tensor]) -> T
     return tuple(a.to(dtype=w.dtype, device=w.device) for a, w in zip(x0, weights, strict=True))
 
 
+def _solver_got(solver: object) -> str:
+    """What was passed as a solver, for the error: a solver class itself (``solver=hg.Neumann``,
+    the parentheses forgotten) was named "ABCMeta", next to a list naming hg.Neumann as valid."""
+    if isinstance(solver, type) and issubclass(solver, LinearSolver):
+        return f"the class hg.{solver.__name__} itself: pass an instance, e.g. solver=hg.{solver.__name__}()"
+    return type(solver).__name__
+
+
 def _check_loss_value(loss: object, name: str) -> None:
     """A loss must be a real tensor with one element (host metadata only, no synchronisation).
     (A complex one, e.g. ``(z ** 2).sum()`` where :math:`|z|^2` was meant, failed in
@@ -503,7 +511,7 @@ def implicit_hypergradient(
     """
     if not isinstance(solver, LinearSolver):
         raise TypeError(
-            f"solver must be a hg.LinearSolver (hg.Neumann, hg.CG, ...), got {type(solver).__name__}"
+            f"solver must be a hg.LinearSolver (hg.Neumann, hg.CG, ...), got {_solver_got(solver)}"
         )
     weights, hparams = _tensor_list(weights, "weights"), _tensor_list(hparams, "hparams")
     if not weights:
@@ -767,7 +775,7 @@ class Implicit(HyperOptimizer):
         if not isinstance(solver, LinearSolver):
             raise TypeError(
                 f"solver must be a hg.LinearSolver (hg.Neumann, hg.CG, hg.Identity, hg.Direct), "
-                f"got {type(solver).__name__}"
+                f"got {_solver_got(solver)}"
             )
         self.solver = solver
         self.hessian_subset = hessian_subset
@@ -888,7 +896,10 @@ class Implicit(HyperOptimizer):
         # and the model's plain tensor attributes (a hidden state its forward keeps, as
         # ``self.hidden = h.detach()``) as copies of their values now, put back after each call:
         # the validation loss's update no longer reaches the training loss, nor the next step
-        modules = list(pair.model.modules())
+        # The hyperparameter module's own plain attributes likewise (an augmentation network
+        # that keeps a running mean as ``self.mean = ...``, not a registered buffer): the
+        # hypergradient's forward passes moved it, which hypergradient() promises not to do
+        modules = list(pair.model.modules()) + list(self.hparams.modules())
         attributes = _plain_attributes(modules)
 
         def lt() -> Tensor:

@@ -615,6 +615,8 @@ class CG(LinearSolver):
         # curvature lost in rounding: a Rayleigh quotient below this times the largest one met
         flat = 10 * torch.finfo(v[0].dtype).eps
         top = 0.0
+        first = True
+        removed = 0.0  # |r|^2 on rows of H + delta I that are exactly zero: no x reduces it
         while math.isfinite(vv) and math.isfinite(rs):
             if rs <= stop:
                 status = SolveStatus.CONVERGED
@@ -624,7 +626,30 @@ class CG(LinearSolver):
                 break
             ap = self._apply(hvp, p)
             it += 1
-            curvature, pp = torch.stack([dot(p, ap), dot(p, p)]).tolist()  # one synchronisation
+            null: list[Tensor] = []
+            if first:  # p = r here
+                # entries where (H + delta I) p is exactly 0 and p is not: zero rows of the operator
+                # (an embedding row no training example uses, read by the validation loss). The
+                # system is inconsistent there and those entries of x are free: the least-squares
+                # solution leaves them at 0, as Direct's does. Kept in r and p, they entered every
+                # step size r'r / p'Hp and never left the residual: CG ran off (entries 1000x too
+                # large, a relative residual of 260)
+                null = [(a == 0) & (q != 0) for a, q in zip(ap, p, strict=True)]
+                kept = [torch.where(m, q, torch.zeros_like(q)) for q, m in zip(p, null, strict=True)]
+                lost = dot(kept, kept)
+            else:
+                lost = torch.zeros((), dtype=_real_dtype(v), device=v[0].device)
+            first = False
+            curvature, pp, cut = torch.stack([dot(p, ap), dot(p, p), lost]).tolist()  # one synchronisation
+            if cut > 0 and math.isfinite(cut):  # (H p is 0 there: the curvature p'Hp is unchanged)
+                for q, t, m in zip(p, r, null, strict=True):
+                    q.masked_fill_(m, 0)
+                    t.masked_fill_(m, 0)
+                pp, rs = torch.stack([dot(p, p), dot(r, r)]).tolist()
+                removed = cut
+                if rs <= stop:
+                    status = SolveStatus.CONVERGED
+                    break
             if not math.isfinite(curvature):
                 break  # status stays NONFINITE
             rayleigh = curvature / pp if pp > 0 else 0.0  # p != 0 here (r != 0: rs > stop >= 0)
@@ -646,9 +671,11 @@ class CG(LinearSolver):
             torch._foreach_mul_(x, float("nan"))
             rel = float("nan")
         elif vv > 0:
-            rel = math.sqrt(rs / vv)
+            rel = math.sqrt((rs + removed) / vv)  # (the residual of the whole system)
         else:  # v = 0: relative to nothing
             rel = 0.0 if rs == 0 else math.inf
+        if removed > 0 and status is SolveStatus.CONVERGED:
+            status = SolveStatus.NONPOSITIVE_CURVATURE  # singular: the least-squares solution, as Direct
         return SolveResult(tuple(x), it, torch.tensor(rel, dtype=_real_dtype(v), device=v[0].device), status)
 
 
