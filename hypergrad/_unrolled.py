@@ -711,7 +711,7 @@ class Unrolled(HyperOptimizer):
         self._check_fresh()
         self._check_hooks()
         seen = getattr(self, "_attributes_seen", None)  # (copies pickled before it was kept)
-        self._attributes_before = _plain_attributes(list(self.pair.model.modules()), seen)
+        self._attributes_before = _plain_attributes(self._state_modules(), seen)
         # the modes the step starts in, which its replay must start in (a train_loss may switch
         # them, e.g. to eval for an auxiliary pass, and leave them so: the modes after the step
         # replayed its dropout-on forward pass with dropout off)
@@ -881,6 +881,20 @@ class Unrolled(HyperOptimizer):
     def _hp_write_counts(self) -> tuple[tuple[int, int], ...]:
         return tuple(write_count(h) for h in self.pair.hparam_tensors)
 
+    def _state_modules(self) -> list[nn.Module]:
+        """The modules whose plain tensor attributes (state a forward pass keeps, e.g. a hidden
+        state or a running mean stored as ``self.x = ...``) a step records and its replay starts
+        from: the model's and the hyperparameter module's (an augmentation network's running
+        statistics: the replay advanced them ``steps`` more times per hyperstep, and the steps
+        after it no longer reproduced)."""
+        seen: set[int] = set()
+        out = []
+        for m in (*self.pair.model.modules(), *self.hparams.modules()):
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+        return out
+
     def _mode_modules(self) -> list[nn.Module]:
         """The modules whose ``training`` flag a step records and its replay restores."""
         return [*self.pair.model.modules(), *self.hparams.modules()]
@@ -978,7 +992,7 @@ class Unrolled(HyperOptimizer):
                     self._modes_of(rec),
                     torch.random.fork_rng(devices=devices, enabled=rec.rng is not None),
                     self._hparam_buffers_at(rec.hparam_buffers),
-                    _attributes_kept(list(self.pair.model.modules()), rec.attributes),
+                    _attributes_kept(self._state_modules(), rec.attributes),
                 ):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
@@ -1209,7 +1223,7 @@ class Unrolled(HyperOptimizer):
         # ... and runs in the modes and from the plain attributes (a hidden state) the hyperstep
         # began with, as that one call does: a val_loss that ends with model.train() ran the
         # second entry's with dropout on (its hypergradient -7.3e-3 against reverse mode's 1.4e-3)
-        modules, model_modules = self._mode_modules(), list(pair.model.modules())
+        modules, model_modules = self._mode_modules(), self._state_modules()
         modes = [m.training for m in modules]
 
         def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
@@ -1278,7 +1292,7 @@ class Unrolled(HyperOptimizer):
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         # (the validation loss on copies of the current buffers; the model's plain attributes,
         # e.g. a hidden state it keeps, as they are after it)
-        with self._hparam_buffers_at(None), _attributes_kept(list(self.pair.model.modules())):
+        with self._hparam_buffers_at(None), _attributes_kept(self._state_modules()):
             return self._hypergradient_on_copies(val_batch)
 
     def _hypergradient_on_copies(self, val_batch: Batch) -> _Hypergradient:
@@ -1344,7 +1358,7 @@ class Unrolled(HyperOptimizer):
                 "Unrolled.replayed_weights needs at least one inner step recorded by hopt.step(batch) "
                 "since the episode began; none has been taken"
             )
-        with torch.enable_grad(), _attributes_kept(list(self.pair.model.modules())):
+        with torch.enable_grad(), _attributes_kept(self._state_modules()):
             w, _ = self._replay(self.pair.hparam_tensors)
         return tuple(t.detach() for t in w)
 

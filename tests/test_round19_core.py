@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -137,8 +138,6 @@ def test_weight_decay_include_takes_a_list_of_names() -> None:
     """``include=["weight"]`` was a ``TypeError: 'list' object is not callable`` from inside the
     constructor; a list (or one name) now selects those parameters, like the predicate, and a
     name the model lacks is an error that names it and lists the model's parameters."""
-    import pytest
-
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     by_list = hg.hparams.WeightDecay(model, per="layer", include=["0.weight", "2.weight"])
     by_fn = hg.hparams.WeightDecay(model, per="layer", include=lambda n: n.endswith("weight"))
@@ -148,3 +147,60 @@ def test_weight_decay_include_takes_a_list_of_names() -> None:
         hg.hparams.WeightDecay(model, include=["1.weight"])
     with pytest.raises(TypeError, match="include must be a function of a parameter name"):
         hg.hparams.WeightDecay(model, include=3)  # type: ignore[arg-type]
+
+
+class _RunningAug(nn.Module):
+    """An augmentation network (the hyperparameters) that keeps a running mean of its inputs as a
+    plain attribute, updated by every forward pass in training mode, and subtracts it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3).to(DT)
+        self.mean = torch.zeros(3, dtype=DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return x - self.mean + 0.1 * torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("mode,checkpoint", [("reverse", False), ("reverse", True), ("forward", False)])
+def test_unrolled_hypersteps_leave_the_hyperparameter_modules_plain_attributes_alone(
+    mode: str, checkpoint: bool
+) -> None:
+    """A run with hypersteps at outer learning rate 0 ends exactly where the same run without
+    them does, the hyperparameter module's plain attribute state included: the replay ran the
+    augmentation network's forward again and advanced its running mean K extra times per
+    hyperstep (the model's own plain attributes were already kept; the Implicit counterpart is in
+    test_round19_implicit)."""
+    torch.manual_seed(0)
+    xs, ys = torch.randn(9, 6, 3, dtype=DT), torch.randn(9, 6, 1, dtype=DT)
+    val = (torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT))
+
+    def train_loss(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((m(h(b[0])) - b[1]) ** 2).mean()
+
+    def val_loss(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    def run(hyper: bool) -> tuple[list[Tensor], Tensor]:
+        torch.manual_seed(1)
+        model, aug = _mlp(3, 4, 1), _RunningAug()
+        hopt = hg.Unrolled(
+            model, aug, train_loss, val_loss,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            outer_optimizer=torch.optim.SGD(aug.parameters(), lr=0.0),
+            steps=3,
+            mode=mode,
+            checkpoint=checkpoint,
+        )
+        for i in range(9):
+            hopt.step((xs[i], ys[i]))
+            if hyper and i % 3 == 2:
+                hopt.hyper_step(val_batch=val)
+        return [p.detach().clone() for p in model.parameters()], aug.mean.clone()
+
+    (w0, m0), (w1, m1) = run(False), run(True)
+    torch.testing.assert_close(m1, m0, rtol=0, atol=0)
+    for a, b in zip(w1, w0, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
