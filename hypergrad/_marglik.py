@@ -566,6 +566,54 @@ def _terms(
     # through silently (three calls gave -12.93, -13.62, -13.14). Without an augmentation, which
     # draws its own, the model's forward passes must leave torch's random generator as it was
     rng = _rng_states(x.device) if augmentation is None else None
+    # with a learned augmentation the outputs (and the layer factors) keep their graph, for the
+    # range's hypergradient: the weights must not be part of it unless asked for (through_map).
+    # Fresh leaves stand in for them: (-bound).backward() wrote gradients (norm ~20, the whole
+    # data set's nats) into the model's .grad, contaminating a MAP step that followed it
+    detach: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if graph and not through_weights:
+        slots = tensor_slots(model)  # (every place of a tied or reused weight)
+        fresh = [
+            (slots[n], nn.Parameter(t.detach(), requires_grad=True))
+            for n, t in model.named_parameters()
+            if t.requires_grad
+        ]
+        detach = substituting(fresh)
+    with detach:
+        return _terms_body(
+            model, x, y, prior, names, params, prec, quad, dt, sigma, rng, b, blocks_of=subset_size,
+            likelihood=likelihood, outputs=outputs, form=form, augmentation=augmentation,
+            samples=samples, kernel=kernel, through_weights=through_weights, graph=graph,
+            use_layers=use_layers,
+        )
+
+
+def _terms_body(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prior: PriorPrecision,
+    names: Sequence[str],
+    params: Mapping[str, Tensor],
+    prec: dict[str, Tensor],
+    quad: Tensor,
+    dt: torch.dtype,
+    sigma: Tensor | None,
+    rng: list[Tensor] | None,
+    b: int,
+    *,
+    blocks_of: int | None,
+    likelihood: Likelihood,
+    outputs: Outputs,
+    form: Bound,
+    augmentation: RandomTranslation | None,
+    samples: int,
+    kernel: str,
+    through_weights: bool,
+    graph: bool,
+    use_layers: bool,
+) -> _Terms:
+    subset_size = blocks_of
     factors = (
         _layerwise_factors(model, x, names, augmentation, samples, graph, likelihood) if use_layers else None
     )
@@ -846,6 +894,56 @@ def _as_sigma(
     return sigma.to(dtype)
 
 
+def _check_real_weights(params: Mapping[str, Tensor], names: Sequence[str]) -> None:
+    """Complex weights are refused by name: the evidence of a complex weight is that of its real
+    and imaginary parts, which the kernels (and the softmax) do not form; it failed with a
+    misleading error ("noise must be one real standard deviation ... got a torch.complex128
+    tensor" for noise=0.5) or a bare ``"softmax_lastdim_kernel_impl" not implemented``."""
+    bad = [n for n in names if params[n].is_complex()]
+    if bad:
+        raise ValueError(
+            f"the Laplace evidence needs real weights; {bad[:3]} are complex "
+            f"({params[bad[0]].dtype}): write each complex weight as two real ones (its real and "
+            "imaginary parts, torch.view_as_real), or leave it out of the prior and freeze it"
+        )
+
+
+def _samples_without_augmentation(arg: str, samples: int) -> str:
+    """``samples`` > 1 draws that many copies of each input from the RandomTranslation, and
+    nothing else: without one it was ignored silently (one forward pass per example), which a
+    user averaging over a random augmentation of their own, inside the model, would not know."""
+    return (
+        f"{arg}={samples} needs a hg.hparams.RandomTranslation (the augmentation whose copies are "
+        "averaged); there is none, so it would be ignored. An augmentation inside the model is not "
+        f"averaged over (and must not be random in eval mode): leave {arg}=1, or add the "
+        "RandomTranslation"
+    )
+
+
+def _check_prior_knows(model: nn.Module, prior: PriorPrecision) -> None:
+    """Every trainable weight is one the prior covers or left out on purpose (``include=``):
+    weights the model gained after the PriorPrecision was built (a head appended), or that were
+    frozen then and train now, were silently taken as constants, neither marginalised nor under
+    the prior (an evidence of -5.64 for a network whose new head the bound never saw), where
+    ``prior.penalty`` warns and MarginalLikelihood refuses them."""
+    known = getattr(prior, "_known", None)
+    frozen = set(getattr(prior, "_frozen_at_build", ()))
+    new = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad
+        and n not in prior.names
+        and ((known is not None and n not in known) or n in frozen)
+    ]
+    if new:
+        raise ValueError(
+            f"weights {new[:3]} require grad but the PriorPrecision does not cover them: the model "
+            "gained them after it was built (or they were frozen then): they would be taken as "
+            "constants, neither marginalised nor under the prior. Build the PriorPrecision for the "
+            "model as it is now, or freeze them (requires_grad_(False)) to condition on them"
+        )
+
+
 def _names(model: nn.Module, prior: PriorPrecision) -> list[str]:
     params = dict(model.named_parameters())
     return [n for n in prior.names if n in params and params[n].requires_grad]
@@ -998,12 +1096,16 @@ def log_evidence_bound(
             )
         form, subset_size = Bound.NTK, None
     samples = _count(samples, "samples", 1)
+    if augmentation is None and samples > 1:
+        raise ValueError(_samples_without_augmentation("samples", samples))
     names = _names(model, prior)
     if not names:
         raise ValueError(
             "the PriorPrecision covers none of the model's trainable weights (built for another "
             "model, or every covered weight frozen): there is nothing to marginalise"
         )
+    _check_real_weights(dict(model.named_parameters()), names)
+    _check_prior_knows(model, prior)
     first = dict(model.named_parameters())[names[0]]
     dtype = first.dtype
     check_batch(x, "x", first.device, dtype)  # (a clear error, not a matmul's dtype mismatch)
@@ -1348,10 +1450,23 @@ class MarginalLikelihood(HyperOptimizer):
         self.prior: PriorPrecision = priors[0]
         self.noise: ObservationNoise | None = noises[0] if noises else None
         self.augmentation: RandomTranslation | None = augs[0] if augs else None
+        if self.augmentation is None and self.samples > 1:
+            raise ValueError(_samples_without_augmentation("augmentation_samples", self.samples))
         uncovered = [n for n in self.pair.weight_names if n not in self.prior.names]
         if uncovered:
             raise ValueError(f"trained weights {uncovered[:3]} are not covered by the PriorPrecision")
         self._covered_for: tuple[str, ...] = tuple(self.pair.weight_names)
+        if self.kernel == "layerwise" and (
+            self.bound is Bound.PARAMETRIC or any(r.dim() > 0 for r in self.prior.raw)
+        ):
+            # (known now, and refused only at the first hyperstep, after the burn-in: as the
+            # Neumann step-size rules above)
+            raise ValueError(
+                "kernel='layerwise' needs the NTK form (bound='ntk' or 'exact') and one precision "
+                f"per layer or a global one; got bound={self.bound.value!r} and a PriorPrecision with "
+                f"per={self.prior.per!r}: use kernel='auto' or 'dense'"
+            )
+        _check_real_weights(dict(self.pair.model.named_parameters()), self.pair.weight_names)
         self._check_no_decay()
 
     # ------------------------------------------------------------------ losses
@@ -1368,6 +1483,15 @@ class MarginalLikelihood(HyperOptimizer):
         sigma = None if self.noise is None else self.noise()
         nll = -_log_lik(f, y, self.likelihood, sigma) / x.shape[0]
         return nll + self.prior.penalty(model) / self.data_size
+
+    def _map_penalty(self) -> Tensor:
+        """The prior term of the MAP objective that :meth:`step` minimises, over every weight the
+        PriorPrecision covers (frozen ones too: :meth:`_map_loss` adds them), for the reported
+        ``train_loss``. The bound's ``quad`` covers the trained weights only, and a train_loss
+        built from it dropped 1/2 delta |w|^2 / N of the others: not the loss step() returns at
+        the same weights and batch."""
+        with torch.no_grad():
+            return self.prior.penalty(self.pair.model)
 
     def _check_data_size(self, x: Tensor, what: str) -> None:
         if x.shape[0] > self.data_size:
@@ -1400,6 +1524,19 @@ class MarginalLikelihood(HyperOptimizer):
         prior, silently: the evidence was then evaluated (and the precisions learned) away from
         the MAP of the one it assumes. Checked at construction and at every step (a param group
         added or changed later)."""
+        for which, opt, climbs in (
+            ("inner_optimizer", self.inner_optimizer, "climb the MAP objective (away from the MAP)"),
+            ("outer_optimizer", self.outer_optimizer, "descend the evidence (hyper_step already "
+             "maximises it: its loss is -bound / N)"),
+        ):
+            for i, group in enumerate(opt.param_groups):
+                if group.get("maximize", False):
+                    # (accepted silently: the MAP steps ascended the MAP loss, or the hypersteps
+                    # ascended -bound / N and drove the evidence down)
+                    raise ValueError(
+                        f"{which}'s param group {i} has maximize=True: its steps would {climbs}. "
+                        "MarginalLikelihood minimises both of its losses; set maximize=False"
+                    )
         for i, group in enumerate(self.inner_optimizer.param_groups):
             for key in ("weight_decay", "lambd"):
                 v = group.get(key)
@@ -1430,6 +1567,7 @@ class MarginalLikelihood(HyperOptimizer):
         check_batch(train_batch, "train_batch", self.device, self.dtype)
         x, _ = _split_batch(train_batch)
         self._check_data_size(x, "train_batch")
+        self._check_no_decay()  # (and no maximize=True in either optimiser, changed since)
 
     def _bound_terms(self, x: Tensor, y: Tensor, through_weights: bool) -> _Terms:
         if self.bound is Bound.EXACT and x.shape[0] != self.data_size:
@@ -1481,7 +1619,7 @@ class MarginalLikelihood(HyperOptimizer):
             solver_iterations=r.solve.iterations,
             solver_residual=r.solve.residual,
             solver_status=r.solve.status.value,
-            inner_loss=(-t.log_lik / t.batch + 0.5 * t.quad / n).detach(),
+            inner_loss=(-t.log_lik / t.batch + self._map_penalty() / n).detach(),
             reached=r.reached,
         )
 
@@ -1510,7 +1648,7 @@ class MarginalLikelihood(HyperOptimizer):
         loss = -bound / n
         hp = pair.hparam_tensors
         gs = grads_or_none(loss, hp)
-        inner = (-t.log_lik / t.batch + 0.5 * t.quad / n).detach()
+        inner = (-t.log_lik / t.batch + self._map_penalty() / n).detach()
         grads, value = tuple(g.contiguous() for g in materialize(gs, hp)), loss.detach()
         if self.ranks.size > 1:  # data parallel: each rank's bound is that of its shard scaled by N/B;
             # their mean is the bound of the concatenated batch partitioned along the shards
