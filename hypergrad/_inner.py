@@ -100,14 +100,19 @@ class _HeavyBall(torch.autograd.Function):
     ``lr``, ``momentum``, ``dampening``. Its backward takes the buffer's cotangent
     ``g_buf' - lr g_p'`` in one scaled add; reverse mode (twice differentiable) and forward mode."""
 
+    generate_vmap_rule = True  # (usable under torch.func transforms too)
+
     @staticmethod
     def forward(
-        ctx: Any, p: Tensor, buf: Tensor, d: Tensor, lr: float, momentum: float, dampening: float
+        p: Tensor, buf: Tensor, d: Tensor, lr: float, momentum: float, dampening: float
     ) -> tuple[Tensor, Tensor]:
-        ctx.set_materialize_grads(False)
-        ctx.lr, ctx.momentum, ctx.dampening = lr, momentum, dampening
         new_buf = buf.mul(momentum).add(d, alpha=1 - dampening)
         return p.add(new_buf, alpha=-lr), new_buf
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.lr, ctx.momentum, ctx.dampening = inputs[3:]
 
     @staticmethod
     def backward(ctx: Any, g_p: Tensor | None, g_buf: Tensor | None) -> tuple[Tensor | None, ...]:

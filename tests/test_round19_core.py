@@ -204,3 +204,42 @@ def test_unrolled_hypersteps_leave_the_hyperparameter_modules_plain_attributes_a
     torch.testing.assert_close(m1, m0, rtol=0, atol=0)
     for a, b in zip(w1, w0, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_heavy_ball_node_is_torch_sgd_and_differentiates_like_its_ops(dampening: float) -> None:
+    """The replay's one-node SGD momentum step: its values are torch.optim.SGD's bit for bit, and
+    its derivatives (reverse, reverse-over-reverse, forward, under torch.func) those of the ops."""
+    from hypergrad._inner import _HeavyBall
+
+    torch.manual_seed(0)
+    p, b, d = (torch.randn(7, dtype=DT, requires_grad=True) for _ in range(3))
+
+    def node(p: Tensor, b: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        return _HeavyBall.apply(p, b, d, 0.1, 0.9, dampening)
+
+    assert torch.autograd.gradcheck(node, (p, b, d), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(node, (p, b, d))
+    # torch.optim.SGD with a momentum buffer already there
+    w = nn.Parameter(p.detach().clone())
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, dampening=dampening)
+    opt.state[w]["momentum_buffer"] = b.detach().clone()
+    w.grad = d.detach().clone()
+    opt.step()
+    new_p, new_b = node(p.detach(), b.detach(), d.detach())
+    assert torch.equal(new_p, w.detach()) and torch.equal(new_b, opt.state[w]["momentum_buffer"])
+
+    def scalar(p: Tensor, b: Tensor, d: Tensor) -> Tensor:
+        a, c = node(p, b, d)
+        return (a**2).sum() + (c**3).sum()
+
+    def by_ops(p: Tensor, b: Tensor, d: Tensor) -> Tensor:
+        c = b.mul(0.9).add(d, alpha=1 - dampening)
+        return (p.add(c, alpha=-0.1) ** 2).sum() + (c**3).sum()
+
+    for a, c in zip(
+        torch.func.grad(scalar, argnums=(0, 1, 2))(p, b, d),
+        torch.func.grad(by_ops, argnums=(0, 1, 2))(p, b, d),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, c, rtol=1e-14, atol=1e-14)
