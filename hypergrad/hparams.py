@@ -551,7 +551,7 @@ def _name_predicate(
     bad = [n for n in wanted if not isinstance(n, str)]
     if bad:
         raise TypeError(f"{what}: include lists parameter names (str), got {bad[:3]!r}")
-    have = [n for n, _ in model.named_parameters()]
+    have = [n for n, _ in model.named_parameters(remove_duplicate=False)]  # (a tied weight's aliases too)
     unknown = sorted(wanted - set(have))
     if unknown:
         raise ValueError(
@@ -656,6 +656,13 @@ class WeightDecay(nn.Module):
         #: set by Unrolled while it replays a step (see _valued_penalty)
         self._replaying = False
         model = unwrap_model(model)  # names as the bare module has them (DDP, torch.compile)
+        if include is not None:
+            # a weight reached under several names (tied weights: lm_head.weight is wte.weight) is
+            # listed by named_parameters() under its first name only; it is penalised, under that
+            # name, when include accepts any of its names
+            first = {id(p): n for n, p in model.named_parameters()}
+            accepted = {first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if include(n)}
+            include = accepted.__contains__
         names = [
             n for n, p in model.named_parameters() if p.requires_grad and (include is None or include(n))
         ]
@@ -786,6 +793,20 @@ class WeightDecay(nn.Module):
                     f"for them); to leave them out on purpose, say so with include=... (warned once)",
                     UserWarning,
                     stacklevel=2,
+                )
+        if self.per == "parameter":  # (a weight replaced under its name: its decays broadcast)
+            moved = [
+                (n, tuple(self.raw[self._index[n]].shape), tuple(params[n].shape))
+                for n in self.names
+                if self.raw[self._index[n]].shape != params[n].shape
+            ]
+            if moved:
+                detail = ", ".join(f"{n}: built for {old}, now {new}" for n, old, new in moved[:3])
+                raise ValueError(
+                    f"{type(self).__name__}(per='parameter'): parameter(s) changed shape since it was "
+                    f"built ({detail}), so its per-entry decays no longer match them (they would "
+                    f"broadcast onto the new entries, or fail to); build a new "
+                    f"{type(self).__name__} for the resized model"
                 )
         replaying = getattr(self, "_replaying", False)  # (modules pickled before it existed)
         ws: list[Tensor] = [params[n] for n in self.names]
@@ -1044,6 +1065,12 @@ class OptimizerSetting(nn.Module):
         self.name = name
         self.relative = relative
         self.constraint = Constraint.POSITIVE if relative else Constraint(constraint)
+        if self.constraint in (Constraint.INTERVAL, Constraint.GREATER_THAN):
+            # (it takes no bounds: _check_domain died on a bare AssertionError)
+            raise ValueError(
+                f"{type(self).__name__} supports the constraints 'positive', 'unit' and 'real', not "
+                f"{self.constraint.value!r} (it takes no low / high bounds)"
+            )
         if name in _NON_NEGATIVE_SETTINGS and self.constraint is Constraint.REAL:
             raise ValueError(
                 f"{type(optimizer).__name__}'s {name!r} must be >= 0 (torch.optim refuses a negative "
@@ -1100,9 +1127,10 @@ class OptimizerSetting(nn.Module):
 
     @property
     def value(self) -> Tensor:
-        """The values (or multipliers), detached (for logging): ``(n_groups,)``."""
+        """The values (or multipliers), detached (for logging): ``(n_groups,)``; a copy, never
+        ``raw`` itself (the ``real`` constraint's value is the raw tensor)."""
         with torch.no_grad():
-            return self()
+            return self().detach().clone()
 
     def check(self) -> None:
         """Raise if :meth:`write` would refuse (param groups added since construction, or, in
@@ -1256,7 +1284,7 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
                 out[prefix + "sigma"] = module.scale().detach()
         for name, p in hparams.named_parameters():
             if not any(_within(name, c) for c in covered):
-                out[name] = p.detach()
+                out[name] = p.detach().clone()  # (a snapshot: not an alias that later outer steps move)
     return out
 
 
