@@ -784,7 +784,26 @@ class HyperOptimizer(abc.ABC):
         if by_hand:
             average_gradients(weights, self.ranks.group, self.ranks.size)  # (DDP's mean)
         # the guards judge the loss of the concatenated batch (the ranks' mean): every rank decides alike
-        mean_loss = self.ranks.mean([loss.detach()])[0]
+        mean_loss, counts = self._mean_loss_and_counts(loss.detach())
+        if counts is not None and len(set(counts)) > 1:
+            # ranks at different inner steps: a checkpoint loaded on some ranks only (DDP broadcasts
+            # the weights when it is built, never after), or per-rank files of different steps; each
+            # rank would go on training its own weights with the others' averaged gradients
+            self._scaler = None
+            pair.restore_buffers(snapshot)
+            pair.restore_buffers(hp_snapshot)
+            for w, g in zip(everything, old_grads, strict=True):
+                w.grad = g
+            self._set_rng_state(rng_before)
+            listed = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+            raise RuntimeError(
+                f"the DistributedDataParallel ranks are at different inner steps ({listed}; counted "
+                "modulo 2**20): their weights differ, and each would go on training its own copy "
+                "with the others' averaged gradients. Was a checkpoint loaded on some ranks only "
+                "(`if rank == 0: hopt.load_state_dict(...)`)? DistributedDataParallel broadcasts the "
+                "weights only when it is built: load the checkpoint on every rank (the same one, or "
+                "each rank's own saved at the same step). Nothing was changed by this step"
+            )
         grads = [w.grad for w in weights]
         if not any(g is not None for g in grads):
             scaler = None  # (a constant loss: nothing to unscale, and the scale stays as it is)
@@ -843,6 +862,19 @@ class HyperOptimizer(abc.ABC):
             # (a zero loss is no scale: nothing would be "within divergence times" it)
             self._loss_scale = abs(float(mean_loss))
         return loss.detach()
+
+    def _mean_loss_and_counts(self, loss: Tensor) -> tuple[Tensor, list[int] | None]:
+        """The ranks' mean loss, and each rank's inner-step count (modulo 2**20) carried by the
+        same all-reduce (one slot per rank, exact in float32); ``None`` with one rank."""
+        if self.ranks.size <= 1:
+            return loss, None
+        slots = torch.zeros(
+            self.ranks.size, dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device
+        )
+        slots[self._rank()] = float(self.inner_steps % 2**20)
+        mean, slots = self.ranks.mean([loss.to(slots.dtype), slots])
+        counts = [int(c) for c in (slots * self.ranks.size).round().tolist()]
+        return mean.reshape(loss.shape).to(loss.dtype), counts
 
     def _averages_by_hand(self) -> bool:
         """Whether :meth:`step` turns the DistributedDataParallel reducer off and averages the

@@ -638,6 +638,12 @@ class SelfTuning(_BestResponseBase):
         base = [w.grad for w in weights]
         for w in weights:
             w.grad = None
+        if self.linearize and self.ranks.size > 1 and model is self.model:
+            # the bare module: DistributedDataParallel's forward wraps the outputs in its _DDPSink
+            # (under find_unused_parameters=True), an autograd.Function without a jvp, so the
+            # linearised call failed; the reducer is off in this step (no_sync: the gradients are
+            # averaged by hand) and the base pass synced the buffers, so the wrapper adds nothing
+            model = self.ranks.module
         model = _Linearised(model) if self.linearize else model
         # the response pass must not update the running statistics a second time (BatchNorm):
         # the step's statistics are those of the base pass, the model at the current lambda

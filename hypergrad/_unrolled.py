@@ -43,6 +43,7 @@ from ._functional import (
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
 from ._solvers import _autograd_on, _tensor_list
 from ._types import Batch, LossFn, Tensors
+from ._wrap import ddp_wrappers
 from .hparams import WeightDecay, _constant_coefficients, _reusing_values, _with_decay_graph
 
 _Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
@@ -1181,8 +1182,20 @@ class Unrolled(HyperOptimizer):
             err, moved, size = torch.stack(parts).amax(0).tolist()
         eps = torch.finfo(self.dtype).eps
         if err > eps**0.5 * moved + 100 * eps * size:  # (a NaN is the non-finite guard's)
+            # a DistributedDataParallel communication hook (fp16/bf16 compression, PowerSGD) gives
+            # the real steps another average of the gradients than the replay's exact mean
+            hooked = any(getattr(d, "_comm_hooks", None) for d in ddp_wrappers(self.model))
             _warn_user(
-                f"the replayed inner steps end {err:.3g} away from the real weights (the real steps "
+                (
+                    "the model's DistributedDataParallel has a communication hook "
+                    "(register_comm_hook): the real steps applied the gradients it averaged "
+                    "(compressed, e.g. fp16_compress_hook or PowerSGD), the replay their exact mean, "
+                    "so it cannot reproduce them; drop the hook to tune with Unrolled (Implicit and "
+                    "the other methods replay nothing). "
+                    if hooked
+                    else ""
+                )
+                + f"the replayed inner steps end {err:.3g} away from the real weights (the real steps "
                 f"moved them {moved:.3g}): the replay did not reproduce training, so the "
                 "hypergradient is that of other steps. Unrolled replays each step with its recorded "
                 "batch, torch's global RNG state, param-group settings and train/eval modes; it cannot "
@@ -1400,7 +1413,9 @@ class Unrolled(HyperOptimizer):
                 f"this Unrolled state_dict was saved on rank {saved} and holds its recorded steps "
                 f"(that rank's shards of the batches); rank {self._rank()} would replay them as its own "
                 "and get another hypergradient. Save hopt.state_dict() on every rank (e.g. to "
-                "f'ckpt{rank}.pt') and load each rank's own, or save right after a hyper_step"
+                "f'ckpt{rank}.pt') and load each rank's own, or call hopt.start_episode() on every "
+                "rank (after a hyper_step: it forgets the recorded steps, which a hyper_step keeps "
+                "for the next window) and save then"
             )
         world = state.get("world")  # (None: saved before it was kept)
         if state["records"] and world is not None and world > 1 and world != self.ranks.size:
@@ -1408,7 +1423,9 @@ class Unrolled(HyperOptimizer):
                 f"this Unrolled state_dict was saved in a run of {world} data-parallel ranks and holds "
                 f"rank {saved}'s recorded steps (its shards of the batches); a run of "
                 f"{self.ranks.size} would replay them as whole batches and get another hypergradient. "
-                "Resume on as many ranks, or save right after a hyper_step"
+                "Resume on as many ranks, or call hopt.start_episode() on every rank (after a "
+                "hyper_step: it forgets the recorded steps, which a hyper_step keeps for the next "
+                "window) and save then"
             )
         self._check_recorded_weights(state["records"])
         self._records.clear()
