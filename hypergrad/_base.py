@@ -31,8 +31,10 @@ from ._functional import (
     _buffer_slots,
     _entries,
     all_finite,
+    batch_dtype_problem,
     check_batch,
     clip_by_total_norm,
+    naming_batch_dtypes,
     norm,
     noting_reentrant_checkpoints,
     substituting,
@@ -682,7 +684,8 @@ class HyperOptimizer(abc.ABC):
 
         Args:
             batch: the training batch, passed to ``train_loss`` as is (its floating-point
-                tensors on the model's device and in its dtype; integer ones are not checked).
+                tensors on the model's device; in its dtype, unless ``train_loss`` casts them, e.g.
+                ``model(x.float())`` on float64 data from NumPy; integer ones are not checked).
             max_grad_norm: clip the gradient before the update, as
                 ``torch.nn.utils.clip_grad_norm_(weights, max_grad_norm)`` between ``backward()``
                 and ``optimizer.step()`` would (2-norm over all trained weights together; after
@@ -714,7 +717,8 @@ class HyperOptimizer(abc.ABC):
             TypeError: ``scaler`` is not a ``torch.amp.GradScaler``.
             ValueError: an invalid ``max_grad_norm``, a ``scaler`` for another device type or
                 with float16 trained weights, a ``batch`` that is ``None`` or holds a
-                floating-point tensor on another device or of another dtype than the model, an
+                floating-point tensor on another device than the model (or of another dtype, which
+                the loss then failed on: the dtype error is named so), an
                 inner optimiser whose parameters changed into something it cannot train, or a
                 trained weight the model no longer holds (a parametrisation registered on it, or a
                 new parameter assigned in its place, since construction).
@@ -743,7 +747,11 @@ class HyperOptimizer(abc.ABC):
         self._check_not_moved()
         self._check_not_joined()
         self._check_syncing()
-        check_batch(batch, "batch", self.device, self.dtype)
+        check_batch(batch, "batch", self.device, self.dtype, dtypes=self._strict_batch_dtypes)
+        with naming_batch_dtypes([batch_dtype_problem(batch, "batch", self.dtype)]):
+            return self._step(batch, max_grad_norm, scaler)
+
+    def _step(self, batch: Batch, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> Tensor:
         max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self._refresh()
         pair = self.pair
@@ -995,6 +1003,10 @@ class HyperOptimizer(abc.ABC):
         bad = [n for n, p in named if not bool(torch.isfinite(p.detach()).all())]
         return f"hyperparameter(s) {bad} hold NaN or infinite values"
 
+    #: whether a batch of another floating-point dtype than the model's is refused up front (the
+    #: method runs the model on it itself) rather than left to the user's losses, which may cast it
+    _strict_batch_dtypes = False
+
     #: whether :meth:`_record_step` receives the RNG state before each step (for replays)
     _replays_rng = False
     #: the ``GradScaler`` of the :meth:`step` in progress, from its backward pass to
@@ -1199,7 +1211,14 @@ class HyperOptimizer(abc.ABC):
         try:
             for p in frozen:
                 p.requires_grad_(True)
-            with compiled_run_eagerly():  # (no second derivatives through compiled graphs)
+            # (batches of another dtype than the model's are fine where the losses cast them)
+            named = [
+                batch_dtype_problem(b, what, self.dtype)
+                for b, what in ((val_batch, "val_batch"), (train_batch, "train_batch"))
+                if b is not None
+            ]
+            # (no second derivatives through compiled graphs)
+            with compiled_run_eagerly(), naming_batch_dtypes(named):
                 res = self._hypergradient(train_batch, val_batch)
         finally:
             for p in frozen:
@@ -1264,13 +1283,13 @@ class HyperOptimizer(abc.ABC):
         name = type(self).__name__
         if val_batch is None:
             raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss)")
-        check_batch(val_batch, "val_batch", self.device, self.dtype)
+        check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=self._strict_batch_dtypes)
         if train_batch is None:
             raise ValueError(
                 f"{name}.hyper_step needs train_batch=... (a training batch; a train_loss that reads "
                 "no data, such as distilled images held as hyperparameters, takes train_batch=())"
             )
-        check_batch(train_batch, "train_batch", self.device, self.dtype)
+        check_batch(train_batch, "train_batch", self.device, self.dtype, dtypes=self._strict_batch_dtypes)
 
     @abc.abstractmethod
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:

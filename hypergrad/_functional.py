@@ -789,10 +789,47 @@ def iter_tensors(batch: Any) -> Iterator[Tensor]:
             yield from iter_tensors(getattr(batch, f.name))
 
 
-def check_batch(batch: Any, what: str, device: torch.device, dtype: torch.dtype) -> None:
+def batch_dtype_problem(batch: Any, what: str, dtype: torch.dtype) -> str:
+    """'' when every floating-point tensor of ``batch`` has the model's dtype (or, for a complex
+    model, its real dtype), else the sentence :func:`check_batch` raises. Not an error by itself:
+    a loss may cast the batch (``model(x.float())`` on float64 data from NumPy), as plain PyTorch
+    allows; :func:`naming_batch_dtypes` names it if the loss then fails on a dtype mismatch."""
+    real = dtype.to_real() if dtype.is_complex else None
+    for t in iter_tensors(batch):
+        if t.is_floating_point() and t.dtype != dtype and t.dtype != real:
+            return (
+                f"{what} holds a {t.dtype} tensor, but the model's parameters are {dtype}; "
+                f"convert the batch with .to({dtype}) (or cast it inside the loss)"
+            )
+    return ""
+
+
+@contextlib.contextmanager
+def naming_batch_dtypes(problems: Sequence[str]) -> Iterator[None]:
+    """Within the block, a ``RuntimeError`` about dtypes (``mat1 and mat2 must have the same
+    dtype``, ``expected scalar type Float but found Double``) raised while a batch of another
+    dtype than the model's is in use (``problems``: from :func:`batch_dtype_problem`) becomes a
+    ``ValueError`` naming the batch and the conversion."""
+    found = [p for p in problems if p]
+    if not found:
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error).lower()
+        if "dtype" in text or "scalar type" in text:
+            raise ValueError(f"{'; '.join(found)} (the loss failed: {error})") from error
+        raise
+
+
+def check_batch(
+    batch: Any, what: str, device: torch.device, dtype: torch.dtype, *, dtypes: bool = True
+) -> None:
     """Raise a clear error for a missing batch or a floating-point tensor on the wrong device or of
-    the wrong dtype. Integer tensors are not checked: PyTorch wants some of them on the CPU
-    whatever the model's device (``PackedSequence.batch_sizes``, the lengths given to
+    the wrong dtype (``dtypes=False``: not the dtype, for batches a user's loss may cast; see
+    :func:`batch_dtype_problem`). Integer tensors are not checked: PyTorch wants some of them on
+    the CPU whatever the model's device (``PackedSequence.batch_sizes``, the lengths given to
     ``pack_padded_sequence``), and it names a misplaced label tensor itself. A complex model also
     takes real tensors of its precision (complex64: float32), as complex layers usually do. A
     function (a ``step(closure)`` habit from ``torch.optim``) is refused as a batch."""
@@ -820,11 +857,8 @@ def check_batch(batch: Any, what: str, device: torch.device, dtype: torch.dtype)
                 f"{what} holds a tensor on device {t.device}, but the model's parameters are on "
                 f"{device}; move the batch with .to({str(device)!r})"
             )
-        if t.dtype != dtype:
-            raise ValueError(
-                f"{what} holds a {t.dtype} tensor, but the model's parameters are {dtype}; "
-                f"convert the batch with .to({dtype})"
-            )
+        if dtypes and t.dtype != dtype:
+            raise ValueError(batch_dtype_problem(t, what, dtype))
 
 
 def clone_batch(batch: Any) -> Any:

@@ -1351,6 +1351,9 @@ class MarginalLikelihood(HyperOptimizer):
     (1, torch.Size([2]))
     """
 
+    # (it runs the model on the batch itself: no loss of the user's between them could cast it)
+    _strict_batch_dtypes = True
+
     def __init__(
         self,
         model: nn.Module,

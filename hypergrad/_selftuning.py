@@ -362,9 +362,9 @@ class _BestResponseBase(HyperOptimizer):
         name = type(self).__name__
         if val_batch is None:
             raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss)")
-        check_batch(val_batch, "val_batch", self.device, self.dtype)
+        check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=False)
         if train_batch is not None:  # not used, but a wrong one is still a bug worth naming
-            check_batch(train_batch, "train_batch", self.device, self.dtype)
+            check_batch(train_batch, "train_batch", self.device, self.dtype, dtypes=False)
 
     def _val_closure(self, val_batch: Batch) -> Callable[[], Tensor]:
         pair = self.pair

@@ -929,7 +929,7 @@ class Unrolled(HyperOptimizer):
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if val_batch is None:
             raise ValueError("Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss)")
-        check_batch(val_batch, "val_batch", self.device, self.dtype)
+        check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=False)
         self._check_autocast("hyper_step()")
         self._refresh()
         self._check_optimizer()

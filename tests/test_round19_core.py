@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -243,3 +245,45 @@ def test_heavy_ball_node_is_torch_sgd_and_differentiates_like_its_ops(dampening:
         strict=True,
     ):
         torch.testing.assert_close(a, c, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["implicit", "unrolled"])
+def test_a_loss_that_casts_a_float64_batch_is_accepted_and_one_that_does_not_is_named(method: str) -> None:
+    """float64 data straight from NumPy (``torch.from_numpy``) with a float32 model and a loss that
+    casts it, ``model(x.float())``, as plain PyTorch allows: it was refused up front ("convert the
+    batch"). Now it runs, with the same results as a batch converted beforehand; a loss that does
+    not cast still gets the clear error naming the batch (from the loss's dtype failure)."""
+    torch.manual_seed(0)
+    x64, y64 = torch.randn(16, 3, dtype=DT), torch.randn(16, 1, dtype=DT)
+    xv64, yv64 = torch.randn(8, 3, dtype=DT), torch.randn(8, 1, dtype=DT)
+
+    def casting(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((m(b[0].float()) - b[1].float()) ** 2).mean() + h.penalty(m)
+
+    def run(loss: Callable[..., Tensor], cast_first: bool) -> list[Tensor]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2)
+        kw = dict(inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1))  # fmt: skip
+        hopt = (
+            hg.Implicit(model, hp, loss, loss, **kw)
+            if method == "implicit"
+            else hg.Unrolled(model, hp, loss, loss, steps=2, **kw)
+        )
+        tb, vb = (x64, y64), (xv64, yv64)
+        if cast_first:
+            tb, vb = (x64.float(), y64.float()), (xv64.float(), yv64.float())
+        for _ in range(3):
+            hopt.step(tb)
+        hopt.hyper_step(train_batch=tb, val_batch=vb)
+        return [p.detach().clone() for p in (*model.parameters(), *hp.parameters())]
+
+    for a, b in zip(run(casting, False), run(casting, True), strict=True):
+        assert torch.equal(a, b)
+
+    def plain(m: nn.Module, h: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m)
+
+    with pytest.raises(ValueError, match=r"batch holds a torch.float64 tensor, but the model.s parameters"):
+        run(plain, False)
