@@ -394,7 +394,10 @@ def _check_subset(subset: object) -> None:
 def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
     r"""Whether a Neumann series from 0 grew by more than a factor 2 per term: a sign that
     :math:`\alpha\lambda_{max} > 3` (a stale step size), which negative curvature alone, with
-    :math:`|\lambda_{min}| \le \lambda_{max}` and a current :math:`\alpha`, does not give. A
+    :math:`|\lambda_{min}| \le \lambda_{max}` and a current :math:`\alpha`, does not give; or
+    grew (by less) along a direction of curvature above :math:`2/\alpha`
+    (``sol.curvature > 2``: :math:`2 < \alpha\lambda \le 3`, where the terms flip sign and the
+    sum is of the wrong sign), which negative curvature does not give either. A
     series that came out non-finite counts too: over many terms such growth overflows (300 terms
     at a 100 times stale step size were refused as "nonfinite" instead of re-estimated); a NaN
     in the Hessian gives a NaN estimate and a non-finite series again, refused as before."""
@@ -402,7 +405,9 @@ def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
         return False
     if sol.status is SolveStatus.NONFINITE:
         return True
-    return sol.status is SolveStatus.DIVERGING and float(sol.residual) > 2.0**solver.steps
+    if sol.status is not SolveStatus.DIVERGING:
+        return False
+    return float(sol.residual) > 2.0**solver.steps or sol.curvature > 2.0
 
 
 def _solve_reached(
@@ -638,9 +643,10 @@ class Implicit(HyperOptimizer):
       Hessian eigenvalue (in magnitude) estimated by power iteration on the hyperstep's own
       training batch: 20 HVPs the first time, then 5 warm-started HVPs every 10 hypersteps,
       and 20 warm-started ones at once (then a second solve) when the series grows by more than
-      2 per term or overflows (status ``NONFINITE``), a sign that the curvature outgrew the
-      estimate (progressive sharpening); all counted in ``info.solver_iterations``. A series
-      that still grows (status ``DIVERGING``) meets negative curvature: use ``CG`` with
+      2 per term, grows along a curvature above :math:`2/\alpha` (its terms flip sign: see
+      ``SolveResult.curvature``) or overflows (status ``NONFINITE``), a sign that the curvature
+      outgrew the estimate (progressive sharpening); all counted in ``info.solver_iterations``.
+      A series that still grows (status ``DIVERGING``) meets negative curvature: use ``CG`` with
       ``damping`` there. An estimate of 0 (from a kept eigenvector, then once more from a
       random start) means :math:`H = 0`, e.g. a piecewise-linear training loss without a
       penalty: no curvature to invert, so the solution is 0 with status

@@ -229,7 +229,11 @@ class RandomTranslation(nn.Module):
         theta[:, 0, 0] = 1
         theta[:, 1, 1] = 1
         theta = theta + F.pad((-shift * scale.to(x.device)).unsqueeze(2), (2, 0))
-        grid = F.affine_grid(theta, [m, 1, *sizes], align_corners=False)
+        # (a half-precision theta for a 1-D signal, sizes (1, L), failed on the CPU inside
+        # affine_grid: '"tensor_cpu" not implemented for 'BFloat16'': the grid in float32 there)
+        low = theta.dtype in (torch.float16, torch.bfloat16)
+        grid = F.affine_grid(theta.float() if low else theta, [m, 1, *sizes], align_corners=False)
+        grid = grid.to(x.dtype)
         out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out.reshape(m, *x.shape[1:])
 
