@@ -348,7 +348,43 @@ def _embedding_dense(
     scale_grad_by_freq: bool = False,
     sparse: bool = False,
 ) -> Tensor:
+    if scale_grad_by_freq and weight.requires_grad and torch.is_grad_enabled():
+        # the "gradient" it reports (each row's divided by its count in the batch) is no loss's
+        # gradient: its Jacobian is not symmetric once the embedding feeds other weights, and
+        # autograd's second pass runs the scaled backward on the forward path again, returning the
+        # Jacobian-vector product J u where the vector-Jacobian product J^T u is due (hypergradients
+        # 15-35% off, silently, through Implicit and Unrolled alike); the validation gradient it
+        # gives is not the validation loss's gradient either
+        raise RuntimeError(
+            "nn.Embedding(scale_grad_by_freq=True) / F.embedding(..., scale_grad_by_freq=True) "
+            "cannot be differentiated twice correctly: its scaled gradient is not the gradient of "
+            "the loss, and PyTorch's second derivative of it is wrong (J u for J^T u), so "
+            "hypergradients through it would be silently wrong. Use scale_grad_by_freq=False "
+            "(e.g. per-token loss weights or an adaptive optimiser instead), or leave the embedding "
+            "out of the weights (requires_grad_(False))"
+        )
     return _EMBEDDING(weight, indices, padding_idx, scale_grad_by_freq, False)
+
+
+_EMBEDDING_RENORM = torch.nn.functional._no_grad_embedding_renorm_  # type: ignore[attr-defined]
+
+
+def _embedding_renorm_differentiable(
+    weight: Tensor, input: Tensor, max_norm: float, norm_type: float
+) -> None:
+    """``nn.Embedding(max_norm=...)``'s in-place renormalisation of the rows a forward pass looks
+    up, recorded by autograd where the weight is a replayed step's tensor (not a leaf): torch
+    renormalises ``weight.detach()``, so the replay took the steps' values but differentiated them
+    as if the rows had not been rescaled (an unrolled hypergradient 25% off the finite differences
+    of the real training, silently). Same values as ``torch.embedding_renorm_``."""
+    if not (torch.is_grad_enabled() and weight.requires_grad and not weight.is_leaf):
+        _EMBEDDING_RENORM(weight, input, max_norm, norm_type)
+        return
+    rows = input.reshape(-1).unique()
+    picked = weight.index_select(0, rows)
+    norms = torch.linalg.vector_norm(picked, norm_type, dim=-1, keepdim=True)
+    scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
+    weight.index_copy_(0, rows, picked * scale)
 
 
 def _cdist_mm(
@@ -385,6 +421,14 @@ def _hardsigmoid_twice(input: Tensor) -> Tensor:
     has none in torch 2.13: ``nn.Hardsigmoid`` in MobileNetV3's squeeze-excitation blocks)."""
     inside = (input > -3) & (input < 3)
     return torch.where(inside, input / 6 + 0.5, (input >= 3).to(input.dtype))
+
+
+def _hardsigmoid_twice_(input: Tensor) -> Tensor:
+    """``F.hardsigmoid(..., inplace=True)`` (``nn.Hardsigmoid(inplace=True)``) as
+    :func:`_hardsigmoid_twice` written back into ``input``: the in-place kernel's backward has no
+    derivative either (Implicit named it with unrelated advice; Unrolled's replay raised torch's
+    bare "derivative for aten::hardsigmoid_backward is not implemented")."""
+    return input.copy_(_hardsigmoid_twice(input))
 
 
 def _sigma_curvature(weight_mat: Tensor) -> Tensor:
@@ -446,9 +490,12 @@ def _twice_targets() -> list[tuple[Any, str, Any]]:
         (torch, "_weight_norm", _weight_norm_exact),  # nn.utils.parametrizations.weight_norm
         (old_weight_norm, "_weight_norm", _weight_norm_exact),  # nn.utils.weight_norm (imported name)
         (torch, "embedding", _embedding_dense),  # F.embedding calls torch.embedding
+        # F.embedding / F.embedding_bag call it for max_norm
+        (torch.nn.functional, "_no_grad_embedding_renorm_", _embedding_renorm_differentiable),
         (torch, "cdist", _cdist_mm),
         (torch._C._nn, "mse_loss", _mse_loss_forward_safe),  # F.mse_loss calls it
         (torch._C._nn, "hardsigmoid", _hardsigmoid_twice),  # F.hardsigmoid(inplace=False) calls it
+        (torch._C._nn, "hardsigmoid_", _hardsigmoid_twice_),  # F.hardsigmoid(inplace=True) calls it
         # checkpoint(use_reentrant=False) looks this name up at every call
         (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _checkpoint_keeping_activations),
     ]

@@ -242,6 +242,27 @@ def _naming_missing_forward_derivatives() -> Iterator[None]:
         ) from e
 
 
+@contextlib.contextmanager
+def _naming_missing_second_derivatives() -> Iterator[None]:
+    """Re-raise PyTorch's "the derivative for X is not implemented" (an operation without a double
+    backward, met when the replay's training gradients are differentiated) as an error that says
+    what needed it and what to do (it came out as torch's bare NotImplementedError)."""
+    try:
+        yield
+    except RuntimeError as e:  # (NotImplementedError is one)
+        msg = str(e)
+        if "derivative for" not in msg or "not implemented" not in msg:
+            raise
+        raise RuntimeError(
+            "Unrolled backpropagates through every replayed step, whose update holds the gradient of "
+            "the training loss, so it differentiates the training loss twice; PyTorch has no second "
+            f"derivative for an operation it uses ({msg.splitlines()[0]}). Write that step of the "
+            "loss with twice-differentiable operations (e.g. nn.EmbeddingBag as nn.Embedding "
+            "followed by a sum or mean; torch.pdist or torch.cdist(p != 2) from differences and "
+            "torch.linalg.vector_norm), or freeze the weights before it (requires_grad_(False))"
+        ) from e
+
+
 def _same_entry(before: Any, after: Any) -> bool:
     """Whether an optimiser state entry (a :meth:`Unrolled._state_signature` item) is unchanged:
     the same tensor, not written since, or another tensor of the same values (a reload), or the
@@ -1358,7 +1379,8 @@ class Unrolled(HyperOptimizer):
                 grads, loss, unrolled_steps=self._window(), reached=reached, commit=self._moved
             )
         if self.checkpoint:  # one replayed step's graph alive at a time
-            raw, value = checkpointed_hypergradient(self, val_batch, pair.hparam_tensors)
+            with _naming_missing_second_derivatives():
+                raw, value = checkpointed_hypergradient(self, val_batch, pair.hparam_tensors)
         else:
             with _reusing_values():  # e.g. a per-weight decay's exp: once, not once per replayed step
                 weights, _ = self._replay(pair.hparam_tensors)
@@ -1370,7 +1392,8 @@ class Unrolled(HyperOptimizer):
                     buffers=clone_all(pair.buffers()),
                     hparams=pair.hparam_tensors,
                 )
-            raw = list(grads_or_none(out, pair.hparam_tensors))
+            with _naming_missing_second_derivatives():
+                raw = list(grads_or_none(out, pair.hparam_tensors))
             value = out.detach().clone()
         reached = tuple(g is not None for g in raw)
         # data parallel: each rank differentiated its own L_V shard through the shared replay (whose
