@@ -297,6 +297,10 @@ class FunctionalPair:
 
     @staticmethod
     def _check_scalar(out: Any, loss_fn: LossFn) -> Tensor:
+        if isinstance(out, Tensor) and out.dim() and out.numel() == 1:
+            # a one-element loss (``torch.zeros(1)`` accumulated over terms) is a scalar, as for
+            # torch's ``backward()`` and the functional entry points here
+            out = out.reshape(())
         if not isinstance(out, Tensor) or out.dim() != 0:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
