@@ -511,11 +511,12 @@ def test_unusable_losses_and_batches_are_named() -> None:
     model = _mlp()
     hp = hg.hparams.WeightDecay(model, per="global", init=0.1)
 
-    def one_element(m: nn.Module, h: Any, b: Any) -> Tensor:
-        return _penalised(m, h, b).reshape(1)
+    def two_elements(m: nn.Module, h: Any, b: Any) -> Tensor:
+        return _penalised(m, h, b).expand(2)
 
-    with pytest.raises(ValueError, match=r"scalar Tensor; one_element returned \(1,\)"):
-        _implicit(model, hp, one_element).step(TB)
+    with pytest.raises(ValueError, match=r"scalar Tensor; two_elements returned \(2,\)"):
+        _implicit(model, hp, two_elements).step(TB)
+    # (a one-element loss of shape (1,) is the scalar, as for backward(): tests/test_round20_core.py)
 
     def float32_loss(m: nn.Module, h: Any, b: Any) -> Tensor:
         return _penalised(m, h, b).float()
