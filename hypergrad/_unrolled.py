@@ -1221,7 +1221,8 @@ class Unrolled(HyperOptimizer):
         ran them with the hyperparameters they were taken with: it did not reproduce training
         (randomness or state the records cannot hold), so the hypergradient is that of other
         steps. Allows rounding (other kernels, e.g. foreach ones on a GPU): sqrt(eps) of how far
-        the steps moved the weights, plus 100 eps of their size. Three passes over the weights
+        the steps moved the weights, plus 100 eps of their size, and up to 1% of the entries
+        beyond that (a gradient that is rounding noise about an exact 0). Three passes over the weights
         and one host synchronisation, so taken at the first hyperstep and every
         ``_CHECK_EVERY``-th after it (what it catches, a replay that cannot reproduce training,
         persists)."""
