@@ -1208,6 +1208,10 @@ class HyperOptimizer(abc.ABC):
             if isinstance(m, nn.Embedding) and m.max_norm is not None
         ]
         renorm_kept = [w.detach().clone() for w in renorm]
+        # train/eval modes: a val_loss that switches the model to eval mode and does not switch it
+        # back (``model.eval()`` before validating, the usual idiom) left it there, so the steps
+        # after the hyperstep trained without dropout and on frozen BatchNorm statistics
+        modes = [(m, m.training) for m in (*self.pair.model.modules(), *self.hparams.modules())]
         try:
             for p in frozen:
                 p.requires_grad_(True)
@@ -1223,6 +1227,9 @@ class HyperOptimizer(abc.ABC):
         finally:
             for p in frozen:
                 p.requires_grad_(False)
+            for m, flag in modes:
+                if m.training != flag:
+                    m.training = flag
             FunctionalPair.restore_buffers(hp_buffers)
             with torch.no_grad():
                 for w, kept in zip(renorm, renorm_kept, strict=True):

@@ -56,7 +56,11 @@ def _fresh(weights: Tensors, states: list[State], buffers: Tensors) -> tuple[_In
                 leaves.append(v)
             d[k] = v
         st.append(d)
-    return (w, st, tuple(t.detach() for t in buffers)), leaves
+    # the step runs on non-leaf copies of the weight leaves, as the plain replay's weights are:
+    # nn.Embedding(max_norm=...) renormalises the rows it looks up in place, differentiably only
+    # on a non-leaf weight (on a leaf, torch's renormalisation through ``weight.detach()``: the
+    # checkpointed hypergradient lost the renormalisation's derivative, 13% off, silently)
+    return (tuple(t.clone() for t in w), st, tuple(t.detach() for t in buffers)), leaves
 
 
 def _outputs(weights: Tensors, states: list[State], like: _Inputs) -> list[Tensor | None]:
@@ -83,8 +87,8 @@ def checkpointed_hypergradient(
     w, st, bf = hopt._start()
     for rec in records:
         inputs.append((w, st, bf))
-        with torch.enable_grad():
-            w2, st2, bf2 = hopt._replay_step(rec, w, st, bf, hp, create_graph=False)
+        with torch.enable_grad():  # (on copies: a step's forward may write its weights in place)
+            w2, st2, bf2 = hopt._replay_step(rec, tuple(t.clone() for t in w), st, bf, hp, create_graph=False)
         w = tuple(t.detach().requires_grad_(True) for t in w2)
         st = [{k: v.detach() if isinstance(v, Tensor) else v for k, v in s.items()} for s in st2]
         bf = tuple(t.detach() for t in bf2)

@@ -502,6 +502,12 @@ def _twice_targets() -> list[tuple[Any, str, Any]]:
         (torch._C._nn, "hardsigmoid_", _hardsigmoid_twice_),  # F.hardsigmoid(inplace=True) calls it
         # checkpoint(use_reentrant=False) looks this name up at every call
         (torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", _checkpoint_keeping_activations),
+        # nn.MultiheadAttention / nn.TransformerEncoder(Layer) in eval mode take torch's fused
+        # fast path whenever no input requires grad, as in forward mode's validation loss (dual
+        # tensors that do not require grad): its kernels have no forward-mode derivative
+        # ("Trying to use forward AD with aten::_transformer_encoder_layer_fwd"); the composite
+        # path computes the same values and differentiates in either mode
+        (torch.backends.mha, "_is_fastpath_enabled", False),
     ]
     return [(ns, name, fn) for ns, name, fn in out if hasattr(ns, name)]
 
@@ -615,6 +621,11 @@ def differentiable_twice(at_fixed_point: bool = False) -> Iterator[None]:
     * ``F.hardsigmoid`` (``nn.Hardsigmoid()``, MobileNetV3's squeeze-excitation gate): its
       kernel's backward has no derivative; computed as ``x / 6 + 1/2`` inside ``(-3, 3)`` and
       0 or 1 outside (the same values and first derivative).
+
+    * the fused fast path of ``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)``
+      (``torch.backends.mha``), taken in eval mode when no input requires grad, as forward-mode
+      dual tensors do not: its kernels have no forward-mode derivative; the composite path
+      computes the same values.
 
     With ``at_fixed_point=True`` (the implicit function theorem's setting: the training loss
     differentiated twice at a rest point of training), also:

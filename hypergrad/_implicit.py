@@ -907,12 +907,24 @@ class Implicit(HyperOptimizer):
         # hypergradient's forward passes moved it, which hypergradient() promises not to do
         modules = list(pair.model.modules()) + list(self.hparams.modules())
         attributes = _plain_attributes(modules)
+        # each loss runs in the train/eval modes the hyperstep began with, as step() runs
+        # train_loss: val_loss runs first, and one that calls model.eval() (and does not switch
+        # back) put train_loss's Hessian and mixed term in eval mode (BatchNorm on running
+        # statistics, no dropout): a hypergradient 37% off, silently
+        modes = [(m, m.training) for m in modules]
+
+        def start_modes() -> None:
+            for m, flag in modes:
+                if m.training != flag:
+                    m.training = flag
 
         def lt() -> Tensor:
+            start_modes()
             with self._hparam_buffers_at(), _attributes_kept(modules, attributes):
                 return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
 
         def lv() -> Tensor:
+            start_modes()
             with self._hparam_buffers_at(), _attributes_kept(modules, attributes):
                 return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
 

@@ -1324,7 +1324,10 @@ class Unrolled(HyperOptimizer):
         def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
             p, t = pt
             if requires_grad:
-                p = p.clone().requires_grad_(True)
+                # (a non-leaf: nn.Embedding(max_norm=...) renormalises the weight it looks up in
+                # place, which autograd refuses on a leaf requiring grad or a view of one, and the
+                # differentiable renormalisation records only on non-leaf weights)
+                p = p.detach().requires_grad_(True).clone()
             return p if t is None else fwAD.make_dual(p, t)
 
         def split(x: Any) -> Any:
