@@ -34,9 +34,11 @@ from ._functional import (
     batch_dtype_problem,
     check_batch,
     clip_by_total_norm,
+    module_layout,
     naming_batch_dtypes,
     norm,
     noting_reentrant_checkpoints,
+    registrations,
     substituting,
 )
 from ._types import Batch, LossFn, Tensors
@@ -382,6 +384,8 @@ class HyperOptimizer(abc.ABC):
         self._weights_key: tuple[int, ...] = ()
         self.pair = FunctionalPair(self.ranks.module, hparams, self._trained_weights())
         self._weights_key = tuple(id(w) for w in self.pair.weights)
+        self._layout = module_layout(self.pair.model)
+        self._registrations_seen = registrations()
         self.settings: list[tuple[int, OptimizerSetting]] = self._find_settings()
         self._warned_disconnected: set[str] = set()
         self.inner_steps = 0
@@ -616,10 +620,26 @@ class HyperOptimizer(abc.ABC):
         return trained
 
     def _refresh(self) -> None:
-        """Follow the inner optimiser's param groups and ``requires_grad`` flags (cheap if unchanged)."""
+        """Follow the inner optimiser's param groups and ``requires_grad`` flags, and the model's
+        layout (cheap if unchanged).
+
+        The layout: a submodule replaced outside the trained weights (``model.norm =
+        nn.BatchNorm1d(...)``, a frozen part swapped), or a buffer registered as ``None`` and set
+        by a forward pass (a lazily initialised running mean), left the places
+        :class:`FunctionalPair` substitutes buffers into as they were: the new module's or buffer's
+        real values were then updated by every hypergradient's forward passes, and Unrolled's
+        replay did not start from the recorded ones. The places are taken afresh then, and a new
+        episode begins (the recorded steps ran on the old layout). Looked at only when a module,
+        parameter or buffer was registered anywhere since the last look (a global counter)."""
         weights = self._trained_weights()
         key = tuple(id(w) for w in weights)
-        if key != self._weights_key:
+        moved = key != self._weights_key
+        if registrations() != getattr(self, "_registrations_seen", None):
+            self._registrations_seen = registrations()
+            layout = module_layout(self.pair.model)
+            moved = moved or layout != getattr(self, "_layout", layout)
+            self._layout = layout
+        if moved:
             self.pair.set_weights(weights)
             self._weights_key = key
             self._weights_changed()
@@ -642,6 +662,8 @@ class HyperOptimizer(abc.ABC):
         self.__dict__.update(state)
         self.__dict__.setdefault("_hparam_kinds", {})  # (copies pickled before it was kept)
         self._weights_key = tuple(id(w) for w in self.pair.weights)
+        self._layout = module_layout(self.pair.model)  # (the copy's own modules)
+        self._registrations_seen = registrations()
         if method is not None:
             self._load_method_state(method)
 

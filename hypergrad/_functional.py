@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _module_hooks
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -43,6 +44,32 @@ def _count_fused_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
 
 
 register_optimizer_step_post_hook(_count_fused_step)
+
+#: how many modules, parameters and buffers have been registered (or assigned) on any module of
+#: the process: :meth:`HyperOptimizer._refresh` looks at the model's layout again only when it
+#: moved (a submodule replaced, a buffer first set by a forward pass), not at every step
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*args: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+_module_hooks.register_module_module_registration_hook(_count_registration)
+_module_hooks.register_module_parameter_registration_hook(_count_registration)
+_module_hooks.register_module_buffer_registration_hook(_count_registration)
+
+
+def registrations() -> int:
+    """A counter that moves whenever a module, parameter or buffer is registered on, or assigned
+    to, any ``nn.Module`` (``model.fc = nn.Linear(...)``, ``self.mu = x.mean(0)`` on a buffer
+    registered as ``None``). Writes into ``module._modules`` by hand move it not."""
+    return _REGISTRATIONS[0]
+
+
+def module_layout(model: nn.Module) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The identities of ``model``'s modules and the names of its buffers that are set."""
+    return tuple(map(id, model.modules())), _buffer_slots(model)[0]
 
 
 def write_count(t: Tensor) -> tuple[int, int]:
