@@ -204,6 +204,46 @@ def _check_scaler(scaler: Any, weights: Sequence[Tensor], names: Sequence[str], 
     return scaler
 
 
+def _keep_saved_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Give the 0-dim floating state entries of ``optimizer`` back the dtype they were saved in.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor but ``"step"`` to
+    its parameter's dtype, the 0-dim ones too, which torch.optim keeps in the default dtype
+    (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``): a float64 model's float32 ``mu_product``
+    came back float64, its running product then rounded otherwise and the resumed run drifted
+    from the uninterrupted one (3e-12 in the loss two steps after the load). The saved dtype is
+    the one the uninterrupted run (and a fresh one, in the same default dtype) keeps."""
+    groups = saved.get("param_groups", ())
+    saved_state = saved.get("state", {})
+    ids = [i for g in groups for i in g.get("params", ())]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in zip(ids, params, strict=False):
+        old, new = saved_state.get(i), optimizer.state.get(p)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        for key, value in old.items():
+            here = new.get(key)
+            if (
+                key != "step"  # (torch's own policy: float32 for fused and capturable optimisers)
+                and isinstance(value, Tensor)
+                and isinstance(here, Tensor)
+                and value.dim() == 0
+                and value.is_floating_point()
+                and here.dtype != value.dtype
+            ):
+                new[key] = here.to(value.dtype)
+
+
+def _optimizer_classes(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimiser's class and of its ``torch.optim.Optimizer`` base classes but
+    ``Optimizer`` itself (``["SGDHD", "_HypergradientOptimizer", "SGD"]``), for the checkpoint."""
+    return [
+        c.__name__
+        for c in type(optimizer).__mro__
+        if issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+    ]
+
+
 def _nonfinite_entries(what: str, names: Sequence[str], tensors: Sequence[Tensor | None]) -> str:
     """``""``, or ``"; <what> is not finite for 'name': k of n entries, ..."`` naming the tensors
     holding NaN or infinite entries, the first five of them (for the failure path only: one host
@@ -1339,22 +1379,30 @@ class HyperOptimizer(abc.ABC):
             train_loss=None if res.inner_loss is None else float(res.inner_loss),
         )
 
-    def _outer_saved(self) -> tuple[list[Tensor], list[Tensor | None], dict[str, Any]]:
+    def _outer_saved(self) -> tuple[list[Tensor], list[Tensor | None], Any]:
         """The hyperparameters' values and ``.grad`` and the outer optimiser's state, copied."""
+        from ._marglik import _snapshot_optimizer
+
         hp = self.pair.hparam_tensors
         return (
             [p.detach().clone() for p in hp],
             [p.grad for p in hp],
-            copy.deepcopy(self.outer_optimizer.state_dict()),
+            _snapshot_optimizer(self.outer_optimizer),
         )
 
-    def _outer_restore(self, saved: tuple[list[Tensor], list[Tensor | None], dict[str, Any]]) -> None:
+    def _outer_restore(self, saved: tuple[list[Tensor], list[Tensor | None], Any]) -> None:
+        """Undo the outer step in place. Not ``load_state_dict``: that replaces the param groups
+        and the state by copies (casting 0-dim state to the parameters' dtype), so a param group
+        the script holds (a warm-up writing ``group["lr"]``) no longer steered the optimiser
+        after an undone step, and a float32 NAdam ``mu_product`` came back float16."""
+        from ._marglik import _restore_optimizer
+
         values, grads, state = saved
         with torch.no_grad():
             for p, v, g in zip(self.pair.hparam_tensors, values, grads, strict=True):
                 p.copy_(v)
                 p.grad = g
-        self.outer_optimizer.load_state_dict(state)
+        _restore_optimizer(self.outer_optimizer, state)
 
     def _nonfinite(self, msg: str) -> None:
         msg += "; weights, buffers, hyperparameters and optimiser states were left untouched"
@@ -1384,8 +1432,9 @@ class HyperOptimizer(abc.ABC):
             :class:`~hypergrad.Unrolled`'s recorded steps, :class:`~hypergrad.Implicit`'s warm
             start), ``"counters"``, ``"rng"`` (this process's), ``"method_name"``, ``"rank"``
             (this process's rank under ``DistributedDataParallel``, else 0), ``"hparams_meaning"`` (what
-            each container's raw values mean, checked on load) and ``"optimizer_params"`` (the
-            names of the optimisers' parameters in their order, checked on load). Its tensors
+            each container's raw values mean, checked on load), ``"optimizer_params"`` (the
+            names of the optimisers' parameters in their order, checked on load) and
+            ``"optimizer_classes"`` (the optimisers' class names, checked on load). Its tensors
             are the live ones (as ``nn.Module.state_dict`` gives them): ``copy.deepcopy`` it, or
             ``torch.save`` it, to keep it while training goes on. It holds tensors, numbers,
             strings and plain containers only, so ``torch.load(path, weights_only=True)`` (torch's
@@ -1409,6 +1458,10 @@ class HyperOptimizer(abc.ABC):
             "rank": self._rank(),
             "hparams_meaning": _meanings(self.hparams),
             "optimizer_params": self._optimizer_param_names(),
+            "optimizer_classes": {
+                "inner_optimizer": _optimizer_classes(self.inner_optimizer),
+                "outer_optimizer": _optimizer_classes(self.outer_optimizer),
+            },
         }
 
     def _rank(self) -> int:
@@ -1456,7 +1509,9 @@ class HyperOptimizer(abc.ABC):
             ValueError: ``state`` was saved by another method class, lacks one of its parts,
                 was saved with other hyperparameter containers (raw values that would mean
                 something else here), or with an optimiser holding the same parameters in another
-                order (its state would go to other parameters); its ``"method"`` or
+                order (its state would go to other parameters), or by an optimiser of another
+                class (an Adam's state into an SGD; a subclass's loads, as SGD's into
+                ``hg.optim.SGDHD``); its ``"method"`` or
                 ``"counters"`` part lacks an entry or holds one of another type (edited by hand,
                 or by another configuration of the method).
             RuntimeError, KeyError, ...: whatever the model's, the containers' or the
@@ -1502,6 +1557,7 @@ class HyperOptimizer(abc.ABC):
                 f"and group settings by position, so each parameter would get another's. Build {key} "
                 f"with the parameters in the order the saved run used"
             )
+        self._check_optimizer_classes(state.get("optimizer_classes"))
         # by value: torch.optim's load_state_dict keeps the given tensors as its state (momentum
         # buffers, Adam's moments) and trains them in place, so a checkpoint kept in memory to
         # roll back to would silently drift with the run, and a second rollback differ
@@ -1532,12 +1588,38 @@ class HyperOptimizer(abc.ABC):
                 UserWarning,
             )
 
+    def _check_optimizer_classes(self, saved: Any) -> None:
+        """Refuse optimiser states saved by an optimiser of another kind (an Adam's into an SGD):
+        ``torch.optim`` loads any, param groups included, so the SGD took Adam's groups and died at
+        the next step with a bare ``KeyError: 'momentum'`` (an SGD's state into an Adam: a bare
+        ``KeyError: 'step'`` in the load). A class and its subclasses load each other's states
+        (``torch.optim.SGD`` and ``hg.optim.SGDHD``, ``Adam`` and ``AdamW``), as ``torch.optim``
+        means them to; states saved before the classes were recorded are not checked."""
+        if not isinstance(saved, dict):
+            return
+        for key, opt in (
+            ("inner_optimizer", self.inner_optimizer),
+            ("outer_optimizer", self.outer_optimizer),
+        ):
+            was, now = saved.get(key), _optimizer_classes(opt)
+            if not was or was[0] in now or now[0] in was:
+                continue
+            raise ValueError(
+                f"this state_dict's {key} was saved by {was[0]}, but {key} here is {now[0]}: "
+                f"torch.optim would load {was[0]}'s param groups and state into the {now[0]}, which "
+                f"cannot step with them. Build {key} as a {was[0]}, as the saved run did; to go on "
+                f"with a fresh {now[0]}, load the parts you keep yourself (model.load_state_dict("
+                "state['model']), hparams.load_state_dict(state['hparams']))"
+            )
+
     def _load_all(self, state: dict[str, Any], *, optimizers: bool = True) -> None:
         self.ranks.module.load_state_dict(bare_state_dict(state["model"], self.ranks.module))
         self.hparams.load_state_dict(state["hparams"])
         if optimizers:
             self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+            _keep_saved_scalar_dtypes(self.inner_optimizer, state["inner_optimizer"])
             self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+            _keep_saved_scalar_dtypes(self.outer_optimizer, state["outer_optimizer"])
         self._refresh()
         # (a bare KeyError 'records' or IndexError named neither the part nor the class; the
         # method's own ValueErrors, a configuration that differs, are clear as they are)
