@@ -1113,6 +1113,10 @@ class OptimizerSetting(nn.Module):
         self.optimizer = [optimizer]  # a list, so the optimiser is not treated as a submodule
         self._written: list[float] | None = None  # absolute mode: what write() put there last
         self._bases: list[Any] | None = None  # relative mode: the groups' own values during a step
+        #: absolute mode: the tensor values (``lr=torch.tensor(...)``) the first write() replaced,
+        #: with their values then, ``(group, tensor, value)``: a change made through one of them later
+        #: (``lr.fill_(...)``, torch's in-place idiom) no longer reaches the optimiser
+        self._replaced: list[tuple[int, Tensor, float]] = []
 
     #: what to do instead when a scheduler owns the setting (named in the error)
     _under_scheduler = "Use relative=True to learn a multiplier on the scheduled value."
@@ -1152,6 +1156,15 @@ class OptimizerSetting(nn.Module):
                         "episode, clear its state with optimizer.state.clear() instead of "
                         "load_state_dict.)"
                     )
+            for i, t, was in getattr(self, "_replaced", ()):  # (modules pickled before it existed)
+                if float(t) != was:
+                    raise ValueError(
+                        f"param_groups[{i}][{self.name!r}] was a tensor, which {type(self).__name__} "
+                        f"replaced by its own value at its first write; that tensor was changed since, "
+                        f"from {was!r} to {float(t)!r}, outside hypergrad (lr.fill_(...)?), and the "
+                        f"change does not reach the optimiser: {type(self).__name__} would silently "
+                        f"override it. {self._under_scheduler}"
+                    )
 
     def write(self) -> None:
         """Put the current values into the optimiser's ``param_groups`` for the next step (as
@@ -1164,6 +1177,13 @@ class OptimizerSetting(nn.Module):
             for g, b, v in zip(groups, self._bases, vals, strict=True):
                 g[self.name] = float(b) * v
             return
+        replaced = [
+            (i, g[self.name], float(g[self.name]))
+            for i, g in enumerate(groups)
+            if isinstance(g[self.name], Tensor)
+        ]
+        if replaced:  # (the first write: later ones find the numbers written before)
+            self._replaced = replaced
         for g, v in zip(groups, vals, strict=True):
             g[self.name] = v
         self._written = vals
@@ -1172,6 +1192,7 @@ class OptimizerSetting(nn.Module):
         """Accept the groups' current values as hypergrad's own (after the optimiser's state was
         loaded from a checkpoint), so the next :meth:`write` does not take them for a scheduler's."""
         self._written = None
+        self._replaced = []
 
     def restore(self) -> None:
         """Relative mode: give the groups back their own values after a step (no-op otherwise)."""
