@@ -596,7 +596,7 @@ class SelfTuning(_BestResponseBase):
                 "DistributedDataParallel model with static_graph=True cannot take: wrap it without "
                 "static_graph"
             )
-        self.hparams._centred = self.delta
+        self.hparams._centred = self.hparams._centred_by = self.delta
         if self.delta and self.linearize:
             from ._unrolled import _load_forward_ad
 
@@ -811,6 +811,7 @@ class BestResponse(_BestResponseBase):
         ):
             raise ValueError(f"Invalid prior_scale: {prior_scale!r} (need a finite number > 0)")
         self.sampling = sampling
+        self.hparams._centred = self.hparams._centred_by = False  # (the hypernetwork is fed lambda)
         if sampling == "global":
             raw = self.hparams.raw.detach().clone()
             self.hparams._prior = (raw, torch.full_like(raw, float(prior_scale)))

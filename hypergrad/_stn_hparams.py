@@ -454,6 +454,8 @@ class SelfTuned(nn.Module):
             self._fixed_scale = float(scale)
         self._mode = _Mode.MEAN
         self._centred = False
+        # the SelfTuning(delta=...) that set _centred, if any (None: a container no method uses)
+        self._centred_by: bool | None = None
         self._cache: dict[int, Draw] = {}
         self._shared_lam: Tensor | None = None  # (1, H): the one lambda of a shared-draw evaluation
         self._prior: tuple[Tensor, Tensor] | None = None  # (mean, std) for global sampling
@@ -462,6 +464,44 @@ class SelfTuned(nn.Module):
         # (H,) True where a spec is perturbed once per batch (per_batch=True); None: none is
         cols = [spec.per_batch for spec in self.specs.values() for _ in range(spec.size)]
         self._per_batch: Tensor | None = torch.tensor(cols) if any(cols) else None
+
+    def get_extra_state(self) -> Tensor:
+        """Whether the STN layers are fed centred features (``SelfTuning(..., delta=True)``): part
+        of the state, since a Delta-STN's layers compute another function of uncentred ones. A
+        container loaded from a Delta-STN's ``state_dict()`` outside the method (a model and its
+        hyperparameters rebuilt for evaluation) fed the layers ``raw`` instead of zeros at the
+        current lambda, and ``model(x, hp)`` / ``layer.fixed(hp)`` were silently another network."""
+        return torch.tensor(self._centred)
+
+    def set_extra_state(self, state: Any) -> None:
+        self._centred = bool(state)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "_extra_state"
+        saved = state_dict.get(key)
+        by = getattr(self, "_centred_by", None)  # (a container pickled before it existed: None)
+        if saved is not None and by is not None and bool(saved) != by:
+            # (checked before anything is loaded: a refused load changes nothing)
+            raise ValueError(
+                f"this state was saved with {'centred' if bool(saved) else 'uncentred'} features "
+                f"(SelfTuning(delta={bool(saved)})), but this SelfTuned is used by "
+                f"SelfTuning(delta={by}): the layers would compute another function; "
+                f"build SelfTuning with delta={bool(saved)}"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if saved is None and key in missing_keys:  # (saved before the flag was: left as it is)
+            missing_keys.remove(key)
 
     def _check_inits(self, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` naming a spec whose ``init`` ``dtype`` cannot hold: its raw value
