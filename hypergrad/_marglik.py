@@ -388,6 +388,12 @@ def _layerwise_factors(
         return None
     if any(seen[k][0][0]._version != seen[k][0][2] for k in owners):
         return None  # a layer's input changed in place after it was used: dense
+    if augmentation is None and b > 1 and not _rows_are_examples(model, x, owners, seen):
+        # a model that reorders the batch inside (sorts it, or runs it reversed, and puts the
+        # outputs back in order): row n of a layer then belongs to another example than n, and
+        # the layer factors paired one example's inputs with another's labels and curvature (a
+        # log evidence -11.397 for the true -11.388, silently); the dense Jacobians are per example
+        return None
     zs = [seen[k][0][1] for k in owners]
     c = f.shape[1]
     # the C output gradients in one vectorised backward pass: row j seeds output j of every example
@@ -411,6 +417,42 @@ def _layerwise_factors(
         a = a if graph else a.detach()
         layers.append((nw, nb, a.reshape(b, s, -1), g.reshape(c, b, s, -1)))
     return f, layers
+
+
+def _rows_are_examples(
+    model: nn.Module,
+    x: Tensor,
+    owners: Mapping[int, tuple[nn.Linear, str | None, str | None]],
+    seen: Mapping[int, list[tuple[Tensor, Tensor, int]]],
+) -> bool:
+    """Whether the first and the last row of each layer's input in the batch are what the layer
+    takes when the first and the last example run alone (two forward passes of one example, no
+    graph): the rows of a model that reorders the batch inside (sorts it by length, runs it
+    reversed, and puts the outputs back in order) belong to other examples than their positions
+    say."""
+    for i in (0, x.shape[0] - 1):
+        alone: dict[int, Tensor] = {}
+
+        def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            alone.setdefault(id(mod), inp[0].detach().clone())  # noqa: B023 (used at once)
+
+        handles = [m.register_forward_hook(hook) for m, _, _ in owners.values()]
+        try:
+            with torch.no_grad():
+                model(x[i : i + 1])
+        finally:
+            for h in handles:
+                h.remove()
+        for k in owners:
+            row, one = seen[k][0][0][i : i + 1].detach(), alone.get(k)
+            if one is None or one.shape != row.shape:
+                return False
+            eps = torch.finfo(row.dtype).eps if row.is_floating_point() else 0.0
+            # (loose, as _check_per_example: batched and single kernels round differently)
+            tol = max(1e-2, 64 * eps) * (1.0 + float(row.abs().max()))
+            if not float((one - row).abs().max()) <= tol:
+                return False
+    return True
 
 
 def _graph_uses(f: Tensor, weights: Sequence[Tensor]) -> dict[int, int]:
@@ -581,9 +623,27 @@ def _terms(
         detach = substituting(fresh)
     with detach:
         return _terms_body(
-            model, x, y, prior, names, params, prec, quad, dt, sigma, rng, b, blocks_of=subset_size,
-            likelihood=likelihood, outputs=outputs, form=form, augmentation=augmentation,
-            samples=samples, kernel=kernel, through_weights=through_weights, graph=graph,
+            model,
+            x,
+            y,
+            prior,
+            names,
+            params,
+            prec,
+            quad,
+            dt,
+            sigma,
+            rng,
+            b,
+            blocks_of=subset_size,
+            likelihood=likelihood,
+            outputs=outputs,
+            form=form,
+            augmentation=augmentation,
+            samples=samples,
+            kernel=kernel,
+            through_weights=through_weights,
+            graph=graph,
             use_layers=use_layers,
         )
 
@@ -725,27 +785,32 @@ def _check_prior_shapes(prior: PriorPrecision, params: Mapping[str, Tensor], nam
 
 def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
     """The model's outputs ``f`` ``(B, C)`` of the batch ``x``, example by example: the first
-    example alone must give its row of ``f`` (one more forward pass, of one example). A statistic
-    over the batch inside the model (``x - x.mean(0)``, a normalisation by hand, attention across
-    the batch) makes the evidence undefined, as BatchNorm in training mode does; it went through
-    silently, the two kernels disagreeing (-16.06 layerwise, -14.21 dense: the dense Jacobians
-    are those of single examples, for which ``x - x.mean(0)`` is 0)."""
-    with torch.no_grad():
-        one = _output(model(x[:1]))
-    row = f[:1].detach()
-    eps = max((torch.finfo(t.dtype).eps for t in (one, row) if t.is_floating_point()), default=0.0)
-    # (loose: batched and single kernels round differently, by more under TF32 on GPUs; a
-    # statistic over the batch moves the outputs by far more)
-    tol = max(1e-2, 64 * eps) * (1.0 + float(row.abs().max()))
-    diff = float((one.reshape(row.shape) - row).abs().max()) if one.numel() == row.numel() else math.inf
-    if diff > tol:  # (not for NaN outputs: the non-finite guards judge those)
-        raise ValueError(
-            f"the model's output for one example depends on the other examples in the batch (the "
-            f"first example alone gives outputs {diff:.3g} away from its row in the batch): a "
-            "statistic over the batch (x - x.mean(0), a normalisation by hand, attention across "
-            "the batch) leaves the Laplace evidence (and its bound) undefined, as BatchNorm in "
-            "training mode does. Normalise with statistics fixed in advance, or per example"
-        )
+    and the last example alone must give their rows of ``f`` (two more forward passes, of one
+    example each). A statistic over the batch inside the model (``x - x.mean(0)``, a
+    normalisation by hand, attention across the batch) makes the evidence undefined, as BatchNorm
+    in training mode does; it went through silently, the two kernels disagreeing (-16.06
+    layerwise, -14.21 dense: the dense Jacobians are those of single examples, for which
+    ``x - x.mean(0)`` is 0). The last example too: a model mixing each example with the ones
+    before it only (causal attention or a running mean over the rows of the batch, its rows
+    taken for time steps) gives the first example's row alone, and went through silently."""
+    for i in (0, x.shape[0] - 1):
+        with torch.no_grad():
+            one = _output(model(x[i : i + 1]))
+        row = f[i : i + 1].detach()
+        eps = max((torch.finfo(t.dtype).eps for t in (one, row) if t.is_floating_point()), default=0.0)
+        # (loose: batched and single kernels round differently, by more under TF32 on GPUs; a
+        # statistic over the batch moves the outputs by far more)
+        tol = max(1e-2, 64 * eps) * (1.0 + float(row.abs().max()))
+        diff = float((one.reshape(row.shape) - row).abs().max()) if one.numel() == row.numel() else math.inf
+        if diff > tol:  # (not for NaN outputs: the non-finite guards judge those)
+            which = "first" if i == 0 else "last"
+            raise ValueError(
+                f"the model's output for one example depends on the other examples in the batch (the "
+                f"{which} example alone gives outputs {diff:.3g} away from its row in the batch): a "
+                "statistic over the batch (x - x.mean(0), a normalisation by hand, attention across "
+                "the batch) leaves the Laplace evidence (and its bound) undefined, as BatchNorm in "
+                "training mode does. Normalise with statistics fixed in advance, or per example"
+            )
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -985,7 +1050,8 @@ def log_evidence_bound(
         model: the network; its outputs ``(B, C)`` are logits (classification) or means (regression).
             Must not hold BatchNorm, Dropout or RReLU in training mode, nor draw random numbers
             (functional dropout in training mode), nor mix examples (``x - x.mean(0)``: without
-            ``augmentation``, the first example is run alone to check) (``ValueError``). Under
+            ``augmentation``, the first and the last example are run alone to check)
+            (``ValueError``). Under
             ``torch.compile`` or a (Distributed)DataParallel wrapper, the bare module is used.
         x, y: a batch: inputs ``(B, ...)``; integer labels ``(B,)`` or targets ``(B, C)``/``(B,)``.
         prior: the :class:`~hypergrad.hparams.PriorPrecision` covering every weight that requires grad.
@@ -1036,8 +1102,8 @@ def log_evidence_bound(
             a model whose forward pass draws random numbers (functional dropout
             ``F.dropout(h, p, self.training)`` in training mode; checked without
             ``augmentation``, which draws its own); a model whose output for one example
-            depends on the others (the first example alone gives other outputs than its row of
-            the batch; checked without ``augmentation``); an empty batch; targets that do not
+            depends on the others (the first or the last example alone gives other outputs than
+            its row of the batch; checked without ``augmentation``); an empty batch; targets that do not
             fit the outputs (classification: labels outside ``[0, C)``, e.g. a padding label
             -100, or outputs other than logits ``(B, C)``, e.g. ``(B, T, C)``; regression: bool
             or complex targets); inputs of another dtype or device; an invalid ``subset_size``,
@@ -1046,8 +1112,8 @@ def log_evidence_bound(
         TypeError: ``noise`` of another type, a ``prior`` that is not a PriorPrecision, an
             ``augmentation`` that is not a RandomTranslation, or ``x`` or ``y`` not a tensor.
 
-    Cost (layerwise kernel): one forward pass (and, without ``augmentation``, one of the first
-    example alone: the check above), the ``C`` output gradients in one vectorised
+    Cost (layerwise kernel): one forward pass (and, without ``augmentation``, two of one example
+    each, the first and the last: the check above), the ``C`` output gradients in one vectorised
     backward pass (``C`` passes where an operation has no batching rule), then per block
     ``O((MCS)^2 d)`` for the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``
     (``outputs="each"``: ``C`` Choleskys ``O(M^3)``). Dense kernel: ``torch.func`` Jacobians,
@@ -1529,8 +1595,11 @@ class MarginalLikelihood(HyperOptimizer):
         added or changed later)."""
         for which, opt, climbs in (
             ("inner_optimizer", self.inner_optimizer, "climb the MAP objective (away from the MAP)"),
-            ("outer_optimizer", self.outer_optimizer, "descend the evidence (hyper_step already "
-             "maximises it: its loss is -bound / N)"),
+            (
+                "outer_optimizer",
+                self.outer_optimizer,
+                "descend the evidence (hyper_step already maximises it: its loss is -bound / N)",
+            ),
         ):
             for i, group in enumerate(opt.param_groups):
                 if group.get("maximize", False):
