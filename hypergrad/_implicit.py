@@ -187,7 +187,11 @@ def _implicit(
         lv = val_loss()
     _check_loss_value(lv, "val_loss")
     val_reaches = lv.requires_grad  # (a detached val_loss reaches no hyperparameter)
-    gv = grads_or_none(lv, weights + hparams)
+    # the graph kept: a tensor both losses read, derived from the hyperparameters outside the
+    # closures (implicit_hypergradient's d = raw.exp(), computed once), is differentiated
+    # again by the mixed term; freed here, that failed with autograd's "backward through the
+    # graph a second time". (Freed anyway with the validation loss's graph, just below.)
+    gv = grads_or_none(lv, weights + hparams, retain_graph=True)
     # the path lambda -> w -> L_V exists only if L_V reaches a weight of the solve: a val_loss
     # evaluating another module than the model it is given (an EMA / AveragedModel copy, a
     # deepcopy) does not, and the mixed term is then exactly 0, not a connection
@@ -543,9 +547,47 @@ def implicit_hypergradient(
                     f"{what}[{i}] is the same tensor as {where}: list each tensor once, and a tensor "
                     "either as a weight (trained by the inner problem) or as a hyperparameter"
                 )
+    # a weight that still carries the graph of how it was computed from the hyperparameters
+    # (an inner loop run with create_graph=True, as for an unrolled hypergradient): every
+    # derivative w.r.t. the hyperparameters then also ran back through that history, which
+    # autograd had freed after the first one ("Trying to backward through the graph a second
+    # time"), or, where it could run again, added the unrolled path to the IFT's (counted twice)
+    for i, w in enumerate(weights):
+        j = _history_reaches(w, hparams)
+        if j is not None:
+            raise ValueError(
+                f"weights[{i}] carries an autograd graph back to hparams[{j}] (it was computed from "
+                "the hyperparameters with autograd on, e.g. by an inner loop run with "
+                "create_graph=True): implicit_hypergradient differentiates through the optimality "
+                "condition instead of that history. Pass the solution as a fresh leaf, "
+                "w = w.detach().requires_grad_(), and build the losses from it"
+            )
     with _autograd_on("implicit_hypergradient"):
         r = _implicit(train_loss, val_loss, weights, hparams, solver, x0)
     return r.hypergrad, r.val_loss, r.solve
+
+
+def _history_reaches(w: Tensor, hparams: Sequence[Tensor]) -> int | None:
+    """The index of a hyperparameter that the autograd history of the (non-leaf) ``w`` reaches,
+    or ``None`` (a leaf, or a history free of the hyperparameters: a view of a leaf)."""
+    if w.grad_fn is None:
+        return None
+    leaves = {id(h): j for j, h in enumerate(hparams) if h.grad_fn is None}
+    nodes = {h.grad_fn: j for j, h in enumerate(hparams) if h.grad_fn is not None}
+    seen: set[Any] = set()
+    stack: list[Any] = [w.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in nodes:
+            return nodes[node]
+        v = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it feeds
+        if v is not None and id(v) in leaves:
+            return leaves[id(v)]
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return None
 
 
 def power_iteration(

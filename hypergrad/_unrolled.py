@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
+from ._base import DisconnectedWarning, HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._checkpointed import checkpointed_hypergradient
 from ._functional import (
     _attributes_kept,
@@ -35,7 +35,6 @@ from ._functional import (
     clone_batch,
     collecting_gradient_hooks,
     grads_or_none,
-    grads_or_zeros,
     iter_tensors,
     materialize,
     write_count,
@@ -139,10 +138,34 @@ def unrolled_hypergradient(
         if mode is Mode.REVERSE:
             out = outer(hparams)
             _check_outer_value(out)
-            return grads_or_zeros(out, hparams), out.detach()
+            gs = grads_or_none(out, hparams)
+            _warn_unreached([g is not None for g in gs], mode)
+            return materialize(gs, hparams), out.detach()
         _load_forward_ad()
         with _naming_missing_forward_derivatives():
-            return _forward(outer, hparams)
+            grads, value, reached = _forward(outer, hparams)
+        _warn_unreached(reached, mode)
+        return grads, value
+
+
+def _warn_unreached(reached: Sequence[bool], mode: Mode) -> None:
+    """A :class:`~hypergrad.DisconnectedWarning` naming each hyperparameter from which no
+    derivative reaches ``outer``'s value (its hypergradient is then exactly 0), as the
+    hyperoptimisers warn: an inner loop that steps a real ``torch.optim`` optimiser (in place,
+    under ``no_grad``: no graph), or reads a hyperparameter as a Python number, returned 0 with
+    no sign of why (a higher-style loop translated with torch.optim's SGD: 0 for 0.77)."""
+    missing = [i for i, ok in enumerate(reached) if not ok]
+    if not missing:
+        return
+    how = "gradient path" if mode is Mode.REVERSE else "forward-mode tangent"
+    _warn_user(
+        f"hparams{missing[:5]} do not reach outer's value: no {how} leads from them to it, so their "
+        "hypergradient is exactly 0. Does outer step a torch.optim optimiser (its in-place steps "
+        "carry no graph: write the update out, w = w - lr * g with g from "
+        "torch.autograd.grad(..., create_graph=True)), read a hyperparameter as a Python number "
+        "(float(), .item()), or detach the weights?",
+        DisconnectedWarning,
+    )
 
 
 def _check_hparams(hparams: list[Any], mode: Mode) -> None:
@@ -179,11 +202,15 @@ def _check_outer_value(out: object) -> None:
         raise ValueError(f"outer must return a real scalar tensor, got {out.dtype}")
 
 
-def _forward(outer: Callable[[Sequence[Tensor]], Tensor], hparams: list[Tensor]) -> tuple[Tensors, Tensor]:
-    """:func:`unrolled_hypergradient` in forward mode: one pass per hyperparameter entry."""
+def _forward(
+    outer: Callable[[Sequence[Tensor]], Tensor], hparams: list[Tensor]
+) -> tuple[Tensors, Tensor, list[bool]]:
+    """:func:`unrolled_hypergradient` in forward mode: one pass per hyperparameter entry; also
+    whether any tangent of each hyperparameter reached the value."""
     # entries in row-major order, also of a non-contiguous hyperparameter (a transposed
     # parameter: ``.view(-1)`` of its own layout failed)
     grads = [torch.zeros_like(h, memory_format=torch.contiguous_format) for h in hparams]
+    reached = [h.numel() == 0 for h in hparams]  # (an empty one has nothing to miss)
     value: Tensor | None = None
     base = [h.detach() for h in hparams]
     # each pass draws what reverse mode's one call draws (dropout), and leaves torch's RNG there
@@ -216,12 +243,13 @@ def _forward(outer: Callable[[Sequence[Tensor]], Tensor], hparams: list[Tensor])
                 _check_outer_value(out)
                 primal, tan = fwAD.unpack_dual(out)
                 grads[i].view(-1)[j] = 0 if tan is None else tan.detach()
+                reached[i] = reached[i] or tan is not None
                 value = primal.detach()
     if value is None:  # no hyperparameter entries at all
         out = outer([b.clone() for b in base])
         _check_outer_value(out)
         value = out.detach()
-    return tuple(grads), value
+    return tuple(grads), value, reached
 
 
 @contextlib.contextmanager
