@@ -849,4 +849,7 @@ class BestResponse(_BestResponseBase):
         super()._load_method_state(state)
         if "prior" in state:
             prior = state["prior"]
-            self.hparams._prior = None if prior is None else (prior[0].clone(), prior[1].clone())
+            raw = self.hparams.raw  # (a checkpoint mapped to another device, or saved from one)
+            self.hparams._prior = (
+                None if prior is None else (prior[0].to(raw, copy=True), prior[1].to(raw, copy=True))
+            )

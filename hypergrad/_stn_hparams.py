@@ -622,8 +622,8 @@ class SelfTuned(nn.Module):
             if one is None:
                 eps = torch.randn(1, self.size, dtype=raw.dtype, device=raw.device)
                 if self._prior is not None:
-                    mean, std = self._prior
-                    one = mean + std * eps
+                    mean, std = self._prior  # (moved with the container: hp.to(device) after it was set)
+                    one = mean.to(raw) + std.to(raw) * eps
                 else:
                     one = raw.detach() + self.scale().detach() * eps
                 self._shared_lam = one  # (1, H), whatever batch_size asked first (0 included)

@@ -274,3 +274,42 @@ def test_nonfinite_step_on_cuda_changes_nothing() -> None:
         for k in a:
             assert torch.equal(a[k], b[k]), k
     assert before[1]["state"][0]["step"] == after[1]["state"][0]["step"]
+
+
+def test_best_response_global_prior_follows_a_checkpoint_mapped_to_the_cpu() -> None:
+    """A BestResponse(sampling="global") checkpoint read with ``map_location="cpu"`` kept its
+    prior on the CPU after loading into a CUDA run, and the first global draw mixed devices
+    (``mean + std * eps``). The loaded prior now follows the hyperparameters' device and dtype."""
+
+    def build() -> hg.BestResponse:
+        torch.manual_seed(0)
+        hp = hg.hparams.SelfTuned(decay=hg.hparams.Positive(0.01, transform="exp"), learn_scale=False)
+        hp = hp.to(CUDA)
+        net = hg.nn.HyperNet(nn.Sequential(nn.Linear(4, 3)).to(CUDA), hp.size)
+
+        def val(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+            return F.cross_entropy(m(b[0], hparams=h), b[1])
+
+        def train(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+            w = m.weights(h)  # type: ignore[operator]
+            return val(m, h, b) + h.draw(1)["decay"][0] * sum((t**2).sum() for t in w.values())  # type: ignore[operator]
+
+        return hg.BestResponse(
+            net, hp, train, val, sampling="global",
+            inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.05),
+        )  # fmt: skip
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 4, generator=g).to(CUDA), torch.randint(0, 3, (8,), generator=g).to(CUDA))
+    first = build()
+    first.step(batch)
+    on_cpu = copy.deepcopy(first.state_dict())
+    on_cpu = torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, on_cpu)
+    second = build()
+    second.load_state_dict(on_cpu)
+    prior = second.hparams._prior
+    assert prior is not None and all(t.device.type == "cuda" for t in prior)
+    second.step(batch)
+    info = second.hyper_step(val_batch=batch)
+    assert info.outer_loss == info.outer_loss  # (finite: ran on one device)
