@@ -47,6 +47,11 @@ from ._solvers import (
 from ._types import HVP, Batch, LossFn, Tensors
 from .hparams import WeightDecay, _constant_coefficients
 
+#: what the default Neumann step size's callback hands back for the learning rate (no power
+#: estimate: not kept as one), so that a series that grew at it is solved again (see
+#: :meth:`Implicit._lr_then_power`)
+_AT_LR = ("lr",)
+
 
 class _DiagonalPenalties:
     """The exact second derivatives of :class:`~hypergrad.hparams.WeightDecay` penalties, added
@@ -695,7 +700,11 @@ class Implicit(HyperOptimizer):
       ``NONPOSITIVE_CURVATURE``, as ``CG`` and ``Direct`` give (the hypergradient is the
       direct term), and the estimate is not kept;
     * ``None`` (default): ``"lr"`` for ``torch.optim.SGD`` without momentum and a single
-      learning rate, ``"power"`` otherwise.
+      learning rate, ``"power"`` otherwise. Where the series at the learning rate grows as
+      ``"power"``'s does at a stale estimate (:math:`\alpha\lambda_{max} > 2` on the hyperstep's
+      training batch: a larger batch than the steps' under a summed loss, or SGD at the edge of
+      stability), it is solved again at ``"power"``'s step size (its HVPs counted in
+      ``info.solver_iterations``) instead of returning a diverged series.
 
     Batches: ``hyper_step(train_batch=..., val_batch=...)`` needs both (the training batch gives
     the Hessian and the mixed second derivative).
@@ -905,6 +914,17 @@ class Implicit(HyperOptimizer):
             return dataclasses.replace(self.solver, alpha=1.0 / self._power[0])
         return self.solver
 
+    def _lr_then_power(self, at_lr: LinearSolver) -> Callable[[HVP, Any], tuple[LinearSolver, int, Any]]:
+        """The default Neumann step size as a solver callback: the learning rate (no HVP), and,
+        called again because the series at it grew as at a stale estimate, ``"power"``'s."""
+
+        def choose(hvp: HVP, stale: Any) -> tuple[LinearSolver, int, Any]:
+            if stale is None:
+                return at_lr, 0, _AT_LR
+            return self._choose_solver(hvp, None if stale is _AT_LR else stale)
+
+        return choose
+
     def _choose_solver(self, hvp: HVP, stale: Any = None) -> tuple[LinearSolver, int, Any]:
         """Neumann with ``alpha = 1/lambda_max`` from (warm-started) power iteration; ``stale``: an
         estimate that made the series blow up in this hyperstep, to refresh now (warm-started,
@@ -980,6 +1000,12 @@ class Implicit(HyperOptimizer):
         solver: LinearSolver | Callable[[HVP, Any], tuple[LinearSolver, int, Any]] = self.current_solver()
         if isinstance(self.solver, Neumann) and self._alpha_rule() == "power":
             solver = self._choose_solver
+        elif isinstance(self.solver, Neumann) and self.solver.alpha is None:
+            # the default's learning rate is a step size for the steps' batches; on the hyperstep's
+            # training batch the curvature may exceed 2 / lr (a summed loss on a larger batch: a
+            # hypergradient 1e5 times too large, cosine -0.57, status "diverging"): where the
+            # series grows as it does at a stale estimate, solve again at 1/lambda_max
+            solver = self._lr_then_power(self.current_solver())
         average = self.ranks.mean_ if self.ranks.size > 1 else None
         weights = self._hessian_weights()
         x0 = _warm_start_for(self._x0, weights) if self.solver.warm_start else None
@@ -1016,7 +1042,7 @@ class Implicit(HyperOptimizer):
             if self.solver.warm_start:  # (a solution worse than 0 would be a worse start than none)
                 keep = float(r.solve.residual) <= 1.0
                 self._x0 = clone_all(r.solve.solution) if keep else None
-            if r.power is not None:
+            if r.power is not None and r.power is not _AT_LR:
                 self._power = r.power
 
         return _Hypergradient(

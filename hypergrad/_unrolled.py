@@ -1250,8 +1250,8 @@ class Unrolled(HyperOptimizer):
         (randomness or state the records cannot hold), so the hypergradient is that of other
         steps. Allows rounding (other kernels, e.g. foreach ones on a GPU): sqrt(eps) of how far
         the steps moved the weights, plus 100 eps of their size, and up to 1% of the entries
-        beyond that (a gradient that is rounding noise about an exact 0). Three passes over the weights
-        and one host synchronisation, so taken at the first hyperstep and every
+        beyond that where the last real gradient was rounding noise about an exact 0. Three
+        passes over the weights and one host synchronisation, so taken at the first hyperstep and every
         ``_CHECK_EVERY``-th after it (what it catches, a replay that cannot reproduce training,
         persists)."""
         if self.hyper_steps % _CHECK_EVERY:
@@ -1290,7 +1290,9 @@ class Unrolled(HyperOptimizer):
                 ).sum()
             )
             total = sum(w.numel() for w in real)
-            if off <= _NOISE_FRACTION * total:
+            if off <= _NOISE_FRACTION * total and not self._off_where_training_had_a_gradient(
+                replayed, real, tol
+            ):
                 return
         # a DistributedDataParallel communication hook (fp16/bf16 compression, PowerSGD) gives
         # the real steps another average of the gradients than the replay's exact mean
@@ -1314,6 +1316,31 @@ class Unrolled(HyperOptimizer):
             "changing between steps (a step counter), gradient or optimizer hooks (clip with "
             "step(batch, max_grad_norm=...) instead), or nondeterministic kernels.",
             ReplayWarning,
+        )
+
+    def _off_where_training_had_a_gradient(
+        self, replayed: Sequence[Tensor], real: Sequence[Tensor], tol: float
+    ) -> bool:
+        """Whether an entry the replay ended off (beyond ``tol``) had a real gradient at the last
+        step (the weights' ``.grad``, which :meth:`step` leaves): beyond ``sqrt(eps)`` of the
+        largest. The check's allowance is for entries whose gradient is rounding noise about an
+        exact 0, which Adam-like optimisers turn into steps of +-lr; an entry training reached
+        that the replay got wrong is a replay off (a fraction of 1% of the entries is no sign of
+        noise where the batches reach few of them: the touched rows of a large embedding). With
+        a weight's ``.grad`` gone (``zero_grad()`` since) this cannot tell: False."""
+        grads: list[Tensor | None] = []
+        for w in self.pair.weights:  # (a weight the last step did not reach has none: no gradient)
+            g = w.grad
+            g = None if g is None else g.detach().to_dense() if g.is_sparse else g.detach()
+            grads.append(g if g is not None and g.shape == w.shape and g.numel() else None)
+        if all(g is None for g in grads):
+            return False
+        eps = torch.finfo(self.dtype).eps
+        floor = eps**0.5 * max(float(g.abs().amax()) for g in grads if g is not None)
+        return any(
+            bool((((r.detach() - w).abs() > tol) & (g.abs() > floor)).any())
+            for r, w, g in zip(replayed, real, grads, strict=True)
+            if g is not None
         )
 
     def _replay(self, hp: Sequence[Tensor]) -> tuple[Tensors, Tensors]:
@@ -1415,7 +1442,37 @@ class Unrolled(HyperOptimizer):
         reached = tuple(v or (w and any(to_val)) for v, w in zip(to_val, to_weights, strict=True))
         return tuple(grads), value, reached
 
+    def _check_untracked_hparam_writes(self) -> None:
+        """Warn when the hyperparameters hold other values than the latest recorded steps used
+        although no write that :meth:`_hparams_moved` can see happened since (an outer update
+        written through ``.data``, ``p.data.sub_(lr * g)``, moves no version counter): the
+        replay would re-run the steps taken since that write with the old values, the window's
+        start would be wrong and the hypergradient silently off. One comparison per hyperstep;
+        the next step then copies the current values, as after a seen write."""
+        if not self._records or self._hparams_moved():
+            return
+        used = None
+        for rec in reversed(self._records):
+            used = rec.hparams if rec.hparams is not None else rec.anchor.hparams if rec.anchor else None
+            if used is not None:
+                break
+        current = self.pair.hparam_tensors
+        if used is None or all(torch.equal(a, c.detach()) for a, c in zip(used, current, strict=True)):
+            return
+        self._hp_moved = True  # (the next step copies the values it uses)
+        _warn_user(
+            "the hyperparameters changed since the last recorded step without a write Unrolled "
+            "can see (their version counters did not move: an update through .data, "
+            "p.data.sub_(lr * g)?): it cannot tell which recorded steps used the new values, so "
+            "this or a later hypergradient re-runs steps before its window with values they were "
+            "not taken with, and starts the window from weights training never had. Update "
+            "hyperparameters in place under torch.no_grad() (p.sub_(lr * g)) or with an optimiser "
+            "(write into .grad and call outer_optimizer.step()).",
+            ReplayWarning,
+        )
+
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        self._check_untracked_hparam_writes()
         # (the validation loss on copies of the current buffers; the model's plain attributes,
         # e.g. a hidden state it keeps, as they are after it)
         with self._hparam_buffers_at(None), _attributes_kept(self._state_modules()):
