@@ -471,7 +471,7 @@ class SelfTuned(nn.Module):
         container loaded from a Delta-STN's ``state_dict()`` outside the method (a model and its
         hyperparameters rebuilt for evaluation) fed the layers ``raw`` instead of zeros at the
         current lambda, and ``model(x, hp)`` / ``layer.fixed(hp)`` were silently another network."""
-        return torch.tensor(self._centred)
+        return torch.tensor(int(self._centred))  # (an int64 0 or 1, as step counters are)
 
     def set_extra_state(self, state: Any) -> None:
         self._centred = bool(state)
