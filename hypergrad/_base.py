@@ -458,6 +458,16 @@ class HyperOptimizer(abc.ABC):
                     "augmentation network: keep it outside hparams, reached by closure, or register "
                     "its tensors as buffers)"
                 )
+            if p.device != ref.device and p.device.type == "meta":
+                # (hparams.to() cannot copy a meta tensor, and to_empty() would leave its values,
+                # the initial decays, say, uninitialised memory)
+                raise ValueError(
+                    f"hyperparameter {n!r} is on the meta device, which holds no values (built from "
+                    f"the model while it was on meta), but the model is on {ref.device}: build the "
+                    "hyperparameters again from the materialised model (after model.to_empty(...) "
+                    "and its initialisation); hparams.to() cannot move meta tensors, and "
+                    "hparams.to_empty() would leave their values uninitialised"
+                )
             if p.device != ref.device:
                 raise ValueError(
                     f"hyperparameter {n!r} is on {p.device} but the model is on {ref.device}; "
@@ -893,6 +903,14 @@ class HyperOptimizer(abc.ABC):
                 w.grad = g
             if not overflow:
                 where = _nonfinite_entries("the gradient", pair.weight_names, grads)
+                held = _nonfinite_entries("the weight itself", pair.weight_names, weights)
+                if held:  # (they were so before this step: the loss and gradient only follow)
+                    where += (
+                        f"{held}, before this step: an earlier optimiser step or a loaded state "
+                        "wrote them (a float16 model under Adam-like optimisers: their eps=1e-8 "
+                        "rounds to 0 in float16, so a zero second moment gives 0/0; keep float32 "
+                        "weights and run the losses under torch.autocast, or raise eps to 1e-4)"
+                    )
                 self._set_rng_state(rng_before)
                 self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}")
             return loss.detach()
@@ -1238,8 +1256,18 @@ class HyperOptimizer(abc.ABC):
 
     def _as_hparams(self, grads: Sequence[Tensor]) -> Tensors:
         """The hypergradient detached, each in its hyperparameter's dtype (it is computed in the
-        model's precision; a float32 hyperparameter of a float64 model takes a float32 ``.grad``)."""
-        return tuple(g.detach().to(p.dtype) for p, g in zip(self.pair.hparam_tensors, grads, strict=True))
+        model's precision; a float32 hyperparameter of a float64 model takes a float32 ``.grad``)
+        and memory layout: a fused optimiser (``Adam(..., fused=True)``) reads ``.grad`` entry by
+        entry in the parameter's memory order, so a contiguous hypergradient of channels_last
+        distilled images moved each image by another entry's gradient (0.2 off after two
+        hypersteps), silently; ``backward()`` gives ``.grad`` the parameter's strides, and so do we."""
+        out = []
+        for p, g in zip(self.pair.hparam_tensors, grads, strict=True):
+            g = g.detach().to(p.dtype)
+            if g.layout == torch.strided and g.shape == p.shape and g.stride() != p.stride():
+                g = torch.empty_like(p, dtype=g.dtype, requires_grad=False).copy_(g)
+            out.append(g)
+        return tuple(out)
 
     def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
         self._warn_float16_autocast()

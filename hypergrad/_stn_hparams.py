@@ -508,6 +508,10 @@ class SelfTuned(nn.Module):
         not finite (``Positive(1e39)`` in ``float32``), its value on the domain's edge or past it
         (``Positive(1e-8)`` is 0 in ``float16``: a penalty silently off, a zero derivative), or an
         ``Integer`` that comes back as another (``Integer(97, 0, 128)`` is 98 in ``bfloat16``)."""
+        if self.raw.device.type == "meta":  # (a torch.device("meta") block: .item() failed in torch)
+            from .hparams import _refuse_meta
+
+            _refuse_meta(self.raw, "SelfTuned")
         with torch.no_grad():
             values = self.values_of(self.raw)
             for name, spec in self.specs.items():

@@ -106,9 +106,22 @@ def _check_bounds(c: Constraint, low: float | None, high: float | None, what: st
         )
 
 
+def _refuse_meta(value: Tensor, what: str) -> None:
+    """Raise ``ValueError`` for a hyperparameter's value on the meta device (built inside a
+    ``torch.device("meta")`` block, where the checks' ``.item()`` failed inside torch)."""
+    if value.device.type == "meta":
+        raise ValueError(
+            f"{what}: hyperparameters cannot be built on the meta device (inside a "
+            "torch.device('meta') block?): their initial values are data, which meta tensors do not "
+            "hold. Build them outside the block (after the model is materialised, e.g. "
+            "model.to_empty(device=...) and its initialisation)"
+        )
+
+
 def _check_domain(
     value: Tensor, constraint: Constraint, what: str, low: float | None = None, high: float | None = None
 ) -> None:
+    _refuse_meta(value, what)
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{what} must be finite, got {value.tolist() if value.numel() < 8 else value}")
     if constraint is Constraint.POSITIVE and not bool((value > 0).all()):
@@ -145,6 +158,7 @@ def _check_held(
     an init inside it that rounds onto its edge (``0.99999994`` as a ``unit`` value in
     ``float32``, whose sigmoid is exactly 1.0; a positive ``1e-46``, whose exp is 0), where the
     hyperparameter would sit on the edge with a zero derivative, never to move."""
+    _refuse_meta(raw, what)
     try:
         _check_domain(from_raw(raw.detach(), constraint, low, high).double(), constraint, what, low, high)
     except ValueError as e:
@@ -302,6 +316,36 @@ def _is_one(t: Tensor) -> bool:
     """Whether ``t`` is a constant 1 (no graph) that can be read without a device synchronisation
     (on CPU): a coefficient whose product can be skipped."""
     return t.device.type == "cpu" and t.numel() == 1 and not t.requires_grad and bool(t == 1)
+
+
+class _RoundedGradientValue(torch.autograd.Function):
+    """:class:`_GradientValue` for penalty gradients rounded as the real backward pass rounds
+    them where a weight is narrower than its decays (float32 decays per entry on ``bfloat16`` /
+    ``float16`` weights, float64 ones on ``float32`` weights): the backward pass of
+    ``0.5 * (d * w.square()).sum()`` rounds ``c * 0.5 * d`` to the weight's dtype and multiplies
+    it by ``2 * w`` there, where ``c * (d * w)`` formed in the decays' dtype and rounded once
+    differs in the last bit (on a quarter of the entries in bfloat16), so Adam-like replays drifted
+    off the real steps. ``tensors``: the decays ``d_i`` (used detached), then the weights ``w_i``."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, zero: Tensor, *tensors: Tensor) -> Tensor:
+        ctx.n = n
+        ctx.save_for_backward(*tensors)
+        return zero.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        ds, ws = saved[: ctx.n], saved[ctx.n :]
+        half = grad_out * 0.5
+        out = [(half * d.detach()).to(w.dtype) * (2 * w.detach()) for d, w in zip(ds, ws, strict=True)]
+        return (None, None, *([None] * ctx.n), *out)
+
+
+def _promotes(d: Tensor, w: Tensor) -> bool:
+    """Whether ``d * w`` is of a wider dtype than the real weight ``w`` (see
+    :class:`_RoundedGradientValue`)."""
+    return not w.is_complex() and torch.result_type(d, w) != w.dtype
 
 
 def _gradient_value(gs: Sequence[Tensor], ws: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -852,6 +896,16 @@ class WeightDecay(nn.Module):
         probe = torch.ones((), dtype=value.dtype, device=value.device, requires_grad=True)
         assert self._first_order_calls is not None
         self._first_order_calls.append((probe, ws, ds))
+        narrow = [k for k, (d, w) in enumerate(zip(ds, ws, strict=True)) if _promotes(d, w)]
+        if narrow:  # (rounded as the real step's backward pass rounds them)
+            rest = [k for k in range(len(ws)) if k not in narrow]
+            rounded = _RoundedGradientValue.apply(
+                len(narrow), torch.zeros_like(value), *[ds[k] for k in narrow], *[ws[k] for k in narrow]
+            )
+            if not rest:
+                return rounded + value + (probe - 1)
+            gs, ws = [gs[k] for k in rest], [ws[k] for k in rest]
+            return _gradient_value(gs, ws, value) + rounded + value + (probe - 1)
         return _gradient_value(gs, ws, value) + value + (probe - 1)
 
     def extra_repr(self) -> str:
