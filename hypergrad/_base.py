@@ -531,8 +531,13 @@ class HyperOptimizer(abc.ABC):
         model as it was, and the batch checks would ask for batches of the old dtype."""
         first = next(iter(self.model.parameters()))
         was_first = getattr(self, "_first_kind", None)  # (copies pickled before it was kept)
-        if was_first is not None and (first.dtype, first.device) != was_first:
-            now, was = (first.dtype, first.device), was_first  # (the whole model converted)
+        # the first parameter's device only: a frozen part may be of another dtype than the trained
+        # weights, as at construction, so a frozen encoder halved afterwards to save memory
+        # (model.encoder.to(torch.bfloat16)) is no conversion of the model (it was refused, naming
+        # bfloat16 as the model's dtype while the trained weights were still float32); a whole
+        # model converted changes the trained weights' dtype, checked below
+        if was_first is not None and first.device != was_first[1]:
+            now, was = (first.dtype, first.device), was_first  # (the whole model moved)
         else:
             ref = self._reference_weight(checked=False)
             now, was = (ref.dtype, ref.device), (self.dtype, self.device)

@@ -37,6 +37,7 @@ from ._functional import (
     grads_or_none,
     iter_tensors,
     materialize,
+    registrations,
     write_count,
 )
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
@@ -414,6 +415,11 @@ def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
     return {k: clone_batch(v) for k, v in group_settings(group).items()}
 
 
+def _groups_of(members: Sequence[Sequence[int]]) -> dict[int, int]:
+    """Per trained weight (by index), the param group holding it."""
+    return {k: gi for gi, ks in enumerate(members) for k in ks}
+
+
 class Unrolled(HyperOptimizer):
     r"""Hypergradients by differentiating through the last ``steps`` inner optimiser steps.
 
@@ -673,10 +679,33 @@ class Unrolled(HyperOptimizer):
             )
 
     def _members_now(self) -> list[list[int]]:
-        """Per param group of the inner optimiser, the indices of the trained weights it holds."""
+        """Per param group of the inner optimiser, the indices of the trained weights it holds.
+
+        Raises:
+            ValueError: a trained weight listed more than once in a group (a weight tied into two
+                modules, given under both of its names): ``torch.optim`` then steps it once per
+                listing (torch only warns, "duplicate parameters"), while the replay steps each
+                weight once, so it could not reproduce training (a hypergradient 170% off, after
+                one ReplayWarning at the first hyperstep).
+        """
         groups = self.inner_optimizer.param_groups
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         owner = [group_of[id(w)] for w in self.pair.weights]
+        counts = collections.Counter(id(p) for g in groups for p in g["params"])
+        twice = [
+            (n, counts[id(w)])
+            for n, w in zip(self.pair.weight_names, self.pair.weights, strict=True)
+            if counts[id(w)] > 1
+        ]
+        if twice:
+            n, c = twice[0]
+            raise ValueError(
+                f"inner_optimizer holds the trained weight {n!r} {c} times (a weight tied into two "
+                f"modules, listed under both of its names?): torch.optim steps it {c} times per step "
+                "(torch warns 'duplicate parameters', and will refuse them), which Unrolled's replay, "
+                "stepping each weight once, cannot reproduce. List each weight once: "
+                "model.parameters() does"
+            )
         return [[k for k, g in enumerate(owner) if g == gi] for gi in range(len(groups))]
 
     def _check_optimizer(self) -> None:
@@ -702,6 +731,13 @@ class Unrolled(HyperOptimizer):
         members = self._members_now()
         if not replaced and members == self._group_members:
             return
+        if not replaced and _groups_of(members) == _groups_of(self._group_members):
+            # a group holding no trained weight added (a frozen backbone registered with
+            # add_param_group, to be unfrozen later) or emptied: every trained weight is in the
+            # group it was in, whose settings the records keep, so the recorded steps still hold
+            # (they were dropped, with a ReplayWarning naming a replaced or regrouped optimiser)
+            self._group_members = members
+            return
         self._optimizer_seen, self._group_members = opt, members
         if self._records:
             self.start_episode()
@@ -723,9 +759,54 @@ class Unrolled(HyperOptimizer):
         self._promotion = None
         self._versions = self._current_versions()
         self._episode_note = ""
+        self._frozen_seen: tuple[tuple[int, int], ...] | None = self._frozen_versions()
+        self._frozen_stale: tuple[_Record, list[str]] | None = None
 
     def _current_versions(self) -> tuple[int, ...]:
         return tuple(w._version for w in self.pair.weights)
+
+    def _frozen_versions(self) -> tuple[tuple[int, int], ...]:
+        """The identity and version counter of every model parameter that the inner optimiser does
+        not train now (frozen, or left out of it); no names (one pass, at every step)."""
+        key = (tuple(id(w) for w in self.pair.weights), registrations())
+        cached = getattr(self, "_frozen_params", None)
+        if cached is None or cached[0] != key:  # (the list re-taken when the weights or layout moved)
+            trained = set(key[0])
+            cached = (key, [p for p in self.pair.model.parameters() if id(p) not in trained])
+            self._frozen_params = cached
+        return tuple((id(p), p._version) for p in cached[1])
+
+    def _check_frozen(self) -> None:
+        """Note model parameters outside the trained weights changed (in place, or replaced) since
+        the last step, while steps are recorded: the replay runs every recorded step with their
+        current values, not those the real steps used (an EMA teacher, a target network refreshed
+        by ``load_state_dict``, a frozen backbone reloaded). :meth:`_check_reproduced` sees that only
+        at every ``_CHECK_EVERY``-th hyperstep, and never when the hyperparameters moved within
+        the window (hypersteps every step), so the hypergradient was silently that of other steps."""
+        now = self._frozen_versions()
+        seen = getattr(self, "_frozen_seen", None)  # (None: a copy or a loaded state, re-taken)
+        if seen is not None and self._records and now != seen:
+            before = set(seen)
+            ids = {i for i, v in now if (i, v) not in before}
+            changed = [n for n, p in self.pair.model.named_parameters() if id(p) in ids]
+            self._frozen_stale = (self._records[-1], changed or ["(a parameter removed)"])
+        self._frozen_seen = now
+
+    def _warn_frozen(self) -> None:
+        """The hyperstep's ReplayWarning while a step recorded before such a change is replayed."""
+        stale = getattr(self, "_frozen_stale", None)
+        if stale is None or not any(r is stale[0] for r in self._records):
+            return
+        _warn_user(
+            f"model parameter(s) {stale[1][:4]} that inner_optimizer does not train (frozen, or left "
+            "out of it) were changed outside hopt.step() after steps that this hyperstep replays (an "
+            "EMA teacher, a target network refreshed, a frozen part reloaded?): the replay runs "
+            "those steps with their current values, not the ones the real steps used, so the "
+            "hypergradient is that of other steps. Call hopt.start_episode() after such a change to "
+            "differentiate only through the steps taken since. (If only val_loss reads them, the "
+            "replay is unaffected: filter this warning.)",
+            ReplayWarning,
+        )
 
     def _check_fresh(self) -> None:
         """End the episode if the weights were changed outside ``step()``."""
@@ -782,6 +863,7 @@ class Unrolled(HyperOptimizer):
         self._check_optimizer()
         self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
+        self._check_frozen()
         self._check_hooks()
         seen = getattr(self, "_attributes_seen", None)  # (copies pickled before it was kept)
         self._attributes_before = _plain_attributes(self._state_modules(), seen)
@@ -904,12 +986,15 @@ class Unrolled(HyperOptimizer):
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
+        self._frozen_seen = self._frozen_versions()  # (changes made by the step itself are its own)
         self._state_seen = self._state_signature()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_state_seen"] = None  # (references to the state's tensors: re-taken by the copy)
         state["_attributes_seen"] = {}  # (likewise, the model's attributes: copied anew)
+        state["_frozen_seen"] = None  # (identities of the original's parameters: re-taken by the copy)
+        state["_frozen_params"] = None  # (likewise)
         return state
 
     def _state_signature(self) -> list[dict[str, Any]]:
@@ -1012,6 +1097,8 @@ class Unrolled(HyperOptimizer):
                 "since the episode began, to differentiate through; none has been taken"
                 + getattr(self, "_episode_note", "")
             )
+        self._check_frozen()
+        self._warn_frozen()
 
     # ------------------------------------------------------------------ the replay
 
@@ -1474,6 +1561,13 @@ class Unrolled(HyperOptimizer):
             ReplayWarning,
         )
 
+    def _compute(self, train_batch: Batch, val_batch: Batch) -> tuple[_Hypergradient, Tensor, str]:
+        try:
+            return super()._compute(train_batch, val_batch)
+        finally:  # (what the hyperstep itself wrote and put back: nn.Embedding(max_norm) rows)
+            if getattr(self, "_frozen_seen", None) is not None:
+                self._frozen_seen = self._frozen_versions()
+
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         self._check_untracked_hparam_writes()
         # (the validation loss on copies of the current buffers; the model's plain attributes,
@@ -1605,6 +1699,7 @@ class Unrolled(HyperOptimizer):
         self._check_recorded_weights(state["records"])
         self._records.clear()
         self._promotion = None
+        self._frozen_seen, self._frozen_stale = None, None
         for r in state["records"]:
             self._records.append(_Record.from_dict(r))
         self._since_anchor = state.get("since_anchor", 0)

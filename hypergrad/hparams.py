@@ -629,9 +629,10 @@ class WeightDecay(nn.Module):
         include: which parameter names to penalise: a predicate, e.g.
             ``lambda n: not n.endswith("bias")``, or the names themselves, e.g.
             ``["0.weight", "2.weight"]`` (as ``named_parameters()`` gives them; a name the model
-            lacks is an error) (default: all; of those, only the ones that require grad at
-            construction: one frozen then is not penalised, and :meth:`penalty` warns once if it
-            trains later).
+            lacks is an error) (default: all; of those, and of a predicate's, only the ones that
+            require grad at construction: one frozen then is not penalised, and :meth:`penalty`
+            warns once if it trains later). Names listed are penalised whether they are frozen at
+            construction or not (a backbone to be unfrozen later, named now).
         max: upper bound M on every decay, finite and > 0; ``None`` leaves them unbounded
             (default: None).
 
@@ -678,6 +679,9 @@ class WeightDecay(nn.Module):
         max: float | None = None,
     ) -> None:
         super().__init__()
+        # names listed explicitly are penalised even if frozen now (a backbone unfrozen later):
+        # they were dropped, and the warning at unfreezing advised naming them in include=...
+        listed = include is not None and not callable(include)
         include = _name_predicate(include, unwrap_model(model), type(self).__name__)
         if per not in ("global", "layer", "parameter"):
             raise ValueError(
@@ -708,9 +712,18 @@ class WeightDecay(nn.Module):
             accepted = {first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if include(n)}
             include = accepted.__contains__
         names = [
-            n for n, p in model.named_parameters() if p.requires_grad and (include is None or include(n))
+            n
+            for n, p in model.named_parameters()
+            if (p.requires_grad or listed) and (include is None or include(n))
         ]
         if not names:
+            frozen_only = [n for n, _ in model.named_parameters() if include is None or include(n)]
+            if frozen_only:
+                raise ValueError(
+                    f"WeightDecay: the parameters it would penalise ({frozen_only[:4]}) are all frozen "
+                    "(requires_grad=False) now; to penalise them once they train, name them: "
+                    f"include={frozen_only[:4]!r}"
+                )
             raise ValueError("WeightDecay: the model has no parameters to penalise")
         params = dict(model.named_parameters())
         lazy = [n for n in names if nn.parameter.is_lazy(params[n])]
@@ -726,7 +739,9 @@ class WeightDecay(nn.Module):
         self._known: frozenset[str] | None = frozenset(params)
         #: parameters left out only for being frozen, to notice them training later (warned once)
         self._frozen_at_build: tuple[str, ...] = tuple(
-            n for n, p in model.named_parameters() if not p.requires_grad and (include is None or include(n))
+            n
+            for n, p in model.named_parameters()
+            if not p.requires_grad and (include is None or include(n)) and n not in names
         )
         self.raw = nn.ParameterList()
         self._index: dict[str, int] = {}

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -1127,9 +1128,42 @@ class HyperNet(nn.Module):
         self.base.train(mode)
         return self
 
+    def _warn_flags_changed(self) -> None:
+        """Warn once when ``base``'s parameters were frozen or unfrozen after construction: that
+        has no effect here (a generated weight keeps training and moving with lambda, a frozen one
+        stays a constant), where a fine-tuning schedule (``base[0].requires_grad_(False)`` after N
+        steps) expected it to (the generated weight moved on, silently)."""
+        if getattr(self, "_warned_flags", False):
+            return
+        params = dict(self.base.named_parameters())
+        frozen = [n for n in self.names if n in params and not params[n].requires_grad]
+        thawed = [n for n in getattr(self, "_frozen_names", ()) if n in params and params[n].requires_grad]
+        if not (frozen or thawed):
+            return
+        self._warned_flags = True
+        said = []
+        if frozen:
+            said.append(
+                f"{frozen[:4]} were trainable when it was built and are frozen now: they are still "
+                "generated (trained, and moved by the hyperparameters)"
+            )
+        if thawed:
+            said.append(
+                f"{thawed[:4]} were frozen when it was built and require grad now: they stay constants"
+            )
+        warnings.warn(
+            f"HyperNet: base's parameter(s) {'; and '.join(said)}. base is a template: requires_grad "
+            "on it is read once, when the HyperNet is built. Build a new HyperNet (and optimiser) "
+            "with the parameters frozen as wanted. (warned once)",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def forward(self, *args: Any, hparams: Hyper, **kwargs: Any) -> Any:
         """``base(*args, **kwargs)`` with the generated weights (and this module's buffers)
-        substituted for the call; returns what ``base`` returns."""
+        substituted for the call; returns what ``base`` returns. Warns (once) when ``base``'s
+        parameters were frozen or unfrozen since construction, which has no effect here."""
+        self._warn_flags_changed()
         values = self.weights(hparams)
         values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
         slots = tensor_slots(self.base)
