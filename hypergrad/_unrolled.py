@@ -691,12 +691,14 @@ class Unrolled(HyperOptimizer):
         groups = self.inner_optimizer.param_groups
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         owner = [group_of[id(w)] for w in self.pair.weights]
-        counts = collections.Counter(id(p) for g in groups for p in g["params"])
-        twice = [
-            (n, counts[id(w)])
-            for n, w in zip(self.pair.weight_names, self.pair.weights, strict=True)
-            if counts[id(w)] > 1
-        ]
+        twice: list[tuple[str, int]] = []
+        if len(group_of) != sum(len(g["params"]) for g in groups):  # (a tensor listed twice: rare)
+            counts = collections.Counter(id(p) for g in groups for p in g["params"])
+            twice = [
+                (n, counts[id(w)])
+                for n, w in zip(self.pair.weight_names, self.pair.weights, strict=True)
+                if counts[id(w)] > 1
+            ]
         if twice:
             n, c = twice[0]
             raise ValueError(
