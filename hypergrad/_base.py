@@ -204,6 +204,11 @@ def _check_scaler(scaler: Any, weights: Sequence[Tensor], names: Sequence[str], 
     return scaler
 
 
+#: ``torch.optim`` state entries kept in the default dtype whatever the parameter's (NAdam's
+#: running product of momentum coefficients, ASGD's step size and averaging coefficient)
+_DEFAULT_DTYPE_STATE = frozenset({"mu_product", "eta", "mu"})
+
+
 def _keep_saved_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Give the 0-dim floating state entries of ``optimizer`` back the dtype they were saved in.
 
@@ -228,6 +233,9 @@ def _keep_saved_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str,
                 and isinstance(value, Tensor)
                 and isinstance(here, Tensor)
                 and value.dim() == 0
+                # (a 0-dim weight's moments are 0-dim too, and follow its dtype: there, only the
+                # entries torch.optim keeps in the default dtype whatever the weight's)
+                and (p.dim() != 0 or key in _DEFAULT_DTYPE_STATE)
                 and value.is_floating_point()
                 and here.dtype != value.dtype
             ):
