@@ -336,10 +336,11 @@ class HyperOptimizer(abc.ABC):
         TypeError: ``model`` or ``hparams`` is not an ``nn.Module``, an optimiser is not a
             ``torch.optim.Optimizer`` (or is ``LBFGS``, whose ``step`` needs a closure), a loss is
             not callable, or a hyperparameter is not floating point.
-        ValueError: an invalid ``divergence``; ``hparams`` or the model without parameters; a
-            hyperparameter that is not a leaf requiring grad, is on another device than the model,
-            is also a model parameter, or is missing from ``outer_optimizer``; an optimiser holding
-            the other side's tensors (or, ``outer_optimizer``, tensors outside ``hparams``).
+        ValueError: an invalid ``divergence`` or ``on_nonfinite``; ``hparams`` or the model without
+            parameters; a hyperparameter that is not a leaf requiring grad, is on another device
+            than the model, is also a model parameter, or is missing from ``outer_optimizer``; an
+            optimiser holding the other side's tensors (or, ``outer_optimizer``, tensors outside
+            ``hparams``).
 
     The losses run in whatever mode (``model.train()`` / ``model.eval()``) the user set; BatchNorm
     running statistics are updated by :meth:`step` only, once per inner step.
@@ -397,6 +398,8 @@ class HyperOptimizer(abc.ABC):
                 )
         if not callable(train_loss) or not callable(val_loss):
             raise TypeError("train_loss and val_loss must be callables loss(model, hparams, batch)")
+        if on_nonfinite not in tuple(OnNonFinite):  # (OnNonFinite() named neither it nor the choices)
+            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
         if divergence is not None and not (
             isinstance(divergence, (int, float)) and not isinstance(divergence, bool) and divergence > 1
         ):

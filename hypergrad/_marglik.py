@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _Hypergradient, _with_autograd
-from ._functional import check_batch, grads_or_none, materialize, substituting, tensor_slots
-from ._implicit import _implicit
+from ._functional import check_batch, clone_all, grads_or_none, materialize, substituting, tensor_slots
+from ._implicit import _implicit, _warm_start_for
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver, Neumann
 from ._types import Batch
@@ -1372,7 +1372,9 @@ class MarginalLikelihood(HyperOptimizer):
         solver: the :class:`~hypergrad.LinearSolver` for :math:`H^{-1}` with ``through_map``
             (default: ``CG(maxiter=20, tol=1e-6, damping=1e-3)``); a :class:`~hypergrad.Neumann`
             needs a numeric ``alpha`` (its ``None`` / ``"power"`` / ``"lr"`` rules are
-            :class:`~hypergrad.Implicit`'s, refused here with a ``ValueError``).
+            :class:`~hypergrad.Implicit`'s, refused here with a ``ValueError``). One with
+            ``warm_start=True`` starts from the previous accepted solve's solution (with
+            ``outer_steps`` > 1, the previous outer step's), as in :class:`~hypergrad.Implicit`.
 
     Batches: ``step(batch)`` and ``hyper_step(train_batch=...)`` take ``(x, y, ...)``; a
     ``val_batch`` is ignored. ``info.outer_loss`` is :math:`-\hat q/N`.
@@ -1403,7 +1405,8 @@ class MarginalLikelihood(HyperOptimizer):
             ``outer_steps`` > 1 the message names the outer step refused, and the ones before it
             are undone too (hyperparameters, their ``.grad`` and ``outer_optimizer``'s state
             and param groups put back in place: a tensor learning rate stays the user's tensor).
-        TypeError: a ``solver`` that is not a :class:`~hypergrad.LinearSolver`.
+        TypeError: a ``solver`` that is not a :class:`~hypergrad.LinearSolver`, or ``through_map``
+            not a bool.
 
     >>> import torch, hypergrad as hg
     >>> _ = torch.manual_seed(0)
@@ -1472,7 +1475,9 @@ class MarginalLikelihood(HyperOptimizer):
             raise TypeError(
                 f"solver must be an hg.LinearSolver (Neumann, CG, Identity), got {type(solver).__name__}"
             )
-        self.through_map = bool(through_map)
+        if not isinstance(through_map, bool):  # (bool("false") is True: another hypergradient)
+            raise TypeError(f"MarginalLikelihood: through_map must be True or False, got {through_map!r}")
+        self.through_map = through_map
         if self.through_map and isinstance(solver, Neumann) and isinstance(solver.alpha, (str, type(None))):
             # (Neumann's None / 'power' / 'lr' rules are resolved by hg.Implicit only: the run
             # failed at its first hyperstep, after the burn-in, with "let Implicit resolve it")
@@ -1484,6 +1489,7 @@ class MarginalLikelihood(HyperOptimizer):
             )
         self.solver: LinearSolver = CG(maxiter=20, tol=1e-6, damping=1e-3) if solver is None else solver
         self._hyper_at: int | None = None  # inner_steps at the last accepted hyper_step
+        self._x0: tuple[Tensor, ...] | None = None  # through_map: the last accepted solution (warm start)
         priors: list[PriorPrecision] = []
         noises: list[ObservationNoise] = []
         augs: list[RandomTranslation] = []
@@ -1682,11 +1688,20 @@ class MarginalLikelihood(HyperOptimizer):
 
         snapshot = pair.snapshot_buffers()
         average = self.ranks.mean_ if self.ranks.size > 1 else None  # data parallel, as Implicit
+        # a solver with warm_start=True starts from the previous accepted hyperstep's solution, as
+        # in Implicit (it was never given one here: warm_start was silently ignored)
+        x0 = _warm_start_for(self._x0, pair.weights) if self.solver.warm_start else None
         try:
-            r = _implicit(inner, outer, pair.weights, pair.hparam_tensors, self.solver, average=average)
+            r = _implicit(inner, outer, pair.weights, pair.hparam_tensors, self.solver, x0, average)
         finally:
             pair.restore_buffers(snapshot)
         t = seen[0]
+
+        def commit() -> None:
+            if self.solver.warm_start:  # (a solution worse than 0 would be a worse start than none)
+                keep = float(r.solve.residual) <= 1.0
+                self._x0 = clone_all(r.solve.solution) if keep else None
+
         return _Hypergradient(
             r.hypergrad,
             r.val_loss,
@@ -1695,6 +1710,7 @@ class MarginalLikelihood(HyperOptimizer):
             solver_status=r.solve.status.value,
             inner_loss=(-t.log_lik / t.batch + self._map_penalty() / n).detach(),
             reached=r.reached,
+            commit=commit,
         )
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
@@ -1736,7 +1752,9 @@ class MarginalLikelihood(HyperOptimizer):
         All or nothing: if one of them is refused as non-finite (or raises), hyperparameters, their
         ``.grad`` and the outer optimiser are put back as they were. ``.grad`` is left holding the
         hypergradient at the hyperparameters the call began with (it does not depend on the outer
-        optimiser's state); ``info`` is the last step's, with ``seconds`` for all of them;
+        optimiser's state); ``info`` is the first step's, as ``.grad`` (``outer_loss`` at the
+        hyperparameters the call began with, ``hypergrad_norm`` the norm of ``.grad``: what
+        :meth:`hypergradient` gives), with ``seconds`` and ``solver_iterations`` for all of them;
         ``hyper_steps`` counts calls.
         """
         if self.outer_steps == 1:
@@ -1749,8 +1767,10 @@ class MarginalLikelihood(HyperOptimizer):
         backup = copy.deepcopy((self.hparams.state_dict(), [p.grad for p in hp]))
         outer_backup = _snapshot_optimizer(self.outer_optimizer)
         start = self.hyper_steps
+        x0 = self._x0
 
         def restore() -> None:
+            self._x0 = x0
             self.hparams.load_state_dict(backup[0])
             _restore_optimizer(self.outer_optimizer, outer_backup)
             for p, g in zip(hp, backup[1], strict=True):
@@ -1759,6 +1779,8 @@ class MarginalLikelihood(HyperOptimizer):
 
         info = None
         first: list[Tensor | None] = []
+        first_info: HyperStepInfo | None = None
+        iterations: int | None = None
         k = 0
         try:
             for k in range(self.outer_steps):
@@ -1768,7 +1790,9 @@ class MarginalLikelihood(HyperOptimizer):
                     restore()
                     return dataclasses.replace(info, hyper_steps=start, seconds=time.perf_counter() - t0)
                 if k == 0:
-                    first = [p.grad for p in hp]
+                    first, first_info = [p.grad for p in hp], info
+                if info.solver_iterations is not None:  # (through_map: every outer step's HVPs)
+                    iterations = (iterations or 0) + info.solver_iterations
         except NonFiniteError as error:
             restore()
             raise NonFiniteError(
@@ -1778,16 +1802,28 @@ class MarginalLikelihood(HyperOptimizer):
         except BaseException:  # any other error: all or nothing
             restore()
             raise
-        assert info is not None
+        assert first_info is not None
         for p, g in zip(hp, first, strict=True):  # the hypergradient where the hyperstep began
             p.grad = g
         self.hyper_steps = start + 1
         self._hyper_at = self.inner_steps
-        return dataclasses.replace(info, hyper_steps=self.hyper_steps, seconds=time.perf_counter() - t0)
+        # the info of the first outer step, as .grad: its outer_loss is the bound at the
+        # hyperparameters the call began with and its hypergrad_norm the norm of .grad, as in
+        # every other method and in hypergradient() (the last step's described neither)
+        return dataclasses.replace(
+            first_info,
+            hyper_steps=self.hyper_steps,
+            seconds=time.perf_counter() - t0,
+            solver_iterations=iterations,
+        )
+
+    def start_episode(self) -> None:
+        self._x0 = None
 
     def _method_state(self) -> dict[str, Any]:
-        return {"hyper_at": self._hyper_at}
+        return {"hyper_at": self._hyper_at, "x0": self._x0}
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         at = state.get("hyper_at")
         self._hyper_at = None if at is None else int(at)
+        self._x0 = state.get("x0")

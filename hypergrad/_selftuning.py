@@ -361,7 +361,14 @@ class _BestResponseBase(HyperOptimizer):
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         name = type(self).__name__
         if val_batch is None:
-            raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss)")
+            # (hyper_step(batch): the batch is train_batch, the first positional argument)
+            hint = (
+                "; the one batch given was taken as train_batch, hyper_step's first positional "
+                f"argument, which {name} does not use: pass hyper_step(val_batch=batch)"
+                if train_batch is not None
+                else ""
+            )
+            raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss){hint}")
         check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=False)
         if train_batch is not None:  # not used, but a wrong one is still a bug worth naming
             check_batch(train_batch, "train_batch", self.device, self.dtype, dtypes=False)
@@ -479,7 +486,7 @@ class SelfTuning(_BestResponseBase):
             (``ValueError`` otherwise: a learned :math:`\sigma` would see only the entropy term).
 
     Raises:
-        TypeError: ``hparams`` not a ``SelfTuned``.
+        TypeError: ``hparams`` not a ``SelfTuned``; ``delta`` or ``linearize`` not a bool.
         ValueError: no STN layer in ``model``; a layer's ``n_hparams`` different from
             ``hparams.size``; bad schedule or entropy weight; with ``delta``, an STN layer whose
             ``hnet``, weight or bias is parametrized (``torch.nn.utils.parametrize``: its response
@@ -574,8 +581,12 @@ class SelfTuning(_BestResponseBase):
                 f"SelfTuning: hparams.size is {size} but these STN layers were built for another "
                 f"number of hyperparameters: {', '.join(bad)}"
             )
-        self.delta = bool(delta)
-        self.linearize = bool(linearize)
+        # (bool() of a string: delta="false", as a config file or a sweep gives it, was Delta-STN)
+        for arg, flag in (("delta", delta), ("linearize", linearize)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"SelfTuning: {arg} must be True or False, got {flag!r}")
+        self.delta = delta
+        self.linearize = linearize
         if self.delta:
             hidden = _parametrized_response(layers)
             if hidden:

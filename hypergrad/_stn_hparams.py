@@ -373,7 +373,7 @@ class SelfTuned(nn.Module):
             ``scale_range`` not :math:`0 < s_{min} < s_{max} < \infty`, a
             learned scale outside it, or a fixed one not finite and positive (``scale_range``
             bounds only a learned :math:`\sigma`).
-        TypeError: a ``dtype`` that is not floating point.
+        TypeError: a ``dtype`` that is not floating point, or ``learn_scale`` not a bool.
 
     >>> import torch, hypergrad as hg
     >>> hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.1, high=0.9, size=2),
@@ -421,6 +421,8 @@ class SelfTuned(nn.Module):
                     f"('name.i') and scales ('sigma.name'), so it would overwrite another column; "
                     f"call the hyperparameter something else, e.g. {name.replace('.', '_')!r}"
                 )
+        if not isinstance(learn_scale, bool):  # (bool("false") is True: a learned scale)
+            raise TypeError(f"SelfTuned: learn_scale must be True or False, got {learn_scale!r}")
         lo, hi = (float(s) for s in scale_range)
         if not (0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"SelfTuned: need 0 < s_min < s_max < inf, got scale_range={scale_range!r}")

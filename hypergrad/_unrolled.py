@@ -601,6 +601,8 @@ class Unrolled(HyperOptimizer):
             divergence=divergence,
         )
         self.steps = steps
+        if mode not in tuple(Mode):  # (a str Enum member equals its value; Mode() named no argument)
+            raise ValueError(f"Invalid Unrolled mode: {mode!r} (choose 'reverse' or 'forward')")
         self.mode = Mode(mode)
         if checkpoint and self.mode is Mode.FORWARD:
             raise ValueError(
@@ -1087,7 +1089,17 @@ class Unrolled(HyperOptimizer):
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if val_batch is None:
-            raise ValueError("Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss)")
+            # (hyper_step(batch): the batch is train_batch, the first positional argument)
+            hint = (
+                "; the one batch given was taken as train_batch, hyper_step's first positional "
+                "argument, which Unrolled does not use (it replays the recorded steps' batches): "
+                "pass hyper_step(val_batch=batch)"
+                if train_batch is not None
+                else ""
+            )
+            raise ValueError(
+                f"Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss){hint}"
+            )
         check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=False)
         self._check_autocast("hyper_step()")
         self._refresh()
