@@ -211,6 +211,8 @@ class _HypergradientOptimizer(Optimizer):
     _hd_unsupported: ClassVar[tuple[str, ...]]
     #: Options of the base optimiser that must be Python numbers (not Tensors), as ``lr``.
     _hd_numbers: ClassVar[tuple[str, ...]]
+    #: Settings the base constructor validates, checked for every group (see ``_hd_check_values``).
+    _hd_checked: ClassVar[tuple[str, ...]]
     #: Group keys the base step needs that torch's ``__setstate__`` does not fill in for an old
     #: state: a loaded group without one was saved by another optimiser.
     _hd_required: ClassVar[tuple[str, ...]]
@@ -260,6 +262,19 @@ class _HypergradientOptimizer(Optimizer):
         if "hypergrad_lr" in group:
             _check_hypergrad_lr(group["hypergrad_lr"])
         self._hd_check_options(group)
+        self._hd_check_values(group)
+
+    def _hd_check_values(self, group: dict[str, Any]) -> None:
+        """Refuse the values the base constructor refuses (a negative momentum or weight decay,
+        betas outside ``[0, 1)``, a negative ``eps``, a group's own ``nesterov=True`` without
+        momentum), with its message: torch.optim checks the constructor's own arguments only,
+        not a group's (given in the parameter list or to ``add_param_group``), which then
+        trained silently with them. (A ``nesterov`` the group inherits is not judged against
+        its own dampening: torch steps that combination, and runs rely on it.)"""
+        settings = {k: group[k] if k in group else self.defaults[k] for k in self._hd_checked}
+        if "nesterov" in settings and "nesterov" not in group:
+            settings["nesterov"] = False
+        self._hd_base([torch.empty(0, requires_grad=True)], **settings)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; it may set its own ``lr``, ``hypergrad_lr``, ``lr_min`` and ``lr_max``.
@@ -552,6 +567,7 @@ class SGDHD(_HypergradientOptimizer, torch.optim.SGD):
     _hd_unsupported = ("differentiable", "fused")
     _hd_numbers = ("momentum", "dampening", "weight_decay")
     _hd_required = ("lr", "momentum", "dampening", "weight_decay")
+    _hd_checked = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(
         self,
@@ -705,10 +721,15 @@ class AdamHD(_HypergradientOptimizer, torch.optim.Adam):
         Adaptation with Hypergradient Descent. ICLR 2018. https://arxiv.org/abs/1703.04782
     """
 
+    _hd_checked = ("lr", "betas", "eps", "weight_decay")
     _hd_base = torch.optim.Adam
     _hd_unsupported = ("capturable", "differentiable", "fused", "decoupled_weight_decay")
     _hd_numbers = ("betas", "eps", "weight_decay")
-    _hd_required = ("lr", "betas", "eps", "weight_decay")
+    # ``amsgrad`` too (an Adam group has had it since PyTorch 0.4, though torch's ``__setstate__``
+    # would fill it in): NAdam's, RAdam's and Adamax's groups have every other key, so their
+    # states loaded silently (NAdam and RAdam then went on as Adam; Adamax died at the next step
+    # with a bare ``KeyError: 'exp_avg_sq'``)
+    _hd_required = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
     def __init__(
         self,
