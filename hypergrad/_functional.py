@@ -953,9 +953,11 @@ def check_batch(
 def clone_batch(batch: Any) -> Any:
     """A copy of ``batch`` that later in-place changes to the original cannot reach: tensors are
     detached and cloned; tuples (named ones too), lists, dicts and dataclasses are rebuilt around
-    the copies; anything else is deep-copied."""
+    the copies; anything else is deep-copied. A tensor that requires grad gives a copy that does
+    too (a leaf: the graph it came with is not kept), so a loss that differentiates w.r.t. its
+    input (``torch.autograd.grad(out, x)``: an input-gradient penalty) runs on the copy as well."""
     if isinstance(batch, Tensor):
-        return batch.detach().clone()
+        return batch.detach().clone().requires_grad_(batch.requires_grad)
     if isinstance(batch, Mapping):
         out = copy.copy(batch)
         for k, v in batch.items():

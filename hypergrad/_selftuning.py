@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import CheckpointError
 
 from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
-from ._functional import check_batch, clone_all, grads_or_none, materialize
+from ._functional import check_batch, clone_all, clone_batch, grads_or_none, iter_tensors, materialize
 from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising, validating
 from ._types import Batch, LossFn, Tensors
 from ._wrap import ddp_wrappers
@@ -474,7 +474,9 @@ class SelfTuning(_BestResponseBase):
             centred features. ``train_loss`` is called twice per step on the same batch, so
             what it keeps for the next batch (an RNN's hidden state) is kept twice, the
             response pass's last: pass the state a batch starts from inside the batch, as
-            ``step((x, y, h0, c0))``, and keep the new one from either pass.
+            ``step((x, y, h0, c0))``, and keep the new one from either pass. The response pass
+            gets a copy of the batch as the base pass received it (a loss may change its batch in
+            place, or pop entries from it).
         linearize: with ``delta``, linearise the output in the response step (default: True;
             needs forward-mode AD support for the model's operations).
         warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows
@@ -644,6 +646,12 @@ class SelfTuning(_BestResponseBase):
         if not self.delta:
             return super()._train_backward(batch, weights, model)
         hp, model = self.hparams, self.model if model is None else model
+        # the response pass gets the batch as the base pass received it: a train_loss that changes
+        # its batch in place (x.mul_(2), BERT's masking of the token ids, batch.pop("labels"))
+        # handed the response pass the batch the base pass left (its weights 1.7% off after 3
+        # steps, silently; a KeyError for a popped entry). One copy of the batch per step, used
+        # where the base pass changed the batch's tensors (their identities or version counters)
+        pristine, seen = clone_batch(batch), [(id(t), t._version) for t in iter_tensors(batch)]
         with hp._drawing(_Mode.BASE):  # w0 at the current lambda
             loss = super()._train_backward(batch, weights, model)
         base = [w.grad for w in weights]
@@ -662,7 +670,8 @@ class SelfTuning(_BestResponseBase):
         # the response at perturbed lambdas
         with hp._drawing(_Mode.LINEAR if self.linearize else _Mode.TRAIN):
             try:
-                response = super()._train_backward(batch, weights, model)
+                changed = seen != [(id(t), t._version) for t in iter_tensors(batch)]
+                response = super()._train_backward(pristine if changed else batch, weights, model)
             except RuntimeError as e:
                 if self.linearize and isinstance(e, CheckpointError):
                     raise RuntimeError(

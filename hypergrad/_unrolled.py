@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import enum
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -382,6 +383,11 @@ class _Record:
     #: outside its parameters and buffers, e.g. a language model's hidden state carried from batch
     #: to batch), by value, as ``(module index, name, value)`` (:func:`_plain_attributes`)
     attributes: tuple[tuple[int, str, Any], ...] = ()
+    #: whether ``train_loss`` changed the tensors of the step's batch in place (``x.mul_(2)``, a
+    #: normalisation written with ``sub_`` / ``div_``): every replay then hands the loss a copy of
+    #: ``batch`` (as the loss received it, copied before the step), so the record stays as the
+    #: real step saw it; otherwise a copy of its containers only (a loss may pop entries)
+    mutates_batch: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -394,6 +400,29 @@ class _Record:
         if d.get("anchor") is not None:
             d["anchor"] = _Anchor(**d["anchor"])
         return cls(**d)
+
+
+def _fresh_containers(batch: Batch) -> Batch:
+    """``batch`` with its dicts, lists, tuples and dataclasses rebuilt around the same tensors and
+    values: a ``train_loss`` that pops or reassigns entries of the batch it is given (Hugging
+    Face's ``labels = batch.pop("labels")``) changes the copy, not the recorded batch, which the
+    next replay of the step needs as it was (a ``KeyError`` at the second hyperstep)."""
+    if isinstance(batch, Mapping):
+        out = copy.copy(batch)
+        for k, v in batch.items():
+            out[k] = _fresh_containers(v)  # type: ignore[index]
+        return out
+    if isinstance(batch, list):
+        return [_fresh_containers(v) for v in batch]
+    if isinstance(batch, tuple):
+        items = [_fresh_containers(v) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        new = copy.copy(batch)
+        for f in dataclasses.fields(batch):
+            object.__setattr__(new, f.name, _fresh_containers(getattr(batch, f.name)))
+        return new
+    return batch
 
 
 def _check_steps(steps: object) -> int:
@@ -862,6 +891,27 @@ class Unrolled(HyperOptimizer):
                 "run without autocast"
             )
 
+    def _step(self, batch: Batch, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> Tensor:
+        # the batch as train_loss receives it, copied before the loss runs: a loss that changes
+        # it in place would otherwise be recorded as it left the loss, and replayed from there
+        # (and before anything changes: a batch that cannot be copied is refused with nothing done)
+        try:
+            copied = clone_batch(batch)
+        except Exception as error:
+            raise TypeError(
+                "Unrolled records each step's batch by value, to replay the step in the hyperstep, "
+                f"and could not copy this one ({type(error).__name__}: {error}). A batch of tensors, "
+                "numbers and strings in tuples, lists, dicts or dataclasses can be copied: pass "
+                "micro-batches as a list (not a generator or iterator, which the step would also "
+                "use up), and keep other objects (a lock, a file handle) out of the batch. Nothing "
+                "was changed by this step"
+            ) from error
+        self._batch_in: tuple[Batch, list[int]] | None = (copied, [t._version for t in iter_tensors(batch)])
+        try:
+            return super()._step(batch, max_grad_norm, scaler)
+        finally:
+            self._batch_in = None
+
     def _before_step(self) -> None:
         self._check_autocast("step()")
         self._check_optimizer()
@@ -891,16 +941,20 @@ class Unrolled(HyperOptimizer):
         self._attributes_before = ()
         training = getattr(self, "_training_before", None) or tuple(m.training for m in self._mode_modules())
         self._training_before = None
+        hparam_ids = {id(h) for h in pair.hparam_tensors}
         if not getattr(self, "_warned_batch_graph", False) and any(
-            t.grad_fn is not None for t in iter_tensors(batch)
+            t.grad_fn is not None or id(t) in hparam_ids for t in iter_tensors(batch)
         ):
             self._warned_batch_graph = True
             warnings.warn(
-                "a tensor of the batch given to step() carries an autograd graph (computed from "
-                "the hyperparameters outside train_loss, e.g. step((x * h.scale.exp(), y))?): "
-                "Unrolled records the batch by value and replays the step with that value only, "
-                "so no hypergradient flows through it (a scale's came out 0 against -0.368). "
-                "Compute it inside train_loss from the raw batch (warned once)",
+                "a tensor of the batch given to step() carries an autograd graph or is a "
+                "hyperparameter itself (computed from the hyperparameters outside train_loss, e.g. "
+                "step((x * h.scale.exp(), y)), or distilled images passed as step((h.images, "
+                "h.labels))?): Unrolled records the batch by value and replays the step with that "
+                "value only, so no hypergradient flows through it (a scale's came out 0 against "
+                "-0.368). Compute it inside train_loss from the raw batch, or read the "
+                "hyperparameters from the hparams argument there (step(()) for a loss that reads "
+                "no data) (warned once)",
                 ReplayWarning,
                 stacklevel=4,
             )
@@ -926,6 +980,12 @@ class Unrolled(HyperOptimizer):
         changed_states = self._changed_states()  # (reset or loaded: the replay cannot carry it on)
         hp_versions = self._hp_write_counts()
         moved = bool(self._records) and self._hparams_moved()
+        held = getattr(self, "_batch_in", None)
+        if held is None:
+            recorded, mutates = clone_batch(batch), False
+        else:
+            recorded, versions = held
+            mutates = versions != [t._version for t in iter_tensors(batch)]
         # A full snapshot at the first step, every K steps, and where the hyperparameters moved
         # for the first time in K steps (hypersteps every K steps or sparser: each window then
         # starts on a snapshot). Hypersteps more often than that (every step) only copy the
@@ -953,7 +1013,7 @@ class Unrolled(HyperOptimizer):
             self._since_move += 1
         self._records.append(
             _Record(
-                batch=clone_batch(batch),
+                batch=recorded,
                 groups=[_clone_settings(g) for g in self.inner_optimizer.param_groups],
                 has_grad=has_grad,
                 rng=rng,
@@ -968,6 +1028,7 @@ class Unrolled(HyperOptimizer):
                 states=changed_states,
                 hparam_buffers=hparam_buffers,
                 attributes=attributes,
+                mutates_batch=mutates,
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -1193,7 +1254,11 @@ class Unrolled(HyperOptimizer):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
                     loss, bufs = self.pair.call(
-                        self.train_loss, rec.batch, weights=weights, buffers=buffers, hparams=hp
+                        self.train_loss,
+                        clone_batch(rec.batch) if rec.mutates_batch else _fresh_containers(rec.batch),
+                        weights=weights,
+                        buffers=buffers,
+                        hparams=hp,
                     )
             finally:
                 for m in decays:
@@ -1479,6 +1544,12 @@ class Unrolled(HyperOptimizer):
         # second entry's with dropout on (its hypergradient -7.3e-3 against reverse mode's 1.4e-3)
         modules, model_modules = self._mode_modules(), self._state_modules()
         modes = [m.training for m in modules]
+        # ... and on the validation batch it was given: a val_loss that changes its batch in place
+        # (x.mul_(2)) handed the second entry's call the batch the first one left (hypergradients
+        # 3.6x and 7.8x off, silently); the first call gets the caller's batch, as reverse mode's
+        # one call does, the others copies of it as it was
+        pristine = clone_batch(val_batch)
+        first = True
 
         def dual(pt: tuple[Tensor, Tensor | None], requires_grad: bool = False) -> Tensor:
             p, t = pt
@@ -1531,11 +1602,12 @@ class Unrolled(HyperOptimizer):
                     with _attributes_kept(model_modules):
                         out = pair.loss(
                             self.val_loss,
-                            val_batch,
+                            val_batch if first else clone_batch(pristine),
                             weights=tuple(dual(x) for x in w),
                             buffers=clone_all(real_buffers),
                             hparams=hp,
                         )
+                    first = False
                     primal, tan = fwAD.unpack_dual(out)
                     if tan is not None:
                         grads[i].view(-1)[j] = tan.detach()
