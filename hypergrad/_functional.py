@@ -747,7 +747,12 @@ def norm(a: Sequence[Tensor]) -> Tensor:
         wide = torch._foreach_norm(list(a), 2, dtype=torch.float64)
         return torch.linalg.vector_norm(torch.stack(list(wide))).to(torch.float32)
     if any(t.dtype in _LOW_PRECISION for t in a):
-        parts = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in a]
+        # half precision accumulated in float32; a float64 tensor beside it (a float64 head on a
+        # bfloat16 body) in its own: vector_norm(dtype=float32) refused it ("should be
+        # convertible without narrowing"), and Neumann's solve failed with that message
+        parts = [
+            torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW_PRECISION else None) for t in a
+        ]
     else:
         parts = list(torch._foreach_norm(list(a)))
     return torch.linalg.vector_norm(torch.stack(parts))

@@ -35,6 +35,7 @@ from ._functional import (
     norm,
 )
 from ._solvers import (
+    CG,
     LinearSolver,
     Neumann,
     SolveResult,
@@ -287,10 +288,15 @@ def _implicit(
         # where a stale step size is detected below
         extra_hvps += sol.iterations
         sol = _solve_reached(solver, hvp, rhs, None, weights, [*live, *decayed], penalties, average)
-    if choose is not None and power is not None and _stale_step_size(solver, sol):
+    fresh = False
+    while choose is not None and power is not None and not fresh and _stale_step_size(solver, sol):
         # the series grew by more than 2 per term: alpha * lambda_max > 3, the curvature has grown
-        # since the step size was estimated; re-estimate it now and solve again
+        # since the step size was estimated; re-estimate it now and solve again. Until an estimate
+        # made now has been tried: the default's fall-back from the learning rate takes a kept
+        # estimate first (no HVPs), which may be as stale (a series 1e21 times too large,
+        # "diverging", where alpha="power" re-estimated)
         solver, more, power = choose(hvp, power)
+        fresh = more > 0
         extra_hvps += more + sol.iterations
         sol = _solve_reached(solver, hvp, rhs, x0, weights, [*live, *decayed], penalties, average)
     if gt_live:
@@ -360,6 +366,19 @@ def _warm_start_for(x0: Sequence[Tensor] | None, weights: Sequence[Tensor]) -> T
     return tuple(a.to(dtype=w.dtype, device=w.device) for a, w in zip(x0, weights, strict=True))
 
 
+def _moves_from_start(solver: LinearSolver) -> bool:
+    """Whether ``solver`` spends an iteration past a warm start: ``Neumann(steps=0)`` returns
+    ``x0`` as it is and ``CG(maxiter=1)`` spends its one HVP on the residual of ``x0``. Warm-started,
+    each handed back the previous hyperstep's solution unchanged (its validation gradient, its
+    batch), every other hyperstep or for as long as its residual stayed below 1, silently; they
+    start from 0 instead."""
+    if isinstance(solver, Neumann):
+        return solver.steps >= 1
+    if isinstance(solver, CG):
+        return solver.maxiter >= 2
+    return True
+
+
 def _solver_got(solver: object) -> str:
     """What was passed as a solver, for the error: a solver class itself (``solver=hg.Neumann``,
     the parentheses forgotten) was named "ABCMeta", next to a list naming hg.Neumann as valid."""
@@ -416,7 +435,9 @@ def _stale_step_size(solver: LinearSolver, sol: SolveResult) -> bool:
         return True
     if sol.status is not SolveStatus.DIVERGING:
         return False
-    return float(sol.residual) > 2.0**solver.steps or sol.curvature > 2.0
+    # (2.0 ** steps overflows, an OverflowError, from 1024 steps on; a finite residual is below it)
+    bound = math.ldexp(1.0, solver.steps) if solver.steps < 1024 else math.inf
+    return float(sol.residual) > bound or sol.curvature > 2.0
 
 
 def _solve_reached(
@@ -665,7 +686,8 @@ class Implicit(HyperOptimizer):
         solver: :class:`Neumann` (default: 5 terms), :class:`CG`, :class:`Identity` or
             :class:`Direct` (any :class:`LinearSolver`). A solver with ``warm_start=True`` starts
             from the previous accepted hyperstep's solution, unless its residual was above 1 or
-            it is shaped for other weights (``hessian_subset`` changed since): then from 0.
+            it is shaped for other weights (``hessian_subset`` changed since), or the solver
+            would spend no iteration past it (``Neumann(steps=0)``, ``CG(maxiter=1)``): then from 0.
         hessian_subset: which trained weights (by parameter name) the implicit function theorem
             differentiates through, e.g. ``lambda n: n.startswith("head.")`` for the last layers
             of a very large model; ``None``: all (default: ``None``). A weight shared by several
@@ -878,6 +900,11 @@ class Implicit(HyperOptimizer):
         if isinstance(alpha, (int, float)):
             return float(alpha)
         groups = [g for g in self.inner_optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+        # the rates of the weights the series solves over (hessian_subset): a backbone's group at
+        # 1e-3 listed first, the head's at 0.3 and a subset of the head gave the series 1e-3 (a
+        # hypergradient 92% off with 20 terms, and a warning of "several learning rates")
+        solved = {id(w) for w in self._hessian_weights()}
+        groups = [g for g in groups if any(id(p) in solved for p in g["params"])] or groups
         lrs = {float(g["lr"]) for g in groups}
         is_sgd = type(self.inner_optimizer) is torch.optim.SGD
         lr = float(groups[0]["lr"]) if groups else math.nan  # (nothing trained: frozen since)
@@ -1008,7 +1035,8 @@ class Implicit(HyperOptimizer):
             solver = self._lr_then_power(self.current_solver())
         average = self.ranks.mean_ if self.ranks.size > 1 else None
         weights = self._hessian_weights()
-        x0 = _warm_start_for(self._x0, weights) if self.solver.warm_start else None
+        warm = self.solver.warm_start and _moves_from_start(self.solver)
+        x0 = _warm_start_for(self._x0, weights) if warm else None
         # gradient hooks on the weights or hyperparameters (t.register_hook: scaling, masking) act
         # on every derivative autograd takes w.r.t. them, and the by-hand penalty terms would
         # bypass them (with a hook scaling a weight's gradient by 3, the hypergradient was 66%
