@@ -26,9 +26,13 @@ def main() -> None:
     names = args.names or sorted(REGISTRY, key=lambda n: REGISTRY[n].number)
     for name in names:
         if args.quick:
-            cli.main(["run", name, "--quick", "--no-progress", "--out", str(Path("results/quick") / name)])
+            out = str(Path("results/quick") / name)
+            rc = cli.main(["run", name, "--quick", "--no-progress", "--out", out])
         else:
-            cli.main(["run", name, "--no-progress", "--out", f"experiments/reports/{name}"])
+            rc = cli.main(["run", name, "--no-progress", "--out", f"experiments/reports/{name}"])
+        if rc:  # Ctrl-C (130) or SIGTERM (143) stopped the run: stop here, and write no report
+            # (the stopped experiment has no results.json: the report would drop its row)
+            raise SystemExit(rc)
     if not args.quick:
         cli.main(["report"])
 

@@ -180,6 +180,35 @@ def _at_or_after(cell: str | None, step: int) -> bool:
         return False
 
 
+def _position(history: list[dict[str, Any]], row: dict[str, Any] | None, guess: int) -> int | None:
+    """Where the row object ``row`` (the last one a CSV file got) is in ``history``: at
+    ``guess - 1`` unless the user trimmed the history since; ``None`` when it is gone (cleared)."""
+    if row is None:
+        return None
+    if 0 < guess <= len(history) and history[guess - 1] is row:
+        return guess - 1
+    return next((i for i in range(len(history) - 1, -1, -1) if history[i] is row), None)
+
+
+def _without_redone(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """``rows`` (a CSV file's, oldest first) without those a run resumed at ``step`` logs again:
+    the rows at ``step`` or later after the file's last row before ``step``. Rows of an earlier
+    run in the file (a logger that trains several models, each counting from step 1) at those
+    step numbers were logged before the checkpoint, and stay; so do rows without a step."""
+    start = len(rows)
+    while start and not _before(rows[start - 1].get("step"), step):
+        start -= 1
+    return rows[:start] + [r for r in rows[start:] if not _at_or_after(r.get("step"), step)]
+
+
+def _before(cell: str | None, step: int) -> bool:
+    """Whether a CSV row's ``step`` cell holds a step before ``step``."""
+    try:
+        return cell is not None and float(cell) < step
+    except ValueError:
+        return False
+
+
 def _histogram(wb: Any, v: torch.Tensor) -> Any:
     """``wandb.Histogram`` of the finite entries of ``v`` (``None`` if there are none). Entries a
     few ulps apart, or spanning more than the float range, make NumPy's 64 equal bins (and so
@@ -460,9 +489,10 @@ class Logger:
                 all rows', cells a row lacks stay empty (default: ``False``: overwrite).
             resumed_at: with ``append``, the step a run resumed from a checkpoint starts at: at
                 this logger's first write to ``path``, the file's rows at this step or later
-                (logged by the interrupted run after its checkpoint, and done again by the resumed
-                run) are dropped, so that the file holds each step once, as an uninterrupted run's
-                would (default: ``None``: keep them all).
+                after its last row before this step (logged by the interrupted run after its
+                checkpoint, and done again by the resumed run) are dropped, so that the file holds
+                each step once, as an uninterrupted run's would; the rows of an earlier run in the
+                file that counted its own steps from 1 stay (default: ``None``: keep them all).
 
         Returns:
             ``path`` as a :class:`~pathlib.Path`.
@@ -484,10 +514,11 @@ class Logger:
                 keys.extend(reader.fieldnames or [])
                 rows.extend({k: v for k, v in r.items() if v != ""} for r in reader)
             written, last = self._csv_rows.get(key, (0, None))  # history[:written] is in the file
-            if written and written <= len(self.history) and self.history[written - 1] is last:
-                new = self.history[written:]
+            at = _position(self.history, last, written)
+            if at is not None:  # rows after the last one written (history trimmed from the front,
+                new = self.history[at + 1 :]  # `del logger.history[:-k]`, included)
             elif not written and resumed is not None:
-                rows = [r for r in rows if not _at_or_after(r.get("step"), resumed)]
+                rows = _without_redone(rows, resumed)
         rows.extend(new)
         for row in rows:
             keys.extend(k for k in row if k not in keys)

@@ -85,7 +85,8 @@ def optimal_log_lambda(data: Data) -> float:
 @dataclasses.dataclass
 class Result:
     """The exact and the learned penalty (natural logs), their validation MSEs, the penalty's
-    schedule (``lambda`` after each hyperstep) and the wall time."""
+    schedule (``lambda`` after each hyperstep), the wall time and the inner step of each hyperstep
+    of the schedule."""
 
     log_lambda_star: float
     log_lambda: float
@@ -93,6 +94,7 @@ class Result:
     val_learned: float
     seconds: float
     schedule: list[float] = dataclasses.field(default_factory=list)
+    schedule_steps: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def error_decades(self) -> float:
@@ -154,6 +156,7 @@ def best_response(
         ridge_val_loss(data, learned),
         float(timer),
         [float(r["lam"]) for r in history],
+        [int(r["inner_step"]) for r in history],
     )
 
 
@@ -177,8 +180,10 @@ def run(ctx: Context) -> Outcome:
         return ctx.bar(it, desc=desc, total=cfg["warmup"] + cfg["steps"])
 
     r = best_response(cfg["seed"], cfg["warmup"], cfg["steps"], cfg["lr"], bar=bar)
-    for i, lam in enumerate(r.schedule):
-        ctx.logger.log({"lambda": lam, "log10_lambda": math.log10(lam)}, step=cfg["warmup"] + i + 1)
+    # each row at the inner step its hyperstep followed (the first: right after the warm-up's
+    # last step), as the schedule records it
+    for step, lam in zip(r.schedule_steps, r.schedule, strict=True):
+        ctx.logger.log({"lambda": lam, "log10_lambda": math.log10(lam)}, step=step)
     ln10 = math.log(10)
     metrics = {
         "lambda_star": math.exp(r.log_lambda_star),
@@ -203,8 +208,7 @@ def run(ctx: Context) -> Outcome:
     ]
     pyplot = plt()
     fig, (a1, a2) = pyplot.subplots(1, 2, figsize=(11, 4))
-    steps = [cfg["warmup"] + i + 1 for i in range(len(r.schedule))]
-    a1.plot(steps, r.schedule, label="λ (hg.BestResponse)")
+    a1.plot(r.schedule_steps, r.schedule, label="λ (hg.BestResponse)")
     a1.axhline(metrics["lambda_star"], color="k", ls="--", label="λ* (closed form)")
     a1.set_yscale("log")
     a1.set_xlabel("inner step")
