@@ -26,10 +26,13 @@ from torch import Tensor, nn
 
 from ._functional import (
     _LOW_PRECISION,
+    _SETTING_TYPES,
     FunctionalPair,
     Ranks,
+    _attribute_value,
     _buffer_slots,
     _entries,
+    _state_attributes,
     all_finite,
     batch_dtype_problem,
     check_batch,
@@ -161,6 +164,20 @@ def _warn_user(message: str, category: type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _put_attributes_back(kept: Sequence[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Give each module the plain state attributes it held (``HyperOptimizer._attributes_now``
+    keeps a shallow copy of each module's ``__dict__``; the state attributes are picked out only
+    here, on the rare refusal path); state attributes added since are removed."""
+    for m, was_all in kept:
+        d = vars(m)
+        was = {k: v for k, v in was_all.items() if k[0] != "_" and type(v) not in _SETTING_TYPES}
+        for k in [k for k in _state_attributes(m) if k not in was]:
+            delattr(m, k)
+        for k, v in was.items():
+            if d.get(k, m) is not v and _attribute_value(v):
+                setattr(m, k, v)
 
 
 def _check_max_grad_norm(value: Any) -> float | None:
@@ -713,6 +730,7 @@ class HyperOptimizer(abc.ABC):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state[_COPIED_METHOD_STATE] = self._method_state()
+        state.pop("_attribute_modules", None)  # (the original's modules: re-taken by the copy)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -846,10 +864,18 @@ class HyperOptimizer(abc.ABC):
         weights = pair.weights
         scaler = _check_scaler(scaler, weights, pair.weight_names, self.device)
         self._before_step()
+        # before the forward pass: a refused write must leave no trace (checked after it, the
+        # refused step had moved BatchNorm's statistics, torch's generator and the weights' .grad)
+        for _, setting in self.settings:
+            setting.check()
         rng_before = self._rng_state()  # (a refused step puts the generator back: nothing changed)
         rng = rng_before if self._replays_rng else None
         snapshot = pair.snapshot_buffers()
         hp_snapshot = self._snapshot_hparam_buffers()
+        # the modules' plain tensor attributes (a hidden state the forward carries over between
+        # batches, ``self.state = h.detach()``): a refused step puts the objects back, or the
+        # state of a NaN batch started every later step from NaN and each one was refused
+        attributes = self._attributes_now()
         everything = _params_of(self.inner_optimizer)  # frozen ones too, as zero_grad() would
         old_grads = [w.grad for w in everything]
         for w in everything:
@@ -866,6 +892,7 @@ class HyperOptimizer(abc.ABC):
             self._scaler = None
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
+            _put_attributes_back(attributes)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             # a loss that refuses a NaN hyperparameter (a dropout rate, say) is a non-finite step
@@ -888,6 +915,7 @@ class HyperOptimizer(abc.ABC):
             self._scaler = None
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
+            _put_attributes_back(attributes)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             self._set_rng_state(rng_before)
@@ -915,6 +943,7 @@ class HyperOptimizer(abc.ABC):
                 overflow = True
             pair.restore_buffers(snapshot)
             pair.restore_buffers(hp_snapshot)
+            _put_attributes_back(attributes)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
             if not overflow:
@@ -927,11 +956,21 @@ class HyperOptimizer(abc.ABC):
                         "rounds to 0 in float16, so a zero second moment gives 0/0; keep float32 "
                         "weights and run the losses under torch.autocast, or raise eps to 1e-4)"
                     )
+                # (likewise a buffer: a BatchNorm statistic loaded or written as NaN outside step(),
+                # which every later step in eval mode would read; the buffers are as before the step)
+                stale = _nonfinite_entries(
+                    "the buffer itself",
+                    pair.buffer_names,
+                    [b if b.is_floating_point() or b.is_complex() else None for b in pair.buffers()],
+                )
+                if stale:
+                    where += (
+                        f"{stale}, before this step: a loaded state or code outside hopt.step() wrote it "
+                        "(each later step reading it is refused too: reset or reload it)"
+                    )
                 self._set_rng_state(rng_before)
                 self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}")
             return loss.detach()
-        for _, setting in self.settings:
-            setting.check()  # before anything is recorded: a refused write must leave no trace
         if scaler is not None:  # (no host synchronisation: the gradients are known finite)
             scaler.unscale_(self.inner_optimizer)
         if max_grad_norm is not None:  # clip_grad_norm_'s scaling, with the replay's arithmetic
@@ -987,6 +1026,24 @@ class HyperOptimizer(abc.ABC):
         did not use: "Expected to mark a variable ready only once"), and in methods whose step
         runs several backward passes (the reducer expects one per forward)."""
         return self.ranks.size > 1 and any(d.find_unused_parameters for d in ddp_wrappers(self.model))
+
+    def _attributes_now(self) -> list[tuple[nn.Module, dict[str, Any]]]:
+        """The model's and the hyperparameter module's attributes (among them the state a forward
+        pass keeps, such as a carried hidden state), by reference, for
+        :func:`_put_attributes_back`: a shallow copy of each module's ``__dict__`` (C speed; the
+        module list is re-taken only when a module was registered somewhere since)."""
+        key = registrations()
+        cached = getattr(self, "_attribute_modules", None)
+        if cached is None or cached[0] != key:
+            seen: set[int] = set()
+            mods = []
+            for m in (*self.pair.model.modules(), *self.hparams.modules()):
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    mods.append(m)
+            cached = (key, mods)
+            self._attribute_modules = cached
+        return [(m, vars(m).copy()) for m in cached[1]]
 
     def _snapshot_hparam_buffers(self) -> list[tuple[dict[str, Any], str, Tensor, Tensor]]:
         """The hyperparameter module's buffers (e.g. the BatchNorm statistics of a learned
@@ -1200,9 +1257,14 @@ class HyperOptimizer(abc.ABC):
         t0 = time.perf_counter()
         self._check_outer_optimizer()  # (a group added since: before anything is computed)
         rng_before = self._rng_state()  # (a refused step puts the generator back: nothing changed)
+        # and the plain tensor attributes a forward keeps (a hidden state carried from batch to
+        # batch): SelfTuning / BestResponse / MarginalLikelihood run the model itself on the
+        # validation (or bound) batch, and a refused NaN batch left NaN there for every later step
+        attributes = self._attributes_now()
         res, grad_norm, problem = self._compute(train_batch, val_batch)
         if problem:
             self._set_rng_state(rng_before)
+            _put_attributes_back(attributes)
             self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
             return self._info(res, grad_norm, t0, skipped=True)
         grads = self._as_hparams(res.grads)  # all cast before any is written
@@ -1222,10 +1284,14 @@ class HyperOptimizer(abc.ABC):
             p.grad = g if p.requires_grad else None  # (frozen: torch.optim skips it)
         self.outer_optimizer.step()
         _forget_autocast_casts(self.device)
-        if saved is not None and not all_finite(self.pair.hparam_tensors):
-            bad = self._nonfinite_hparams()
+        # (the optimiser's state too: Adam's second moment, the hypergradient squared, overflows
+        # float16 from |g| ~ 8e3 while the step itself stays finite, m / sqrt(inf) = 0, and every
+        # later step of that hyperparameter was 0: it stopped moving for good, silently)
+        if saved is not None and not all_finite(self.pair.hparam_tensors, self._outer_state_tensors()):
+            bad = self._nonfinite_hparams() or self._nonfinite_outer_state()
             self._outer_restore(saved)
             self._set_rng_state(rng_before)
+            _put_attributes_back(attributes)
             self._nonfinite(
                 f"hyper step {self.hyper_steps}: the outer optimiser's step made {bad} from a finite "
                 "hypergradient (an overflow in their low precision: a smaller outer learning rate, "
@@ -1265,8 +1331,10 @@ class HyperOptimizer(abc.ABC):
             ValueError, NonFiniteError, RuntimeError: as :meth:`hyper_step`.
         """
         t0 = time.perf_counter()
+        attributes = self._attributes_now()  # (put back when refused, as by hyper_step)
         res, grad_norm, problem = self._compute(train_batch, val_batch)
         if problem:
+            _put_attributes_back(attributes)
             self._nonfinite(f"hypergradient at hyper step {self.hyper_steps}: {problem}")
         return self._as_hparams(res.grads), self._info(res, grad_norm, t0, skipped=bool(problem))
 
@@ -1432,6 +1500,31 @@ class HyperOptimizer(abc.ABC):
             [p.detach().clone() for p in hp],
             [p.grad for p in hp],
             _snapshot_optimizer(self.outer_optimizer),
+        )
+
+    def _outer_state_tensors(self, p: Tensor | None = None) -> list[Tensor]:
+        """The outer optimiser's floating-point state tensors (Adam's moments) of hyperparameter
+        ``p``, or of all of them."""
+        state = self.outer_optimizer.state
+        hp = self.pair.hparam_tensors if p is None else [p]
+        return [
+            v
+            for q in hp
+            if q in state
+            for v in state[q].values()
+            if isinstance(v, Tensor) and v.is_floating_point() and v.layout == torch.strided
+        ]
+
+    def _nonfinite_outer_state(self) -> str:
+        """A sentence naming the hyperparameters whose outer-optimiser state is not finite."""
+        bad = [
+            n
+            for n, p in zip(self.pair.hparam_names, self.pair.hparam_tensors, strict=True)
+            if not all_finite(self._outer_state_tensors(p))
+        ]
+        return (
+            f"its state of hyperparameter(s) {bad} hold NaN or infinite values (Adam's second moment, "
+            "the hypergradient squared, overflows float16 from |hypergradient| ~ 8e3)"
         )
 
     def _outer_restore(self, saved: tuple[list[Tensor], list[Tensor | None], Any]) -> None:

@@ -47,7 +47,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _Hypergradient, _with_autograd
-from ._functional import check_batch, clone_all, grads_or_none, materialize, substituting, tensor_slots
+from ._functional import (
+    _attributes_kept,
+    check_batch,
+    clone_all,
+    grads_or_none,
+    materialize,
+    substituting,
+    tensor_slots,
+)
 from ._implicit import _implicit, _warm_start_for
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver, Neumann
@@ -1714,8 +1722,14 @@ class MarginalLikelihood(HyperOptimizer):
         )
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        # the bound's forward passes (the whole batch, per example, augmented copies) leave the
+        # model's plain tensor attributes as the MAP steps left them (a carried hidden state, a
+        # running input statistic kept as ``self.x = ...``), as Implicit's and Unrolled's
+        # hypergradients do: the next step started from the bound batch's state, silently
+        modules = list(dict.fromkeys([*self.pair.model.modules(), *self.hparams.modules()]))
         try:
-            return self._hypergradient_or_raise(train_batch)
+            with _attributes_kept(modules):
+                return self._hypergradient_or_raise(train_batch)
         except torch.linalg.LinAlgError:
             # a kernel no longer positive definite in floating point (an overflowing or vanishing
             # precision or noise): the bound is not finite there; the guard refuses the step
@@ -1769,7 +1783,12 @@ class MarginalLikelihood(HyperOptimizer):
         start = self.hyper_steps
         x0 = self._x0
 
+        # the outer steps accepted before a refused one drew from torch's generator (outputs="sampled",
+        # a RandomTranslation's shifts): a refusal puts it back too, as a single refused step does
+        rng_before = self._rng_state()
+
         def restore() -> None:
+            self._set_rng_state(rng_before)
             self._x0 = x0
             self.hparams.load_state_dict(backup[0])
             _restore_optimizer(self.outer_optimizer, outer_backup)
