@@ -46,6 +46,7 @@ from ._solvers import (
     _writable,
 )
 from ._types import HVP, Batch, LossFn, Tensors
+from ._wrap import rank0_buffers
 from .hparams import WeightDecay, _constant_coefficients
 
 #: what the default Neumann step size's callback hands back for the learning rate (no power
@@ -985,6 +986,11 @@ class Implicit(HyperOptimizer):
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
         pair = self.pair
         buffers = pair.buffers()
+        # under DistributedDataParallel (broadcast_buffers=True) every rank's training forward
+        # reads rank 0's buffers, broadcast at its start: so does the training loss here (the
+        # objective the steps minimise); the validation loss reads this rank's own, as
+        # ``val_loss(model.module, ...)`` would
+        train_buffers = rank0_buffers(self.model, buffers)
         # the hyperparameters' own buffers as the model's: each loss reads copies of their
         # values now, as step() would (see HyperOptimizer._hparam_buffers_at)
 
@@ -1010,7 +1016,7 @@ class Implicit(HyperOptimizer):
         def lt() -> Tensor:
             start_modes()
             with self._hparam_buffers_at(), _attributes_kept(modules, attributes):
-                return pair.loss(self.train_loss, train_batch, buffers=clone_all(buffers))
+                return pair.loss(self.train_loss, train_batch, buffers=clone_all(train_buffers))
 
         def lv() -> Tensor:
             start_modes()

@@ -44,7 +44,7 @@ from ._functional import (
 from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
 from ._solvers import _autograd_on, _tensor_list
 from ._types import Batch, LossFn, Tensors
-from ._wrap import ddp_wrappers
+from ._wrap import broadcasts_buffers, ddp_wrappers, sync_buffers
 from .hparams import WeightDecay, _constant_coefficients, _reusing_values, _with_decay_graph
 
 _Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
@@ -388,6 +388,11 @@ class _Record:
     #: ``batch`` (as the loss received it, copied before the step), so the record stays as the
     #: real step saw it; otherwise a copy of its containers only (a loss may pop entries)
     mutates_batch: bool = False
+    #: the model's buffers before the step's forward pass, by value, where a
+    #: ``DistributedDataParallel`` wrapper broadcasts rank 0's buffers at each forward: the replay
+    #: starts the step from them (chained from the previous replayed step, the other ranks'
+    #: buffers followed their own shards, not what their forward read); None elsewhere
+    buffers: Tensors | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -925,6 +930,9 @@ class Unrolled(HyperOptimizer):
         # them, e.g. to eval for an auxiliary pass, and leave them so: the modes after the step
         # replayed its dropout-on forward pass with dropout off)
         self._training_before = tuple(m.training for m in self._mode_modules())
+        # DDP (broadcast_buffers=True) broadcasts rank 0's buffers at the start of its forward: do
+        # it now, so the pre-forward buffers the step records are the ones its forward reads
+        sync_buffers(self.model)
 
     def _record_step(
         self,
@@ -1027,6 +1035,7 @@ class Unrolled(HyperOptimizer):
                 autocast=_autocast_state(self.device.type),
                 states=changed_states,
                 hparam_buffers=hparam_buffers,
+                buffers=buffers if broadcasts_buffers(self.model) else None,
                 attributes=attributes,
                 mutates_batch=mutates,
             )
@@ -1190,6 +1199,8 @@ class Unrolled(HyperOptimizer):
         in the ``torch.autocast`` state the real step had (its loss, its backward pass and its
         update), whatever the hyperstep's, and from the optimiser state the real step had where
         that was changed outside ``step()`` (constants then, as for the real step)."""
+        if rec.buffers is not None:  # (DDP's broadcast: the values this rank's forward read)
+            buffers = clone_all(rec.buffers)
         if rec.states is not None:
             states = [
                 st if changed is None else {**{k: st[k] for k in changed[1] if k in st}, **changed[0]}

@@ -93,6 +93,24 @@ def not_syncing(model: nn.Module) -> bool:
     return any(not getattr(d, "require_backward_grad_sync", True) for d in ddp_wrappers(model))
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Broadcast rank 0's module buffers now, as each ``DistributedDataParallel`` wrapper of
+    ``model`` with ``broadcast_buffers=True`` is about to do at the start of its forward: so that a
+    snapshot taken before the forward (the pre-forward buffers Unrolled replays a step from) holds
+    the values the forward reads on every rank, not this rank's own (a buffer updated by each
+    rank's shard, read in training mode). The wrapper's own broadcast then changes nothing."""
+    if broadcasts_buffers(model):
+        for ddp in ddp_wrappers(model):
+            if ddp._check_sync_bufs_pre_fwd():
+                ddp._sync_buffers()
+
+
+def broadcasts_buffers(model: nn.Module) -> bool:
+    """Whether a ``DistributedDataParallel`` wrapper of ``model`` broadcasts rank 0's module
+    buffers at the start of its forward (``broadcast_buffers=True``, the default, and buffers)."""
+    return any(getattr(d, "_check_sync_bufs_pre_fwd", lambda: False)() for d in ddp_wrappers(model))
+
+
 def distributed_world() -> int:
     """The size of the default ``torch.distributed`` process group (1 when none is initialised)."""
     dist = torch.distributed
@@ -181,3 +199,23 @@ def replicate(module: nn.Module, group: Any, size: int) -> None:
     with torch.no_grad():
         for _, t in tensors:
             torch.distributed.broadcast(t.data, src=src, group=group)
+
+
+def rank0_buffers(model: nn.Module, buffers: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``buffers`` (the bare module's), with copies of rank 0's values in place of those a
+    ``DistributedDataParallel`` wrapper of ``model`` broadcasts at the start of its forward
+    (``broadcast_buffers=True``): the values every rank's next training forward reads. The real
+    buffers are left alone. A collective where there is such a wrapper: every rank must call it."""
+    out = list(buffers)
+    for ddp in ddp_wrappers(model):
+        if not getattr(ddp, "_check_sync_bufs_pre_fwd", lambda: False)():
+            continue
+        synced = {id(b) for b in ddp.modules_buffers}
+        group = ddp.process_group
+        src = torch.distributed.get_global_rank(group, 0) if group is not None else 0
+        for i, b in enumerate(out):
+            if id(b) in synced:
+                copy = b.detach().clone()
+                torch.distributed.broadcast(copy, src=src, group=group)
+                out[i] = copy
+    return tuple(out)
