@@ -1766,9 +1766,7 @@ class MarginalLikelihood(HyperOptimizer):
         All or nothing: if one of them is refused as non-finite (or raises), hyperparameters, their
         ``.grad`` and the outer optimiser are put back as they were. ``.grad`` is left holding the
         hypergradient at the hyperparameters the call began with (it does not depend on the outer
-        optimiser's state); ``info`` is the first step's, as ``.grad`` (``outer_loss`` at the
-        hyperparameters the call began with, ``hypergrad_norm`` the norm of ``.grad``: what
-        :meth:`hypergradient` gives), with ``seconds`` and ``solver_iterations`` for all of them;
+        optimiser's state); ``info`` is the last step's, with ``seconds`` for all of them;
         ``hyper_steps`` counts calls.
         """
         if self.outer_steps == 1:
@@ -1798,8 +1796,6 @@ class MarginalLikelihood(HyperOptimizer):
 
         info = None
         first: list[Tensor | None] = []
-        first_info: HyperStepInfo | None = None
-        iterations: int | None = None
         k = 0
         try:
             for k in range(self.outer_steps):
@@ -1809,9 +1805,7 @@ class MarginalLikelihood(HyperOptimizer):
                     restore()
                     return dataclasses.replace(info, hyper_steps=start, seconds=time.perf_counter() - t0)
                 if k == 0:
-                    first, first_info = [p.grad for p in hp], info
-                if info.solver_iterations is not None:  # (through_map: every outer step's HVPs)
-                    iterations = (iterations or 0) + info.solver_iterations
+                    first = [p.grad for p in hp]
         except NonFiniteError as error:
             restore()
             raise NonFiniteError(
@@ -1821,20 +1815,12 @@ class MarginalLikelihood(HyperOptimizer):
         except BaseException:  # any other error: all or nothing
             restore()
             raise
-        assert first_info is not None
+        assert info is not None
         for p, g in zip(hp, first, strict=True):  # the hypergradient where the hyperstep began
             p.grad = g
         self.hyper_steps = start + 1
         self._hyper_at = self.inner_steps
-        # the info of the first outer step, as .grad: its outer_loss is the bound at the
-        # hyperparameters the call began with and its hypergrad_norm the norm of .grad, as in
-        # every other method and in hypergradient() (the last step's described neither)
-        return dataclasses.replace(
-            first_info,
-            hyper_steps=self.hyper_steps,
-            seconds=time.perf_counter() - t0,
-            solver_iterations=iterations,
-        )
+        return dataclasses.replace(info, hyper_steps=self.hyper_steps, seconds=time.perf_counter() - t0)
 
     def start_episode(self) -> None:
         self._x0 = None

@@ -207,28 +207,29 @@ def test_valid_choices_still_build() -> None:
 # ------------------------------------------------------------------ 4. marglik outer_steps info
 
 
-def test_marglik_outer_steps_info_describes_what_lands_in_grad() -> None:
-    """With ``outer_steps=3`` ``.grad`` holds the hypergradient at the hyperparameters the call
-    began with (documented, tested), but the info was the last outer step's: its hypergrad_norm
-    (0.122) was not the norm of ``.grad`` (0.132), its outer_loss the bound after two of the
-    three steps, and ``hypergradient()`` (the same state) reported other numbers. Every other
-    family's info describes ``.grad``. ``outer_loss`` is checked against ``hg.log_evidence_bound``
-    at the starting precisions (-bound / N)."""
+def test_marglik_outer_steps_grad_is_the_first_steps_and_info_the_last_steps() -> None:
+    """With ``outer_steps=3``, ``.grad`` holds the hypergradient at the hyperparameters the call
+    began with (what ``hypergradient()`` gives) and ``info`` describes the last outer step (its
+    ``outer_loss`` the bound at the hyperparameters after the first two: the progress a log of
+    several outer steps per call wants), as documented. (A helper proposed the first step's info
+    for symmetry with ``.grad``; kept as documented, which two paper-reproduction tests read.)"""
+    import copy
+
     torch.manual_seed(0)
     hopt = _marglik(outer_steps=3)
     x, y = _data(5, n=20)
     for i in range(4):
         hopt.step(_data(i, n=20))
-    prior = hopt.prior
-    with torch.no_grad():
-        bound = hg.log_evidence_bound(hopt.model, x, y, prior, data_size=100)
+    two = copy.deepcopy(hopt)
+    two.outer_steps = 2
+    two.hyper_step(train_batch=(x, y))
+    _, before_last = two.hypergradient(train_batch=(x, y))
     grads, peek = hopt.hypergradient(train_batch=(x, y))
     info = hopt.hyper_step(train_batch=(x, y))
     grad = _grad(hopt.hparams)
     torch.testing.assert_close(grad, torch.cat([g.flatten() for g in grads]), rtol=0, atol=0)
-    assert info.hypergrad_norm == pytest.approx(float(grad.norm()), rel=1e-12)
-    assert info.outer_loss == pytest.approx(-float(bound) / 100, rel=1e-12)
-    assert (info.outer_loss, info.hypergrad_norm) == (peek.outer_loss, peek.hypergrad_norm)
+    assert info.outer_loss == pytest.approx(before_last.outer_loss, rel=1e-12)
+    assert info.outer_loss != peek.outer_loss
     assert info.hyper_steps == 1 and not info.skipped
 
 
