@@ -679,6 +679,12 @@ class WeightDecay(nn.Module):
         max: float | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):  # (model.parameters(), an optimiser: AttributeError)
+            got = "an optimiser" if isinstance(model, torch.optim.Optimizer) else type(model).__name__
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module, whose parameter names it "
+                f"keys its decays by), not {got}: pass the model itself, not model.parameters()"
+            )
         # names listed explicitly are penalised even if frozen now (a backbone unfrozen later):
         # they were dropped, and the warning at unfreezing advised naming them in include=...
         listed = include is not None and not callable(include)
@@ -975,6 +981,11 @@ class ExampleWeights(nn.Module):
         try:
             count = operator.index(n)  # an int, or a numpy integer (an array's shape entry)
         except TypeError:
+            if hasattr(n, "__len__") and not (isinstance(n, Tensor) and n.dim() == 0):  # (a dataset)
+                raise TypeError(
+                    f"ExampleWeights takes the number of training examples, an int, got a "
+                    f"{type(n).__name__}: pass len(dataset)"
+                ) from None
             count = 0
         if isinstance(n, bool) or count < 1:
             raise ValueError(f"Invalid number of examples: {n!r}")
@@ -1126,6 +1137,17 @@ class OptimizerSetting(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not hasattr(optimizer, "param_groups"):  # (a scheduler, a model: AttributeError)
+            hint = ""
+            if hasattr(getattr(optimizer, "optimizer", None), "param_groups"):
+                hint = (
+                    " (a learning-rate scheduler? pass its optimiser, scheduler.optimizer, with "
+                    "relative=True to learn a multiplier on the scheduled value)"
+                )
+            raise TypeError(
+                f"{type(self).__name__} takes the inner torch.optim optimiser, got "
+                f"{type(optimizer).__name__}{hint}"
+            )
         groups = optimizer.param_groups
         if name not in groups[0]:
             raise ValueError(f"{type(optimizer).__name__} has no setting {name!r} to tune")
@@ -1357,6 +1379,14 @@ def values(hparams: nn.Module) -> dict[str, Tensor]:
     from ._ml_hparams import RandomTranslation  # defined after this module (they build on it)
     from ._stn_hparams import SelfTuned
 
+    if not isinstance(hparams, nn.Module):  # (a HyperOptimizer, a dict: AttributeError)
+        hint = ""
+        if isinstance(getattr(hparams, "hparams", None), nn.Module):
+            hint = " (a HyperOptimizer? pass its hyperparameters, hopt.hparams)"
+        raise TypeError(
+            f"values / summary take the hyperparameter module (an nn.Module), got "
+            f"{type(hparams).__name__}{hint}"
+        )
     out: dict[str, Tensor] = {}
     covered: list[str] = []
     with torch.no_grad():
