@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -378,17 +379,50 @@ class _BestResponseBase(HyperOptimizer):
         buffers = pair.buffers()
 
         def lv() -> Tensor:
-            model = self.model
+            model, hp = self.model, self.hparams
             was = [(m, m.training) for m in _modules_with_templates(model)]
             model.eval()  # no dropout or augmentation in the validation step
+            before = self._rng_state()
+            hp._draws = []
             try:
-                with self.hparams._drawing(self._val_mode()), validating():
-                    return pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
+                with hp._drawing(self._val_mode()), validating():
+                    out = pair.loss(self.val_loss, val_batch, buffers=clone_all(buffers))
+                draws = hp._draws
             finally:
+                hp._draws = None
                 for m, t in was:
                     m.training = t
+            self._check_val_rng(before, draws)
+            return out
 
         return lv
+
+    def _check_val_rng(self, before: dict[str, Tensor], draws: list[tuple[int, Any, Any]]) -> None:
+        """Warn (once) when the validation pass drew random numbers besides the perturbations:
+        functional dropout left on (``F.dropout(h, p)``, whose ``training`` defaults to True, in a
+        model that is in eval mode there) made every hypergradient a random draw, silently (three
+        calls at ``perturb_val=False`` gave 0.0025, 0.0010, 0.0041). The perturbations' own draws
+        are replayed from ``before`` to find the state they alone leave."""
+        if getattr(self, "_warned_random_val", False):
+            return
+        after = self._rng_state()
+        self._set_rng_state(before)
+        for n, dtype, device in draws:
+            torch.randn(n, self.hparams.size, dtype=dtype, device=device)
+        expected = self._rng_state()
+        self._set_rng_state(after)
+        if all(torch.equal(after[k], expected[k]) for k in after):
+            return
+        self._warned_random_val = True
+        warnings.warn(
+            f"{type(self).__name__}: the validation pass drew random numbers of its own (besides "
+            f"the hyperparameters' perturbations), though it runs the model in eval mode: "
+            f"functional dropout such as F.dropout(h, p), whose training argument defaults to "
+            f"True, or noise not following self.training, makes every hypergradient a random "
+            f"draw. Pass training=self.training (warned once)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _val_mode(self) -> _Mode:
         return _Mode.VAL

@@ -460,6 +460,9 @@ class SelfTuned(nn.Module):
         self._centred_by: bool | None = None
         self._cache: dict[int, Draw] = {}
         self._shared_lam: Tensor | None = None  # (1, H): the one lambda of a shared-draw evaluation
+        # (batch size, dtype, device) of each perturbation drawn while a validation pass records
+        # them (None: not recording), so that it can tell its own draws from the model's
+        self._draws: list[tuple[int, torch.dtype, torch.device]] | None = None
         self._prior: tuple[Tensor, Tensor] | None = None  # (mean, std) for global sampling
         self._centre: Tensor | None = None  # Delta-STN's lambda_0 if held fixed (default: sg(raw))
         self._history: list[dict[str, float]] = []
@@ -637,6 +640,8 @@ class SelfTuned(nn.Module):
             shared = True
         else:
             eps = torch.randn(batch_size, self.size, dtype=raw.dtype, device=raw.device)
+            if getattr(self, "_draws", None) is not None:
+                self._draws.append((batch_size, raw.dtype, raw.device))  # type: ignore[union-attr]
             if self._per_batch is not None:  # those entries: the first row's noise for every row
                 eps = torch.where(self._per_batch.to(raw.device), eps[:1], eps)
             if mode in (_Mode.TRAIN, _Mode.LINEAR):
