@@ -79,6 +79,24 @@ def write_count(t: Tensor) -> tuple[int, int]:
     return t._version, _FUSED_STEPS.get(t, 0)
 
 
+#: how many collecting_gradient_hooks blocks are open (a training gradient being taken)
+_COLLECTING = [0]
+#: how many exact_padding_rows blocks are open
+_EXACT_PADDING = [0]
+
+
+@contextlib.contextmanager
+def exact_padding_rows() -> Iterator[None]:
+    """Within the block (an unrolled hypergradient: replayed steps and the validation loss), an
+    ``nn.Embedding(padding_idx=p)`` lookup differentiates the padding row it reads: see
+    :func:`_embedding_dense`."""
+    _EXACT_PADDING[0] += 1
+    try:
+        yield
+    finally:
+        _EXACT_PADDING[0] -= 1
+
+
 @contextlib.contextmanager
 def collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
     """Within the block, the handle of every gradient hook put on the graph is appended to
@@ -88,6 +106,7 @@ def collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
     (``torch.utils.hooks.BackwardHook``, which keeps no handle)."""
     original = Tensor.register_hook
     backward_hook = torch.utils.hooks.BackwardHook
+    _COLLECTING[0] += 1  # (read by _embedding_dense: a training gradient is being taken)
     # (a private torch method: where a torch version lacks it, module hooks are left as they are)
     apply_on_tensors = getattr(backward_hook, "_apply_on_tensors", None)
 
@@ -106,6 +125,7 @@ def collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
     try:
         yield
     finally:
+        _COLLECTING[0] -= 1
         Tensor.register_hook = original  # type: ignore[method-assign]
         if apply_on_tensors is not None:
             backward_hook._apply_on_tensors = apply_on_tensors  # type: ignore[method-assign]
@@ -394,6 +414,20 @@ def _embedding_dense(
             "(e.g. per-token loss weights or an adaptive optimiser instead), or leave the embedding "
             "out of the weights (requires_grad_(False))"
         )
+    if padding_idx >= 0 and _EXACT_PADDING[0] and weight.requires_grad and torch.is_grad_enabled():
+        # torch's lookup gives the padding row no gradient, yet its forward reads that row: the
+        # masked "gradient" is no loss's gradient once the row is not 0 (from_pretrained(...,
+        # padding_idx=...), a row a tied head trains), and its double backward masks the row too,
+        # where the steps' other gradients depend on it. Looked up unmasked, with the training
+        # gradient's masking (the same values as torch's) done by a hook on the output that
+        # collecting_gradient_hooks removes once that gradient is taken: its derivative, and the
+        # validation loss's gradient, see the row (an unrolled hypergradient was 26-33% off, the
+        # padding row's decays got exactly 0)
+        out = _EMBEDDING(weight, indices, -1, False, False)
+        if _COLLECTING[0]:
+            pad = (indices == padding_idx).unsqueeze(-1)
+            out.register_hook(lambda g: g.masked_fill(pad, 0))
+        return out
     return _EMBEDDING(weight, indices, padding_idx, scale_grad_by_freq, False)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from ._functional import (
     clone_all,
     clone_batch,
     collecting_gradient_hooks,
+    exact_padding_rows,
     grads_or_none,
     iter_tensors,
     materialize,
@@ -218,11 +220,15 @@ def _forward(
     # each pass draws what reverse mode's one call draws (dropout), and leaves torch's RNG there
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    # a complex entry takes two passes, along its real and its imaginary axis, for the gradient
+    # reverse mode gives, dL/dRe + i dL/dIm (one pass along 1 gave dL/dRe alone: the imaginary
+    # part of every complex hyperparameter's hypergradient came out 0, silently)
     for i, h in enumerate(base):
-        for j in range(h.numel()):
+        units: tuple[complex, ...] = (1, 1j) if h.is_complex() else (1,)
+        for j, unit in ((j, u) for j in range(h.numel()) for u in units):
             with fwAD.dual_level():
                 tangent = torch.zeros_like(h, memory_format=torch.contiguous_format)
-                tangent.view(-1)[j] = 1
+                tangent.view(-1)[j] = unit  # type: ignore[assignment]
                 # copies: an in-place operation of outer on what it is given (h[0].clamp_(min=0))
                 # changed the caller's hyperparameter, and the start of every later pass
                 duals = [
@@ -244,7 +250,9 @@ def _forward(
                     ) from e
                 _check_outer_value(out)
                 primal, tan = fwAD.unpack_dual(out)
-                grads[i].view(-1)[j] = 0 if tan is None else tan.detach()
+                if tan is not None:
+                    part = tan.detach().reshape(())  # (outer may return shape (1,))
+                    grads[i].view(-1)[j] += part if unit == 1 else part * 1j
                 reached[i] = reached[i] or tan is not None
                 value = primal.detach()
     if value is None:  # no hyperparameter entries at all
@@ -431,10 +439,12 @@ def _fresh_containers(batch: Batch) -> Batch:
 
 
 def _check_steps(steps: object) -> int:
-    """``steps`` (Unrolled's K) if it is an int >= 1; else a ValueError naming it."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    """``steps`` (Unrolled's K) as an int if it is an integer >= 1 (a NumPy integer too, as a
+    sweep over ``np.arange`` hands it: refused with "need an int" before); else a ValueError
+    naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"Invalid Unrolled steps: {steps!r} (need an int >= 1)")
-    return steps
+    return int(steps)
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
@@ -1669,7 +1679,8 @@ class Unrolled(HyperOptimizer):
         self._check_untracked_hparam_writes()
         # (the validation loss on copies of the current buffers; the model's plain attributes,
         # e.g. a hidden state it keeps, as they are after it)
-        with self._hparam_buffers_at(None), _attributes_kept(self._state_modules()):
+        # (and nn.Embedding(padding_idx=...) differentiating the padding row it reads)
+        with self._hparam_buffers_at(None), _attributes_kept(self._state_modules()), exact_padding_rows():
             return self._hypergradient_on_copies(val_batch)
 
     def _hypergradient_on_copies(self, val_batch: Batch) -> _Hypergradient:
