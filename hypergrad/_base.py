@@ -306,6 +306,15 @@ def _with_autograd(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def _hyper_call(fn: _F) -> _F:
+    """:func:`_with_autograd`, and never traced by ``torch.compile``: a hyperstep runs eagerly
+    (compiled graphs have no double backward), also when called inside a compiled function (a
+    compiled training step). Traced, it failed with dynamo's "Attempt to trace forbidden
+    callable set_stance"; with only the hypergradient kept out of the trace, the traced outer
+    optimiser step was silently lost (the hyperparameters never moved)."""
+    return torch.compiler.disable(_with_autograd(fn))  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def _grads_set_aside(tensors: Sequence[Tensor]) -> Iterator[None]:
     """Within the block the tensors' ``.grad`` is ``None``; afterwards it is the tensor it was
@@ -1200,7 +1209,7 @@ class HyperOptimizer(abc.ABC):
 
     # ------------------------------------------------------------------ the hyper step
 
-    @_with_autograd
+    @_hyper_call
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         """Compute the hypergradient, write it into each hyperparameter's ``.grad`` (replacing what
         was there) and call ``outer_optimizer.step()``.
@@ -1303,7 +1312,7 @@ class HyperOptimizer(abc.ABC):
         self.hyper_steps += 1
         return self._info(res, grad_norm, t0, skipped=False)
 
-    @_with_autograd
+    @_hyper_call
     def hypergradient(
         self, train_batch: Batch = None, val_batch: Batch = None
     ) -> tuple[Tensors, HyperStepInfo]:

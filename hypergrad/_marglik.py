@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _Hypergradient, _with_autograd
+from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _hyper_call, _Hypergradient
 from ._functional import (
     _attributes_kept,
     check_batch,
@@ -1812,7 +1812,7 @@ class MarginalLikelihood(HyperOptimizer):
             self.ranks.mean_([*grads, value, inner])
         return _Hypergradient(grads, value, inner_loss=inner, reached=tuple(g is not None for g in gs))
 
-    @_with_autograd  # inference mode refused before the backup (it made Adam's moments inference tensors)
+    @_hyper_call  # inference mode refused before the backup (it made Adam's moments inference tensors)
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         """``outer_steps`` outer steps on the bound of ``train_batch`` (``val_batch`` is ignored).
 

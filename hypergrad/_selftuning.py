@@ -35,7 +35,7 @@ from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _
 from ._functional import check_batch, clone_all, clone_batch, grads_or_none, iter_tensors, materialize
 from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising, validating
 from ._types import Batch, LossFn, Tensors
-from ._wrap import ddp_wrappers
+from ._wrap import compiled_run_eagerly, ddp_wrappers
 from .nn import HyperNet, StnLayer, response_masks, stn_layers
 
 
@@ -128,10 +128,14 @@ class _Linearised:
     def __init__(self, model: nn.Module) -> None:
         object.__setattr__(self, "_model", model)
 
+    # (never traced: a compiled train_loss, or a compiled function calling step(), failed here
+    # with dynamo's "Attempt to trace forbidden callable set_stance"; it graph-breaks instead)
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # a torch.compile'd model runs eagerly here: its graphs drop the forward-mode tangent
-        # (the linearised output came out silently wrong, not refused)
-        with fwAD.dual_level(), linearising(), torch.compiler.set_stance("force_eager"):
+        # (the linearised output came out silently wrong, not refused). (compiled_run_eagerly:
+        # torch.compiler.set_stance is new in torch 2.6; on older ones every step failed here)
+        with fwAD.dual_level(), linearising(), compiled_run_eagerly():
             out = self._model(*args, **kwargs)
             return _first_order(out)
 
@@ -351,6 +355,7 @@ class _BestResponseBase(HyperOptimizer):
         at, taken = self._phase
         return at != n or taken < self.val_steps
 
+    @torch.compiler.disable  # (as HyperOptimizer.hyper_step: never traced)
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
         info = super().hyper_step(train_batch, val_batch)  # (an error raised takes no turn)
         at, taken = self._phase
