@@ -157,13 +157,18 @@ def _warn_user(message: str, category: type[Warning]) -> None:
     merged warnings from different call sites."""
     frame = sys._getframe(1)
     level = 2  # (1 would be this function, 2 its caller)
-    while (
-        frame.f_back is not None
-        and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR
+    while frame.f_back is not None and (
+        os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR
+        # (and torch.compiler.disable's wrapper around hyper_step / hypergradient)
+        or os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _DYNAMO_DIR
     ):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+#: where ``torch.compiler.disable``'s wrapper frames live (skipped by :func:`_warn_user`)
+_DYNAMO_DIR = os.path.dirname(os.path.abspath(torch._dynamo.eval_frame.__file__))
 
 
 def _put_attributes_back(kept: Sequence[tuple[nn.Module, dict[str, Any]]]) -> None:
@@ -1044,15 +1049,23 @@ class HyperOptimizer(abc.ABC):
         key = registrations()
         cached = getattr(self, "_attribute_modules", None)
         if cached is None or cached[0] != key:
-            seen: set[int] = set()
-            mods = []
-            for m in (*self.pair.model.modules(), *self.hparams.modules()):
-                if id(m) not in seen:
-                    seen.add(id(m))
-                    mods.append(m)
-            cached = (key, mods)
+            cached = (key, self._state_modules())
             self._attribute_modules = cached
         return [(m, vars(m).copy()) for m in cached[1]]
+
+    def _state_modules(self) -> list[nn.Module]:
+        """The modules whose plain tensor attributes (state a forward pass keeps, e.g. a hidden
+        state or a running mean stored as ``self.x = ...``) a step records and its replay starts
+        from: the model's and the hyperparameter module's (an augmentation network's running
+        statistics: the replay advanced them ``steps`` more times per hyperstep, and the steps
+        after it no longer reproduced)."""
+        seen: set[int] = set()
+        out = []
+        for m in (*self.pair.model.modules(), *self.hparams.modules()):
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+        return out
 
     def _snapshot_hparam_buffers(self) -> list[tuple[dict[str, Any], str, Tensor, Tensor]]:
         """The hyperparameter module's buffers (e.g. the BatchNorm statistics of a learned

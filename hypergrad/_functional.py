@@ -989,30 +989,40 @@ def check_batch(
             raise ValueError(batch_dtype_problem(t, what, dtype))
 
 
+def map_containers(batch: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``batch`` with its tuples (named ones too), lists, dicts and dataclasses rebuilt around
+    ``leaf`` of everything else they hold."""
+    if isinstance(batch, Mapping):
+        out = copy.copy(batch)
+        for k, v in batch.items():
+            out[k] = map_containers(v, leaf)  # type: ignore[index]
+        return out
+    if isinstance(batch, list):
+        return [map_containers(v, leaf) for v in batch]
+    if isinstance(batch, tuple):
+        items = [map_containers(v, leaf) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        new = copy.copy(batch)
+        for f in dataclasses.fields(batch):
+            object.__setattr__(new, f.name, map_containers(getattr(batch, f.name), leaf))
+        return new
+    return leaf(batch)
+
+
+def _cloned_leaf(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.detach().clone().requires_grad_(v.requires_grad)
+    return copy.deepcopy(v)
+
+
 def clone_batch(batch: Any) -> Any:
     """A copy of ``batch`` that later in-place changes to the original cannot reach: tensors are
     detached and cloned; tuples (named ones too), lists, dicts and dataclasses are rebuilt around
     the copies; anything else is deep-copied. A tensor that requires grad gives a copy that does
     too (a leaf: the graph it came with is not kept), so a loss that differentiates w.r.t. its
     input (``torch.autograd.grad(out, x)``: an input-gradient penalty) runs on the copy as well."""
-    if isinstance(batch, Tensor):
-        return batch.detach().clone().requires_grad_(batch.requires_grad)
-    if isinstance(batch, Mapping):
-        out = copy.copy(batch)
-        for k, v in batch.items():
-            out[k] = clone_batch(v)  # type: ignore[index]
-        return out
-    if isinstance(batch, list):
-        return [clone_batch(v) for v in batch]
-    if isinstance(batch, tuple):
-        items = [clone_batch(v) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        new = copy.copy(batch)
-        for f in dataclasses.fields(batch):
-            object.__setattr__(new, f.name, clone_batch(getattr(batch, f.name)))
-        return new
-    return copy.deepcopy(batch)
+    return map_containers(batch, _cloned_leaf)
 
 
 # ----------------------------------------------------------------------------- DistributedDataParallel

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import dataclasses
 import enum
 import numbers
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from ._functional import (
     exact_padding_rows,
     grads_or_none,
     iter_tensors,
+    map_containers,
     materialize,
     registrations,
     write_count,
@@ -420,22 +420,7 @@ def _fresh_containers(batch: Batch) -> Batch:
     values: a ``train_loss`` that pops or reassigns entries of the batch it is given (Hugging
     Face's ``labels = batch.pop("labels")``) changes the copy, not the recorded batch, which the
     next replay of the step needs as it was (a ``KeyError`` at the second hyperstep)."""
-    if isinstance(batch, Mapping):
-        out = copy.copy(batch)
-        for k, v in batch.items():
-            out[k] = _fresh_containers(v)  # type: ignore[index]
-        return out
-    if isinstance(batch, list):
-        return [_fresh_containers(v) for v in batch]
-    if isinstance(batch, tuple):
-        items = [_fresh_containers(v) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        new = copy.copy(batch)
-        for f in dataclasses.fields(batch):
-            object.__setattr__(new, f.name, _fresh_containers(getattr(batch, f.name)))
-        return new
-    return batch
+    return map_containers(batch, lambda v: v)
 
 
 def _check_steps(steps: object) -> int:
@@ -1122,20 +1107,6 @@ class Unrolled(HyperOptimizer):
 
     def _hp_write_counts(self) -> tuple[tuple[int, int], ...]:
         return tuple(write_count(h) for h in self.pair.hparam_tensors)
-
-    def _state_modules(self) -> list[nn.Module]:
-        """The modules whose plain tensor attributes (state a forward pass keeps, e.g. a hidden
-        state or a running mean stored as ``self.x = ...``) a step records and its replay starts
-        from: the model's and the hyperparameter module's (an augmentation network's running
-        statistics: the replay advanced them ``steps`` more times per hyperstep, and the steps
-        after it no longer reproduced)."""
-        seen: set[int] = set()
-        out = []
-        for m in (*self.pair.model.modules(), *self.hparams.modules()):
-            if id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-        return out
 
     def _mode_modules(self) -> list[nn.Module]:
         """The modules whose ``training`` flag a step records and its replay restores."""
