@@ -494,10 +494,18 @@ def _rows_are_examples(
         tol = max(1e-2, min(64 * eps, 0.125)) * (1.0 + float(row.abs().max()))
         return float((one - row).abs().max()) <= tol
 
-    alone = inputs(x[:1])
-    if not all(same(alone.get(k), seen[k][0][0][:1].detach()) for k in owners):
+    # (the rolled batch is no batch the model was given: one that takes its batches in an order
+    # of its own, as pack_padded_sequence's default enforce_sorted=True takes them sorted by
+    # length, refuses it. The bound failed then with that error ("`lengths` array must be sorted
+    # in decreasing order"), for a batch that was sorted; the dense kernel, which runs single
+    # examples and the batch as given, needs no such pass)
+    try:
+        alone = inputs(x[:1])
+        if not all(same(alone.get(k), seen[k][0][0][:1].detach()) for k in owners):
+            return False
+        rolled = inputs(x.roll(1, 0))
+    except Exception:
         return False
-    rolled = inputs(x.roll(1, 0))
     return all(same(rolled.get(k), seen[k][0][0].detach().roll(1, 0)) for k in owners)
 
 
@@ -522,14 +530,19 @@ def _graph_uses(f: Tensor, weights: Sequence[Tensor]) -> dict[int, int]:
     return uses
 
 
-def _looped_jacobians(single: Any, theta: dict[str, Tensor], xa: Tensor, graph: bool) -> dict[str, Tensor]:
-    """``vmap(jacrev(single))`` by plain autograd: ``B * C`` backward passes (``(B, C, *shape)``
-    per name). Weights taken as constants become fresh leaves (the same Jacobian)."""
+def _looped_jacobians(
+    single: Any, theta: dict[str, Tensor], xa: Tensor, graph: bool
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``vmap(jacrev(single, has_aux=True))`` by plain autograd: ``B * C`` backward passes
+    (``(B, C, *shape)`` per name), and the outputs of the examples run alone ``(B, C)``. Weights
+    taken as constants become fresh leaves (the same Jacobian)."""
     leaves = {n: t if t.requires_grad else t.detach().requires_grad_(True) for n, t in theta.items()}
     rows: list[list[Tensor]] = []
+    alone: list[Tensor] = []
     with torch.enable_grad():
         for i in range(xa.shape[0]):
-            out = single(leaves, xa[i])
+            out, one = single(leaves, xa[i])
+            alone.append(one)
             for j in range(out.shape[0]):
                 gs = torch.autograd.grad(
                     out[j], list(leaves.values()), retain_graph=True, create_graph=graph, allow_unused=True
@@ -542,10 +555,11 @@ def _looped_jacobians(single: Any, theta: dict[str, Tensor], xa: Tensor, graph: 
                 )
     b = xa.shape[0]
     c = len(rows) // b
-    return {
+    jac = {
         n: torch.stack([r[k] for r in rows]).reshape(b, c, *t.shape)
         for k, (n, t) in enumerate(leaves.items())
     }
+    return jac, torch.stack(alone)
 
 
 def _strided(j: Tensor) -> Tensor:
@@ -564,8 +578,10 @@ def _dense_jacobians(
     graph: bool,
     through_weights: bool = False,
     likelihood: Likelihood | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The outputs ``(B, C)`` and per-parameter Jacobians ``(B, C, numel)`` of the (averaged) outputs."""
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """The outputs ``(B, C)`` and per-parameter Jacobians ``(B, C, numel)`` of the (averaged)
+    outputs, and the outputs of each example (augmented copy) run alone next to its row of the
+    batch's, both ``(B * S, C)`` (for :func:`_check_rows_alone`)."""
     params = dict(model.named_parameters())
     theta = {n: params[n] if through_weights else params[n].detach() for n in names}
     xa = x if augmentation is None else augmentation(x, samples)
@@ -573,26 +589,29 @@ def _dense_jacobians(
     s = samples if augmentation is not None else 1
     slots = tensor_slots(model)  # every place of each weight: exact for models reusing a submodule
 
-    def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+    def single(p: dict[str, Tensor], xi: Tensor) -> tuple[Tensor, Tensor]:
         with substituting((slots[n], v) for n, v in p.items()):
-            return _output(model(xi.unsqueeze(0))).reshape(-1)
+            out = _output(model(xi.unsqueeze(0))).reshape(-1)
+        return out, out.detach()  # (the example's outputs alone, checked against its row of the batch)
 
     try:
-        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(theta, xa)
+        jac, alone = torch.func.vmap(torch.func.jacrev(single, has_aux=True), in_dims=(None, 0))(theta, xa)
     except RuntimeError:
         # an operation without a batching rule (RReLU's rrelu_with_noise, even in eval mode), or
         # one vmap batches wrongly (nn.GRU/LSTM write the batched step into their unbatched
         # initial state: "output with shape [1, 3] doesn't match the broadcast shape [4, 1, 3]"):
         # one backward pass per example and output instead (an error of the model itself is
         # raised again there, by the plain forward pass)
-        jac = _looped_jacobians(single, theta, xa, graph or through_weights)
+        jac, alone = _looped_jacobians(single, theta, xa, graph or through_weights)
     logits = _output(model(xa))
     _check_logits(logits, likelihood)
     f = logits.reshape(b, s, -1).mean(1)
     if not graph:
         f = f.detach()
     out = {n: j.reshape(b, s, f.shape[1], -1).mean(1) for n, j in jac.items()}
-    return f, out
+    # the Jacobians are those of each example (copy) run alone, the outputs (the likelihood, the
+    # whitening) those of the batch: the caller checks that every example alone gives its row
+    return f, out, (alone, logits.detach().reshape(xa.shape[0], -1))
 
 
 @dataclasses.dataclass
@@ -736,7 +755,9 @@ def _terms_body(
     # sharp regression (entries ~1e4) failed to factor, the bound was NaN and every hyperstep
     # was refused (the float32 one was fine)
     if factors is None:  # (the model runs as the caller runs it: under their autocast, if any)
-        f, jac = _dense_jacobians(model, x, names, augmentation, samples, graph, through_weights, likelihood)
+        f, jac, alone = _dense_jacobians(
+            model, x, names, augmentation, samples, graph, through_weights, likelihood
+        )
     if rng is not None and not all(map(torch.equal, rng, _rng_states(x.device))):
         raise ValueError(
             "the model drew random numbers in its forward pass (functional dropout such as "
@@ -745,6 +766,13 @@ def _terms_body(
             "Call model.eval() before hyper_step (and model.train() before step), with every "
             "random operation following self.training"
         )
+    if factors is None:
+        # every example, not only the first and the last (_check_per_example): a model whose
+        # output depends on a statistic of the batch that those two share (sequences cut to the
+        # batch's longest, both of them of that length) mixed the batch's outputs with the
+        # Jacobians of another function, silently (-9.985 for the batch function's -10.009).
+        # The outputs alone come with the Jacobians, at no extra cost
+        _check_rows_alone(*alone, samples if augmentation is not None else 1)
     if augmentation is None and b > 1:
         _check_per_example(model, x, factors[0] if factors is not None else f)
     with _full_precision(x.device.type):
@@ -866,6 +894,30 @@ def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
                 "the batch) leaves the Laplace evidence (and its bound) undefined, as BatchNorm in "
                 "training mode does. Normalise with statistics fixed in advance, or per example"
             )
+
+
+def _check_rows_alone(alone: Tensor, rows: Tensor, samples: int) -> None:
+    """Every row of the batch's outputs ``rows`` ``(B * S, C)`` is what its example (augmented
+    copy) gives alone, ``alone`` (with the tolerance of :func:`_check_per_example`); else the
+    ``ValueError`` of a model mixing the examples of a batch."""
+    if alone.shape != rows.shape:
+        i, diff = 0, math.inf
+    else:
+        eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else 0.0
+        tol = max(1e-2, min(64 * eps, 0.125)) * (1.0 + rows.abs().amax(1))
+        over = (alone.to(rows.dtype) - rows).abs().amax(1) > tol  # (not for NaN outputs)
+        if not bool(over.any()):
+            return
+        i = int(over.nonzero()[0, 0])
+        diff = float((alone[i].to(rows.dtype) - rows[i]).abs().max())
+    raise ValueError(
+        f"the model's output for one example depends on the other examples in the batch (example "
+        f"{i // samples} alone gives outputs {diff:.3g} away from its row in the batch): a "
+        "statistic over the batch (x - x.mean(0), a normalisation by hand, sequences cut to the "
+        "batch's longest, attention across the batch) leaves the Laplace evidence (and its bound) "
+        "undefined, as BatchNorm in training mode does. Normalise with statistics fixed in "
+        "advance, or per example"
+    )
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -1604,6 +1656,25 @@ class MarginalLikelihood(HyperOptimizer):
                 f"per layer or a global one; got bound={self.bound.value!r} and a PriorPrecision with "
                 f"per={self.prior.per!r}: use kernel='auto' or 'dense'"
             )
+        if self.kernel == "layerwise":
+            # the model's structure too: a trained weight that no plain nn.Linear owns (a
+            # convolution's, a LayerNorm's, an embedding's) can never take the layerwise kernel;
+            # a run with burn_in=1000 trained 1000 MAP steps before its first hyperstep said so
+            linear = {
+                id(t)
+                for m in self.pair.model.modules()
+                if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+                for t in (m.weight, m.bias)
+                if t is not None
+            }
+            named = dict(self.pair.model.named_parameters())
+            other = [n for n in self.pair.weight_names if id(named[n]) not in linear]
+            if other:
+                raise ValueError(
+                    f"kernel='layerwise' needs every trained weight in a plain nn.Linear layer; "
+                    f"{other[:3]} belong to other modules: use kernel='auto' (the dense kernel for "
+                    "such a model) or kernel='dense'"
+                )
         _check_real_weights(dict(self.pair.model.named_parameters()), self.pair.weight_names)
         self._check_no_decay()
 

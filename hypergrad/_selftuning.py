@@ -136,7 +136,24 @@ class _Linearised:
         # (the linearised output came out silently wrong, not refused). (compiled_run_eagerly:
         # torch.compiler.set_stance is new in torch 2.6; on older ones every step failed here)
         with fwAD.dual_level(), linearising(), compiled_run_eagerly():
-            out = self._model(*args, **kwargs)
+            try:
+                out = self._model(*args, **kwargs)
+            except RuntimeError as e:
+                text = str(e)
+                if ("forward" in text.lower() and "AD" in text) or text.startswith("SelfTuning"):
+                    raise  # (named by SelfTuning's step, or by the library already)
+                # the base step ran the same model on the same batch: what differs here is the
+                # forward-mode AD. An operation whose jvp PyTorch gets wrong failed with a message
+                # naming neither (group_norm on channels_last inputs: "view size is not
+                # compatible with input tensor's size and stride"), and no hint of linearize=False
+                raise RuntimeError(
+                    f"SelfTuning(delta=True): the model failed in the response step, whose call "
+                    f"linearises the output in the perturbation with forward-mode AD, though the "
+                    f"base step ran it on the same batch ({text}). An operation whose forward-mode "
+                    f"AD PyTorch lacks or gets wrong can be the cause (F.group_norm / nn.GroupNorm "
+                    f"on channels_last inputs, a custom autograd.Function without jvp); pass "
+                    f"linearize=False, or keep such inputs contiguous"
+                ) from e
             return _first_order(out)
 
     def __getattr__(self, name: str) -> Any:
