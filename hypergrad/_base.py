@@ -185,6 +185,17 @@ def _put_attributes_back(kept: Sequence[tuple[nn.Module, dict[str, Any]]]) -> No
                 setattr(m, k, v)
 
 
+def _put_settings_back(kept: Sequence[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Give each module the public number, bool and string attributes it held (``kept`` as
+    ``HyperOptimizer._attributes_now`` takes it) where a forward pass since replaced them (a call
+    counter, ``self.calls += 1``); ``training`` is the modes' own."""
+    for m, was in kept:
+        d = vars(m)
+        for k, v in was.items():
+            if k[0] != "_" and type(v) in _SETTING_TYPES and k != "training" and d.get(k, m) is not v:
+                setattr(m, k, v)
+
+
 def _check_max_grad_norm(value: Any) -> float | None:
     """``step``'s ``max_grad_norm`` as a float (``None`` stays ``None``), or a ``ValueError``."""
     if value is None:
@@ -1408,6 +1419,11 @@ class HyperOptimizer(abc.ABC):
         # back (``model.eval()`` before validating, the usual idiom) left it there, so the steps
         # after the hyperstep trained without dropout and on frozen BatchNorm statistics
         modes = [(m, m.training) for m in (*self.pair.model.modules(), *self.hparams.modules())]
+        # and the modules' plain number settings a forward pass advances (a call counter driving a
+        # warm-up, ``self.calls += 1``): the hypergradient's forward passes are no steps (an
+        # Implicit hyperstep advanced such a counter by 2, an Unrolled one by K + 1, so the
+        # schedule of every later step ran ahead, silently)
+        settings = self._attributes_now()
         try:
             for p in frozen:
                 p.requires_grad_(True)
@@ -1426,6 +1442,7 @@ class HyperOptimizer(abc.ABC):
             for m, flag in modes:
                 if m.training != flag:
                     m.training = flag
+            _put_settings_back(settings)
             FunctionalPair.restore_buffers(hp_buffers)
             with torch.no_grad():
                 for w, kept in zip(renorm, renorm_kept, strict=True):

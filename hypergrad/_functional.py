@@ -1106,14 +1106,23 @@ def _attribute_value(v: Any) -> bool:
     return all(isinstance(t, Tensor) and not isinstance(t, nn.Parameter) for t in v)
 
 
-def _state_attributes(m: nn.Module) -> dict[str, Any]:
+def _state_attributes(
+    m: nn.Module, settings: list[tuple[int, str, Any]] | None = None, index: int = 0
+) -> dict[str, Any]:
     """``m``'s public plain attributes that :func:`_attribute_value` calls state. (Settings are
     skipped by their type first: the modules of a ResNet-18 hold some 1,400 plain attributes,
-    nearly all of them private or settings, and this runs for every module at every step.)"""
+    nearly all of them private or settings, and this runs for every module at every step.) With
+    ``settings``, the public settings but ``training`` (numbers, bools, strings: a dropout rate a
+    schedule changes between steps, a call counter) are appended to it as ``(index, name, value)``
+    in the same pass."""
     out = {}
     for k, v in vars(m).items():
-        if k[0] != "_" and type(v) not in _SETTING_TYPES and _attribute_value(v):
-            out[k] = v
+        if k[0] != "_":
+            if type(v) in _SETTING_TYPES:
+                if settings is not None and k != "training":
+                    settings.append((index, k, v))
+            elif _attribute_value(v):
+                out[k] = v
     return out
 
 
@@ -1130,7 +1139,9 @@ def _copy_attribute(v: Any) -> Any:
 
 
 def _plain_attributes(
-    modules: Sequence[nn.Module], seen: dict[tuple[int, str], tuple[Any, Any]] | None = None
+    modules: Sequence[nn.Module],
+    seen: dict[tuple[int, str], tuple[Any, Any]] | None = None,
+    settings: list[tuple[int, str, Any]] | None = None,
 ) -> tuple[tuple[int, str, Any], ...]:
     """Copies of the modules' plain (unregistered) tensor attributes, ``(module index, name,
     value)``: state kept on a module between forward passes, such as a hidden state that
@@ -1138,10 +1149,11 @@ def _plain_attributes(
     names only, and ``None`` values too (a hidden state not yet set). ``seen`` maps each
     attribute to ``(its tensors and their versions, the copy)`` taken last time: an attribute
     that still holds those tensors, unwritten, shares that copy (a constant kept as a plain
-    attribute, such as a mask, is copied once, not once per step)."""
+    attribute, such as a mask, is copied once, not once per step). ``settings``: see
+    :func:`_state_attributes`."""
     out = []
     for i, m in enumerate(modules):
-        for k, v in _state_attributes(m).items():
+        for k, v in _state_attributes(m, settings, i).items():
             items = v if isinstance(v, (tuple, list)) else (v,)
             key = tuple((id(t), t._version) for t in items if isinstance(t, Tensor))
             last = None if seen is None else seen.get((i, k))
@@ -1157,6 +1169,30 @@ def _plain_attributes(
                     seen[i, k] = ((key, tuple(items)), copy)
             out.append((i, k, copy))
     return tuple(out)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _settings_at(modules: Sequence[nn.Module], values: Sequence[tuple[int, str, Any]]) -> Iterator[None]:
+    """Within the block the modules' plain settings named in ``values`` (a recorded step's, see
+    :func:`_state_attributes`) hold those values, so that its replay runs with the dropout rate,
+    temperature or counter the real step ran with; afterwards what they held before the block."""
+    before = [(modules[i], k, vars(modules[i]).get(k, _MISSING), v) for i, k, v in values if i < len(modules)]
+    try:
+        for m, k, old, v in before:
+            if old is not v:
+                setattr(m, k, v)
+        yield
+    finally:
+        for m, k, old, _ in before:
+            now = vars(m).get(k, _MISSING)
+            if now is not old:
+                if old is _MISSING:
+                    delattr(m, k)
+                else:
+                    setattr(m, k, old)
 
 
 @contextlib.contextmanager

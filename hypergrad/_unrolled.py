@@ -30,6 +30,7 @@ from ._functional import (
     _attributes_kept,
     _count_fused_step,
     _plain_attributes,
+    _settings_at,
     check_batch,
     clip_by_total_norm,
     clone_all,
@@ -391,6 +392,10 @@ class _Record:
     #: outside its parameters and buffers, e.g. a language model's hidden state carried from batch
     #: to batch), by value, as ``(module index, name, value)`` (:func:`_plain_attributes`)
     attributes: tuple[tuple[int, str, Any], ...] = ()
+    #: the modules' plain settings before the step's forward pass (numbers, bools, strings: a
+    #: dropout rate a schedule sets, a temperature, a call counter), ``(module index, name,
+    #: value)``: the replay runs the step with them
+    settings: tuple[tuple[int, str, Any], ...] = ()
     #: whether ``train_loss`` changed the tensors of the step's batch in place (``x.mul_(2)``, a
     #: normalisation written with ``sub_`` / ``div_``): every replay then hands the loss a copy of
     #: ``batch`` (as the loss received it, copied before the step), so the record stays as the
@@ -798,6 +803,10 @@ class Unrolled(HyperOptimizer):
     def _current_versions(self) -> tuple[int, ...]:
         return tuple(w._version for w in self.pair.weights)
 
+    def _buffer_versions(self) -> tuple[tuple[int, int], ...]:
+        """The identity and version counter of each of the model's buffers (no copy, no sync)."""
+        return tuple((id(b), b._version) for b in self.pair.buffers())
+
     def _frozen_versions(self) -> tuple[tuple[int, int], ...]:
         """The identity and version counter of every model parameter that the inner optimiser does
         not train now (frozen, or left out of it); no names (one pass, at every step)."""
@@ -920,11 +929,28 @@ class Unrolled(HyperOptimizer):
         self._check_frozen()
         self._check_hooks()
         seen = getattr(self, "_attributes_seen", None)  # (copies pickled before it was kept)
-        self._attributes_before = _plain_attributes(self._state_modules(), seen)
+        # ... and its modules' plain settings (a dropout or drop-path rate a schedule sets between
+        # steps, a temperature, a call counter), in the same pass: the replay ran every step with
+        # the current ones, silently (a dropout-rate schedule: hypergradient 6-15% off, the outer
+        # loss too, while the hyperparameters moved within the window). Unchanged since the last
+        # step (the usual case), the last step's tuple is shared
+        settings: list[tuple[int, str, Any]] = []
+        self._attributes_before = _plain_attributes(self._state_modules(), seen, settings)
+        last = getattr(self, "_settings_last", None)  # (copies pickled before it was kept)
+        now = tuple(settings)
+        self._settings_before = self._settings_last = last if last == now else now
         # the modes the step starts in, which its replay must start in (a train_loss may switch
         # them, e.g. to eval for an auxiliary pass, and leave them so: the modes after the step
         # replayed its dropout-on forward pass with dropout off)
         self._training_before = tuple(m.training for m in self._mode_modules())
+        # the model's buffers written outside step() since the last step (a class prior or a
+        # normaliser the user updates between batches, running statistics reset): the replay
+        # chains each step's buffers from the previous replayed step's, so this step records the
+        # values its forward starts from (it copies them anyway; kept only then). Silently replayed
+        # with the stale values before: a hypergradient 15-27% off, the outer loss too, with no
+        # warning while the hyperparameters moved within the window
+        seen = getattr(self, "_buffers_seen", None)  # (copies pickled before it was kept)
+        self._buffers_written = bool(self._records) and self._buffer_versions() != seen
         # DDP (broadcast_buffers=True) broadcasts rank 0's buffers at the start of its forward: do
         # it now, so the pre-forward buffers the step records are the ones its forward reads
         sync_buffers(self.model)
@@ -942,6 +968,8 @@ class Unrolled(HyperOptimizer):
         self._promotion = None
         attributes = getattr(self, "_attributes_before", ())  # (copies pickled before it was kept)
         self._attributes_before = ()
+        settings = getattr(self, "_settings_before", ())
+        self._settings_before = ()
         training = getattr(self, "_training_before", None) or tuple(m.training for m in self._mode_modules())
         self._training_before = None
         hparam_ids = {id(h) for h in pair.hparam_tensors}
@@ -1030,8 +1058,13 @@ class Unrolled(HyperOptimizer):
                 autocast=_autocast_state(self.device.type),
                 states=changed_states,
                 hparam_buffers=hparam_buffers,
-                buffers=buffers if broadcasts_buffers(self.model) else None,
+                buffers=(
+                    buffers
+                    if getattr(self, "_buffers_written", False) or broadcasts_buffers(self.model)
+                    else None
+                ),
                 attributes=attributes,
+                settings=settings,
                 mutates_batch=mutates,
             )
         )
@@ -1055,6 +1088,8 @@ class Unrolled(HyperOptimizer):
 
     def _after_step(self) -> None:
         self._versions = self._current_versions()
+        self._buffers_written = False
+        self._buffers_seen = self._buffer_versions()  # (the step's own updates are its own)
         self._frozen_seen = self._frozen_versions()  # (changes made by the step itself are its own)
         self._state_seen = self._state_signature()
 
@@ -1064,6 +1099,7 @@ class Unrolled(HyperOptimizer):
         state["_attributes_seen"] = {}  # (likewise, the model's attributes: copied anew)
         state["_frozen_seen"] = None  # (identities of the original's parameters: re-taken by the copy)
         state["_frozen_params"] = None  # (likewise)
+        state["_buffers_seen"] = None  # (likewise, the buffers': the next step records its own)
         return state
 
     def _state_signature(self) -> list[dict[str, Any]]:
@@ -1242,6 +1278,7 @@ class Unrolled(HyperOptimizer):
                     torch.random.fork_rng(devices=devices, enabled=rec.rng is not None),
                     self._hparam_buffers_at(rec.hparam_buffers),
                     _attributes_kept(self._state_modules(), rec.attributes),
+                    _settings_at(self._state_modules(), rec.settings),
                 ):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
