@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._functional import clone_all, grads_or_none
+from ._functional import clone_all, collecting_gradient_hooks, grads_or_none
 from ._inner import State
 from ._types import Batch, Tensors
 
@@ -96,7 +96,13 @@ def checkpointed_hypergradient(
     # 2. the validation loss at the final weights
     final, leaves = _fresh(w, st, bf)
     n_w = len(final[0])
-    out = pair.loss(hopt.val_loss, val_batch, weights=final[0], buffers=clone_all(pair.buffers()), hparams=hp)
+    val_hooks: list[Any] = []  # (gradient hooks its forward registers: see Unrolled's reverse mode)
+    with collecting_gradient_hooks(val_hooks, model_only=True):
+        out = pair.loss(
+            hopt.val_loss, val_batch, weights=final[0], buffers=clone_all(pair.buffers()), hparams=hp
+        )
+    for handle in val_hooks:
+        handle.remove()
     want = leaves[:n_w] + hp
     # (a validation loss that reaches nothing, detached by mistake: no gradient, said by the caller)
     g = grads_or_none(out, want) if out.requires_grad else (None,) * len(want)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -98,21 +99,27 @@ def exact_padding_rows() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
+def collecting_gradient_hooks(handles: list[Any], *, model_only: bool = False) -> Iterator[None]:
     """Within the block, the handle of every gradient hook put on the graph is appended to
     ``handles`` (for the caller to remove once the gradient they shape is taken): hooks
     registered with ``Tensor.register_hook``, and the ones torch puts on the grad_fn of a module's
     inputs and outputs at each call for its full backward (pre-)hooks
-    (``torch.utils.hooks.BackwardHook``, which keeps no handle)."""
+    (``torch.utils.hooks.BackwardHook``, which keeps no handle).
+
+    With ``model_only=True``, only those the model puts there: a module's full backward
+    (pre-)hooks, and tensor hooks registered while a module's forward runs (not those the caller's
+    own code registers, e.g. a loss function on its output)."""
     original = Tensor.register_hook
     backward_hook = torch.utils.hooks.BackwardHook
-    _COLLECTING[0] += 1  # (read by _embedding_dense: a training gradient is being taken)
+    if not model_only:
+        _COLLECTING[0] += 1  # (read by _embedding_dense: a training gradient is being taken)
     # (a private torch method: where a torch version lacks it, module hooks are left as they are)
     apply_on_tensors = getattr(backward_hook, "_apply_on_tensors", None)
 
     def register_hook(self: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Any:
         handle = original(self, hook)
-        handles.append(handle)
+        if not model_only or _in_module_call():
+            handles.append(handle)
         return handle
 
     def _apply_on_tensors(self: Any, fn: Callable[[Any], None], args: Any) -> Any:
@@ -125,10 +132,47 @@ def collecting_gradient_hooks(handles: list[Any]) -> Iterator[None]:
     try:
         yield
     finally:
-        _COLLECTING[0] -= 1
+        if not model_only:
+            _COLLECTING[0] -= 1
         Tensor.register_hook = original  # type: ignore[method-assign]
         if apply_on_tensors is not None:
             backward_hook._apply_on_tensors = apply_on_tensors  # type: ignore[method-assign]
+
+
+#: the code of ``nn.Module.__call__``'s implementation: a frame running it is a module's call
+_MODULE_CALL_CODES = frozenset(
+    f.__code__ for f in (nn.Module._call_impl, getattr(nn.Module, "_wrapped_call_impl", nn.Module._call_impl))
+)
+
+
+def _in_module_call() -> bool:
+    """Whether a module's ``__call__`` is on the Python stack (a walk up the frames: for each
+    gradient hook registered inside :func:`collecting_gradient_hooks` with ``model_only``, a few)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _MODULE_CALL_CODES:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+class _RemovedAtOnce(list):  # type: ignore[type-arg]
+    """A handle list for :func:`collecting_gradient_hooks` that removes each hook as it comes."""
+
+    def append(self, handle: Any) -> None:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def ignoring_gradient_hooks() -> Iterator[None]:
+    """Within the block, the gradient hooks that forward passes put on the graph
+    (``Tensor.register_hook``, a module's full backward (pre-)hooks) are removed as they are
+    registered, so they act on no derivative taken through it: for derivatives of the network's
+    function itself (the marginal likelihood's Jacobians), which hooks that shape training
+    gradients (an activation's gradient clipped or scaled) must not reach. Hooks registered
+    before the block (on the weights) are left alone."""
+    with collecting_gradient_hooks(_RemovedAtOnce()):
+        yield
 
 
 class _HookRecorder:
@@ -1204,7 +1248,14 @@ def _attributes_kept(
     they are the objects they were before the block, and attributes the block added are gone:
     a replayed step or the validation loss that stores a hidden state on the model leaves the
     real one alone."""
-    before = [_state_attributes(m) for m in modules]
+    # (with the whole __dict__, shallowly, at C speed: an attribute that was no state when the
+    # block began, such as an empty list a forward hook fills with features in eval mode, is
+    # state once filled, and was deleted as if the block had added it: the user's next forward
+    # pass crashed with "object has no attribute". And the lengths of the lists: what the block
+    # appended to one in place, such as that hook's features, is taken off again (a hyperstep of
+    # MarginalLikelihood left its vmapped passes' tensors there, which crashed any later use)
+    before = [(vars(m).copy(), _state_attributes(m)) for m in modules]
+    lengths = [[(v, len(v)) for k, v in was.items() if type(v) is list and k[0] != "_"] for was, _ in before]
     # (through setattr: a recurrent layer's weight kept as a plain attribute, as AWD-LSTM's
     # weight drop sets it, also goes into the layer's own list of its weights)
     try:
@@ -1213,10 +1264,15 @@ def _attributes_kept(
                 setattr(modules[i], k, _copy_attribute(v))
         yield
     finally:
-        for m, kept in zip(modules, before, strict=True):
+        for m, (was, kept), lists in zip(modules, before, lengths, strict=True):
             d = vars(m)
             for k in [k for k in _state_attributes(m) if k not in kept]:
-                delattr(m, k)
+                if k in was:
+                    setattr(m, k, was[k])  # (no state before: an empty list, say)
+                else:
+                    delattr(m, k)  # added by the block
             for k, v in kept.items():
                 if d.get(k, m) is not v:
                     setattr(m, k, v)
+            for v, n in lists:
+                del v[n:]

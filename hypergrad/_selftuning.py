@@ -32,7 +32,15 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import CheckpointError
 
 from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
-from ._functional import check_batch, clone_all, clone_batch, grads_or_none, iter_tensors, materialize
+from ._functional import (
+    check_batch,
+    clone_all,
+    clone_batch,
+    collecting_gradient_hooks,
+    grads_or_none,
+    iter_tensors,
+    materialize,
+)
 from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising, validating
 from ._types import Batch, LossFn, Tensors
 from ._wrap import compiled_run_eagerly, ddp_wrappers
@@ -95,7 +103,16 @@ def selftuning_hypergradient(
     mean = hparams._mode is _Mode.MEAN
     # autograd on whatever the caller's grad mode (under torch.no_grad() every gradient came out
     # a silent 0, as if nothing reached the hyperparameters)
-    with torch.enable_grad(), hparams._drawing(_Mode.VAL_MEAN) if mean else contextlib.nullcontext():
+    # gradient hooks that val_loss's forward pass registers (a hook the model puts on an
+    # activation, a module's full backward (pre-)hook) shape training gradients; on this gradient
+    # they scaled it (an activation's gradient halved by a hook: a hypergradient half the central
+    # differences', silently): removed before the backward pass
+    hooks: list[Any] = []
+    with (
+        torch.enable_grad(),
+        hparams._drawing(_Mode.VAL_MEAN) if mean else contextlib.nullcontext(),
+        collecting_gradient_hooks(hooks, model_only=True),
+    ):
         lv = val_loss()
         if not (isinstance(lv, Tensor) and lv.dim() == 0 and lv.is_floating_point()):
             what = f"a tensor of shape {tuple(lv.shape)}" if isinstance(lv, Tensor) else type(lv).__name__
@@ -103,6 +120,8 @@ def selftuning_hypergradient(
                 f"selftuning_hypergradient: val_loss must return a 0-dim float tensor, got {what}"
             )
         obj = lv - entropy_weight * hparams.entropy() if hparams.learn_scale else lv
+    for handle in hooks:
+        handle.remove()
     gs = grads_or_none(obj, params)
     reached = torch.tensor([g is not None for g in gs])
     return materialize(gs, params), lv.detach(), reached
