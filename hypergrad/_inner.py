@@ -671,6 +671,16 @@ def update_for(optimizer: torch.optim.Optimizer) -> Update:
     return fn
 
 
+def state_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Settings that ``optimizer`` reads from its ``defaults``, not from the param group, when it
+    creates a weight's missing state: torch.optim.Adagrad fills ``sum`` with the constructor's
+    ``initial_accumulator_value`` (after ``state.clear()``, or for a group added later), whatever
+    the group says. The replay, which creates such state itself, must read the same value."""
+    if type(optimizer) is torch.optim.Adagrad:
+        return {"initial_accumulator_value": optimizer.defaults.get("initial_accumulator_value", 0.0)}
+    return {}
+
+
 def group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of a param group (everything but its parameters), copied; a one-element
     tensor setting of any shape (``lr=torch.tensor([0.01])``, which torch.optim accepts) as the

@@ -44,7 +44,7 @@ from ._functional import (
     registrations,
     write_count,
 )
-from ._inner import State, group_settings, snapshot_state, update_exactly, update_for
+from ._inner import State, group_settings, snapshot_state, state_defaults, update_exactly, update_for
 from ._solvers import _autograd_on, _tensor_list
 from ._types import Batch, LossFn, Tensors
 from ._wrap import broadcasts_buffers, ddp_wrappers, sync_buffers
@@ -447,6 +447,19 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
 def _clone_settings(group: dict[str, Any]) -> dict[str, Any]:
     """Param-group settings by value (a scheduler may update a tensor learning rate in place)."""
     return {k: clone_batch(v) for k, v in group_settings(group).items()}
+
+
+def _step_replaced(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` was replaced on the instance (``opt.step = projected_step``, a
+    wrapper that clamps the weights or edits the gradients), so that the real steps run more than
+    the class's step that the replay reproduces. An LR scheduler's own wrapper, which only counts
+    the calls (``_wrapped_by_lr_sched``), is looked through. One dictionary lookup per step."""
+    step = optimizer.__dict__.get("step")
+    if step is None:
+        return False
+    if getattr(step, "_wrapped_by_lr_sched", False):
+        step = getattr(step, "__wrapped__", step)
+    return getattr(step, "__func__", step) is not type(optimizer).step
 
 
 def _groups_of(members: Sequence[Sequence[int]]) -> dict[int, int]:
@@ -870,6 +883,8 @@ class Unrolled(HyperOptimizer):
         found = set()
         if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
             found.add("optimizer step hooks on inner_optimizer")
+        if _step_replaced(opt):
+            found.add("a step method set on inner_optimizer itself (inner_optimizer.step = ...)")
         post = getattr(optim_module, "_global_optimizer_post_hooks", {})
         if getattr(optim_module, "_global_optimizer_pre_hooks", None) or any(
             h is not _count_fused_step
@@ -1045,7 +1060,10 @@ class Unrolled(HyperOptimizer):
         self._records.append(
             _Record(
                 batch=recorded,
-                groups=[_clone_settings(g) for g in self.inner_optimizer.param_groups],
+                groups=[
+                    {**_clone_settings(g), **state_defaults(self.inner_optimizer)}
+                    for g in self.inner_optimizer.param_groups
+                ],
                 has_grad=has_grad,
                 rng=rng,
                 anchor=anchor,
@@ -1090,11 +1108,45 @@ class Unrolled(HyperOptimizer):
         self._versions = self._current_versions()
         self._buffers_written = False
         self._buffers_seen = self._buffer_versions()  # (the step's own updates are its own)
-        self._frozen_seen = self._frozen_versions()  # (changes made by the step itself are its own)
+        before, now = getattr(self, "_frozen_seen", None), self._frozen_versions()
+        if before is not None and now != before and not getattr(self, "_warned_frozen_step", False):
+            # (the versions before the step are _check_frozen's, taken in _before_step: no extra pass)
+            seen = set(before)
+            ids = {i for i, v in now if (i, v) not in seen}
+            # (nn.Embedding(max_norm=...) renormalising a frozen table: a second pass leaves it as
+            # it is, and the hyperstep puts it back; see HyperOptimizer._compute)
+            ids -= self._renormalised_ids()
+            changed = [n for n, p in self.pair.model.named_parameters() if id(p) in ids]
+            if changed:
+                self._warned_frozen_step = True
+                _warn_user(
+                    f"the step changed model parameter(s) {changed[:4]} that inner_optimizer does not "
+                    "train, in place (a running statistic kept as an nn.Parameter, updated in "
+                    "forward?). Unrolled records buffers by value, not parameters: the replay runs "
+                    "every recorded step with their current value, and its forward passes change "
+                    "them again (each hyperstep moves them, although it should change no weight). "
+                    "Register such a tensor as a buffer (module.register_buffer). (warned once)",
+                    ReplayWarning,
+                )
+        self._frozen_seen = now  # (the step's own changes are not taken for changes outside it)
         self._state_seen = self._state_signature()
+
+    def _renormalised_ids(self) -> set[int]:
+        """The identities of the weights of the model's ``nn.Embedding(max_norm=...)`` layers
+        (taken again only when a module was registered somewhere since)."""
+        cached = getattr(self, "_renorm_ids", None)
+        if cached is None or cached[0] != registrations():
+            ids = {
+                id(m.weight)
+                for m in self.pair.model.modules()
+                if isinstance(m, nn.Embedding) and m.max_norm is not None
+            }
+            cached = self._renorm_ids = (registrations(), ids)
+        return cached[1]
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
+        state["_renorm_ids"] = None  # (identities of the original's weights: re-taken by the copy)
         state["_state_seen"] = None  # (references to the state's tensors: re-taken by the copy)
         state["_attributes_seen"] = {}  # (likewise, the model's attributes: copied anew)
         state["_frozen_seen"] = None  # (identities of the original's parameters: re-taken by the copy)
