@@ -1018,6 +1018,12 @@ class HyperOptimizer(abc.ABC):
             for _, setting in self.settings:
                 setting.write()
             self.inner_optimizer.step()
+        except BaseException:
+            # the optimiser refused the update (Adam given a sparse gradient, out of memory in its
+            # state's first allocation): no step was taken, so none is recorded (a script that
+            # catches the error and goes on had a replay with a step that never happened)
+            self._forget_step()
+            raise
         finally:
             for _, setting in self.settings:
                 setting.restore()
@@ -1212,6 +1218,10 @@ class HyperOptimizer(abc.ABC):
 
     def _before_step(self) -> None:  # noqa: B027 - optional hook
         """Called at the start of every :meth:`step`, after the trained weights are refreshed."""
+
+    def _forget_step(self) -> None:  # noqa: B027 - optional hook
+        """Called when ``inner_optimizer.step()`` raised after :meth:`_record_step`: undo the
+        record of the step that was not taken."""
 
     def _record_step(  # noqa: B027 - optional hook
         self,

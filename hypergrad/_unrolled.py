@@ -981,6 +981,8 @@ class Unrolled(HyperOptimizer):
     ) -> None:
         pair = self.pair
         self._promotion = None
+        # (what _forget_step puts back if the optimiser then refuses the update)
+        self._undo = (self._since_anchor, self._since_move, self._hp_versions, self._hp_moved)
         attributes = getattr(self, "_attributes_before", ())  # (copies pickled before it was kept)
         self._attributes_before = ()
         settings = getattr(self, "_settings_before", ())
@@ -1093,6 +1095,17 @@ class Unrolled(HyperOptimizer):
             self._records.popleft()
         self._at_most_two_anchors()
 
+    def _forget_step(self) -> None:
+        """Drop the record of a step whose update the inner optimiser refused. The records that
+        this step's record let go of stay gone: the ring is still a chain from its oldest anchor
+        (anchors it turned into copies of the hyperparameters are replayed from the one before),
+        one step shorter than a window until the next step."""
+        undo, self._undo = getattr(self, "_undo", None), None
+        if undo is None or not self._records:
+            return
+        self._records.pop()
+        self._since_anchor, self._since_move, self._hp_versions, self._hp_moved = undo
+
     def _at_most_two_anchors(self) -> None:
         """Keep the oldest full snapshot (where the window's replay starts) and the newest; one
         between them (irregular hypersteps: one promoted by :meth:`_promote`, one taken K steps
@@ -1105,6 +1118,7 @@ class Unrolled(HyperOptimizer):
             r.hparams = anchor.hparams
 
     def _after_step(self) -> None:
+        self._undo = None
         self._versions = self._current_versions()
         self._buffers_written = False
         self._buffers_seen = self._buffer_versions()  # (the step's own updates are its own)

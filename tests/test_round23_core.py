@@ -1,0 +1,87 @@
+"""Round 23 (maintainer): fixes made beside the helpers' round."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hypergrad as hg
+
+
+def _ridge(seed: int = 0) -> tuple[torch.nn.Module, hg.hparams.WeightDecay]:
+    torch.manual_seed(seed)
+    m = torch.nn.Linear(4, 1).double()
+    return m, hg.hparams.WeightDecay(m, per="layer", init=0.1).double()
+
+
+def _loss(m, h, b):  # type: ignore[no-untyped-def]
+    return ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m)
+
+
+def _val(m, h, b):  # type: ignore[no-untyped-def]
+    return ((m(b[0]) - b[1]) ** 2).mean()
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(8, 4, generator=g, dtype=torch.float64),
+            torch.randn(8, 1, generator=g, dtype=torch.float64),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "checkpoint"])
+@pytest.mark.parametrize("fail_at", [0, 2, 3])
+def test_a_step_the_inner_optimiser_refuses_is_not_replayed(mode: str, fail_at: int) -> None:
+    """An update the inner optimiser refuses (out of memory in its first state allocation, Adam
+    given a sparse gradient: raised inside ``inner_optimizer.step()``) is no step: a script that
+    catches the error and goes on must get the hypergradient of the steps that were taken. Before,
+    the failed step's record stayed in the ring, and the replay ran one step more than training
+    (the replay then diverged from the real weights). Compared with a run in which the failure
+    never happened, in float64, at a failure on the first step, mid-window and at an anchor."""
+    data, vb = _batches(6), _batches(7)[-1]
+
+    def run(fail: bool) -> tuple[torch.Tensor, ...]:
+        m, hp = _ridge()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        kw = {"mode": "reverse", "checkpoint": True} if mode == "checkpoint" else {"mode": mode}
+        hopt = hg.Unrolled(
+            m,
+            hp,
+            _loss,
+            _val,
+            inner_optimizer=opt,
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0),
+            steps=3,
+            **kw,
+        )
+        for i, b in enumerate(data):
+            if fail and i == fail_at:
+
+                def refuse(*_: object) -> None:
+                    raise RuntimeError("out of memory (simulated)")
+
+                handle = opt.register_step_pre_hook(refuse)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (the hook is named: it is gone before the replay)
+                    with pytest.raises(RuntimeError, match="simulated"):
+                        hopt.step(b)
+                handle.remove()
+                opt.zero_grad(set_to_none=True)
+            hopt.step(b)
+            if i == 2:
+                hopt.hyper_step(val_batch=vb)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hg.ReplayWarning)
+            grads, _ = hopt.hypergradient(val_batch=vb)
+        assert hopt.inner_steps == len(data)
+        return tuple(g.detach().clone() for g in grads) + tuple(p.detach().clone() for p in m.parameters())
+
+    want, got = run(False), run(True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
