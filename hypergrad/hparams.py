@@ -1151,6 +1151,14 @@ class OptimizerSetting(nn.Module):
         groups = optimizer.param_groups
         if name not in groups[0]:
             raise ValueError(f"{type(optimizer).__name__} has no setting {name!r} to tune")
+        if isinstance(optimizer, torch.optim.Adagrad) and name == "initial_accumulator_value":
+            # (torch.optim.Adagrad fills a new state's sum from its defaults, never from the param
+            # group, and reads the setting nowhere else: a tuned value changed no step, silently)
+            raise ValueError(
+                "Adagrad's 'initial_accumulator_value' cannot be tuned: torch.optim.Adagrad reads it "
+                "from the constructor's defaults when it creates a weight's state, never from "
+                "param_groups, so no step would use the tuned value"
+            )
         if not isinstance(relative, bool):
             raise TypeError(f"relative must be a bool, got {relative!r}")
         self.name = name

@@ -85,3 +85,16 @@ def test_a_step_the_inner_optimiser_refuses_is_not_replayed(mode: str, fail_at: 
     want, got = run(False), run(True)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_adagrads_initial_accumulator_value_is_refused_as_a_tuned_setting() -> None:
+    """torch.optim.Adagrad reads ``initial_accumulator_value`` from its defaults when it creates a
+    state, never from the param group: an OptimizerSetting on it tuned a value no step used (and
+    Unrolled's replay, which follows torch, gave it a hypergradient of exactly 0). Refused, naming
+    why; a setting Adagrad does read from the group (lr_decay) is still accepted."""
+    m = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adagrad(m.parameters(), lr=0.1, initial_accumulator_value=0.5)
+    with pytest.raises(ValueError, match="initial_accumulator_value.*defaults"):
+        hg.hparams.OptimizerSetting(opt, "initial_accumulator_value", "positive")
+    opt = torch.optim.Adagrad(m.parameters(), lr=0.1, lr_decay=0.01)
+    assert float(hg.hparams.OptimizerSetting(opt, "lr_decay", "positive").value) == pytest.approx(0.01)
