@@ -85,7 +85,11 @@ class HyperStepInfo:
     """What one ``hyper_step`` did, for logging (``dataclasses.asdict(info)`` goes to wandb).
 
     Attributes:
-        outer_loss: the validation (outer) loss at the current weights.
+        outer_loss: the validation (outer) loss at the weights the hypergradient is taken at:
+            the current weights; for :class:`~hypergrad.Unrolled`, the end of its replay of the
+            window, run with the current hyperparameters, which is the current weights unless
+            hypersteps moved the hyperparameters within the window (then about where the window
+            would have ended with them).
         hypergrad_norm: Euclidean norm of the whole hypergradient.
         solver_iterations: HVPs spent by the linear solver, including any spent estimating its
             step size (``None`` for methods without one).
