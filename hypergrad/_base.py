@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -1707,6 +1707,7 @@ class HyperOptimizer(abc.ABC):
             RuntimeError, KeyError, ...: whatever the model's, the containers' or the
                 optimisers' ``load_state_dict`` raises (after everything was put back).
         """
+        self._check_is_a_state(state)
         if state.get("method_name") != type(self).__name__:
             raise ValueError(
                 f"this state_dict was saved by {state.get('method_name')!r}, not {type(self).__name__!r}"
@@ -1741,6 +1742,15 @@ class HyperOptimizer(abc.ABC):
                 for i in range(len(a))
                 if a[i] != b[i]
             )
+            held, here = {str(n) for a in was for n in a}, {str(n) for a in now for n in a}
+            if held != here:  # (not an order: other names, which no order of the optimiser fixes)
+                raise ValueError(
+                    f"this state_dict's {key} held other parameters than {key} here (param_groups"
+                    f"[{g}], position {i}: saved {was[g][i]!r}, here {now[g][i]!r}; saved only: "
+                    f"{sorted(held - here)[:4]}, here only: {sorted(here - held)[:4]}): a model whose "
+                    f"modules were renamed or rebuilt (a Sequential made a class), or other weights "
+                    f"frozen than in the saved run? Build the model and {key} as the saved run did"
+                )
             raise ValueError(
                 f"this state_dict's {key} held the parameters in another order (param_groups[{g}], "
                 f"position {i}: saved {was[g][i]!r}, here {now[g][i]!r}); torch.optim loads its state "
@@ -1777,6 +1787,36 @@ class HyperOptimizer(abc.ABC):
                 "generator as it is, delete state['rng'] before loading",
                 UserWarning,
             )
+
+    def _check_is_a_state(self, state: Any) -> None:
+        """Refuse what is not a :meth:`state_dict` at all, saying what it looks like: a path (an
+        ``AttributeError: 'str' object has no attribute 'get'``), a model's or an optimiser's own
+        state_dict, or a script's checkpoint dict holding the state under a key ("this
+        state_dict was saved by None", which named neither)."""
+        name = type(self).__name__
+        if not isinstance(state, Mapping):
+            hint = ""
+            if isinstance(state, (str, bytes, os.PathLike)):
+                hint = ": a path? read it first, hopt.load_state_dict(torch.load(path, weights_only=True))"
+            raise TypeError(
+                f"{name}.load_state_dict takes the dict hopt.state_dict() returned, got "
+                f"{type(state).__name__}{hint}"
+            )
+        if "method_name" in state:
+            return
+        inner = [k for k, v in state.items() if isinstance(v, Mapping) and "method_name" in v]
+        if inner:
+            hint = f"; it holds one under {inner[0]!r}: load state[{inner[0]!r}]"
+        elif "param_groups" in state and "state" in state:
+            hint = "; it looks like an optimiser's own state_dict (optimizer.load_state_dict loads that)"
+        elif state and all(isinstance(v, Tensor) for v in state.values()):
+            hint = (
+                "; it looks like a module's own state_dict (model.load_state_dict or "
+                "hparams.load_state_dict loads that)"
+            )
+        else:
+            hint = f"; its keys: {sorted(map(str, state))[:8]}"
+        raise ValueError(f"this is not a {name}.state_dict() (it has no 'method_name' entry{hint})")
 
     def _check_optimizer_classes(self, saved: Any) -> None:
         """Refuse optimiser states saved by an optimiser of another kind (an Adam's into an SGD):

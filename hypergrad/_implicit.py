@@ -375,6 +375,23 @@ def _warm_start_for(x0: Sequence[Tensor] | None, weights: Sequence[Tensor]) -> T
     return tuple(a.to(dtype=w.dtype, device=w.device) for a, w in zip(x0, weights, strict=True))
 
 
+def _by_name(tensors: Sequence[Tensor] | None, saved: Any, names: Sequence[str] | None) -> Tensors | None:
+    """``tensors`` (one per weight, in the order of the names ``saved``) in the order of ``names``:
+    a run built with its modules in another order lists its weights so (``named_parameters``
+    order), and a warm start loaded by position gave each weight another's (same shapes: a
+    warm-started CG's hypergradient 50% off the uninterrupted run's after a resume). As given
+    where the names are unknown (states saved before they were kept) or not the same ones."""
+    if tensors is None or saved is None or names is None:
+        return None if tensors is None else tuple(tensors)
+    saved, names = list(saved), list(names)
+    if saved == names or len(saved) != len(tensors) or len(set(saved)) != len(saved):
+        return tuple(tensors)
+    if sorted(saved) != sorted(names):
+        return tuple(tensors)
+    at = {n: i for i, n in enumerate(saved)}
+    return tuple(tensors[at[n]] for n in names)
+
+
 def _moves_from_start(solver: LinearSolver) -> bool:
     """Whether ``solver`` spends an iteration past a warm start: ``Neumann(steps=0)`` returns
     ``x0`` as it is and ``CG(maxiter=1)`` spends its one HVP on the residual of ``x0``. Warm-started,
@@ -1171,10 +1188,28 @@ class Implicit(HyperOptimizer):
         }
         return bool(ids) and all(id(w) in ids for w in weights)
 
+    def _hessian_names(self) -> list[str] | None:
+        """The names of :meth:`_hessian_weights`, the weights the kept solution and eigenvector
+        are over, in their order (``None`` where ``hessian_subset`` selects none)."""
+        try:
+            weights = self._hessian_weights()
+        except ValueError:
+            return None
+        names = {id(w): n for n, w in zip(self.pair.weight_names, self.pair.weights, strict=True)}
+        return [names[id(w)] for w in weights]
+
     def _method_state(self) -> dict[str, Any]:
-        return {"x0": self._x0, "power": self._power, "warned_lr": self._warned_lr}
+        return {
+            "x0": self._x0,
+            "power": self._power,
+            "warned_lr": self._warned_lr,
+            "weight_names": self._hessian_names(),  # (the order of x0's and the eigenvector's tensors)
+        }
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
-        self._x0 = state.get("x0")
-        self._power = state.get("power")
+        saved, here = state.get("weight_names"), self._hessian_names()
+        self._x0 = _by_name(state.get("x0"), saved, here)
+        power = state.get("power")
+        vec = None if power is None else _by_name(power[1], saved, here)
+        self._power = None if power is None or vec is None else (power[0], vec, power[2])
         self._warned_lr = bool(state.get("warned_lr", False))

@@ -28,6 +28,7 @@ from ._base import DisconnectedWarning, HyperOptimizer, OnNonFinite, _Hypergradi
 from ._checkpointed import checkpointed_hypergradient
 from ._functional import (
     _attributes_kept,
+    _buffer_slots,
     _count_fused_step,
     _plain_attributes,
     _settings_at,
@@ -418,6 +419,65 @@ class _Record:
         if d.get("anchor") is not None:
             d["anchor"] = _Anchor(**d["anchor"])
         return cls(**d)
+
+
+def _reorder(saved: Any, here: Sequence[str]) -> list[int] | None:
+    """Where each of ``here``'s names is in ``saved``, when a saved run listed the same names in
+    another order (a model or a ``ModuleDict`` of hyperparameters built with its entries in
+    another order: ``load_state_dict`` loads both by name, but a record holds its tensors by
+    position); ``None`` when the order is the same, or the names are not the same ones (states
+    saved before the names were kept; other weights trained: refused by the shape check)."""
+    if saved is None:
+        return None
+    saved, here = list(saved), list(here)
+    if saved == here or len(set(saved)) != len(saved) or sorted(saved) != sorted(here):
+        return None
+    at = {n: i for i, n in enumerate(saved)}
+    return [at[n] for n in here]
+
+
+def _records_in_order(
+    records: list[dict[str, Any]], orders: dict[str, list[int] | None]
+) -> list[dict[str, Any]]:
+    """Saved records (``_Record.to_dict``) with their per-weight, per-hyperparameter, per-buffer
+    and per-module entries put in this run's order (``orders``: :func:`_reorder` of the
+    ``"weights"``, ``"hparams"``, ``"buffers"``, ``"hparam_buffers"``, ``"modules"`` (the
+    ``training`` flags) and ``"state_modules"`` (the module indices of the plain attributes and
+    settings)); new
+    dicts, the given ones are left as they are."""
+    if all(o is None for o in orders.values()):
+        return records
+
+    def pick(seq: Any, kind: str) -> Any:
+        order = orders.get(kind)
+        if order is None or seq is None or len(seq) != len(order):
+            return seq
+        out = [seq[i] for i in order]
+        return tuple(out) if isinstance(seq, tuple) else out
+
+    state_modules = orders.get("state_modules")
+    moved = None if state_modules is None else {was: now for now, was in enumerate(state_modules)}
+    out = []
+    for r in records:
+        r = dict(r)
+        r["has_grad"] = pick(r.get("has_grad"), "weights")
+        r["states"] = pick(r.get("states"), "weights")
+        r["hparams"] = pick(r.get("hparams"), "hparams")
+        r["buffers"] = pick(r.get("buffers"), "buffers")
+        r["hparam_buffers"] = pick(r.get("hparam_buffers"), "hparam_buffers")
+        r["training"] = pick(r.get("training"), "modules")
+        for key in ("attributes", "settings"):  # (module index, name, value)
+            if moved is not None and r.get(key):
+                r[key] = tuple((moved.get(i, i), k, v) for i, k, v in r[key])
+        if r.get("anchor") is not None:
+            a = dict(r["anchor"])
+            a["weights"] = pick(a["weights"], "weights")
+            a["states"] = pick(a["states"], "weights")
+            a["hparams"] = pick(a["hparams"], "hparams")
+            a["buffers"] = pick(a["buffers"], "buffers")
+            r["anchor"] = a
+        out.append(r)
+    return out
 
 
 def _fresh_containers(batch: Batch) -> Batch:
@@ -982,7 +1042,12 @@ class Unrolled(HyperOptimizer):
         pair = self.pair
         self._promotion = None
         # (what _forget_step puts back if the optimiser then refuses the update)
-        self._undo = (self._since_anchor, self._since_move, self._hp_versions, self._hp_moved)
+        self._undo: tuple[int, int, tuple[tuple[int, int], ...], bool] | None = (
+            self._since_anchor,
+            self._since_move,
+            self._hp_versions,
+            self._hp_moved,
+        )
         attributes = getattr(self, "_attributes_before", ())  # (copies pickled before it was kept)
         self._attributes_before = ()
         settings = getattr(self, "_settings_before", ())
@@ -1845,7 +1910,30 @@ class Unrolled(HyperOptimizer):
             "anchor_due": anchor_due,  # the hyperparameters moved since the newest anchor
             "rank": self._rank(),  # the records hold this rank's shards
             "world": self.ranks.size,  # ... of batches split over this many ranks
+            # the order of the records' per-weight, per-hyperparameter and per-buffer tuples (the
+            # model's and the containers' named_parameters / named_buffers order), so a run built
+            # with its modules or containers in another order gets each record's tensors by name
+            "weight_names": list(self.pair.weight_names),
+            "hparam_names": list(self.pair.hparam_names),
+            "buffer_names": list(self.pair.buffer_names),
+            "hparam_buffer_names": list(_buffer_slots(self.hparams)[0]),
+            "module_names": self._module_names(),
+            "state_module_names": self._module_names(unique=True),
         }
+
+    def _module_names(self, unique: bool = False) -> list[str]:
+        """The names of :meth:`_mode_modules` (whose ``training`` flags a record holds), or with
+        ``unique`` of :meth:`_state_modules` (whose indices its plain attributes and settings
+        hold), in order."""
+        seen: set[int] = set()
+        out = []
+        for kind, root in (("model", self.pair.model), ("hparams", self.hparams)):
+            for n, m in root.named_modules():
+                if unique and id(m) in seen:
+                    continue
+                seen.add(id(m))
+                out.append(f"{kind}.{n}")
+        return out
 
     def _check_recorded_weights(self, records: list[dict[str, Any]]) -> None:
         """Loaded records must have been taken on weights like the ones trained here (their
@@ -1888,11 +1976,22 @@ class Unrolled(HyperOptimizer):
                 "hyper_step: it forgets the recorded steps, which a hyper_step keeps for the next "
                 "window) and save then"
             )
-        self._check_recorded_weights(state["records"])
+        records = _records_in_order(
+            state["records"],
+            {
+                "weights": _reorder(state.get("weight_names"), self.pair.weight_names),
+                "hparams": _reorder(state.get("hparam_names"), self.pair.hparam_names),
+                "buffers": _reorder(state.get("buffer_names"), self.pair.buffer_names),
+                "hparam_buffers": _reorder(state.get("hparam_buffer_names"), _buffer_slots(self.hparams)[0]),
+                "modules": _reorder(state.get("module_names"), self._module_names()),
+                "state_modules": _reorder(state.get("state_module_names"), self._module_names(unique=True)),
+            },
+        )
+        self._check_recorded_weights(records)
         self._records.clear()
         self._promotion = None
         self._frozen_seen, self._frozen_stale = None, None
-        for r in state["records"]:
+        for r in records:
             self._records.append(_Record.from_dict(r))
         self._since_anchor = state.get("since_anchor", 0)
         self._since_move = state.get("since_move", 0)

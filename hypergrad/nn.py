@@ -32,6 +32,8 @@ import itertools
 import math
 import operator
 import warnings
+import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -1099,6 +1101,53 @@ class HyperNet(nn.Module):
         }
         out.update((n, self.base_state.get_buffer(n)) for n in self._frozen_names)
         return out
+
+    def _layout(self) -> Tensor:
+        """One code per generated weight (a CRC-32 of its name and shape), in the order
+        ``base_weights`` and the response's rows hold them: ``base``'s ``named_parameters``
+        order. A tensor, as other state is (code reading a ``state_dict()`` expects tensors)."""
+        codes = [zlib.crc32(f"{n}:{tuple(s)}".encode()) for n, s in zip(self.names, self.shapes, strict=True)]
+        return torch.tensor(codes, dtype=torch.int64)
+
+    def get_extra_state(self) -> Tensor:
+        """The layout of ``base_weights`` and of the response's output (the rows of ``u`` or
+        ``q``), checked on load: a state saved around a base that registers its modules in
+        another order (a refactored ``__init__``) has the same keys and sizes, and loaded by
+        position it cut the vector at other places, silently another network (outputs 2.6 off
+        for a 3-4-3 MLP)."""
+        return self._layout()
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # (checked by _load_from_state_dict before anything is loaded)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "_extra_state"
+        saved = state_dict.get(key)
+        if isinstance(saved, Tensor):
+            was, now = saved.reshape(-1).tolist(), self._layout().tolist()
+            if was != now:
+                how = "in another order" if sorted(was) == sorted(now) else "other ones"
+                raise ValueError(
+                    f"this HyperNet state was saved around a base whose generated weights were "
+                    f"{how} than here ({list(self.names)[:6]}{'...' if len(self.names) > 6 else ''}): "
+                    f"base_weights and the response's rows hold them in the saved order, so each "
+                    f"would load into another weight. Build base with its modules registered (and "
+                    f"shaped) as when it was saved"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if saved is None and key in missing_keys:  # (saved before the layout was: not checked)
+            missing_keys.remove(key)
 
     def _lambda(self, hparams: Hyper) -> Tensor:
         if isinstance(hparams, SelfTuned):
