@@ -488,6 +488,23 @@ class HyperOptimizer(abc.ABC):
         self.inner_steps = 0
         self.hyper_steps = 0
 
+    @property
+    def on_nonfinite(self) -> OnNonFinite:
+        """What a non-finite loss or (hyper)gradient does: ``"raise"`` or ``"skip"`` (see the
+        class docstring). May be set between calls, to either string or an :class:`OnNonFinite`;
+        anything else is a ``ValueError`` (set as a plain string, ``"raise"`` was silently taken
+        for ``"skip"``: the check compared with the enum member by identity)."""
+        d = self.__dict__
+        if "_on_nonfinite" in d:
+            return d["_on_nonfinite"]  # type: ignore[no-any-return]
+        return OnNonFinite(d.get("on_nonfinite", OnNonFinite.RAISE))  # (copies pickled before)
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value: OnNonFinite | str) -> None:
+        if value not in tuple(OnNonFinite):  # (OnNonFinite() named neither it nor the choices)
+            raise ValueError(f"Invalid on_nonfinite: {value!r} (choose 'raise' or 'skip')")
+        self._on_nonfinite = OnNonFinite(value)
+
     # ------------------------------------------------------------------ validation
 
     def _validate_tensors(self) -> None:
@@ -537,17 +554,15 @@ class HyperOptimizer(abc.ABC):
                     "...?): keep hyperparameters out of the model and pass them as hparams only"
                 )
         self._outer_key: tuple[int, ...] = ()
-        self._check_outer_optimizer()
-        outer_ids = {id(t) for t in _params_of(self.outer_optimizer)}
-        missing = [n for n, p in hp_params.items() if id(p) not in outer_ids]
-        if missing:
-            raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
+        self._check_outer_optimizer()  # (each of its tensors a hyperparameter, each of these in it)
 
     def _check_outer_optimizer(self) -> None:
         """Raise if ``outer_optimizer`` holds a tensor that is not a parameter of ``hparams``: at
         construction, and at every hyperstep after a group was added (``add_param_group``), since
         such a tensor would be stepped with a stale ``.grad`` (a model weight moved by
-        ``hyper_step``) or never move. Cheap when the groups are unchanged."""
+        ``hyper_step``) or never move; or if it lacks a hyperparameter that requires grad (which
+        would never move), also after ``hopt.outer_optimizer`` was replaced. Cheap when the groups
+        are unchanged."""
         outer = _params_of(self.outer_optimizer)
         key = tuple(id(t) for t in outer)
         if key == getattr(self, "_outer_key", None):  # (copies pickled before it was kept: check)
@@ -567,6 +582,16 @@ class HyperOptimizer(abc.ABC):
                     "would be stepped with a stale .grad or never move. Make it a parameter of the "
                     "hparams module, or give it its own optimiser"
                 )
+        # and every hyperparameter that is tuned is in it: as at construction, also for an optimiser
+        # replaced since (hopt.outer_optimizer = torch.optim.SGD(...) for a second phase, built over
+        # some of the containers only: the others' hypergradient was written into .grad and they
+        # silently never moved again). One frozen since (requires_grad_(False)) may be left out
+        outer_ids = {id(t) for t in outer}
+        missing = [
+            n for n, p in self.hparams.named_parameters() if p.requires_grad and id(p) not in outer_ids
+        ]
+        if missing:
+            raise ValueError(f"hyperparameter(s) {missing} are not in outer_optimizer, so would never move")
         self._outer_key = key
 
     def _reference_weight(self, *, checked: bool = True) -> Tensor:
@@ -746,15 +771,56 @@ class HyperOptimizer(abc.ABC):
         weights = self._trained_weights()
         key = tuple(id(w) for w in weights)
         moved = key != self._weights_key
-        if registrations() != getattr(self, "_registrations_seen", None):
-            self._registrations_seen = registrations()
+        seen = registrations()
+        if seen != getattr(self, "_registrations_seen", None):
             layout = module_layout(self.pair.model)
-            moved = moved or layout != getattr(self, "_layout", layout)
+            if layout != getattr(self, "_layout", layout):
+                moved = True
+                # a trained submodule replaced (``model.head = nn.Linear(...)``): its old weights,
+                # which inner_optimizer still trains, left the model through no slot the
+                # replaced-weight check watches, and set_weights dropped them from the trained
+                # weights silently (the new layer never trained). Refused before anything is
+                # taken as seen, so every later call is refused too
+                self._check_weights_held(weights)
+            self._registrations_seen = seen
             self._layout = layout
         if moved:
             self.pair.set_weights(weights)
             self._weights_key = key
             self._weights_changed()
+
+    def _check_weights_held(self, weights: Sequence[Tensor]) -> None:
+        """Raise if a weight ``inner_optimizer`` trains is no longer a parameter of the model (its
+        module was replaced since the last look), or a hyperparameter now is one (the container
+        registered inside the model, as the constructor refuses); only called when the model's
+        layout moved."""
+        named = dict(self.pair.model.named_parameters())
+        held = {id(p) for p in named.values()}
+        hp_ids = {id(p) for p in self.pair.hparam_tensors}
+        inside = [n for n, p in named.items() if id(p) in hp_ids]
+        if inside:
+            # (the hyperparameters were taken for frozen weights changed outside step(), with
+            # warnings that named neither the container nor the fix)
+            name = type(self).__name__
+            raise ValueError(
+                f"the model now holds hyperparameters as its own parameters ({inside[:4]}): the "
+                f"hparams container was registered inside the model (model.hp = ..., add_module) "
+                f"since this {name} was built. Keep hyperparameters out of the model and pass them "
+                "as hparams only (a loss reads them from its hparams argument). Nothing was changed"
+            )
+        if all(id(w) in held for w in weights):
+            return
+        known = dict(zip(map(id, self.pair.weights), self.pair.weight_names, strict=True))
+        gone = [known.get(id(w), f"a tensor of shape {tuple(w.shape)}") for w in weights if id(w) not in held]
+        name = type(self).__name__
+        raise ValueError(
+            f"the model no longer holds the weights {gone[:4]} that inner_optimizer trains: the "
+            "module that held them was replaced (model.head = nn.Linear(...) or nn.Identity()) since this "
+            f"{name} was built, so the optimiser would step tensors the model no longer uses and the "
+            f"new module's weights would never train. Change the model first, then build the "
+            f"optimisers and the {name} (or freeze the replaced module's old weights, "
+            "requires_grad_(False), to leave the new module untrained on purpose). Nothing was changed"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -857,7 +923,8 @@ class HyperOptimizer(abc.ABC):
                 inner optimiser whose parameters changed into something it cannot train, or a
                 trained weight the model no longer holds (a parametrisation registered on it, or a
                 new parameter assigned in its place, since construction).
-            TypeError: ``batch`` is a function (a ``step(closure)`` habit from ``torch.optim``).
+            TypeError: ``batch`` is a function (a ``step(closure)`` habit from ``torch.optim``),
+                or is or holds an iterator (a generator, ``zip``, ``iter(list)``: pass a list).
             RuntimeError: called under ``torch.inference_mode()``, or inside
                 ``DistributedDataParallel.join()`` or ``no_sync()`` (see the class docstring).
 
@@ -924,11 +991,14 @@ class HyperOptimizer(abc.ABC):
             _put_attributes_back(attributes)
             for w, g in zip(everything, old_grads, strict=True):
                 w.grad = g
+            # (and the generator: the forward pass may have drawn dropout masks before the loss
+            # raised, and a script that catches the error and goes on differed from one that never
+            # made the call, bit for bit, from there on)
+            self._set_rng_state(rng_before)
             # a loss that refuses a NaN hyperparameter (a dropout rate, say) is a non-finite step
             bad = self._nonfinite_hparams() if isinstance(error, Exception) else ""
             if not bad:
                 raise
-            self._set_rng_state(rng_before)
             self._nonfinite(
                 f"inner step {self.inner_steps}: {bad} (train_loss raised {type(error).__name__}: {error})"
             )
@@ -1308,7 +1378,15 @@ class HyperOptimizer(abc.ABC):
         # batch): SelfTuning / BestResponse / MarginalLikelihood run the model itself on the
         # validation (or bound) batch, and a refused NaN batch left NaN there for every later step
         attributes = self._attributes_now()
-        res, grad_norm, problem = self._compute(train_batch, val_batch)
+        try:
+            res, grad_norm, problem = self._compute(train_batch, val_batch)
+        except BaseException:
+            # refused (a missing batch, a loss that returns a vector, ...): as for a non-finite
+            # one, the generator is put back (the losses may have drawn dropout masks before the
+            # error, and the run after a caught error differed from one without the call)
+            self._set_rng_state(rng_before)
+            _put_attributes_back(attributes)
+            raise
         if problem:
             self._set_rng_state(rng_before)
             _put_attributes_back(attributes)

@@ -68,9 +68,14 @@ def registrations() -> int:
     return _REGISTRATIONS[0]
 
 
-def module_layout(model: nn.Module) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The identities of ``model``'s modules and the names of its buffers that are set."""
-    return tuple(map(id, model.modules())), _buffer_slots(model)[0]
+def module_layout(model: nn.Module) -> tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]:
+    """The identities of ``model``'s modules, the names of its buffers that are set, and the
+    identities of the parameters each module holds (a trained weight tied into another module
+    after construction, ``model.decoder.weight = model.encoder.weight``, is one more place
+    :class:`FunctionalPair` must substitute)."""
+    modules = list(model.modules())
+    params = tuple(id(p) for m in modules for p in m._parameters.values())
+    return tuple(map(id, modules)), _buffer_slots(model)[0], params
 
 
 def write_count(t: Tensor) -> tuple[int, int]:
@@ -961,6 +966,28 @@ def iter_tensors(batch: Any) -> Iterator[Tensor]:
             yield from iter_tensors(getattr(batch, f.name))
 
 
+def _iterator_in(batch: Any) -> Any:
+    """The first iterator (an object with ``__next__``: a generator, ``zip``, ``map``, ``iter(...)``,
+    a file) that ``batch`` is or holds in its tuples, lists, dicts and dataclasses, else ``None``."""
+    if isinstance(batch, Tensor):
+        return None
+    if isinstance(batch, Iterator):
+        return batch
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    else:
+        return None
+    for v in values:
+        found = _iterator_in(v)
+        if found is not None:
+            return found
+    return None
+
+
 def batch_dtype_problem(batch: Any, what: str, dtype: torch.dtype) -> str:
     """'' when every floating-point tensor of ``batch`` has the model's dtype (or, for a complex
     model, its real dtype), else the sentence :func:`check_batch` raises. Not an error by itself:
@@ -1004,7 +1031,9 @@ def check_batch(
     the CPU whatever the model's device (``PackedSequence.batch_sizes``, the lengths given to
     ``pack_padded_sequence``), and it names a misplaced label tensor itself. A complex model also
     takes real tensors of its precision (complex64: float32), as complex layers usually do. A
-    function (a ``step(closure)`` habit from ``torch.optim``) is refused as a batch."""
+    function (a ``step(closure)`` habit from ``torch.optim``) is refused as a batch, and so is an
+    iterator (a generator, ``zip``, ``iter(list)``) as a batch or inside one: read once, it would
+    be empty the next time a method runs a loss on the batch."""
     if batch is None:
         raise ValueError(
             f"{what} is required but was not given (None); a loss that reads no data (dataset "
@@ -1017,6 +1046,20 @@ def check_batch(
             "the batch itself, not a closure that computes the loss (torch.optim's step(closure)): "
             "pass the batch, and the method calls train_loss(model, hparams, batch) / "
             "val_loss(model, hparams, batch) with it"
+        )
+    found = _iterator_in(batch)
+    if found is not None:
+        # (a generator, zip(), map() or iter(list) of micro-batches: the first loss that reads it
+        # uses it up, and hypergrad runs the losses on a batch more than once: Unrolled replays a
+        # copy of each step's batch in every hyperstep, twice with checkpoint=True, so the steps
+        # after the first replay trained on nothing, a hypergradient 26% off without a word;
+        # Delta-STN's response pass read the base pass's exhausted iterator)
+        raise TypeError(
+            f"{what} is or holds an iterator ({type(found).__name__}), which a loss can read only "
+            "once; hypergrad may run a loss on the same batch more than once (Unrolled records a copy "
+            "of each step's batch and replays it, Delta-STN runs train_loss twice per step), and an "
+            "exhausted iterator would silently give a loss of no data. Pass the micro-batches as a "
+            "list (list(...)) or a tuple instead. Nothing was changed"
         )
     real = dtype.to_real() if dtype.is_complex else None  # a complex model may take real inputs
     for t in iter_tensors(batch):

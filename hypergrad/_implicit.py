@@ -228,6 +228,16 @@ def _implicit(
     with differentiable_twice(at_fixed_point=True), collecting_gradient_hooks(hooks):
         lt = train_loss()
     _check_loss_value(lt, "train_loss")
+    if not lt.requires_grad:
+        # (autograd's bare "element 0 of tensors does not require grad" named neither the loss nor
+        # the batch; step() takes such a loss as a batch with nothing to learn, with a warning)
+        raise ValueError(
+            f"train_loss returned a loss that does not require grad (value {float(lt.detach()):.6g}): "
+            "a constant on the hyperstep's train_batch (every example masked out, nothing to learn), "
+            "or a loss computed under torch.no_grad() or detached (.item(), .detach(), a new tensor). "
+            "The implicit hypergradient needs its gradient and Hessian w.r.t. the weights: evaluate "
+            "it on a batch the loss learns from, and return the loss with its graph"
+        )
     probes = [] if penalties is None else penalties.probes
     # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
     # zeros that do, hiding which weights the training loss does not reach)

@@ -604,7 +604,10 @@ class Unrolled(HyperOptimizer):
     (``hopt.inner_optimizer = torch.optim.SGD(...)``, a fresh one per episode) or regrouping its
     weights: a :class:`ReplayWarning` where steps were recorded since :meth:`start_episode`; an
     :class:`~hypergrad.hparams.OptimizerSetting` built for the replaced optimiser is refused
-    (it would tune the replay only). The inner optimiser's state changed between two steps
+    (it would tune the replay only). Replacing the training loss between steps
+    (``hopt.train_loss = ...``, a curriculum's next stage) starts a new episode too, with a
+    :class:`ReplayWarning` where steps were recorded: a replay runs each step with the loss it was
+    taken with. The inner optimiser's state changed between two steps
     (``inner_optimizer.state.clear()`` to restart Adam's moments, ``load_state_dict``, a
     momentum buffer zeroed in place: detected through the identities and version counters of
     its tensors) does not end the episode: each replayed step starts from the state its real
@@ -748,6 +751,8 @@ class Unrolled(HyperOptimizer):
         self._state_seen: list[dict[str, Any]] | None = None
         #: the inner optimiser the recorded steps were taken by (:meth:`_check_optimizer`)
         self._optimizer_seen = inner_optimizer
+        #: the training loss the recorded steps were taken with (:meth:`_check_train_loss`)
+        self._train_loss_seen = train_loss
         #: the model's plain tensor attributes before the step under way (:func:`_plain_attributes`)
         self._attributes_before: tuple[tuple[int, str, Any], ...] = ()
         self._attributes_seen: dict[tuple[int, str], tuple[Any, Any]] = {}
@@ -783,8 +788,9 @@ class Unrolled(HyperOptimizer):
         if dropped:  # (said by the hyperstep that finds no step to differentiate through)
             self._episode_note = (
                 f" (the trained weights changed after {dropped} recorded step(s): a weight was frozen "
-                "or unfrozen with requires_grad_, or a param group was added, so those steps were "
-                "dropped and a new episode began; take a step before the next hyperstep)"
+                "or unfrozen with requires_grad_, a param group was added, or a module or parameter "
+                "of the model was replaced or tied into another module, so those steps were dropped "
+                "and a new episode began; take a step before the next hyperstep)"
             )
 
     def _members_now(self) -> list[list[int]]:
@@ -857,6 +863,29 @@ class Unrolled(HyperOptimizer):
                 "recorded step: the recorded steps were taken by the old one, so they were dropped "
                 "and a new episode starts from the current weights. Call hopt.start_episode() "
                 "after replacing it to say it is intended.",
+                ReplayWarning,
+            )
+
+    def _check_train_loss(self) -> None:
+        """Follow a training loss replaced between steps (``hopt.train_loss = ...``: a curriculum
+        switching losses): the recorded steps were taken with the old one, and the replay ran them
+        all with the new one (a hypergradient a third off, silently). A new episode starts, with a
+        :class:`ReplayWarning` where steps were recorded; until the next step the replay uses the
+        loss the recorded steps were taken with (one replaced right before a hyperstep). The same
+        loss assigned again is no change (``==``: a bound method ``trainer.loss`` is a new object
+        at every attribute access, but equal)."""
+        seen = getattr(self, "_train_loss_seen", None)  # (copies pickled before it was kept)
+        if seen is self.train_loss or seen == self.train_loss:
+            return
+        self._train_loss_seen = self.train_loss
+        if seen is not None and self._records:
+            self.start_episode()
+            _warn_user(
+                "hopt.train_loss was replaced since the last recorded step: the recorded steps were "
+                "taken with the old loss, which a replay with the new one would not reproduce, so they "
+                "were dropped and a new episode starts from the current weights (the next hyperstep "
+                "differentiates through the steps taken with the new loss). Call "
+                "hopt.start_episode() after replacing it to say it is intended.",
                 ReplayWarning,
             )
 
@@ -999,6 +1028,7 @@ class Unrolled(HyperOptimizer):
     def _before_step(self) -> None:
         self._check_autocast("step()")
         self._check_optimizer()
+        self._check_train_loss()
         self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
         self._check_frozen()
@@ -1397,6 +1427,10 @@ class Unrolled(HyperOptimizer):
         # step's training gradient only, and are removed once it is taken; left in the graph they
         # ran again on the hypergradient's cotangents through the same forward pass
         hooks: list[Any] = []
+        # the loss the recorded steps were taken with (see _check_train_loss; copies pickled
+        # before it was kept have none)
+        seen = getattr(self, "_train_loss_seen", None)
+        recorded_loss = self.train_loss if seen is None else seen
 
         def train_loss(decays: list[WeightDecay]) -> tuple[Tensor, Tensors, list[_Call]]:
             calls: list[_Call] = []
@@ -1414,7 +1448,7 @@ class Unrolled(HyperOptimizer):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
                     loss, bufs = self.pair.call(
-                        self.train_loss,
+                        recorded_loss,
                         clone_batch(rec.batch) if rec.mutates_batch else _fresh_containers(rec.batch),
                         weights=weights,
                         buffers=buffers,
