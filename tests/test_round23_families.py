@@ -1,7 +1,7 @@
 """Round 23 (helper families): SelfTuning, BestResponse and MarginalLikelihood on less common
 models, each against an independent reference written out here in float64.
 
-Bugs (xfail, strict; fixes proposed in /tmp/round23/families-*.diff):
+Bugs found and fixed (each test failed before its fix):
 
 * families-1: the layerwise kernel's row check (``_rows_are_examples``) runs the model on the
   batch rolled by one example. A model that takes its batches in an order of its own refuses

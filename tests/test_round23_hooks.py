@@ -1,6 +1,6 @@
 """Round 23 (hooks): module hooks and reparametrisations under every family.
 
-Found (xfail here; fixes in /tmp/round23/hooks-<n>.diff):
+Found and fixed (each test failed before its fix):
 
 1. Gradient hooks that the *model* registers (``Tensor.register_hook`` in a forward, a module's
    ``register_full_backward_hook`` / ``register_full_backward_pre_hook``: gradient scaling,
