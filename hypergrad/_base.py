@@ -1286,9 +1286,11 @@ class HyperOptimizer(abc.ABC):
         return state
 
     def _set_rng_state(self, state: dict[str, Tensor]) -> None:
-        torch.set_rng_state(state["cpu"])
+        # (.cpu(): a state loaded with torch.load(map_location="cuda") holds the generator states
+        # as CUDA tensors, which torch's setters refuse; a no-op for the usual CPU tensors)
+        torch.set_rng_state(state["cpu"].cpu())
         if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
     def _before_step(self) -> None:  # noqa: B027 - optional hook
         """Called at the start of every :meth:`step`, after the trained weights are refreshed."""

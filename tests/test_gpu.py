@@ -313,3 +313,49 @@ def test_best_response_global_prior_follows_a_checkpoint_mapped_to_the_cpu() -> 
     second.step(batch)
     info = second.hyper_step(val_batch=batch)
     assert info.outer_loss == info.outer_loss  # (finite: ran on one device)
+
+
+def test_an_unrolled_state_loaded_with_map_location_cuda_resumes_exactly() -> None:
+    """``torch.load(path, map_location="cuda")`` moves every tensor of a saved state to the GPU,
+    the generator states (``torch.ByteTensor``) with them, which ``torch.set_rng_state`` refuses.
+    A run saved mid-window with dropout (each recorded step keeps its generator state) and
+    loaded that way resumes as the uninterrupted run goes on."""
+    import io
+
+    def build() -> tuple[nn.Module, hg.Unrolled]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 1)).to(CUDA, DT)
+        hp = hg.hparams.WeightDecay(model, per="layer", init=1e-2).to(CUDA, DT)
+
+        def train(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+            return F.mse_loss(m(b[0]), b[1]) + h.penalty(m)  # type: ignore[operator]
+
+        def val(m: nn.Module, h: nn.Module, b: Any) -> torch.Tensor:
+            return F.mse_loss(m(b[0]), b[1])
+
+        hopt = hg.Unrolled(
+            model, hp, train, val, steps=3,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        )  # fmt: skip
+        return model, hopt
+
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 4, generator=g, dtype=DT).to(CUDA), torch.randn(8, 1, generator=g, dtype=DT).to(CUDA))
+        for _ in range(4)
+    ]
+    model, hopt = build()
+    hopt.step(data[0])
+    hopt.step(data[1])
+    buf = io.BytesIO()
+    torch.save(hopt.state_dict(), buf)
+    hopt.step(data[2])
+    want = hopt.hypergradient(val_batch=data[3])[0]
+    buf.seek(0)
+    _, again = build()
+    again.load_state_dict(torch.load(buf, map_location="cuda", weights_only=True))
+    again.step(data[2])
+    got = again.hypergradient(val_batch=data[3])[0]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
