@@ -1588,8 +1588,9 @@ class HyperOptimizer(abc.ABC):
                 "initialisation copied into the weights is no gradient path either: write the weights "
                 "as phi + delta, delta trained from 0 (README, 'Meta-learning'). Nor is a val_loss "
                 "that evaluates another module than the model it is given (an EMA / "
-                "torch.optim.swa_utils.AveragedModel copy, a deepcopy): evaluate the model it gets. "
-                "(warned once)",
+                "torch.optim.swa_utils.AveragedModel copy, a deepcopy) or reads the weights from "
+                "tensors captured outside it (params = list(model.parameters()) taken before): "
+                "evaluate the model it gets. (warned once)",
                 DisconnectedWarning,
             )
 

@@ -1628,13 +1628,20 @@ class Unrolled(HyperOptimizer):
         triples = zip(replayed, real, anchor.weights, strict=True)
         with torch.no_grad():
             parts = [
-                torch.stack([(r.detach() - w).abs().amax(), (w - a).abs().amax(), w.abs().amax()]).double()
+                torch.stack(
+                    [
+                        (r.detach() - w).abs().amax(),
+                        (w - a).abs().amax(),
+                        w.abs().amax(),
+                        (r.detach() - a).abs().amax(),
+                    ]
+                ).double()
                 for r, w, a in triples
                 if w.numel()
             ]
             if not parts:
                 return
-            err, moved, size = torch.stack(parts).amax(0).tolist()
+            err, moved, size, replay_moved = torch.stack(parts).amax(0).tolist()
             # at most float16's eps: bfloat16's (2**-7) made 100 eps 78% of the weights' size, so a
             # replay that reproduced nothing (20% off) passed unwarned; its single-tensor steps are
             # replayed bit for bit as float16's are, and its foreach ones within a last bit a step
@@ -1677,7 +1684,16 @@ class Unrolled(HyperOptimizer):
             "settings and train/eval modes; it cannot replay randomness from a torch.Generator of "
             "your own or from Python's or NumPy's RNG inside train_loss, a loss that reads state "
             "changing between steps (a step counter), gradient or optimizer hooks (clip with "
-            "step(batch, max_grad_norm=...) instead), or nondeterministic kernels.",
+            "step(batch, max_grad_norm=...) instead), or nondeterministic kernels."
+            + (
+                f" Here the replayed steps moved the weights {replay_moved:.3g}, a small part of "
+                "the real steps' move: do the losses read them from tensors captured outside "
+                "(params = list(model.parameters()) taken before, a module held in a closure) "
+                "instead of the model they are given? A replay substitutes the weights of that "
+                "model only."
+                if replay_moved < 0.1 * moved
+                else ""
+            ),
             ReplayWarning,
         )
 

@@ -98,3 +98,38 @@ def test_adagrads_initial_accumulator_value_is_refused_as_a_tuned_setting() -> N
         hg.hparams.OptimizerSetting(opt, "initial_accumulator_value", "positive")
     opt = torch.optim.Adagrad(m.parameters(), lr=0.1, lr_decay=0.01)
     assert float(hg.hparams.OptimizerSetting(opt, "lr_decay", "positive").value) == pytest.approx(0.01)
+
+
+def test_losses_reading_captured_weights_are_named_by_both_warnings() -> None:
+    """A script that takes ``params = list(model.parameters())`` once and computes its losses from
+    those tensors instead of the model it is given: Unrolled's replay substitutes the weights of
+    the model it passes, so the replayed steps move nothing and no hypergradient flows (exactly
+    0). Both warnings now say what to look for."""
+    m, hp = _ridge()
+    params = list(m.parameters())
+
+    def lin(b):  # type: ignore[no-untyped-def]
+        return b[0] @ params[0].T + params[1]
+
+    def train(mm, h, b):  # type: ignore[no-untyped-def]
+        return ((lin(b) - b[1]) ** 2).mean() + h.penalty(mm)
+
+    def val(mm, h, b):  # type: ignore[no-untyped-def]
+        return ((lin(b) - b[1]) ** 2).mean()
+
+    hopt = hg.Unrolled(
+        m, hp, train, val, steps=2,
+        inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )  # fmt: skip
+    b = _batches(1)[0]
+    hopt.step(b)
+    hopt.step(b)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        info = hopt.hyper_step(val_batch=b)
+    assert info.hypergrad_norm == 0.0
+    texts = {type(w.message).__name__: str(w.message) for w in seen}
+    assert "a small part of the real steps' move" in texts["ReplayWarning"]
+    assert "list(model.parameters())" in texts["ReplayWarning"]
+    assert "list(model.parameters())" in texts["DisconnectedWarning"]
