@@ -1017,6 +1017,13 @@ def naming_batch_dtypes(problems: Sequence[str]) -> Iterator[None]:
         yield
     except RuntimeError as error:
         text = str(error).lower()
+        if "long" in text and ("target" in text or "scalar type" in text):
+            # (cross_entropy / nll_loss given float class labels: converting them to the model's
+            # float dtype, as the sentence above advises, fails the same way)
+            raise ValueError(
+                f"the loss expected integer class labels (torch.long) and got floating-point ones: "
+                f"convert the labels with .long(), not to the model's dtype (the loss failed: {error})"
+            ) from error
         if "dtype" in text or "scalar type" in text:
             raise ValueError(f"{'; '.join(found)} (the loss failed: {error})") from error
         raise

@@ -133,3 +133,29 @@ def test_losses_reading_captured_weights_are_named_by_both_warnings() -> None:
     assert "a small part of the real steps' move" in texts["ReplayWarning"]
     assert "list(model.parameters())" in texts["ReplayWarning"]
     assert "list(model.parameters())" in texts["DisconnectedWarning"]
+
+
+def test_float_class_labels_are_named_as_labels_not_as_a_dtype_to_convert_to() -> None:
+    """float32 class labels given to cross_entropy on a float64 model: the error advised
+    ``.to(torch.float64)``, which fails the same way (torch wants ``long`` targets). It says
+    ``.long()`` now. (float64 labels there get torch's own error, "expected target dtype to be
+    Long", as in plain PyTorch.)"""
+    labels = torch.float32
+    import torch.nn.functional as F
+
+    m = torch.nn.Linear(3, 4).double()
+    hp = hg.hparams.WeightDecay(m, per="layer", init=0.1).double()
+
+    def loss(mm, h, b):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(mm(b[0]), b[1]) + h.penalty(mm)
+
+    hopt = hg.Implicit(
+        m, hp, loss, loss,
+        inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )  # fmt: skip
+    b = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 4, (8,)).to(labels))
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises((ValueError, RuntimeError), match=r"\.long\(\)"):
+        hopt.step(b)
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
