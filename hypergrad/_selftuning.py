@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -138,6 +139,107 @@ def _check_entropy_weight(value: Any) -> None:
         raise ValueError(f"Invalid entropy_weight: {value!r} (need a finite number >= 0)")
 
 
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` from operations with a forward-mode derivative that
+    reverse mode can differentiate (same values up to rounding): ``softmax(q k^T s + mask) v``."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    w = (query @ key.transpose(-2, -1)) * s
+    n, m = w.shape[-2], w.shape[-1]
+    if is_causal:
+        keep = torch.ones(n, m, dtype=torch.bool, device=w.device).tril()
+        w = w.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        w = w.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else w + attn_mask
+    w = w - w.amax(-1, keepdim=True).detach()
+    e = w.exp()
+    p = e / e.sum(-1, keepdim=True)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ value
+
+
+def _softmax_dim(x: Tensor, dim: int | None) -> int:
+    # (torch's legacy implicit dimension for softmax without dim)
+    return (0 if x.dim() in (0, 1, 3) else 1) if dim is None else dim
+
+
+def _softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+    x = input if dtype is None else input.to(dtype)
+    dim = _softmax_dim(x, dim)
+    e = (x - x.amax(dim, keepdim=True).detach()).exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def _log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+    x = input if dtype is None else input.to(dtype)
+    dim = _softmax_dim(x, dim)
+    z = x - x.amax(dim, keepdim=True).detach()
+    return z - z.exp().sum(dim, keepdim=True).log()
+
+
+def _logsumexp(input: Tensor, dim: Any, keepdim: bool = False) -> Tensor:
+    m = input.amax(dim, keepdim=True).detach()
+    m = torch.where(m.isinf(), torch.zeros_like(m), m)
+    out = (input - m).exp().sum(dim, keepdim=True).log() + m
+    return out if keepdim else out.squeeze(dim)
+
+
+def _tensor_softmax(self: Tensor, dim: int, dtype: Any = None) -> Tensor:
+    return _softmax(self, dim, dtype=dtype)
+
+
+def _tensor_log_softmax(self: Tensor, dim: int, dtype: Any = None) -> Tensor:
+    return _log_softmax(self, dim, dtype=dtype)
+
+
+def _tensor_logsumexp(self: Tensor, dim: Any, keepdim: bool = False) -> Tensor:
+    return _logsumexp(self, dim, keepdim)
+
+
+#: (owner, attribute, composite) swapped by :func:`_composite_operations`
+_COMPOSITES: tuple[tuple[Any, str, Any], ...] = (
+    (F, "scaled_dot_product_attention", _attention),
+    (F, "softmax", _softmax),
+    (F, "log_softmax", _log_softmax),
+    (torch, "softmax", _softmax),
+    (torch, "log_softmax", _log_softmax),
+    (torch, "logsumexp", _logsumexp),
+    (Tensor, "softmax", _tensor_softmax),
+    (Tensor, "log_softmax", _tensor_log_softmax),
+    (Tensor, "logsumexp", _tensor_logsumexp),
+)
+
+
+@contextlib.contextmanager
+def _composite_operations() -> Iterator[None]:
+    """Within the block, the operations whose forward-mode derivative reverse mode cannot then
+    differentiate (softmax, log_softmax and logsumexp: their jvp writes in place a tensor their
+    backward needs, "modified by an inplace operation", torch 2.13) or that have none (the fused
+    kernels of ``F.scaled_dot_product_attention``) are composed of plain operations (same values
+    up to rounding), for calls that look them up at call time: ``torch.softmax``, ``F.softmax``
+    (``nn.Softmax``), ``x.softmax(...)``, ``nn.MultiheadAttention``'s attention, ..."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _COMPOSITES]
+    for owner, name, composite in _COMPOSITES:
+        setattr(owner, name, composite)
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
 class _Linearised:
     r"""Stands in for the model in Delta-STN's response step: a call returns the network's output
     linearised in the centred perturbation, :math:`f(x; w_0) + J_\Delta f(x; w_0)\,\Delta`
@@ -154,7 +256,12 @@ class _Linearised:
         # a torch.compile'd model runs eagerly here: its graphs drop the forward-mode tangent
         # (the linearised output came out silently wrong, not refused). (compiled_run_eagerly:
         # torch.compiler.set_stance is new in torch 2.6; on older ones every step failed here)
-        with fwAD.dual_level(), linearising(), compiled_run_eagerly():
+        # (softmax, log_softmax, logsumexp and attention composed of plain operations: the fused
+        # kernels of scaled_dot_product_attention, which nn.MultiheadAttention and
+        # nn.TransformerEncoderLayer call, have no forward-mode AD, and softmax's jvp writes a
+        # tensor its backward needs: a Delta-STN through any attention layer was refused, and one
+        # through a softmax failed in the backward pass with "modified by an inplace operation")
+        with fwAD.dual_level(), linearising(), compiled_run_eagerly(), _composite_operations():
             try:
                 out = self._model(*args, **kwargs)
             except RuntimeError as e:
@@ -553,7 +660,11 @@ class SelfTuning(_BestResponseBase):
             gets a copy of the batch as the base pass received it (a loss may change its batch in
             place, or pop entries from it).
         linearize: with ``delta``, linearise the output in the response step (default: True;
-            needs forward-mode AD support for the model's operations).
+            needs forward-mode AD support for the model's operations; softmax, log_softmax,
+            logsumexp and ``F.scaled_dot_product_attention``, which ``nn.MultiheadAttention`` and
+            ``nn.TransformerEncoderLayer`` call, run composed of plain operations there, since
+            torch's kernels have no usable forward-mode derivative; calls bound before the step,
+            ``from torch.nn.functional import softmax``, are not swapped).
         warmup, train_steps, val_steps: the schedule :meth:`hyper_due` follows
             (default: 0, 2, 1 — the paper's T_train = 2, T_val = 1).
         perturb_val: take the validation steps at perturbed :math:`\lambda + \sigma\epsilon`

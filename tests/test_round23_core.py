@@ -159,3 +159,70 @@ def test_float_class_labels_are_named_as_labels_not_as_a_dtype_to_convert_to() -
     with pytest.raises((ValueError, RuntimeError), match=r"\.long\(\)"):
         hopt.step(b)
     assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+
+
+class _AttnNet(torch.nn.Module):
+    """An STN layer, causal self-attention over its output (by torch's kernel, or written out),
+    and an STN head: the perturbation's tangent runs through the attention."""
+
+    def __init__(self, n: int, how: str) -> None:
+        super().__init__()
+        self.inp = hg.nn.StnLinear(5 * 4, 5 * 8, n)
+        self.head = hg.nn.StnLinear(8, 3, n)
+        self.how = how
+
+    def forward(self, x, hp):  # type: ignore[no-untyped-def]
+        d = hp.draw(len(x))
+        h = torch.tanh(self.inp(x.flatten(1), d)).view(len(x), 5, 2, 4).transpose(1, 2)
+        if self.how == "sdpa":
+            a = torch.nn.functional.scaled_dot_product_attention(h, h, h, is_causal=True)
+        else:
+            w = (h @ h.transpose(-2, -1)) / 2.0
+            w = w.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+            if self.how == "softmax":
+                p = w.softmax(-1)
+            elif self.how == "log_softmax":
+                p = torch.log_softmax(w, -1).exp()
+            else:  # by hand: exp and sums, operations the response step leaves as they are
+                e = (w - w.amax(-1, keepdim=True).detach()).exp()
+                p = e / e.sum(-1, keepdim=True)
+            a = p @ h
+        z = hg.nn.dropout((h + a).transpose(1, 2).reshape(len(x), 5, 8).mean(1), d["dropout"], self.training)
+        return self.head(z, d)
+
+
+@pytest.mark.parametrize("how", ["sdpa", "softmax", "log_softmax"])
+def test_delta_stn_linearises_through_attention_and_softmax(how: str) -> None:
+    """Delta-STN's response step linearises the network in the perturbation with forward-mode
+    AD. torch's fused attention kernels have none, so any model with attention after an STN layer
+    (nn.MultiheadAttention, nn.TransformerEncoderLayer, F.scaled_dot_product_attention) was
+    refused; and softmax's jvp writes a tensor its backward needs, so one with a softmax there
+    failed in the backward pass ("modified by an inplace operation"). The response step now runs
+    them as plain operations: in float64, training and tuning give what the same attention with
+    its softmax written out by hand (exp and sums) gives."""
+    import torch.nn.functional as F
+
+    def run(how: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.2, high=0.9)).double()
+        model = _AttnNet(hp.size, how).double()
+
+        def loss(m, h, b):  # type: ignore[no-untyped-def]
+            return F.cross_entropy(m(b[0], h), b[1])
+
+        hopt = hg.SelfTuning(
+            model, hp, loss, loss, delta=True,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.5),
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(2)
+        b = (torch.randn(6, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+        for _ in range(3):
+            hopt.step(b)
+            hopt.hyper_step(val_batch=b)
+        return [p.detach().clone() for p in [*model.parameters(), *hp.parameters()]]
+
+    want, got = run("by_hand"), run(how)
+    assert not torch.equal(want[-1], torch.zeros_like(want[-1]))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
