@@ -391,6 +391,49 @@ def _settings_of(exp: Experiment | None, extra: Sequence[str]) -> tuple[list[str
     return given, bad
 
 
+def _setting_text(value: Any) -> str:
+    """A setting's value as ``--set key=value`` takes it back (:func:`parse_value`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)  # (a float's str is its repr: it parses back to the same float)
+
+
+def _recorded_argv(argv: Sequence[str], asked: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """``argv`` as results.json records it: each setting that ``wandb.config`` changed from what
+    the command line asked for (a sweep's choice that reached the run through wandb.config only:
+    a false boolean ``${args_no_boolean_flags}`` leaves out, a sweep command without ``${args}``)
+    is given as ``--set key=value`` in place of the command line's, so that the recorded command
+    reruns the run that ran (it reran the command line's settings: another seed, silently)."""
+    changed = {k for k in config if k not in asked or config[k] != asked[k]}
+    if not changed:
+        return list(argv)
+
+    def key(token: str) -> str:
+        return token.lstrip("-").partition("=")[0].strip().replace("-", "_")
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--set" and i + 1 < len(argv) and key(argv[i + 1]) in changed:
+            i += 2
+            continue
+        if a in ("--method", "--seed") and a[2:] in changed:
+            i += 2
+            continue
+        if a.startswith("--set=") and key(a[len("--set=") :]) in changed:
+            i += 1
+            continue
+        if (a.startswith("--") or "=" in a) and key(a) in changed:  # --key=value, key=value, --key
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    for k in sorted(changed):
+        out += ["--set", f"{k}={_setting_text(config[k])}"]
+    return out
+
+
 def _run(
     args: argparse.Namespace, extra: Sequence[str], argv: Sequence[str], parser: argparse.ArgumentParser
 ) -> int:
@@ -437,6 +480,7 @@ def _run(
         )
     except (ImportError, RuntimeError) as e:  # wandb missing or broken, or wandb.init failed
         raise SystemExit(f"hypergrad run --wandb: {e}") from None
+    asked = dict(config)  # what the command line asked for (the recorded command says it)
     if args.wandb:
         # a sweep agent's choices arrive in wandb.config: they win over the command line
         try:
@@ -464,7 +508,7 @@ def _run(
     torch.manual_seed(int(config["seed"]))
     ctx = Context(exp, config, device=device, out=out, logger=logger, progress=not args.no_progress)
     print(f"hypergrad run {exp.name} ({size}): {exp.title}\n  settings: {config}\n  device: {device}")
-    command = "hypergrad " + " ".join(shlex.quote(a) for a in argv)
+    command = "hypergrad " + " ".join(shlex.quote(a) for a in _recorded_argv(argv, asked, config))
     timer = Timer()
     try:
         with _sigterm_stops_the_run():

@@ -592,10 +592,11 @@ def run(ctx: Context) -> Outcome:
 
 
 def _log_schedule(ctx: Context, sr: SeedRun) -> None:
-    """One trajectory row per hyperstep: seed, inner step, values, expected shift, scales."""
+    """One trajectory row per hyperstep: seed, inner step, values, expected shift, scales; the
+    row's step is the inner step its hyperstep followed (as every experiment's trajectory and
+    stn_ridge's: each seed counts its own steps, the ``seed`` column tells them apart)."""
     sch = sr.schedule
     names = sch.hp.names
-    base = len(ctx.logger.history)
     for i, step in enumerate(sch.steps, start=1):
         row: dict[str, float] = {"seed": float(sr.seed), "inner_step": float(step)}
         for name, v in sch.values(sch.raw[i]).items():
@@ -606,7 +607,7 @@ def _log_schedule(ctx: Context, sr: SeedRun) -> None:
                 row[label], row[f"sigma.{label}"] = float(vj), float(sj)
         if "shift" in names:
             row["shift.expected"] = float(sch.expected("shift", i))
-        ctx.logger.log(row, step=base + i)
+        ctx.logger.log(row, step=step)
 
 
 def _plot(ctx: Context, seeds: list[SeedRun]) -> None:
