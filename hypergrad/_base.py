@@ -56,7 +56,7 @@ from ._wrap import (
     not_syncing,
     replicate,
 )
-from .hparams import OptimizerSetting, _meanings, _real, from_raw
+from .hparams import Constraint, OptimizerSetting, _meanings, _real, from_raw
 
 
 class NonFiniteError(FloatingPointError):
@@ -1030,7 +1030,42 @@ class HyperOptimizer(abc.ABC):
         grads = [w.grad for w in weights]
         if not any(g is not None for g in grads):
             scaler = None  # (a constant loss: nothing to unscale, and the scale stays as it is)
-        problem = self._check_loss(mean_loss, [g for g in grads if g is not None])
+        # the model's floating-point buffers, judged in the same host read: a finite loss and
+        # gradient whose forward pass wrote inf / NaN into one (a BatchNorm variance that overflowed
+        # on an outlier batch) was accepted, and every later eval-mode loss read it (single process
+        # only: each rank holds its own statistics, and the ranks must decide alike)
+        watched: list[tuple[int, Tensor]] = []
+        unwatched: set[str] = self.__dict__.setdefault("_unwatched_buffers", set())
+        if self.ranks.size <= 1:
+            watched = [
+                (j, d[k])
+                for j, (d, k, _, _) in enumerate(snapshot)
+                if (d[k].is_floating_point() or d[k].is_complex())
+                and d[k].numel()
+                and pair.buffer_names[j] not in unwatched
+            ]
+
+        def written() -> str:
+            """On the failure path only: the buffers this step made non-finite ('' if each of
+            them held NaN / inf before it, as a mask of -inf does: not watched from then on)."""
+            bad = []
+            for j, t in watched:
+                if not all_finite(t):
+                    if all_finite(snapshot[j][3]):
+                        bad.append(pair.buffer_names[j])
+                    else:
+                        unwatched.add(pair.buffer_names[j])
+            if not bad:
+                return ""
+            return (
+                f"the step's forward pass wrote NaN or infinite values into the buffer(s) {bad} while "
+                "the loss and the gradient are finite (an outlier in the batch overflowing a running "
+                "statistic?)"
+            )
+
+        problem = self._check_loss(
+            mean_loss, [g for g in grads if g is not None], [t for _, t in watched], written
+        )
         if problem:
             self._scaler = None
             # under a GradScaler, gradients that overflowed while the loss is finite are routine:
@@ -1231,10 +1266,29 @@ class HyperOptimizer(abc.ABC):
         with _grads_set_aside(others):
             loss.backward()
 
-    def _check_loss(self, loss: Tensor, grads: Sequence[Tensor]) -> str:
+    def _check_loss(
+        self,
+        loss: Tensor,
+        grads: Sequence[Tensor],
+        buffers: Sequence[Tensor] = (),
+        written: Callable[[], str] | None = None,
+    ) -> str:
         """'' when the training loss, the gradients and the hyperparameters are finite (and the
-        loss has not diverged), else what is wrong. One host synchronisation."""
-        if not all_finite(loss, grads, self.pair.hparam_tensors):
+        loss has not diverged), else what is wrong. One host synchronisation. ``buffers`` are
+        judged in the same read; where they are the only non-finite values, ``written()`` says
+        whether that is a problem."""
+        finite = all_finite(loss, grads, self.pair.hparam_tensors, buffers)
+        if (
+            not finite
+            and buffers
+            and written is not None
+            and all_finite(loss, grads, self.pair.hparam_tensors)
+        ):
+            problem = written()
+            if problem:
+                return problem
+            finite = True
+        if not finite:
             bad = self._nonfinite_hparams()
             if bad and bool(torch.isfinite(loss.detach()).all()):
                 return bad
@@ -1397,9 +1451,11 @@ class HyperOptimizer(abc.ABC):
         grads = self._as_hparams(res.grads)  # all cast before any is written
         # float16 / bfloat16 hyperparameters: the outer step itself can overflow from a finite
         # hypergradient (Adam's update in float16); kept so that it can be undone
-        saved = (
-            self._outer_saved() if any(p.dtype in _LOW_PRECISION for p in self.pair.hparam_tensors) else None
-        )
+        low = any(p.dtype in _LOW_PRECISION for p in self.pair.hparam_tensors)
+        # and tuned optimiser settings: a huge but finite hypergradient takes a log-rate to 1e4,
+        # whose rate exp(1e4) = inf the next step() wrote into the optimiser (every weight inf,
+        # from an accepted step); kept so that such an outer step can be undone
+        saved = self._outer_saved() if low or self.settings else None
         # SparseAdam (the optimiser of an nn.Embedding(sparse=True) table, e.g. per-example
         # weights at scale) takes sparse gradients only: the rows with a hypergradient, as the
         # table's own backward gives them (written dense, its step raised "SparseAdam does not
@@ -1414,15 +1470,22 @@ class HyperOptimizer(abc.ABC):
         # (the optimiser's state too: Adam's second moment, the hypergradient squared, overflows
         # float16 from |g| ~ 8e3 while the step itself stays finite, m / sqrt(inf) = 0, and every
         # later step of that hyperparameter was 0: it stopped moving for good, silently)
-        if saved is not None and not all_finite(self.pair.hparam_tensors, self._outer_state_tensors()):
-            bad = self._nonfinite_hparams() or self._nonfinite_outer_state()
+        off = self._settings_off_domain() if self.settings else ""
+        if off or (low and not all_finite(self.pair.hparam_tensors, self._outer_state_tensors())):
+            assert saved is not None
+            bad = off or self._nonfinite_hparams() or self._nonfinite_outer_state()
             self._outer_restore(saved)
             self._set_rng_state(rng_before)
             _put_attributes_back(attributes)
+            why = (
+                "a smaller outer learning rate, or clip the hypergradient (an outer step pre-hook)"
+                if off
+                else "an overflow in their low precision: a smaller outer learning rate, or float32 "
+                "hyperparameters"
+            )
             self._nonfinite(
                 f"hyper step {self.hyper_steps}: the outer optimiser's step made {bad} from a finite "
-                "hypergradient (an overflow in their low precision: a smaller outer learning rate, "
-                "or float32 hyperparameters)"
+                f"hypergradient ({why})"
             )
             return self._info(res, grad_norm, t0, skipped=True)
         if res.commit is not None:
@@ -1648,6 +1711,29 @@ class HyperOptimizer(abc.ABC):
             for v in state[q].values()
             if isinstance(v, Tensor) and v.is_floating_point() and v.layout == torch.strided
         ]
+
+    def _settings_off_domain(self) -> str:
+        """'' when every tuned optimiser setting's value (what :meth:`step` writes into the inner
+        optimiser) is finite and strictly inside its domain, else a sentence naming those that are
+        not. One host read per setting (a value per param group)."""
+        bad = []
+        for i, s in self.settings:
+            with torch.no_grad():
+                values = s().detach().double().tolist()
+            ok = all(
+                math.isfinite(v)
+                and (s.constraint is Constraint.REAL or v > 0)
+                and (s.constraint is not Constraint.UNIT or v < 1)
+                for v in values
+            )
+            if not ok:
+                bad.append(f"{self.pair.hparam_names[i]!r} ({s.name} = {values})")
+        if not bad:
+            return ""
+        return (
+            f"the tuned optimiser setting(s) {', '.join(bad)} leave their domain (an overflow, or "
+            "the edge of the constraint, of the raw value mapped onto it)"
+        )
 
     def _nonfinite_outer_state(self) -> str:
         """A sentence naming the hyperparameters whose outer-optimiser state is not finite."""

@@ -1898,13 +1898,36 @@ class MarginalLikelihood(HyperOptimizer):
         optimiser's state); ``info`` is the last step's, with ``seconds`` for all of them;
         ``hyper_steps`` counts calls.
         """
-        if self.outer_steps == 1:
-            one = super().hyper_step(train_batch, val_batch)
-            if not one.skipped:
-                self._hyper_at = self.inner_steps
-            return one
         t0 = time.perf_counter()
         hp = list(self.hparams.parameters())
+        if self.outer_steps == 1:
+            # (the raw values only, as torch.optim would copy them: the check below may undo the step)
+            kept = (
+                [p.detach().clone() for p in hp],
+                [p.grad for p in hp],
+                _snapshot_optimizer(self.outer_optimizer),
+            )
+            rng, x0, start = self._rng_state(), self._x0, self.hyper_steps
+            one = super().hyper_step(train_batch, val_batch)
+            if not one.skipped:
+                # a huge but finite hypergradient overflows a precision (exp(1e4) = inf): the raw
+                # values are finite, so the step was accepted, and every later step was refused
+                # (MAP loss inf) with a message that named no hyperparameter
+                bad = self._values_off_domain()
+                if bad:
+                    with torch.no_grad():
+                        for p, v, g in zip(hp, kept[0], kept[1], strict=True):
+                            p.copy_(v)
+                            p.grad = g
+                    _restore_optimizer(self.outer_optimizer, kept[2])
+                    self._set_rng_state(rng)
+                    self._x0, self.hyper_steps = x0, start
+                    self._nonfinite(f"hyper step {start}: the outer optimiser's step made {bad}")
+                    return dataclasses.replace(
+                        one, skipped=True, hyper_steps=start, seconds=time.perf_counter() - t0
+                    )
+                self._hyper_at = self.inner_steps
+            return one
         backup = copy.deepcopy((self.hparams.state_dict(), [p.grad for p in hp]))
         outer_backup = _snapshot_optimizer(self.outer_optimizer)
         start = self.hyper_steps
@@ -1945,11 +1968,43 @@ class MarginalLikelihood(HyperOptimizer):
             restore()
             raise
         assert info is not None
+        bad = self._values_off_domain()  # (the last outer step's: no later one computes a bound there)
+        if bad:
+            restore()
+            self._nonfinite(
+                f"hyper step {start}: the outer optimiser's step made {bad} (at outer step "
+                f"{self.outer_steps} of outer_steps={self.outer_steps}; the {self.outer_steps - 1} "
+                "before it were undone too)"
+            )
+            return dataclasses.replace(
+                info, skipped=True, hyper_steps=start, seconds=time.perf_counter() - t0
+            )
         for p, g in zip(hp, first, strict=True):  # the hypergradient where the hyperstep began
             p.grad = g
         self.hyper_steps = start + 1
         self._hyper_at = self.inner_steps
         return dataclasses.replace(info, hyper_steps=self.hyper_steps, seconds=time.perf_counter() - t0)
+
+    def _values_off_domain(self) -> str:
+        """'' when every precision and noise is finite and > 0 and every translation range finite,
+        else a sentence naming the containers that are not (one host read)."""
+        named = [
+            (n, m.value, not isinstance(m, RandomTranslation))
+            for n, m in self.hparams.named_modules()
+            if isinstance(m, (PriorPrecision, ObservationNoise, RandomTranslation))
+        ]
+        flags = [torch.isfinite(v).all() & ((v > 0).all() if positive else True) for _, v, positive in named]
+        if not flags or bool(torch.stack(flags).all()):
+            return ""
+        bad = [
+            f"{n or 'hparams'!r} ({float(v.min()):.4g} to {float(v.max()):.4g})"
+            for n, v, positive in named
+            if not bool(torch.isfinite(v).all()) or (positive and not bool((v > 0).all()))
+        ]
+        return (
+            f"the value(s) of {', '.join(bad)} infinite or 0 from finite raw values (an overflow of "
+            "exp: a smaller outer learning rate, or clip the hypergradient with an outer step pre-hook)"
+        )
 
     def start_episode(self) -> None:
         self._x0 = None

@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import CheckpointError
 
-from ._base import HyperOptimizer, HyperStepInfo, OnNonFinite, _Hypergradient, _params_of
+from ._base import (
+    HyperOptimizer,
+    HyperStepInfo,
+    OnNonFinite,
+    _Hypergradient,
+    _params_of,
+    _put_attributes_back,
+)
 from ._functional import (
     check_batch,
     clone_all,
@@ -42,7 +49,16 @@ from ._functional import (
     iter_tensors,
     materialize,
 )
-from ._stn_hparams import SelfTuned, _in_backward, _load_state, _Mode, _state, linearising, validating
+from ._stn_hparams import (
+    Positive,
+    SelfTuned,
+    _in_backward,
+    _load_state,
+    _Mode,
+    _state,
+    linearising,
+    validating,
+)
 from ._types import Batch, LossFn, Tensors
 from ._wrap import compiled_run_eagerly, ddp_wrappers
 from .nn import HyperNet, StnLayer, response_masks, stn_layers
@@ -389,6 +405,26 @@ def _template_not_rerun(net: HyperNet) -> Iterator[None]:
             h.remove()
 
 
+def _values_off_domain(hp: nn.Module) -> str:
+    """'' when every value of a :class:`SelfTuned` container is finite (and a ``Positive`` one > 0),
+    else a sentence naming those that are not (one host read)."""
+    if not isinstance(hp, SelfTuned):
+        return ""
+    with torch.no_grad():
+        values = hp.values_of(hp.raw.detach())
+        flags = [
+            torch.isfinite(values[n]).all() & ((values[n] > 0).all() if isinstance(s, Positive) else True)
+            for n, s in hp.specs.items()
+        ]
+    if not flags or bool(torch.stack(flags).all()):
+        return ""
+    bad = [f"{n!r} = {values[n].reshape(-1).tolist()}" for n, f in zip(hp.specs, flags, strict=True) if not f]
+    return (
+        f"the value(s) {', '.join(bad)} infinite or 0 from finite raw values (an overflow of exp: a "
+        "smaller outer learning rate, or clip the hypergradient with an outer step pre-hook)"
+    )
+
+
 class _BestResponseBase(HyperOptimizer):
     """What SelfTuning and BestResponse share: draws, eval-mode validation, history, state."""
 
@@ -500,7 +536,31 @@ class _BestResponseBase(HyperOptimizer):
 
     @torch.compiler.disable  # (as HyperOptimizer.hyper_step: never traced)
     def hyper_step(self, train_batch: Batch = None, val_batch: Batch = None) -> HyperStepInfo:
+        from ._marglik import _restore_optimizer, _snapshot_optimizer
+
+        # a huge but finite hypergradient takes a Positive(transform="exp") value to exp(1e4) = inf
+        # (or 0): the raw values stay finite, so the outer step was accepted (its history row read
+        # inf) and every later step was refused (a non-finite loss) with a message that named no
+        # hyperparameter. Kept (the few raw values, the outer state) so that it can be undone
+        hp = self.hparams
+        tensors = list(hp.parameters())
+        kept = [p.detach().clone() for p in tensors], [p.grad for p in tensors]
+        outer, rng, start = _snapshot_optimizer(self.outer_optimizer), self._rng_state(), self.hyper_steps
+        rows, attributes = len(getattr(hp, "_history", ())), self._attributes_now()
         info = super().hyper_step(train_batch, val_batch)  # (an error raised takes no turn)
+        bad = "" if info.skipped else _values_off_domain(hp)
+        if bad:
+            with torch.no_grad():
+                for p, v, g in zip(tensors, *kept, strict=True):
+                    p.copy_(v)
+                    p.grad = g
+            _restore_optimizer(self.outer_optimizer, outer)
+            self._set_rng_state(rng)
+            _put_attributes_back(attributes)
+            del hp._history[rows:]
+            self.hyper_steps = start
+            self._nonfinite(f"hyper step {start}: the outer optimiser's step made {bad}")
+            info = dataclasses.replace(info, skipped=True, hyper_steps=start)
         at, taken = self._phase
         self._phase = (self.inner_steps, taken + 1 if at == self.inner_steps else 1)
         return info
