@@ -1054,8 +1054,10 @@ class Unrolled(HyperOptimizer):
         # values its forward starts from (it copies them anyway; kept only then). Silently replayed
         # with the stale values before: a hypergradient 15-27% off, the outer loss too, with no
         # warning while the hyperparameters moved within the window
-        seen = getattr(self, "_buffers_seen", None)  # (copies pickled before it was kept)
-        self._buffers_written = bool(self._records) and self._buffer_versions() != seen
+        # (None: no step seen since construction, a load or a copy, whose buffers are the ones the
+        # records chain to: a resumed run records as the uninterrupted one does)
+        seen = getattr(self, "_buffers_seen", None)
+        self._buffers_written = bool(self._records) and seen is not None and self._buffer_versions() != seen
         # DDP (broadcast_buffers=True) broadcasts rank 0's buffers at the start of its forward: do
         # it now, so the pre-forward buffers the step records are the ones its forward reads
         sync_buffers(self.model)
@@ -1216,7 +1218,7 @@ class Unrolled(HyperOptimizer):
         self._undo = None
         self._versions = self._current_versions()
         self._buffers_written = False
-        self._buffers_seen = self._buffer_versions()  # (the step's own updates are its own)
+        self._buffers_seen: tuple[tuple[int, int], ...] | None = self._buffer_versions()  # (its own updates)
         before, now = getattr(self, "_frozen_seen", None), self._frozen_versions()
         if before is not None and now != before and not getattr(self, "_warned_frozen_step", False):
             # (the versions before the step are _check_frozen's, taken in _before_step: no extra pass)
@@ -2041,6 +2043,7 @@ class Unrolled(HyperOptimizer):
         self._records.clear()
         self._promotion = None
         self._frozen_seen, self._frozen_stale = None, None
+        self._buffers_seen = None  # (the loaded buffers are the ones the records chain to)
         for r in records:
             self._records.append(_Record.from_dict(r))
         self._since_anchor = state.get("since_anchor", 0)
