@@ -57,6 +57,7 @@ from ._wrap import (
     replicate,
 )
 from .hparams import Constraint, OptimizerSetting, _meanings, _real, from_raw
+from .hparams import values as _hparam_values
 
 
 class NonFiniteError(FloatingPointError):
@@ -1293,7 +1294,7 @@ class HyperOptimizer(abc.ABC):
             if bad and bool(torch.isfinite(loss.detach()).all()):
                 return bad
             problem = f"the training loss or its gradient is not finite (loss = {float(loss.detach())})"
-            return f"{problem}; {bad}" if bad else problem
+            return f"{problem}; {bad or self._nonfinite_values()}".rstrip("; ")
         if self.divergence is not None and self._loss_scale:  # (None or 0: no scale yet)
             value = abs(float(loss.detach()))
             if value > self.divergence * self._loss_scale:
@@ -1322,6 +1323,24 @@ class HyperOptimizer(abc.ABC):
             return ""
         bad = [n for n, p in named if not bool(torch.isfinite(p.detach()).all())]
         return f"hyperparameter(s) {bad} hold NaN or infinite values"
+
+    def _nonfinite_values(self) -> str:
+        """'' or (on a failure path only: it maps every container's raw values) a sentence naming
+        the hyperparameter containers whose *values* are not finite although their raw tensors
+        are (an outer step that took a log-decay to 1e4: exp(1e4) = inf), so that a run refused
+        at every step says which hyperparameter to look at."""
+        try:
+            vals = _hparam_values(self.hparams)
+        except Exception:  # (a container that cannot map its raw values now: nothing to add)
+            return ""
+        bad = [n for n, v in vals.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if not bad:
+            return ""
+        return (
+            f"the values of hyperparameter(s) {bad} are not finite although their raw tensors are "
+            "(an outer step took a raw value far enough for its constraint's map to overflow: "
+            "reload a checkpoint, and take a smaller outer learning rate or clip the hypergradient)"
+        )
 
     #: whether a batch of another floating-point dtype than the model's is refused up front (the
     #: method runs the model on it itself) rather than left to the user's losses, which may cast it

@@ -226,3 +226,22 @@ def test_delta_stn_linearises_through_attention_and_softmax(how: str) -> None:
     assert not torch.equal(want[-1], torch.zeros_like(want[-1]))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_step_refused_for_an_overflowed_decay_names_it() -> None:
+    """An outer step that took a per-layer log-decay to 1e4 (finite raw, value exp(1e4) = inf):
+    every later step is refused as non-finite, and the message named no hyperparameter. It names
+    the container now (on the failure path only), and the step changes nothing."""
+    m, hp = _ridge()
+    hopt = hg.Implicit(
+        m, hp, _loss, _val,
+        inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in hp.parameters():
+            p.fill_(1e4)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(hg.NonFiniteError, match=r"values of hyperparameter\(s\) \['value'\] are not finite"):
+        hopt.step(_batches(1)[0])
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
