@@ -14,7 +14,8 @@ and freed:
 
 Same hypergradient (the same operations, in another order), memory ``K`` snapshots + one step's
 graph instead of ``K`` graphs, at the cost of ``K`` more training gradients (no graph) per
-hyperstep (about 1.4x the time of the plain reverse mode at K = 5 on an MLP).
+hyperstep (about 1.6x the time of the plain reverse mode at K = 5 on an MLP, 1.2-1.4x on the
+CNN, ResNet-18 and GPT of ``benchmarks/results/suite-cpu-2core.json``).
 """
 
 from __future__ import annotations

@@ -550,7 +550,9 @@ class Neumann(LinearSolver):
         eps = torch.finfo(rdtype).eps
         grew = last > vn or (last > eps * vn and last > prev * (1 + math.sqrt(eps)))
         status = SolveStatus.DIVERGING if self.steps and grew else SolveStatus.FIXED
-        curvature = alpha * quot if status is SolveStatus.DIVERGING else math.nan
+        # (the quotient was read with the sizes, at no extra cost: reported whenever a term was
+        # taken, as SolveResult documents, not only when the series grew)
+        curvature = alpha * quot if self.steps else math.nan
         return SolveResult(tuple(acc), self.steps, residual, status, curvature)
 
 

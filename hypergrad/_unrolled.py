@@ -632,8 +632,9 @@ class Unrolled(HyperOptimizer):
             weights and optimiser state), then each step is replayed again with its graph while
             the cotangents are pulled back through it. Same hypergradient; peak memory K
             snapshots + one step's graph instead of K steps' graphs (activations included), for
-            K more training gradients per hyperstep (about 1.5x the time). Buffers are constants
-            in it (no gradient through running statistics) (default: False).
+            K more training gradients per hyperstep (1.2-1.6x the time in the benchmark suite).
+            Buffers are constants in it (no gradient through running statistics) (default:
+            False).
 
     Memory between hypersteps: at most 2K recorded batches and two full snapshots of the weights,
     buffers, optimiser state and hyperparameters (no graphs), taken every K steps and at the

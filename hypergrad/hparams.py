@@ -1089,7 +1089,9 @@ class OptimizerSetting(nn.Module):
 
     Before every inner step the :class:`~hypergrad.HyperOptimizer` writes the current values into
     ``optimizer.param_groups[g][name]``; :class:`~hypergrad.Unrolled` differentiates through them.
-    (``Implicit`` cannot: the inner optimum does not depend on how it is reached.)
+    (``Implicit`` refuses them: learning rates and momenta do not move the inner optimum, and a
+    coupled ``weight_decay``, which does, belongs in ``train_loss`` as
+    :class:`WeightDecay`.)
 
     With a learning-rate scheduler (or anything else) setting ``param_groups[g][name]``, use
     ``relative=True``: the hyperparameter is then a positive *multiplier* on whatever value the
