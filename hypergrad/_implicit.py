@@ -962,7 +962,11 @@ class Implicit(HyperOptimizer):
             plain = is_sgd and len(lrs) == 1 and all(float(g.get("momentum", 0.0)) == 0.0 for g in groups)
             return lr if plain else "power"
         if alpha == "lr":
-            if (not is_sgd or len(lrs) > 1) and not self._warned_lr:
+            # (hg.optim.SGDHD is torch's SGD with its rate tuned online: the current rate is the
+            # step size of SGD's steps, on the Hessian's scale as for SGD; warned for it, the user
+            # was told to switch to a costlier rule that the rate did not need)
+            sgd_steps = isinstance(self.inner_optimizer, torch.optim.SGD)
+            if (not sgd_steps or len(lrs) > 1) and not self._warned_lr:
                 self._warned_lr = True
                 _warn_user(
                     f"Neumann(alpha='lr') takes the inner learning rate {float(groups[0]['lr']):g} as the "
