@@ -379,8 +379,10 @@ def _layerwise_factors(
         nb = wanted.get(id(mod.bias)) if mod.bias is not None else None
         if nw is None and nb is None:
             continue
-        if nw is None or (mod.bias is not None and nb is None):
-            return None  # a layer only partly trained: dense
+        # a layer only partly trained (a frozen bias, or a bias trained under a frozen weight)
+        # keeps the layerwise kernel: the frozen part is a constant of the network, conditioned on
+        # (it was sent to the dense kernel, and kernel='layerwise' refused the model after burn_in
+        # with a message whose every condition the model met)
         owners[id(mod)] = (mod, nw, nb)
     owned = [n for _, nw, nb in owners.values() for n in (nw, nb) if n is not None]
     if len(owned) != len(set(owned)):
@@ -406,7 +408,13 @@ def _layerwise_factors(
     handles = [m.register_forward_hook(hook) for m, _, _ in owners.values()]
     try:
         with torch.enable_grad():  # the output gradients need a graph, whatever the caller's mode
-            f = _forward(model, x, augmentation, samples, likelihood)
+            if augmentation is None:
+                f = _forward(model, x, augmentation, samples, likelihood)
+            else:  # (as _forward, keeping the augmented copies for the rows' check below)
+                xa = augmentation(x, samples)
+                out = _output(model(xa))
+                _check_logits(out, likelihood)
+                f = out.reshape(x.shape[0], samples, -1).mean(1)
     finally:
         for h in handles:
             h.remove()
@@ -426,7 +434,11 @@ def _layerwise_factors(
         return None
     if any(seen[k][0][0]._version != seen[k][0][2] for k in owners):
         return None  # a layer's input changed in place after it was used: dense
-    if augmentation is None and b > 1 and not _rows_are_examples(model, x, owners, seen):
+    # with an augmentation too, on its copies (B * S rows): a model mixing the examples of a batch
+    # (x - x.mean(0)) was refused by the dense kernel but went through the layerwise one, the
+    # default for an MLP, silently (its factors are those of the batch function)
+    rows = x if augmentation is None else xa.detach()
+    if rows.shape[0] > 1 and not _rows_are_examples(model, rows, owners, seen):
         # a model that reorders the batch inside (sorts it, or runs it reversed, and puts the
         # outputs back in order): row n of a layer then belongs to another example than n, and
         # the layer factors paired one example's inputs with another's labels and curvature (a
@@ -961,15 +973,16 @@ def _layer_block_logdet(
             a, g = a[blk], g[:, blk]
             m, s = a.shape[0], a.shape[1]
             bias = 0.0 if nb is None else 1.0 / prec[nb]
+            wdiv = prec[nw] if nw is not None else math.inf  # (a frozen weight: no term)
             if s == 1:
                 g2 = g[:, :, 0].permute(1, 0, 2).reshape(m * c, -1)
                 gg = (g2 @ g2.T).reshape(m, c, m, c)
                 aa = a[:, 0] @ a[:, 0].T
-                term = gg * (aa / prec[nw] + bias)[:, None, :, None]  # type: ignore[index]
+                term = gg * (aa / wdiv + bias)[:, None, :, None]  # type: ignore[index]
             else:
                 gg = torch.einsum("dbso,ekto->bdsket", g, g)
                 aa = torch.einsum("bsi,kti->bskt", a, a)
-                term = torch.einsum("bdsket,bskt->bdke", gg, aa / prec[nw] + bias)  # type: ignore[index]
+                term = torch.einsum("bdsket,bskt->bdke", gg, aa / wdiv + bias)  # type: ignore[index]
             k = term if k is None else k + term
             del gg, term
         assert k is not None
@@ -986,7 +999,7 @@ def _layer_block_logdet(
         g2 = gd.reshape(d, m * s, -1)
         gg = torch.bmm(g2, g2.transpose(1, 2))  # (D, MS, MS)
         a2 = a.reshape(m * s, -1)
-        w = (a2 @ a2.T) / prec[nw]  # type: ignore[index]
+        w = (a2 @ a2.T) / prec[nw] if nw is not None else torch.zeros_like(a2[:, :1] @ a2[:, :1].T)
         if nb is not None:
             w = w + 1.0 / prec[nb]
         term = gg * w
@@ -1214,14 +1227,16 @@ def log_evidence_bound(
     Raises:
         ValueError: ``noise`` with ``likelihood="classification"`` (or missing with
             ``"regression"``), or not one finite value > 0; ``data_size`` smaller than the batch
-            (or, with ``form="exact"``, different from it); a prior that covers none of the
+            (or, with ``form="exact"``, different from it, or split by a ``subset_size`` smaller
+            than it); a prior that covers none of the
             model's trainable weights, or whose per-weight precisions do not fit their shapes;
             BatchNorm, Dropout or RReLU in training mode, or BatchNorm without running statistics;
             a model whose forward pass draws random numbers (functional dropout
             ``F.dropout(h, p, self.training)`` in training mode; checked without
             ``augmentation``, which draws its own); a model whose output for one example
             depends on the others (the first or the last example alone gives other outputs than
-            its row of the batch; checked without ``augmentation``); an empty batch; targets that do not
+            its row of the batch; with ``augmentation``, an augmented copy alone, its row of the
+            augmented batch); an empty batch; targets that do not
             fit the outputs (classification: labels outside ``[0, C)``, e.g. a padding label
             -100, or outputs other than logits ``(B, C)``, e.g. ``(B, T, C)``; regression: bool
             or complex targets); inputs of another dtype or device; an invalid ``subset_size``,
@@ -1233,7 +1248,8 @@ def log_evidence_bound(
     Cost (layerwise kernel): one forward pass (and, without ``augmentation``, three of one example
     each, without a graph: the first and the last for the check above, the first again for the
     layers' rows, and one of the batch rolled by one example: rows that belong to other
-    examples), the ``C`` output gradients in
+    examples; with ``augmentation``, the last two on the ``B * S`` augmented copies), the ``C``
+    output gradients in
     one vectorised backward pass (``C`` passes where an operation has no batching rule), then per block
     ``O((MCS)^2 d)`` for the layer kernels (``d`` the layer width) and a Cholesky ``O((MC)^3)``
     (``outputs="each"``: ``C`` Choleskys ``O(M^3)``). Dense kernel: ``torch.func`` Jacobians,
@@ -1280,6 +1296,7 @@ def log_evidence_bound(
             raise ValueError(
                 f"form='exact' needs the whole data set: got {x.shape[0]} of {data_size} examples"
             )
+        _check_exact_subset(_subset(subset_size), data_size, "form")
         form, subset_size = Bound.NTK, None
     samples = _count(samples, "samples", 1)
     if augmentation is None and samples > 1:
@@ -1311,6 +1328,17 @@ def log_evidence_bound(
         kernel=kernel,
     )
     return data_size / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad
+
+
+def _check_exact_subset(subset_size: int | None, data_size: int, arg: str) -> None:
+    """The exact evidence is the whole data set as one block: a ``subset_size`` that would split it
+    was ignored silently (the exact evidence returned where the bound over blocks was asked for)."""
+    if subset_size is not None and subset_size < data_size:
+        raise ValueError(
+            f"subset_size={subset_size} splits the data set into blocks, but {arg}='exact' keeps it "
+            f"as one block (the exact evidence): use {arg}='ntk' with subset_size={subset_size} for "
+            f"the bound over blocks, or leave subset_size=None with {arg}='exact'"
+        )
 
 
 def _check_parametric_outputs(form: Bound, outputs: Outputs, arg: str) -> None:
@@ -1508,7 +1536,9 @@ class MarginalLikelihood(HyperOptimizer):
             invalid ``data_size``, ``outer_steps``, ``burn_in``, ``every``,
             ``augmentation_samples``, ``subset_size``, ``kernel``, ``likelihood``, ``bound`` or
             ``outputs`` (or ``outputs`` other than ``"all"`` with ``bound="parametric"`` or
-            ``"exact"``). At :meth:`hyper_step`: no ``train_batch``, one larger than ``data_size``
+            ``"exact"``, or a ``subset_size`` smaller than ``data_size`` with
+            ``bound="exact"``). At :meth:`hyper_step`: no ``train_batch``, one larger than
+            ``data_size``
             (or not the whole data set with ``bound="exact"``), and what :func:`log_evidence_bound`
             refuses. At :meth:`step` (nothing changed): a batch larger than ``data_size``
             (``data_size`` is ``len(dataset)``, not the number of batches: only this much of a wrong
@@ -1587,6 +1617,8 @@ class MarginalLikelihood(HyperOptimizer):
         subset_size = _subset(subset_size)
         if kernel not in _KERNELS:
             raise ValueError(f"Invalid kernel: {kernel!r} (choose from {_KERNELS})")
+        if self.bound is Bound.EXACT:
+            _check_exact_subset(subset_size, data_size, "bound")
         self.data_size, self.subset_size, self.outer_steps = data_size, subset_size, outer_steps
         self.burn_in, self.every, self.samples, self.kernel = burn_in, every, augmentation_samples, kernel
         if solver is not None and not isinstance(solver, LinearSolver):
