@@ -1745,6 +1745,9 @@ class HyperOptimizer(abc.ABC):
                 and (s.constraint is not Constraint.UNIT or v < 1)
                 for v in values
             )
+            if ok and getattr(s, "_below_one", False):  # a multiplier on a setting in (0, 1)
+                groups = s.optimizer[0].param_groups
+                ok = all(float(g[s.name]) * v < 1 for g, v in zip(groups, values, strict=False))
             if not ok:
                 bad.append(f"{self.pair.hparam_names[i]!r} ({s.name} = {values})")
         if not bad:

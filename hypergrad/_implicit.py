@@ -47,7 +47,7 @@ from ._solvers import (
 )
 from ._types import HVP, Batch, LossFn, Tensors
 from ._wrap import rank0_buffers
-from .hparams import WeightDecay, _constant_coefficients
+from .hparams import WeightDecay, _constant_coefficients, _penalised_weights_known
 
 #: what the default Neumann step size's callback hands back for the learning rate (no power
 #: estimate: not kept as one), so that a series that grew at it is solved again (see
@@ -242,8 +242,12 @@ def _implicit(
     # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
     # zeros that do, hiding which weights the training loss does not reach)
     g_raw = torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True)
+    penalised = [] if penalties is None else [ws for _, _, ws, _ in penalties.calls]
     with naming_missing_second_derivatives("Implicit"):
-        constant = not probes or _constant_coefficients(g_raw[len(weights) :], weights + probes)
+        constant = not probes or (
+            _penalised_weights_known(penalised, weights)
+            and _constant_coefficients(g_raw[len(weights) :], weights + probes)
+        )
     if not constant:
         # the loss is not c * penalty + (the rest) with c free of the weights (f(w) * penalty,
         # penalty ** 2): the by-hand second derivatives would lose product-rule terms; autograd's

@@ -49,7 +49,13 @@ from ._inner import State, group_settings, snapshot_state, state_defaults, updat
 from ._solvers import _autograd_on, _tensor_list
 from ._types import Batch, LossFn, Tensors
 from ._wrap import broadcasts_buffers, ddp_wrappers, sync_buffers
-from .hparams import WeightDecay, _constant_coefficients, _reusing_values, _with_decay_graph
+from .hparams import (
+    WeightDecay,
+    _constant_coefficients,
+    _penalised_weights_known,
+    _reusing_values,
+    _with_decay_graph,
+)
 
 _Call = tuple[Tensor, list[Tensor], list[Tensor]]  # (probe, weights, decays) of one penalty call
 
@@ -1483,7 +1489,10 @@ class Unrolled(HyperOptimizer):
         probes = [probe for probe, _, _ in calls]
         scaled = loss if scale is None else loss * scale
         g_all = grads_or_none(scaled, list(weights) + probes, create_graph=create_graph)
-        if calls and not _constant_coefficients(g_all[len(weights) :], list(weights) + probes):
+        if calls and not (
+            _penalised_weights_known([ws for _, ws, _ in calls], weights)
+            and _constant_coefficients(g_all[len(weights) :], list(weights) + probes)
+        ):
             # the loss is not linear in a penalty with a coefficient free of the weights (e.g.
             # f(w) * penalty, penalty ** 2): the shortcut would lose product-rule terms of the
             # second derivatives; differentiate the ordinary penalty instead

@@ -292,6 +292,19 @@ def _constant_coefficients(coefficients: Sequence[Tensor | None], wrt: Sequence[
     return all(g is None for g in found)
 
 
+def _penalised_weights_known(penalised: Iterable[Sequence[Tensor]], weights: Sequence[Tensor]) -> bool:
+    """Whether every tensor the WeightDecay penalties were evaluated on (recorded in first-order
+    mode) is one of ``weights`` or a tensor no derivative flows through (a frozen parameter, one
+    outside Implicit's ``hessian_subset``). A tensor computed from the weights (a train_loss that
+    runs the model, and its penalty, through ``torch.func.functional_call`` on ``w * mask``,
+    ``w + noise``, ``phi + delta``) gets the penalty's gradient through autograd, but the by-hand
+    second-order terms are added per weight and found none for it: its curvature and mixed term
+    were dropped (a hypergradient of exactly 0). The methods then differentiate the ordinary
+    penalty. One dictionary lookup per penalised tensor."""
+    known = {id(w) for w in weights}
+    return all(id(w) in known or w.grad_fn is None for ws in penalised for w in ws)
+
+
 class _GradientValue(torch.autograd.Function):
     """A 0-dim zero whose backward pass gives each weight ``w_i`` the gradient ``grad_out * g_i``
     (``g_i`` held constant): the gradient of ``Σ <g_i, w_i>`` with ``g`` detached, in autograd's
@@ -1165,7 +1178,11 @@ class OptimizerSetting(nn.Module):
             raise TypeError(f"relative must be a bool, got {relative!r}")
         self.name = name
         self.relative = relative
-        self.constraint = Constraint.POSITIVE if relative else Constraint(constraint)
+        requested = Constraint(constraint)
+        self.constraint = Constraint.POSITIVE if relative else requested
+        #: relative mode with a setting in (0, 1) (a momentum, RMSprop's alpha): the multiplier is
+        #: positive, but the value written, the group's own times it, must stay below 1
+        self._below_one = relative and requested is Constraint.UNIT
         if self.constraint in (Constraint.INTERVAL, Constraint.GREATER_THAN):
             # (it takes no bounds: _check_domain died on a bare AssertionError)
             raise ValueError(
@@ -1246,6 +1263,17 @@ class OptimizerSetting(nn.Module):
                 f"the optimiser has {len(groups)} param groups but this {type(self).__name__} was built "
                 f"for {self.raw.numel()}: build the hyperparameter after the last add_param_group"
             )
+        if getattr(self, "_below_one", False):  # (modules pickled before it existed)
+            # (one host read, for this kind of setting only)
+            for i, (g, v) in enumerate(zip(groups, self().detach().tolist(), strict=True)):
+                if not 0 < float(g[self.name]) * v < 1:
+                    raise ValueError(
+                        f"{type(self).__name__}(relative=True) for the 'unit' setting {self.name!r}: "
+                        f"param_groups[{i}] holds {float(g[self.name])!r} and the learned multiplier "
+                        f"is {v!r}, so the value written would be {float(g[self.name]) * v!r}, outside "
+                        f"(0, 1) (a momentum of 1 or more diverges). Use a smaller outer learning "
+                        f"rate or init, or tune the setting in absolute mode"
+                    )
         if not self.relative and self._written is not None:
             for i, (g, w) in enumerate(zip(groups, self._written, strict=True)):
                 if float(g[self.name]) != w:
