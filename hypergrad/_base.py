@@ -1223,6 +1223,20 @@ class HyperOptimizer(abc.ABC):
         # itself, refused below, would accumulate into them in place)
         with _grads_set_aside(self.pair.hparam_tensors), noting_reentrant_checkpoints() as reentrant:
             loss = self.pair._check_scalar(self.train_loss(model, self.hparams, batch), self.train_loss)
+        if loss.requires_grad and any(w.grad is not None for w in weights):  # (cleared before the call)
+            # train_loss ran backward passes of its own (over all micro-batches but the last, or an
+            # auxiliary term) and returned the rest with its graph: the real step applied the sum,
+            # while every hypergradient differentiates only the returned loss (Unrolled: silently
+            # another hypergradient at K = 1, torch's "backward through the graph a second time"
+            # inside the replay at K >= 2)
+            raise ValueError(
+                f"{type(self).__name__}.step: train_loss ran .backward() itself (the weights already "
+                "had gradients when it returned) and returned a loss with an autograd graph: the step "
+                "would apply both, while a hypergradient differentiates only the returned loss. "
+                "Return the whole loss (e.g. the mean of every micro-batch's loss) without calling "
+                "backward, and let step() run the backward pass (torch.autograd.grad for a gradient "
+                "the loss needs, e.g. an input's). Nothing was changed by this step"
+            )
         if loss.requires_grad:
             scaler = self._scaler  # (step's GradScaler: the gradients come out scaled)
             out = loss if scaler is None else scaler.scale(loss)
