@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_workers
 from torch import nn
 
 import hypergrad as hg
@@ -119,7 +119,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(WORLD, f"file://{tmp / 'init'}", str(tmp)), nprocs=WORLD, join=True)
+    spawn_workers(_worker, WORLD, tmp)
     return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _spawn import spawn_workers
 from torch import nn
 
 import hypergrad as hg
@@ -483,7 +484,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("peers_ddp")
     try:
-        mp.spawn(_worker, args=(WORLD, f"file://{tmp / 'init'}", str(tmp)), nprocs=WORLD, join=True)
+        spawn_workers(_worker, WORLD, tmp)
     except mp.ProcessExitedException:  # the misuse case aborting a process (see its test) ...
         if not all((Path(tmp) / f"rank{r}.pt").exists() for r in range(WORLD)):
             raise  # ... not anything before it
@@ -537,8 +538,6 @@ def test_the_other_families_equal_one_process_on_the_concatenated_batches(ranks,
     for got in _ok(ranks, family):
         _assert_close(got, single)
     _assert_ranks_identical(ranks, family)
-
-
 
 
 @pytest.mark.parametrize("options", ["", "-bucket-view"])
@@ -606,8 +605,6 @@ def test_a_nan_on_one_rank_skips_on_every_rank_together(ranks, method) -> None:
         assert got["skipped"] == single["skipped"]
         _assert_close(got, single, ("hparams", "weights"))
     _assert_ranks_identical(ranks, f"nan-{method}")
-
-
 
 
 @pytest.mark.parametrize("where", ["step", "hyperstep"])

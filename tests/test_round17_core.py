@@ -406,9 +406,12 @@ def test_reentrant_checkpointing_under_ddp_equals_one_process(tmp_path: Any) -> 
     """Before: step raised torch's "When use_reentrant=True, torch.utils.checkpoint is
     incompatible with .grad() or passing an `inputs` parameter to .backward()" (without DDP the
     same script went on silently, the checkpointed layer untrained)."""
-    import torch.multiprocessing as mp
+    from _spawn import spawn_ranks
 
-    mp.spawn(_ddp_checkpointed, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(
+        _ddp_checkpointed, (2, f"file://{tmp_path / 'init'}", str(tmp_path)), 2,
+        [tmp_path / f"ck{r}.pt" for r in range(2)],
+    )  # fmt: skip
     model = _Net(None)
     hopt = _build("implicit", model)
     for _ in range(3):

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_workers
 from torch import nn
 
 import hypergrad as hg
@@ -561,7 +561,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("round19_ddp")
-    mp.spawn(_worker, args=(WORLD, f"file://{tmp / 'init'}", str(tmp)), nprocs=WORLD, join=True)
+    spawn_workers(_worker, WORLD, tmp)
     return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _spawn import spawn_workers
 from torch import nn
 
 import hypergrad as hg
@@ -404,7 +405,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("round9_ddp")
     try:
-        mp.spawn(_worker, args=(WORLD, f"file://{tmp / 'init'}", str(tmp)), nprocs=WORLD, join=True)
+        spawn_workers(_worker, WORLD, tmp)
     except mp.ProcessExitedException:  # the join() case aborting a process (see its test) ...
         if not all((Path(tmp) / f"rank{r}.pt").exists() for r in range(WORLD)):
             raise  # ... not anything before it
