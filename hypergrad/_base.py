@@ -60,6 +60,27 @@ from .hparams import Constraint, OptimizerSetting, _meanings, _real, from_raw
 from .hparams import values as _hparam_values
 
 
+def _values_off_domain(named: Sequence[tuple[str, Tensor, bool]]) -> str:
+    """'' when every ``(name, value, positive)`` has finite values (and, where ``positive``, values
+    > 0), else a sentence naming those that do not: an outer step that took a raw value far enough
+    for ``exp`` to overflow to inf or underflow to 0 (the marginal likelihood's precisions, a
+    self-tuned ``Positive``). One host read."""
+    flags = [torch.isfinite(v).all() & ((v > 0).all() if positive else True) for _, v, positive in named]
+    if not flags or bool(torch.stack(flags).all()):
+        return ""
+    bad = [
+        f"{n!r} = {v.reshape(-1).tolist()}"
+        if v.numel() <= 4
+        else f"{n!r} ({float(v.min()):.4g} to {float(v.max()):.4g})"
+        for (n, v, _), ok in zip(named, flags, strict=True)
+        if not bool(ok)
+    ]
+    return (
+        f"the value(s) of {', '.join(bad)} infinite or 0 from finite raw values (an overflow of exp: a "
+        "smaller outer learning rate, or clip the hypergradient with an outer step pre-hook)"
+    )
+
+
 class NonFiniteError(FloatingPointError):
     """A loss or hypergradient was NaN or infinite (or diverged, see ``divergence``); the step was
     not taken and nothing changed."""

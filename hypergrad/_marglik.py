@@ -47,7 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HyperOptimizer, HyperStepInfo, NonFiniteError, OnNonFinite, _hyper_call, _Hypergradient
+from ._base import (
+    HyperOptimizer,
+    HyperStepInfo,
+    NonFiniteError,
+    OnNonFinite,
+    _hyper_call,
+    _Hypergradient,
+    _values_off_domain,
+)
 from ._functional import (
     _attributes_kept,
     check_batch,
@@ -2020,22 +2028,12 @@ class MarginalLikelihood(HyperOptimizer):
     def _values_off_domain(self) -> str:
         """'' when every precision and noise is finite and > 0 and every translation range finite,
         else a sentence naming the containers that are not (one host read)."""
-        named = [
-            (n, m.value, not isinstance(m, RandomTranslation))
-            for n, m in self.hparams.named_modules()
-            if isinstance(m, (PriorPrecision, ObservationNoise, RandomTranslation))
-        ]
-        flags = [torch.isfinite(v).all() & ((v > 0).all() if positive else True) for _, v, positive in named]
-        if not flags or bool(torch.stack(flags).all()):
-            return ""
-        bad = [
-            f"{n or 'hparams'!r} ({float(v.min()):.4g} to {float(v.max()):.4g})"
-            for n, v, positive in named
-            if not bool(torch.isfinite(v).all()) or (positive and not bool((v > 0).all()))
-        ]
-        return (
-            f"the value(s) of {', '.join(bad)} infinite or 0 from finite raw values (an overflow of "
-            "exp: a smaller outer learning rate, or clip the hypergradient with an outer step pre-hook)"
+        return _values_off_domain(
+            [
+                (n or "hparams", m.value, not isinstance(m, RandomTranslation))
+                for n, m in self.hparams.named_modules()
+                if isinstance(m, (PriorPrecision, ObservationNoise, RandomTranslation))
+            ]
         )
 
     def start_episode(self) -> None:

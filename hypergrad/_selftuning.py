@@ -39,6 +39,7 @@ from ._base import (
     _Hypergradient,
     _params_of,
     _put_attributes_back,
+    _values_off_domain,
 )
 from ._functional import (
     check_batch,
@@ -459,24 +460,14 @@ def _template_not_rerun(net: HyperNet) -> Iterator[None]:
             h.remove()
 
 
-def _values_off_domain(hp: nn.Module) -> str:
+def _self_tuned_off_domain(hp: nn.Module) -> str:
     """'' when every value of a :class:`SelfTuned` container is finite (and a ``Positive`` one > 0),
     else a sentence naming those that are not (one host read)."""
     if not isinstance(hp, SelfTuned):
         return ""
     with torch.no_grad():
         values = hp.values_of(hp.raw.detach())
-        flags = [
-            torch.isfinite(values[n]).all() & ((values[n] > 0).all() if isinstance(s, Positive) else True)
-            for n, s in hp.specs.items()
-        ]
-    if not flags or bool(torch.stack(flags).all()):
-        return ""
-    bad = [f"{n!r} = {values[n].reshape(-1).tolist()}" for n, f in zip(hp.specs, flags, strict=True) if not f]
-    return (
-        f"the value(s) {', '.join(bad)} infinite or 0 from finite raw values (an overflow of exp: a "
-        "smaller outer learning rate, or clip the hypergradient with an outer step pre-hook)"
-    )
+    return _values_off_domain([(n, values[n], isinstance(s, Positive)) for n, s in hp.specs.items()])
 
 
 class _BestResponseBase(HyperOptimizer):
@@ -602,7 +593,7 @@ class _BestResponseBase(HyperOptimizer):
         outer, rng, start = _snapshot_optimizer(self.outer_optimizer), self._rng_state(), self.hyper_steps
         rows, attributes = len(getattr(hp, "_history", ())), self._attributes_now()
         info = super().hyper_step(train_batch, val_batch)  # (an error raised takes no turn)
-        bad = "" if info.skipped else _values_off_domain(hp)
+        bad = "" if info.skipped else _self_tuned_off_domain(hp)
         if bad:
             with torch.no_grad():
                 for p, v, g in zip(tensors, *kept, strict=True):
