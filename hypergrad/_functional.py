@@ -85,10 +85,39 @@ def write_count(t: Tensor) -> tuple[int, int]:
     return t._version, _FUSED_STEPS.get(t, 0)
 
 
-#: how many collecting_gradient_hooks blocks are open (a training gradient being taken)
-_COLLECTING = [0]
-#: how many exact_padding_rows blocks are open
-_EXACT_PADDING = [0]
+class _PerThread(threading.local):
+    """The library's block depths, per thread: a hyperoptimiser in another thread (an Optuna
+    study with ``n_jobs=2``, a thread pool of sweeps) must not see this thread's blocks. (They were
+    process-wide: a hyperstep in one thread made the other thread's hooks land in its handle list,
+    and two overlapping blocks restored ``Tensor.register_hook`` to the other's wrapper for good,
+    so every hook registered later in the process was collected into a dead hyperstep's list.)"""
+
+    def __init__(self) -> None:
+        #: open collecting_gradient_hooks blocks but model-only ones (a training gradient being taken)
+        self.collecting = 0
+        #: open exact_padding_rows blocks
+        self.exact_padding = 0
+        #: the open collecting_gradient_hooks blocks' (handles, model_only), outermost first
+        self.collectors: list[tuple[list[Any], bool]] = []
+
+
+_THREAD = _PerThread()
+
+
+#: held while a forward-mode dual level is open (:func:`dual_level`)
+_DUAL_LEVEL_LOCK = threading.RLock()  # (re-entered in one thread: torch's own error, no deadlock)
+
+
+@contextlib.contextmanager
+def dual_level() -> Iterator[None]:
+    """``torch.autograd.forward_ad.dual_level()``, one thread at a time: PyTorch keeps one dual
+    level for the whole process (not per thread), so a second thread's block raised "Nested
+    forward mode AD is not supported at the moment" (two Delta-STN runs, or forward-mode
+    Unrolled ones, in an Optuna study with ``n_jobs=2``). Blocks in other threads wait."""
+    import torch.autograd.forward_ad as fwAD
+
+    with _DUAL_LEVEL_LOCK, fwAD.dual_level():
+        yield
 
 
 @contextlib.contextmanager
@@ -96,11 +125,53 @@ def exact_padding_rows() -> Iterator[None]:
     """Within the block (an unrolled hypergradient: replayed steps and the validation loss), an
     ``nn.Embedding(padding_idx=p)`` lookup differentiates the padding row it reads: see
     :func:`_embedding_dense`."""
-    _EXACT_PADDING[0] += 1
+    _THREAD.exact_padding += 1
     try:
         yield
     finally:
-        _EXACT_PADDING[0] -= 1
+        _THREAD.exact_padding -= 1
+
+
+def _hook_targets() -> list[tuple[Any, str, Any]]:
+    """The entry points :func:`collecting_gradient_hooks` replaces while any block is open (in
+    any thread), each by a function that collects for the calling thread's open blocks and is
+    the original in a thread with none."""
+    original = Tensor.register_hook
+    out: list[tuple[Any, str, Any]] = []
+
+    def register_hook(self: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Any:
+        handle = original(self, hook)
+        in_module = None
+        for handles, model_only in tuple(_THREAD.collectors):
+            if model_only and in_module is None:
+                in_module = _in_module_call()
+            if not model_only or in_module:
+                handles.append(handle)
+        return handle
+
+    out.append((Tensor, "register_hook", register_hook))
+    # (a private torch method: where a torch version lacks it, module hooks are left as they are)
+    backward_hook = torch.utils.hooks.BackwardHook
+    apply_on_tensors = getattr(backward_hook, "_apply_on_tensors", None)
+    if apply_on_tensors is not None:
+
+        def _apply_on_tensors(self: Any, fn: Callable[[Any], None], args: Any) -> Any:
+            collectors = tuple(_THREAD.collectors)
+            if not collectors:
+                return apply_on_tensors(self, fn, args)
+
+            def recorded(grad_fn: Any) -> None:
+                for handles, _ in collectors:  # (the outermost block's list gets each handle first)
+                    grad_fn = _HookRecorder(grad_fn, handles)
+                fn(grad_fn)
+
+            return apply_on_tensors(self, recorded, args)
+
+        out.append((backward_hook, "_apply_on_tensors", _apply_on_tensors))
+    return out
+
+
+_HOOK_STATE: dict[str, Any] = {"open": 0, "saved": []}
 
 
 @contextlib.contextmanager
@@ -109,39 +180,28 @@ def collecting_gradient_hooks(handles: list[Any], *, model_only: bool = False) -
     ``handles`` (for the caller to remove once the gradient they shape is taken): hooks
     registered with ``Tensor.register_hook``, and the ones torch puts on the grad_fn of a module's
     inputs and outputs at each call for its full backward (pre-)hooks
-    (``torch.utils.hooks.BackwardHook``, which keeps no handle).
+    (``torch.utils.hooks.BackwardHook``, which keeps no handle). Only this thread's: the entry
+    points are replaced while a block is open in any thread, and collect for the calling
+    thread's blocks alone.
 
     With ``model_only=True``, only those the model puts there: a module's full backward
     (pre-)hooks, and tensor hooks registered while a module's forward runs (not those the caller's
     own code registers, e.g. a loss function on its output)."""
-    original = Tensor.register_hook
-    backward_hook = torch.utils.hooks.BackwardHook
+    _open_swap(_HOOK_STATE, _hook_targets)
+    state, entry = _THREAD, (handles, model_only)
+    state.collectors.append(entry)
     if not model_only:
-        _COLLECTING[0] += 1  # (read by _embedding_dense: a training gradient is being taken)
-    # (a private torch method: where a torch version lacks it, module hooks are left as they are)
-    apply_on_tensors = getattr(backward_hook, "_apply_on_tensors", None)
-
-    def register_hook(self: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Any:
-        handle = original(self, hook)
-        if not model_only or _in_module_call():
-            handles.append(handle)
-        return handle
-
-    def _apply_on_tensors(self: Any, fn: Callable[[Any], None], args: Any) -> Any:
-        assert apply_on_tensors is not None
-        return apply_on_tensors(self, lambda grad_fn: fn(_HookRecorder(grad_fn, handles)), args)
-
-    Tensor.register_hook = register_hook  # type: ignore[method-assign]
-    if apply_on_tensors is not None:
-        backward_hook._apply_on_tensors = _apply_on_tensors  # type: ignore[method-assign]
+        state.collecting += 1  # (read by _embedding_dense: a training gradient is being taken)
     try:
         yield
     finally:
         if not model_only:
-            _COLLECTING[0] -= 1
-        Tensor.register_hook = original  # type: ignore[method-assign]
-        if apply_on_tensors is not None:
-            backward_hook._apply_on_tensors = apply_on_tensors  # type: ignore[method-assign]
+            state.collecting -= 1
+        for i in range(len(state.collectors) - 1, -1, -1):  # (its own entry, however blocks closed)
+            if state.collectors[i] is entry:
+                del state.collectors[i]
+                break
+        _close_swap(_HOOK_STATE)
 
 
 #: the code of ``nn.Module.__call__``'s implementation: a frame running it is a module's call
@@ -463,7 +523,7 @@ def _embedding_dense(
             "(e.g. per-token loss weights or an adaptive optimiser instead), or leave the embedding "
             "out of the weights (requires_grad_(False))"
         )
-    if padding_idx >= 0 and _EXACT_PADDING[0] and weight.requires_grad and torch.is_grad_enabled():
+    if padding_idx >= 0 and _THREAD.exact_padding and weight.requires_grad and torch.is_grad_enabled():
         # torch's lookup gives the padding row no gradient, yet its forward reads that row: the
         # masked "gradient" is no loss's gradient once the row is not 0 (from_pretrained(...,
         # padding_idx=...), a row a tied head trains), and its double backward masks the row too,
@@ -473,7 +533,7 @@ def _embedding_dense(
         # validation loss's gradient, see the row (an unrolled hypergradient was 26-33% off, the
         # padding row's decays got exactly 0)
         out = _EMBEDDING(weight, indices, -1, False, False)
-        if _COLLECTING[0]:
+        if _THREAD.collecting:
             pad = (indices == padding_idx).unsqueeze(-1)
             out.register_hook(lambda g: g.masked_fill(pad, 0))
         return out
@@ -1258,7 +1318,20 @@ def _plain_attributes(
             ):
                 copy = last[1]
             else:
-                copy = _copy_attribute(v)
+                if type(v) is list and last is not None and type(last[1]) is list:
+                    # a list that grew (features a hook appends at every step): the items it
+                    # still shares, unwritten, with the last copy's share their copies too
+                    # (each step cloned the whole list again: quadratic time in the steps)
+                    (old_keys, old_items), n = last[0], 0
+                    while (
+                        n < min(len(old_items), len(items))
+                        and old_keys[n] == key[n]
+                        and old_items[n] is items[n]
+                    ):
+                        n += 1
+                    copy = last[1][:n] + [t.detach().clone() for t in items[n:]]
+                else:
+                    copy = _copy_attribute(v)
                 if seen is not None:
                     seen[i, k] = ((key, tuple(items)), copy)
             out.append((i, k, copy))

@@ -42,15 +42,19 @@ from ._base import (
     _values_off_domain,
 )
 from ._functional import (
+    _close_swap,
+    _open_swap,
     check_batch,
     clone_all,
     clone_batch,
     collecting_gradient_hooks,
+    dual_level,
     grads_or_none,
     iter_tensors,
     materialize,
 )
 from ._stn_hparams import (
+    _DEPTHS,
     Positive,
     SelfTuned,
     _in_backward,
@@ -262,6 +266,23 @@ _COMPOSITES: tuple[tuple[Any, str, Any], ...] = (
 )
 
 
+def _composite_targets() -> list[tuple[Any, str, Any]]:
+    """:data:`_COMPOSITES` as (owner, attribute, replacement), each replacement the composite in
+    a thread inside a linearised call and the original elsewhere (another thread's model, in
+    the same process, keeps torch's kernels)."""
+
+    def dispatch(original: Any, composite: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return (composite if _DEPTHS.linearising else original)(*args, **kwargs)
+
+        return call
+
+    return [(owner, name, dispatch(getattr(owner, name), c)) for owner, name, c in _COMPOSITES]
+
+
+_COMPOSITE_STATE: dict[str, Any] = {"open": 0, "saved": []}
+
+
 @contextlib.contextmanager
 def _composite_operations() -> Iterator[None]:
     """Within the block, the operations whose forward-mode derivative reverse mode cannot then
@@ -270,15 +291,16 @@ def _composite_operations() -> Iterator[None]:
     derivative) or that have none (the fused
     kernels of ``F.scaled_dot_product_attention``) are composed of plain operations (same values
     up to rounding), for calls that look them up at call time: ``torch.softmax``, ``F.softmax``
-    (``nn.Softmax``), ``x.softmax(...)``, ``nn.MultiheadAttention``'s attention, ..."""
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _COMPOSITES]
-    for owner, name, composite in _COMPOSITES:
-        setattr(owner, name, composite)
+    (``nn.Softmax``), ``x.softmax(...)``, ``nn.MultiheadAttention``'s attention, ... Swapped
+    while a block is open in any thread and restored when the last one closes (two overlapping
+    blocks in two threads, each restoring what it found, left the composites in place for
+    good); the swapped entry points run the composite only in a thread inside a linearised call
+    (:func:`~hypergrad._stn_hparams.linearising`)."""
+    _open_swap(_COMPOSITE_STATE, _composite_targets)
     try:
         yield
     finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
+        _close_swap(_COMPOSITE_STATE)
 
 
 class _Linearised:
@@ -302,7 +324,7 @@ class _Linearised:
         # nn.TransformerEncoderLayer call, have no forward-mode AD, and softmax's jvp writes a
         # tensor its backward needs: a Delta-STN through any attention layer was refused, and one
         # through a softmax failed in the backward pass with "modified by an inplace operation")
-        with fwAD.dual_level(), linearising(), compiled_run_eagerly(), _composite_operations():
+        with dual_level(), linearising(), compiled_run_eagerly(), _composite_operations():
             try:
                 out = self._model(*args, **kwargs)
             except RuntimeError as e:

@@ -44,6 +44,7 @@ from ._functional import (
     clone_all,
     clone_batch,
     collecting_gradient_hooks,
+    dual_level,
     exact_padding_rows,
     grads_or_none,
     iter_tensors,
@@ -83,7 +84,7 @@ def _load_forward_ad() -> None:
         warnings.filterwarnings(
             "ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning
         )
-        with fwAD.dual_level():
+        with dual_level():
             fwAD.make_dual(torch.zeros(1), torch.zeros(1))
 
 
@@ -241,7 +242,7 @@ def _forward(
     for i, h in enumerate(base):
         units: tuple[complex, ...] = (1, 1j) if h.is_complex() else (1,)
         for j, unit in ((j, u) for j in range(h.numel()) for u in units):
-            with fwAD.dual_level():
+            with dual_level():
                 tangent = torch.zeros_like(h, memory_format=torch.contiguous_format)
                 tangent.view(-1)[j] = unit  # type: ignore[assignment]
                 # copies: an in-place operation of outer on what it is given (h[0].clamp_(min=0))
@@ -725,20 +726,9 @@ class Unrolled(HyperOptimizer):
             divergence=divergence,
         )
         self.steps = steps
-        if mode not in tuple(Mode):  # (a str Enum member equals its value; Mode() named no argument)
-            raise ValueError(f"Invalid Unrolled mode: {mode!r} (choose 'reverse' or 'forward')")
-        self.mode = Mode(mode)
-        if checkpoint and self.mode is Mode.FORWARD:
-            raise ValueError(
-                "Unrolled(checkpoint=True) is a reverse-mode option (forward mode already keeps one "
-                "step at a time); use mode='reverse' or drop checkpoint"
-            )
-        self.checkpoint = checkpoint
-        if self.mode is Mode.FORWARD and self.ranks.size > 1:
-            raise ValueError(
-                "Unrolled(mode='forward') does not support DistributedDataParallel models (forward-mode "
-                "AD through the gradient all-reduce); use mode='reverse'"
-            )
+        self._mode = Mode.REVERSE
+        self._checkpoint = False
+        self._configure(mode, checkpoint)
         entries = sum(h.numel() for h in self.pair.hparam_tensors)
         if self.mode is Mode.FORWARD and entries > _FORWARD_ENTRIES:
             warnings.warn(
@@ -792,6 +782,57 @@ class Unrolled(HyperOptimizer):
     @steps.setter
     def steps(self, steps: int) -> None:
         self._steps = _check_steps(steps)
+
+    @property
+    def mode(self) -> Mode:
+        """``Mode.REVERSE`` or ``Mode.FORWARD``. It may be set between hypersteps (as
+        ``"reverse"`` / ``"forward"`` too); the value is checked as the constructor checks it.
+
+        Raises:
+            ValueError: (on setting) neither mode; ``"forward"`` with ``checkpoint=True`` or with
+                a DistributedDataParallel model.
+        """
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode | str) -> None:
+        self._configure(mode, self._checkpoint)
+
+    @property
+    def checkpoint(self) -> bool:
+        """Whether the reverse-mode replay recomputes each step's graph on the way back (memory of
+        one step's graph instead of K). It may be set between hypersteps.
+
+        Raises:
+            TypeError: (on setting) not True or False.
+            ValueError: (on setting) True in forward mode.
+        """
+        return self._checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, checkpoint: bool) -> None:
+        self._configure(self._mode, checkpoint)
+
+    def _configure(self, mode: Mode | str, checkpoint: bool) -> None:
+        """Check and set ``mode`` and ``checkpoint`` together (the constructor and the setters: a
+        string assigned to ``hopt.mode`` was kept as the string, which no ``is Mode.FORWARD`` test
+        matched, so ``hopt.mode = "forward"`` silently stayed in reverse mode)."""
+        if not isinstance(checkpoint, bool):
+            raise TypeError(f"Unrolled checkpoint must be True or False, got {checkpoint!r}")
+        if mode not in tuple(Mode):  # (a str Enum member equals its value; Mode() named no argument)
+            raise ValueError(f"Invalid Unrolled mode: {mode!r} (choose 'reverse' or 'forward')")
+        mode = Mode(mode)
+        if checkpoint and mode is Mode.FORWARD:
+            raise ValueError(
+                "Unrolled(checkpoint=True) is a reverse-mode option (forward mode already keeps one "
+                "step at a time); use mode='reverse' or drop checkpoint"
+            )
+        if mode is Mode.FORWARD and self.ranks.size > 1:
+            raise ValueError(
+                "Unrolled(mode='forward') does not support DistributedDataParallel models (forward-mode "
+                "AD through the gradient all-reduce); use mode='reverse'"
+            )
+        self._mode, self._checkpoint = mode, checkpoint
 
     # ------------------------------------------------------------------ episodes and bookkeeping
 
@@ -1813,7 +1854,7 @@ class Unrolled(HyperOptimizer):
                 st = [{k: (v, None) for k, v in s.items()} for s in s0]
                 bf = [(t, None) for t in b0]
                 for rec in list(self._records)[len(self._records) - self._window() :]:
-                    with fwAD.dual_level():
+                    with dual_level():
                         hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
                         out_w, out_s, out_b = self._replay_step(
                             rec,
@@ -1832,7 +1873,7 @@ class Unrolled(HyperOptimizer):
                     self._check_reproduced([p for p, _ in w])
                 if any(t is not None for _, t in w):  # it reached train_loss's gradient
                     to_weights[i] = True
-                with fwAD.dual_level():
+                with dual_level():
                     hp = [fwAD.make_dual(b, tangent) if k == i else b for k, b in enumerate(base)]
                     self._set_rng_state(rng)
                     for m, flag in zip(modules, modes, strict=True):

@@ -31,6 +31,7 @@ import enum
 import math
 import numbers
 import operator
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -249,24 +250,32 @@ def from_raw(
 # differentiated through, once per step. Inside ``_reusing_values()`` each is computed once per raw
 # tensor object (and version and grad mode) and the same graph node is reused:
 # the same values and derivatives, K - 1 fewer weight-sized passes each way.
-_MEMO: dict[tuple[int, int, bool, str], tuple[Tensor, Tensor]] | None = None
+class _Memo(threading.local):
+    """Per thread: another thread's hyperoptimiser must neither read nor restore this one's memo
+    (two overlapping blocks in two threads, each restoring what it found, left a memo open for
+    good, which then reused values, and their graphs, across steps)."""
+
+    def __init__(self) -> None:
+        self.memo: dict[tuple[int, int, bool, str], tuple[Tensor, Tensor]] | None = None
+
+
+_MEMO = _Memo()
 
 
 @contextlib.contextmanager
 def _reusing_values() -> Iterator[None]:
-    global _MEMO
-    outer = _MEMO
-    _MEMO = {} if outer is None else outer
+    outer = _MEMO.memo
+    _MEMO.memo = {} if outer is None else outer
     try:
         yield
     finally:
-        _MEMO = outer
+        _MEMO.memo = outer
 
 
 def _memo(raw: Tensor, what: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``fn(raw)``, reused within :func:`_reusing_values` for the same ``raw`` object and version
     (a reference to ``raw`` is kept with the value, so its ``id`` cannot be recycled meanwhile)."""
-    memo = _MEMO
+    memo = _MEMO.memo
     if memo is None:
         return fn(raw)
     key = (id(raw), raw._version, torch.is_grad_enabled(), what)
