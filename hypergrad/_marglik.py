@@ -206,20 +206,33 @@ def _forward(
     outputs of any shape are flattened per example)."""
     b = x.shape[0]
     out = _output(model(x) if augmentation is None else model(augmentation(x, samples)))
-    _check_logits(out, likelihood)
+    _check_logits(out, likelihood, b * (samples if augmentation is not None else 1))
     if augmentation is None:
         return out.reshape(b, -1)
     return out.reshape(b, samples, -1).mean(1)
 
 
-def _check_logits(out: Tensor, likelihood: Likelihood | None) -> None:
-    """Classification outputs must be logits ``(B, C)`` (in the MAP step and in the bound alike:
-    the bound flattened ``(B, T, C)`` outputs into one ``T*C``-way class per example)."""
-    if likelihood is Likelihood.CLASSIFICATION and out.dim() != 2:
+def _check_logits(out: Tensor, likelihood: Likelihood | None, rows: int | None = None) -> None:
+    """Classification outputs must be logits ``(B, C)``, one row per input row ``rows`` (in the MAP
+    step and in the bound alike: the bound flattened ``(B, T, C)`` outputs into one ``T*C``-way
+    class per example, and reshaped ``(B*T, C)`` ones the same way: with labels ``(B*T,)`` it
+    failed naming one-hot labels, with labels ``(B,)`` it gave a silently wrong evidence)."""
+    if likelihood is not Likelihood.CLASSIFICATION:
+        return
+    if out.dim() != 2:
         raise ValueError(
             f"likelihood='classification' needs logits of shape (B, C) from the model, got "
             f"{tuple(out.shape)}: flattening them would make one {out[0].numel()}-way class per "
-            "example (for per-position labels, reshape outputs to (B*T, C) and labels to (B*T,))"
+            "example (per-position labels, one softmax per position, are not supported: the "
+            "evidence needs one softmax of the C logits per example)"
+        )
+    if rows is not None and out.shape[0] != rows:
+        raise ValueError(
+            f"likelihood='classification' needs logits (B, C) with one row per example: the model "
+            f"gave {out.shape[0]} rows of logits for {rows} inputs (reshaped per-position or "
+            "per-view outputs, (B*T, C), would be taken as one "
+            f"{out.numel() // max(rows, 1)}-way class per example). Return one row of C logits "
+            "per example (pool or average over positions or views inside the model)"
         )
 
 
@@ -421,7 +434,7 @@ def _layerwise_factors(
             else:  # (as _forward, keeping the augmented copies for the rows' check below)
                 xa = augmentation(x, samples)
                 out = _output(model(xa))
-                _check_logits(out, likelihood)
+                _check_logits(out, likelihood, xa.shape[0])
                 f = out.reshape(x.shape[0], samples, -1).mean(1)
     finally:
         for h in handles:
@@ -625,7 +638,7 @@ def _dense_jacobians(
         # raised again there, by the plain forward pass)
         jac, alone = _looped_jacobians(single, theta, xa, graph or through_weights)
     logits = _output(model(xa))
-    _check_logits(logits, likelihood)
+    _check_logits(logits, likelihood, xa.shape[0])
     f = logits.reshape(b, s, -1).mean(1)
     if not graph:
         f = f.detach()
@@ -1873,6 +1886,12 @@ class MarginalLikelihood(HyperOptimizer):
         finally:
             pair.restore_buffers(snapshot)
         t = seen[0]
+        train_loss = (-t.log_lik / t.batch + self._map_penalty() / n).detach()
+        if average is not None:
+            # the concatenated batch's training loss, as the fixed-weights path and Implicit report
+            # it: each rank's own shard's went into info.train_loss and the divergence guard, so
+            # the ranks logged different numbers and could disagree on refusing the same hyperstep
+            average([train_loss])
 
         def commit() -> None:
             if self.solver.warm_start:  # (a solution worse than 0 would be a worse start than none)
@@ -1885,7 +1904,7 @@ class MarginalLikelihood(HyperOptimizer):
             solver_iterations=r.solve.iterations,
             solver_residual=r.solve.residual,
             solver_status=r.solve.status.value,
-            inner_loss=(-t.log_lik / t.batch + self._map_penalty() / n).detach(),
+            inner_loss=train_loss,
             reached=r.reached,
             commit=commit,
         )
