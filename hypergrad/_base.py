@@ -38,6 +38,7 @@ from ._functional import (
     batch_dtype_problem,
     check_batch,
     clip_by_total_norm,
+    empty_batch_note,
     module_layout,
     naming_batch_dtypes,
     norm,
@@ -1136,7 +1137,8 @@ class HyperOptimizer(abc.ABC):
                         "(each later step reading it is refused too: reset or reload it)"
                     )
                 self._set_rng_state(rng_before)
-                self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}")
+                empty = empty_batch_note(batch, "the batch")
+                self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}{empty}")
             return loss.detach()
         if scaler is not None:  # (no host synchronisation: the gradients are known finite)
             scaler.unscale_(self.inner_optimizer)
@@ -1687,9 +1689,13 @@ class HyperOptimizer(abc.ABC):
             status = str(getattr(res.solver_status, "value", res.solver_status or ""))
             said = f"; the linear solver said {status!r}" if status in ("nonfinite", "diverging") else ""
             where = self._nonfinite_hypergradient(res.grads)
+            empty = "".join(
+                empty_batch_note(b, what)
+                for b, what in ((val_batch, "val_batch"), (train_batch, "train_batch"))
+            )
             problem = (
                 "a loss or the hypergradient is not finite "
-                f"(outer loss = {float(res.outer_loss)}{inner}{said}{where})"
+                f"(outer loss = {float(res.outer_loss)}{inner}{said}{where}){empty}"
             )
         elif res.inner_loss is not None:
             problem = self._check_loss(res.inner_loss, ())

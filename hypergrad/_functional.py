@@ -1026,6 +1026,15 @@ def iter_tensors(batch: Any) -> Iterator[Tensor]:
             yield from iter_tensors(getattr(batch, f.name))
 
 
+def batch_versions(batch: Any) -> list[tuple[int, int]]:
+    """``(id, version counter)`` of every tensor of ``batch``, to tell whether a loss changed it in
+    place. An inference tensor (made under ``torch.inference_mode()``: features or targets computed
+    without autograd) has no version counter, and cannot be changed in place outside that mode: it
+    counts as 0 (reading its counter crashed the step with "Inference tensors do not track version
+    counter", where the loss itself ran, e.g. on ``x.clone()`` as PyTorch advises)."""
+    return [(id(t), 0 if t.is_inference() else t._version) for t in iter_tensors(batch)]
+
+
 def _iterator_in(batch: Any) -> Any:
     """The first iterator (an object with ``__next__``: a generator, ``zip``, ``map``, ``iter(...)``,
     a file) that ``batch`` is or holds in its tuples, lists, dicts and dataclasses, else ``None``."""
@@ -1046,6 +1055,19 @@ def _iterator_in(batch: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+def empty_batch_note(batch: Any, what: str) -> str:
+    """For the message of a refused (non-finite) step, on that path only: a sentence naming
+    ``batch`` when every tensor of it with a batch dimension has 0 rows (the last slice of a loop
+    that runs past the end of the data), whose mean loss is NaN; else ``""``."""
+    rows = [t.shape[0] for t in iter_tensors(batch) if t.dim() > 0]
+    if not rows or any(rows):
+        return ""
+    return (
+        f"; {what} holds no examples (its tensors have 0 rows), and a mean over no examples is NaN: "
+        "skip empty batches"
+    )
 
 
 def batch_dtype_problem(batch: Any, what: str, dtype: torch.dtype) -> str:
@@ -1175,8 +1197,23 @@ def clone_batch(batch: Any) -> Any:
     detached and cloned; tuples (named ones too), lists, dicts and dataclasses are rebuilt around
     the copies; anything else is deep-copied. A tensor that requires grad gives a copy that does
     too (a leaf: the graph it came with is not kept), so a loss that differentiates w.r.t. its
-    input (``torch.autograd.grad(out, x)``: an input-gradient penalty) runs on the copy as well."""
-    return map_containers(batch, _cloned_leaf)
+    input (``torch.autograd.grad(out, x)``: an input-gradient penalty) runs on the copy as well.
+    A tensor (or other value) the batch holds more than once is copied once, so the copy holds one
+    tensor there too: an autoencoder's ``(x, x)`` whose model changes its input in place (an
+    in-place clamp as its first layer) changed the target with it, and two copies replayed the step
+    with the target unchanged (a hypergradient 43% off)."""
+    tensors: dict[int, Tensor] = {}
+    memo: dict[int, Any] = {}  # (copy.deepcopy's, for the other values)
+
+    def leaf(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            out = tensors.get(id(v))
+            if out is None:
+                out = tensors[id(v)] = _cloned_leaf(v)
+            return out
+        return copy.deepcopy(v, memo)
+
+    return map_containers(batch, leaf)
 
 
 # ----------------------------------------------------------------------------- DistributedDataParallel

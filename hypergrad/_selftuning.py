@@ -44,6 +44,7 @@ from ._base import (
 from ._functional import (
     _close_swap,
     _open_swap,
+    batch_versions,
     check_batch,
     clone_all,
     clone_batch,
@@ -964,7 +965,7 @@ class SelfTuning(_BestResponseBase):
         # handed the response pass the batch the base pass left (its weights 1.7% off after 3
         # steps, silently; a KeyError for a popped entry). One copy of the batch per step, used
         # where the base pass changed the batch's tensors (their identities or version counters)
-        pristine, seen = clone_batch(batch), [(id(t), t._version) for t in iter_tensors(batch)]
+        pristine, seen = clone_batch(batch), batch_versions(batch)
         with hp._drawing(_Mode.BASE):  # w0 at the current lambda
             loss = super()._train_backward(batch, weights, model)
         base = [w.grad for w in weights]
@@ -983,8 +984,16 @@ class SelfTuning(_BestResponseBase):
         # the response at perturbed lambdas
         with hp._drawing(_Mode.LINEAR if self.linearize else _Mode.TRAIN):
             try:
-                changed = seen != [(id(t), t._version) for t in iter_tensors(batch)]
-                response = super()._train_backward(pristine if changed else batch, weights, model)
+                # the copy unless the batch carries an autograd graph (a tensor computed from the
+                # hyperparameters, whose path only the original keeps) and the base pass left its
+                # tensors as they were: the base pass may also change its batch where no version
+                # counter sees it (a NumPy array normalised in place, ``x.data.div_(255)``), and
+                # the response pass then trained on x / 255**2, silently. (The copy is made anyway)
+                changed = seen != batch_versions(batch)
+                graph = any(t.grad_fn is not None for t in iter_tensors(batch))
+                response = super()._train_backward(
+                    batch if graph and not changed else pristine, weights, model
+                )
             except RuntimeError as e:
                 if self.linearize and isinstance(e, CheckpointError):
                     raise RuntimeError(

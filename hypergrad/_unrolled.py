@@ -48,7 +48,6 @@ from ._functional import (
     exact_padding_rows,
     grads_or_none,
     iter_tensors,
-    map_containers,
     materialize,
     registrations,
     write_count,
@@ -411,11 +410,6 @@ class _Record:
     #: dropout rate a schedule sets, a temperature, a call counter), ``(module index, name,
     #: value)``: the replay runs the step with them
     settings: tuple[tuple[int, str, Any], ...] = ()
-    #: whether ``train_loss`` changed the tensors of the step's batch in place (``x.mul_(2)``, a
-    #: normalisation written with ``sub_`` / ``div_``): every replay then hands the loss a copy of
-    #: ``batch`` (as the loss received it, copied before the step), so the record stays as the
-    #: real step saw it; otherwise a copy of its containers only (a loss may pop entries)
-    mutates_batch: bool = False
     #: the model's buffers before the step's forward pass, by value, where a
     #: ``DistributedDataParallel`` wrapper broadcasts rank 0's buffers at each forward: the replay
     #: starts the step from them (chained from the previous replayed step, the other ranks'
@@ -492,14 +486,6 @@ def _records_in_order(
             r["anchor"] = a
         out.append(r)
     return out
-
-
-def _fresh_containers(batch: Batch) -> Batch:
-    """``batch`` with its dicts, lists, tuples and dataclasses rebuilt around the same tensors and
-    values: a ``train_loss`` that pops or reassigns entries of the batch it is given (Hugging
-    Face's ``labels = batch.pop("labels")``) changes the copy, not the recorded batch, which the
-    next replay of the step needs as it was (a ``KeyError`` at the second hyperstep)."""
-    return map_containers(batch, lambda v: v)
 
 
 def _check_steps(steps: object) -> int:
@@ -1074,7 +1060,7 @@ class Unrolled(HyperOptimizer):
                 "use up), and keep other objects (a lock, a file handle) out of the batch. Nothing "
                 "was changed by this step"
             ) from error
-        self._batch_in: tuple[Batch, list[int]] | None = (copied, [t._version for t in iter_tensors(batch)])
+        self._batch_in: tuple[Batch] | None = (copied,)
         try:
             return super()._step(batch, max_grad_norm, scaler)
         finally:
@@ -1181,11 +1167,7 @@ class Unrolled(HyperOptimizer):
         hp_versions = self._hp_write_counts()
         moved = bool(self._records) and self._hparams_moved()
         held = getattr(self, "_batch_in", None)
-        if held is None:
-            recorded, mutates = clone_batch(batch), False
-        else:
-            recorded, versions = held
-            mutates = versions != [t._version for t in iter_tensors(batch)]
+        recorded = clone_batch(batch) if held is None else held[0]
         # A full snapshot at the first step, every K steps, and where the hyperparameters moved
         # for the first time in K steps (hypersteps every K steps or sparser: each window then
         # starts on a snapshot). Hypersteps more often than that (every step) only copy the
@@ -1237,7 +1219,6 @@ class Unrolled(HyperOptimizer):
                 ),
                 attributes=attributes,
                 settings=settings,
-                mutates_batch=mutates,
             )
         )
         # forget what no replay can need: everything before the newest anchor at least K back
@@ -1504,9 +1485,15 @@ class Unrolled(HyperOptimizer):
                 ):
                     if rec.rng is not None:
                         self._set_rng_state(rec.rng)
+                    # a copy of the recorded batch every time: a loss may change its batch in
+                    # place where no version counter sees it (``x.data.div_(255)``, a NumPy view
+                    # or array, a generator in the batch), and the recorded one handed over
+                    # changed it for every later replay of the step (x / 255**2: a hypergradient
+                    # 43-52% off, silently). One copy of the batch per replayed step, small next to
+                    # the step's forward and double backward over it
                     loss, bufs = self.pair.call(
                         recorded_loss,
-                        clone_batch(rec.batch) if rec.mutates_batch else _fresh_containers(rec.batch),
+                        clone_batch(rec.batch),
                         weights=weights,
                         buffers=buffers,
                         hparams=hp,

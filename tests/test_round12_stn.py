@@ -805,7 +805,9 @@ def test_delta_stn_calls_the_training_loss_twice_per_step_and_the_batch_carries_
         x, y = stream[:, i * T : (i + 1) * T], stream[:, i * T + 1 : (i + 1) * T + 1]
         seen.clear()
         assert torch.isfinite(hopt.step((x, y, *state)))
-        assert len(seen) == 2 and seen[0][0] is seen[1][0] is state[0]
+        # (the response pass runs on a copy of the batch as the step received it: the base pass
+        # may change its batch where no version counter sees it; round 26)
+        assert len(seen) == 2 and seen[0][0] is state[0] and torch.equal(seen[1][0], state[0])
         assert [zero for _, zero in seen] == [True, False]  # base pass, then response pass
         assert m.last is not None
         state = m.last
