@@ -199,6 +199,37 @@ def _warn_user(message: str, category: type[Warning]) -> None:
 _DYNAMO_DIR = os.path.dirname(os.path.abspath(torch._dynamo.eval_frame.__file__))
 
 
+def _sharing_memory(
+    trained: Sequence[Tensor], others: Sequence[Tensor] = ()
+) -> tuple[Tensor, Tensor] | tuple[()]:
+    """Two distinct tensors whose memory overlaps, at least one of them in ``trained`` (parameters
+    over one storage: ``nn.Parameter(other)``, a parametrisation of a tied weight), or ``()``.
+    Disjoint views of one flat buffer do not overlap. A sweep over the spans sorted by start:
+    O(n log n), run only when the trained weights change."""
+    spans = []
+    ids = {id(t) for t in trained}
+    # (one tensor listed twice is another check's)
+    for t in {id(t): t for t in (*trained, *others)}.values():
+        if nn.parameter.is_lazy(t) or not t.numel() or t.is_sparse or t.device.type == "meta":
+            continue
+        try:
+            base = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # (a tensor subclass without storage)
+            continue
+        start = t.data_ptr()
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+        spans.append((base, start, start + t.element_size() * extent, t))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    active: list[tuple[int, int, Tensor]] = []  # (storage, end, tensor) of the spans still open
+    for base, start, end, t in spans:
+        active = [a for a in active if a[0] == base and a[1] > start]
+        for _, _, u in active:
+            if id(u) in ids or id(t) in ids:
+                return u, t
+        active.append((base, end, t))
+    return ()
+
+
 def _put_attributes_back(kept: Sequence[tuple[nn.Module, dict[str, Any]]]) -> None:
     """Give each module the plain state attributes it held (``HyperOptimizer._attributes_now``
     keeps a shallow copy of each module's ``__dict__``; the state attributes are picked out only
@@ -788,6 +819,21 @@ class HyperOptimizer(abc.ABC):
                 )
         if not trained:
             raise ValueError("none of inner_optimizer's parameters requires grad: nothing to train")
+        trained_ids = {id(t) for t in trained}
+        overlap = _sharing_memory(trained, [p for p in self.model.parameters() if id(p) not in trained_ids])
+        if overlap:
+            a, b = (model_ids[id(t)] for t in overlap)
+            raise ValueError(
+                f"the model parameters {a!r} and {b!r} share memory (at least one of them is "
+                "trained): nn.Parameter(p) (or of p.t(), or of a view of p) shares p's storage, and so "
+                "does a parametrisation (weight_norm, parametrize.register_parametrization) registered "
+                "on a layer whose weight is tied into another module. The optimiser's steps on one "
+                "then change the other (a frozen one too) in place, while autograd and every "
+                "hypergradient take them for independent tensors: hypergradients would be silently "
+                "wrong. Tie weights by assigning the same parameter (decoder.weight = encoder.weight; "
+                "register parametrisations before tying), or give each its own copy "
+                "(nn.Parameter(p.detach().clone()))"
+            )
         return trained
 
     def _refresh(self) -> None:
@@ -1006,7 +1052,13 @@ class HyperOptimizer(abc.ABC):
         # batches, ``self.state = h.detach()``): a refused step puts the objects back, or the
         # state of a NaN batch started every later step from NaN and each one was refused
         attributes = self._attributes_now()
-        everything = _params_of(self.inner_optimizer)  # frozen ones too, as zero_grad() would
+        # the model's parameters that require grad outside inner_optimizer (a second optimiser's,
+        # e.g. SparseAdam's sparse embedding) get their gradient accumulated, as loss.backward()
+        # gives it, once the step is accepted (backward(inputs=weights) gave them none: a second
+        # optimiser stepped nothing and that part never trained, silently)
+        left = self._left_out()
+        self._left_now = left
+        everything = [*_params_of(self.inner_optimizer), *left]  # frozen ones too, as zero_grad() would
         old_grads = [w.grad for w in everything]
         for w in everything:
             w.grad = None
@@ -1017,7 +1069,10 @@ class HyperOptimizer(abc.ABC):
         self._scaler = scaler
         try:
             with no_sync(self.model) if by_hand else contextlib.nullcontext():
-                loss = self._train_backward(batch, weights)
+                try:
+                    loss = self._train_backward(batch, weights)
+                finally:
+                    self._left_now = []
         except BaseException as error:
             self._scaler = None
             pair.restore_buffers(snapshot)
@@ -1140,6 +1195,12 @@ class HyperOptimizer(abc.ABC):
                 empty = empty_batch_note(batch, "the batch")
                 self._nonfinite(f"inner step {self.inner_steps}: {problem}{where}{empty}")
             return loss.detach()
+        if left:  # accepted: their gradients accumulate on what they held, as backward() does
+            # (under a GradScaler they stay scaled, as in torch's recipe: scaler.step(second) unscales)
+            with torch.no_grad():
+                for w, old in zip(left, old_grads[len(everything) - len(left) :], strict=True):
+                    if old is not None:
+                        w.grad = old if w.grad is None else old.add_(w.grad)
         if scaler is not None:  # (no host synchronisation: the gradients are known finite)
             scaler.unscale_(self.inner_optimizer)
         if max_grad_norm is not None:  # clip_grad_norm_'s scaling, with the replay's arithmetic
@@ -1274,10 +1335,11 @@ class HyperOptimizer(abc.ABC):
         if loss.requires_grad:
             scaler = self._scaler  # (step's GradScaler: the gradients come out scaled)
             out = loss if scaler is None else scaler.scale(loss)
+            left = getattr(self, "_left_now", ())  # (step's: parameters outside inner_optimizer)
             if reentrant():
-                self._backward_everywhere(out, weights)
+                self._backward_everywhere(out, [*weights, *left])
             else:
-                out.backward(inputs=list(weights))
+                out.backward(inputs=[*weights, *left])
         elif any(w.grad is not None for w in weights):  # (cleared before the call)
             raise ValueError(
                 f"{type(self).__name__}.step: train_loss returned a loss without an autograd graph, "
@@ -1298,6 +1360,20 @@ class HyperOptimizer(abc.ABC):
                 DisconnectedWarning,
             )
         return loss
+
+    def _left_out(self) -> list[Tensor]:
+        """The model's parameters that require grad but are not in ``inner_optimizer`` (nor
+        hyperparameters): plain ``loss.backward()`` gives them a gradient, which a second
+        optimiser may step. The list is re-taken when the trained weights or the model's layout
+        change; ``requires_grad`` is read at each call (a pass over that list only)."""
+        key = (self._weights_key, registrations())
+        cached = getattr(self, "_left_out_cache", None)
+        if cached is None or cached[0] != key:
+            inner = {id(p) for p in _params_of(self.inner_optimizer)}
+            inner |= {id(h) for h in self.pair.hparam_tensors}
+            cached = (key, [p for p in self.ranks.module.parameters() if id(p) not in inner])
+            self._left_out_cache = cached
+        return [p for p in cached[1] if p.requires_grad]
 
     def _backward_everywhere(self, loss: Tensor, weights: Sequence[Tensor]) -> None:
         """``loss.backward()`` without ``inputs=``, for a loss that went through

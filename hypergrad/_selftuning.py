@@ -991,9 +991,16 @@ class SelfTuning(_BestResponseBase):
                 # the response pass then trained on x / 255**2, silently. (The copy is made anyway)
                 changed = seen != batch_versions(batch)
                 graph = any(t.grad_fn is not None for t in iter_tensors(batch))
-                response = super()._train_backward(
-                    batch if graph and not changed else pristine, weights, model
-                )
+                # parameters outside inner_optimizer (a second optimiser's) get the base pass's
+                # gradient, the model's at the current lambda, as plain backward() gives it; the
+                # response pass added its own on top (twice the gradient, at perturbed lambdas)
+                left, self._left_now = getattr(self, "_left_now", []), []
+                try:
+                    response = super()._train_backward(
+                        batch if graph and not changed else pristine, weights, model
+                    )
+                finally:
+                    self._left_now = left
             except RuntimeError as e:
                 if self.linearize and isinstance(e, CheckpointError):
                     raise RuntimeError(

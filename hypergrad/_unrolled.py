@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ._base import (
     DisconnectedWarning,
@@ -942,6 +943,66 @@ class Unrolled(HyperOptimizer):
         self._episode_note = ""
         self._frozen_seen: tuple[tuple[int, int], ...] | None = self._frozen_versions()
         self._frozen_stale: tuple[_Record, list[str]] | None = None
+        self._hooks_seen: tuple[int, Any] | None = (RemovableHandle.next_id, self._forward_hooks())
+        self._hooks_stale: _Record | None = None
+
+    def _forward_hooks(self) -> tuple[Any, ...]:
+        """The forward and backward hooks and pre-hooks (their handles' ids, per module) of the
+        model's and the hyperparameter module's modules, and the global ones: one pass over the
+        modules, taken only at a hyperstep or after a hook was registered anywhere
+        (``RemovableHandle.next_id`` moved)."""
+        mod = nn.modules.module
+        kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+        lazy = nn.modules.lazy.LazyModuleMixin._infer_parameters
+
+        def ids(hooks: Any) -> tuple[int, ...]:
+            # (not a lazy module's own initialisation hook, which removes itself at the first
+            # forward pass: a model built lazily warned at every hyperstep of its first window)
+            return tuple(k for k, h in hooks.items() if getattr(h, "__func__", None) is not lazy)
+
+        hooked = (
+            (id(m), *(ids(getattr(m, k, {})) for k in kinds))
+            for m in (*self.pair.model.modules(), *self.hparams.modules())
+            if any(getattr(m, k, None) for k in kinds)
+        )
+        return (
+            tuple(tuple(getattr(mod, f"_global{k}", {})) for k in kinds),
+            tuple(entry for entry in hooked if any(entry[1:])),
+        )
+
+    def _check_forward_hooks(self, *, look: bool) -> None:
+        """Note forward hooks or pre-hooks of the model registered or removed since the last look
+        while steps are recorded (a hook that rescales inputs switched on after a warm-up, a
+        pruning-style mask hook, a noise hook removed): the replay runs every recorded step with
+        the hooks there now, not those the real steps ran with. As :meth:`_check_frozen`, for the
+        hyperstep's warning; :meth:`_check_reproduced` sees it only at every ``_CHECK_EVERY``-th
+        hyperstep, never while the hyperparameters move within the window. Cheap per step (one
+        counter read: a registration anywhere moves it); ``look`` (a hyperstep) also takes the
+        hooks, which sees removals."""
+        seen = getattr(self, "_hooks_seen", None)  # (None: a copy or a loaded state, re-taken)
+        counter = RemovableHandle.next_id
+        if seen is not None and not look and seen[0] == counter:
+            return
+        now = self._forward_hooks()
+        if seen is not None and self._records and now != seen[1]:
+            self._hooks_stale = self._records[-1]
+        self._hooks_seen = (counter, now)
+
+    def _warn_forward_hooks(self) -> None:
+        stale = getattr(self, "_hooks_stale", None)
+        if stale is None or not any(r is stale for r in self._records):
+            return
+        _warn_user(
+            "hooks of the model's modules (module.register_forward_hook / "
+            "register_forward_pre_hook / register_full_backward_hook, or global ones) were "
+            "registered or removed after steps that "
+            "this hyperstep replays: the replay runs those steps with the hooks there now, not the "
+            "ones the real steps ran with, so the hypergradient is that of other steps. Call "
+            "hopt.start_episode() after such a change to differentiate only through the steps "
+            "taken since. (If the hooks change nothing the model computes, e.g. they only record "
+            "activations, filter this warning.)",
+            ReplayWarning,
+        )
 
     def _current_versions(self) -> tuple[int, ...]:
         return tuple(w._version for w in self.pair.weights)
@@ -1073,6 +1134,7 @@ class Unrolled(HyperOptimizer):
         self._update = update_for(self.inner_optimizer)  # a group added (or changed) since
         self._check_fresh()
         self._check_frozen()
+        self._check_forward_hooks(look=False)
         self._check_hooks()
         seen = getattr(self, "_attributes_seen", None)  # (copies pickled before it was kept)
         # ... and its modules' plain settings (a dropout or drop-path rate a schedule sets between
@@ -1298,6 +1360,7 @@ class Unrolled(HyperOptimizer):
         state["_attributes_seen"] = {}  # (likewise, the model's attributes: copied anew)
         state["_frozen_seen"] = None  # (identities of the original's parameters: re-taken by the copy)
         state["_frozen_params"] = None  # (likewise)
+        state["_hooks_seen"] = None  # (likewise, the modules' identities)
         state["_buffers_seen"] = None  # (likewise, the buffers': the next step records its own)
         return state
 
@@ -1399,6 +1462,8 @@ class Unrolled(HyperOptimizer):
             )
         self._check_frozen()
         self._warn_frozen()
+        self._check_forward_hooks(look=True)
+        self._warn_forward_hooks()
 
     # ------------------------------------------------------------------ the replay
 
@@ -2098,6 +2163,7 @@ class Unrolled(HyperOptimizer):
         self._records.clear()
         self._promotion = None
         self._frozen_seen, self._frozen_stale = None, None
+        self._hooks_seen, self._hooks_stale = None, None
         self._buffers_seen = None  # (the loaded buffers are the ones the records chain to)
         for r in records:
             self._records.append(_Record.from_dict(r))

@@ -296,3 +296,54 @@ def test_a_growing_list_attribute_is_copied_incrementally() -> None:
     third = dict(((i, k), v) for i, k, v in _plain_attributes([m], seen))[(0, "feats")]
     assert third[0] is not second[0] and float(third[0][0]) == 5.0
     assert [float(t[0]) for t in third] == [5.0, 1.0, 2.0]
+
+
+class _ScaledStn(_AttentiveStn):
+    """An STN model with a parameter a second optimiser trains (outside inner_optimizer)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor, hp: hg.hparams.SelfTuned) -> torch.Tensor:
+        return super().forward(x * self.scale, hp)
+
+
+def test_delta_stn_gives_a_parameter_outside_the_inner_optimiser_the_base_passes_gradient() -> None:
+    """A parameter outside ``inner_optimizer`` (a second optimiser's) gets the gradient plain
+    ``loss.backward()`` gives it. Delta-STN runs ``train_loss`` twice per step (base pass at the
+    current lambda, response pass at perturbed ones): the parameter gets the base pass's gradient
+    (the model at the current lambda), not the sum of both, and keeps accumulating as with
+    ``backward()``. Reference: autograd of the base pass on a copy of the model before the step."""
+    from hypergrad._stn_hparams import _Mode
+
+    hp = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.3, high=0.9), dtype=DT)
+    torch.manual_seed(0)
+    model = _ScaledStn(hp.size).to(DT)
+    trained = [p for n, p in model.named_parameters() if n != "scale"]
+    hopt = hg.SelfTuning(
+        model,
+        hp,
+        _stn_loss,
+        _stn_loss,
+        inner_optimizer=torch.optim.SGD(trained, lr=0.1),
+        outer_optimizer=torch.optim.Adam(hp.parameters(), lr=0.01),
+        delta=True,
+    )
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(16, 4, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)
+    ]
+    want = torch.zeros((), dtype=DT)
+    for b in batches:
+        import copy
+
+        ref = copy.deepcopy(model)
+        rng = torch.get_rng_state()
+        with hp._drawing(_Mode.BASE):
+            (gs,) = torch.autograd.grad(_stn_loss(ref, hp, b), [ref.scale])
+        torch.set_rng_state(rng)
+        want = want + gs
+        hopt.step(b)
+        assert model.scale.grad is not None
+        torch.testing.assert_close(model.scale.grad, want, rtol=1e-10, atol=1e-12)
