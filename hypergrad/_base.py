@@ -57,6 +57,7 @@ from ._wrap import (
     no_sync,
     not_syncing,
     replicate,
+    unwrap_model,
 )
 from .hparams import Constraint, OptimizerSetting, _meanings, _real, from_raw
 from .hparams import values as _hparam_values
@@ -516,6 +517,7 @@ class HyperOptimizer(abc.ABC):
         ):
             raise ValueError(f"Invalid divergence: {divergence!r} (need a number > 1, or None)")
         self.model = model
+        self._model_given = model  # (hopt.model replaced later is refused: see _check_not_moved)
         self.hparams = hparams
         self.train_loss = train_loss
         self.val_loss = val_loss
@@ -675,7 +677,30 @@ class HyperOptimizer(abc.ABC):
     def _check_not_moved(self) -> None:
         """Raise if the model was converted (``.to(torch.float64)``, ``.cuda()``) after this object
         was built: its dtype and device, the optimisers' and the method's state all refer to the
-        model as it was, and the batch checks would ask for batches of the old dtype."""
+        model as it was, and the batch checks would ask for batches of the old dtype.
+
+        Or if ``hopt.model`` was replaced by another module (as ``hopt.inner_optimizer`` may be):
+        everything the hypergradients run on (the trained weights' places, the buffers, the
+        data-parallel wrapper) was taken from the model given at construction, so the steps
+        trained the new model's weights through none of them (Unrolled: each step changed
+        nothing, silently, and every hypergradient was 0; Implicit: torch's bare "`inputs`
+        argument to `grad()` cannot be empty")."""
+        given = self.__dict__.get("_model_given")  # (copies pickled before it was kept: None)
+        if given is not None and self.model is not given:
+            if unwrap_model(self.model) is self.pair.model:
+                # a wrapper of the same module (torch.compile(model) assigned afterwards): its steps
+                # train the very weights the hypergradients run on
+                self._model_given = self.model
+                return self._check_not_moved()
+            name = type(self).__name__
+            raise ValueError(
+                f"hopt.model was replaced by another module since this {name} was built; it keeps "
+                f"the trained weights' places, buffers and wrappers of the model it was built "
+                f"with, so it cannot train or differentiate the new one. Build a new {name} (and "
+                f"its optimisers) around the new model, or load new values into the model it "
+                f"was built with (model.load_state_dict(...)); hopt.model = ... is not supported "
+                f"(hopt.inner_optimizer = ... is)"
+            )
         first = next(iter(self.model.parameters()))
         was_first = getattr(self, "_first_kind", None)  # (copies pickled before it was kept)
         # the first parameter's device only: a frozen part may be of another dtype than the trained
@@ -1119,6 +1144,21 @@ class HyperOptimizer(abc.ABC):
         grads = [w.grad for w in weights]
         if not any(g is not None for g in grads):
             scaler = None  # (a constant loss: nothing to unscale, and the scale stays as it is)
+            if loss.requires_grad:
+                # a loss with a graph that reaches none of the trained weights: the step changes
+                # nothing, silently. Typically it evaluates a model captured from outside rather
+                # than the one it is given: a closure over ``model`` goes on reading the
+                # original's after copy.deepcopy(hopt) or pickling, so the copy never trained
+                # (a constant loss, without a graph, is warned about in _train_backward)
+                _warn_user(
+                    f"{type(self).__name__}.step: train_loss (value {float(loss.detach()):.6g}) reaches "
+                    f"none of the weights inner_optimizer trains, so this step changes no weight. Does "
+                    "it evaluate a model (or hyperparameters) captured from outside rather than the "
+                    "model and hparams it is given? A closure over `model` keeps reading the "
+                    "original's after copy.deepcopy(hopt), pickling or a rebuilt model: use the "
+                    "arguments train_loss(model, hparams, batch) receives",
+                    DisconnectedWarning,
+                )
         # the model's floating-point buffers, judged in the same host read: a finite loss and
         # gradient whose forward pass wrote inf / NaN into one (a BatchNorm variance that overflowed
         # on an outlier batch) was accepted, and every later eval-mode loss read it (single process

@@ -549,6 +549,28 @@ class _BestResponseBase(HyperOptimizer):
         """The parameters that map the hyperparameters to the weights (the response)."""
         raise NotImplementedError
 
+    def _drawing_changed(self) -> str:
+        """What another SelfTuning / BestResponse built on ``hparams`` since changed in how the
+        container draws for this object ('' if nothing)."""
+        return ""
+
+    def _check_drawing(self) -> None:
+        """Raise if another SelfTuning / BestResponse built on ``hparams`` after this one set the
+        container's drawing (Delta-STN's centred features, BestResponse's sampling prior) for
+        itself: this object's steps and hypergradients would silently draw as that one's. A few
+        attribute reads."""
+        changed = self._drawing_changed()
+        if not changed:
+            return
+        name = type(self).__name__
+        raise ValueError(
+            f"{name}: another SelfTuning / BestResponse was built on this hparams container after "
+            f"this {name} and set how it draws for itself ({changed}): this {name}'s steps and "
+            f"hypergradients would silently draw as that one's. Go on with the newer object only, "
+            f"or give each its own container and model (copy.deepcopy); to go back to this "
+            f"configuration, build a new {name} on them"
+        )
+
     def _before_step(self) -> None:
         key = self._weights_key
         if key == self._checked_key:
@@ -570,6 +592,7 @@ class _BestResponseBase(HyperOptimizer):
         """One inner step on ``train_loss`` with freshly perturbed hyperparameters (the draws in
         the loss are detached from :math:`\\lambda`, :math:`\\sigma`); see
         :meth:`HyperOptimizer.step` (and its ``max_grad_norm`` and ``scaler``)."""
+        self._check_drawing()
         with self.hparams._drawing(self._train_mode):
             return super().step(batch, max_grad_norm=max_grad_norm, scaler=scaler)
 
@@ -704,6 +727,7 @@ class _BestResponseBase(HyperOptimizer):
         return _Mode.VAL
 
     def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> _Hypergradient:
+        self._check_drawing()
         grads, lv, reached = selftuning_hypergradient(
             self._val_closure(val_batch), self.hparams, self.entropy_weight
         )
@@ -928,6 +952,15 @@ class SelfTuning(_BestResponseBase):
             from ._unrolled import _load_forward_ad
 
             _load_forward_ad()
+
+    def _drawing_changed(self) -> str:
+        centred = bool(getattr(self.hparams, "_centred", self.delta))
+        if centred == self.delta:
+            return ""
+        return (
+            f"its layers are fed {'centred' if centred else 'uncentred'} features, this "
+            f"SelfTuning(delta={self.delta}) trained on {'centred' if self.delta else 'uncentred'} ones"
+        )
 
     def _val_mode(self) -> _Mode:
         # (perturb_val=False: unperturbed, values differentiable through the best response)
@@ -1166,6 +1199,19 @@ class BestResponse(_BestResponseBase):
             self.hparams._prior = (raw, torch.full_like(raw, float(prior_scale)))
         else:
             self.hparams._prior = None
+        self._own_prior = self.hparams._prior  # (the very tuple: another object's is another one)
+
+    def _drawing_changed(self) -> str:
+        hp = self.hparams
+        if getattr(hp, "_centred", False):
+            return "its STN layers are fed centred features (SelfTuning(delta=True)), the hypernetwork lambda"
+        mine = self.__dict__.get("_own_prior", hp._prior)  # (objects pickled before it was kept)
+        if hp._prior is mine:
+            return ""
+        if hp._prior is None or mine is None:
+            was, now = ("global", "local") if hp._prior is None else ("local", "global")
+            return f"its sampling is now {now!r}, this BestResponse's {was!r}"
+        return "its global sampling prior is now centred on that object's starting values, not this one's"
 
     def _val_mode(self) -> _Mode:
         return _Mode.VAL_MEAN  # (unperturbed; values differentiable, for a val_loss that reads them)
@@ -1202,3 +1248,4 @@ class BestResponse(_BestResponseBase):
             self.hparams._prior = (
                 None if prior is None else (prior[0].to(raw, copy=True), prior[1].to(raw, copy=True))
             )
+            self._own_prior = self.hparams._prior
