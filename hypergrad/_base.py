@@ -1764,6 +1764,7 @@ class HyperOptimizer(abc.ABC):
         # Implicit hyperstep advanced such a counter by 2, an Unrolled one by K + 1, so the
         # schedule of every later step ran ahead, silently)
         settings = self._attributes_now()
+        self.pair.__dict__.pop("graphless", None)  # (losses found on no graph: see _warn_disconnected)
         try:
             for p in frozen:
                 p.requires_grad_(True)
@@ -1824,12 +1825,23 @@ class HyperOptimizer(abc.ABC):
         return _nonfinite_entries("the hypergradient", self.pair.hparam_names, grads)
 
     def _warn_disconnected(self, reached: Sequence[bool]) -> None:
+        graphless = sorted(getattr(self.pair, "graphless", ()))
+        # a val_loss computed under torch.no_grad() (the validation habit) gave a zero
+        # hypergradient with a warning that listed every cause but that one
+        lead = (
+            f"{' and '.join(graphless)} returned a loss on no autograd graph although the weights "
+            "require grad: computed under torch.no_grad() or torch.inference_mode() (as validation "
+            "code usually is), or detached (.item(), .detach(), a new tensor). Compute it with "
+            "autograd on: the hypergradient needs its gradient. "
+            if graphless
+            else ""
+        )
         for name, ok in zip(self.pair.hparam_names, reached, strict=True):
             if ok or name in self._warned_disconnected:
                 continue
             self._warned_disconnected.add(name)
             _warn_user(
-                f"hyperparameter {name!r} does not reach the losses: no gradient path leads from it "
+                f"{lead}hyperparameter {name!r} does not reach the losses: no gradient path leads from it "
                 "to val_loss or to train_loss's gradient, so its hypergradient is exactly 0. Is it "
                 "cast to a Python number (float(), .item()), passed to a torch argument that takes "
                 "only floats (dropout p, label_smoothing), or left out of the loss? Or does it act "

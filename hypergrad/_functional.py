@@ -437,7 +437,20 @@ class FunctionalPair:
             if weights is not None:
                 for rnn in getattr(self, "_rnns", ()):  # (pairs pickled before it existed)
                     rnn._update_flat_weights()
-        return self._check_scalar(out, loss_fn), after
+        out = self._check_scalar(out, loss_fn)
+        if not out.requires_grad and (torch.is_inference(out) or torch.is_grad_enabled()):
+            # (failure path only) a loss on no autograd graph although weights it could reach
+            # require grad: computed under torch.no_grad() / inference_mode() (the validation
+            # habit) or detached. Named by the DisconnectedWarning, whose other causes it is not
+            import torch.autograd.forward_ad as fwAD
+
+            used = self.weights if weights is None else weights
+            if torch.is_inference(out) or (
+                fwAD.unpack_dual(out).tangent is None
+                and any(isinstance(w, Tensor) and w.requires_grad for w in used)
+            ):
+                self.__dict__.setdefault("graphless", set()).add(getattr(loss_fn, "__name__", repr(loss_fn)))
+        return out, after
 
     def loss(
         self,

@@ -1173,29 +1173,7 @@ class Implicit(HyperOptimizer):
         )
 
     def _coupled_decay(self, weights: Sequence[Tensor]) -> list[float] | None:
-        r"""Per weight, the L2 coefficient the inner optimiser adds to the gradient it follows
-        (``weight_decay`` of torch's SGD, Adam, RMSprop, Adagrad, Adamax, Adadelta, ASGD, NAdam,
-        RAdam and hypergrad.optim's, unless decoupled, plus ASGD's ``lambd``, which shrinks the
-        weights by :math:`1 - \lambda\eta` each step; negated under ``maximize``): the weights
-        then settle where :math:`\nabla L_T + \delta w = 0`, and the Hessian is
-        :math:`H + \delta I`. ``None`` when there is none (decoupled decay, AdamW's, has no such
-        objective)."""
-        if not isinstance(self.inner_optimizer, _COUPLED_DECAY):
-            return None
-        asgd = isinstance(self.inner_optimizer, torch.optim.ASGD)
-        by_id: dict[int, float] = {}
-        for group in self.inner_optimizer.param_groups:
-            wd = float(group.get("weight_decay", 0.0) or 0.0)
-            if asgd:  # its shrink by 1 - lambd * eta acts as more decay (the total negated under maximize)
-                wd += float(group.get("lambd", 0.0) or 0.0)
-            if wd == 0.0 or group.get("decoupled_weight_decay", False):
-                continue
-            sign = -1.0 if group.get("maximize", False) else 1.0
-            for p in group["params"]:
-                by_id[id(p)] = sign * wd
-        if not by_id:
-            return None
-        return [by_id.get(id(w), 0.0) for w in weights]
+        return coupled_decay(self.inner_optimizer, weights)
 
     def _maximizes(self, weights: Sequence[Tensor]) -> bool:
         """Whether the inner optimiser climbs ``train_loss`` on every weight of the solve (their
@@ -1231,3 +1209,29 @@ class Implicit(HyperOptimizer):
         vec = None if power is None else _by_name(power[1], saved, here)
         self._power = None if power is None or vec is None else (power[0], vec, power[2])
         self._warned_lr = bool(state.get("warned_lr", False))
+
+
+def coupled_decay(optimizer: torch.optim.Optimizer, weights: Sequence[Tensor]) -> list[float] | None:
+    r"""Per weight, the L2 coefficient ``optimizer`` adds to the gradient it follows
+    (``weight_decay`` of torch's SGD, Adam, RMSprop, Adagrad, Adamax, Adadelta, ASGD, NAdam,
+    RAdam and hypergrad.optim's, unless decoupled, plus ASGD's ``lambd``, which shrinks the
+    weights by :math:`1 - \lambda\eta` each step; negated under ``maximize``): the weights
+    then settle where :math:`\nabla L_T + \delta w = 0`, and the Hessian is
+    :math:`H + \delta I`. ``None`` when there is none (decoupled decay, AdamW's, has no such
+    objective)."""
+    if not isinstance(optimizer, _COUPLED_DECAY):
+        return None
+    asgd = isinstance(optimizer, torch.optim.ASGD)
+    by_id: dict[int, float] = {}
+    for group in optimizer.param_groups:
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        if asgd:  # its shrink by 1 - lambd * eta acts as more decay (the total negated under maximize)
+            wd += float(group.get("lambd", 0.0) or 0.0)
+        if wd == 0.0 or group.get("decoupled_weight_decay", False):
+            continue
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        for p in group["params"]:
+            by_id[id(p)] = sign * wd
+    if not by_id:
+        return None
+    return [by_id.get(id(w), 0.0) for w in weights]

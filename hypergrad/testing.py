@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import _attributes_kept, differentiable_twice
+from ._implicit import coupled_decay
 from ._types import LossFn
 from .hparams import WeightDecay
 
@@ -419,6 +420,7 @@ def dense_ift_hypergradient(
     val_loss: LossFn,
     train_batch: Any,
     val_batch: Any,
+    inner_optimizer: torch.optim.Optimizer | None = None,
 ) -> list[Tensor]:
     r"""The implicit-function-theorem hypergradient at the model's current weights, dense:
 
@@ -433,6 +435,13 @@ def dense_ift_hypergradient(
     :math:`O(P^3)`; use float64 and a few hundred weights at most. Exact at an inner optimum
     (:math:`\partial_w L_T = 0`); elsewhere it is what ``hg.Implicit(solver=hg.Direct())``
     computes.
+
+    Pass the ``inner_optimizer`` that trains the weights, as ``hg.Implicit`` is given it: the
+    weights are then the ones it trains (not every parameter that requires grad), and a coupled
+    ``weight_decay`` of it (SGD's, Adam's; not AdamW's) is part of the problem they solve, so the
+    Hessian is :math:`H + \delta I`. (Left out, the reference was of another problem: 80% off
+    ``Implicit`` with SGD's ``weight_decay=0.05`` on a small MLP, 30% off with its first layer
+    outside the optimiser.)
 
     Returns:
         A list shaped like ``list(hparams.parameters())``.
@@ -463,6 +472,9 @@ def dense_ift_hypergradient(
         return out.reshape(())
 
     ws: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+    if inner_optimizer is not None:  # (the weights it trains: those hg.Implicit solves for)
+        trained = {id(p) for group in inner_optimizer.param_groups for p in group["params"]}
+        ws = [p for p in ws if id(p) in trained]
     hps: list[Tensor] = list(hparams.parameters())
     if not ws:
         raise ValueError("dense_ift_hypergradient: no parameter of model requires grad (no weights)")
@@ -495,6 +507,16 @@ def dense_ift_hypergradient(
             jac = torch.stack([grads(g[i], ws + hps, retain_graph=True) for i in range(g.numel())])
             n_w = g.numel()
             hess, mixed = jac[:, :n_w], jac[:, n_w:]
+            decay = None if inner_optimizer is None else coupled_decay(inner_optimizer, ws)
+            if decay is not None:
+                hess = hess + torch.diag(
+                    torch.cat(
+                        [
+                            torch.full((w.numel(),), d, dtype=hess.dtype)
+                            for w, d in zip(ws, decay, strict=True)
+                        ]
+                    )
+                )
             del lt, g  # (the training graph, which may have saved the buffers, is done)
             restore()
             with _attributes_kept(modules):
