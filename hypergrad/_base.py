@@ -810,8 +810,13 @@ class HyperOptimizer(abc.ABC):
         if not inner:
             raise ValueError("inner_optimizer has no parameters")
         trained = [t for t in inner if t.requires_grad]
+        # (and of the model's dtype: a trained part converted since, model.head.double() or
+        # .half(), kept its tensors, so the key matched and the steps ran on mixed dtypes that
+        # construction refuses: momentum buffers of the old dtype, or torch's bare "expected
+        # dtype float for `end` but got dtype double" from Adam; the check below names it)
+        dtype = self.dtype
         if len(trained) == len(self._weights_key) and all(
-            id(t) == k for t, k in zip(trained, self._weights_key, strict=False)
+            id(t) == k and t.dtype == dtype for t, k in zip(trained, self._weights_key, strict=False)
         ):
             gone = self.pair.replaced_weights()  # (the model changed under the optimiser)
             if gone:
@@ -837,7 +842,15 @@ class HyperOptimizer(abc.ABC):
             if id(t) not in model_ids:
                 raise ValueError("inner_optimizer holds a tensor that is not a parameter of model")
             if t.dtype != self.dtype:
-                raise ValueError(f"model parameter {model_ids[id(t)]!r} is {t.dtype}, others {self.dtype}")
+                since = (
+                    f" (it was {self.dtype} when this {type(self).__name__} was built: convert the "
+                    "whole model first, then build the optimisers and the method)"
+                    if id(t) in set(self._weights_key)
+                    else ""
+                )
+                raise ValueError(
+                    f"model parameter {model_ids[id(t)]!r} is {t.dtype}, others {self.dtype}{since}"
+                )
             if t.device != self.device:
                 raise ValueError(
                     f"model parameter {model_ids[id(t)]!r} is on {t.device}, others on {self.device}"

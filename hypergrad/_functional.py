@@ -878,13 +878,26 @@ def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
     return tuple(torch.zeros_like(t) for t in ts)
 
 
+def _wide_dtype(x: Tensor, y: Tensor) -> torch.dtype:
+    """The dtype a product of ``x`` and ``y`` is summed in: theirs, at least float32."""
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+
+
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σ_i ⟨a_i, b_i⟩ as a real 0-dim tensor (no host synchronisation). Complex entries count as
     pairs of reals (the real part of ``vdot``), the inner product under which autograd's HVPs of a
     real loss are symmetric, as ``torch.optim`` treats complex parameters."""
     if not a:
         return torch.zeros(())
-    parts = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+    # float16 / bfloat16 products summed in float32, and the sum kept there: a float16 result
+    # overflows at 65504 (CG's curvature p'Hp of 5000 weights at H = 30 I was inf, its solution
+    # NaN, "nonfinite", and every Implicit hyperstep of such a model refused)
+    parts = [
+        torch.vdot(x.reshape(-1), y.reshape(-1))
+        if x.dtype not in _LOW_PRECISION and y.dtype not in _LOW_PRECISION
+        else torch.vdot(*(t.reshape(-1).to(_wide_dtype(x, y)) for t in (x, y)))
+        for x, y in zip(a, b, strict=True)
+    ]
     return torch.stack([t.real if t.is_complex() else t for t in parts]).sum()
 
 
