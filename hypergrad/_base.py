@@ -1130,8 +1130,8 @@ class HyperOptimizer(abc.ABC):
                 f"inner step {self.inner_steps}: {bad} (train_loss raised {type(error).__name__}: {error})"
             )
             return torch.full((), float("nan"), dtype=self.dtype, device=self.device)
-        if by_hand:
-            average_gradients(weights, self.ranks.group, self.ranks.size)  # (DDP's mean)
+        if by_hand:  # (DDP's mean; the parameters outside inner_optimizer too, as its reducer averages them)
+            average_gradients([*weights, *left], self.ranks.group, self.ranks.size)
         # the guards judge the loss of the concatenated batch (the ranks' mean): every rank decides alike
         mean_loss, counts = self._mean_loss_and_counts(loss.detach())
         if counts is not None and len(set(counts)) > 1:

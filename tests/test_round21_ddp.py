@@ -297,6 +297,41 @@ def _implicit_frozen(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+def _left_out(rank: int, world: int) -> dict[str, Any]:
+    """(Round 26) A parameter outside inner_optimizer (a second optimiser's) gets the gradient
+    ``backward()`` gives it, averaged over the ranks as DDP's reducer averages it: with the reducer
+    on, and with ``find_unused_parameters=True``, where step() averages the gradients itself (the
+    left-out ones stayed per rank there, and a second optimiser's steps drove the ranks apart)."""
+    out: dict[str, Any] = {}
+    for unused in (False, True):
+        module = _net()
+        model = (
+            nn.parallel.DistributedDataParallel(module, find_unused_parameters=unused)
+            if world > 1
+            else module
+        )
+        head = list(module[2].parameters())
+        hp = _Decay(4)
+        inner = torch.optim.SGD([p for p in module.parameters() if all(p is not h for h in head)], lr=LR)
+        second = torch.optim.SGD(head, lr=LR)
+        hopt = hg.Implicit(
+            model, hp, _train_decay, _ce, inner_optimizer=inner,
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.0), solver=hg.Identity(),
+        )  # fmt: skip
+        batches, _ = _data()
+        grads = []
+        for b in batches[:3]:
+            second.zero_grad()
+            hopt.step(_shard(b, rank, world))
+            grads.append([h.grad.clone() for h in head])
+            second.step()
+        out[f"unused={unused}"] = {
+            "grads": grads,
+            "weights": [p.detach().clone() for p in module.parameters()],
+        }
+    return out
+
+
 def _norm_linear() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(_RunningNorm(5), nn.Linear(5, 3)).to(DT)
@@ -396,6 +431,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "implicit-converged": _implicit_converged,
     **{f"fd-{n}": (lambda r, w, n=n: _unrolled_vs_fd(n, r, w)) for n in SETUPS},
     "implicit-frozen": _implicit_frozen,
+    "left-out": _left_out,
 }
 
 
@@ -472,6 +508,19 @@ def test_implicit_with_frozen_weights_warm_cg_and_a_subset_under_ddp_gives_the_o
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
     a, b = (r["implicit-frozen"] for r in ranks)
     assert _equal(a["weights"] + a["hparams"], b["weights"] + b["hparams"])
+
+
+def test_parameters_outside_the_inner_optimiser_get_the_one_process_gradient_on_every_rank(ranks) -> None:
+    single = _left_out(0, 1)
+    for got in _ok(ranks, "left-out"):
+        for mode, want in single.items():
+            for g, r in zip(
+                got[mode]["grads"] + got[mode]["weights"], want["grads"] + want["weights"], strict=True
+            ):
+                for a, b in zip(
+                    g if isinstance(g, list) else [g], r if isinstance(r, list) else [r], strict=True
+                ):
+                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_implicit_under_ddp_at_a_converged_optimum_equals_finite_differences_of_the_ddp_run(ranks) -> None:
