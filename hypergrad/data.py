@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 __all__ = ["WithIndex"]
@@ -20,6 +21,15 @@ class WithIndex(Dataset[tuple[Any, ...]]):
     becomes ``(x, i)``. ``i`` is the index as passed (a Python ``int`` from a ``DataLoader``'s
     sampler), so the default collate turns a batch of them into an ``int64`` tensor of shape
     ``(B,)``, ready for ``ExampleWeights(len(dataset))(index)``. ``len`` is the wrapped dataset's.
+    A slice (``ds[:]``, a whole ``TensorDataset`` as one batch) gets the ``int64`` tensor of the
+    positions it selects (``ds[1:5]``: ``tensor([1, 2, 3, 4])``), and a negative ``int`` its position
+    (``ds[-1]`` appends ``len(ds) - 1``): ``ExampleWeights`` reads positions only.
+
+    ``WithIndex(a) + WithIndex(b)`` is ``WithIndex(ConcatDataset([a, b]))``: item ``i`` of the sum
+    carries its position ``i`` in the sum (``torch``'s own ``+``, a ``ConcatDataset`` of the two
+    wrappers, gave ``b``'s examples the indices ``0, 1, ...`` of ``a``'s: each read another
+    example's weight, silently); ``ConcatDataset([WithIndex(a), WithIndex(b)])`` written out still
+    does that, so concatenate the plain datasets first and wrap the result.
 
     Args:
         dataset: a map-style dataset (``__getitem__`` and ``__len__``), e.g. a ``TensorDataset``.
@@ -46,12 +56,28 @@ class WithIndex(Dataset[tuple[Any, ...]]):
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]
+        if isinstance(index, slice):  # (the slice object itself is no index ExampleWeights reads)
+            index = torch.tensor(range(len(self))[index], dtype=torch.int64)  # type: ignore[assignment]
+        elif isinstance(index, int) and index < 0:  # ds[-1], the last example: its position
+            index += len(self)
         if isinstance(item, tuple):
             return (*item, index)
         return (item, index)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    def __add__(self, other: Dataset[Any]) -> WithIndex:  # type: ignore[override]
+        if not isinstance(other, WithIndex):
+            raise TypeError(
+                f"WithIndex + {type(other).__name__}: only another WithIndex can be added (the sum "
+                "is WithIndex(ConcatDataset([a, b])), each example indexed by its position in it); "
+                "concatenate the plain datasets first and wrap the result: "
+                "WithIndex(ConcatDataset([a, b]))"
+            )
+        from torch.utils.data import ConcatDataset
+
+        return WithIndex(ConcatDataset([self.dataset, other.dataset]))
 
     def __repr__(self) -> str:
         return f"WithIndex({self.dataset!r})"

@@ -38,6 +38,7 @@ from .common import (
     Context,
     Limit,
     Outcome,
+    Rule,
     accuracy,
     digits_split,
     hyperstep_cost,
@@ -207,7 +208,17 @@ def learn_weights(
         "corrupt": Limit(0, 1, high_open=True),
         "init_weight": Limit(0, 1, True, True),
     },
-    rules=(DIGITS_FIT,),
+    rules=(
+        DIGITS_FIT,
+        # (corrupt=1.0 is refused, but a corrupt just below it rounds to every label corrupted:
+        # the oracle trained on no example and the clean examples' mean weight was NaN)
+        Rule(
+            ("n_train", "corrupt"),
+            lambda n, c: int(round(c * n)) < n,
+            "round(corrupt * n_train) < n_train: at least one clean training label (the oracle "
+            "trains on the clean examples)",
+        ),
+    ),
 )
 def run(ctx: Context) -> Outcome:
     """Learn per-example weights on noisy digits; compare baseline / tuned / oracle."""
