@@ -411,6 +411,19 @@ def _recorded_argv(argv: Sequence[str], asked: Mapping[str, Any], config: Mappin
     def key(token: str) -> str:
         return token.lstrip("-").partition("=")[0].strip().replace("-", "_")
 
+    # ``run``'s own options, to read what argparse read: ``--meth cg`` and ``--see=3`` are
+    # ``--method`` and ``--seed`` (its unique prefixes), which stayed in the recorded command
+    # beside the ``--set`` that replaced them (a rerun refused the two values)
+    run_parser = _parser()._commands["run"]  # type: ignore[attr-defined]
+    options = [o for o in run_parser._option_string_actions if o.startswith("--")]
+
+    def option(token: str) -> str | None:
+        name = token.partition("=")[0]
+        if name in options:
+            return name
+        found = [o for o in options if o.startswith(name)] if name.startswith("--") and len(name) > 2 else []
+        return found[0] if len(found) == 1 else None
+
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -418,8 +431,9 @@ def _recorded_argv(argv: Sequence[str], asked: Mapping[str, Any], config: Mappin
         if a == "--set" and i + 1 < len(argv) and key(argv[i + 1]) in changed:
             i += 2
             continue
-        if a in ("--method", "--seed") and a[2:] in changed:
-            i += 2
+        opt = option(a)
+        if opt in ("--method", "--seed") and opt[2:] in changed:
+            i += 1 if "=" in a else 2
             continue
         if a.startswith("--set=") and key(a[len("--set=") :]) in changed:
             i += 1
@@ -462,6 +476,11 @@ def _run(
             f"{os.environ['WANDB_SWEEP_ID']}), but without --wandb the sweep never gets its metric "
             "(every point would show as no result): add --wandb to the sweep's command (or unset "
             "WANDB_SWEEP_ID if no agent runs this)"
+        )
+    if args.project is not None and not args.wandb:
+        raise SystemExit(
+            f"hypergrad run: --project {args.project} names a wandb project, but without --wandb "
+            "nothing is logged to wandb: add --wandb (or leave --project out)"
         )
     if args.wandb:
         try:  # before touching the run folder: a missing wandb must not cost the previous run
@@ -652,6 +671,10 @@ def _report(args: argparse.Namespace) -> int:
             f"hypergrad report: {args.readme} lacks the marker lines\n{REPORT_START}\n{REPORT_END}"
         )
     before, rest = text.split(REPORT_START, 1)
+    if REPORT_END not in rest:  # (the end marker only above the start one: a bare ValueError)
+        raise SystemExit(
+            f"hypergrad report: in {args.readme}, the line\n{REPORT_END}\nmust come after\n{REPORT_START}"
+        )
     _, after = rest.split(REPORT_END, 1)
     args.readme.write_text(f"{before}{REPORT_START}\n{table}\n{REPORT_END}{after}")
     print(f"hypergrad report: {len(paths)} results -> {args.readme}")

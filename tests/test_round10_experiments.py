@@ -36,14 +36,14 @@ def test_baselines_hyperclean_pays_the_shared_ranking_run_once_not_per_trial(tmp
     run_steps = hc["epochs"] * math.ceil(hc["n_train"] / hc["batch_size"])
     rows = [r for r in rec["table"] if "@" in r["method"] and r["trials"]]
     assert rows
-    for r in rows:
-        assert r["budget (inner steps)"] == run_steps * (1 + r["trials"]), r
+    for r in rows:  # (a trial trains on the examples it keeps: at most run_steps, round 26)
+        assert run_steps < r["budget (inner steps)"] <= run_steps * (1 + r["trials"]), r
     hg_cost = rec["metrics"]["hyperclean.hg_cost"]
     full = next(r for r in rows if r["method"] == "random @ full")
     budget = rec["config"]["budget_multiple"] * hg_cost
     # as many trials as the budget (or max_trials) allows, and no more
     allowed = min(int((budget - run_steps) // run_steps), rec["config"]["max_trials"])
-    assert full["trials"] == allowed
+    assert full["trials"] >= allowed  # (charged what each trial took, more may fit)
 
 
 def test_baselines_target_size_follows_the_size_not_max_trials(tmp_path: Path) -> None:
