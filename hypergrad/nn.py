@@ -229,8 +229,11 @@ class StnLinear(StnLayer):
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"StnLinear: rank must be an int >= 1 or None, got {rank!r}")
+        if rank is not None:
+            r = _count(rank)  # (a NumPy integer too, as n_hparams and HyperNet's rank take)
+            if r is None:
+                raise ValueError(f"StnLinear: rank must be an int >= 1 or None, got {rank!r}")
+            rank = r
         self.rank = rank
         both = nn.Linear(
             in_features, out_features + (out_features if rank is None else rank), bias=bias, **factory
@@ -344,8 +347,10 @@ class _StnConvNd(StnLayer):
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         conv_cls: Any = nn.Conv2d if self._dims == 2 else nn.Conv1d
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        g = _count(groups)  # (a NumPy integer too, as nn.Conv2d takes)
+        if g is None:
             raise ValueError(f"{type(self).__name__}: groups must be an int >= 1, got {groups!r}")
+        groups = g
         if groups != 1 and (in_channels % groups or out_channels % groups):
             raise ValueError(
                 f"{type(self).__name__}: in_channels ({in_channels}) and out_channels "
@@ -356,8 +361,11 @@ class _StnConvNd(StnLayer):
                 f"{type(self).__name__}: rank={rank} with groups={groups} is not supported (a "
                 "low-rank hyper half mixes the groups' channels): give one of them"
             )
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"{type(self).__name__}: rank must be an int >= 1 or None, got {rank!r}")
+        if rank is not None:
+            r = _count(rank)  # (a NumPy integer too, as n_hparams and HyperNet's rank take)
+            if r is None:
+                raise ValueError(f"{type(self).__name__}: rank must be an int >= 1 or None, got {rank!r}")
+            rank = r
         self.rank = rank
         conv = conv_cls(
             in_channels,
@@ -401,6 +409,20 @@ class _StnConvNd(StnLayer):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
                 f"{type(self).__name__} expects x with {self._dims + 2} dims (B, C, ...), got {got}"
+            )
+        c = self.conv
+        if c.groups != 1 and (c._forward_pre_hooks or c._forward_hooks):
+            # (the grouped halves read conv.weight directly, bypassing conv's call: a hook-based
+            # weight_norm's weight stayed the one computed when it was applied, the output 1.7
+            # off after g moved, and the next backward failed "modified by an inplace operation")
+            name = type(self).__name__
+            raise ValueError(
+                f"{name}(groups={c.groups}) computes its two halves as grouped convolutions with "
+                f"conv.weight directly, so the hooks registered on its .conv (the hook-based "
+                f"torch.nn.utils.weight_norm / spectral_norm, torch.nn.utils.prune, forward "
+                f"hooks) would not run and a stale weight would be used: reparametrize with "
+                f"torch.nn.utils.parametrize (torch.nn.utils.parametrizations.weight_norm), or "
+                f"use groups=1"
             )
         delta = linear_perturbation(hparams, x.shape[0], self.n_hparams, type(self).__name__)
         if delta is None and self._vanishes(hparams, x.shape[0]):
@@ -606,8 +628,19 @@ class StnLSTMCell(StnLayer):
                 :math:`(B, \text{hidden})` tensors.
             TypeError: called without ``hparams``.
         """
-        hparams = _need_hparams(hparams, self)
         name = type(self).__name__
+        # (it said "call it as layer(x, hparams)", the one-input layers' message: what cell(x, hp)
+        # had done, the hyperparameters going in as the state)
+        if hparams is None:
+            given = (
+                f"; got {type(state).__name__} as the state: for the first step, cell(x, None, hparams)"
+                if isinstance(state, (SelfTuned, Draw, Tensor))
+                else ""
+            )
+            raise TypeError(
+                f"{name} needs the hyperparameters: call it as cell(x, state, hparams) (a SelfTuned, "
+                f"its draw, or features), state a pair (h, c), or None for zeros{given}"
+            )
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -739,7 +772,16 @@ def dropout(x: Tensor, rate: Tensor | float, training: bool = True) -> Tensor:
     if not bool(((p >= 0) & (p < 1)).all()):  # (checked as given, before any rounding to x's dtype)
         raise ValueError(f"dropout: rates must lie in [0, 1); got range [{float(p.min())}, {float(p.max())}]")
     work = _work_dtype(x)
-    keep = _bcast((1 - p.double()).to(work), x)
+    keep = (1 - p.double()).to(work)
+    # torch's uniforms in ``work`` are multiples of 2^-24 (float32; 2^-53 in float64), so
+    # ``u < keep`` holds with probability n / 2^24, n = ceil(keep 2^24), not keep: a small keep
+    # is scaled by the inverse of that (the mask is the same). A keep probability below 2^-24 (a
+    # float64 rate of 1 - 1e-12 on float32 x) was kept with 2^-24 and scaled by 1e12: the mean
+    # came out 6e4 times too large, silently. (Where n >= 2^16 the difference is below 2^-16,
+    # and the scale is left as it was, bit for bit.)
+    lattice = 2.0 / torch.finfo(work).eps  # 2^24, 2^53
+    n = torch.ceil(keep * lattice)
+    keep = _bcast(torch.where(n < 2**16, n / lattice, keep), x)
     mask = torch.rand_like(x, dtype=work) < keep
     if x.dtype == work:
         return x * mask / keep
