@@ -39,6 +39,7 @@ from ._functional import (
     check_batch,
     clip_by_total_norm,
     empty_batch_note,
+    memory_span,
     module_layout,
     naming_batch_dtypes,
     norm,
@@ -214,12 +215,9 @@ def _sharing_memory(
         if nn.parameter.is_lazy(t) or not t.numel() or t.is_sparse or t.device.type == "meta":
             continue
         try:
-            base = t.untyped_storage().data_ptr()
+            spans.append((*memory_span(t), t))
         except (RuntimeError, NotImplementedError):  # (a tensor subclass without storage)
             continue
-        start = t.data_ptr()
-        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
-        spans.append((base, start, start + t.element_size() * extent, t))
     spans.sort(key=lambda s: (s[0], s[1]))
     active: list[tuple[int, int, Tensor]] = []  # (storage, end, tensor) of the spans still open
     for base, start, end, t in spans:

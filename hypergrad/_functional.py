@@ -883,6 +883,15 @@ def _wide_dtype(x: Tensor, y: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
 
 
+def memory_span(t: Tensor) -> tuple[int, int, int]:
+    """``(storage, start, end)``: the address of ``t``'s storage and the byte range ``[start,
+    end)`` its elements can occupy (strides included), to tell whether two tensors may share
+    memory; disjoint views of one buffer have disjoint ranges. ``t`` has at least one element."""
+    start = t.data_ptr()
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.untyped_storage().data_ptr(), start, start + t.element_size() * extent
+
+
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σ_i ⟨a_i, b_i⟩ as a real 0-dim tensor (no host synchronisation). Complex entries count as
     pairs of reals (the real part of ``vdot``), the inner product under which autograd's HVPs of a

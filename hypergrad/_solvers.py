@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._functional import _WIDENED, all_finite, dot, norm
+from ._functional import _WIDENED, all_finite, dot, memory_span, norm
 from ._types import HVP, Tensors
 
 
@@ -267,11 +267,8 @@ def _writable(ts: Sequence[Tensor], inputs: Sequence[Tensor] = ()) -> list[Tenso
     def overlaps(t: Tensor, add: bool) -> bool:
         if not t.numel():
             return False
-        start = t.data_ptr()
-        end = start + t.element_size() * (
-            1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
-        )
-        seen = spans.setdefault(t.untyped_storage().data_ptr(), [])
+        storage, start, end = memory_span(t)
+        seen = spans.setdefault(storage, [])
         hit = any(a < end and start < b for a, b in seen)
         if add:
             seen.append((start, end))
