@@ -684,12 +684,11 @@ class HyperOptimizer(abc.ABC):
         nothing, silently, and every hypergradient was 0; Implicit: torch's bare "`inputs`
         argument to `grad()` cannot be empty")."""
         given = self.__dict__.get("_model_given")  # (copies pickled before it was kept: None)
+        if given is not None and self.model is not given and unwrap_model(self.model) is self.pair.model:
+            # a wrapper of the same module (torch.compile(model) assigned afterwards): its steps
+            # train the very weights the hypergradients run on
+            self._model_given = given = self.model
         if given is not None and self.model is not given:
-            if unwrap_model(self.model) is self.pair.model:
-                # a wrapper of the same module (torch.compile(model) assigned afterwards): its steps
-                # train the very weights the hypergradients run on
-                self._model_given = self.model
-                return self._check_not_moved()
             name = type(self).__name__
             raise ValueError(
                 f"hopt.model was replaced by another module since this {name} was built; it keeps "

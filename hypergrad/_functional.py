@@ -86,11 +86,13 @@ def write_count(t: Tensor) -> tuple[int, int]:
 
 
 class _PerThread(threading.local):
-    """The library's block depths, per thread: a hyperoptimiser in another thread (an Optuna
+    """The library's block state, per thread: a hyperoptimiser in another thread (an Optuna
     study with ``n_jobs=2``, a thread pool of sweeps) must not see this thread's blocks. (They were
-    process-wide: a hyperstep in one thread made the other thread's hooks land in its handle list,
-    and two overlapping blocks restored ``Tensor.register_hook`` to the other's wrapper for good,
-    so every hook registered later in the process was collected into a dead hyperstep's list.)"""
+    process-wide: a hyperstep in one thread made the other thread's hooks land in its handle list;
+    two overlapping blocks restored ``Tensor.register_hook`` to the other's wrapper for good, so
+    every hook registered later in the process was collected into a dead hyperstep's list, and
+    left the value memo open for good; a plain feature tensor passed to an STN layer in another
+    thread was linearised as this thread's response step's.)"""
 
     def __init__(self) -> None:
         #: open collecting_gradient_hooks blocks but model-only ones (a training gradient being taken)
@@ -99,6 +101,12 @@ class _PerThread(threading.local):
         self.exact_padding = 0
         #: the open collecting_gradient_hooks blocks' (handles, model_only), outermost first
         self.collectors: list[tuple[list[Any], bool]] = []
+        #: open linearised model calls (``hypergrad._stn_hparams.linearising``: Delta-STN)
+        self.linearising = 0
+        #: open validation passes of SelfTuning / BestResponse (``hypergrad._stn_hparams.validating``)
+        self.validating = 0
+        #: the value memo of ``hypergrad.hparams._reusing_values`` (None: no block open)
+        self.memo: dict[tuple[int, int, bool, str], tuple[Tensor, Tensor]] | None = None
 
 
 _THREAD = _PerThread()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._base import HyperOptimizer, OnNonFinite, _Hypergradient, _warn_user
 from ._functional import (
+    _LOW_PRECISION,
     _attributes_kept,
     _plain_attributes,
     _uncached,
@@ -59,7 +60,7 @@ _AT_LR = ("lr",)
 def _wide(w: Tensor, x: Tensor) -> Tensor:
     """``w * x``, in float32 for float16 / bfloat16 weights (whose products of a small solution
     and the weights underflow into the subnormals); unchanged, no copy, in other dtypes."""
-    if w.dtype in (torch.float16, torch.bfloat16):
+    if w.dtype in _LOW_PRECISION:
         return w.float() * x.float()
     return w * x
 

@@ -42,6 +42,7 @@ from ._base import (
     _values_off_domain,
 )
 from ._functional import (
+    _THREAD,
     _close_swap,
     _open_swap,
     batch_versions,
@@ -55,7 +56,6 @@ from ._functional import (
     materialize,
 )
 from ._stn_hparams import (
-    _DEPTHS,
     Positive,
     SelfTuned,
     _in_backward,
@@ -274,7 +274,7 @@ def _composite_targets() -> list[tuple[Any, str, Any]]:
 
     def dispatch(original: Any, composite: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
-            return (composite if _DEPTHS.linearising else original)(*args, **kwargs)
+            return (composite if _THREAD.linearising else original)(*args, **kwargs)
 
         return call
 

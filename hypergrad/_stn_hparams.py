@@ -28,7 +28,6 @@ import dataclasses
 import enum
 import math
 import operator
-import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -37,6 +36,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._functional import _THREAD
 
 # ----------------------------------------------------------------------------- transforms
 
@@ -709,7 +710,7 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str, *, tan
         features = features.draw(batch)
     if (
         tangent
-        and _DEPTHS.linearising > 0
+        and _THREAD.linearising > 0
         and isinstance(features, Tensor)
         and fwAD.unpack_dual(features).tangent is None
     ):
@@ -719,7 +720,7 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str, *, tan
     if isinstance(features, Draw):
         linear = features.linear
         features = features.features
-        if linear and _DEPTHS.linearising > 0:  # Delta-STN: the output's first order in the perturbation
+        if linear and _THREAD.linearising > 0:  # Delta-STN: the output's first order in the perturbation
             features = fwAD.make_dual(torch.zeros_like(features), features)
         elif linear and _in_backward():
             # activation checkpointing (torch.utils.checkpoint) runs the layer again in the
@@ -797,7 +798,7 @@ def linear_perturbation(hparams: Any, batch: int, n_hparams: int, where: str) ->
     r"""The centred perturbation :math:`\Delta` ``(B, H)`` when an STN layer is being linearised
     (Delta-STN's response step, inside the model call), else ``None``: the layer may then compute
     its output's primal (:math:`\Delta = 0`) and tangent itself, without forward-mode AD."""
-    if _DEPTHS.linearising == 0:
+    if _THREAD.linearising == 0:
         return None
     if isinstance(hparams, SelfTuned):
         hparams = hparams.draw(batch)
@@ -817,31 +818,15 @@ def _in_backward() -> bool:
     return node is not None and node() is not None
 
 
-class _Depths(threading.local):
-    """Per thread (a hyperoptimiser in another thread must not see this one's blocks: a plain
-    feature tensor passed to a layer there was linearised as this thread's response step's,
-    and its augmentations refused as if in this thread's validation pass)."""
-
-    def __init__(self) -> None:
-        #: open linearised model calls (:class:`~hypergrad.SelfTuning` with ``delta=True``)
-        self.linearising = 0
-        #: open validation passes of :class:`~hypergrad.SelfTuning` /
-        #: :class:`~hypergrad.BestResponse` (the model in eval mode)
-        self.validating = 0
-
-
-_DEPTHS = _Depths()
-
-
 @contextlib.contextmanager
 def validating() -> Iterator[None]:
     """Within the block (a hyperstep's validation pass, the model in eval mode), the ``hg.nn``
     augmentations refuse to run with ``training=True``."""
-    _DEPTHS.validating += 1
+    _THREAD.validating += 1
     try:
         yield
     finally:
-        _DEPTHS.validating -= 1
+        _THREAD.validating -= 1
 
 
 def refuse_in_validation(what: str) -> None:
@@ -849,7 +834,7 @@ def refuse_in_validation(what: str) -> None:
     the model is in eval mode there, so that lambda reaches the validation loss through the best
     response only; a helper called without ``training=self.training`` (its default is True) made
     every hyperstep's validation loss a random draw at the perturbed strengths, silently."""
-    if _DEPTHS.validating > 0:
+    if _THREAD.validating > 0:
         raise ValueError(
             f"hg.nn.{what} ran with training=True in the validation step of SelfTuning / "
             f"BestResponse, which runs the model in eval mode (no dropout, no augmentation): "
@@ -861,11 +846,11 @@ def refuse_in_validation(what: str) -> None:
 def linearising() -> Iterator[None]:
     """Within the block (inside a forward-mode dual level), STN layers fed a :class:`Draw` with
     ``linear=True`` see its features as the tangent of a zero primal."""
-    _DEPTHS.linearising += 1
+    _THREAD.linearising += 1
     try:
         yield
     finally:
-        _DEPTHS.linearising -= 1
+        _THREAD.linearising -= 1
 
 
 def _describe(spec: _Spec) -> str:

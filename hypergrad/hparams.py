@@ -31,7 +31,6 @@ import enum
 import math
 import numbers
 import operator
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._functional import _THREAD
 from ._wrap import unwrap_model
 
 __all__ = [
@@ -250,32 +250,22 @@ def from_raw(
 # differentiated through, once per step. Inside ``_reusing_values()`` each is computed once per raw
 # tensor object (and version and grad mode) and the same graph node is reused:
 # the same values and derivatives, K - 1 fewer weight-sized passes each way.
-class _Memo(threading.local):
-    """Per thread: another thread's hyperoptimiser must neither read nor restore this one's memo
-    (two overlapping blocks in two threads, each restoring what it found, left a memo open for
-    good, which then reused values, and their graphs, across steps)."""
-
-    def __init__(self) -> None:
-        self.memo: dict[tuple[int, int, bool, str], tuple[Tensor, Tensor]] | None = None
-
-
-_MEMO = _Memo()
 
 
 @contextlib.contextmanager
 def _reusing_values() -> Iterator[None]:
-    outer = _MEMO.memo
-    _MEMO.memo = {} if outer is None else outer
+    outer = _THREAD.memo
+    _THREAD.memo = {} if outer is None else outer
     try:
         yield
     finally:
-        _MEMO.memo = outer
+        _THREAD.memo = outer
 
 
 def _memo(raw: Tensor, what: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``fn(raw)``, reused within :func:`_reusing_values` for the same ``raw`` object and version
     (a reference to ``raw`` is kept with the value, so its ``id`` cannot be recycled meanwhile)."""
-    memo = _MEMO.memo
+    memo = _THREAD.memo
     if memo is None:
         return fn(raw)
     key = (id(raw), raw._version, torch.is_grad_enabled(), what)

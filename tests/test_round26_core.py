@@ -16,7 +16,7 @@ from torch import nn
 
 import hypergrad as hg
 from hypergrad._functional import _THREAD, _plain_attributes, collecting_gradient_hooks
-from hypergrad._stn_hparams import _DEPTHS, linearising
+from hypergrad._stn_hparams import linearising
 from hypergrad._unrolled import Mode
 
 DT = torch.float64
@@ -165,13 +165,13 @@ def test_a_gradient_hook_block_collects_only_its_own_threads_hooks() -> None:
         y = x * 2
         y.register_hook(lambda g: g)
         seen["collecting"] = _THREAD.collecting
-        seen["linearising"] = _DEPTHS.linearising
+        seen["linearising"] = _THREAD.linearising
 
     x = torch.ones(2, requires_grad=True)
     with collecting_gradient_hooks(handles), linearising():
         (x * 3).register_hook(lambda g: g)
         _in_threads([other])
-        assert _THREAD.collecting == 1 and _DEPTHS.linearising == 1
+        assert _THREAD.collecting == 1 and _THREAD.linearising == 1
     assert len(handles) == 1  # this thread's hook only
     assert seen == {"collecting": 0, "linearising": 0}
 

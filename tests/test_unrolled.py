@@ -513,7 +513,7 @@ def test_replay_reuses_each_decay_once_with_the_same_hypergradient(monkeypatch):
         with torch.no_grad():
             raw.add_(1.0)
         torch.testing.assert_close(hp_mod._memo(raw, "exp", torch.exp), torch.full((3,), np.e, dtype=DT))
-    assert hp_mod._MEMO.memo is None
+    assert hp_mod._THREAD.memo is None
 
 
 @pytest.mark.parametrize("use", ["scaled_twice", "nested", "unused"])
