@@ -229,12 +229,7 @@ class StnLinear(StnLayer):
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        if rank is not None:
-            r = _count(rank)  # (a NumPy integer too, as n_hparams and HyperNet's rank take)
-            if r is None:
-                raise ValueError(f"StnLinear: rank must be an int >= 1 or None, got {rank!r}")
-            rank = r
-        self.rank = rank
+        self.rank = rank = _rank(rank, "StnLinear")
         both = nn.Linear(
             in_features, out_features + (out_features if rank is None else rank), bias=bias, **factory
         )
@@ -361,12 +356,7 @@ class _StnConvNd(StnLayer):
                 f"{type(self).__name__}: rank={rank} with groups={groups} is not supported (a "
                 "low-rank hyper half mixes the groups' channels): give one of them"
             )
-        if rank is not None:
-            r = _count(rank)  # (a NumPy integer too, as n_hparams and HyperNet's rank take)
-            if r is None:
-                raise ValueError(f"{type(self).__name__}: rank must be an int >= 1 or None, got {rank!r}")
-            rank = r
-        self.rank = rank
+        self.rank = rank = _rank(rank, type(self).__name__)
         conv = conv_cls(
             in_channels,
             out_channels + (out_channels if rank is None else rank),
@@ -936,6 +926,17 @@ def _count(v: Any) -> int | None:
     except TypeError:  # (a tensor of several elements, or a floating one: torch's own message)
         return None
     return n if n >= 1 else None
+
+
+def _rank(rank: Any, layer: str) -> int | None:
+    """A low-rank layer's ``rank`` as an int >= 1 (a NumPy integer too, as ``n_hparams`` and
+    HyperNet's ``rank`` take), or None (full rank); anything else is refused naming ``layer``."""
+    if rank is None:
+        return None
+    r = _count(rank)
+    if r is None:
+        raise ValueError(f"{layer}: rank must be an int >= 1 or None, got {rank!r}")
+    return r
 
 
 def _holder(root: nn.Module, prefix: str) -> nn.Module:
