@@ -1014,6 +1014,7 @@ class SelfTuning(_BestResponseBase):
         # the response pass must not update the running statistics a second time (BatchNorm):
         # the step's statistics are those of the base pass, the model at the current lambda
         after_base = self.pair.snapshot_buffers()
+        masks = response_masks(self.model)
         # the response at perturbed lambdas
         with hp._drawing(_Mode.LINEAR if self.linearize else _Mode.TRAIN):
             try:
@@ -1026,8 +1027,16 @@ class SelfTuning(_BestResponseBase):
                 graph = any(t.grad_fn is not None for t in iter_tensors(batch))
                 # parameters outside inner_optimizer (a second optimiser's) get the base pass's
                 # gradient, the model's at the current lambda, as plain backward() gives it; the
-                # response pass added its own on top (twice the gradient, at perturbed lambdas)
-                left, self._left_now = getattr(self, "_left_now", []), []
+                # response pass added its own on top (twice the gradient, at perturbed lambdas).
+                # Those holding response entries (an STN layer's weight, whose hyper half's rows
+                # the base pass multiplies by 0) get the response pass's gradient there, as the
+                # trained weights do: they got 0 there, and the hyper half never trained, silently
+                left = getattr(self, "_left_now", [])
+                mixed = [p for p in left if id(p) in masks] if left else []
+                mixed_base = [p.grad for p in mixed]
+                for p in mixed:
+                    p.grad = None
+                self._left_now = mixed
                 try:
                     response = super()._train_backward(
                         batch if graph and not changed else pristine, weights, model
@@ -1056,8 +1065,7 @@ class SelfTuning(_BestResponseBase):
                 raise
             finally:
                 self.pair.restore_buffers(after_base)
-        masks = response_masks(self.model)
-        for w, gb in zip(weights, base, strict=True):
+        for w, gb in zip([*weights, *mixed], [*base, *mixed_base], strict=True):
             gr, mask = w.grad, masks.get(id(w))
             if mask is None:
                 w.grad = gb

@@ -618,6 +618,13 @@ class SelfTuned(nn.Module):
         cached = self._cache.get(batch_size)
         if cached is not None:
             return cached
+        if self._mode in (_Mode.VAL, _Mode.VAL_MEAN) and not torch.is_grad_enabled():
+            # a hyperstep's draw is kept for every later call of its loss: one first made inside
+            # a torch.no_grad() (or inference_mode) block of val_loss (an accuracy computed for
+            # logging before the loss) had no graph to lambda and sigma, and every later call
+            # got it (lambda's hypergradient exactly 0, sigma's the entropy term alone, silently)
+            with torch.inference_mode(False), torch.enable_grad():
+                return self.draw(batch_size)
         raw = self.raw
         mode = self._mode
         if mode in (_Mode.MEAN, _Mode.VAL_MEAN):
@@ -749,6 +756,16 @@ def check_features(features: Any, n_hparams: int, batch: int, where: str, *, tan
             f"tensor (B, {n_hparams}); got {type(features).__name__}"
         )
     if features.dim() == 1:
+        if features.shape[0] != n_hparams:
+            # (expanded to (B, length) first, it was refused as "features of shape (8, 8); build the
+            # layer with n_hparams=hparams.size": the layer was right, the argument was one
+            # hyperparameter's per-example values, layer(x, d["dropout"]), not the draw d)
+            raise ValueError(
+                f"{where}: got a 1-D tensor of {features.shape[0]} entries as the hyperparameters; "
+                f"features are ({n_hparams},) for one lambda or (B, {n_hparams}) for each example. "
+                f"A hyperparameter's values (d['name'], one per example) are not the features: "
+                f"pass the draw d itself (or d.features), or the hparams container"
+            )
         features = features.expand(batch, -1)
     if features.dim() != 2 or features.shape[1] != n_hparams:
         raise ValueError(
