@@ -590,6 +590,14 @@ class HyperOptimizer(abc.ABC):
         for n, p in hp_params.items():
             if not p.is_floating_point():
                 raise TypeError(f"hyperparameter {n!r} has dtype {p.dtype}; it must be floating point")
+            if not (p.is_leaf and p.requires_grad) and n.rsplit(".", 1)[-1] == "raw_scale":
+                # (SelfTuned's perturbation scale frozen by hand was refused with the advice
+                # below, about pretrained encoders, which names no way to keep sigma fixed)
+                raise ValueError(
+                    f"hyperparameter {n!r} (SelfTuned's perturbation scale) must be a leaf tensor "
+                    "with requires_grad=True: to keep the scale fixed, build the container with "
+                    "SelfTuned(..., learn_scale=False, scale=...) instead of freezing raw_scale"
+                )
             if not (p.is_leaf and p.requires_grad):
                 raise ValueError(
                     f"hyperparameter {n!r} must be a leaf tensor with requires_grad=True (a frozen "
