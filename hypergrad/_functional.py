@@ -39,9 +39,22 @@ def _count_fused_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
     groups = optimizer.param_groups
     if not any(g.get("fused") for g in groups):
         return
+    _FUSED_TOTAL[0] += 1
     for g in groups:
         for p in g["params"]:
             _FUSED_STEPS[p] = _FUSED_STEPS.get(p, 0) + 1
+
+
+#: how many fused optimiser steps were taken in the process, on any tensors: a per-tensor count of
+#: :data:`_FUSED_STEPS` can only have moved where this did (see :func:`fused_steps_taken`)
+_FUSED_TOTAL = [0]
+
+
+def fused_steps_taken() -> int:
+    """How many steps of fused optimisers the process has taken: where it has not moved since a
+    look at some tensors' :func:`write_count`, their fused parts have not moved either (a cheap
+    test that spares the per-tensor lookups)."""
+    return _FUSED_TOTAL[0]
 
 
 register_optimizer_step_post_hook(_count_fused_step)

@@ -737,6 +737,17 @@ _COUPLED_DECAY = (
 #: power iteration for Neumann's step size: HVPs for a fresh estimate, for a warm refresh, and
 #: how many hypersteps an estimate is reused for
 _POWER_ITERS, _POWER_REFRESH_ITERS, _POWER_EVERY = 20, 5, 10
+#: Neumann's learning-rate step size ("lr", or the default for plain SGD) gives way to "power" where
+#: the rate is below this fraction of the optimiser's own (see Implicit._alpha_rule)
+_TINY_RATE = 1e-2
+
+
+def _float_or_nan(x: Any) -> float:
+    """A setting as a float (a tensor one read once), ``nan`` where absent or not a number."""
+    try:
+        return float(x) if x is not None else math.nan
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 class Implicit(HyperOptimizer):
@@ -765,6 +776,9 @@ class Implicit(HyperOptimizer):
             :math:`w_F` does not depend on :math:`\lambda` (frozen or pretrained features),
             otherwise it ignores how they respond. HVPs and the solver's vectors cover
             :math:`w_S` only, and backward passes stop below it (no graph is kept for the rest).
+            Weights in param groups held at a learning rate of 0 while other groups train (a
+            backbone frozen through its group's rate or schedule) are in :math:`w_F` too: the
+            steps never move them (while every group is at 0, as in a warmup from 0, none is).
 
     Neumann's step size :math:`\alpha` (the series converges only when :math:`\|I - \alpha H\| < 1`):
 
@@ -774,7 +788,10 @@ class Implicit(HyperOptimizer):
       differentiating :math:`i + 1` SGD steps — but not for adaptive optimisers (Adam's lr of
       1e-3 gave a hypergradient with cosine −0.08 to the truth) or param groups with different
       rates, for which it warns; while that rate is 0 (a warmup from 0, a cosine schedule at its
-      end), which is no step size, ``"power"``;
+      end), which is no step size, ``"power"``, and likewise while it is scheduled below 1% of the
+      optimiser's own rate (its constructor's ``lr``, a scheduler's ``initial_lr`` or ``max_lr``:
+      the end of a ``OneCycleLR``, ``ReduceLROnPlateau`` after two cuts), where the series sums
+      as few terms of the inverse as at 0;
     * ``"power"``: :math:`1/\hat\lambda_{max}`, with :math:`\hat\lambda_{max}` the largest
       Hessian eigenvalue (in magnitude) estimated by power iteration on the hyperstep's own
       training batch: 20 HVPs the first time, then 5 warm-started HVPs every 10 hypersteps,
@@ -948,7 +965,34 @@ class Implicit(HyperOptimizer):
         self._power = None
 
     def _hessian_weights(self) -> list[Tensor]:
-        """The trained weights the IFT differentiates through (``hessian_subset``)."""
+        """The trained weights the IFT differentiates through (``hessian_subset``), less those of
+        param groups held at a learning rate of 0 while other groups train (a backbone frozen
+        through its group's rate, a ``LambdaLR`` per group returning 0 for the first epochs):
+        the steps never move them, so they are constants of the solve, as frozen weights are.
+        (Solved over as well, they gave the head's decay a hypergradient 3x the IFT's over the
+        head, the held backbone's decay one of its own, and CG "nonpositive_curvature".) While
+        every group is at 0 (a warmup from 0) none is held."""
+        chosen = self._subset_weights()
+        held = self._held_at_zero()
+        if held:
+            moving = [w for w in chosen if id(w) not in held]
+            chosen = moving or chosen
+        return chosen
+
+    def _held_at_zero(self) -> set[int]:
+        """The identities of the parameters in param groups whose learning rate is 0 while a group
+        holding trained weights has a positive one (empty otherwise). One pass over the groups."""
+        rates = [
+            (g, _float_or_nan(g.get("lr")))
+            for g in self.inner_optimizer.param_groups
+            if any(p.requires_grad for p in g["params"])
+        ]
+        if not any(r > 0 for _, r in rates):
+            return set()
+        return {id(p) for g, r in rates if r == 0 for p in g["params"]}
+
+    def _subset_weights(self) -> list[Tensor]:
+        """The trained weights ``hessian_subset`` selects (all of them without one)."""
         pair = self.pair
         if self.hessian_subset is None:
             return list(pair.weights)
@@ -988,6 +1032,15 @@ class Implicit(HyperOptimizer):
         if not (lr > 0 and math.isfinite(lr)):
             # no scale (a warmup from 0, a cosine schedule at its end): Neumann(alpha=0) would be
             # the solution 0, the hypergradient its direct term only; and Neumann refuses alpha=0
+            return "power"
+        # nor is a rate scheduled far below the group's own (OneCycleLR ends at 1/(25 * 1e4) of its
+        # peak, ReduceLROnPlateau and StepLR divide by 10 at a time, a warmup starts near 0): the
+        # series at it is as good as alpha = 0, (i + 1) * lr * v (at the end of a OneCycleLR, -3.5e-6
+        # for the closed form's -0.109, status "fixed"), where a rate of exactly 0 got "power"'s.
+        # The scale: the rate the optimiser was built with, or a scheduler's base rate (no HVP)
+        rates = [_float_or_nan(self.inner_optimizer.defaults.get("lr"))]
+        rates += [_float_or_nan(g.get(k)) for g in groups for k in ("initial_lr", "max_lr")]
+        if lr < _TINY_RATE * max((r for r in rates if r > 0 and math.isfinite(r)), default=0.0):
             return "power"
         if alpha is None:
             plain = is_sgd and len(lrs) == 1 and all(float(g.get("momentum", 0.0)) == 0.0 for g in groups)

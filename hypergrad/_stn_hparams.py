@@ -29,6 +29,7 @@ import enum
 import math
 import operator
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -477,11 +478,31 @@ class SelfTuned(nn.Module):
         of the state, since a Delta-STN's layers compute another function of uncentred ones. A
         container loaded from a Delta-STN's ``state_dict()`` outside the method (a model and its
         hyperparameters rebuilt for evaluation) fed the layers ``raw`` instead of zeros at the
-        current lambda, and ``model(x, hp)`` / ``layer.fixed(hp)`` were silently another network."""
-        return torch.tensor(int(self._centred))  # (an int64 0 or 1, as step counters are)
+        current lambda, and ``model(x, hp)`` / ``layer.fixed(hp)`` were silently another network.
+
+        Then a code of ``scale_range`` and one per spec (a CRC-32 of its name and
+        :func:`_describe`), in the order of ``raw``'s entries, checked on load: a state saved by
+        ``SelfTuned(a=..., b=...)`` has the same keys and sizes as one of ``SelfTuned(b=..., a=...)``,
+        and loaded by position each hyperparameter took the other's raw value and scale, silently
+        (the usual export of a trained network and its hyperparameters, ``hp.load_state_dict(saved)``,
+        outside the method, whose own state checks the specs)."""
+        codes = [int(self._centred), self._range_code(), *self._spec_codes()]
+        return torch.tensor(codes, dtype=torch.int64)  # (int64, as step counters are)
+
+    def _spec_codes(self) -> list[int]:
+        return [zlib.crc32(f"{n}={_describe(s)}".encode()) for n, s in self.specs.items()]
+
+    def _range_code(self) -> int:
+        """A code of ``scale_range``, which fixes what ``raw_scale`` means (a state loaded under
+        another one samples at another scale: 0.5 became 1.49 from (0.01, 1) to (0.01, 3)); 0
+        for a fixed scale, which no tensor holds."""
+        if not self.learn_scale:
+            return 0
+        return zlib.crc32(repr([float(v) for v in self.scale_range]).encode())
 
     def set_extra_state(self, state: Any) -> None:
-        self._centred = bool(state)
+        # (a 0-dim flag: saved before the specs' codes were kept)
+        self._centred = bool(state.reshape(-1)[0]) if isinstance(state, Tensor) else bool(state)
 
     def _load_from_state_dict(
         self,
@@ -495,6 +516,16 @@ class SelfTuned(nn.Module):
     ) -> None:
         key = prefix + "_extra_state"
         saved = state_dict.get(key)
+        if isinstance(saved, Tensor) and saved.dim() == 1 and saved.numel() > 2:
+            codes = saved.tolist()
+            self._check_spec_codes(codes[2:])
+            if codes[1] != self._range_code():
+                raise ValueError(
+                    f"this state_dict was saved by a SelfTuned with another scale_range than here "
+                    f"({tuple(self.scale_range)}), so its raw_scale would mean another perturbation "
+                    f"scale; build hg.hparams.SelfTuned with the scale_range it was saved with"
+                )
+            saved = saved[0]
         by = getattr(self, "_centred_by", None)  # (a container pickled before it existed: None)
         if saved is not None and by is not None and bool(saved) != by:
             # (checked before anything is loaded: a refused load changes nothing)
@@ -509,6 +540,26 @@ class SelfTuned(nn.Module):
         )
         if saved is None and key in missing_keys:  # (saved before the flag was: left as it is)
             missing_keys.remove(key)
+
+    def _check_spec_codes(self, was: list[int]) -> None:
+        """Refuse a state saved with other specs, or the same ones in another order (checked before
+        anything is loaded: a refused load changes nothing)."""
+        now = self._spec_codes()
+        if was == now:
+            return
+        names = list(self.specs)
+        if sorted(was) == sorted(now):
+            by_code = dict(zip(now, names, strict=True))
+            detail = f"the order of the specs: saved {[by_code[c] for c in was]}, here {names}"
+        else:
+            known = set(was)
+            detail = f"{len(was)} specs saved, {len(now)} here; here but not saved: " + ", ".join(
+                f"{n}={_describe(self.specs[n])}" for n, c in zip(names, now, strict=True) if c not in known
+            )
+        raise ValueError(
+            f"this state_dict was saved with other hyperparameter specs, so its raw values would mean "
+            f"something else here ({detail}); build hg.hparams.SelfTuned as when it was saved"
+        )
 
     def _check_inits(self, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` naming a spec whose ``init`` ``dtype`` cannot hold: its raw value

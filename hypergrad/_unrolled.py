@@ -47,6 +47,7 @@ from ._functional import (
     collecting_gradient_hooks,
     dual_level,
     exact_padding_rows,
+    fused_steps_taken,
     grads_or_none,
     iter_tensors,
     materialize,
@@ -523,6 +524,15 @@ def _step_replaced(optimizer: torch.optim.Optimizer) -> bool:
     return getattr(step, "__func__", step) is not type(optimizer).step
 
 
+def _data_ptr(t: Tensor) -> int:
+    """``t.data_ptr()``, or 0 where it has none (an uninitialised lazy parameter, a sparse or
+    storage-less tensor): what tells a storage replaced through ``t.data = ...`` apart."""
+    try:
+        return t.data_ptr()
+    except (RuntimeError, ValueError, NotImplementedError):
+        return 0
+
+
 def _groups_of(members: Sequence[Sequence[int]]) -> dict[int, int]:
     """Per trained weight (by index), the param group holding it."""
     return {k: gi for gi, ks in enumerate(members) for k in ks}
@@ -595,8 +605,9 @@ class Unrolled(HyperOptimizer):
     (:class:`~hypergrad.hparams.LearningRate`, :class:`~hypergrad.hparams.Momentum`).
 
     Episodes: the ring only ever holds steps taken from the current weights' history. Weights
-    changed outside :meth:`step` (re-initialised for a new episode, loaded, averaged: detected
-    through tensors' version counters, so not through ``.data``) end the episode with a
+    changed outside :meth:`step` (re-initialised for a new episode, loaded, averaged, put back
+    with ``vector_to_parameters`` or ``p.data = ...``: detected through tensors' version counters
+    and storage, so not an in-place write through ``p.data``) end the episode with a
     :class:`ReplayWarning` and an empty ring; call :meth:`start_episode` after such a change to
     say it is intended (no warning). Changing which weights train (``add_param_group``,
     freezing) also starts a new episode (no warning: progressive unfreezing is routine; the
@@ -730,7 +741,7 @@ class Unrolled(HyperOptimizer):
         #: WeightDecay containers whose penalties the reverse-mode replay differentiates itself
         self._decays = [m for m in self.hparams.modules() if isinstance(m, WeightDecay)]
         self._records: collections.deque[_Record] = collections.deque()
-        self._versions: tuple[int, ...] = ()
+        self._versions: tuple[tuple[int, int, int], ...] = ()
         self._since_anchor = 0  # records since the newest anchor
         self._since_move = 0  # records since the hyperparameters last changed (0: never)
         self._hp_versions: tuple[tuple[int, int], ...] = ()  # write counts at the newest anchor or copy
@@ -941,7 +952,7 @@ class Unrolled(HyperOptimizer):
         self._promotion = None
         self._versions = self._current_versions()
         self._episode_note = ""
-        self._frozen_seen: tuple[tuple[int, int], ...] | None = self._frozen_versions()
+        self._frozen_seen: tuple[tuple[int, tuple[int, int, int]], ...] | None = self._frozen_versions()
         self._frozen_stale: tuple[_Record, list[str]] | None = None
         self._hooks_seen: tuple[int, Any] | None = (RemovableHandle.next_id, self._forward_hooks())
         self._hooks_stale: _Record | None = None
@@ -1004,14 +1015,34 @@ class Unrolled(HyperOptimizer):
             ReplayWarning,
         )
 
-    def _current_versions(self) -> tuple[int, ...]:
-        return tuple(w._version for w in self.pair.weights)
+    def _current_versions(self) -> tuple[tuple[int, int, int], ...]:
+        """The version counter, data pointer and fused-step count of each trained weight (no copy,
+        no sync): the pointer sees weights whose storage was replaced through ``.data``
+        (``p.data = best``, ``torch.nn.utils.vector_to_parameters``: best weights reloaded), the
+        count a fused optimiser's step outside :meth:`step`; neither moves the version."""
+        weights = self.pair.weights
+        fused = self._fused_counts(weights, "weights")
+        return tuple((w._version, _data_ptr(w), f) for w, f in zip(weights, fused, strict=True))
+
+    def _fused_counts(self, tensors: Sequence[Tensor], slot: str) -> Sequence[int]:
+        """Per tensor, the steps fused optimisers took on it (:func:`write_count`; their kernels
+        move no version counter): read again only when a fused step was taken anywhere since the
+        last look at the same tensors, so a step where none was (the inner optimiser cannot be
+        fused; a fused outer one steps at hypersteps) costs no lookup."""
+        total = fused_steps_taken()
+        seen: dict[str, Any] = self.__dict__.setdefault("_fused_seen", {})
+        held = seen.get(slot)
+        if held is not None and held[0] == total and held[1] is tensors:
+            return held[2]
+        counts = [write_count(t)[1] for t in tensors] if total else [0] * len(tensors)
+        seen[slot] = (total, tensors, counts)
+        return counts
 
     def _buffer_versions(self) -> tuple[tuple[int, int], ...]:
         """The identity and version counter of each of the model's buffers (no copy, no sync)."""
         return tuple((id(b), b._version) for b in self.pair.buffers())
 
-    def _frozen_versions(self) -> tuple[tuple[int, int], ...]:
+    def _frozen_versions(self) -> tuple[tuple[int, tuple[int, int, int]], ...]:
         """The identity and version counter of every model parameter that the inner optimiser does
         not train now (frozen, or left out of it); no names (one pass, at every step)."""
         key = (tuple(id(w) for w in self.pair.weights), registrations())
@@ -1020,7 +1051,11 @@ class Unrolled(HyperOptimizer):
             trained = set(key[0])
             cached = (key, [p for p in self.pair.model.parameters() if id(p) not in trained])
             self._frozen_params = cached
-        return tuple((id(p), p._version) for p in cached[1])
+        # (and the data pointer: an EMA teacher updated MoCo-style, ``p.data = p.data * m + ...``,
+        # gets new storage without a version bump; and the steps of a fused optimiser, whose
+        # kernels bump none: a second optimiser with fused=True stepping the parts left out)
+        fused = self._fused_counts(cached[1], "frozen")
+        return tuple((id(p), (p._version, _data_ptr(p), f)) for p, f in zip(cached[1], fused, strict=True))
 
     def _check_frozen(self) -> None:
         """Note model parameters outside the trained weights changed (in place, or replaced) since
@@ -1360,6 +1395,7 @@ class Unrolled(HyperOptimizer):
         state["_attributes_seen"] = {}  # (likewise, the model's attributes: copied anew)
         state["_frozen_seen"] = None  # (identities of the original's parameters: re-taken by the copy)
         state["_frozen_params"] = None  # (likewise)
+        state["_fused_seen"] = {}  # (likewise: the original's tensors, whose fused counts it holds)
         state["_hooks_seen"] = None  # (likewise, the modules' identities)
         state["_buffers_seen"] = None  # (likewise, the buffers': the next step records its own)
         return state

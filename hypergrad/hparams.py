@@ -32,7 +32,8 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -805,6 +806,54 @@ class WeightDecay(nn.Module):
             return _memo(raw, "exp", torch.exp)
         top = self.max
         return _memo(raw, f"interval(0, {top})", lambda r: from_raw(r, Constraint.INTERVAL, 0.0, top))
+
+    def _layout(self) -> list[int]:
+        """One code per entry of ``raw`` (a CRC-32 of the names of the parameters it decays), in
+        ``raw``'s order: the model's ``named_parameters`` order at construction."""
+        held: list[list[str]] = [[] for _ in self.raw]
+        for n in self.names:
+            held[self._index[n]].append(n)
+        return [zlib.crc32("\n".join(sorted(ns)).encode()) for ns in held]
+
+    def get_extra_state(self) -> Tensor:
+        """The layout of ``raw`` (see :meth:`_layout`), checked on load: ``raw.0``, ``raw.1``, ...
+        are named by position, so a state saved around a model that registers its modules in
+        another order (a refactored ``__init__``), or over other weights, has the same keys and
+        (``per="layer"``) sizes, and ``hp.load_state_dict(saved)`` gave each layer another's
+        decay, silently. A tensor, as other state is."""
+        return torch.tensor(self._layout(), dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # (checked by _load_from_state_dict before anything is loaded)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "_extra_state"
+        saved = state_dict.get(key)
+        if isinstance(saved, Tensor) and len(self.raw) > 1:  # (one entry: no position to get wrong)
+            was, now = saved.reshape(-1).tolist(), self._layout()
+            if was != now:
+                how = "in another order" if sorted(was) == sorted(now) else "on other weights"
+                raise ValueError(
+                    f"this {type(self).__name__} state was saved with its {self._what}s {how} than here "
+                    f"(per={self.per!r}, here over {list(self.names)[:6]}"
+                    f"{'...' if len(self.names) > 6 else ''}): raw.0, raw.1, ... are held by position, "
+                    f"so each would load into another's. Build the model with its modules registered "
+                    f"as when it was saved, and {type(self).__name__} with the same include="
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if saved is None and key in missing_keys:  # (saved before the layout was kept: not checked)
+            missing_keys.remove(key)
 
     def decays(self) -> dict[str, Tensor]:
         """Decay per penalised parameter name (scalars, or shaped like the parameter), detached:
