@@ -869,6 +869,80 @@ def differentiable_twice(at_fixed_point: bool = False) -> Iterator[None]:
         _close_swap(_TWICE_STATE)
 
 
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+_ONCE_STATE: dict[str, Any] = {"open": 0, "saved": [], "what": "", "always": True}
+
+
+def _once_differentiable_name(node: Any) -> str | None:
+    """The class name of a custom ``torch.autograd.Function`` whose ``backward`` is marked
+    ``@once_differentiable`` (``None`` for any other)."""
+    cls = getattr(node, "_forward_cls", None)
+    backward = getattr(cls, "backward", None)
+    if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+        return getattr(cls, "__name__", "a custom Function")
+    return None
+
+
+_BACKWARD_APPLY = torch.autograd.function.BackwardCFunction.apply
+
+
+def _backward_apply_refusing_once(self: Any, *args: Any) -> Any:
+    if not torch.is_grad_enabled():  # (a backward pass without create_graph=True)
+        return _BACKWARD_APPLY(self, *args)
+    name = _once_differentiable_name(self)
+    # (forward-mode tangents pass through its backward unless torch detaches its outputs, which it
+    # does where a gradient flowing in requires grad)
+    graph_in = any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    if name is not None and (_ONCE_STATE["always"] or graph_in):
+        raise RuntimeError(
+            f"{_ONCE_STATE['what']} differentiates the training loss's gradient again, but the "
+            f"custom autograd.Function {name} on its path to the weights has a backward marked "
+            f"@once_differentiable: its gradient would enter as a constant (torch raises no "
+            f"error for torch.autograd.grad, and the hypergradient came out silently wrong). Write "
+            f"its backward with differentiable torch operations (without @once_differentiable), or "
+            f"leave the weights before it out (Implicit(hessian_subset=...), requires_grad_(False))"
+        )
+    out = _BACKWARD_APPLY(self, *args)
+    if graph_in and _ONCE_STATE["always"]:
+        # a gradient that requires grad came in, and none went out: the backward computed it
+        # without recording (torch.no_grad(), .detach(), NumPy), so its derivative would be lost
+        # too (a gradient of exactly 0, e.g. of a step function, is a constant rightly)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, Tensor)]
+        if outs and not any(o.requires_grad for o in outs) and any(bool(o.any()) for o in outs):
+            cls = getattr(self, "_forward_cls", None)
+            raise RuntimeError(
+                f"{_ONCE_STATE['what']} differentiates the training loss's gradient again, but the "
+                f"backward of the custom autograd.Function {getattr(cls, '__name__', '?')} on its path "
+                f"to the weights returns a gradient without an autograd graph (computed under "
+                f"torch.no_grad(), from .detach()ed tensors or NumPy), so its derivative would be "
+                f"lost and the hypergradient silently wrong. Write its backward with differentiable "
+                f"torch operations, or leave the weights before it out "
+                f"(Implicit(hessian_subset=...), requires_grad_(False))"
+            )
+    return out
+
+
+@contextlib.contextmanager
+def refusing_once_differentiable(what: str, *, forward_mode: bool = False) -> Iterator[None]:
+    """Within the block, a backward pass with ``create_graph=True`` that reaches a custom
+    ``torch.autograd.Function`` whose ``backward`` is ``@once_differentiable`` raises an error
+    naming it and ``what``. torch's own guard (a node raising when differentiated again) lies off
+    every path to the weights, so ``torch.autograd.grad(..., inputs=weights)`` never reaches it:
+    the HVPs through such a function silently lacked its second derivative (and, where it takes the
+    loss's own gradient, e.g. a custom loss, everything downstream of it). The check runs only
+    where the engine calls a custom Function's backward (an attribute lookup each).
+    ``forward_mode``: the gradient carries forward-mode tangents (``Unrolled(mode="forward")``),
+    which a once-differentiable backward passes on unless a gradient flowing into it requires
+    grad (torch then detaches its outputs): only that case is refused."""
+    backward_cls = torch.autograd.function.BackwardCFunction
+    _open_swap(_ONCE_STATE, lambda: [(backward_cls, "apply", _backward_apply_refusing_once)])
+    _ONCE_STATE["what"], _ONCE_STATE["always"] = what, not forward_mode
+    try:
+        yield
+    finally:
+        _close_swap(_ONCE_STATE)
+
+
 @contextlib.contextmanager
 def naming_missing_second_derivatives(what: str) -> Iterator[None]:
     """Re-raise PyTorch's "derivative for X is not implemented" (an operation without a double

@@ -34,6 +34,7 @@ from ._functional import (
     materialize,
     naming_missing_second_derivatives,
     norm,
+    refusing_once_differentiable,
 )
 from ._solvers import (
     CG,
@@ -254,7 +255,8 @@ def _implicit(
     probes = [] if penalties is None else penalties.probes
     # unused inputs get zeros that do not require grad (``materialize_grads=True`` would give
     # zeros that do, hiding which weights the training loss does not reach)
-    g_raw = torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True)
+    with refusing_once_differentiable("Implicit (its Hessian-vector products, mixed derivatives)"):
+        g_raw = torch.autograd.grad(lt, weights + probes, create_graph=True, allow_unused=True)
     penalised = [] if penalties is None else [ws for _, _, ws, _ in penalties.calls]
     with naming_missing_second_derivatives("Implicit"):
         constant = not probes or (
@@ -267,7 +269,8 @@ def _implicit(
         penalties, probes = None, []
         with differentiable_twice(at_fixed_point=True), collecting_gradient_hooks(hooks):
             lt = plain_train_loss()
-        g_raw = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True)
+        with refusing_once_differentiable("Implicit (its Hessian-vector products, mixed derivatives)"):
+            g_raw = torch.autograd.grad(lt, weights, create_graph=True, allow_unused=True)
     for handle in hooks:  # (the training gradient is taken)
         handle.remove()
     g_all = materialize(g_raw, weights + probes)

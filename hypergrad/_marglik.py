@@ -60,6 +60,7 @@ from ._functional import (
     _attributes_kept,
     check_batch,
     clone_all,
+    differentiable_twice,
     grads_or_none,
     ignoring_gradient_hooks,
     materialize,
@@ -724,7 +725,10 @@ def _terms(
     # the model, a module's full backward hook) shape the MAP steps' gradients, not the network's
     # function: left on, they scaled its Jacobians (an activation's gradient halved: a log
     # evidence -7.00 for the network's -7.46, silently), as hooks on the weights would have
-    with detach, ignoring_gradient_hooks():
+    # (and with the entry points replaced that autograd.grad and vmap cannot take as they are:
+    # torch.utils.checkpoint's reentrant CheckpointFunction raised "incompatible with .grad()" in
+    # the per-example Jacobians; see differentiable_twice)
+    with detach, ignoring_gradient_hooks(), differentiable_twice():
         return _terms_body(
             model,
             x,

@@ -51,6 +51,7 @@ from ._functional import (
     grads_or_none,
     iter_tensors,
     materialize,
+    refusing_once_differentiable,
     registrations,
     write_count,
 )
@@ -1624,7 +1625,10 @@ class Unrolled(HyperOptimizer):
             )
         probes = [probe for probe, _, _ in calls]
         scaled = loss if scale is None else loss * scale
-        g_all = grads_or_none(scaled, list(weights) + probes, create_graph=create_graph)
+        with refusing_once_differentiable(
+            "Unrolled (through the replayed updates)", forward_mode=self.mode is Mode.FORWARD
+        ):
+            g_all = grads_or_none(scaled, list(weights) + probes, create_graph=create_graph)
         if calls and not (
             _penalised_weights_known([ws for _, ws, _ in calls], weights)
             and _constant_coefficients(g_all[len(weights) :], list(weights) + probes)
@@ -1635,7 +1639,10 @@ class Unrolled(HyperOptimizer):
             buffers = before
             loss, new_buffers, calls = train_loss([])
             scaled = loss if scale is None else loss * scale
-            g_all = grads_or_none(scaled, list(weights), create_graph=create_graph)
+            with refusing_once_differentiable(
+                "Unrolled (through the replayed updates)", forward_mode=self.mode is Mode.FORWARD
+            ):
+                g_all = grads_or_none(scaled, list(weights), create_graph=create_graph)
         for handle in hooks:  # (the training gradient is taken)
             handle.remove()
         buffers = new_buffers

@@ -936,7 +936,10 @@ class WeightDecay(nn.Module):
                 )
         replaying = getattr(self, "_replaying", False)  # (modules pickled before it existed)
         ws: list[Tensor] = [params[n] for n in self.names]
-        if self._first_order_calls is not None:
+        # (inside a torch.func transform, e.g. a penalty in a vmapped per-example loss, the
+        # shortcuts' autograd.Functions, which functorch cannot take, give way to the ordinary
+        # penalty: "it must override the setup_context staticmethod" named none of the user's code)
+        if self._first_order_calls is not None and not torch._C._are_functorch_transforms_active():
             # Complex weights in Implicit's first-order mode: its hand-written mixed derivative
             # multiplies w * x, not the real inner product Re(conj(w) x); autograd differentiates
             # the ordinary penalty instead. (Unrolled's replay adds c * d * w: right for both.)
@@ -1102,7 +1105,10 @@ class ExampleWeights(nn.Module):
         if index.dtype not in (torch.int64, torch.int32):  # (uint8 would index as a mask)
             index = index.long()
         n = self.raw.numel()
-        if index.numel():
+        # (inside a torch.func transform, e.g. a vmapped per-example loss, the indices have no
+        # values to read: the range check crashed with "Cannot access data pointer of Tensor that
+        # doesn't have storage"; indexing there still refuses an index >= n, not a negative one)
+        if index.numel() and not torch._C._are_functorch_transforms_active():
             low, high = (int(v) for v in torch.stack(list(torch.aminmax(index))).tolist())
             if low < 0:
                 raise IndexError(
