@@ -1723,7 +1723,13 @@ class HyperOptimizer(abc.ABC):
         """
         t0 = time.perf_counter()
         attributes = self._attributes_now()  # (put back when refused, as by hyper_step)
-        res, grad_norm, problem = self._compute(train_batch, val_batch)
+        # (the batch checks name the call that was made: "pass hyper_step(val_batch=batch)" told
+        # a meta-batch script summing hypergradient() over tasks to step the outer optimiser)
+        self._calling = "hypergradient"
+        try:
+            res, grad_norm, problem = self._compute(train_batch, val_batch)
+        finally:
+            self._calling = "hyper_step"
         if problem:
             _put_attributes_back(attributes)
             self._nonfinite(f"hypergradient at hyper step {self.hyper_steps}: {problem}")
@@ -1875,13 +1881,13 @@ class HyperOptimizer(abc.ABC):
             )
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
-        name = type(self).__name__
+        name = f"{type(self).__name__}.{getattr(self, '_calling', 'hyper_step')}"
         if val_batch is None:
-            raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss)")
+            raise ValueError(f"{name} needs val_batch=... (a validation batch for val_loss)")
         check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=self._strict_batch_dtypes)
         if train_batch is None:
             raise ValueError(
-                f"{name}.hyper_step needs train_batch=... (a training batch; a train_loss that reads "
+                f"{name} needs train_batch=... (a training batch; a train_loss that reads "
                 "no data, such as distilled images held as hyperparameters, takes train_batch=())"
             )
         check_batch(train_batch, "train_batch", self.device, self.dtype, dtypes=self._strict_batch_dtypes)

@@ -1836,7 +1836,8 @@ class MarginalLikelihood(HyperOptimizer):
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         if train_batch is None:
             raise ValueError(
-                "MarginalLikelihood.hyper_step needs train_batch=... (a training batch; no validation batch)"
+                f"MarginalLikelihood.{getattr(self, '_calling', 'hyper_step')} needs train_batch=... "
+                "(a training batch; no validation batch)"
             )
         check_batch(train_batch, "train_batch", self.device, self.dtype)
         x, _ = _split_batch(train_batch)

@@ -660,15 +660,16 @@ class _BestResponseBase(HyperOptimizer):
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
         name = type(self).__name__
+        call = getattr(self, "_calling", "hyper_step")  # (or hypergradient: the call made)
         if val_batch is None:
             # (hyper_step(batch): the batch is train_batch, the first positional argument)
             hint = (
-                "; the one batch given was taken as train_batch, hyper_step's first positional "
-                f"argument, which {name} does not use: pass hyper_step(val_batch=batch)"
+                f"; the one batch given was taken as train_batch, {call}'s first positional "
+                f"argument, which {name} does not use: pass {call}(val_batch=batch)"
                 if train_batch is not None
                 else ""
             )
-            raise ValueError(f"{name}.hyper_step needs val_batch=... (a validation batch for val_loss){hint}")
+            raise ValueError(f"{name}.{call} needs val_batch=... (a validation batch for val_loss){hint}")
         check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=False)
         if train_batch is not None:  # not used, but a wrong one is still a bug worth naming
             check_batch(train_batch, "train_batch", self.device, self.dtype, dtypes=False)

@@ -1474,18 +1474,17 @@ class Unrolled(HyperOptimizer):
                 m.training = flag
 
     def _check_hyper_batches(self, train_batch: Batch, val_batch: Batch) -> None:
+        call = getattr(self, "_calling", "hyper_step")  # (or hypergradient: the call made)
         if val_batch is None:
             # (hyper_step(batch): the batch is train_batch, the first positional argument)
             hint = (
-                "; the one batch given was taken as train_batch, hyper_step's first positional "
+                f"; the one batch given was taken as train_batch, {call}'s first positional "
                 "argument, which Unrolled does not use (it replays the recorded steps' batches): "
-                "pass hyper_step(val_batch=batch)"
+                f"pass {call}(val_batch=batch)"
                 if train_batch is not None
                 else ""
             )
-            raise ValueError(
-                f"Unrolled.hyper_step needs val_batch=... (a validation batch for val_loss){hint}"
-            )
+            raise ValueError(f"Unrolled.{call} needs val_batch=... (a validation batch for val_loss){hint}")
         check_batch(val_batch, "val_batch", self.device, self.dtype, dtypes=False)
         self._check_autocast("hyper_step()")
         self._refresh()
@@ -1493,7 +1492,7 @@ class Unrolled(HyperOptimizer):
         self._check_fresh()
         if not self._records:
             raise ValueError(
-                "Unrolled.hyper_step needs at least one inner step recorded by hopt.step(batch) "
+                f"Unrolled.{call} needs at least one inner step recorded by hopt.step(batch) "
                 "since the episode began, to differentiate through; none has been taken"
                 + getattr(self, "_episode_note", "")
             )
