@@ -254,6 +254,46 @@ def _put_settings_back(kept: Sequence[tuple[nn.Module, dict[str, Any]]]) -> None
                 setattr(m, k, v)
 
 
+def _aliased_attributes(model: nn.Module, hparams: nn.Module) -> list[tuple[str, str]]:
+    """``(attribute, hyperparameter)`` for each tensor the model's modules hold in a plain
+    attribute (itself, or an item of a list, tuple or dict attribute) that shares memory with a
+    hyperparameter without being it: DARTS's ``self._arch_parameters = [alpha, ...]`` of plain
+    tensors, handed over as ``nn.ParameterList(model.arch_parameters())``, which wraps each in a
+    new ``nn.Parameter`` on the same memory. One pass over the modules' attributes."""
+    ptrs = {
+        p.untyped_storage().data_ptr(): n for n, p in hparams.named_parameters() if p.device.type != "meta"
+    }
+    ptrs.pop(0, None)  # (empty tensors)
+    ids = {id(p) for p in hparams.parameters()}
+    out = []
+    seen: set[int] = set()
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        for k, v in vars(mod).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            items = (
+                [(k, v)]
+                if isinstance(v, Tensor)
+                else [(f"{k}[{i}]", t) for i, t in enumerate(v)]
+                if isinstance(v, (list, tuple))
+                else [(f"{k}[{i!r}]", t) for i, t in v.items()]
+                if isinstance(v, dict)
+                else []
+            )
+            for name, t in items:
+                if isinstance(t, Tensor) and id(t) not in ids and t.layout is torch.strided:
+                    try:
+                        hp = ptrs.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+                    except (RuntimeError, NotImplementedError):  # (a tensor without a storage)
+                        hp = None
+                    if hp is not None:
+                        out.append((f"{prefix}.{name}" if prefix else name, hp))
+    return out
+
+
 def _check_max_grad_norm(value: Any) -> float | None:
     """``step``'s ``max_grad_norm`` as a float (``None`` stays ``None``), or a ``ValueError``."""
     if value is None:
@@ -525,6 +565,21 @@ class HyperOptimizer(abc.ABC):
         self.divergence = None if divergence is None else float(divergence)
         self._loss_scale: float | None = None  # |first accepted nonzero training loss|, for ``divergence``
         self._validate_tensors()
+        aliased = _aliased_attributes(model, hparams)
+        if aliased:
+            # (the model read tensors no hypergradient reaches: every method returned exactly 0,
+            # with a DisconnectedWarning that named none of this)
+            attr, hp = aliased[0]
+            raise ValueError(
+                f"the model's attribute {attr!r} is another tensor than hyperparameter {hp!r} but "
+                "shares its memory: nn.ParameterList([t]) / nn.Parameter(t) wrap a plain tensor in "
+                "a new Parameter (and a view taken once, hp.raw[0], is another tensor too), so the "
+                "model reads a tensor the methods do not substitute and no hypergradient reaches "
+                "(it would be exactly 0) while the outer steps change it behind autograd's back. Let "
+                "the model hold the hyperparameters themselves (build hparams first, then "
+                "model.arch = list(hparams.parameters())), or read them from the loss's hparams "
+                "argument"
+            )
         # the outer optimiser's state (Adam's moments) and the method's are in these dtypes
         self._hparam_kinds = {n: (p.dtype, p.device) for n, p in hparams.named_parameters()}
         self.ranks = Ranks(model)  # DistributedDataParallel: hypergradient paths use the module
@@ -587,6 +642,7 @@ class HyperOptimizer(abc.ABC):
             if p.device != ref.device:
                 raise ValueError(f"model parameter {n!r} is on {p.device}, others on {ref.device}")
         model_ids = {id(p): n for n, p in model_params.items()}
+        buffer_ids = {id(b): n for n, b in self.model.named_buffers()}
         for n, p in hp_params.items():
             if not p.is_floating_point():
                 raise TypeError(f"hyperparameter {n!r} has dtype {p.dtype}; it must be floating point")
@@ -625,6 +681,17 @@ class HyperOptimizer(abc.ABC):
                     f"hyperparameter {n!r} is also a parameter of the model ({model_ids[id(p)]!r}: a "
                     "container or augmentation network registered inside the model, e.g. model.hp = "
                     "...?): keep hyperparameters out of the model and pass them as hparams only"
+                )
+            if id(p) in buffer_ids:
+                # (every method substitutes and records buffers by value, detached: the model read
+                # a constant copy, and the hypergradient was exactly 0 with a DisconnectedWarning
+                # that named none of this)
+                raise ValueError(
+                    f"hyperparameter {n!r} is also a buffer of the model ({buffer_ids[id(p)]!r}: "
+                    "registered with register_buffer?): buffers are state the methods copy and "
+                    "record by value, so no hypergradient would flow through the model's use of it "
+                    "(it would be exactly 0). Keep hyperparameters out of the model and pass them as "
+                    "hparams only (a loss reads them from its hparams argument)"
                 )
         self._outer_key: tuple[int, ...] = ()
         self._check_outer_optimizer()  # (each of its tensors a hyperparameter, each of these in it)
@@ -921,13 +988,15 @@ class HyperOptimizer(abc.ABC):
         held = {id(p) for p in named.values()}
         hp_ids = {id(p) for p in self.pair.hparam_tensors}
         inside = [n for n, p in named.items() if id(p) in hp_ids]
+        inside += [n for n, b in self.pair.model.named_buffers() if id(b) in hp_ids]  # (register_buffer)
         if inside:
             # (the hyperparameters were taken for frozen weights changed outside step(), with
             # warnings that named neither the container nor the fix)
             name = type(self).__name__
             raise ValueError(
                 f"the model now holds hyperparameters as its own parameters ({inside[:4]}): the "
-                f"hparams container was registered inside the model (model.hp = ..., add_module) "
+                f"hparams container was registered inside the model (model.hp = ..., add_module, or "
+                f"register_buffer) "
                 f"since this {name} was built. Keep hyperparameters out of the model and pass them "
                 "as hparams only (a loss reads them from its hparams argument). Nothing was changed"
             )

@@ -325,6 +325,67 @@ def tensor_slots(module: nn.Module) -> dict[str, list[Slot]]:
     return out
 
 
+class _TupleAttribute:
+    """A module's plain tuple attribute as a place :func:`substituting` can write items into: a
+    write puts a new tuple on the module, and the original tuple object back once its items are
+    the original ones again. Writes nothing once the attribute holds another value than these
+    (reassigned by the user since)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+        self.original = self.made = vars(module)[name]
+
+    def __getitem__(self, i: int) -> Any:
+        return vars(self.module)[self.name][i]
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        d = vars(self.module)
+        now = d.get(self.name)
+        if now is not self.original and now is not self.made:
+            return
+        items = (*now[:i], value, *now[i + 1 :])
+        if all(a is b for a, b in zip(items, self.original, strict=True)):
+            d[self.name] = self.made = self.original
+        else:
+            d[self.name] = self.made = items
+
+
+def _held_slots(model: nn.Module, tensors: Sequence[Tensor]) -> dict[int, list[Any]]:
+    """The places where ``model``'s modules hold any of ``tensors`` in plain attributes (not
+    registered: an item of a list, tuple or dict attribute, or the attribute itself), by the
+    tensor's id, as :data:`Slot`-like ``(container, key)`` pairs. One pass over the modules'
+    attributes (at construction and when the model's layout moves, not per call)."""
+    ids = {id(t) for t in tensors}
+    out: dict[int, list[Any]] = {}
+    seen: set[int] = set()
+    for mod in model.modules():
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        d = vars(mod)
+        for k, v in d.items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(v, Tensor):
+                if id(v) in ids:
+                    out.setdefault(id(v), []).append((d, k))
+            elif isinstance(v, list):
+                for i, t in enumerate(v):
+                    if id(t) in ids:
+                        out.setdefault(id(t), []).append((v, i))
+            elif type(v) is tuple:
+                proxy = None  # (one per attribute: its items are written one after another)
+                for i, t in enumerate(v):
+                    if id(t) in ids:
+                        proxy = proxy or _TupleAttribute(mod, k)
+                        out.setdefault(id(t), []).append((proxy, i))
+            elif isinstance(v, dict):
+                for i, t in v.items():
+                    if id(t) in ids:
+                        out.setdefault(id(t), []).append((v, i))
+    return out
+
+
 @contextlib.contextmanager
 def substituting(places: Iterable[tuple[Sequence[Slot], Any]]) -> Iterator[None]:
     """Within the block each ``(slots, value)``'s places hold ``value``; the original objects are
@@ -386,7 +447,8 @@ class FunctionalPair:
         self.hparam_names = tuple(n for n, _ in hparams.named_parameters())
         self.hparam_tensors: Tensors = tuple(p for _, p in hparams.named_parameters())
         hp_slots = _param_slots(hparams)
-        self._hparam_slots = [hp_slots[id(p)] for p in self.hparam_tensors]
+        self._own_hparam_slots = [hp_slots[id(p)] for p in self.hparam_tensors]
+        self._hparam_slots = self._own_hparam_slots
         self.set_weights(weights)
 
     def set_weights(self, weights: Sequence[Tensor]) -> None:
@@ -402,6 +464,22 @@ class FunctionalPair:
         # their next forward: refreshed at once after each call instead, so that it does not hold
         # the substituted tensors, and the graph behind them, until then
         self._rnns = [m for m in self.model.modules() if isinstance(m, nn.RNNBase)]
+        # the trained weights and hyperparameters the model holds itself, in plain attributes
+        # (DARTS's ``self._arch_parameters = [alpha_normal, alpha_reduce]``, a decoder reading
+        # ``self.tied = [encoder.weight]``): substituted there too, or a call with other tensors (a
+        # replayed step's, forward mode's dual tensors) ran the model on the real ones (forward
+        # mode: a hypergradient of 0; reverse mode: steps before the window re-run with the
+        # current hyperparameters; a replay reading the final weights)
+        held = _held_slots(self.model, [*self.weights, *self.hparam_tensors])
+        if held:
+            self._weight_slots = [
+                s + held.get(id(p), []) for s, p in zip(self._weight_slots, self.weights, strict=True)
+            ]
+        own = getattr(self, "_own_hparam_slots", None)  # (pairs pickled before it was kept)
+        if own is not None:
+            self._hparam_slots = [
+                slots + held.get(id(p), []) for slots, p in zip(own, self.hparam_tensors, strict=True)
+            ]
 
     def replaced_weights(self) -> list[str]:
         """The names of the trained weights that the model no longer holds where it held them (a

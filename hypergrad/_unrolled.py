@@ -1523,6 +1523,8 @@ class Unrolled(HyperOptimizer):
                 st if changed is None else {**{k: st[k] for k in changed[1] if k in st}, **changed[0]}
                 for st, changed in zip(states, rec.states, strict=True)
             ]
+        # (taken before the loss scale's wrappers below, which are other tensors than the real ones)
+        outside = self._outside_hparams(hp)
         scale = None
         if rec.grad_scale is not None and create_graph and self.mode is Mode.REVERSE:
             # the reverse pass through the step with its cotangents times the loss scale, as the
@@ -1538,11 +1540,11 @@ class Unrolled(HyperOptimizer):
             ]
             hp = _cotangent_scaled(hp, inverse)
         if rec.autocast is None or rec.autocast == _autocast_state(self.device.type):
-            out = self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph)
+            out = self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph, outside)
         else:
             enabled, dtype = rec.autocast
             with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
-                out = self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph)
+                out = self._replay_step_as_is(rec, weights, states, buffers, hp, create_graph, outside)
         if scale is None:
             return out
         new_w, new_states, new_buffers = out
@@ -1559,6 +1561,7 @@ class Unrolled(HyperOptimizer):
         buffers: Tensors,
         hp: Sequence[Tensor],
         create_graph: bool,
+        outside: Sequence[Tensor] = (),
     ) -> tuple[Tensors, list[State], Tensors]:
         devices = [self.device] if self.device.type == "cuda" else []
         # gradient hooks that train_loss's forward pass registers (an activation's gradient
@@ -1624,10 +1627,18 @@ class Unrolled(HyperOptimizer):
             )
         probes = [probe for probe, _, _ in calls]
         scaled = loss if scale is None else loss * scale
+        # ``outside``: the real hyperparameters, where the step runs on other tensors (a step
+        # before the window with its recorded values, forward mode's dual tensors): taken along in
+        # the gradient the step needs anyway (nothing more where the loss does not reach them), to
+        # find a loss that reads them from elsewhere than its hparams argument
+        outside = list(outside)
         with refusing_once_differentiable(
             "Unrolled (through the replayed updates)", forward_mode=self.mode is Mode.FORWARD
         ):
-            g_all = grads_or_none(scaled, list(weights) + probes, create_graph=create_graph)
+            g_all = grads_or_none(scaled, list(weights) + probes + outside, create_graph=create_graph)
+        if outside:
+            self._check_read_outside(g_all[len(g_all) - len(outside) :], outside, "train_loss")
+            g_all = g_all[: len(g_all) - len(outside)]
         if calls and not (
             _penalised_weights_known([ws for _, ws, _ in calls], weights)
             and _constant_coefficients(g_all[len(weights) :], list(weights) + probes)
@@ -1693,6 +1704,37 @@ class Unrolled(HyperOptimizer):
                 new_w[k] = w
                 states[k] = s
         return tuple(new_w), states, buffers
+
+    def _outside_hparams(self, hp: Sequence[Tensor]) -> list[Tensor]:
+        """The real hyperparameter tensors that require grad, where ``hp`` (what a replayed step or
+        forward mode's validation loss runs on) is made of other tensors; else none."""
+        real = self.pair.hparam_tensors
+        if all(a is b for a, b in zip(hp, real, strict=True)):
+            return []
+        return [t for t in real if t.requires_grad]
+
+    def _check_read_outside(
+        self, grads: Sequence[Tensor | None], outside: Sequence[Tensor], loss: str
+    ) -> None:
+        """Raise if ``loss`` reached a real hyperparameter (``grads``: its gradient with respect to
+        ``outside``), although the call substituted others for them: it reads them from a closure
+        or from the model, which a replay with other values (the recorded ones, forward mode's
+        dual tensors) does not reach. (Forward mode's hypergradient was 0, or the loss's part
+        only; reverse mode re-ran the steps before the window with the current values: 7% off,
+        silently.)"""
+        reached = [t for t, g in zip(outside, grads, strict=True) if g is not None]
+        if reached:
+            names = dict(zip(map(id, self.pair.hparam_tensors), self.pair.hparam_names, strict=True))
+            read = [names[id(t)] for t in reached]
+            raise ValueError(
+                f"{loss} reads the hyperparameter(s) {read[:4]} from elsewhere than its hparams "
+                "argument (a tensor its closure captured, lam = hp.lam, or one the model keeps in "
+                "an attribute): Unrolled replays steps with other values substituted into hparams "
+                "(the values recorded steps were taken with; forward mode's tangents), which such "
+                "a read does not see, so the hypergradient would be silently wrong (0 in forward "
+                "mode). Read hyperparameters from the hparams argument the loss is given (h.lam, "
+                "h[0]), and let the model take them from there"
+            )
 
     def _window(self) -> int:
         """How many of the latest recorded steps the hyperstep differentiates through."""
@@ -1983,6 +2025,9 @@ class Unrolled(HyperOptimizer):
                         )
                     first = False
                     primal, tan = fwAD.unpack_dual(out)
+                    if i == 0 and j == 0 and primal.requires_grad:  # (see _check_read_outside)
+                        outside = self._outside_hparams(hp)
+                        self._check_read_outside(grads_or_none(primal, outside), outside, "val_loss")
                     if tan is not None:
                         grads[i].view(-1)[j] = tan.detach()
                         to_val[i] = True
@@ -2119,6 +2164,7 @@ class Unrolled(HyperOptimizer):
         anchor_due = self._hparams_moved()
         return {
             "records": [r.to_dict() for r in self._records],
+            "steps": self.steps,  # (K may be changed while training: checked on load)
             "since_anchor": self._since_anchor,
             "since_move": self._since_move,
             "anchor_due": anchor_due,  # the hyperparameters moved since the newest anchor
@@ -2202,6 +2248,18 @@ class Unrolled(HyperOptimizer):
             },
         )
         self._check_recorded_weights(records)
+        saved_steps = state.get("steps")  # (None: saved before it was kept)
+        if saved_steps is not None and saved_steps != self.steps:
+            # (a script that sets hopt.steps at a milestone resumed with the constructor's K, and
+            # every window after the resume was another length than the saved run's, silently)
+            warnings.warn(
+                f"this Unrolled state_dict was saved with steps={saved_steps} (hopt.steps at the "
+                f"time), this Unrolled has steps={self.steps}: from here its windows differ from the "
+                f"saved run's. To resume that run exactly, set hopt.steps = {saved_steps} after "
+                "loading (or build Unrolled with it); to change K on purpose, ignore this",
+                UserWarning,
+                stacklevel=3,
+            )
         self._records.clear()
         self._promotion = None
         self._frozen_seen, self._frozen_stale = None, None

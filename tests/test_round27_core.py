@@ -3,9 +3,14 @@
 * SelfTuned's perturbation scale frozen by hand (``hp.raw_scale.requires_grad_(False)``) was
   refused with advice about pretrained encoders inside augmentation networks; the message now
   names the supported way, ``SelfTuned(..., learn_scale=False, scale=...)``.
+* ``Unrolled.state_dict()`` did not hold ``steps`` (K, which may change while training): a run
+  resumed after such a change went on with the constructor's K, silently. It holds it now, and
+  loading into an Unrolled with another K warns, naming ``hopt.steps = K``.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -39,3 +44,59 @@ def test_a_frozen_selftuned_scale_is_refused_with_the_learn_scale_advice() -> No
         outer_optimizer=torch.optim.Adam(fixed.parameters(), lr=0.1),
     )
     assert isinstance(hopt, hg.SelfTuning)
+
+
+def _unrolled(steps: int) -> tuple[nn.Module, hg.Unrolled]:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    hp = hg.hparams.WeightDecay(model, per="global", init=0.1).double()
+    hopt = hg.Unrolled(
+        model,
+        hp,
+        lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m),
+        lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean(),
+        steps=steps,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+    )
+    return model, hopt
+
+
+def test_unrolled_state_holds_the_window_length_set_while_training() -> None:
+    """``hopt.steps`` can be changed while training (a longer window after a milestone), but the
+    state did not hold it: a script resumed after the milestone got the constructor's K, and every
+    window after the resume was another length than the saved run's, silently. The state now
+    holds K; loading it into an Unrolled with another K warns and names the fix, and with it the
+    resumed run equals the straight one bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(8, 3, generator=g, dtype=torch.float64),
+            torch.randn(8, 1, generator=g, dtype=torch.float64),
+        )
+        for _ in range(6)
+    ]
+    model, hopt = _unrolled(2)
+    for b in data[:2]:
+        hopt.step(b)
+    hopt.steps = 3  # the milestone
+    hopt.step(data[2])
+    state = copy.deepcopy({"model": model.state_dict(), "hopt": hopt.state_dict()})
+    assert state["hopt"]["method"]["steps"] == 3
+    for b in data[3:]:
+        hopt.step(b)
+    straight = hopt.hypergradient(val_batch=data[0])[0][0]
+
+    model2, hopt2 = _unrolled(2)  # built as the script builds it
+    model2.load_state_dict(state["model"])
+    with pytest.warns(UserWarning, match=r"saved with steps=3.*hopt.steps = 3"):
+        hopt2.load_state_dict(state["hopt"])
+    hopt2.steps = 3
+    for b in data[3:]:
+        hopt2.step(b)
+    resumed = hopt2.hypergradient(val_batch=data[0])[0][0]
+    assert torch.equal(straight, resumed)
+
+    model3, hopt3 = _unrolled(3)  # built with the K in force: no warning
+    model3.load_state_dict(state["model"])
+    hopt3.load_state_dict(state["hopt"])
