@@ -62,6 +62,7 @@ from ._stn_hparams import (
     _load_state,
     _Mode,
     _state,
+    check_config,
     linearising,
     validating,
 )
@@ -744,6 +745,16 @@ class _BestResponseBase(HyperOptimizer):
 
     def _method_state(self) -> dict[str, Any]:
         return {**_state(self.hparams), "phase": list(self._phase)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        method = state.get("method") if isinstance(state, dict) else None
+        if isinstance(method, dict):
+            # (before the containers load: SelfTuned's own check knows the saved specs by a code
+            # only, and would refuse them without naming them)
+            check_config(self.hparams, method)
+        super().load_state_dict(state)
+
+    load_state_dict.__doc__ = HyperOptimizer.load_state_dict.__doc__
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
         _load_state(self.hparams, state)

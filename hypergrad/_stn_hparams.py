@@ -952,6 +952,13 @@ def _state(hp: SelfTuned) -> dict[str, Any]:
 
 
 def _load_state(hp: SelfTuned, state: dict[str, Any]) -> None:
+    check_config(hp, state)
+    hp._history = [dict(r) for r in state.get("history", [])]
+
+
+def check_config(hp: SelfTuned, state: dict[str, Any]) -> None:
+    """Refuse a method state saved with another configuration of ``hp`` (specs, their order, the
+    scale's range or fixed value), naming what differs."""
     saved, mine = state.get("config"), _config(hp)
     if saved is not None and "scale" not in saved:  # (saved before the fixed scale was recorded)
         mine.pop("scale", None)
@@ -968,4 +975,3 @@ def _load_state(hp: SelfTuned, state: dict[str, Any]) -> None:
             f"this state_dict was saved with other hyperparameter specs, so its raw values would mean "
             f"something else here ({detail}); build hg.hparams.SelfTuned as when it was saved"
         )
-    hp._history = [dict(r) for r in state.get("history", [])]

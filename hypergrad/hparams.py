@@ -809,10 +809,19 @@ class WeightDecay(nn.Module):
 
     def _layout(self) -> list[int]:
         """One code per entry of ``raw`` (a CRC-32 of the names of the parameters it decays), in
-        ``raw``'s order: the model's ``named_parameters`` order at construction."""
+        ``raw``'s order: the model's ``named_parameters`` order at construction. The names lose
+        the module path they all share (``inner.``, a wrapper's ``module.`` or ``_orig_mod.``), so
+        a state moves between a model and a wrapper of it."""
+        names = list(self.names)
+        cut = 0
+        while names and all("." in n[cut:] for n in names):
+            head = names[0][cut:].split(".", 1)[0]
+            if not all(n[cut:].split(".", 1)[0] == head for n in names):
+                break
+            cut += len(head) + 1
         held: list[list[str]] = [[] for _ in self.raw]
-        for n in self.names:
-            held[self._index[n]].append(n)
+        for n in names:
+            held[self._index[n]].append(n[cut:])
         return [zlib.crc32("\n".join(sorted(ns)).encode()) for ns in held]
 
     def get_extra_state(self) -> Tensor:
