@@ -340,6 +340,16 @@ def _check_scaler(scaler: Any, weights: Sequence[Tensor], names: Sequence[str], 
 _DEFAULT_DTYPE_STATE = frozenset({"mu_product", "eta", "mu"})
 
 
+def _forget_unscale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Undo the mark ``scaler.unscale_(optimizer)`` left, for a step that raised before its
+    ``scaler.update()``: the scaler keeps it per optimiser until an ``update()``, so every later
+    step's ``unscale_`` raised "unscale_() has already been called on this optimizer since the
+    last update()" and the run could not go on. (The scale and its growth counter are as before.)"""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        states.pop(id(optimizer), None)  # (a defaultdict: the next unscale_ starts afresh)
+
+
 def _keep_saved_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Give the 0-dim floating state entries of ``optimizer`` back the dtype they were saved in.
 
@@ -1330,35 +1340,41 @@ class HyperOptimizer(abc.ABC):
                         w.grad = old if w.grad is None else old.add_(w.grad)
         if scaler is not None:  # (no host synchronisation: the gradients are known finite)
             scaler.unscale_(self.inner_optimizer)
-        if max_grad_norm is not None:  # clip_grad_norm_'s scaling, with the replay's arithmetic
-            live = [w for w in weights if w.grad is not None]
-            with torch.no_grad():
-                clipped = clip_by_total_norm([w.grad for w in live], max_grad_norm)  # type: ignore[misc]
-            for w, g in zip(live, clipped, strict=True):
-                w.grad = g
-        pre_forward_buffers = tuple(value for *_, value in snapshot)
-        self._record_step(
-            batch,
-            tuple(g is not None for g in grads),
-            rng,
-            pre_forward_buffers,
-            max_grad_norm,
-            hparam_buffers=tuple(value for *_, value in hp_snapshot),
-        )
-        self._scaler = None
         try:
-            for _, setting in self.settings:
-                setting.write()
-            self.inner_optimizer.step()
+            if max_grad_norm is not None:  # clip_grad_norm_'s scaling, with the replay's arithmetic
+                live = [w for w in weights if w.grad is not None]
+                with torch.no_grad():
+                    clipped = clip_by_total_norm([w.grad for w in live], max_grad_norm)  # type: ignore[misc]
+                for w, g in zip(live, clipped, strict=True):
+                    w.grad = g
+            pre_forward_buffers = tuple(value for *_, value in snapshot)
+            self._record_step(
+                batch,
+                tuple(g is not None for g in grads),
+                rng,
+                pre_forward_buffers,
+                max_grad_norm,
+                hparam_buffers=tuple(value for *_, value in hp_snapshot),
+            )
+            self._scaler = None
+            try:
+                for _, setting in self.settings:
+                    setting.write()
+                self.inner_optimizer.step()
+            except BaseException:
+                # the optimiser refused the update (Adam given a sparse gradient, out of memory in
+                # its state's first allocation): no step was taken, so none is recorded (a script
+                # that catches the error and goes on had a replay with a step that never happened)
+                self._forget_step()
+                raise
+            finally:
+                for _, setting in self.settings:
+                    setting.restore()
         except BaseException:
-            # the optimiser refused the update (Adam given a sparse gradient, out of memory in its
-            # state's first allocation): no step was taken, so none is recorded (a script that
-            # catches the error and goes on had a replay with a step that never happened)
-            self._forget_step()
+            self._scaler = None
+            if scaler is not None:
+                _forget_unscale(scaler, self.inner_optimizer)
             raise
-        finally:
-            for _, setting in self.settings:
-                setting.restore()
         if scaler is not None:
             scaler.update()
         _forget_autocast_casts(self.device)
@@ -1792,14 +1808,23 @@ class HyperOptimizer(abc.ABC):
         """
         t0 = time.perf_counter()
         attributes = self._attributes_now()  # (put back when refused, as by hyper_step)
+        # and torch's generator, as hyper_step puts it back: the losses may have drawn dropout
+        # masks (SelfTuning its perturbations) before an error, and a script that caught it
+        # went on from another random state than one that never made the call
+        rng_before = self._rng_state()
         # (the batch checks name the call that was made: "pass hyper_step(val_batch=batch)" told
         # a meta-batch script summing hypergradient() over tasks to step the outer optimiser)
         self._calling = "hypergradient"
         try:
             res, grad_norm, problem = self._compute(train_batch, val_batch)
+        except BaseException:
+            self._set_rng_state(rng_before)
+            _put_attributes_back(attributes)
+            raise
         finally:
             self._calling = "hyper_step"
         if problem:
+            self._set_rng_state(rng_before)
             _put_attributes_back(attributes)
             self._nonfinite(f"hypergradient at hyper step {self.hyper_steps}: {problem}")
         return self._as_hparams(res.grads), self._info(res, grad_norm, t0, skipped=bool(problem))

@@ -120,6 +120,8 @@ class _PerThread(threading.local):
         self.validating = 0
         #: the value memo of ``hypergrad.hparams._reusing_values`` (None: no block open)
         self.memo: dict[tuple[int, int, bool, str], tuple[Tensor, Tensor]] | None = None
+        #: (what, always) of this thread's open refusing_once_differentiable block (None: none)
+        self.once: tuple[str, bool] | None = None
 
 
 _THREAD = _PerThread()
@@ -967,13 +969,25 @@ _BACKWARD_APPLY = torch.autograd.function.BackwardCFunction.apply
 def _backward_apply_refusing_once(self: Any, *args: Any) -> Any:
     if not torch.is_grad_enabled():  # (a backward pass without create_graph=True)
         return _BACKWARD_APPLY(self, *args)
+    mine = _THREAD.once
+    if mine is None:
+        if not isinstance(threading.current_thread(), threading._DummyThread):
+            # another Python thread's own backward pass (plain PyTorch code running beside a
+            # hyperstep, an Optuna study with n_jobs=2): the entry point is swapped process-wide,
+            # and such a pass with create_graph=True through a once-differentiable Function was
+            # refused with this module's error, naming a hyperstep it was no part of
+            return _BACKWARD_APPLY(self, *args)
+        # (the autograd engine's own worker threads, which run a GPU graph's nodes, are no Python
+        # threads: checked as the latest block opened says)
+        mine = (_ONCE_STATE["what"], _ONCE_STATE["always"])
+    what, always = mine  # (this thread's own: a block opened in another thread set the globals)
     name = _once_differentiable_name(self)
     # (forward-mode tangents pass through its backward unless torch detaches its outputs, which it
     # does where a gradient flowing in requires grad)
     graph_in = any(isinstance(a, Tensor) and a.requires_grad for a in args)
-    if name is not None and (_ONCE_STATE["always"] or graph_in):
+    if name is not None and (always or graph_in):
         raise RuntimeError(
-            f"{_ONCE_STATE['what']} differentiates the training loss's gradient again, but the "
+            f"{what} differentiates the training loss's gradient again, but the "
             f"custom autograd.Function {name} on its path to the weights has a backward marked "
             f"@once_differentiable: its gradient would enter as a constant (torch raises no "
             f"error for torch.autograd.grad, and the hypergradient came out silently wrong). Write "
@@ -981,7 +995,7 @@ def _backward_apply_refusing_once(self: Any, *args: Any) -> Any:
             f"leave the weights before it out (Implicit(hessian_subset=...), requires_grad_(False))"
         )
     out = _BACKWARD_APPLY(self, *args)
-    if graph_in and _ONCE_STATE["always"]:
+    if graph_in and always:
         # a gradient that requires grad came in, and none went out: the backward computed it
         # without recording (torch.no_grad(), .detach(), NumPy), so its derivative would be lost
         # too (a gradient of exactly 0, e.g. of a step function, is a constant rightly)
@@ -989,7 +1003,7 @@ def _backward_apply_refusing_once(self: Any, *args: Any) -> Any:
         if outs and not any(o.requires_grad for o in outs) and any(bool(o.any()) for o in outs):
             cls = getattr(self, "_forward_cls", None)
             raise RuntimeError(
-                f"{_ONCE_STATE['what']} differentiates the training loss's gradient again, but the "
+                f"{what} differentiates the training loss's gradient again, but the "
                 f"backward of the custom autograd.Function {getattr(cls, '__name__', '?')} on its path "
                 f"to the weights returns a gradient without an autograd graph (computed under "
                 f"torch.no_grad(), from .detach()ed tensors or NumPy), so its derivative would be "
@@ -1015,9 +1029,11 @@ def refusing_once_differentiable(what: str, *, forward_mode: bool = False) -> It
     backward_cls = torch.autograd.function.BackwardCFunction
     _open_swap(_ONCE_STATE, lambda: [(backward_cls, "apply", _backward_apply_refusing_once)])
     _ONCE_STATE["what"], _ONCE_STATE["always"] = what, not forward_mode
+    outer, _THREAD.once = _THREAD.once, (what, not forward_mode)
     try:
         yield
     finally:
+        _THREAD.once = outer
         _close_swap(_ONCE_STATE)
 
 

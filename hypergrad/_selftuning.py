@@ -331,6 +331,12 @@ class _Linearised:
                 out = self._model(*args, **kwargs)
             except RuntimeError as e:
                 text = str(e)
+                if type(e) not in (RuntimeError, NotImplementedError):
+                    # (out of memory, a device error, the user's own kind of error: as raised. The
+                    # response pass holds the tangents too, so it is the first to run out of memory;
+                    # retyped, an `except torch.OutOfMemoryError` retry no longer caught it, and
+                    # the message blamed the forward-mode AD of an operation)
+                    raise
                 if ("forward" in text.lower() and "AD" in text) or text.startswith("SelfTuning"):
                     raise  # (named by SelfTuning's step, or by the library already)
                 # the base step ran the same model on the same batch: what differs here is the
@@ -1066,7 +1072,12 @@ class SelfTuning(_BestResponseBase):
                         "linearize=False (checkpointing works there), or do not checkpoint inside "
                         "the model"
                     ) from e
-                if self.linearize and "forward" in str(e).lower() and "AD" in str(e):
+                if (
+                    self.linearize
+                    and type(e) in (RuntimeError, NotImplementedError)
+                    and "forward" in str(e).lower()
+                    and "AD" in str(e)
+                ):
                     raise RuntimeError(
                         f"SelfTuning(delta=True): an operation of the model does not support the "
                         f"forward-mode AD that linearises its output ({e}). A custom "
