@@ -737,6 +737,12 @@ _COUPLED_DECAY = (
     torch.optim.RAdam,
 )
 
+#: inner optimisers whose ``weight_decay`` always shrinks the weights by ``1 - lr * weight_decay``
+#: (decoupled: Adafactor's and Muon's too, from torch 2.5 / 2.9)
+_DECOUPLED_DECAY = tuple(
+    getattr(torch.optim, name) for name in ("AdamW", "Adafactor", "Muon") if hasattr(torch.optim, name)
+)
+
 #: power iteration for Neumann's step size: HVPs for a fresh estimate, for a warm refresh, and
 #: how many hypersteps an estimate is reused for
 _POWER_ITERS, _POWER_REFRESH_ITERS, _POWER_EVERY = 20, 5, 10
@@ -929,7 +935,7 @@ class Implicit(HyperOptimizer):
         )
         if self.settings:
             names = sorted({setting.name for _, setting in self.settings})
-            decoupled = isinstance(inner_optimizer, torch.optim.AdamW) or any(
+            decoupled = isinstance(inner_optimizer, _DECOUPLED_DECAY) or any(
                 g.get("decoupled_weight_decay", False) for g in inner_optimizer.param_groups
             )
             decays = [n for n in names if n in ("weight_decay", "lambd") and not decoupled]

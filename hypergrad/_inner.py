@@ -13,14 +13,19 @@ viewed as real before the L2 term is added; Adamax reads a tensor lr as a Python
 float16 / bfloat16 weights the foreach kernels round otherwise in the last bit (float32 scalar
 arithmetic): there only the single-tensor steps are reproduced bit for bit.
 
-Supported: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD and Rprop,
-with every option of theirs but ``fused``, ``capturable`` and ``differentiable`` (see
-``_UNSUPPORTED_FLAGS``).
+Supported: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop,
+Adafactor and Muon, with every option of theirs but ``fused``, ``capturable`` and
+``differentiable`` (see ``_UNSUPPORTED_FLAGS``). Adafactor's and Muon's steps read numbers
+from the weights (``.item()``: Adafactor's relative step size and update clipping) or round in
+bfloat16 (Muon's Newton-Schulz iteration): the replay keeps their values and differentiates
+the exact quantities (see :func:`_adafactor`, :func:`_orthogonalized`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -467,6 +472,165 @@ def _rprop(
     return tuple(new_p), new_s
 
 
+def _adafactor(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    """torch.optim.Adafactor's step (its single-tensor one, or with ``foreach=True`` its
+    multi-tensor one, which scales the update before adding it): the relative step size
+    ``max(eps2, RMS(p)) * min(lr, 1/sqrt(t))`` and the clipping ``max(1, RMS(update) / d)``,
+    which torch.optim reads as Python numbers (``.item()``), are taken as it takes them for the
+    values, and differentiated (through the weight, the update, ``lr`` and ``d``) by a term whose
+    value is 0 (:func:`_zero_valued`): the real step depends on the weight through them, whatever
+    torch.optim's ``.item()`` says to autograd."""
+    lr, d, wd, beta2_decay = group["lr"], group["d"], group["weight_decay"], group["beta2_decay"]
+    eps1, eps2 = group["eps"]
+    maximize, foreach = group.get("maximize", False), bool(group.get("foreach"))
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        g = -g if maximize else g
+        if eps1 is None:  # torch.optim: the first weight's machine epsilon, kept for the others
+            eps1 = torch.finfo(p.dtype).eps
+        step = _next_step(st)
+        one_minus_beta2 = step**beta2_decay
+        # rho_t = min(lr, 1 / sqrt(t)), and alpha_t = max(eps2, RMS(p)) * rho_t, as torch.optim
+        # computes them (Python numbers), from the weight before its decay
+        rho = lr.clamp(max=1 / (step**0.5)) if _traced(lr) else min(lr, 1 / (step**0.5))
+        p_norm = p.norm(2)
+        alpha = max(eps2, p_norm.item() / (p.numel() ** 0.5)) * _primal_number(rho)
+        new_st: State = {"step": _step_tensor(step, st)}
+        if not _is_zero(wd):  # torch.optim's param.mul_(1 - lr * weight_decay), in the weight's dtype
+            p = (p * (1 - lr * wd)).to(p.dtype) if _traced(lr) or _traced(wd) else p.mul(1 - lr * wd)
+        if g.dim() > 1:  # the factored second moment: row and column means of g * g
+            row = st.get("row_var")
+            col = st.get("col_var")
+            if row is None or col is None:  # torch.optim's grad.new_zeros(row_shape / col_shape)
+                row = g.new_zeros((*g.shape[:-1], 1))
+                col = g.new_zeros((*g.shape[:-2], 1, g.shape[-1]))
+            row = _lerp(row, torch.norm(g, dim=-1, keepdim=True).square().div(g.size(-1)), one_minus_beta2)
+            col = _lerp(col, torch.norm(g, dim=-2, keepdim=True).square().div(g.size(-2)), one_minus_beta2)
+            var = (row @ col).div(row.mean(dim=-2, keepdim=True).clamp(min=eps1))
+            new_st["row_var"], new_st["col_var"] = row, col
+        else:
+            var = _lerp(_state_or_zeros(st, "variance", p), g * g, one_minus_beta2)
+            new_st["variance"] = var
+        update = var.clamp(min=eps1 * eps1).rsqrt().mul(g)
+        u_norm = update.norm(2)
+        denom = max(1.0, u_norm.item() / ((update.numel() ** 0.5) * _primal_number(d)))
+        coef = -alpha / denom
+        # torch.optim's param.add_(update, alpha=-alpha / denom); foreach: _foreach_mul_(updates,
+        # alphas), then _foreach_add_(params, updates)
+        q = p.add(update.mul(coef)) if foreach else p.add(update, alpha=coef)
+        if any(map(_traced, (p_norm, u_norm, rho, d))):
+            # the derivative of the step size (value 0: q's values stay torch.optim's)
+            n = p.numel() ** 0.5
+            # (the clipping counted where RMS(update) / d exceeds 1 only: at the default d = 1 it
+            # is 1 exactly for a vector's first update, sign(g), where the real step, valid for
+            # d >= 1 only, does not depend on d; clamp's derivative there is the clipped side's)
+            rms = u_norm.div(n * d)
+            coef_t = -(p_norm.div(n).clamp(min=eps2) * rho) / torch.where(rms > 1.0, rms, 1.0)
+            q = q + update * _zero_valued(coef_t)
+        new_p.append(q)
+        new_s.append(new_st)
+    return tuple(new_p), new_s
+
+
+def _lerp(start: Tensor, end: Tensor, weight: Any) -> Tensor:
+    """``start.lerp(end, weight)`` (torch.optim's op), written out for a tuned ``weight``."""
+    return start + weight * (end - start) if _traced(weight) else start.lerp(end, weight)
+
+
+def _primal_number(x: Any) -> Any:
+    """A tuned setting's value as a Python number (as torch.optim reads it); anything else as is."""
+    return float(_plain(x)) if _traced(x) else x
+
+
+def _zero_valued(x: Tensor) -> Tensor:
+    """0, with ``x``'s derivatives (reverse and forward mode)."""
+    return x - x.detach()
+
+
+def _muon(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[State], group: Mapping[str, Any]
+) -> tuple[Tensors, list[State]]:
+    """torch.optim.Muon's step: momentum, Newton-Schulz orthogonalisation in bfloat16, decoupled
+    decay ``p * (1 - lr * weight_decay)`` and the step ``lr * ratio`` with the shape's ratio
+    (``adjust_lr_fn``). See :func:`_orthogonalized` for the derivative of the orthogonalisation."""
+    lr, wd, momentum, nesterov = group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]
+    coefficients, ns_steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+    new_p, new_s = [], []
+    for p, g, st in zip(params, grads, states, strict=True):
+        if g.ndim != 2:
+            raise ValueError("Param gradient must be a 2D matrix")  # (torch.optim's own refusal)
+        buf = _lerp(_state_or_zeros(st, "momentum_buffer", g), g, 1 - momentum)
+        update = _lerp(g, buf, momentum) if nesterov else buf
+        ortho, normalized = _orthogonalized(update, coefficients, ns_steps, eps)
+        if not nesterov and update.dtype == torch.bfloat16:
+            # torch.optim normalises a bfloat16 update in place (``grad.bfloat16()`` is then the
+            # tensor itself), which without Nesterov momentum is the momentum buffer
+            buf = normalized + _zero_valued(buf / buf.norm().clamp(min=eps)) if _traced(buf) else normalized
+        ratio = _muon_lr_ratio(group["adjust_lr_fn"], p.shape)
+        if _traced(lr) or _traced(wd):  # (in the weight's dtype, as torch.optim's in-place step)
+            p = (p * (1 - lr * wd)).to(p.dtype)
+        else:  # torch.optim's param.mul_(1 - lr * weight_decay) (also for weight_decay 0)
+            p = p.mul(1 - lr * wd)
+        if _traced(lr):
+            p = (p - (lr * ratio) * ortho.to(p.dtype)).to(p.dtype)
+        else:  # torch.optim's param.add_(update, alpha=-adjusted_lr)
+            p = p.add(ortho, alpha=-(lr * ratio))
+        new_p.append(p)
+        new_s.append({"momentum_buffer": buf})
+    return tuple(new_p), new_s
+
+
+def _muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's ``_adjust_lr`` ratio for a weight of ``shape``."""
+    a, b = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    return 1.0
+
+
+def _newton_schulz(x: Tensor, coefficients: Sequence[Any], steps: int, eps: Any) -> tuple[Tensor, Tensor]:
+    """torch.optim.Muon's ``_zeropower_via_newtonschulz`` (its ops, in ``x``'s dtype), out of
+    place; also the normalised input (in ``x``'s layout)."""
+    if steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    a, b, c = coefficients
+    tall = x.size(0) > x.size(1)
+    o = x.T if tall else x
+    o = o.div(o.norm().clamp(min=eps))
+    normalized = o.T if tall else o
+    for _ in range(steps):
+        gram = o @ o.T
+        o = torch.addmm(o, torch.addmm(gram, gram, gram, beta=b, alpha=c), o, beta=a)
+    return (o.T if tall else o), normalized
+
+
+def _orthogonalized(
+    update: Tensor, coefficients: Sequence[Any], steps: int, eps: Any
+) -> tuple[Tensor, Tensor]:
+    """Muon's orthogonalised update and its normalised (bfloat16) input. The values are
+    torch.optim's, computed in bfloat16; where autograd follows ``update``, the derivative is
+    that of the same iteration run in the update's dtype (at least float32, autocast off): bfloat16's
+    own was 13% off the float64 one on a 6x4 matrix. That costs one more iteration, in that dtype,
+    per weight and differentiated step."""
+    value, normalized = _newton_schulz(_plain(update).bfloat16(), coefficients, steps, eps)
+    if not _traced(update):
+        return value, normalized
+    wide = torch.promote_types(update.dtype, torch.float32)
+    device = update.device.type
+    # (a step replayed under torch.autocast, as the real one ran, would run this in its low dtype)
+    off = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if off else contextlib.nullcontext():
+        smooth, _ = _newton_schulz(update.to(wide), coefficients, steps, eps)
+    out = torch.promote_types(update.dtype, torch.bfloat16)
+    return value.to(out) + _zero_valued(smooth).to(out), normalized
+
+
 def update_exactly(
     update: Update,
     params: Sequence[Tensor],
@@ -624,6 +788,10 @@ _UPDATES: dict[type, Update] = {
     torch.optim.ASGD: functools.partial(_on_real_views, _asgd),
     torch.optim.Rprop: functools.partial(_on_real_views, _rprop),
 }
+# (torch.optim.Adafactor from torch 2.5, Muon from 2.9; both refuse complex weights themselves)
+for _name, _update in (("Adafactor", _adafactor), ("Muon", _muon)):
+    if hasattr(torch.optim, _name):
+        _UPDATES[getattr(torch.optim, _name)] = _update
 #: flags whose steps the replay does not reproduce, and why
 _UNSUPPORTED_FLAGS = {
     "fused": "its fused kernel rounds differently from the replayed steps",

@@ -1159,6 +1159,10 @@ _NON_NEGATIVE_SETTINGS = frozenset(
     }
 )
 
+#: torch.optim settings that are counts (Muon's Newton-Schulz ``ns_steps``, read by ``range()``):
+#: no derivative tunes them, and a written float crashed the next step
+_COUNT_SETTINGS = frozenset({"ns_steps"})
+
 
 class OptimizerSetting(nn.Module):
     r"""A setting of the inner optimiser (one value per parameter group) made a hyperparameter.
@@ -1193,7 +1197,8 @@ class OptimizerSetting(nn.Module):
     Raises:
         ValueError: the optimiser has no setting ``name``, ``init`` (or the current value) is
             outside the constraint's domain, or constraint ``"real"`` for a setting torch.optim
-            requires to be >= 0 (``lr``, ``momentum``, ``weight_decay``, ``eps``, ...).
+            requires to be >= 0 (``lr``, ``momentum``, ``weight_decay``, ``eps``, ...), or a
+            count (Muon's ``ns_steps``).
         TypeError: ``relative`` is not a bool, the setting is not a single number (Adam's
             ``betas``), or ``dtype`` is not a real floating-point dtype.
 
@@ -1236,6 +1241,13 @@ class OptimizerSetting(nn.Module):
                 "Adagrad's 'initial_accumulator_value' cannot be tuned: torch.optim.Adagrad reads it "
                 "from the constructor's defaults when it creates a weight's state, never from "
                 "param_groups, so no step would use the tuned value"
+            )
+        if name in _COUNT_SETTINGS:
+            raise ValueError(
+                f"{type(optimizer).__name__}'s {name!r} is a count (the optimiser runs that many "
+                f"iterations; param_groups[0] holds {groups[0][name]!r}): it has no derivative to tune "
+                "it by, and the float a hyperparameter writes there fails the next step. Tune "
+                "continuous settings (lr, momentum, weight_decay, ...), or search over counts outside"
             )
         if not isinstance(relative, bool):
             raise TypeError(f"relative must be a bool, got {relative!r}")

@@ -17,7 +17,7 @@ optimisers, translated into this API.
   a pickled run.
 - Hyperparameters that reach no loss are named (DisconnectedWarning) in every mode.
 - ``hg.optim``'s hypergradient-descent optimisers against a one-step unrolled learning rate.
-- The optimisers the replay does not know (Adafactor, SparseAdam, hg.optim's) are refused by
+- The optimisers the replay does not know (SparseAdam, hg.optim's) are refused by
   name; float32 follows float64.
 """
 
@@ -732,14 +732,14 @@ def test_hypergradient_descent_equals_a_one_step_unrolled_learning_rate(
 
 @pytest.mark.parametrize(
     "make",
-    [S.Adafactor, S.SparseAdam, hg.optim.SGDHD, hg.optim.AdamHD],
+    [S.SparseAdam, hg.optim.SGDHD, hg.optim.AdamHD],
     ids=lambda c: c.__name__,
 )
 def test_optimizers_without_a_replay_are_refused_by_name(make: type[S.Optimizer]) -> None:
     model = _mlp()
     hp = hg.hparams.WeightDecay(model, per="layer", init=0.05)
     kw = {"lr": 0.1} if make is hg.optim.SGDHD else {}
-    names = "ASGD, Adadelta, Adagrad, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Rprop, SGD"
+    names = "ASGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, Adamax, Muon, NAdam, RAdam, RMSprop, Rprop, SGD"
     with pytest.raises(TypeError, match=rf"{names}; got {make.__name__} "):
         _unrolled(model, hp, make(model.parameters(), **kw), "reverse", 2)
 

@@ -183,9 +183,9 @@ def test_model_structure_matches_finite_differences_of_real_training(build: Buil
 def test_unsupported_optimizer_is_named() -> None:
     m = _mlp()
     hp = hg.hparams.WeightDecay(m, per="layer", init=0.05)
-    names = "ASGD, Adadelta, Adagrad, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Rprop, SGD"
-    with pytest.raises(TypeError, match=rf"{names}; got Adafactor"):
+    names = "ASGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, Adamax, Muon, NAdam, RAdam, RMSprop, Rprop, SGD"
+    with pytest.raises(TypeError, match=rf"{names}; got SparseAdam"):
         hg.Unrolled(
-            m, hp, _train, _ce, inner_optimizer=torch.optim.Adafactor(m.parameters()),
+            m, hp, _train, _ce, inner_optimizer=torch.optim.SparseAdam(m.parameters()),
             outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1), steps=2,
         )
