@@ -67,7 +67,7 @@ from ._functional import (
     substituting,
     tensor_slots,
 )
-from ._implicit import _implicit, _warm_start_for
+from ._implicit import _float_or_nan, _implicit, _warm_start_for
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver, Neumann
 from ._types import Batch
@@ -521,12 +521,14 @@ def _rows_are_examples(
                 h.remove()
         return got
 
+    model_eps = _model_eps(model)
+
     def same(one: Tensor | None, row: Tensor) -> bool:
         if one is None or one.shape != row.shape:
             return False
         eps = torch.finfo(row.dtype).eps if row.is_floating_point() else 0.0
         # (loose, as _check_per_example: batched and single kernels round differently)
-        tol = max(1e-2, min(64 * eps, 0.125)) * (1.0 + float(row.abs().max()))
+        tol = _rows_tolerance(eps, model_eps) * (1.0 + float(row.abs().max()))
         return float((one - row).abs().max()) <= tol
 
     # (the rolled batch is no batch the model was given: one that takes its batches in an order
@@ -814,7 +816,7 @@ def _terms_body(
         # batch's longest, both of them of that length) mixed the batch's outputs with the
         # Jacobians of another function, silently (-9.985 for the batch function's -10.009).
         # The outputs alone come with the Jacobians, at no extra cost
-        _check_rows_alone(*alone, samples if augmentation is not None else 1)
+        _check_rows_alone(*alone, samples if augmentation is not None else 1, _model_eps(model))
     if augmentation is None and b > 1:
         _check_per_example(model, x, factors[0] if factors is not None else f)
     with _full_precision(x.device.type):
@@ -906,6 +908,25 @@ def _check_prior_shapes(prior: PriorPrecision, params: Mapping[str, Tensor], nam
         )
 
 
+def _rows_tolerance(eps: float, model_eps: float) -> float:
+    """The relative tolerance (times ``1 +`` the row's largest output) of the checks that an
+    example alone gives its row of the batch, for outputs of machine epsilon ``eps`` from a model
+    whose parameters and buffers have at most ``model_eps``: at least 1e-2 where anything is in
+    float32 or below (batched and single kernels round differently, by more under TF32 on GPUs),
+    1e-6 where all is float64, which TF32 never rounds (float32's 1e-2 let a model mixing the
+    batch, ``x - x.mean(0)``, through silently at outputs of about 1e-3: an absolute 1e-2 for
+    rows that small); at most 1/8 (bfloat16's 64 eps is 1/2)."""
+    floor = 1e-2 if max(eps, model_eps) > 1e-10 else 1e-6
+    return max(floor, min(64 * eps, 0.125))
+
+
+def _model_eps(model: nn.Module) -> float:
+    """The largest machine epsilon of the model's floating-point parameters and buffers (0 if
+    none): a float64 head over a float32 frozen part rounds (under TF32 too) as the latter does."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return max((torch.finfo(t.dtype).eps for t in tensors if t.is_floating_point()), default=0.0)
+
+
 def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
     """The model's outputs ``f`` ``(B, C)`` of the batch ``x``, example by example: the first
     and the last example alone must give their rows of ``f`` (two more forward passes, of one
@@ -925,7 +946,7 @@ def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
         # statistic over the batch moves the outputs by far more. At most 1/8 of them: bfloat16's
         # 64 eps is 1/2, which let x - x.mean(0) through, 0.92 off on outputs of 1.16, where every
         # other dtype refused it; 1/8 is still 16 bfloat16 roundings)
-        tol = max(1e-2, min(64 * eps, 0.125)) * (1.0 + float(row.abs().max()))
+        tol = _rows_tolerance(eps, _model_eps(model)) * (1.0 + float(row.abs().max()))
         diff = float((one.reshape(row.shape) - row).abs().max()) if one.numel() == row.numel() else math.inf
         if diff > tol:  # (not for NaN outputs: the non-finite guards judge those)
             which = "first" if i == 0 else "last"
@@ -938,7 +959,7 @@ def _check_per_example(model: nn.Module, x: Tensor, f: Tensor) -> None:
             )
 
 
-def _check_rows_alone(alone: Tensor, rows: Tensor, samples: int) -> None:
+def _check_rows_alone(alone: Tensor, rows: Tensor, samples: int, model_eps: float = 0.0) -> None:
     """Every row of the batch's outputs ``rows`` ``(B * S, C)`` is what its example (augmented
     copy) gives alone, ``alone`` (with the tolerance of :func:`_check_per_example`); else the
     ``ValueError`` of a model mixing the examples of a batch."""
@@ -946,7 +967,7 @@ def _check_rows_alone(alone: Tensor, rows: Tensor, samples: int) -> None:
         i, diff = 0, math.inf
     else:
         eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else 0.0
-        tol = max(1e-2, min(64 * eps, 0.125)) * (1.0 + rows.abs().amax(1))
+        tol = _rows_tolerance(eps, model_eps) * (1.0 + rows.abs().amax(1))
         over = (alone.to(rows.dtype) - rows).abs().amax(1) > tol  # (not for NaN outputs)
         if not bool(over.any()):
             return
@@ -1163,6 +1184,20 @@ def _check_prior_knows(model: nn.Module, prior: PriorPrecision) -> None:
             "constants, neither marginalised nor under the prior. Build the PriorPrecision for the "
             "model as it is now, or freeze them (requires_grad_(False)) to condition on them"
         )
+
+
+def _moving_weights(opt: torch.optim.Optimizer, weights: Sequence[Tensor]) -> list[Tensor]:
+    """``weights`` less those in param groups whose learning rate is 0 while a group holding
+    trained weights has a positive one (all of them while every group is at 0, as in a warmup
+    from 0): the steps never move them (:meth:`Implicit._held_at_zero`'s rule). One pass over
+    the groups."""
+    rates = [
+        (g, _float_or_nan(g.get("lr"))) for g in opt.param_groups if any(p.requires_grad for p in g["params"])
+    ]
+    if not any(r > 0 for _, r in rates):
+        return list(weights)
+    held = {id(p) for g, r in rates if r == 0 for p in g["params"]}
+    return [w for w in weights if id(w) not in held] or list(weights)
 
 
 def _names(model: nn.Module, prior: PriorPrecision) -> list[str]:
@@ -1541,7 +1576,11 @@ class MarginalLikelihood(HyperOptimizer):
             objective :math:`L`, :math:`H = \nabla^2_\theta L`; the bound differentiated
             through the Jacobians as well): about 2 + ``solver`` HVPs more per hyperstep.
         solver: the :class:`~hypergrad.LinearSolver` for :math:`H^{-1}` with ``through_map``
-            (default: ``CG(maxiter=20, tol=1e-6, damping=1e-3)``); a :class:`~hypergrad.Neumann`
+            (default: ``CG(maxiter=20, tol=1e-6, damping=1e-3 / data_size)``: the damping is in
+            the units of the MAP objective, a mean over the data, so that one of ``1e-3 / N``
+            adds a precision of 1e-3 to the prior's in the solve; a fixed ``1e-3`` outweighed
+            the prior's own curvature :math:`\delta / N` in every direction the batch leaves
+            to the prior once :math:`N \delta^{-1} > 1000`); a :class:`~hypergrad.Neumann`
             needs a numeric ``alpha`` (its ``None`` / ``"power"`` / ``"lr"`` rules are
             :class:`~hypergrad.Implicit`'s, refused here with a ``ValueError``). One with
             ``warm_start=True`` starts from the previous accepted solve's solution (with
@@ -1662,7 +1701,12 @@ class MarginalLikelihood(HyperOptimizer):
                 "hg.Implicit's): give Neumann(steps=..., alpha=a) with a below 2 / the largest "
                 "eigenvalue of the MAP objective's Hessian, or use hg.CG (the default)"
             )
-        self.solver: LinearSolver = CG(maxiter=20, tol=1e-6, damping=1e-3) if solver is None else solver
+        # the default damping in the MAP objective's units (mean NLL + theta^T P0 theta / (2N)): a
+        # damping of 1e-3 there is a precision of 1e-3 N on every weight, which outweighed the
+        # prior's delta / N in each direction the batch leaves to the prior (N = 1000, delta = 1:
+        # a hypergradient of -0.0016 for the true +0.0021, the total derivative of a damped prior)
+        default = CG(maxiter=20, tol=1e-6, damping=1e-3 / data_size)
+        self.solver: LinearSolver = default if solver is None else solver
         self._hyper_at: int | None = None  # inner_steps at the last accepted hyper_step
         self._x0: tuple[Tensor, ...] | None = None  # through_map: the last accepted solution (warm start)
         priors: list[PriorPrecision] = []
@@ -1885,9 +1929,15 @@ class MarginalLikelihood(HyperOptimizer):
         average = self.ranks.mean_ if self.ranks.size > 1 else None  # data parallel, as Implicit
         # a solver with warm_start=True starts from the previous accepted hyperstep's solution, as
         # in Implicit (it was never given one here: warm_start was silently ignored)
-        x0 = _warm_start_for(self._x0, pair.weights) if self.solver.warm_start else None
+        # weights in param groups held at a learning rate of 0 while other groups train (a body
+        # frozen through its group's rate) never move with the hyperparameters: constants of the
+        # solve, as in Implicit. Solved over as well, the IFT took them for weights at their own
+        # MAP (they are not: their gradient is not 0), CG stopped on "nonpositive_curvature" and
+        # the held body's precision got a hypergradient of the wrong sign (-0.40 for +0.019)
+        weights = _moving_weights(self.inner_optimizer, pair.weights)
+        x0 = _warm_start_for(self._x0, weights) if self.solver.warm_start else None
         try:
-            r = _implicit(inner, outer, pair.weights, pair.hparam_tensors, self.solver, x0, average)
+            r = _implicit(inner, outer, weights, pair.hparam_tensors, self.solver, x0, average)
         finally:
             pair.restore_buffers(snapshot)
         t = seen[0]
