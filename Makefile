@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the test suite runs in this many processes (pytest-xdist; a test file stays in one), one torch
+# thread each: about half the wall time on two cores. TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hypergrad-installed
 
@@ -24,7 +27,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check hypergrad tests benchmarks experiments
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/hyperstep.py

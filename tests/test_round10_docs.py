@@ -375,7 +375,8 @@ def test_prose_defaults_equal_the_signatures(obj: Callable[..., Any], param: str
 
 def test_readme_solver_defaults_and_statuses() -> None:
     """README/DESIGN: Implicit's default solver is Neumann-5 (the docstring's "5 terms");
-    MarginalLikelihood's through-MAP default CG(maxiter=20, tol=1e-6, damping=1e-3); every status
+    MarginalLikelihood's through-MAP default CG(maxiter=20, tol=1e-6, damping=1e-3 / data_size: the
+    MAP objective is a mean over the data, round 27); every status
     the README lists is a SolveStatus; bound="exact" and outputs="each" are accepted values."""
     from hypergrad._marglik import Bound, Outputs
 
@@ -405,7 +406,7 @@ def test_readme_solver_defaults_and_statuses() -> None:
         through_map=True,
     )
     assert isinstance(ml.solver, hg.CG)
-    assert (ml.solver.maxiter, ml.solver.tol, ml.solver.damping) == (20, 1e-6, 1e-3)
+    assert (ml.solver.maxiter, ml.solver.tol, ml.solver.damping) == (20, 1e-6, 1e-3 / 10)
     statuses = re.search(
         r"`info.solver_status` says why the solver\s+stopped \((.*?)\)\.\s",
         (ROOT / "README.md").read_text(),
