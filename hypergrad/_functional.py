@@ -995,12 +995,36 @@ def _backward_apply_refusing_once(self: Any, *args: Any) -> Any:
             f"leave the weights before it out (Implicit(hessian_subset=...), requires_grad_(False))"
         )
     out = _BACKWARD_APPLY(self, *args)
-    if graph_in and always:
+    if always:
         # a gradient that requires grad came in, and none went out: the backward computed it
         # without recording (torch.no_grad(), .detach(), NumPy), so its derivative would be lost
         # too (a gradient of exactly 0, e.g. of a step function, is a constant rightly)
         outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, Tensor)]
-        if outs and not any(o.requires_grad for o in outs) and any(bool(o.any()) for o in outs):
+        lost = bool(outs) and not any(o.requires_grad for o in outs)
+        if lost and not graph_in:
+            # the gradient flowing in is a constant (the loss's own seed of ones: a custom loss
+            # Function at the top of the graph, the commonest place for one): a backward of
+            # differentiable operations may rightly return a constant there (a linear Function),
+            # so it is called again with that gradient as a leaf, on which such a backward records
+            # and one computed without recording does not (a custom MSE whose backward ran under
+            # no_grad lost the loss's curvature: a hypergradient 30x off, silently). Only where
+            # the gradient came out without a graph; hypergrad's own Functions are exact
+            cls = getattr(self, "_forward_cls", None)
+            if str(getattr(cls, "__module__", "")).startswith("hypergrad."):
+                lost = False
+            else:
+                leaves = [
+                    a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
+                    for a in args
+                ]
+                try:
+                    again = _BACKWARD_APPLY(self, *leaves)
+                except Exception:  # (a backward that cannot run twice: given the benefit of the doubt)
+                    lost = False
+                else:
+                    again = again if isinstance(again, tuple) else (again,)
+                    lost = not any(o.requires_grad for o in again if isinstance(o, Tensor))
+        if lost and any(bool(o.any()) for o in outs):
             cls = getattr(self, "_forward_cls", None)
             raise RuntimeError(
                 f"{what} differentiates the training loss's gradient again, but the "

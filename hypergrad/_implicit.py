@@ -743,6 +743,10 @@ _DECOUPLED_DECAY = tuple(
     getattr(torch.optim, name) for name in ("AdamW", "Adafactor", "Muon") if hasattr(torch.optim, name)
 )
 
+#: inner optimisers whose ``lr`` is not a factor of every step: Rprop takes it as the start of its
+#: per-entry step sizes (``state["step_size"]``) and adapts those on its own
+_OWN_STEP_SIZES = (torch.optim.Rprop,)
+
 #: power iteration for Neumann's step size: HVPs for a fresh estimate, for a warm refresh, and
 #: how many hypersteps an estimate is reused for
 _POWER_ITERS, _POWER_REFRESH_ITERS, _POWER_EVERY = 20, 5, 10
@@ -990,7 +994,12 @@ class Implicit(HyperOptimizer):
 
     def _held_at_zero(self) -> set[int]:
         """The identities of the parameters in param groups whose learning rate is 0 while a group
-        holding trained weights has a positive one (empty otherwise). One pass over the groups."""
+        holding trained weights has a positive one (empty otherwise). One pass over the groups.
+        Empty for an optimiser whose rate is no factor of every step (Rprop reads ``lr`` once, as
+        its per-entry step sizes' start, and adapts them itself: a group set to lr 0 later trains
+        on at full speed, and holding it gave the IFT of another problem, silently)."""
+        if isinstance(self.inner_optimizer, _OWN_STEP_SIZES):
+            return set()
         rates = [
             (g, _float_or_nan(g.get("lr")))
             for g in self.inner_optimizer.param_groups
