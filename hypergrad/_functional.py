@@ -1052,12 +1052,17 @@ def refusing_once_differentiable(what: str, *, forward_mode: bool = False) -> It
     grad (torch then detaches its outputs): only that case is refused."""
     backward_cls = torch.autograd.function.BackwardCFunction
     _open_swap(_ONCE_STATE, lambda: [(backward_cls, "apply", _backward_apply_refusing_once)])
+    # (the process-wide settings, which the autograd engine's own worker threads read, are put
+    # back when the block closes: a forward-mode block that ended left a concurrent Implicit
+    # block's checks relaxed there)
+    before = (_ONCE_STATE["what"], _ONCE_STATE["always"])
     _ONCE_STATE["what"], _ONCE_STATE["always"] = what, not forward_mode
     outer, _THREAD.once = _THREAD.once, (what, not forward_mode)
     try:
         yield
     finally:
         _THREAD.once = outer
+        _ONCE_STATE["what"], _ONCE_STATE["always"] = before
         _close_swap(_ONCE_STATE)
 
 

@@ -519,6 +519,14 @@ class SelfTuned(nn.Module):
         if isinstance(saved, Tensor) and saved.dim() == 1 and saved.numel() > 2:
             codes = saved.tolist()
             self._check_spec_codes(codes[2:])
+            if codes[1] != self._range_code() and 0 in (codes[1], self._range_code()):
+                learned = codes[1] != 0
+                raise ValueError(
+                    f"this state_dict was saved by a SelfTuned with learn_scale={learned}, here "
+                    f"learn_scale={not learned}: its raw_scale would be "
+                    f"{'ignored for a fixed scale' if learned else 'a learned scale it never had'}; "
+                    f"build hg.hparams.SelfTuned with learn_scale={learned} as when it was saved"
+                )
             if codes[1] != self._range_code():
                 raise ValueError(
                     f"this state_dict was saved by a SelfTuned with another scale_range than here "

@@ -6,6 +6,7 @@
 * ``Unrolled.state_dict()`` did not hold ``steps`` (K, which may change while training): a run
   resumed after such a change went on with the constructor's K, silently. It holds it now, and
   loading into an Unrolled with another K warns, naming ``hopt.steps = K``.
+* A SelfTuned state loaded under another ``learn_scale`` is refused naming it (not the range).
 """
 
 from __future__ import annotations
@@ -100,3 +101,14 @@ def test_unrolled_state_holds_the_window_length_set_while_training() -> None:
     model3, hopt3 = _unrolled(3)  # built with the K in force: no warning
     model3.load_state_dict(state["model"])
     hopt3.load_state_dict(state["hopt"])
+
+
+def test_a_selftuned_state_with_a_learned_scale_loaded_under_a_fixed_one_names_learn_scale() -> None:
+    """The layout check of a SelfTuned state blamed "another scale_range" when the saved container
+    learned its scale and this one keeps it fixed (or the other way round): it names learn_scale."""
+    learned = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.1, high=0.9))
+    fixed = hg.hparams.SelfTuned(dropout=hg.hparams.Rate(0.1, high=0.9), learn_scale=False, scale=0.5)
+    with pytest.raises(ValueError, match=r"learn_scale=True, here learn_scale=False"):
+        fixed.load_state_dict(learned.state_dict(), strict=False)
+    with pytest.raises(ValueError, match=r"learn_scale=False, here learn_scale=True"):
+        learned.load_state_dict(fixed.state_dict(), strict=False)
