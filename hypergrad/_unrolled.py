@@ -525,13 +525,17 @@ def _step_replaced(optimizer: torch.optim.Optimizer) -> bool:
     return getattr(step, "__func__", step) is not type(optimizer).step
 
 
-def _data_ptr(t: Tensor) -> int:
-    """``t.data_ptr()``, or 0 where it has none (an uninitialised lazy parameter, a sparse or
-    storage-less tensor): what tells a storage replaced through ``t.data = ...`` apart."""
+def _data_ptr(t: Tensor) -> tuple[int, int]:
+    """The storage ``t`` is a view of (its ``StorageImpl``) and its offset there, or ``(0, 0)``
+    where it has none (an uninitialised lazy parameter, a sparse or storage-less tensor): what
+    tells a storage replaced through ``t.data = ...`` apart. Not ``t.data_ptr()``: a storage moved
+    into shared memory (``model.share_memory()`` for worker processes) or freed and re-allocated
+    in place (``untyped_storage().resize_``) keeps its values and its tensors, but gets another
+    address, and the episode was ended with a ReplayWarning that named a re-initialisation."""
     try:
-        return t.data_ptr()
-    except (RuntimeError, ValueError, NotImplementedError):
-        return 0
+        return int(t.untyped_storage()._cdata), int(t.storage_offset())
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+        return 0, 0
 
 
 def _groups_of(members: Sequence[Sequence[int]]) -> dict[int, int]:
@@ -742,7 +746,7 @@ class Unrolled(HyperOptimizer):
         #: WeightDecay containers whose penalties the reverse-mode replay differentiates itself
         self._decays = [m for m in self.hparams.modules() if isinstance(m, WeightDecay)]
         self._records: collections.deque[_Record] = collections.deque()
-        self._versions: tuple[tuple[int, int, int], ...] = ()
+        self._versions: tuple[tuple[int, tuple[int, int], int], ...] = ()
         self._since_anchor = 0  # records since the newest anchor
         self._since_move = 0  # records since the hyperparameters last changed (0: never)
         self._hp_versions: tuple[tuple[int, int], ...] = ()  # write counts at the newest anchor or copy
@@ -953,7 +957,9 @@ class Unrolled(HyperOptimizer):
         self._promotion = None
         self._versions = self._current_versions()
         self._episode_note = ""
-        self._frozen_seen: tuple[tuple[int, tuple[int, int, int]], ...] | None = self._frozen_versions()
+        self._frozen_seen: tuple[tuple[int, tuple[int, tuple[int, int], int]], ...] | None = (
+            self._frozen_versions()
+        )
         self._frozen_stale: tuple[_Record, list[str]] | None = None
         self._hooks_seen: tuple[int, Any] | None = (RemovableHandle.next_id, self._forward_hooks())
         self._hooks_stale: _Record | None = None
@@ -1016,9 +1022,9 @@ class Unrolled(HyperOptimizer):
             ReplayWarning,
         )
 
-    def _current_versions(self) -> tuple[tuple[int, int, int], ...]:
-        """The version counter, data pointer and fused-step count of each trained weight (no copy,
-        no sync): the pointer sees weights whose storage was replaced through ``.data``
+    def _current_versions(self) -> tuple[tuple[int, tuple[int, int], int], ...]:
+        """The version counter, storage and fused-step count of each trained weight (no copy,
+        no sync): the storage sees weights whose storage was replaced through ``.data``
         (``p.data = best``, ``torch.nn.utils.vector_to_parameters``: best weights reloaded), the
         count a fused optimiser's step outside :meth:`step`; neither moves the version."""
         weights = self.pair.weights
@@ -1043,7 +1049,7 @@ class Unrolled(HyperOptimizer):
         """The identity and version counter of each of the model's buffers (no copy, no sync)."""
         return tuple((id(b), b._version) for b in self.pair.buffers())
 
-    def _frozen_versions(self) -> tuple[tuple[int, tuple[int, int, int]], ...]:
+    def _frozen_versions(self) -> tuple[tuple[int, tuple[int, tuple[int, int], int]], ...]:
         """The identity and version counter of every model parameter that the inner optimiser does
         not train now (frozen, or left out of it); no names (one pass, at every step)."""
         key = (tuple(id(w) for w in self.pair.weights), registrations())
@@ -1052,7 +1058,7 @@ class Unrolled(HyperOptimizer):
             trained = set(key[0])
             cached = (key, [p for p in self.pair.model.parameters() if id(p) not in trained])
             self._frozen_params = cached
-        # (and the data pointer: an EMA teacher updated MoCo-style, ``p.data = p.data * m + ...``,
+        # (and the storage: an EMA teacher updated MoCo-style, ``p.data = p.data * m + ...``,
         # gets new storage without a version bump; and the steps of a fused optimiser, whose
         # kernels bump none: a second optimiser with fused=True stepping the parts left out)
         fused = self._fused_counts(cached[1], "frozen")

@@ -618,6 +618,11 @@ def _name_predicate(
     return wanted.__contains__
 
 
+#: module names torch's wrappers insert in parameter names (torch.compile's OptimizedModule, activation
+#: checkpointing's and FSDP's wrappers): no part of which weights a WeightDecay entry decays
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
 class WeightDecay(nn.Module):
     r"""L2 penalties on a model's weights: one global, one per layer, or one per weight.
 
@@ -811,8 +816,13 @@ class WeightDecay(nn.Module):
         """One code per entry of ``raw`` (a CRC-32 of the names of the parameters it decays), in
         ``raw``'s order: the model's ``named_parameters`` order at construction. The names lose
         the module path they all share (``inner.``, a wrapper's ``module.`` or ``_orig_mod.``), so
-        a state moves between a model and a wrapper of it."""
-        names = list(self.names)
+        a state moves between a model and a wrapper of it. They lose torch's wrappers' own
+        segments anywhere too (``_orig_mod.`` of a ``torch.compile``d block, activation
+        checkpointing's ``_checkpoint_wrapped_module.``, FSDP's ``_fsdp_wrapped_module.``): a state
+        saved where blocks were compiled or wrapped one by one (training) was refused where they
+        were not (evaluation), and back, although each entry decays the same weights."""
+        stripped = {n: ".".join(s for s in n.split(".") if s not in _WRAPPER_SEGMENTS) for n in self.names}
+        names = list(stripped.values())
         cut = 0
         while names and all("." in n[cut:] for n in names):
             head = names[0][cut:].split(".", 1)[0]
@@ -820,8 +830,8 @@ class WeightDecay(nn.Module):
                 break
             cut += len(head) + 1
         held: list[list[str]] = [[] for _ in self.raw]
-        for n in names:
-            held[self._index[n]].append(n[cut:])
+        for n, short in stripped.items():
+            held[self._index[n]].append(short[cut:])
         return [zlib.crc32("\n".join(sorted(ns)).encode()) for ns in held]
 
     def get_extra_state(self) -> Tensor:

@@ -41,7 +41,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._functional import _uncached, substituting, tensor_slots
+from ._functional import _held_slots, _uncached, registrations, substituting, tensor_slots
 from ._stn_hparams import (
     Draw,
     SelfTuned,
@@ -1258,7 +1258,19 @@ class HyperNet(nn.Module):
         self._warn_flags_changed()
         values = self.weights(hparams)
         values.update((n, self.base_state.get_buffer(n)) for n in self._buffer_names)
-        slots = tensor_slots(self.base)
+        slots: dict[str, list[Any]] = dict(tensor_slots(self.base))
+        # (and where base's modules hold a weight in a plain attribute, ``self.tied = [enc.weight]``:
+        # the call read the template's weight there, not the generated one, silently; found once
+        # per layout of base, as the methods find them)
+        layout = registrations()
+        cached = self.__dict__.get("_held_cache")
+        if cached is None or cached[0] != layout:
+            params = dict(self.base.named_parameters())
+            held = _held_slots(self.base, list(params.values()))
+            cached = (layout, {n: held[id(p)] for n, p in params.items() if id(p) in held})
+            self.__dict__["_held_cache"] = cached
+        if cached[1]:
+            slots = {n: [*s, *cached[1].get(n, [])] for n, s in slots.items()}
         # a sparse embedding's gradient (sparse=True) cannot flow back into the one dense vector
         # the weights are generated from ("reshape is not implemented for sparse tensors"): the
         # call runs it dense, the same values
