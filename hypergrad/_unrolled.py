@@ -2058,7 +2058,11 @@ class Unrolled(HyperOptimizer):
             if used is not None:
                 break
         current = self.pair.hparam_tensors
-        if used is None or all(torch.equal(a, c.detach()) for a, c in zip(used, current, strict=True)):
+        # (records in another dtype than the hyperparameters now, a float64 state loaded into a
+        # float32 container, compare as the load converted them: they warned of a .data update)
+        if used is None or all(
+            torch.equal(a.to(c.dtype), c.detach()) for a, c in zip(used, current, strict=True)
+        ):
             return
         self._hp_moved = True  # (the next step copies the values it uses)
         _warn_user(

@@ -7,6 +7,7 @@
   resumed after such a change went on with the constructor's K, silently. It holds it now, and
   loading into an Unrolled with another K warns, naming ``hopt.steps = K``.
 * A SelfTuned state loaded under another ``learn_scale`` is refused naming it (not the range).
+* A float64 Unrolled state loaded into float32 hyperparameters warned of a ``.data`` update.
 """
 
 from __future__ import annotations
@@ -112,3 +113,45 @@ def test_a_selftuned_state_with_a_learned_scale_loaded_under_a_fixed_one_names_l
         fixed.load_state_dict(learned.state_dict(), strict=False)
     with pytest.raises(ValueError, match=r"learn_scale=False, here learn_scale=True"):
         learned.load_state_dict(fixed.state_dict(), strict=False)
+
+
+def test_a_float64_unrolled_state_loaded_into_float32_hyperparameters_warns_of_nothing() -> None:
+    """An Unrolled state saved with float64 hyperparameters and loaded into a container rebuilt in
+    float32 (the load converts them): the next hyperstep compared the float64 records with the
+    float32 values bit for bit and warned of an update "through .data" that never happened (the
+    suite's warnings are errors: this test failed on the ReplayWarning)."""
+
+    def build(dtype: torch.dtype) -> tuple[nn.Module, hg.Unrolled]:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1).double()
+        hp = hg.hparams.WeightDecay(model, per="global", init=0.1).to(dtype)
+        hopt = hg.Unrolled(
+            model,
+            hp,
+            lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean() + h.penalty(m),
+            lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean(),
+            steps=3,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=torch.optim.SGD(hp.parameters(), lr=0.1),
+        )
+        return model, hopt
+
+    g = torch.Generator().manual_seed(1)
+    f64 = torch.float64
+    data = [
+        (torch.randn(8, 3, generator=g, dtype=f64), torch.randn(8, 1, generator=g, dtype=f64))
+        for _ in range(5)
+    ]
+    model, hopt = build(torch.float64)
+    for b in data[:2]:
+        hopt.step(b)
+    hopt.hyper_step(val_batch=data[0])
+    hopt.step(data[2])
+    state = copy.deepcopy({"model": model.state_dict(), "hopt": hopt.state_dict()})
+    model2, hopt2 = build(torch.float32)
+    model2.load_state_dict(state["model"])
+    hopt2.load_state_dict(state["hopt"])
+    for b in data[3:]:
+        hopt2.step(b)
+    info = hopt2.hyper_step(val_batch=data[0])
+    assert 0.0 < info.hypergrad_norm < float("inf")
