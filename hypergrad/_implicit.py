@@ -165,6 +165,17 @@ class _ZeroCurvature(LinearSolver):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _HeldStill(LinearSolver):
+    """The solve when every weight ``hessian_subset`` selects is in a param group held at lr 0 while
+    other groups train: no weight of the solve moves with the hyperparameters, so the solution is 0
+    (no HVPs) and the hypergradient its direct term, status ``FIXED``."""
+
+    def solve(self, hvp: HVP, v: Sequence[Tensor], x0: Sequence[Tensor] | None = None) -> SolveResult:
+        zero = torch.zeros((), dtype=v[0].real.dtype, device=v[0].device)
+        return SolveResult(tuple(torch.zeros_like(t) for t in v), 0, zero, SolveStatus.FIXED)
+
+
 @dataclasses.dataclass
 class _ImplicitResult:
     hypergrad: Tensors
@@ -971,11 +982,14 @@ class Implicit(HyperOptimizer):
         self._hessian_weights()  # fail now if the subset is empty
         self._x0: Tensors | None = None  # the last accepted solution (warm start)
         self._power: tuple[float, Tensors, int] | None = None  # (estimate, eigenvector, at hyperstep)
+        #: the identities of the weights ``_x0`` and ``_power`` are over (``None``: not known)
+        self._over: tuple[int, ...] | None = None
         self._warned_lr = False
 
     def start_episode(self) -> None:
         self._x0 = None
         self._power = None
+        self._over = None
 
     def _hessian_weights(self) -> list[Tensor]:
         """The trained weights the IFT differentiates through (``hessian_subset``), less those of
@@ -1217,6 +1231,14 @@ class Implicit(HyperOptimizer):
             train_value.append(value.detach())
             return value
 
+        weights = self._hessian_weights()
+        # the kept solution and power estimate are of the Hessian over the weights solved then: a
+        # param group held at lr 0 since, or released (stage-wise unfreezing of blocks of the same
+        # shapes), makes them another matrix's, whose eigenvalue was reused for up to 10
+        # hypersteps (a step size 100 times too small: a hypergradient 94% off, status "fixed")
+        over = tuple(id(w) for w in weights)
+        if self._over is not None and self._over != over:
+            self._x0, self._power = None, None
         solver: LinearSolver | Callable[[HVP, Any], tuple[LinearSolver, int, Any]] = self.current_solver()
         if isinstance(self.solver, Neumann) and self._alpha_rule() == "power":
             solver = self._choose_solver
@@ -1227,9 +1249,14 @@ class Implicit(HyperOptimizer):
             # series grows as it does at a stale estimate, solve again at 1/lambda_max
             solver = self._lr_then_power(self.current_solver())
         average = self.ranks.mean_ if self.ranks.size > 1 else None
-        weights = self._hessian_weights()
         warm = self.solver.warm_start and _moves_from_start(self.solver)
         x0 = _warm_start_for(self._x0, weights) if warm else None
+        held = self._held_at_zero() if self.hessian_subset is not None else set()
+        if held and all(id(w) in held for w in weights):
+            # hessian_subset selects only weights held at lr 0 while others train: they are
+            # constants (w_F) too, and solved over as if they moved they gave a held layer's decay
+            # a hypergradient of its own (0.014 for 0), silently
+            solver, x0 = _HeldStill(), None
         # gradient hooks on the weights or hyperparameters (t.register_hook: scaling, masking) act
         # on every derivative autograd takes w.r.t. them, and the by-hand penalty terms would
         # bypass them (with a hook scaling a weight's gradient by 3, the hypergradient was 66%
@@ -1266,6 +1293,7 @@ class Implicit(HyperOptimizer):
                 self._x0 = clone_all(r.solve.solution) if keep else None
             if r.power is not None and r.power is not _AT_LR:
                 self._power = r.power
+            self._over = over
 
         return _Hypergradient(
             r.hypergrad,
@@ -1300,12 +1328,20 @@ class Implicit(HyperOptimizer):
         names = {id(w): n for n, w in zip(self.pair.weight_names, self.pair.weights, strict=True)}
         return [names[id(w)] for w in weights]
 
+    def _cache_names(self) -> list[str] | None:
+        """The names of the weights the kept solution and eigenvector are over: those of the last
+        accepted hyperstep (a group held at lr 0 or released since changes the current ones)."""
+        if self._over is None:
+            return self._hessian_names()
+        names = {id(w): n for n, w in zip(self.pair.weight_names, self.pair.weights, strict=True)}
+        return [names[i] for i in self._over] if all(i in names for i in self._over) else None
+
     def _method_state(self) -> dict[str, Any]:
         return {
             "x0": self._x0,
             "power": self._power,
             "warned_lr": self._warned_lr,
-            "weight_names": self._hessian_names(),  # (the order of x0's and the eigenvector's tensors)
+            "weight_names": self._cache_names(),  # (the order of x0's and the eigenvector's tensors)
         }
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
@@ -1315,6 +1351,12 @@ class Implicit(HyperOptimizer):
         vec = None if power is None else _by_name(power[1], saved, here)
         self._power = None if power is None or vec is None else (power[0], vec, power[2])
         self._warned_lr = bool(state.get("warned_lr", False))
+        self._over = None
+        if saved is not None and here is not None and sorted(saved) != sorted(here):
+            # kept over other weights than this run solves over now (see _hypergradient)
+            self._x0, self._power = None, None
+        elif here is not None:
+            self._over = tuple(id(w) for w in self._hessian_weights())
 
 
 def coupled_decay(optimizer: torch.optim.Optimizer, weights: Sequence[Tensor]) -> list[float] | None:
