@@ -774,6 +774,33 @@ def _float_or_nan(x: Any) -> float:
         return math.nan
 
 
+def held_at_zero(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The identities of the parameters in ``optimizer``'s param groups whose learning rate is 0
+    while a group holding trained weights has a positive one (empty otherwise, as in a warmup from
+    0): the steps never move them, so an implicit-function solve holds them as constants. One pass
+    over the groups. Empty for an optimiser whose rate is no factor of every step (Rprop reads
+    ``lr`` once, as its per-entry step sizes' start, and adapts them itself: a group set to lr 0
+    later trains on at full speed, and holding it gave the IFT of another problem, silently); not
+    a group whose rate the optimiser tunes itself before each step (hg.optim's SGDHD / AdamHD: at
+    0 it is clamped at its ``lr_min`` only until the next step raises it again; held as constants,
+    the decay's hypergradient was 3.4% off the IFT's)."""
+    if isinstance(optimizer, _OWN_STEP_SIZES):
+        return set()
+    rates = [
+        (g, _float_or_nan(g.get("lr")))
+        for g in optimizer.param_groups
+        if any(p.requires_grad for p in g["params"])
+    ]
+    if not any(r > 0 for _, r in rates):
+        return set()
+    return {
+        id(p)
+        for g, r in rates
+        if r == 0 and not _float_or_nan(g.get("hypergrad_lr", 0.0)) > 0
+        for p in g["params"]
+    }
+
+
 class Implicit(HyperOptimizer):
     r"""Hyperparameters by the implicit function theorem, inside ordinary training.
 
@@ -1007,29 +1034,8 @@ class Implicit(HyperOptimizer):
         return chosen
 
     def _held_at_zero(self) -> set[int]:
-        """The identities of the parameters in param groups whose learning rate is 0 while a group
-        holding trained weights has a positive one (empty otherwise). One pass over the groups.
-        Empty for an optimiser whose rate is no factor of every step (Rprop reads ``lr`` once, as
-        its per-entry step sizes' start, and adapts them itself: a group set to lr 0 later trains
-        on at full speed, and holding it gave the IFT of another problem, silently)."""
-        if isinstance(self.inner_optimizer, _OWN_STEP_SIZES):
-            return set()
-        rates = [
-            (g, _float_or_nan(g.get("lr")))
-            for g in self.inner_optimizer.param_groups
-            if any(p.requires_grad for p in g["params"])
-        ]
-        if not any(r > 0 for _, r in rates):
-            return set()
-        # (nor a group whose rate the optimiser tunes itself before each step, hg.optim's SGDHD /
-        # AdamHD: at 0 it is clamped at its lr_min only until the next step raises it again, which
-        # then moves the weights; held as constants, the decay's hypergradient was 3.4% off the IFT's)
-        return {
-            id(p)
-            for g, r in rates
-            if r == 0 and not _float_or_nan(g.get("hypergrad_lr", 0.0)) > 0
-            for p in g["params"]
-        }
+        """The identities of the parameters :func:`held_at_zero` holds for the inner optimiser."""
+        return held_at_zero(self.inner_optimizer)
 
     def _subset_weights(self) -> list[Tensor]:
         """The trained weights ``hessian_subset`` selects (all of them without one)."""

@@ -68,7 +68,7 @@ from ._functional import (
     substituting,
     tensor_slots,
 )
-from ._implicit import _float_or_nan, _implicit, _warm_start_for
+from ._implicit import _implicit, _warm_start_for, held_at_zero
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver, Neumann
 from ._types import Batch
@@ -1204,16 +1204,9 @@ def _check_prior_knows(model: nn.Module, prior: PriorPrecision) -> None:
 
 
 def _moving_weights(opt: torch.optim.Optimizer, weights: Sequence[Tensor]) -> list[Tensor]:
-    """``weights`` less those in param groups whose learning rate is 0 while a group holding
-    trained weights has a positive one (all of them while every group is at 0, as in a warmup
-    from 0): the steps never move them (:meth:`Implicit._held_at_zero`'s rule). One pass over
-    the groups."""
-    rates = [
-        (g, _float_or_nan(g.get("lr"))) for g in opt.param_groups if any(p.requires_grad for p in g["params"])
-    ]
-    if not any(r > 0 for _, r in rates):
-        return list(weights)
-    held = {id(p) for g, r in rates if r == 0 for p in g["params"]}
+    """``weights`` less those :func:`~hypergrad._implicit.held_at_zero` holds (all of them where
+    it would hold every one)."""
+    held = held_at_zero(opt)
     return [w for w in weights if id(w) not in held] or list(weights)
 
 
