@@ -72,7 +72,7 @@ from ._implicit import _implicit, _warm_start_for, held_at_zero
 from ._ml_hparams import ObservationNoise, PriorPrecision, RandomTranslation
 from ._solvers import CG, LinearSolver, Neumann
 from ._types import Batch
-from ._wrap import unwrap_model
+from ._wrap import rank0_buffers, unwrap_model
 from .hparams import WeightDecay
 
 
@@ -1932,11 +1932,19 @@ class MarginalLikelihood(HyperOptimizer):
             seen.append(t)
             return -(n / t.batch * (t.log_lik - 0.5 * t.log_det) - 0.5 * t.quad) / n
 
-        def inner() -> Tensor:
-            return self._map_loss(pair.model, self.hparams, train_batch)
-
         snapshot = pair.snapshot_buffers()
         average = self.ranks.mean_ if self.ranks.size > 1 else None  # data parallel, as Implicit
+        # under DistributedDataParallel (broadcast_buffers=True) every MAP step's forward read
+        # rank 0's buffers, broadcast at its start: so does the MAP objective here, as in
+        # Implicit (each rank's own, a running input statistic updated by its own shard, gave
+        # another rank's Hessian and mixed term: 10-20% off the derivative of the DDP run, silently)
+        train_buffers = rank0_buffers(self.model, pair.buffers()) if average is not None else None
+
+        def inner() -> Tensor:
+            if train_buffers is None:
+                return self._map_loss(pair.model, self.hparams, train_batch)
+            return pair.loss(self._map_loss, train_batch, buffers=train_buffers)
+
         # a solver with warm_start=True starts from the previous accepted hyperstep's solution, as
         # in Implicit (it was never given one here: warm_start was silently ignored)
         # weights in param groups held at a learning rate of 0 while other groups train (a body
