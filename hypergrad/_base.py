@@ -1715,23 +1715,10 @@ class HyperOptimizer(abc.ABC):
         """
         t0 = time.perf_counter()
         self._check_outer_optimizer()  # (a group added since: before anything is computed)
-        rng_before = self._rng_state()  # (a refused step puts the generator back: nothing changed)
-        # and the plain tensor attributes a forward keeps (a hidden state carried from batch to
-        # batch): SelfTuning / BestResponse / MarginalLikelihood run the model itself on the
-        # validation (or bound) batch, and a refused NaN batch left NaN there for every later step
-        attributes = self._attributes_now()
-        try:
-            res, grad_norm, problem = self._compute(train_batch, val_batch)
-        except BaseException:
-            # refused (a missing batch, a loss that returns a vector, ...): as for a non-finite
-            # one, the generator is put back (the losses may have drawn dropout masks before the
-            # error, and the run after a caught error differed from one without the call)
-            self._set_rng_state(rng_before)
-            _put_attributes_back(attributes)
-            raise
+        res, grad_norm, problem, (rng_before, attributes) = self._compute_or_put_back(
+            train_batch, val_batch, "hyper_step"
+        )
         if problem:
-            self._set_rng_state(rng_before)
-            _put_attributes_back(attributes)
             self._nonfinite(f"hyper step {self.hyper_steps}: {problem}")
             return self._info(res, grad_norm, t0, skipped=True)
         grads = self._as_hparams(res.grads)  # all cast before any is written
@@ -1780,6 +1767,34 @@ class HyperOptimizer(abc.ABC):
         return self._info(res, grad_norm, t0, skipped=False)
 
     @_hyper_call
+    def _compute_or_put_back(
+        self, train_batch: Batch, val_batch: Batch, calling: str
+    ) -> tuple[_Hypergradient, Tensor, str, tuple[Any, Any]]:
+        """:meth:`_compute` for ``calling`` (``"hyper_step"`` or ``"hypergradient"``, which the
+        batch checks name: "pass hyper_step(val_batch=batch)" told a meta-batch script summing
+        hypergradient() over tasks to step the outer optimiser). Where it raises (a missing batch,
+        a loss that returns a vector, the user's own error) or finds a non-finite value, torch's
+        generator and the plain tensor attributes a forward keeps (a hidden state carried from
+        batch to batch) are put back as they were: the losses may have drawn dropout masks (and
+        SelfTuning its perturbations) before, and a run that caught the error went on from another
+        random state than one without the call; a refused NaN batch left NaN in a hidden state.
+        Also returns what it saved, ``(generator state, attributes)``, for a later refusal."""
+        rng_before = self._rng_state()
+        attributes = self._attributes_now()
+        self._calling = calling
+        try:
+            res, grad_norm, problem = self._compute(train_batch, val_batch)
+        except BaseException:
+            self._set_rng_state(rng_before)
+            _put_attributes_back(attributes)
+            raise
+        finally:
+            self._calling = "hyper_step"
+        if problem:
+            self._set_rng_state(rng_before)
+            _put_attributes_back(attributes)
+        return res, grad_norm, problem, (rng_before, attributes)
+
     def hypergradient(
         self, train_batch: Batch = None, val_batch: Batch = None
     ) -> tuple[Tensors, HyperStepInfo]:
@@ -1807,25 +1822,8 @@ class HyperOptimizer(abc.ABC):
             ValueError, NonFiniteError, RuntimeError: as :meth:`hyper_step`.
         """
         t0 = time.perf_counter()
-        attributes = self._attributes_now()  # (put back when refused, as by hyper_step)
-        # and torch's generator, as hyper_step puts it back: the losses may have drawn dropout
-        # masks (SelfTuning its perturbations) before an error, and a script that caught it
-        # went on from another random state than one that never made the call
-        rng_before = self._rng_state()
-        # (the batch checks name the call that was made: "pass hyper_step(val_batch=batch)" told
-        # a meta-batch script summing hypergradient() over tasks to step the outer optimiser)
-        self._calling = "hypergradient"
-        try:
-            res, grad_norm, problem = self._compute(train_batch, val_batch)
-        except BaseException:
-            self._set_rng_state(rng_before)
-            _put_attributes_back(attributes)
-            raise
-        finally:
-            self._calling = "hyper_step"
+        res, grad_norm, problem, _ = self._compute_or_put_back(train_batch, val_batch, "hypergradient")
         if problem:
-            self._set_rng_state(rng_before)
-            _put_attributes_back(attributes)
             self._nonfinite(f"hypergradient at hyper step {self.hyper_steps}: {problem}")
         return self._as_hparams(res.grads), self._info(res, grad_norm, t0, skipped=bool(problem))
 
