@@ -35,6 +35,7 @@ from ._functional import (
     _entries,
     _state_attributes,
     all_finite,
+    attribute_tensors,
     batch_dtype_problem,
     check_batch,
     clip_by_total_norm,
@@ -266,31 +267,16 @@ def _aliased_attributes(model: nn.Module, hparams: nn.Module) -> list[tuple[str,
     ptrs.pop(0, None)  # (empty tensors)
     ids = {id(p) for p in hparams.parameters()}
     out = []
-    seen: set[int] = set()
-    for prefix, mod in model.named_modules(remove_duplicate=False):
-        if id(mod) in seen:
+    for prefix, _, k, key, t in attribute_tensors(model):
+        if id(t) in ids or t.layout is not torch.strided or t.device.type == "meta":
             continue
-        seen.add(id(mod))
-        for k, v in vars(mod).items():
-            if k in ("_parameters", "_buffers", "_modules"):
-                continue
-            items = (
-                [(k, v)]
-                if isinstance(v, Tensor)
-                else [(f"{k}[{i}]", t) for i, t in enumerate(v)]
-                if isinstance(v, (list, tuple))
-                else [(f"{k}[{i!r}]", t) for i, t in v.items()]
-                if isinstance(v, dict)
-                else []
-            )
-            for name, t in items:
-                if isinstance(t, Tensor) and id(t) not in ids and t.layout is torch.strided:
-                    try:
-                        hp = ptrs.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
-                    except (RuntimeError, NotImplementedError):  # (a tensor without a storage)
-                        hp = None
-                    if hp is not None:
-                        out.append((f"{prefix}.{name}" if prefix else name, hp))
+        try:
+            hp = ptrs.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # (a tensor without a storage)
+            hp = None
+        if hp is not None:
+            name = k if key is None else f"{k}[{key!r}]"
+            out.append((f"{prefix}.{name}" if prefix else name, hp))
     return out
 
 

@@ -352,39 +352,51 @@ class _TupleAttribute:
             d[self.name] = self.made = items
 
 
-def _held_slots(model: nn.Module, tensors: Sequence[Tensor]) -> dict[int, list[Any]]:
-    """The places where ``model``'s modules hold any of ``tensors`` in plain attributes (not
-    registered: an item of a list, tuple or dict attribute, or the attribute itself), by the
-    tensor's id, as :data:`Slot`-like ``(container, key)`` pairs. One pass over the modules'
-    attributes (at construction and when the model's layout moves, not per call)."""
-    ids = {id(t) for t in tensors}
-    out: dict[int, list[Any]] = {}
+def attribute_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Any, Tensor]]:
+    """Every tensor ``model``'s modules hold in plain (unregistered) attributes, as ``(module
+    name, module, attribute, key, tensor)``: ``key`` is ``None`` for a tensor attribute itself,
+    the index of an item of a list or tuple attribute, the key of an item of a dict one. Each
+    module once; one pass over the modules' attributes."""
     seen: set[int] = set()
-    for mod in model.modules():
+    for prefix, mod in model.named_modules(remove_duplicate=False):
         if id(mod) in seen:
             continue
         seen.add(id(mod))
-        d = vars(mod)
-        for k, v in d.items():
+        for k, v in vars(mod).items():
             if k in ("_parameters", "_buffers", "_modules"):
                 continue
             if isinstance(v, Tensor):
-                if id(v) in ids:
-                    out.setdefault(id(v), []).append((d, k))
-            elif isinstance(v, list):
-                for i, t in enumerate(v):
-                    if id(t) in ids:
-                        out.setdefault(id(t), []).append((v, i))
-            elif type(v) is tuple:
-                proxy = None  # (one per attribute: its items are written one after another)
-                for i, t in enumerate(v):
-                    if id(t) in ids:
-                        proxy = proxy or _TupleAttribute(mod, k)
-                        out.setdefault(id(t), []).append((proxy, i))
-            elif isinstance(v, dict):
-                for i, t in v.items():
-                    if id(t) in ids:
-                        out.setdefault(id(t), []).append((v, i))
+                yield prefix, mod, k, None, v
+                continue
+            items = enumerate(v) if isinstance(v, (list, tuple)) else v.items() if isinstance(v, dict) else ()
+            for i, t in items:
+                if isinstance(t, Tensor):
+                    yield prefix, mod, k, i, t
+
+
+def _held_slots(model: nn.Module, tensors: Sequence[Tensor]) -> dict[int, list[Any]]:
+    """The places where ``model``'s modules hold any of ``tensors`` in plain attributes (not
+    registered: an item of a list, tuple or dict attribute, or the attribute itself), by the
+    tensor's id, as :data:`Slot`-like ``(container, key)`` pairs (a tuple's items through one
+    :class:`_TupleAttribute` per attribute; a tuple subclass, whose type a new tuple would lose,
+    is left out). At construction and when the model's layout moves, not per call."""
+    ids = {id(t) for t in tensors}
+    out: dict[int, list[Any]] = {}
+    proxies: dict[tuple[int, str], _TupleAttribute] = {}
+    for _, mod, k, key, t in attribute_tensors(model):
+        if id(t) not in ids:
+            continue
+        v = vars(mod)[k]
+        if key is None:
+            slot: Any = (vars(mod), k)
+        elif isinstance(v, (list, dict)):
+            slot = (v, key)
+        elif type(v) is tuple:  # (its items are written one after another through one proxy)
+            proxy = proxies.setdefault((id(mod), k), _TupleAttribute(mod, k))
+            slot = (proxy, key)
+        else:
+            continue
+        out.setdefault(id(t), []).append(slot)
     return out
 
 
